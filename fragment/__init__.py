@@ -1,0 +1,1 @@
+"""Fragments: pruning plans, pruned module copies, and their on-disk format."""

@@ -1,0 +1,114 @@
+"""Low-rank compression: replace a Linear by two thinner Linears from its truncated SVD.
+
+``W = U S Vh`` is cut to the smallest rank ``r`` whose singular values keep
+the requested share of ``sum(S**2)`` (the Frobenius energy).  The factors are
+``down = sqrt(S_r) Vh_r`` (r x in) and ``up = U_r sqrt(S_r)`` (out x r): splitting
+``sqrt(S)`` over both keeps their magnitudes alike, which matters once they are
+stored in fp16.  The original bias moves to ``up``.  Both factors are Linears
+of the original's own class, so ComfyUI's cast-on-the-fly ops keep working.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from .errors import PruningError, where
+from .pruning import linear_like
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LowRankRecord:
+    """What the manifest keeps about one factorised layer."""
+
+    layer: str
+    rank: int
+    orig_rank: int
+    energy_target: float | None
+    energy_retained: float
+    params_before: int
+    params_after: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest rank whose singular values keep at least ``energy`` of ``sum(S**2)``.
+
+    >>> choose_rank(torch.tensor([3.0, 1.0, 0.0]), 0.9)
+    1
+    >>> choose_rank(torch.tensor([3.0, 1.0, 0.0]), 0.95)
+    2
+    """
+    if not 0.0 < energy <= 1.0:
+        raise PruningError(f"choose_rank: expected energy in (0, 1], found {energy}")
+    power = singular_values.to(torch.float64) ** 2
+    total = float(power.sum())
+    if total == 0.0:
+        return 1
+    cumulative = power.cumsum(0) / total
+    # The tolerance keeps energy=1.0 reachable despite float rounding in the sum.
+    return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64)).item()) + 1
+
+
+def factorize_linear(
+    lin: nn.Linear, *, energy: float | None = 0.93, rank: int | None = None, path: str = "<linear>"
+) -> tuple[nn.Sequential, LowRankRecord]:
+    """Two-Linear replacement of ``lin`` at a chosen energy or rank, with the energy actually kept.
+
+    >>> lin = nn.Linear(16, 16)
+    >>> seq, rec = factorize_linear(lin, rank=4)
+    >>> (rec.rank, seq[0].out_features, seq[1].in_features, 0 < rec.energy_retained < 1)
+    (4, 4, 4, True)
+    """
+    if not isinstance(lin, nn.Linear):
+        raise PruningError(where(path, f"expected an nn.Linear to factorise, found {type(lin).__name__}"))
+    if (energy is None) == (rank is None):
+        raise PruningError(where(path, f"expected exactly one of energy or rank, found energy={energy}, rank={rank}"))
+    weight = lin.weight.detach()
+    w32 = weight.to(torch.float32)
+    u, s, vh = torch.linalg.svd(w32, full_matrices=False)
+    orig_rank = int(s.numel())
+    r = choose_rank(s, energy) if rank is None else int(rank)
+    if not 1 <= r <= orig_rank:
+        raise PruningError(where(path, f"expected rank in [1, {orig_rank}], found {r}"))
+    root = s[:r].sqrt()
+    down_w = (root[:, None] * vh[:r]).to(weight.dtype)
+    up_w = (u[:, :r] * root[None, :]).to(weight.dtype)
+    bias = None if lin.bias is None else lin.bias.detach()
+    kept = float((s[:r].double() ** 2).sum() / (s.double() ** 2).sum().clamp_min(1e-300))
+    seq = nn.Sequential(linear_like(lin, down_w, None), linear_like(lin, up_w, bias))
+    before = weight.numel()
+    after = down_w.numel() + up_w.numel()
+    if after >= before:
+        log.warning("%s: rank %d keeps %d weights where the full layer has %d: no saving", path, r, after, before)
+    record = LowRankRecord(path, r, orig_rank, energy, kept, before, after)
+    return seq, record
+
+
+def factors_to_module(lin: nn.Linear, down: torch.Tensor, up: torch.Tensor, path: str = "<linear>") -> nn.Sequential:
+    """Rebuild the two-Linear replacement of ``lin`` from stored factors, checking their shapes.
+
+    >>> lin = nn.Linear(8, 6)
+    >>> factors_to_module(lin, torch.zeros(2, 8), torch.zeros(6, 2))[1].out_features
+    6
+    """
+    if down.ndim != 2 or up.ndim != 2 or down.shape[1] != lin.in_features or up.shape[0] != lin.out_features or up.shape[1] != down.shape[0]:
+        raise PruningError(
+            where(
+                path,
+                f"expected low-rank factors down [r, {lin.in_features}] and up [{lin.out_features}, r], "
+                f"found down {list(down.shape)} and up {list(up.shape)}",
+            )
+        )
+    w = lin.weight
+    bias = None if lin.bias is None else lin.bias.detach()
+    return nn.Sequential(
+        linear_like(lin, down.to(device=w.device, dtype=w.dtype), None),
+        linear_like(lin, up.to(device=w.device, dtype=w.dtype), bias),
+    )

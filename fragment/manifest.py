@@ -1,0 +1,128 @@
+"""The fragment manifest, schema v1: what a fragment is, how it was made, and how to check it.
+
+Layers follow the design seeds (002 "Fragment Manifest Schema (v0)", 003
+"Fragment Manifest & Packaging"): base model, profiling context, pruning
+decisions with ORIGINAL head indices per module path, compression, quality,
+performance, reuse, artifacts.  Quality, performance and reuse start empty
+and are filled by measurements; nothing in them is guessed.
+
+The manifest carries a SHA-256 of its own canonical JSON (``integrity``), so
+an edited manifest is caught even when its tensors file is intact.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+from .errors import IntegrityError, ManifestError
+from .hashing import sha256_json
+
+SCHEMA_VERSION = 1
+KIND = "prompt-fragment"
+
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "schema_version": int,
+    "kind": str,
+    "name": str,
+    "base_model": dict,
+    "profiling": dict,
+    "pruning": dict,
+    "compression": dict,
+    "quality": dict,
+    "performance": dict,
+    "reuse": dict,
+    "artifacts": dict,
+}
+
+
+def new_manifest(
+    *,
+    name: str,
+    base_model: Mapping[str, Any],
+    profiling: Mapping[str, Any],
+    pruning: Mapping[str, Any],
+    compression: Mapping[str, Any],
+    producer_version: str,
+) -> dict[str, Any]:
+    """A schema-v1 manifest with empty quality/performance/reuse blocks and no artifacts yet.
+
+    >>> m = new_manifest(name="dog", base_model={"name": "sd15", "sha256": "ab", "hash_kind": "file", "dtype": "fp16"},
+    ...                  profiling={}, pruning={"modules": {}}, compression={"low_rank": []}, producer_version="0.1.0")
+    >>> m["schema_version"], m["quality"], m["artifacts"]
+    (1, {}, {})
+    """
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": KIND,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "producer": {"package": "prompt-fragments", "version": producer_version},
+        "base_model": dict(base_model),
+        "profiling": dict(profiling),
+        "pruning": dict(pruning),
+        "compression": dict(compression),
+        "quality": {},
+        "performance": {},
+        "reuse": {},
+        "artifacts": {},
+    }
+
+
+def seal(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy with ``integrity.manifest_sha256`` computed over everything else."""
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    return {**body, "integrity": {"manifest_sha256": sha256_json(body)}}
+
+
+def _expect(cond: bool, source: str, message: str) -> None:
+    if not cond:
+        raise ManifestError(f"{source}: {message}")
+
+
+def validate_manifest(manifest: Any, source: str = "manifest") -> dict[str, Any]:
+    """Check a parsed manifest's structure and self-hash; return it unchanged.
+
+    ``source`` (usually the file path) starts every error message.
+
+    >>> validate_manifest({"schema_version": 2}, "x.json")
+    Traceback (most recent call last):
+    ...
+    prompt_fragments.fragment.errors.ManifestError: x.json: expected schema_version 1, found 2
+    """
+    _expect(isinstance(manifest, dict), source, f"expected a JSON object, found {type(manifest).__name__}")
+    version = manifest.get("schema_version")
+    _expect(version == SCHEMA_VERSION, source, f"expected schema_version {SCHEMA_VERSION}, found {version!r}")
+    for key, typ in _REQUIRED.items():
+        _expect(key in manifest, source, f"missing required field {key!r}")
+        _expect(isinstance(manifest[key], typ), source, f"field {key!r}: expected {typ.__name__}, found {type(manifest[key]).__name__}")
+    _expect(manifest["kind"] == KIND, source, f"expected kind {KIND!r}, found {manifest['kind']!r}")
+    base = manifest["base_model"]
+    for key in ("sha256", "hash_kind"):
+        _expect(isinstance(base.get(key), str), source, f"base_model.{key}: expected a string, found {base.get(key)!r}")
+    modules = manifest["pruning"].get("modules", {})
+    _expect(isinstance(modules, dict), source, f"pruning.modules: expected an object, found {type(modules).__name__}")
+    for path, entry in modules.items():
+        where = f"pruning.modules[{path!r}]"
+        _expect(isinstance(entry, dict), source, f"{where}: expected an object, found {type(entry).__name__}")
+        for key in ("heads", "dim_head"):
+            _expect(isinstance(entry.get(key), int) and entry[key] > 0, source, f"{where}.{key}: expected a positive integer, found {entry.get(key)!r}")
+        kept = entry.get("kept")
+        _expect(isinstance(kept, list) and all(isinstance(i, int) for i in kept), source, f"{where}.kept: expected a list of integers, found {kept!r}")
+    low_rank = manifest["compression"].get("low_rank", [])
+    _expect(isinstance(low_rank, list), source, f"compression.low_rank: expected a list, found {type(low_rank).__name__}")
+    for i, rec in enumerate(low_rank):
+        _expect(isinstance(rec, dict) and isinstance(rec.get("layer"), str) and isinstance(rec.get("rank"), int), source,
+                f"compression.low_rank[{i}]: expected an object with string 'layer' and integer 'rank', found {rec!r}")
+    tensors = manifest["artifacts"].get("tensors")
+    _expect(isinstance(tensors, dict) and isinstance(tensors.get("file"), str) and isinstance(tensors.get("sha256"), str),
+            source, f"artifacts.tensors: expected an object with 'file' and 'sha256' strings, found {tensors!r}")
+    integrity = manifest.get("integrity")
+    _expect(isinstance(integrity, dict) and isinstance(integrity.get("manifest_sha256"), str), source,
+            "missing integrity.manifest_sha256 (was the manifest written by prompt-fragments?)")
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    found = sha256_json(body)
+    if found != integrity["manifest_sha256"]:
+        raise IntegrityError(
+            f"{source}: manifest was modified after it was written: expected sha256 {integrity['manifest_sha256'][:16]}…, found {found[:16]}…"
+        )
+    return manifest

@@ -1,0 +1,330 @@
+"""Build, save, load and apply fragments.
+
+A fragment is a delta on its base model: a JSON manifest plus one
+safetensors file holding only what cannot be recomputed from the base —
+the kept head indices (``heads.<path>.kept``, int64) and low-rank factors
+(``lowrank.<path>.down`` / ``.up``).  Applying it means: take the normally
+loaded base model, check it is the right one, and build pruned copies of the
+touched modules.  ComfyUI's checkpoint detection reads head counts from the
+config, so shipping a pruned checkpoint instead would not load there.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..profiling.discovery import describe, find_attention, iter_attention
+from ..version import __version__
+from .errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError
+from .hashing import sha256_file, sha256_state_dict
+from .lowrank import factorize_linear, factors_to_module
+from .manifest import new_manifest, seal, validate_manifest
+from .pruning import prune_attention, replace_modules
+from .selection import Selection, validate_plan
+
+log = logging.getLogger(__name__)
+
+MAX_MANIFEST_BYTES = 16 << 20
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def kept_key(path: str) -> str:
+    return f"heads.{path}.kept"
+
+
+def lowrank_keys(layer: str) -> tuple[str, str]:
+    return f"lowrank.{layer}.down", f"lowrank.{layer}.up"
+
+
+@dataclass
+class Fragment:
+    """A manifest and its tensors, in memory."""
+
+    manifest: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def kept(self) -> dict[str, list[int]]:
+        return {p: [int(i) for i in self.tensors[kept_key(p)]] for p in self.manifest["pruning"]["modules"]}
+
+
+def describe_base(model: nn.Module, name: str, sha256: str | None = None, hash_kind: str = "file") -> dict[str, Any]:
+    """The manifest's ``base_model`` block; hashes the weights when no file hash is given.
+
+    >>> describe_base(nn.Linear(2, 2), "toy")["hash_kind"]
+    'state_dict'
+    """
+    if sha256 is None:
+        sha256, hash_kind = sha256_state_dict(model), "state_dict"
+    first = next(iter(model.parameters()), None)
+    sites = find_attention(model)
+    return {
+        "name": name,
+        "sha256": sha256,
+        "hash_kind": hash_kind,
+        "dtype": str(first.dtype).replace("torch.", "") if first is not None else None,
+        "framework": "pytorch",
+        "model_class": type(model).__name__,
+        "attention_modules": len(sites),
+        "attention_heads": sum(s.heads for s in sites),
+    }
+
+
+def build_fragment(
+    model: nn.Module,
+    selection: Selection,
+    *,
+    base: Mapping[str, Any],
+    name: str,
+    profiling: Mapping[str, Any] | None = None,
+    low_rank: Mapping[str, float] | None = None,
+) -> Fragment:
+    """Record a selection (and optional low-rank layers, path -> energy to keep) as a fragment.
+
+    >>> frag = build_fragment(unet, select_heads(score_heads(profile), ratio=0.3),  # doctest: +SKIP
+    ...                       base=describe_base(unet, "toy-sd15"), name="dog-on-jet-ski")
+    >>> small = apply_fragment(unet, frag)  # doctest: +SKIP
+    """
+    modules = dict(iter_attention(model))
+    heads = {p: int(m.heads) for p, m in modules.items()}
+    plan = validate_plan(selection.pruned_only(), heads, source=f"fragment {name!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, Any] = {}
+    for path, kept in plan.items():
+        site = describe(path, modules[path])
+        tensors[kept_key(path)] = torch.tensor(kept, dtype=torch.int64)
+        removed = [h for h in range(site.heads) if h not in set(kept)]
+        entries[path] = {"kind": site.kind, "heads": site.heads, "dim_head": site.dim_head, "kept": kept, "removed": removed}
+    replacements = {p: prune_attention(modules[p], k, p) for p, k in plan.items()}
+    records = []
+    for layer, energy in (low_rank or {}).items():
+        lin = _resolve(model, replacements, layer)
+        seq, record = factorize_linear(lin, energy=energy, path=layer)
+        down_key, up_key = lowrank_keys(layer)
+        tensors[down_key] = seq[0].weight.detach().contiguous()
+        tensors[up_key] = seq[1].weight.detach().contiguous()
+        records.append(record.to_dict())
+    total = sum(heads.values())
+    removed_total = sum(len(e["removed"]) for e in entries.values())
+    pruning = {
+        "method": "composite_score",
+        "selection": dict(selection.params),
+        "heads_total": total,
+        "heads_removed": removed_total,
+        "head_retention_ratio": 1.0 - removed_total / total if total else 1.0,
+        "modules": entries,
+    }
+    manifest = new_manifest(
+        name=name,
+        base_model=base,
+        profiling=profiling or {},
+        pruning=pruning,
+        compression={"low_rank": records, "quantization": {"applied": False}},
+        producer_version=__version__,
+    )
+    return Fragment(manifest=manifest, tensors=tensors)
+
+
+def _resolve(model: nn.Module, replacements: Mapping[str, nn.Module], path: str) -> nn.Module:
+    """The module at ``path`` as it is after ``replacements`` (which may contain it)."""
+    for root_path, module in replacements.items():
+        if path == root_path:
+            return module
+        if path.startswith(root_path + "."):
+            return module.get_submodule(path[len(root_path) + 1 :])
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise BaseModelMismatchError(f"{path}: no such module in {type(model).__name__}") from None
+
+
+def fragment_replacements(
+    model: nn.Module, fragment: Fragment, *, base_sha256: str | None = None
+) -> dict[str, nn.Module]:
+    """New modules to install at top-level paths (no path inside another), for ``replace_modules``
+    or ComfyUI object patches.  Checks the base hash (when given) and every touched module's layout.
+
+    >>> reps = fragment_replacements(unet, frag, base_sha256=sha256_state_dict(unet))  # doctest: +SKIP
+    """
+    manifest = fragment.manifest
+    expected = manifest["base_model"].get("sha256")
+    if base_sha256 is not None and base_sha256 != expected:
+        raise BaseModelMismatchError(
+            f"fragment {fragment.name!r}: built for base model {manifest['base_model'].get('name')!r} "
+            f"sha256 {str(expected)[:16]}…, found sha256 {base_sha256[:16]}…"
+        )
+    modules = dict(iter_attention(model))
+    replacements: dict[str, nn.Module] = {}
+    for path, entry in manifest["pruning"]["modules"].items():
+        module = modules.get(path)
+        if module is None:
+            raise BaseModelMismatchError(f"{path}: fragment {fragment.name!r} prunes an attention module the model does not have")
+        site = describe(path, module)
+        if (site.heads, site.dim_head) != (entry["heads"], entry["dim_head"]):
+            raise BaseModelMismatchError(
+                f"{path}: expected {entry['heads']} heads of size {entry['dim_head']}, found {site.heads} of size {site.dim_head}"
+            )
+        replacements[path] = prune_attention(module, fragment.kept[path], path)
+    for record in manifest["compression"].get("low_rank", []):
+        layer = record["layer"]
+        down_key, up_key = lowrank_keys(layer)
+        lin = _resolve(model, replacements, layer)
+        if not isinstance(lin, nn.Linear):
+            raise BaseModelMismatchError(f"{layer}: expected an nn.Linear to take low-rank factors, found {type(lin).__name__}")
+        seq = factors_to_module(lin, fragment.tensors[down_key], fragment.tensors[up_key], layer)
+        owner = next((p for p in replacements if layer.startswith(p + ".")), None)
+        if owner is None:
+            replacements[layer] = seq
+        else:  # inside a pruned attention: fold it into that copy so no patch sits inside another
+            replacements[owner] = replace_modules(replacements[owner], {layer[len(owner) + 1 :]: seq})
+    return replacements
+
+
+def apply_fragment(model: nn.Module, fragment: Fragment, *, base_sha256: str | None = None) -> nn.Module:
+    """The fragment model: ``model`` with pruned and factorised copies swapped in; ``model`` is unchanged.
+
+    >>> small = apply_fragment(unet, load_fragment("fragments/dog.json"), base_sha256=sha256_state_dict(unet))  # doctest: +SKIP
+    """
+    return replace_modules(model, fragment_replacements(model, fragment, base_sha256=base_sha256))
+
+
+def check_name(name: str) -> str:
+    """A fragment name must be a plain file stem: letters, digits, ``.``, ``_``, ``-``.
+
+    >>> check_name("dog_on_jet-ski.v2")
+    'dog_on_jet-ski.v2'
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ManifestError(f"fragment name {name!r}: expected 1-128 characters of letters, digits, '.', '_', '-' (no path)")
+    return name
+
+
+def save_fragment(fragment: Fragment, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``<name>.safetensors`` then ``<name>.json`` into ``directory``; return the manifest path.
+
+    Each file is written to a temporary name and renamed, tensors first, so a
+    crash never leaves a manifest pointing at a half-written file.  An
+    existing fragment of the same name is kept unless ``overwrite``.
+
+    >>> save_fragment(frag, "ComfyUI/models/fragments")  # doctest: +SKIP
+    PosixPath('ComfyUI/models/fragments/dog-on-jet-ski.json')
+    """
+    name = check_name(fragment.name)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors_path, manifest_path = directory / f"{name}.safetensors", directory / f"{name}.json"
+    if not overwrite and (manifest_path.exists() or tensors_path.exists()):
+        raise FragmentError(f"{manifest_path}: a fragment named {name!r} already exists (choose another name or overwrite)")
+    tmp = directory / f".{name}.safetensors.tmp-{os.getpid()}"
+    try:
+        save_file({k: v.contiguous() for k, v in fragment.tensors.items()}, str(tmp), metadata={"prompt_fragments.schema": "1"})
+        digest = sha256_file(tmp, use_cache=False)
+        size = tmp.stat().st_size
+        os.replace(tmp, tensors_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    manifest = dict(fragment.manifest)
+    manifest["artifacts"] = {"tensors": {"file": tensors_path.name, "sha256": digest, "bytes": size}}
+    manifest = seal(manifest)
+    tmp_json = directory / f".{name}.json.tmp-{os.getpid()}"
+    try:
+        tmp_json.write_text(json.dumps(manifest, indent=2, sort_keys=False))
+        os.replace(tmp_json, manifest_path)
+    finally:
+        tmp_json.unlink(missing_ok=True)
+    fragment.manifest = manifest
+    log.info("saved fragment %s (%d tensors, %d bytes)", manifest_path, len(fragment.tensors), size)
+    return manifest_path
+
+
+def read_manifest(manifest_path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and validate a manifest file (size-capped; no tensors are read)."""
+    path = Path(manifest_path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read manifest: {exc}") from exc
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: expected a manifest under {MAX_MANIFEST_BYTES} bytes, found {size}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ManifestError(f"{path}: not a readable JSON manifest: {exc}") from exc
+    return validate_manifest(manifest, str(path))
+
+
+def _tensors_path(manifest: Mapping[str, Any], manifest_path: Path) -> Path:
+    file_name = manifest["artifacts"]["tensors"]["file"]
+    # The tensors file must sit beside its manifest: no directories, no '..', no absolute paths.
+    if Path(file_name).name != file_name or file_name in ("", ".", "..") or not file_name.endswith(".safetensors"):
+        raise ManifestError(f"{manifest_path}: artifacts.tensors.file must be a plain '*.safetensors' name, found {file_name!r}")
+    path = manifest_path.parent / file_name
+    if path.is_symlink() and path.resolve().parent != manifest_path.parent.resolve():
+        raise IntegrityError(f"{path}: symlink points outside the fragment folder")
+    return path
+
+
+def load_fragment(manifest_path: str | os.PathLike) -> Fragment:
+    """Read and fully verify a fragment: manifest structure and self-hash, tensors file hash,
+    and agreement between the manifest's kept heads and the stored index tensors.
+
+    >>> frag = load_fragment("ComfyUI/models/fragments/dog-on-jet-ski.json")  # doctest: +SKIP
+    """
+    manifest_path = Path(manifest_path)
+    manifest = read_manifest(manifest_path)
+    tensors_path = _tensors_path(manifest, manifest_path)
+    if not tensors_path.is_file():
+        raise IntegrityError(f"{tensors_path}: tensors file named by {manifest_path.name} is missing")
+    expected = manifest["artifacts"]["tensors"]["sha256"]
+    found = sha256_file(tensors_path)
+    if found != expected:
+        raise IntegrityError(f"{tensors_path}: expected sha256 {expected[:16]}…, found {found[:16]}… (file changed or corrupt)")
+    try:
+        tensors = load_file(str(tensors_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise IntegrityError(f"{tensors_path}: not a readable safetensors file: {exc}") from exc
+    _check_tensors(manifest, tensors, tensors_path)
+    return Fragment(manifest=manifest, tensors=tensors)
+
+
+def _check_tensors(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: Path) -> None:
+    expected_keys: set[str] = set()
+    modules = manifest["pruning"]["modules"]
+    for path, entry in modules.items():
+        key = kept_key(path)
+        expected_keys.add(key)
+        t = tensors.get(key)
+        if t is None:
+            raise IntegrityError(f"{source}: missing tensor {key!r} for module {path}")
+        if t.dtype != torch.int64 or t.ndim != 1:
+            raise IntegrityError(f"{source}: {key}: expected a 1-D int64 tensor, found {t.dtype} with shape {list(t.shape)}")
+        validate_plan({path: t.tolist()}, {path: entry["heads"]}, source=str(source))
+        if t.tolist() != entry["kept"]:
+            raise IntegrityError(f"{source}: {path}: manifest keeps heads {entry['kept']}, tensors file keeps {t.tolist()}")
+    for record in manifest["compression"].get("low_rank", []):
+        for key in lowrank_keys(record["layer"]):
+            expected_keys.add(key)
+            t = tensors.get(key)
+            if t is None:
+                raise IntegrityError(f"{source}: missing tensor {key!r} for low-rank layer {record['layer']}")
+            if t.ndim != 2 or not t.is_floating_point() or record["rank"] not in t.shape:
+                raise IntegrityError(
+                    f"{source}: {key}: expected a 2-D float tensor with rank {record['rank']}, found {t.dtype} {list(t.shape)}"
+                )
+    extra = sorted(set(tensors) - expected_keys)
+    if extra:
+        raise IntegrityError(f"{source}: unexpected tensors not named by the manifest: {extra[:5]}")

@@ -1,0 +1,1 @@
+"""Metrics: quality and performance measurements (filled by later issues)."""

@@ -1,0 +1,1 @@
+"""Profiling: find attention modules and measure what each head contributes."""

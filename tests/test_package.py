@@ -1,0 +1,54 @@
+"""The pack installs as `prompt_fragments`, runs as a command, and its core never imports ComfyUI."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_core_imports_without_comfy(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "import prompt_fragments\n"
+        "import prompt_fragments.profiling.profiler, prompt_fragments.profiling.scoring, prompt_fragments.profiling.anatomy\n"
+        "import prompt_fragments.fragment.store, prompt_fragments.fragment.export, prompt_fragments.metrics\n"
+        "print(sorted(m for m in sys.modules if m == 'comfy' or m.startswith('comfy.')))\n"
+        "print(prompt_fragments.NODE_CLASS_MAPPINGS)\n"
+    )
+    result = _run(sys.executable, "-c", code, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "{}"]
+
+
+def test_python_dash_m_and_console_script(tmp_path: Path) -> None:
+    result = _run(sys.executable, "-m", "prompt_fragments", "anatomy", "--arch", "sd15", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["arch"] == "sd15"
+    script = shutil.which("prompt-fragments", path=str(Path(sys.executable).parent))
+    assert script, "pip install -e . must provide the prompt-fragments console script"
+    result = _run(script, "anatomy", "--arch", "sdxl", cwd=tmp_path)
+    assert result.returncode == 0 and "feed_forward" in result.stdout
+
+
+def test_known_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:
+    result = _run(sys.executable, "-m", "prompt_fragments", "anatomy", "--arch", "sd3", cwd=tmp_path)
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["LICENSE", "requirements.txt", "pyproject.toml", "README.md"])
+def test_release_files_exist(name: str) -> None:
+    text = (REPO / name).read_text()
+    if name == "LICENSE":
+        assert "Apache License" in text and "Version 2.0" in text
+    if name == "requirements.txt":
+        assert not any(line.strip().startswith("torch") for line in text.splitlines()), "never pin torch for ComfyUI users"
