@@ -50,19 +50,27 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def sha256_state_dict(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:
-    """Hex SHA-256 over every tensor's name, dtype, shape and bytes, in sorted name order.
+def sha256_state_dict(
+    weights: nn.Module | Mapping[str, torch.Tensor], *, as_dtype: torch.dtype | None = torch.float16
+) -> str:
+    """Hex SHA-256 over every tensor's name, shape and bytes, in sorted name order.
 
-    Tensors are hashed one at a time, so the memory cost is one tensor (a
-    device-to-host copy for GPU weights), never the whole model.
+    Floating tensors are hashed as ``as_dtype`` (fp16 by default): ComfyUI loads
+    the same checkpoint as fp32 on a CPU and fp16 on a GPU, and a fragment made
+    on one machine must still verify on the other.  Casting is exact for fp16
+    checkpoints and deterministic for fp32 ones.  Pass ``as_dtype=None`` to hash
+    the stored bytes and dtypes as they are.  Tensors are hashed one at a time,
+    so the memory cost is one tensor, never the whole model.
 
-    >>> sha256_state_dict({"w": torch.zeros(2)}) == sha256_state_dict({"w": torch.zeros(2)})
+    >>> sha256_state_dict({"w": torch.zeros(2)}) == sha256_state_dict({"w": torch.zeros(2, dtype=torch.float16)})
     True
     """
     sd = weights.state_dict() if isinstance(weights, nn.Module) else weights
     digest = hashlib.sha256()
     for name in sorted(sd):
         t = sd[name]
+        if as_dtype is not None and t.is_floating_point():
+            t = t.to(as_dtype)
         digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
         if t.device.type != "meta":
             digest.update(_tensor_bytes(t))

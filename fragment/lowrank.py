@@ -57,9 +57,9 @@ def choose_rank(singular_values: torch.Tensor, energy: float) -> int:
 
 
 def factorize_linear(
-    lin: nn.Linear, *, energy: float | None = 0.93, rank: int | None = None, path: str = "<linear>"
+    lin: nn.Linear, *, energy: float | None = None, rank: int | None = None, path: str = "<linear>"
 ) -> tuple[nn.Sequential, LowRankRecord]:
-    """Two-Linear replacement of ``lin`` at a chosen energy or rank, with the energy actually kept.
+    """Two-Linear replacement of ``lin`` at a chosen energy (default 0.93) or rank, with the energy actually kept.
 
     >>> lin = nn.Linear(16, 16)
     >>> seq, rec = factorize_linear(lin, rank=4)
@@ -68,8 +68,10 @@ def factorize_linear(
     """
     if not isinstance(lin, nn.Linear):
         raise PruningError(where(path, f"expected an nn.Linear to factorise, found {type(lin).__name__}"))
-    if (energy is None) == (rank is None):
-        raise PruningError(where(path, f"expected exactly one of energy or rank, found energy={energy}, rank={rank}"))
+    if energy is None and rank is None:
+        energy = 0.93
+    if energy is not None and rank is not None:
+        raise PruningError(where(path, f"expected exactly one of energy or rank, found energy={energy} and rank={rank}"))
     weight = lin.weight.detach()
     w32 = weight.to(torch.float32)
     u, s, vh = torch.linalg.svd(w32, full_matrices=False)

@@ -66,10 +66,10 @@ def describe_base(model: nn.Module, name: str, sha256: str | None = None, hash_k
     """The manifest's ``base_model`` block; hashes the weights when no file hash is given.
 
     >>> describe_base(nn.Linear(2, 2), "toy")["hash_kind"]
-    'state_dict'
+    'state_dict_fp16'
     """
     if sha256 is None:
-        sha256, hash_kind = sha256_state_dict(model), "state_dict"
+        sha256, hash_kind = sha256_state_dict(model), "state_dict_fp16"
     first = next(iter(model.parameters()), None)
     sites = find_attention(model)
     return {

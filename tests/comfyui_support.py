@@ -114,6 +114,7 @@ class ComfyUIRuntime:
     folder_paths: ModuleType
     comfy: ModuleType
     model_management: ModuleType
+    args: Any  # comfy.cli_args.args, the parsed command line ComfyUI believes it got
     models_dir: Path
     output_dir: Path
     temp_dir: Path
@@ -194,9 +195,6 @@ def boot_comfyui(root: Path, base_dir: Path, *, pytorch_attention: bool = True) 
         raise RuntimeError("comfy.model_management was imported before boot_comfyui could set args.cpu")
     args = cli_args.args
     args.cpu = True
-    for flag in ("disable_cuda_malloc",):
-        if hasattr(args, flag):
-            setattr(args, flag, True)
     if pytorch_attention and hasattr(args, "use_pytorch_cross_attention"):
         args.use_pytorch_cross_attention = True
 
@@ -216,6 +214,7 @@ def boot_comfyui(root: Path, base_dir: Path, *, pytorch_attention: bool = True) 
         folder_paths=folder_paths,
         comfy=comfy,
         model_management=model_management,
+        args=args,
         **_folder_fields(base_dir),
     )
     log.info(
@@ -382,6 +381,9 @@ def run_prompt(
     """
     execution = comfy.execution
     prompt_id = prompt_id or str(uuid.uuid4())
+    unknown = sorted({str(node.get("class_type")) for node in prompt.values()} - set(comfy.nodes.NODE_CLASS_MAPPINGS))
+    if unknown:  # this ComfyUI's validate_prompt would raise a bare KeyError
+        raise AssertionError(f"ComfyUI rejected the prompt: unknown node class(es) {unknown}")
     valid, error, outputs, node_errors = _validate(execution, prompt_id, prompt)
     if not valid or node_errors:
         raise AssertionError(f"ComfyUI rejected the prompt: {_format_validation(error, node_errors)}")
@@ -512,7 +514,8 @@ def build_random_checkpoint(arch: Arch, cache_dir: Path | None = None, *, seed: 
 
     Built from ComfyUI's own classes (ComfyUI must be booted): the UNet config
     of ``comfy/model_detection.py``, ``supported_models.SD15``/``SDXL(cfg).get_model({})``,
-    ``comfy.sd.CLIP(mc.clip_target())`` and ``comfy.sd.VAE(sd={})``, saved via
+    ``comfy.sd.CLIP(mc.clip_target())`` and ``comfy.sd.VAE`` (the standard 8x
+    AutoencoderKL, which SD1.5 and SDXL share), saved via
     ``state_dict_for_saving`` with every float tensor replaced by
     ``randn * 0.02`` (seeded, so deterministic) in fp16.  The file is written to a
     temporary name and renamed, under a file lock, so a killed or concurrent
@@ -532,6 +535,7 @@ def build_random_checkpoint(arch: Arch, cache_dir: Path | None = None, *, seed: 
         started = time.perf_counter()
         try:
             _write_random_checkpoint(arch, tmp, seed)
+            tmp.chmod(0o644)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

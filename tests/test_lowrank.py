@@ -49,7 +49,7 @@ def test_choose_rank_edges() -> None:
 
 def test_explicit_rank_and_stored_factors_rebuild_the_same_module() -> None:
     lin = _linear_of_rank(20).to(torch.float16)
-    seq, record = factorize_linear(lin, rank=4, energy=None, path="mid.ff")
+    seq, record = factorize_linear(lin, rank=4, path="mid.ff")
     assert seq[0].weight.dtype == torch.float16 and record.rank == 4
     again = factors_to_module(lin, seq[0].weight, seq[1].weight, "mid.ff")
     x = torch.randn(2, 20, dtype=torch.float16)
@@ -60,6 +60,6 @@ def test_bad_inputs_name_the_layer() -> None:
     with pytest.raises(PruningError, match="conv: expected an nn.Linear to factorise, found Conv2d"):
         factorize_linear(nn.Conv2d(2, 2, 1), path="conv")
     with pytest.raises(PruningError, match=r"mid.ff: expected rank in \[1, 20\], found 30"):
-        factorize_linear(_linear_of_rank(3), rank=30, energy=None, path="mid.ff")
+        factorize_linear(_linear_of_rank(3), rank=30, path="mid.ff")
     with pytest.raises(PruningError, match=r"mid.ff: expected low-rank factors down \[r, 20\] and up \[24, r\]"):
         factors_to_module(_linear_of_rank(3), torch.zeros(2, 19), torch.zeros(24, 2), "mid.ff")

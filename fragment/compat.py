@@ -1,0 +1,78 @@
+"""What else in a graph conflicts with a fragment, decided from plain data before anything is patched.
+
+* LoRA and other weight patches name weights by key
+  (``diffusion_model.<module path>.to_q.weight``).  A patch on a weight the
+  fragment slices would be dropped silently by ComfyUI (shape mismatch), so
+  the conflict is reported up front.  The pack's policy is to refuse and ask
+  for the LoRA to be merged into the checkpoint before profiling: the
+  fragment's kept heads were chosen on the un-LoRA'd model, and merging after
+  selection would keep heads chosen for a different model.
+* IPAdapter, InstantID and PuLID replace attn2 with their own attention that
+  uses full-width keys and values; with fewer heads in attn2 that cannot work.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from .errors import FragmentError
+
+_SLICED = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def sliced_weight_keys(fragment_manifest: Mapping[str, Any], prefix: str = "") -> set[str]:
+    """Every weight/bias key the fragment replaces with a smaller tensor.
+
+    >>> m = {"pruning": {"modules": {"mid.attn1": {}}}, "compression": {"low_rank": [{"layer": "mid.ff"}]}}
+    >>> sorted(sliced_weight_keys(m, "diffusion_model."))[:3]
+    ['diffusion_model.mid.attn1.to_k.bias', 'diffusion_model.mid.attn1.to_k.weight', 'diffusion_model.mid.attn1.to_out.0.bias']
+    """
+    keys: set[str] = set()
+    for path in fragment_manifest["pruning"]["modules"]:
+        for layer in _SLICED:
+            keys.update({f"{prefix}{path}.{layer}.weight", f"{prefix}{path}.{layer}.bias"})
+    for record in fragment_manifest["compression"].get("low_rank", []):
+        keys.update({f"{prefix}{record['layer']}.weight", f"{prefix}{record['layer']}.bias"})
+    return keys
+
+
+def conflicting_patch_keys(patch_keys: Iterable[str], fragment_manifest: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The weight-patch keys (e.g. from a LoRA) that target weights the fragment slices.
+
+    >>> m = {"pruning": {"modules": {"mid.attn1": {}}}, "compression": {}}
+    >>> conflicting_patch_keys(["mid.attn1.to_q.weight", "mid.ff.net.2.weight"], m)
+    ['mid.attn1.to_q.weight']
+    """
+    sliced = sliced_weight_keys(fragment_manifest, prefix)
+    return sorted(k for k in patch_keys if k in sliced)
+
+
+def check_weight_patches(patch_keys: Iterable[str], fragment_manifest: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise a clear :class:`FragmentError` when weight patches would be silently dropped."""
+    conflicts = conflicting_patch_keys(patch_keys, fragment_manifest, prefix)
+    if conflicts:
+        shown = ", ".join(conflicts[:3]) + (f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
+        raise FragmentError(
+            f"fragment {fragment_manifest.get('name', '?')!r}: {len(conflicts)} LoRA/weight patches target weights the "
+            f"fragment prunes ({shown}); ComfyUI would drop them silently. Merge the LoRA into the checkpoint "
+            "(e.g. LoraLoader then CheckpointSave) and profile that checkpoint, or apply the fragment without the LoRA."
+        )
+
+
+def check_attention_replacements(transformer_options: Mapping[str, Any], fragment_manifest: Mapping[str, Any]) -> None:
+    """Refuse attn2 replacement patches (IPAdapter, InstantID, PuLID) when the fragment prunes any attn2.
+
+    >>> check_attention_replacements({"patches_replace": {"attn2": {("input", 4, 0): object()}}},
+    ...     {"name": "dog", "pruning": {"modules": {"input_blocks.4.1.transformer_blocks.0.attn2": {"kind": "cross"}}}})
+    Traceback (most recent call last):
+    ...
+    prompt_fragments.fragment.errors.FragmentError: fragment 'dog': the model carries 1 attn2 replacement patch(es) (IPAdapter, InstantID, PuLID or similar), which need full-width cross-attention; this fragment prunes 1 cross-attention module(s). Apply the fragment without them, or use a fragment built with cross-attention heads kept.
+    """
+    replaced = (transformer_options.get("patches_replace") or {}).get("attn2") or {}
+    pruned_cross = [p for p, e in fragment_manifest["pruning"]["modules"].items() if e.get("kind") == "cross" or p.endswith("attn2")]
+    if replaced and pruned_cross:
+        raise FragmentError(
+            f"fragment {fragment_manifest.get('name', '?')!r}: the model carries {len(replaced)} attn2 replacement "
+            "patch(es) (IPAdapter, InstantID, PuLID or similar), which need full-width cross-attention; this fragment "
+            f"prunes {len(pruned_cross)} cross-attention module(s). Apply the fragment without them, or use a fragment "
+            "built with cross-attention heads kept."
+        )

@@ -1,0 +1,81 @@
+"""BatchGenerator: many seeds of one prompt in memory-aware sub-batches, with progress and cancel.
+
+Each variant gets the noise ``comfy.sample.prepare_noise`` makes for its own
+seed with batch size 1, so variant ``i`` matches a plain KSampler run with
+seed ``seeds[i]``, whatever the sub-batch it lands in.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import torch
+
+from ..fragment.batching import chunk, plan_sub_batches, variant_seeds
+from .folders import CATEGORY, tip
+
+log = logging.getLogger(__name__)
+
+
+def _per_image_bytes(model: Any, latent: torch.Tensor) -> float:
+    shape = (1,) + tuple(latent.shape[1:])
+    # Cond and uncond run together, hence twice the sampler's single-image estimate.
+    return 2.0 * float(model.memory_required(shape))
+
+
+class BatchGenerator:
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL", tip("Usually the MODEL from FragmentLoader.")),
+                "positive": ("CONDITIONING", tip("Positive prompt conditioning.")),
+                "negative": ("CONDITIONING", tip("Negative prompt conditioning.")),
+                "latent_image": ("LATENT", tip("Starting latent; its first image is used for every variant.")),
+                "seed": ("INT", tip("First seed; variants use seed, seed+1, ...", default=0, min=0, max=0xFFFFFFFFFFFFFFFF)),
+                "count": ("INT", tip("Number of variants (ignored when seed_list is set).", default=32, min=1, max=4096)),
+                "batch_size": ("INT", tip("Most images per sampler pass; lowered automatically to fit free memory.", default=4, min=1, max=64)),
+                "steps": ("INT", tip("Sampler steps.", default=20, min=1, max=10000)),
+                "cfg": ("FLOAT", tip("Classifier-free guidance scale.", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01)),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, tip("Sampler, as in KSampler.")),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, tip("Scheduler, as in KSampler.")),
+                "denoise": ("FLOAT", tip("Denoise strength, as in KSampler.", default=1.0, min=0.0, max=1.0, step=0.01)),
+            },
+            "optional": {
+                "seed_list": ("STRING", tip("Explicit seeds, e.g. '1, 5, 10-13'; overrides seed and count.", default="", multiline=False)),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "generate"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Generates many seeds of one prompt in sub-batches that fit in memory, with progress and cancel."
+
+    def generate(self, model: Any, positive: Any, negative: Any, latent_image: dict, seed: int, count: int, batch_size: int,
+                 steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float, seed_list: str = "") -> tuple:
+        seeds = variant_seeds(seed, count, seed_list)
+        base = latent_image["samples"][:1]
+        free = comfy.model_management.get_free_memory(model.load_device)
+        sizes = plan_sub_batches(len(seeds), batch_size, _per_image_bytes(model, base), free)
+        progress = comfy.utils.ProgressBar(len(seeds))
+        outputs = []
+        started = time.perf_counter()
+        for group in chunk(seeds, sizes):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            noise = torch.cat([comfy.sample.prepare_noise(base, s) for s in group])
+            latent = base.repeat(len(group), 1, 1, 1)
+            samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                          denoise=denoise, disable_pbar=True, seed=group[0])
+            outputs.append(samples.cpu())
+            progress.update(len(group))
+        elapsed = time.perf_counter() - started
+        log.info("BatchGenerator: %d images in %.1fs (%.2f images/s, sub-batches %s)", len(seeds), elapsed,
+                 len(seeds) / elapsed if elapsed > 0 else float("inf"), sizes)
+        out = {k: v for k, v in latent_image.items() if k not in ("samples", "batch_index", "noise_mask")}
+        out["samples"] = torch.cat(outputs)
+        return (out,)

@@ -1,0 +1,65 @@
+"""A profiling session that lives across sampler runs, for hosts that only let us wrap model calls.
+
+ComfyUI calls the UNet through a per-clone ``model_function_wrapper`` and
+never tells the model which seed the sampler used.  A session therefore
+counts *runs*: the noise level only falls during one sampling run, so a call
+whose sigma is higher than the previous call's starts a new run (a new
+sample for rank stability).  Hooks are installed around each call only, so
+the shared model carries no hooks between calls and other clones of it are
+never profiled by accident.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from .dataset import ProfileData
+from .profiler import HeadProfiler
+
+log = logging.getLogger(__name__)
+
+
+class ProfileSession:
+    """Accumulates head statistics over every wrapped call of one model.
+
+    >>> session = ProfileSession(unet, buckets=4)  # doctest: +SKIP
+    >>> out = session.call(lambda: unet(x, t, ctx), sigma=14.6)  # doctest: +SKIP
+    >>> session.runs, session.result().total_calls  # doctest: +SKIP
+    (1, 1)
+    """
+
+    def __init__(self, model: nn.Module, *, buckets: int = 4, entropy_tokens: int = 256, seed: int = 0,
+                 info: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self._profiler = HeadProfiler(model, buckets=buckets, entropy_tokens=entropy_tokens, seed=seed, info=info)
+        self._last_sigma: float | None = None
+        self._lock = threading.Lock()
+        self.runs = 0
+        self.calls = 0
+
+    def _maybe_new_run(self, sigma: float | None, label: Any) -> None:
+        if self._last_sigma is None or (sigma is not None and sigma > self._last_sigma * (1 + 1e-6)):
+            self.runs += 1
+            self._profiler.begin_sample(label if label is not None else f"run-{self.runs}")
+        self._last_sigma = sigma if sigma is not None else self._last_sigma
+
+    def call(self, fn: Callable[[], Any], *, sigma: float | None = None, label: Any = None) -> Any:
+        """Run ``fn()`` (one model call) with the profiling hooks installed, and return its result.
+
+        ``sigma`` is the call's noise level; a rise starts a new run.  ``label``
+        names the new run when one starts (a seed, if the host knows it).
+        """
+        with self._lock:  # hooks are per model: two threads must not interleave install/remove
+            self._maybe_new_run(sigma, label)
+            self.calls += 1
+            with self._profiler:
+                return fn()
+
+    def result(self) -> ProfileData:
+        """The statistics so far, with the run count in ``info``."""
+        data = self._profiler.result()
+        data.info.update({"runs": self.runs, "calls": self.calls})
+        return data
