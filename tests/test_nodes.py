@@ -1,0 +1,165 @@
+"""Tier 2: the nodes inside a real ComfyUI runtime, on a random-weight full-size SD1.5 checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from prompt_fragments.fragment.store import load_fragment
+
+NODE_NAMES = ["ProfilerModelLoader", "FragmentExtractor", "FragmentLoader", "BatchGenerator", "UsageVisualizer"]
+
+
+def _attention_heads(diffusion_model: torch.nn.Module) -> dict[str, int]:
+    from prompt_fragments.profiling.discovery import iter_attention
+
+    return {p: int(m.heads) for p, m in iter_attention(diffusion_model)}
+
+
+@pytest.fixture(scope="module")
+def graph(comfyui, comfyui_pack, sd15_checkpoint):
+    """Profile two sampler runs and extract a fragment by calling the nodes as ComfyUI would."""
+    nodes = comfyui.nodes
+    mapping = comfyui_pack.NODE_CLASS_MAPPINGS
+    with torch.inference_mode():
+        model, clip, vae, profile = mapping["ProfilerModelLoader"]().load(sd15_checkpoint, 2, 32, "accumulate")
+        positive = nodes.CLIPTextEncode().encode(clip, "A dog on a jet ski")[0]
+        negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+        latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+        for seed in (1, 2):
+            sampled = nodes.KSampler().sample(model, seed, 2, 7.0, "euler", "normal", positive, negative, latent)[0]
+        (fragment,) = mapping["FragmentExtractor"]().extract(
+            profile, sampled, "node_test", "ratio", 0.3, 30.0, "global", 1, 0, False, True
+        )
+        base = nodes.CheckpointLoaderSimple().load_checkpoint(sd15_checkpoint)[0]
+    return SimpleNamespace(nodes=nodes, mapping=mapping, model=model, clip=clip, profile=profile, fragment=fragment,
+                           positive=positive, negative=negative, latent=latent, base=base, ckpt=sd15_checkpoint)
+
+
+def test_nodes_registered_with_category_tooltips_and_names(comfyui, comfyui_pack) -> None:
+    for name in NODE_NAMES:
+        cls = comfyui.nodes.NODE_CLASS_MAPPINGS[name]
+        assert cls is comfyui_pack.NODE_CLASS_MAPPINGS[name]
+        assert cls.CATEGORY == "fragments" and name in comfyui.nodes.NODE_DISPLAY_NAME_MAPPINGS
+        for group in cls.INPUT_TYPES().values():
+            for input_name, spec in group.items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+
+
+def test_profile_accumulates_runs_and_steps(graph) -> None:
+    data = graph.profile.session.result()
+    assert graph.profile.session.runs == 2
+    assert data.samples == ["run-1", "run-2"]
+    assert data.total_calls == 4  # 2 runs x 2 steps, cond and uncond batched in one call
+    assert all(stats.tokens.sum() > 0 for stats in data.modules.values())
+
+
+def test_extractor_writes_a_verified_fragment_in_the_fragments_folder(comfyui, graph) -> None:
+    folder = Path(comfyui.folder_paths.get_folder_paths("fragments")[0])
+    manifest_path = folder / "node_test.json"
+    assert graph.fragment.manifest_path == manifest_path
+    assert (folder / "node_test.safetensors").is_file()
+    frag = load_fragment(manifest_path)
+    assert frag.manifest["base_model"]["name"] == graph.ckpt
+    assert frag.manifest["pruning"]["heads_removed"] == int(0.3 * frag.manifest["pruning"]["heads_total"])
+    comfyui.folder_paths.filename_list_cache.clear()
+    assert "node_test.json" in comfyui.folder_paths.get_filename_list("fragments")
+
+
+def test_loader_patches_a_clone_and_corrects_its_size(graph) -> None:
+    base = graph.base
+    dm = base.model.diffusion_model
+    heads_before = _attention_heads(dm)
+    weights_before = {k: v.clone() for k, v in list(dm.state_dict().items())[:50]}
+    with torch.inference_mode():
+        patched, status = graph.mapping["FragmentLoader"]().apply(base, "node_test.json", "raise")
+        assert status.startswith("applied fragment 'node_test'")
+        assert patched is not base and patched.model is base.model
+        assert patched.model_size() < base.model_size()
+        assert set(patched.object_patches) == {"diffusion_model." + p for p in graph.fragment.fragment.kept}
+        samples = graph.nodes.KSampler().sample(patched, 3, 2, 7.0, "euler", "normal", graph.positive, graph.negative, graph.latent)[0]
+    assert samples["samples"].shape == graph.latent["samples"].shape and torch.isfinite(samples["samples"]).all()
+    # After sampling ComfyUI may keep the clone loaded; unpatching must restore the shared model exactly.
+    patched.unpatch_model()
+    assert _attention_heads(dm) == heads_before
+    after = dm.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights_before.items())
+
+
+def test_loader_takes_profiling_off_the_fragment_model(graph) -> None:
+    with torch.inference_mode():
+        patched, _ = graph.mapping["FragmentLoader"]().apply(graph.model, "(none)", "raise", graph.fragment)
+    assert "model_function_wrapper" in graph.model.model_options
+    assert "model_function_wrapper" not in patched.model_options
+
+
+def test_lora_on_pruned_weights_is_refused(comfyui, graph) -> None:
+    path = next(iter(graph.fragment.fragment.kept))  # e.g. input_blocks.1.1.transformer_blocks.0.attn1
+    stem = "lora_unet_" + path.replace(".", "_") + "_to_q"
+    weight = graph.base.model.diffusion_model.get_submodule(path).to_q.weight
+    lora = {
+        f"{stem}.lora_up.weight": torch.randn(weight.shape[0], 2) * 0.01,
+        f"{stem}.lora_down.weight": torch.randn(2, weight.shape[1]) * 0.01,
+        f"{stem}.alpha": torch.tensor(2.0),
+    }
+    lora_dir = comfyui.model_dir("loras")
+    save_file(lora, str(lora_dir / "hits_pruned_heads.safetensors"))
+    comfyui.folder_paths.filename_list_cache.clear()
+    with torch.inference_mode():
+        lora_model = graph.nodes.LoraLoader().load_lora(graph.base, graph.clip, "hits_pruned_heads.safetensors", 1.0, 1.0)[0]
+        assert f"diffusion_model.{path}.to_q.weight" in lora_model.patches
+        with pytest.raises(Exception, match=r"LoRA/weight patches target weights the fragment prunes .*Merge the LoRA") as info:
+            graph.mapping["FragmentLoader"]().apply(lora_model, "node_test.json", "raise")
+    assert type(info.value).__name__ == "FragmentError"
+
+
+def test_ipadapter_style_attn2_replacement_is_refused(graph) -> None:
+    if not any(p.endswith("attn2") for p in graph.fragment.fragment.kept):
+        pytest.skip("this fragment pruned no cross-attention module")
+    model = graph.base.clone()
+    model.set_model_attn2_replace(lambda q, k, v, extra: q, "input", 1)
+    with pytest.raises(Exception, match="attn2 replacement patch"):
+        graph.mapping["FragmentLoader"]().apply(model, "node_test.json", "raise")
+
+
+def test_fragment_for_another_base_falls_back_or_raises(comfyui, graph, tmp_path: Path) -> None:
+    import json
+
+    from prompt_fragments.fragment.manifest import seal
+
+    folder = Path(comfyui.folder_paths.get_folder_paths("fragments")[0])
+    manifest = json.loads((folder / "node_test.json").read_text())
+    manifest["name"] = "other_base"
+    manifest["base_model"]["sha256"] = "0" * 64  # what a fragment made from a different checkpoint carries
+    manifest["artifacts"]["tensors"]["file"] = "other_base.safetensors"
+    (folder / "other_base.safetensors").write_bytes((folder / "node_test.safetensors").read_bytes())
+    (folder / "other_base.json").write_text(json.dumps(seal({k: v for k, v in manifest.items() if k != "integrity"})))
+    comfyui.folder_paths.filename_list_cache.clear()
+    loader = graph.mapping["FragmentLoader"]()
+    with torch.inference_mode():
+        model, status = loader.apply(graph.base, "other_base.json", "fallback")
+        assert status.startswith("FALLBACK to the full model") and "built for base model" in status
+        assert model.object_patches == {} and model.model_size() == graph.base.model_size()
+        with pytest.raises(Exception, match="built for base model") as info:
+            loader.apply(graph.base, "other_base.json", "raise")
+    assert type(info.value).__name__ == "BaseModelMismatchError"
+
+
+def test_batch_generator_matches_ksampler_per_seed(graph) -> None:
+    with torch.inference_mode():
+        (batch,) = graph.mapping["BatchGenerator"]().generate(
+            graph.base, graph.positive, graph.negative, graph.latent, 10, 3, 2, 2, 7.0, "euler", "normal", 1.0
+        )
+        single = graph.nodes.KSampler().sample(graph.base, 11, 2, 7.0, "euler", "normal", graph.positive, graph.negative, graph.latent)[0]
+    assert batch["samples"].shape[0] == 3
+    torch.testing.assert_close(batch["samples"][1:2], single["samples"], rtol=1e-4, atol=1e-4)
+
+
+def test_usage_visualizer_draws_the_heatmap(graph) -> None:
+    (image,) = graph.mapping["UsageVisualizer"]().draw(graph.profile, graph.fragment)
+    modules = len(graph.profile.session.result().modules)
+    assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] == modules * 12
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
