@@ -111,15 +111,16 @@ def sd15_checkpoint(comfyui: cs.ComfyUIRuntime) -> str:
 def sdxl_checkpoint(comfyui: cs.ComfyUIRuntime) -> str:
     """ckpt_name of a full-size SDXL checkpoint with random weights (6.9 GB, ~1 min to build once).
 
-    Skipped (a failure in CI) when it is not cached yet and the cache directory
-    has under 20 GB free.
+    Skipped, with the reason printed, when it is not cached yet and the cache
+    directory has under 20 GB free (in CI too: that is a disk limit, not a missing runtime).
     """
     cache_dir = cs.default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     if not (cache_dir / cs.checkpoint_file_name("sdxl")).is_file():
         free_gb = shutil.disk_usage(cache_dir).free / 1e9
         if free_gb < SDXL_MIN_FREE_GB:
-            skip_or_fail(
-                f"SDXL test checkpoint needs {SDXL_MIN_FREE_GB:.0f} GB free at {cache_dir}, found {free_gb:.1f} GB"
-            )
+            # A disk limit, not a missing runtime: issue #3 asks for a printed skip here, in CI too.
+            reason = f"SDXL test checkpoint needs {SDXL_MIN_FREE_GB:.0f} GB free at {cache_dir}, found {free_gb:.1f} GB"
+            print(f"SKIP: {reason}")
+            pytest.skip(reason)
     return _install_checkpoint(comfyui, cs.build_random_checkpoint("sdxl", cache_dir))

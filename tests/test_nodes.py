@@ -163,3 +163,30 @@ def test_usage_visualizer_draws_the_heatmap(graph) -> None:
     modules = len(graph.profile.session.result().modules)
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] == modules * 12
     assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+
+
+def test_requeue_modes(comfyui_pack) -> None:
+    loader = comfyui_pack.NODE_CLASS_MAPPINGS["ProfilerModelLoader"]
+    accumulate = loader.IS_CHANGED(ckpt_name="x", timestep_buckets=4, entropy_tokens=256, on_requeue="accumulate")
+    reset = loader.IS_CHANGED(ckpt_name="x", timestep_buckets=4, entropy_tokens=256, on_requeue="reset")
+    assert accumulate == accumulate  # stable: ComfyUI keeps the cached profile
+    assert reset != reset  # NaN: ComfyUI re-runs the loader, so each queue starts a new profile
+
+
+def test_extra_fragments_folders_are_listed(comfyui, graph, tmp_path: Path) -> None:
+    # What extra_model_paths.yaml does for a "fragments:" entry.
+    comfyui.folder_paths.add_model_folder_path("fragments", str(tmp_path))
+    try:
+        source = Path(comfyui.folder_paths.get_folder_paths("fragments")[0])
+        (tmp_path / "shared").mkdir()
+        for suffix in (".json", ".safetensors"):
+            (tmp_path / "shared" / f"node_test{suffix}").write_bytes((source / f"node_test{suffix}").read_bytes())
+        comfyui.folder_paths.filename_list_cache.clear()
+        names = comfyui.folder_paths.get_filename_list("fragments")
+        assert "shared/node_test.json" in names and "shared/node_test.safetensors" not in names
+        with torch.inference_mode():
+            _, status = graph.mapping["FragmentLoader"]().apply(graph.base, "shared/node_test.json", "raise")
+        assert status.startswith("applied fragment 'node_test'")
+    finally:
+        comfyui.folder_paths.folder_names_and_paths["fragments"][0].remove(str(tmp_path))
+        comfyui.folder_paths.filename_list_cache.clear()
