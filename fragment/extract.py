@@ -8,11 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 import torch.nn as nn
 
 from ..profiling.dataset import ProfileData
 from ..profiling.scoring import ScoreWeights, rank_stability, score_heads, unstable_heads
+from ..profiling.ff_profiler import weight_norm_scores
 from .errors import FragmentError
+from .ff_pruning import select_ff_channels
 from .selection import select_heads
 from .store import Fragment, build_fragment, save_fragment
 
@@ -32,6 +35,23 @@ class ExtractionSettings:
     max_rank_std: float = 0.25
     weights: ScoreWeights = field(default_factory=ScoreWeights)
     low_rank: Mapping[str, float] = field(default_factory=dict)  # layer path -> energy to keep
+    # Issue #7 levers, each off by default.
+    kv_fold: bool = False  # fold attn2 K/V for the context given to extract_fragment
+    kv_fold_keep_weights: bool = False  # keep to_k/to_v to recompute for other contexts (no bytes saved)
+    ff_ratio: float = 0.0  # fraction of feed-forward hidden channels to remove (per block)
+    precision: str = "none"  # "none", "fp8" or "int8"
+    precision_ratio: float = 1.0  # share of retained Linear parameters stored in that precision
+
+    def lever_kwargs(self) -> dict[str, Any]:
+        """Checked keyword arguments for the levers beyond heads."""
+        if not 0.0 <= self.ff_ratio < 1.0:
+            raise FragmentError(f"ff_ratio: expected a fraction in [0, 1), found {self.ff_ratio}")
+        if self.precision not in ("none", "fp8", "int8"):
+            raise FragmentError(f"precision: expected 'none', 'fp8' or 'int8', found {self.precision!r}")
+        if not 0.0 <= self.precision_ratio <= 1.0:
+            raise FragmentError(f"precision_ratio: expected a fraction in [0, 1], found {self.precision_ratio}")
+        return {"precision": None if self.precision == "none" else self.precision, "precision_ratio": self.precision_ratio,
+                "kv_keep_weights": self.kv_fold_keep_weights}
 
     def selection_kwargs(self) -> dict[str, Any]:
         if self.strategy == "ratio":
@@ -50,8 +70,15 @@ def extract_fragment(
     settings: ExtractionSettings = ExtractionSettings(),
     directory: str | os.PathLike | None = None,
     overwrite: bool = False,
+    kv_context: torch.Tensor | None = None,
+    ff_scores: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[Fragment, Path | None]:
     """Score the profiled heads, select, build the fragment and (when ``directory`` is given) save it.
+
+    ``kv_context`` (``[B, T, C]``: the cond and uncond rows the sampler will
+    pass) is required when ``settings.kv_fold``.  ``ff_scores`` come from
+    ``FFProfiler.scores()``; without them a feed-forward cut ranks channels by
+    weight norms, and the manifest says so.
 
     >>> frag, path = extract_fragment(profile, unet, base=describe_base(unet, "sd15"), name="dog",  # doctest: +SKIP
     ...                               settings=ExtractionSettings(amount=0.3), directory="models/fragments")
@@ -85,7 +112,16 @@ def extract_fragment(
         "unstable_heads_kept": sum(len(v) for v in protected.values()),
         "timestamp": int(time.time()),
     }
-    fragment = build_fragment(model, selection, base=base, name=name, profiling=profiling, low_rank=dict(settings.low_rank))
+    levers = settings.lever_kwargs()
+    if settings.kv_fold and kv_context is None:
+        raise FragmentError(f"fragment {name!r}: kv_fold needs the conditioning context (cond and uncond) to fold, found none")
+    ff_selection, ff_info = None, None
+    if settings.ff_ratio > 0:
+        ff_info = {"method": "activation_energy" if ff_scores is not None else "weight_norm"}
+        ff_selection = select_ff_channels(ff_scores if ff_scores is not None else weight_norm_scores(model), ratio=settings.ff_ratio)
+    fragment = build_fragment(model, selection, base=base, name=name, profiling=profiling, low_rank=dict(settings.low_rank),
+                              kv_context=kv_context if settings.kv_fold else None, ff_selection=ff_selection, ff_info=ff_info,
+                              **levers)
     path = save_fragment(fragment, directory, overwrite=overwrite) if directory is not None else None
     log.info("fragment %s: %d of %d heads removed", name, selection.removed_heads, selection.total_heads)
     return fragment, path

@@ -89,6 +89,10 @@ def build_kv_fold(
     (2, True)
     """
     contexts = FoldedContexts(unique_rows(context.detach()))
+    rows_tokens = contexts.rows.shape[0] * contexts.tokens
+    if rows_tokens >= contexts.dim:  # tables [rows*tokens, width] vs weights [context_dim, width]
+        log.warning("kv_fold: %d rows x %d tokens >= context dim %d: the stored K/V are larger than the weights they "
+                    "replace (folding then saves compute, not bytes)", contexts.rows.shape[0], contexts.tokens, contexts.dim)
     paths = cross_attention_paths(model)
     current = {p: _current(model, replacements, p) for p in paths}
     tables = build_kv_tables(current, contexts)

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from .errors import IntegrityError, ManifestError
 from .hashing import sha256_json
+from .untrusted import check_schema
 
 SCHEMA_VERSION = 1
 KIND = "prompt-fragment"
@@ -113,6 +114,7 @@ def validate_manifest(manifest: Any, source: str = "manifest") -> dict[str, Any]
     for i, rec in enumerate(low_rank):
         _expect(isinstance(rec, dict) and isinstance(rec.get("layer"), str) and isinstance(rec.get("rank"), int), source,
                 f"compression.low_rank[{i}]: expected an object with string 'layer' and integer 'rank', found {rec!r}")
+    _validate_levers(manifest["compression"], source)
     tensors = manifest["artifacts"].get("tensors")
     _expect(isinstance(tensors, dict) and isinstance(tensors.get("file"), str) and isinstance(tensors.get("sha256"), str),
             source, f"artifacts.tensors: expected an object with 'file' and 'sha256' strings, found {tensors!r}")
@@ -125,4 +127,44 @@ def validate_manifest(manifest: Any, source: str = "manifest") -> dict[str, Any]
         raise IntegrityError(
             f"{source}: manifest was modified after it was written: expected sha256 {integrity['manifest_sha256'][:16]}…, found {found[:16]}…"
         )
+    # Last, so the hand-written checks above keep their messages; the schema bounds what they do not (issue #6).
+    check_schema(manifest, source)
     return manifest
+
+
+def _is_int(value: Any, minimum: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _validate_levers(compression: Mapping[str, Any], source: str) -> None:
+    """Structure of the issue-#7 blocks: ``kv_fold``, ``ff_channels`` and an applied ``quantization``."""
+    kv = compression.get("kv_fold")
+    if kv is not None:
+        _expect(isinstance(kv, dict) and all(_is_int(kv.get(k)) for k in ("rows", "tokens", "context_dim"))
+                and isinstance(kv.get("weights_dropped"), bool) and isinstance(kv.get("modules"), dict), source,
+                f"compression.kv_fold: expected integer rows/tokens/context_dim, boolean weights_dropped and a modules object, found {str(kv)[:200]}")
+        for path, entry in kv["modules"].items():
+            _expect(isinstance(entry, dict) and _is_int(entry.get("width")), source,
+                    f"compression.kv_fold.modules[{path!r}]: expected an object with a positive integer width, found {entry!r}")
+    ff = compression.get("ff_channels")
+    if ff is not None:
+        _expect(isinstance(ff, dict) and isinstance(ff.get("modules"), dict), source,
+                f"compression.ff_channels: expected an object with a modules object, found {str(ff)[:200]}")
+        for path, entry in ff["modules"].items():
+            where = f"compression.ff_channels.modules[{path!r}]"
+            _expect(isinstance(entry, dict) and _is_int(entry.get("hidden")) and isinstance(entry.get("gated"), bool)
+                    and all(isinstance(entry.get(k), str) for k in ("in_proj", "out_proj")), source,
+                    f"{where}: expected integer hidden, boolean gated and string in_proj/out_proj, found {str(entry)[:200]}")
+            kept = entry.get("kept")
+            _expect(isinstance(kept, list) and bool(kept) and all(_is_int(i, 0) and i < entry["hidden"] for i in kept), source,
+                    f"{where}.kept: expected a non-empty list of channel indices below {entry['hidden']}, found {str(kept)[:200]}")
+    quant = compression.get("quantization")
+    if quant is not None:
+        _expect(isinstance(quant, dict) and isinstance(quant.get("applied"), bool), source,
+                f"compression.quantization: expected an object with boolean 'applied', found {quant!r}")
+        if quant["applied"]:
+            _expect(quant.get("format") in ("fp8", "int8") and isinstance(quant.get("layers"), dict), source,
+                    f"compression.quantization: expected format 'fp8' or 'int8' and a layers object, found format {quant.get('format')!r}")
+            for layer, entry in quant["layers"].items():
+                _expect(isinstance(entry, dict) and entry.get("dtype") in ("float8_e4m3fn", "int8"), source,
+                        f"compression.quantization.layers[{layer!r}]: expected dtype float8_e4m3fn or int8, found {entry!r}")

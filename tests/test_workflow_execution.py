@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +59,10 @@ PREFIX = "diffusion_model."
 CHILD_ENV = "PROMPT_FRAGMENTS_E2E_CHILD_ARCH"
 REPORT_ENV = "PROMPT_FRAGMENTS_E2E_REPORT"
 SDXL_MIN_FREE_GB = 20.0
-#: The SDXL child must stay well inside a 24 GB machine (it peaked near 20 GB with a float32 UNet).
-SDXL_MAX_PEAK_RSS_GB = 16.0
+#: The SDXL child must stay well inside a 24 GB machine (a float32 UNet peaked near 20 GB).  Bounded on
+#: anonymous memory: the checkpoint's pages that safetensors maps while loading also count in VmRSS,
+#: but they are clean page cache the kernel can drop, and they are unmapped once the model is built.
+SDXL_MAX_PEAK_ANON_GB = 12.0
 SDXL_CHILD_TIMEOUT_S = 1800
 
 
@@ -316,21 +318,22 @@ class EndToEnd:
 
 def run_graph(comfyui: cs.ComfyUIRuntime, pack: Any, name: str, ckpt_name: str) -> GraphRun:
     prompt = prepare(name, ckpt_name)
+    recorder = Recorder(pack.NODE_CLASS_MAPPINGS["FragmentLoader"])
     started = time.perf_counter()
-    with PeakMemory() as mem, Recorder(pack.NODE_CLASS_MAPPINGS["FragmentLoader"]) as rec:
-        outputs = cs.run_prompt(comfyui, prompt, prompt_id=f"e2e-{name}")
-    seconds = time.perf_counter() - started
     try:
-        images = {}
-        for node_id, ui in outputs.items():
-            if prompt[node_id]["class_type"] == "SaveImage":
-                images[node_id] = cs.output_files(comfyui, {node_id: ui})
-        base_problems = [differences(load.before, load.patcher.model.diffusion_model) for load in rec.loads]
-        assert rec.loads, f"{name}: no checkpoint was loaded through comfy.sd.load_checkpoint_guess_config"
-        fragments = [fragment_measurement(a) for a in rec.applies]
-    finally:  # the models are not needed past this point: give the memory back before the next graph
-        rec.loads.clear()
-        rec.applies.clear()
+        with PeakMemory() as mem, recorder:
+            outputs = cs.run_prompt(comfyui, prompt, prompt_id=f"e2e-{name}")
+        seconds = time.perf_counter() - started
+        images = {
+            node_id: cs.output_files(comfyui, {node_id: ui})
+            for node_id, ui in outputs.items() if prompt[node_id]["class_type"] == "SaveImage"
+        }
+        assert recorder.loads, f"{name}: no checkpoint was loaded through comfy.sd.load_checkpoint_guess_config"
+        base_problems = [differences(load.before, load.patcher.model.diffusion_model) for load in recorder.loads]
+        fragments = [fragment_measurement(a) for a in recorder.applies]
+    finally:  # drop the models before the next graph, also when this one failed
+        recorder.loads.clear()
+        recorder.applies.clear()
         cs.free_comfy_memory()
     log.info("%s: %.1f s, peak RSS %.2f GB (anon %.2f GB)", name, seconds,
              _gb(mem.peak.get("VmRSS", 0)), _gb(mem.peak.get("RssAnon", 0)))
@@ -351,6 +354,8 @@ def e2e(request: pytest.FixtureRequest, comfyui: cs.ComfyUIRuntime, comfyui_pack
         "arch": arch,
         "total_s": round(total, 1),
         "ru_maxrss_gb": _gb(_ru_maxrss_bytes()),
+        "peak_anon_gb": max(_gb(r.peak.get("RssAnon", 0)) for r in runs.values()),
+        "peak_rss_gb": max(_gb(r.peak.get("VmRSS", 0)) for r in runs.values()),
         "graphs": {
             n: {"seconds": round(r.seconds, 1), **{f"peak_{k}_gb": _gb(v) for k, v in r.peak.items()}} for n, r in runs.items()
         },
@@ -365,8 +370,8 @@ def e2e(request: pytest.FixtureRequest, comfyui: cs.ComfyUIRuntime, comfyui_pack
 # --------------------------------------------------------------------------- (a) fragment files
 
 
-@pytest.mark.parametrize("fragment_name, graph", [(FIRST_FRAGMENT, "profile_and_extract"), (FULL_FRAGMENT, "full_pipeline")])
-def test_fragment_files_are_written_and_verify(e2e: EndToEnd, fragment_name: str, graph: str) -> None:
+@pytest.mark.parametrize("fragment_name", [FIRST_FRAGMENT, FULL_FRAGMENT])  # by profile_and_extract, full_pipeline
+def test_fragment_files_are_written_and_verify(e2e: EndToEnd, fragment_name: str) -> None:
     manifest_path = e2e.fragments_dir / f"{fragment_name}.json"
     assert manifest_path.is_file() and (e2e.fragments_dir / f"{fragment_name}.safetensors").is_file()
     fragment = load_fragment(manifest_path)  # manifest self-hash, tensors hash, kept heads agree
@@ -480,8 +485,8 @@ def test_sdxl_workflows_end_to_end_in_a_subprocess(comfyui: cs.ComfyUIRuntime, t
     assert summary and not re.search(r"failed|error", summary[-1]), tail
     assert report.is_file(), f"the SDXL child did not run the workflows:\n{tail}"
     measured = json.loads(report.read_text())
-    child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
-    print(f"SDXL end to end: {seconds:.0f} s wall, child peak RSS {measured['ru_maxrss_gb']} GB "
-          f"(RUSAGE_CHILDREN {child_peak:.2f} GB), per graph {json.dumps(measured['graphs'])}")
+    print(f"SDXL end to end: {seconds:.0f} s wall; child peak RSS {measured['ru_maxrss_gb']} GB "
+          f"(anonymous {measured['peak_anon_gb']} GB); per graph {json.dumps(measured['graphs'])}")
     assert measured["arch"] == "sdxl"
-    assert measured["ru_maxrss_gb"] < SDXL_MAX_PEAK_RSS_GB, measured
+    if measured["peak_anon_gb"]:  # Linux: sampled from /proc
+        assert measured["peak_anon_gb"] < SDXL_MAX_PEAK_ANON_GB, measured

@@ -1,0 +1,119 @@
+"""``prompt-fragments`` subcommands for the fragment library and sharing (issue #6): reuse, pack, verify, unpack, library.
+
+Kept beside ``cli.py`` so the shared parser needs one line to add them.
+Output is for people (print); failures are ``FragmentError``s, which
+``cli.main`` turns into one line and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _cmd_reuse(args: argparse.Namespace) -> int:
+    from .metrics.reuse import demo_reuse
+
+    paraphrases = list(args.paraphrase or [])
+    if args.paraphrases_file:
+        paraphrases += [line.strip() for line in Path(args.paraphrases_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    report = demo_reuse(args.manifest, paraphrases, seeds=list(range(args.seeds)), steps=args.steps,
+                        max_drift=args.max_drift, record=not args.no_record)
+    for r in report.results:
+        sim = "" if r.similarity is None else f" cosine {r.similarity:+.3f}"
+        print(f"{'PASS' if r.passed else 'FAIL'}  {r.prompt!r}{sim}  {json.dumps(r.metrics)}")
+    print(f"H3 reuse pass rate: {report.pass_rate:.3f} ({report.passed}/{report.paraphrases} paraphrases, "
+          f"seeds {report.seeds}) [STAND-IN: demo random-weight UNet, hash-seeded embedding, drift <= {args.max_drift}]")
+    if not args.no_record:
+        print(f"recorded in {args.manifest} (reuse.h3, re-sealed)")
+    return 0
+
+
+def _library_row(manifest: Path) -> dict[str, Any] | None:
+    from .fragment.library import entries
+
+    for entry in entries(manifest.parent):
+        if entry["name"] == manifest.name[: -len(".json")]:
+            return {"prompt": entry["prompt"], "embedding": entry["embedding"].tolist(), "params": entry["params"]}
+    return None
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from .fragment.sharing import PACK_SUFFIX, pack
+
+    manifest = Path(args.manifest)
+    out = Path(args.out) if args.out else manifest.with_name(manifest.name[: -len(".json")] + PACK_SUFFIX)
+    path = pack(manifest, out, library_row=_library_row(manifest))
+    print(f"packed {manifest} -> {path} ({path.stat().st_size} bytes)")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .fragment.sharing import check_against_base, read_pack
+
+    content = read_pack(args.pack)
+    m = content.fragment.manifest
+    print(f"OK format and integrity: {m['name']!r}, base {m['base_model'].get('name')!r} sha256 "
+          f"{str(m['base_model']['sha256'])[:16]}…, {len(m['pruning']['modules'])} pruned modules, "
+          f"library row: {'yes' if content.library else 'no'}")
+    if args.base:
+        print("OK " + check_against_base(content.fragment, args.base))
+    else:
+        print("base model not checked (pass --base PATH or --base demo)")
+    return 0
+
+
+def _cmd_unpack(args: argparse.Namespace) -> int:
+    from .fragment.sharing import unpack
+
+    path = unpack(args.pack, args.folder, overwrite=args.overwrite, add_to_library=not args.no_library)
+    print(f"unpacked {args.pack} -> {path}")
+    return 0
+
+
+def _cmd_library(args: argparse.Namespace) -> int:
+    from .fragment.library import entries, evict, stats
+
+    if args.evict_to is not None:
+        removed = evict(args.folder, args.evict_to)
+        print(f"evicted {len(removed)}: {', '.join(removed)}")
+    for e in entries(args.folder):
+        print(f"{e['name']:40s} {e['size']:>10d} B  hits {e['hits']:>4d}  {e['prompt'][:60]!r}")
+    print(json.dumps(stats(args.folder)))
+    return 0
+
+
+def add_library_commands(sub: Any) -> None:
+    """Register reuse / pack / verify / unpack / library on the ``prompt-fragments`` subparsers."""
+    p = sub.add_parser("reuse", help="H3: reuse pass rate of a fragment over paraphrases (demo model, stand-ins), recorded in its manifest")
+    p.add_argument("manifest", help="the fragment's .json manifest (made from the demo model)")
+    p.add_argument("--paraphrase", action="append", help="a paraphrase (repeat)")
+    p.add_argument("--paraphrases-file", help="one paraphrase per line")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--max-drift", type=float, default=0.5, help="stand-in bound on relative output drift")
+    p.add_argument("--no-record", action="store_true", help="print only; leave the manifest unchanged")
+    p.set_defaults(func=_cmd_reuse)
+
+    p = sub.add_parser("pack", help="write a fragment (manifest + tensors, library row if indexed) as one safetensors file")
+    p.add_argument("manifest")
+    p.add_argument("--out", help="default: <name>.fragment.safetensors beside the manifest")
+    p.set_defaults(func=_cmd_pack)
+
+    p = sub.add_parser("verify", help="check a packed fragment: format and integrity, and with --base compatibility")
+    p.add_argument("pack")
+    p.add_argument("--base", help="a safetensors UNet/checkpoint, or 'demo' for the embedded default model")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("unpack", help="verify a packed fragment and write it into a fragments folder (and its library)")
+    p.add_argument("pack")
+    p.add_argument("folder", help="the fragments folder, e.g. ComfyUI/models/fragments")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-library", action="store_true", help="do not index it for auto mode")
+    p.set_defaults(func=_cmd_unpack)
+
+    p = sub.add_parser("library", help="list a fragments folder's library entries and statistics")
+    p.add_argument("folder")
+    p.add_argument("--evict-to", type=int, default=None, metavar="BYTES", help="evict LRU entries down to BYTES first")
+    p.set_defaults(func=_cmd_library)

@@ -1,0 +1,399 @@
+"""The fragment library: a cache of fragments in the fragments folder, found by prompt and reused for paraphrases.
+
+Layout (``folder`` is ComfyUI's ``models/fragments``)::
+
+    folder/<name>.json, <name>.safetensors     entries, saved by store.save_fragment (the node dropdown lists them)
+    folder/.library/index.sqlite3              one row per entry (see _SCHEMA)
+    folder/.library/lock                       fcntl lock held by every writer
+    folder/.library/quarantine/                corrupt entries, renamed *.quarantined so no loader lists them
+
+Key: ``fingerprint.fingerprint(base_sha256, embedding, params)``.  Lookup
+(hypothesis H3): the exact key first, then the nearest entry of the same base
+model by cosine of the pooled prompt embedding, accepted at ``threshold``
+(0.9 by default).  Size cap: least recently used entries are evicted (an
+access counter orders them, so ties in wall-clock time cannot reorder).
+
+Crash safety: files are written to temporary names and renamed (store), and
+the row is inserted only after both files are in place, all under the lock;
+a writer killed at any point leaves either no row (its temporary files are
+swept by the next writer) or a complete entry.  sqlite's journal makes the
+row itself atomic.  Only files the index names are ever evicted: fragments a
+user placed by hand are never touched.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from .errors import FragmentError
+from .fingerprint import (
+    cosine, embedding_from_bytes, embedding_sha256, embedding_to_bytes, fingerprint, params_sha256,
+)
+from .store import Fragment, check_name, load_fragment, read_manifest, save_fragment
+from .untrusted import check_base, check_inside, confined
+
+log = logging.getLogger(__name__)
+
+LIBRARY_DIR = ".library"
+DEFAULT_THRESHOLD = 0.9
+DEFAULT_CAP_BYTES = 20 << 30
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, base_sha256 TEXT NOT NULL, prompt TEXT NOT NULL,
+    embedding BLOB NOT NULL, embedding_sha256 TEXT NOT NULL, params TEXT NOT NULL, params_sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL, created REAL NOT NULL, last_access REAL NOT NULL, access_seq INTEGER NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS entries_by_base ON entries (base_sha256);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+_COLUMNS = ("key", "name", "base_sha256", "prompt", "embedding", "embedding_sha256", "params", "params_sha256",
+            "size", "created", "last_access", "access_seq", "hits")
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """What ``lookup`` found: ``hit`` with the manifest to load, or a miss with the reason."""
+
+    hit: bool
+    manifest_path: Path | None
+    similarity: float
+    reason: str
+    key: str | None = None
+
+
+def library_dir(folder: str | os.PathLike) -> Path:
+    return Path(folder) / LIBRARY_DIR
+
+
+@contextlib.contextmanager
+def locked(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold the library's exclusive lock (``fcntl.flock``; released by the kernel if the holder dies).
+
+    >>> import tempfile
+    >>> with locked(tempfile.mkdtemp()): pass
+    """
+    directory = library_dir(folder)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "lock", "a+b") as fh:
+        try:
+            import fcntl
+        except ImportError:  # Windows: ComfyUI runs one process per folder there; sqlite still serialises rows
+            yield
+            return
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _db(folder: str | os.PathLike) -> Iterator[sqlite3.Connection]:
+    directory = library_dir(folder)
+    directory.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(directory / "index.sqlite3", timeout=30.0, isolation_level=None)
+    try:
+        con.executescript(_SCHEMA)
+        yield con
+    except sqlite3.DatabaseError as exc:
+        raise FragmentError(f"{directory / 'index.sqlite3'}: library index unreadable: {exc}") from exc
+    finally:
+        con.close()
+
+
+def _bump(con: sqlite3.Connection, name: str, by: int = 1) -> None:
+    con.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?", (name, by, by))
+
+
+def _next_seq(con: sqlite3.Connection) -> int:
+    return int(con.execute("SELECT COALESCE(MAX(access_seq), 0) + 1 FROM entries").fetchone()[0])
+
+
+def entries(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every indexed entry, least recently used first (embedding decoded to a tensor, params to a dict).
+
+    >>> import tempfile; entries(tempfile.mkdtemp())
+    []
+    """
+    if not (library_dir(folder) / "index.sqlite3").exists():
+        return []
+    with _db(folder) as con:
+        rows = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM entries ORDER BY access_seq").fetchall()
+    out = []
+    for row in rows:
+        entry = dict(zip(_COLUMNS, row))
+        entry["embedding"] = embedding_from_bytes(entry["embedding"])
+        entry["params"] = json.loads(entry["params"])
+        out.append(entry)
+    return out
+
+
+def stats(folder: str | os.PathLike) -> dict[str, int]:
+    """Entry count, bytes, and the hit / miss / eviction / quarantine counters.
+
+    >>> import tempfile; stats(tempfile.mkdtemp())["entries"]
+    0
+    """
+    result = {"entries": 0, "bytes": 0, "hits": 0, "misses": 0, "evictions": 0, "quarantined": 0, "adds": 0}
+    if not (library_dir(folder) / "index.sqlite3").exists():
+        return result
+    with _db(folder) as con:
+        count, size = con.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
+        result.update({"entries": int(count), "bytes": int(size)})
+        result.update({k: int(v) for k, v in con.execute("SELECT name, value FROM counters")})
+    return result
+
+
+def _sweep_temporaries(folder: Path) -> None:
+    """Delete temporary files left by writers that died (store names them ``.<name>.<ext>.tmp-<pid>``)."""
+    for path in folder.glob(".*.tmp-*"):
+        pid = path.name.rsplit(".tmp-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("library: removing %s left by a writer that died", path)
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def add(
+    folder: str | os.PathLike,
+    fragment: Fragment,
+    *,
+    embedding: torch.Tensor,
+    prompt: str,
+    params: Mapping[str, Any] | None = None,
+    cap_bytes: int = DEFAULT_CAP_BYTES,
+) -> Path:
+    """Save ``fragment`` into the library (replacing an entry with the same key), then evict down to ``cap_bytes``.
+
+    The base hash is the manifest's own ``base_model.sha256``.  Returns the manifest path.
+
+    >>> add("models/fragments", frag, embedding=pool_conditioning(positive), prompt="a dog",  # doctest: +SKIP
+    ...     params={"ratio": 0.3})
+    PosixPath('models/fragments/a_dog.json')
+    """
+    folder = Path(folder)
+    base = str(fragment.manifest["base_model"]["sha256"])
+    key = fingerprint(base, embedding, params)
+    with locked(folder):
+        _sweep_temporaries(folder)
+        with _db(folder) as con:
+            old = con.execute("SELECT name FROM entries WHERE key = ?", (key,)).fetchone()
+            taken = con.execute("SELECT 1 FROM entries WHERE name = ? AND key != ?", (fragment.name, key)).fetchone()
+        if old is not None:
+            fragment.manifest = {**fragment.manifest, "name": old[0]}
+        elif taken or (folder / f"{check_name(fragment.name)}.json").exists():
+            fragment.manifest = {**fragment.manifest, "name": check_name(f"{fragment.name[:100]}-{key[:12]}")}
+        path = save_fragment(fragment, folder, overwrite=True)
+        size = _insert(folder, key, path, fragment.manifest, embedding, prompt, params)
+        _evict_locked(folder, cap_bytes, keep={key})
+    log.info("library: added %s (key %s, %d bytes)", path.name, key, size)
+    return path
+
+
+def register(
+    folder: str | os.PathLike,
+    manifest_path: str | os.PathLike,
+    *,
+    embedding: torch.Tensor,
+    prompt: str,
+    params: Mapping[str, Any] | None = None,
+    cap_bytes: int = DEFAULT_CAP_BYTES,
+) -> str:
+    """Index a fragment already saved in ``folder`` (e.g. by FragmentExtractor or ``unpack``); return its key.
+
+    The files are verified first; from then on the library owns them and may evict them.
+
+    >>> register("models/fragments", "models/fragments/dog.json", embedding=emb, prompt="a dog")  # doctest: +SKIP
+    'c0ffee…'
+    """
+    folder = Path(folder)
+    fragment = load_entry(folder, manifest_path)
+    key = fingerprint(str(fragment.manifest["base_model"]["sha256"]), embedding, params)
+    with locked(folder):
+        with _db(folder) as con:
+            other = con.execute("SELECT name FROM entries WHERE key = ? AND name != ?", (key, fragment.name)).fetchone()
+        if other is not None:  # same key, other files: the old entry is superseded
+            _remove_files(folder, other[0])
+        _insert(folder, key, Path(manifest_path), fragment.manifest, embedding, prompt, params)
+        _evict_locked(folder, cap_bytes, keep={key})
+    return key
+
+
+def _insert(folder: Path, key: str, path: Path, manifest: Mapping[str, Any], embedding: torch.Tensor, prompt: str,
+            params: Mapping[str, Any] | None) -> int:
+    size = path.stat().st_size + (folder / manifest["artifacts"]["tensors"]["file"]).stat().st_size
+    now = time.time()
+    with _db(folder) as con:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("DELETE FROM entries WHERE name = ? AND key != ?", (manifest["name"], key))
+        con.execute(
+            f"INSERT OR REPLACE INTO entries ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+            (key, manifest["name"], str(manifest["base_model"]["sha256"]), prompt, embedding_to_bytes(embedding),
+             embedding_sha256(embedding), json.dumps(dict(params or {}), sort_keys=True, default=str),
+             params_sha256(params), size, now, now, _next_seq(con), 0),
+        )
+        _bump(con, "adds")
+        con.execute("COMMIT")
+    return size
+
+
+def evict(folder: str | os.PathLike, cap_bytes: int) -> list[str]:
+    """Remove least recently used entries until the library holds at most ``cap_bytes``; return their names.
+
+    >>> import tempfile; evict(tempfile.mkdtemp(), 0)
+    []
+    """
+    with locked(folder):
+        return _evict_locked(Path(folder), cap_bytes, keep=set())
+
+
+def _evict_locked(folder: Path, cap_bytes: int, keep: set[str]) -> list[str]:
+    removed: list[str] = []
+    with _db(folder) as con:
+        rows = con.execute("SELECT key, name, size FROM entries ORDER BY access_seq").fetchall()
+        total = sum(r[2] for r in rows)
+        for key, name, size in rows:
+            if total <= cap_bytes:
+                break
+            if key in keep:
+                continue
+            # Row first: once it is gone no reader is sent to the files; a crash now leaks files, never corrupts.
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("DELETE FROM entries WHERE key = ?", (key,))
+            _bump(con, "evictions")
+            con.execute("COMMIT")
+            _remove_files(folder, name)
+            total -= size
+            removed.append(name)
+    if total > cap_bytes:
+        log.warning("library %s: %d bytes over the %d-byte cap after eviction (the newest entry alone is larger)",
+                    folder, total - cap_bytes, cap_bytes)
+    for name in removed:
+        log.info("library: evicted %s (least recently used)", name)
+    return removed
+
+
+def _remove_files(folder: Path, name: str) -> None:
+    for suffix in (".json", ".safetensors"):  # manifest first: without it nothing will try to load the tensors
+        (folder / f"{name}{suffix}").unlink(missing_ok=True)
+
+
+def lookup(
+    folder: str | os.PathLike,
+    base_sha256: str,
+    embedding: torch.Tensor,
+    params: Mapping[str, Any] | None = None,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    record: bool = True,
+) -> LookupResult:
+    """Find the fragment to reuse: exact key (when ``params`` is given), else the nearest same-base entry by cosine.
+
+    With ``params`` given, the nearest search is limited to entries made with
+    the same parameters.  ``record`` updates hit/miss counters and LRU order.
+
+    >>> import tempfile; lookup(tempfile.mkdtemp(), "ab", torch.ones(4)).reason
+    'library is empty'
+    """
+    folder = Path(folder)
+    if not (library_dir(folder) / "index.sqlite3").exists():
+        return LookupResult(False, None, -1.0, "library is empty")
+    with _db(folder) as con:
+        rows = con.execute(
+            "SELECT key, name, embedding, params_sha256 FROM entries WHERE base_sha256 = ?", (base_sha256,)
+        ).fetchall()
+    exact = fingerprint(base_sha256, embedding, params) if params is not None else None
+    wanted_params = params_sha256(params) if params is not None else None
+    best: tuple[float, str, str] | None = None
+    for key, name, blob, p_sha in rows:
+        if key == exact:
+            best = (1.0, key, name)
+            break
+        if wanted_params is not None and p_sha != wanted_params:
+            continue
+        sim = cosine(embedding_from_bytes(blob), embedding)
+        if best is None or sim > best[0]:
+            best = (sim, key, name)
+    if best is None:
+        result = LookupResult(False, None, -1.0, f"no cached fragment for base model {base_sha256[:16]}…")
+    elif best[1] == exact:
+        result = LookupResult(True, folder / f"{best[2]}.json", 1.0, f"exact key {best[1]}", best[1])
+    elif best[0] >= threshold:
+        result = LookupResult(True, folder / f"{best[2]}.json", best[0],
+                              f"paraphrase of {best[2]!r}: cosine {best[0]:.3f} >= {threshold}", best[1])
+    else:
+        result = LookupResult(False, None, best[0], f"nearest cached fragment {best[2]!r} has cosine {best[0]:.3f} < {threshold}")
+    if record:
+        _record(folder, result)
+    return result
+
+
+def _record(folder: Path, result: LookupResult) -> None:
+    with locked(folder), _db(folder) as con:
+        con.execute("BEGIN IMMEDIATE")
+        _bump(con, "hits" if result.hit else "misses")
+        if result.hit:
+            con.execute("UPDATE entries SET hits = hits + 1, last_access = ?, access_seq = ? WHERE key = ?",
+                        (time.time(), _next_seq(con), result.key))
+        con.execute("COMMIT")
+
+
+def load_entry(folder: str | os.PathLike, manifest_path: str | os.PathLike, base_sha256: str | None = None) -> Fragment:
+    """Load a fragment from the folder with every untrusted-input check: confined paths, schema, header, hashes, base.
+
+    >>> load_entry("models/fragments", "models/fragments/dog.json", base_sha256=digest)  # doctest: +SKIP
+    """
+    path = check_inside(folder, manifest_path)
+    manifest = read_manifest(path)
+    confined(folder, manifest["artifacts"]["tensors"]["file"], str(path))
+    check_base(manifest, base_sha256, str(path))
+    return load_fragment(path)
+
+
+def quarantine(folder: str | os.PathLike, manifest_path: str | os.PathLike, reason: str) -> list[Path]:
+    """Move a corrupt entry's files to ``.library/quarantine`` (renamed ``*.quarantined``) and drop its row.
+
+    >>> import tempfile; quarantine(tempfile.mkdtemp(), "gone.json", "test")
+    []
+    """
+    folder = Path(folder)
+    name = Path(manifest_path).name[: -len(".json")] if str(manifest_path).endswith(".json") else Path(manifest_path).stem
+    target = library_dir(folder) / "quarantine"
+    moved: list[Path] = []
+    with locked(folder):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for suffix in (".json", ".safetensors"):
+            src = folder / f"{name}{suffix}"
+            if src.is_file() or src.is_symlink():
+                target.mkdir(parents=True, exist_ok=True)
+                dest = target / f"{stamp}-{os.getpid()}-{name}{suffix}.quarantined"
+                os.replace(src, dest)
+                moved.append(dest)
+        if (library_dir(folder) / "index.sqlite3").exists():
+            with _db(folder) as con:
+                con.execute("BEGIN IMMEDIATE")
+                gone = con.execute("DELETE FROM entries WHERE name = ?", (name,)).rowcount
+                if moved or gone:
+                    _bump(con, "quarantined")
+                con.execute("COMMIT")
+    if moved:
+        log.warning("library: quarantined %s (%s): %s", name, reason, ", ".join(str(p) for p in moved))
+    return moved

@@ -1,0 +1,158 @@
+"""Hypotheses H1–H5 judged against ``thresholds.yaml``: PASS, WARN, FAIL or MISSING.
+
+The measured values are one flat dict (the ``metrics`` block of
+``metrics_summary.json``), e.g. ``{"pruned_head_pct": 0.31, "lpips_mean": 0.02, ...}``.
+Each hypothesis is a list of checks on those keys (seed 002 "Success Metrics"):
+
+- H1 head pruning: ``pruned_head_pct`` ≥ 0.30, ``clip_drop_rel`` ≤ 0.02,
+  ``lpips_mean`` ≤ 0.03, ``adherence_delta`` ≤ 0.02
+- H2 VRAM vs quality: ``vram_reduction`` ≥ 0.25, ``lpips_mean`` ≤ 0.035, ``ssim_mean`` ≥ 0.90
+- H3 reuse: ``reuse_pass_rate`` ≥ 0.80
+- H4 throughput: ``batch_speedup`` ≥ 1.7 measured over ``batch_variants`` ≥ 32 images
+- H5 amortisation: ``break_even_variants`` ≤ 10 (``break_even_never`` = the fragment is not faster: FAIL)
+
+A check meeting its target is PASS; missing it by at most ``warn_margin``
+(relative to the target) is WARN; worse is FAIL.  A value that was not
+measured is MISSING, never guessed, and makes the run INVALID.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..fragment.errors import FragmentError
+
+ORDER = {"PASS": 0, "WARN": 1, "FAIL": 2, "MISSING": 3}
+HYPOTHESES = {
+    "H1": [("pruned_head_pct", "pruned_head_pct_min", "min"), ("clip_drop_rel", "clip_drop_rel_max", "max"),
+           ("lpips_mean", "lpips_max", "max"), ("adherence_delta", "adherence_delta_max", "max")],
+    "H2": [("vram_reduction", "vram_reduction_min", "min"), ("lpips_mean", "lpips_max", "max"),
+           ("ssim_mean", "ssim_min", "min")],
+    "H3": [("reuse_pass_rate", "reuse_pass_rate_min", "min")],
+    "H4": [("batch_speedup", "batch_speedup_min", "min"), ("batch_variants", "variants", "min")],
+    "H5": [("break_even_variants", "break_even_max_variants", "max")],
+}
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FragmentError(f"{where}: expected a number, found {value!r}")
+    return float(value)
+
+
+def validate_thresholds(data: Any, source: str = "thresholds") -> dict[str, Any]:
+    """Check a parsed thresholds document; return it with defaults filled in.
+
+    >>> validate_thresholds({"hypotheses": {"H5": {"break_even_max_variants": "ten"}}}, "t.yaml")
+    Traceback (most recent call last):
+    ...
+    prompt_fragments.fragment.errors.FragmentError: t.yaml: hypotheses.H5.break_even_max_variants: expected a number, found 'ten'
+    """
+    if not isinstance(data, dict):
+        raise FragmentError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
+    out = {"warn_margin": _number(data.get("warn_margin", 0.1), f"{source}: warn_margin"),
+           "hypotheses": {}, "regression": {}}
+    hyps = data.get("hypotheses", {}) or {}
+    if not isinstance(hyps, dict):
+        raise FragmentError(f"{source}: hypotheses: expected a mapping, found {type(hyps).__name__}")
+    for name, limits in hyps.items():
+        if name not in HYPOTHESES:
+            raise FragmentError(f"{source}: hypotheses: expected one of {sorted(HYPOTHESES)}, found {name!r}")
+        if not isinstance(limits, dict):
+            raise FragmentError(f"{source}: hypotheses.{name}: expected a mapping, found {type(limits).__name__}")
+        out["hypotheses"][name] = {k: _number(v, f"{source}: hypotheses.{name}.{k}") for k, v in limits.items()}
+    reg = data.get("regression", {}) or {}
+    if not isinstance(reg, dict):
+        raise FragmentError(f"{source}: regression: expected a mapping, found {type(reg).__name__}")
+    allowed = {"max_increase", "max_decrease", "max_increase_rel", "max_decrease_rel"}
+    for metric, rule in reg.items():
+        if not isinstance(rule, dict) or len(rule) != 1 or next(iter(rule)) not in allowed:
+            raise FragmentError(f"{source}: regression.{metric}: expected one of {sorted(allowed)} with a number, found {rule!r}")
+        kind, limit = next(iter(rule.items()))
+        out["regression"][metric] = {kind: _number(limit, f"{source}: regression.{metric}.{kind}")}
+    return out
+
+
+def load_thresholds(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a ``thresholds.yaml``.
+
+    >>> load_thresholds("/nonexistent.yaml")
+    Traceback (most recent call last):
+    ...
+    prompt_fragments.fragment.errors.FragmentError: /nonexistent.yaml: thresholds file not found
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FragmentError(f"{path}: thresholds file not found")
+    try:
+        import yaml
+    except ImportError as exc:
+        raise FragmentError("thresholds need pyyaml; run `pip install prompt-fragments[metrics]`") from exc
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise FragmentError(f"{path}: not valid YAML: {exc}") from exc
+    return validate_thresholds(data, str(path))
+
+
+def check(value: float | None, limit: float, kind: str, margin: float) -> str:
+    """One check's status; ``kind`` is ``"min"`` (value must reach limit) or ``"max"``.
+
+    >>> check(0.28, 0.30, "min", 0.1), check(0.31, 0.30, "min", 0.1), check(0.2, 0.30, "min", 0.1), check(None, 1, "max", 0.1)
+    ('WARN', 'PASS', 'FAIL', 'MISSING')
+    """
+    if value is None:
+        return "MISSING"
+    if kind == "min":
+        return "PASS" if value >= limit else "WARN" if value >= limit * (1 - margin) else "FAIL"
+    return "PASS" if value <= limit else "WARN" if value <= limit * (1 + margin) else "FAIL"
+
+
+def evaluate_hypotheses(metrics: Mapping[str, Any], thresholds: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """H1–H5 records: each measured value, its limit, per-check status and the hypothesis status (worst check).
+
+    >>> t = validate_thresholds({"hypotheses": {"H5": {"break_even_max_variants": 10}}})
+    >>> evaluate_hypotheses({"break_even_variants": 9.2}, t)["H5"]["status"]
+    'PASS'
+    >>> evaluate_hypotheses({"break_even_variants": None, "break_even_never": True}, t)["H5"]["status"]
+    'FAIL'
+    """
+    margin = float(thresholds.get("warn_margin", 0.1))
+    out: dict[str, dict[str, Any]] = {}
+    for name, limits in thresholds.get("hypotheses", {}).items():
+        record: dict[str, Any] = {"checks": {}}
+        for key, limit_key, kind in HYPOTHESES[name]:
+            if limit_key not in limits:
+                continue
+            value = metrics.get(key)
+            status = check(value, limits[limit_key], kind, margin)
+            if key == "break_even_variants" and value is None and metrics.get("break_even_never"):
+                status = "FAIL"  # measured: the fragment is not faster, so it never pays back
+            record[key] = value
+            record["checks"][key] = {"limit": limits[limit_key], "kind": kind, "status": status}
+        statuses = [c["status"] for c in record["checks"].values()]
+        record["status"] = max(statuses, key=ORDER.__getitem__) if statuses else "MISSING"
+        out[name] = record
+    return out
+
+
+def run_status(hypotheses: Mapping[str, Mapping[str, Any]]) -> str:
+    """INVALID if anything is MISSING, else the worst of PASS/WARN/FAIL.
+
+    >>> run_status({"H1": {"status": "PASS"}, "H2": {"status": "WARN"}}), run_status({"H3": {"status": "MISSING"}})
+    ('WARN', 'INVALID')
+    """
+    statuses = [h["status"] for h in hypotheses.values()]
+    if not statuses or "MISSING" in statuses:
+        return "INVALID"
+    return max(statuses, key=ORDER.__getitem__)
+
+
+def missing_metrics(hypotheses: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every metric a hypothesis needed but the run did not measure, as ``"H2.vram_reduction"``.
+
+    >>> missing_metrics({"H2": {"checks": {"vram_reduction": {"status": "MISSING"}}}})
+    ['H2.vram_reduction']
+    """
+    return [f"{h}.{k}" for h, rec in hypotheses.items() for k, c in rec.get("checks", {}).items() if c["status"] == "MISSING"]
