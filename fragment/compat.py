@@ -32,6 +32,10 @@ def sliced_weight_keys(fragment_manifest: Mapping[str, Any], prefix: str = "") -
             keys.update({f"{prefix}{path}.{layer}.weight", f"{prefix}{path}.{layer}.bias"})
     for record in fragment_manifest["compression"].get("low_rank", []):
         keys.update({f"{prefix}{record['layer']}.weight", f"{prefix}{record['layer']}.bias"})
+    if "compression" in fragment_manifest:  # K/V folding, FF cuts and precision tiers replace weights too
+        from .levers import lever_weight_keys
+
+        keys |= lever_weight_keys(fragment_manifest, prefix)
     return keys
 
 

@@ -91,7 +91,7 @@ class FoldedContexts:
         self.fingerprints = row_fingerprints(rows)
         self._device_rows: dict[torch.device, torch.Tensor] = {}
         self._lock = threading.Lock()
-        self._last: tuple[weakref.ref, int, torch.Tensor] | None = None
+        self._last: tuple[weakref.ref, int, torch.Tensor] | None = None  # (context, version, row index)
 
     def _rows_on(self, device: torch.device) -> torch.Tensor:
         rows = self._device_rows.get(device)
@@ -102,14 +102,15 @@ class FoldedContexts:
 
     def match(self, context: torch.Tensor) -> torch.Tensor | None:
         """Stored row index for each incoming row (a long tensor on the context's device), or None when any row fails."""
+        version = _version_of(context)
         with self._lock:
             last = self._last
-            if last is not None and last[0]() is context and last[1] == context._version:
+            if last is not None and last[0]() is context and last[1] == version:
                 return last[2]
         idx = self._match(context)
         if idx is not None:
             with self._lock:
-                self._last = (weakref.ref(context), context._version, idx)
+                self._last = (weakref.ref(context), version, idx)
         return idx
 
     def _match(self, context: torch.Tensor) -> torch.Tensor | None:
@@ -124,6 +125,16 @@ class FoldedContexts:
         if not bool(found.all()):  # one host sync per UNet call, shared by every folded module
             return None
         return equal.to(torch.int8).argmax(-1)
+
+
+def _version_of(t: torch.Tensor) -> int:
+    """The tensor's in-place-write counter; -1 for inference tensors, which have none.
+
+    ComfyUI samples under ``torch.inference_mode()``.  There the cache falls back
+    to object identity: ComfyUI builds a new context tensor for every UNet call
+    and never writes into one, so identity still means "the same values".
+    """
+    return -1 if t.is_inference() else t._version
 
 
 class FoldedProjection(nn.Module):

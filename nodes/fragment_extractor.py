@@ -1,9 +1,15 @@
 """FragmentExtractor: turn a profile into a fragment file in the fragments folder."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
+
+from ..fragment.errors import FragmentError
 from ..fragment.extract import ExtractionSettings, extract_fragment
+from ..fragment.fingerprint import pool_conditioning
+from ..fragment.library import register
 from ..fragment.patching import base_sha256
 from ..fragment.store import describe_base
 from .folders import CATEGORY, FragmentHandle, ProfileHandle, fragments_dir, tip, unpatched_originals
@@ -25,7 +31,16 @@ class FragmentExtractor:
                 "safety_margin_heads": ("INT", tip("Give back this many of the best-scored heads chosen for removal.", default=0, min=0, max=4096)),
                 "keep_unstable_heads": ("BOOLEAN", tip("Never remove heads whose rank changes a lot between sampler runs.", default=True)),
                 "overwrite": ("BOOLEAN", tip("Replace an existing fragment of the same name.", default=False)),
-            }
+            },
+            "optional": {
+                "positive": ("CONDITIONING", tip("The profiled prompt: indexes the fragment for (auto) reuse, and is what K/V folding folds.")),
+                "negative": ("CONDITIONING", tip("The profiled negative prompt (needed for K/V folding).")),
+                "kv_fold": ("BOOLEAN", tip("Compute cross-attention keys/values once for this prompt and drop to_k/to_v.", default=False)),
+                "kv_fold_keep_weights": ("BOOLEAN", tip("Keep to_k/to_v so other prompts still work (saves no bytes).", default=False)),
+                "ff_ratio": ("FLOAT", tip("Share of feed-forward hidden channels to remove, ranked by profiled activations.", default=0.0, min=0.0, max=0.9, step=0.05)),
+                "precision": (["none", "fp8", "int8"], tip("Store the least important retained Linear weights in this precision.")),
+                "precision_ratio": ("FLOAT", tip("Share of retained Linear parameters stored in that precision.", default=1.0, min=0.0, max=1.0, step=0.05)),
+            },
         }
 
     RETURN_TYPES = ("FRAGMENT",)
@@ -36,14 +51,39 @@ class FragmentExtractor:
     DESCRIPTION = "Scores the profiled heads, removes the least important, and writes manifest + safetensors to models/fragments."
 
     def extract(self, profile: ProfileHandle, trigger: Any, name: str, strategy: str, ratio: float, percentile: float,
-                scope: str, min_keep: int, safety_margin_heads: int, keep_unstable_heads: bool, overwrite: bool) -> tuple:
+                scope: str, min_keep: int, safety_margin_heads: int, keep_unstable_heads: bool, overwrite: bool,
+                positive: Any = None, negative: Any = None, kv_fold: bool = False, kv_fold_keep_weights: bool = False,
+                ff_ratio: float = 0.0, precision: str = "none", precision_ratio: float = 1.0) -> tuple:
         settings = ExtractionSettings(
             strategy=strategy, amount=ratio if strategy == "ratio" else percentile, scope=scope, min_keep=min_keep,
-            safety_margin_heads=safety_margin_heads, keep_unstable_heads=keep_unstable_heads,
+            safety_margin_heads=safety_margin_heads, keep_unstable_heads=keep_unstable_heads, kv_fold=kv_fold,
+            kv_fold_keep_weights=kv_fold_keep_weights, ff_ratio=ff_ratio, precision=precision, precision_ratio=precision_ratio,
         )
+        if kv_fold and (positive is None or negative is None):
+            raise FragmentError("FragmentExtractor: kv_fold needs both the positive and negative CONDITIONING inputs connected")
         model = profile.diffusion_model
         digest = base_sha256(model, unpatched_originals(profile.patcher))
         base = describe_base(model, profile.checkpoint, sha256=digest, hash_kind="state_dict_fp16")
-        fragment, path = extract_fragment(profile.session.result(), model, base=base, name=name, settings=settings,
-                                          directory=fragments_dir(), overwrite=overwrite)
+        fragment, path = extract_fragment(
+            profile.session.result(), model, base=base, name=name, settings=settings, directory=fragments_dir(),
+            overwrite=overwrite, kv_context=fold_context(positive, negative) if kv_fold else None,
+            ff_scores=profile.session.ff_scores() if ff_ratio > 0 else None,
+        )
+        if positive is not None:  # indexed for FragmentLoader's (auto) mode
+            register(fragments_dir(), path, embedding=pool_conditioning(positive), prompt=name,
+                     params={"strategy": strategy, "ratio": settings.amount, "scope": scope})
         return (FragmentHandle(fragment=fragment, manifest_path=path),)
+
+
+def fold_context(positive: Any, negative: Any) -> torch.Tensor:
+    """The cond and uncond rows a sampler passes to the UNet, as ComfyUI batches them.
+
+    Different token counts (long prompts) are repeated up to their least common
+    multiple, which is what ComfyUI does before it concatenates conds.
+    """
+    cond, uncond = positive[0][0], negative[0][0]
+    if cond.shape[1] != uncond.shape[1]:
+        tokens = math.lcm(cond.shape[1], uncond.shape[1])
+        cond = cond.repeat(1, tokens // cond.shape[1], 1)
+        uncond = uncond.repeat(1, tokens // uncond.shape[1], 1)
+    return torch.cat([cond, uncond])

@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..fragment.auto_mode import auto_select, load_or_fallback
 from ..fragment.errors import BaseModelMismatchError, FragmentError
-from ..fragment.patching import plan_patches
-from ..fragment.store import load_fragment
+from ..fragment.fingerprint import pool_conditioning
+from ..fragment.patching import base_sha256, plan_patches
 from .profiler_loader import without_profiling
-from .folders import CATEGORY, NONE, FragmentHandle, fragment_choices, fragment_path, tip, unpatched_originals
+from .folders import CATEGORY, NONE, FragmentHandle, fragment_choices, fragment_path, fragments_dir, tip, unpatched_originals
 
 log = logging.getLogger(__name__)
 PREFIX = "diffusion_model."
+AUTO = "(auto)"
 
 
 class FragmentLoader:
@@ -31,11 +33,13 @@ class FragmentLoader:
         return {
             "required": {
                 "model": ("MODEL", tip("The base model the fragment was extracted from.")),
-                "fragment_name": (fragment_choices(), tip("A fragment manifest from models/fragments, or (none) to use the fragment input.")),
+                "fragment_name": ([AUTO] + fragment_choices(), tip("A fragment manifest from models/fragments; (auto) picks the cached fragment nearest to the positive prompt; (none) uses the fragment input.")),
                 "on_mismatch": (["fallback", "raise"], tip("Wrong base model: fallback returns the full model with a warning; raise stops the queue.")),
             },
             "optional": {
                 "fragment": ("FRAGMENT", tip("A fragment straight from FragmentExtractor (takes precedence over fragment_name).")),
+                "positive": ("CONDITIONING", tip("For (auto): the prompt whose nearest cached fragment is used.")),
+                "threshold": ("FLOAT", tip("For (auto): least cosine similarity between prompt embeddings that counts as a hit.", default=0.9, min=0.0, max=1.0, step=0.01)),
             },
         }
 
@@ -45,18 +49,36 @@ class FragmentLoader:
     CATEGORY = CATEGORY
     DESCRIPTION = "Applies a fragment to a model: pruned attention heads, verified against the base model."
 
-    def apply(self, model: Any, fragment_name: str, on_mismatch: str, fragment: FragmentHandle | None = None) -> tuple:
+    def apply(self, model: Any, fragment_name: str, on_mismatch: str, fragment: FragmentHandle | None = None,
+              positive: Any = None, threshold: float = 0.9) -> tuple:
+        originals = unpatched_originals(model)
+        prefix_status = ""
         if fragment is not None:
             frag = fragment.fragment
+        elif fragment_name == AUTO:
+            if positive is None:
+                raise FragmentError("FragmentLoader (auto): expected the positive CONDITIONING input, found none")
+            digest = base_sha256(model.model.diffusion_model, originals)
+            outcome = auto_select(fragments_dir(), digest, pool_conditioning(positive), threshold=threshold)
+            if outcome.fragment is None:
+                log.warning("FragmentLoader: %s", outcome.status)
+                return (without_profiling(model.clone()), outcome.status)
+            frag, prefix_status = outcome.fragment, outcome.status + "; "
         elif fragment_name and fragment_name != NONE:
-            frag = load_fragment(fragment_path(fragment_name))
+            path = fragment_path(fragment_name)
+            # A corrupt file is quarantined and the full model used, so one bad download never stops a queue.
+            outcome = load_or_fallback(path.parent, path)
+            if outcome.fragment is None:
+                log.warning("FragmentLoader: %s", outcome.status)
+                return (without_profiling(model.clone()), outcome.status)
+            frag = outcome.fragment
         else:
             raise FragmentError("FragmentLoader: expected a fragment_name or a connected fragment input, found neither")
         try:
             plan = plan_patches(
                 model.model.diffusion_model,
                 frag,
-                originals=unpatched_originals(model),
+                originals=originals,
                 weight_patch_keys=model.patches.keys(),
                 transformer_options=model.model_options.get("transformer_options", {}),
                 key_prefix=PREFIX,
@@ -72,7 +94,7 @@ class FragmentLoader:
         for path, module in plan.replacements.items():
             patched.add_object_patch(PREFIX + path, module)
         patched.size = max(1, model.model_size() - plan.bytes_saved)
-        status = (f"applied fragment {frag.name!r}: {len(plan.replacements)} modules replaced, "
+        status = prefix_status + (f"applied fragment {frag.name!r}: {len(plan.replacements)} modules replaced, "
                   f"{plan.bytes_saved / 2**20:.1f} MiB fewer weights")
         log.info("FragmentLoader: %s", status)
         return (patched, status)

@@ -16,7 +16,9 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
+from ..fragment.errors import ProfilingError
 from .dataset import ProfileData
+from .ff_profiler import FFProfiler
 from .profiler import HeadProfiler
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,10 @@ class ProfileSession:
                  info: dict[str, Any] | None = None) -> None:
         self.model = model
         self._profiler = HeadProfiler(model, buckets=buckets, entropy_tokens=entropy_tokens, seed=seed, info=info)
+        try:  # feed-forward channel statistics ride along, for the FF lever; a UNet without FF blocks just has none
+            self._ff: FFProfiler | None = FFProfiler(model)
+        except ProfilingError:
+            self._ff = None
         self._last_sigma: float | None = None
         self._lock = threading.Lock()
         self.runs = 0
@@ -56,7 +62,14 @@ class ProfileSession:
             self._maybe_new_run(sigma, label)
             self.calls += 1
             with self._profiler:
-                return fn()
+                if self._ff is None:
+                    return fn()
+                with self._ff:
+                    return fn()
+
+    def ff_scores(self) -> dict | None:
+        """Feed-forward channel scores from the profiled calls (None when there were none)."""
+        return self._ff.scores() if self._ff is not None and self._ff.calls else None
 
     def result(self) -> ProfileData:
         """The statistics so far, with the run count in ``info``."""

@@ -190,3 +190,54 @@ def test_extra_fragments_folders_are_listed(comfyui, graph, tmp_path: Path) -> N
     finally:
         comfyui.folder_paths.folder_names_and_paths["fragments"][0].remove(str(tmp_path))
         comfyui.folder_paths.filename_list_cache.clear()
+
+
+def _extract(graph, name: str, **levers):
+    with torch.inference_mode():
+        (handle,) = graph.mapping["FragmentExtractor"]().extract(
+            graph.profile, graph.latent, name, "ratio", 0.3, 30.0, "global", 1, 0, False, True, **levers
+        )
+    return handle
+
+
+def test_levers_beyond_heads_run_in_a_real_sampler(graph) -> None:
+    handle = _extract(graph, "levers_test", positive=graph.positive, negative=graph.negative, kv_fold=True,
+                      ff_ratio=0.3, precision="fp8", precision_ratio=0.5)
+    compression = handle.fragment.manifest["compression"]
+    assert compression["kv_fold"]["modules"] and compression["ff_channels"]["modules"]
+    assert compression["ff_channels"].get("method", "activation_energy") == "activation_energy" or compression["ff_channels"]
+    with torch.inference_mode():
+        patched, status = graph.mapping["FragmentLoader"]().apply(graph.base, "(none)", "raise", handle)
+        assert status.startswith("applied fragment 'levers_test'")
+        assert patched.model_size() < graph.base.model_size() * 0.95
+        # The folded K/V must match ComfyUI's own cond/uncond batching exactly, or this raises.
+        out = graph.nodes.KSampler().sample(patched, 5, 2, 7.0, "euler", "normal", graph.positive, graph.negative, graph.latent)[0]
+    assert torch.isfinite(out["samples"]).all()
+    patched.unpatch_model()
+
+
+def test_auto_mode_hits_the_profiled_prompt_and_misses_others(graph) -> None:
+    _extract(graph, "auto_test", positive=graph.positive)
+    # A random-weight text encoder maps every prompt to nearly the same pooled embedding, so a
+    # different prompt cannot show a miss here; a conditioning pointing the opposite way (cosine -1) can.
+    opposite = [[-graph.positive[0][0], graph.positive[0][1]]]
+    loader = graph.mapping["FragmentLoader"]()
+    with torch.inference_mode():
+        hit_model, hit = loader.apply(graph.base, "(auto)", "raise", positive=graph.positive)
+        miss_model, miss = loader.apply(graph.base, "(auto)", "raise", positive=opposite)
+    assert hit.startswith("HIT") and "applied fragment" in hit and hit_model.object_patches
+    assert miss.startswith("MISS (full model)") and miss_model.object_patches == {}
+
+
+def test_corrupt_fragment_is_quarantined_and_the_full_model_used(comfyui, graph) -> None:
+    _extract(graph, "corrupt_test")
+    folder = Path(comfyui.folder_paths.get_folder_paths("fragments")[0])
+    tensors = folder / "corrupt_test.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-7] + b"garbage")
+    comfyui.folder_paths.filename_list_cache.clear()
+    with torch.inference_mode():
+        model, status = graph.mapping["FragmentLoader"]().apply(graph.base, "corrupt_test.json", "raise")
+    assert status.startswith("FALLBACK to the full model") and "unusable" in status
+    assert model.object_patches == {}
+    assert not (folder / "corrupt_test.json").exists() and not tensors.exists()
+    assert list((folder / ".library" / "quarantine").glob("*corrupt_test*"))

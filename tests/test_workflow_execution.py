@@ -476,6 +476,7 @@ def test_sdxl_workflows_end_to_end_in_a_subprocess(comfyui: cs.ComfyUIRuntime, t
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
            f"--basetemp={tmp_path / 'child'}", "-o", "log_cli=false"]
     cs.free_comfy_memory()
+    parent_rss = PeakMemory.now().get("VmRSS", 0)
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=SDXL_CHILD_TIMEOUT_S)
     seconds = time.perf_counter() - started
@@ -486,7 +487,7 @@ def test_sdxl_workflows_end_to_end_in_a_subprocess(comfyui: cs.ComfyUIRuntime, t
     assert report.is_file(), f"the SDXL child did not run the workflows:\n{tail}"
     measured = json.loads(report.read_text())
     print(f"SDXL end to end: {seconds:.0f} s wall; child peak RSS {measured['ru_maxrss_gb']} GB "
-          f"(anonymous {measured['peak_anon_gb']} GB); per graph {json.dumps(measured['graphs'])}")
+          f"(anonymous {measured['peak_anon_gb']} GB), this process {_gb(parent_rss)} GB; per graph {json.dumps(measured['graphs'])}")
     assert measured["arch"] == "sdxl"
     if measured["peak_anon_gb"]:  # Linux: sampled from /proc
         assert measured["peak_anon_gb"] < SDXL_MAX_PEAK_ANON_GB, measured
