@@ -120,6 +120,9 @@ def _ru_maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+release_heap = cs.release_heap
+
+
 def _gb(n: float) -> float:
     return round(n / 1e9, 2)
 
@@ -335,6 +338,7 @@ def run_graph(comfyui: cs.ComfyUIRuntime, pack: Any, name: str, ckpt_name: str) 
         recorder.loads.clear()
         recorder.applies.clear()
         cs.free_comfy_memory()
+        release_heap()
     log.info("%s: %.1f s, peak RSS %.2f GB (anon %.2f GB)", name, seconds,
              _gb(mem.peak.get("VmRSS", 0)), _gb(mem.peak.get("RssAnon", 0)))
     return GraphRun(name, seconds, images, base_problems, fragments, dict(mem.peak))
@@ -476,6 +480,7 @@ def test_sdxl_workflows_end_to_end_in_a_subprocess(comfyui: cs.ComfyUIRuntime, t
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
            f"--basetemp={tmp_path / 'child'}", "-o", "log_cli=false"]
     cs.free_comfy_memory()
+    release_heap()
     parent_rss = PeakMemory.now().get("VmRSS", 0)
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=SDXL_CHILD_TIMEOUT_S)
