@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ..profiling.ff_profiler import FFSite, iter_feed_forward
 from .errors import PruningError, where
+from .masking import input_mask_hook
 from .pruning import replace_modules, slice_linear
 from .selection import Selection, select_heads, validate_plan
 
@@ -52,26 +53,6 @@ def _clean(model: nn.Module, plan: Mapping[str, Sequence[int]], source: str) -> 
     return sites, validate_plan(plan, {p: s.hidden for p, (_, s) in sites.items()}, source=source)
 
 
-def ff_mask_hook(mask: torch.Tensor):
-    """A forward pre-hook multiplying the output Linear's input by a 0/1 channel mask (new tensor, never in place).
-
-    >>> hook = ff_mask_hook(torch.tensor([1., 0.]))
-    >>> hook(None, (torch.ones(1, 2),))[0].tolist()
-    [[1.0, 0.0]]
-    """
-    cache: dict[tuple, torch.Tensor] = {}
-
-    def hook(_m: nn.Module | None, args: tuple) -> tuple:
-        x = args[0]
-        key = (x.device, x.dtype)
-        m = cache.get(key)
-        if m is None:
-            m = cache[key] = mask.to(device=x.device, dtype=x.dtype)
-        return (x * m,) + tuple(args[1:])
-
-    return hook
-
-
 @contextmanager
 def mask_ff_channels(model: nn.Module, plan: Mapping[str, Sequence[int]]) -> Iterator[nn.Module]:
     """Within the block, hidden channels not in ``plan[path]`` are zeroed; hooks are removed on exit.
@@ -88,7 +69,7 @@ def mask_ff_channels(model: nn.Module, plan: Mapping[str, Sequence[int]]) -> Ite
                 continue
             mask = torch.zeros(site.hidden)
             mask[kept] = 1.0
-            handles.append(module.get_submodule(site.out_proj).register_forward_pre_hook(ff_mask_hook(mask)))
+            handles.append(module.get_submodule(site.out_proj).register_forward_pre_hook(input_mask_hook(mask)))
         yield model
     finally:
         for handle in handles:

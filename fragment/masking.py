@@ -9,7 +9,7 @@ building anything.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,16 +29,23 @@ def head_mask(heads: int, dim_head: int, kept: Sequence[int]) -> torch.Tensor:
     return mask.flatten()
 
 
-def _mask_hook(mask: torch.Tensor):
+def input_mask_hook(mask: torch.Tensor) -> Callable:
+    """A forward pre-hook multiplying a Linear's input by a 0/1 channel mask (a new tensor, never in place).
+
+    Used for heads (input of ``to_out[0]``) and feed-forward channels (input of the output Linear).
+
+    >>> hook = input_mask_hook(torch.tensor([1.0, 0.0]))
+    >>> hook(None, (torch.ones(1, 2),))[0].tolist()
+    [[1.0, 0.0]]
+    """
     cache: dict[tuple, torch.Tensor] = {}
 
-    def hook(_m: nn.Module, args: tuple) -> tuple:
+    def hook(_m: nn.Module | None, args: tuple) -> tuple:
         x = args[0]
         key = (x.device, x.dtype)
         m = cache.get(key)
         if m is None:
             m = cache[key] = mask.to(device=x.device, dtype=x.dtype)
-        # A new tensor: the caller's activation is never modified in place.
         return (x * m,) + tuple(args[1:])
 
     return hook
@@ -62,7 +69,7 @@ def mask_heads(model: nn.Module, plan: Mapping[str, Sequence[int]]) -> Iterator[
             module = modules[path]
             site = describe(path, module)
             mask = head_mask(site.heads, site.dim_head, kept)
-            handles.append(out_linear(module, path).register_forward_pre_hook(_mask_hook(mask)))
+            handles.append(out_linear(module, path).register_forward_pre_hook(input_mask_hook(mask)))
         yield model
     finally:
         for handle in handles:
