@@ -230,8 +230,10 @@ def register(
     with locked(folder):
         with _db(folder) as con:
             other = con.execute("SELECT name FROM entries WHERE key = ? AND name != ?", (key, fragment.name)).fetchone()
-        if other is not None:  # same key, other files: the old entry is superseded
-            _remove_files(folder, other[0])
+        if other is not None:
+            # Same key under another name: the index points at the newest, but files a user named and
+            # saved are never deleted for that; they stay on disk, unindexed (and so never evicted).
+            log.info("library: %s supersedes %s in the index; %s's files are kept", fragment.name, other[0], other[0])
         _insert(folder, key, Path(manifest_path), fragment.manifest, embedding, prompt, params)
         _evict_locked(folder, cap_bytes, keep={key})
     return key

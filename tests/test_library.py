@@ -212,3 +212,16 @@ def test_two_processes_writing_and_evicting_lose_nothing(tmp_path: Path) -> None
     for r in rows:
         assert load_fragment(tmp_path / f"{r['name']}.json").name == r["name"]
     assert not list(tmp_path.glob(".*.tmp-*")) and not list(tmp_path.glob("*.safetensors.tmp*"))
+
+
+def test_a_newer_fragment_with_the_same_key_keeps_the_older_files(tmp_path: Path) -> None:
+    from prompt_fragments.fragment.store import save_fragment
+
+    e = emb(5)
+    first = save_fragment(synthetic("dog_first"), tmp_path)
+    library.register(tmp_path, first, embedding=e, prompt="a dog", params={"ratio": 0.3})
+    second = save_fragment(synthetic("dog_second"), tmp_path)
+    library.register(tmp_path, second, embedding=e, prompt="a dog", params={"ratio": 0.3})
+    assert load_fragment(first).name == "dog_first"  # user-named files are never deleted by indexing
+    hit = library.lookup(tmp_path, BASE, e, {"ratio": 0.3})
+    assert hit.hit and Path(hit.manifest_path).name == "dog_second.json"
