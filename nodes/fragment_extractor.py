@@ -66,7 +66,7 @@ class FragmentExtractor:
         base = describe_base(model, profile.checkpoint, sha256=digest, hash_kind="state_dict_fp16")
         fragment, path = extract_fragment(
             profile.session.result(), model, base=base, name=name, settings=settings, directory=fragments_dir(),
-            overwrite=overwrite, kv_context=fold_context(positive, negative) if kv_fold else None,
+            overwrite=overwrite, kv_context=fold_context(positive, negative, context_dtype(profile.patcher)) if kv_fold else None,
             ff_scores=profile.session.ff_scores() if ff_ratio > 0 else None,
         )
         if positive is not None:  # indexed for FragmentLoader's (auto) mode
@@ -75,15 +75,24 @@ class FragmentExtractor:
         return (FragmentHandle(fragment=fragment, manifest_path=path),)
 
 
-def fold_context(positive: Any, negative: Any) -> torch.Tensor:
+def context_dtype(patcher: Any) -> torch.dtype:
+    """The dtype ComfyUI casts the text context to before the UNet (``BaseModel.apply_model``)."""
+    model = patcher.model
+    return getattr(model, "manual_cast_dtype", None) or model.get_dtype()
+
+
+def fold_context(positive: Any, negative: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The cond and uncond rows a sampler passes to the UNet, as ComfyUI batches them.
 
     Different token counts (long prompts) are repeated up to their least common
-    multiple, which is what ComfyUI does before it concatenates conds.
+    multiple, which is what ComfyUI does before it concatenates conds.  The rows
+    are cast to the UNet's context dtype, because folded K/V are matched by
+    value against what ``to_k`` really receives (fp16 on most GPUs).
     """
     cond, uncond = positive[0][0], negative[0][0]
     if cond.shape[1] != uncond.shape[1]:
         tokens = math.lcm(cond.shape[1], uncond.shape[1])
         cond = cond.repeat(1, tokens // cond.shape[1], 1)
         uncond = uncond.repeat(1, tokens // uncond.shape[1], 1)
-    return torch.cat([cond, uncond])
+    rows = torch.cat([cond, uncond])
+    return rows if dtype is None else rows.to(dtype)
