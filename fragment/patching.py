@@ -70,6 +70,7 @@ def plan_patches(
     fragment: Fragment,
     *,
     verify_hash: bool = True,
+    base_digest: str | None = None,
     originals: Mapping[str, torch.Tensor] | None = None,
     weight_patch_keys: Iterable[str] = (),
     transformer_options: Mapping[str, Any] | None = None,
@@ -86,7 +87,10 @@ def plan_patches(
     """
     check_weight_patches(weight_patch_keys, fragment.manifest, key_prefix)
     check_attention_replacements(transformer_options or {}, fragment.manifest)
-    digest = base_sha256(model, originals) if verify_hash else None
+    if not verify_hash:
+        digest = None
+    else:  # a caller that already hashed the model (auto mode) passes it: hashing SDXL takes seconds
+        digest = base_digest if base_digest is not None else base_sha256(model, originals)
     replacements = fragment_replacements(model, fragment, base_sha256=digest)
     before = sum(module_bytes(model.get_submodule(p)) for p in replacements)
     after = sum(module_bytes(m) for m in replacements.values())

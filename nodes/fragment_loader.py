@@ -53,6 +53,7 @@ class FragmentLoader:
               positive: Any = None, threshold: float = 0.9) -> tuple:
         originals = unpatched_originals(model)
         prefix_status = ""
+        digest: str | None = None
         if fragment is not None:
             frag = fragment.fragment
         elif fragment_name == AUTO:
@@ -79,6 +80,7 @@ class FragmentLoader:
                 model.model.diffusion_model,
                 frag,
                 originals=originals,
+                base_digest=digest,
                 weight_patch_keys=model.patches.keys(),
                 transformer_options=model.model_options.get("transformer_options", {}),
                 key_prefix=PREFIX,
