@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..fragment.errors import ProfilingError
+from .hooks import HookContext
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def _out_column_norms(module: nn.Module, site: FFSite, device: torch.device) -> 
     return w.to(device=device, dtype=torch.float32).pow(2).sum(0)  # [hidden]
 
 
-class FFProfiler:
+class FFProfiler(HookContext):
     """Context manager accumulating per-channel contribution energy of every feed-forward block.
 
     >>> ff = nn.Module(); ff.net = nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.GELU()), nn.Dropout(), nn.Linear(8, 4))
@@ -115,7 +116,7 @@ class FFProfiler:
             raise ProfilingError(f"{type(model).__name__}: no feed-forward blocks (net[0] projection + net[-1] Linear) found")
         self._sum: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
         self.calls = 0
 
     def _hook(self, path: str) -> Callable:
@@ -131,24 +132,10 @@ class FFProfiler:
 
         return hook
 
-    def __enter__(self) -> "FFProfiler":
-        try:
-            for path, module, site in self._sites:
-                out = module.get_submodule(site.out_proj)
-                self._handles.append(out.register_forward_pre_hook(self._hook(path)))
-        except Exception:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Remove every hook this profiler installed (safe to call twice)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _install(self) -> None:
+        for path, module, site in self._sites:
+            out = module.get_submodule(site.out_proj)
+            self._handles.append(out.register_forward_pre_hook(self._hook(path)))
 
     def sites(self) -> dict[str, FFSite]:
         return {p: s for p, _, s in self._sites}

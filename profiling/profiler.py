@@ -28,6 +28,7 @@ import torch.nn as nn
 from ..fragment.errors import ProfilingError
 from .dataset import ModuleStats, ProfileData
 from .discovery import describe, iter_attention, out_linear
+from .hooks import HookContext
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def _timestep_from_call(args: tuple, kwargs: dict) -> float | None:
     return float(t)
 
 
-class HeadProfiler:
+class HeadProfiler(HookContext):
     """Context manager that accumulates per-head statistics over any number of forward passes.
 
     >>> with HeadProfiler(unet, buckets=4) as prof:  # doctest: +SKIP
@@ -80,7 +81,7 @@ class HeadProfiler:
         self.num_train_timesteps = num_train_timesteps
         self._generator = torch.Generator().manual_seed(seed)
         self._seed = seed
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
         self._stats: dict[str, ModuleStats] = {}
         self._gram: dict[str, torch.Tensor] = {}
         self._scratch: dict[str, dict[str, torch.Tensor]] = {}
@@ -166,28 +167,16 @@ class HeadProfiler:
         return ent / math.log(m)
 
     # -- lifecycle --------------------------------------------------------------------------------------
-    def __enter__(self) -> "HeadProfiler":
-        try:
-            self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
-            for path, module in self._modules:
-                lin = out_linear(module, path)
-                self._handles.append(lin.register_forward_pre_hook(self._on_out_input(path, lin)))
-                if self.entropy_tokens:
-                    self._handles.append(module.to_q.register_forward_hook(self._keep(path, "q")))
-                    self._handles.append(module.to_k.register_forward_hook(self._keep(path, "k")))
-        except Exception:
-            self.remove()
-            raise
-        return self
+    def _install(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        for path, module in self._modules:
+            lin = out_linear(module, path)
+            self._handles.append(lin.register_forward_pre_hook(self._on_out_input(path, lin)))
+            if self.entropy_tokens:
+                self._handles.append(module.to_q.register_forward_hook(self._keep(path, "q")))
+                self._handles.append(module.to_k.register_forward_hook(self._keep(path, "k")))
 
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Remove every hook this profiler installed (safe to call twice)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _on_remove(self) -> None:
         self._scratch.clear()
 
     def result(self) -> ProfileData:

@@ -34,6 +34,7 @@ MODULES = [
     "prompt_fragments.profiling.profiler",
     "prompt_fragments.profiling.scoring",
     "prompt_fragments.profiling.heatmap",
+    "prompt_fragments.profiling.hooks",
     "prompt_fragments.profiling.anatomy",
     "prompt_fragments.fragment.refine",
     "prompt_fragments.fragment.measurements",
