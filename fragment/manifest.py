@@ -100,7 +100,9 @@ def validate_manifest(manifest: Any, source: str = "manifest") -> dict[str, Any]
     base = manifest["base_model"]
     for key in ("sha256", "hash_kind"):
         _expect(isinstance(base.get(key), str), source, f"base_model.{key}: expected a string, found {base.get(key)!r}")
-    modules = manifest["pruning"].get("modules", {})
+    # Required, not defaulted: every reader (store, compat, export, sharing) indexes it directly.
+    _expect("modules" in manifest["pruning"], source, "missing required field 'pruning.modules'")
+    modules = manifest["pruning"]["modules"]
     _expect(isinstance(modules, dict), source, f"pruning.modules: expected an object, found {type(modules).__name__}")
     for path, entry in modules.items():
         where = f"pruning.modules[{path!r}]"

@@ -245,3 +245,15 @@ def test_state_dict_hash_sees_every_weight() -> None:
     before = sha256_state_dict(unet)
     pruned = prune_heads(unet, {"down_blocks.0.attentions.0.transformer_blocks.0.attn1": [0]})
     assert sha256_state_dict(pruned) != before == sha256_state_dict(unet)
+
+
+def test_manifest_without_pruning_modules_is_a_manifest_error(saved, tmp_path: Path) -> None:
+    # Found by the fuzz test: a resealed manifest with "pruning": {} used to escape as a bare KeyError.
+    from prompt_fragments.fragment.manifest import seal
+
+    manifest_path = _copy_fragment(saved[4], tmp_path)
+    manifest = json.loads(manifest_path.read_text())
+    manifest["pruning"] = {}
+    manifest_path.write_text(json.dumps(seal({k: v for k, v in manifest.items() if k != "integrity"})))
+    with pytest.raises(ManifestError, match="missing required field 'pruning.modules'"):
+        load_fragment(manifest_path)
