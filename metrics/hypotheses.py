@@ -62,6 +62,10 @@ def validate_thresholds(data: Any, source: str = "thresholds") -> dict[str, Any]
         if not isinstance(limits, dict):
             raise FragmentError(f"{source}: hypotheses.{name}: expected a mapping, found {type(limits).__name__}")
         out["hypotheses"][name] = {k: _number(v, f"{source}: hypotheses.{name}.{k}") for k, v in limits.items()}
+    gate = data.get("quality_gate", {}) or {}
+    if not isinstance(gate, dict):
+        raise FragmentError(f"{source}: quality_gate: expected a mapping, found {type(gate).__name__}")
+    out["quality_gate"] = {k: _number(v, f"{source}: quality_gate.{k}") for k, v in gate.items()}
     reg = data.get("regression", {}) or {}
     if not isinstance(reg, dict):
         raise FragmentError(f"{source}: regression: expected a mapping, found {type(reg).__name__}")

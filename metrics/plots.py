@@ -72,6 +72,43 @@ def latency_plot(performance: Mapping[str, Any], path: str | os.PathLike) -> Pat
     return Path(path)
 
 
+def loss_curve_plot(steps: Sequence[int], losses: Sequence[float], path: str | os.PathLike, title: str) -> Path:
+    """Training loss against step, log scale (the reference model's card shows it)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.plot(list(steps), list(losses), color="#4c72b0", linewidth=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def lever_curves_plot(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike) -> Path:
+    """Per lever: adherence drop and 1 - SSIM against the fraction of weight bytes saved."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
+    for lever, points in curves.items():
+        pts = sorted(points, key=lambda r: r["bytes_saved"])
+        xs = [p["bytes_saved"] for p in pts]
+        for ax, key, f in ((axes[0], "adherence_delta", lambda v: v), (axes[1], "ssim_mean", lambda v: 1 - v)):
+            ys = [f(p[key]) if p.get(key) is not None else np.nan for p in pts]
+            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=lever)
+    for ax, title in zip(axes, ("adherence drop", "1 - SSIM vs full model")):
+        ax.set_xlabel("weight bytes saved")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def quality_tradeoff_plot(curve: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Quality metrics (LPIPS, 1 - SSIM, CLIP drop) against the fraction of heads removed."""
     plt = _pyplot()
@@ -79,7 +116,7 @@ def quality_tradeoff_plot(curve: Sequence[Mapping[str, Any]], path: str | os.Pat
     pts = sorted(curve, key=lambda r: r.get("ratio", 0.0))
     xs = [p.get("ratio", 0.0) for p in pts]
     for key, label, f in (("lpips_mean", "LPIPS", lambda v: v), ("ssim_mean", "1 - SSIM", lambda v: 1 - v),
-                          ("clip_drop_rel", "CLIP drop (rel.)", lambda v: v)):
+                          ("clip_drop_rel", "CLIP drop (rel.)", lambda v: v), ("adherence_delta", "adherence drop", lambda v: v)):
         ys = [f(p[key]) if p.get(key) is not None else np.nan for p in pts]
         if not all(np.isnan(ys)):
             ax.plot(xs, ys, marker="o", label=label)

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .hypotheses import evaluate_hypotheses, missing_metrics, run_status
-from .plots import heatmap_plot, image_pairs, latency_plot, quality_tradeoff_plot
+from .plots import heatmap_plot, image_pairs, latency_plot, lever_curves_plot, quality_tradeoff_plot
 from .regression import SUMMARY, read_summary, regression_diff, resolve_report
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,9 @@ def write_report(
     if manifest is not None:
         _write_json(run / "fragment_manifest.json", manifest)
         files["fragment_manifest"] = "fragment_manifest.json"
+    if (extra or {}).get("lever_curves"):
+        lever_curves_plot(extra["lever_curves"], run / "plots" / "lever_curves.png")
+        files["lever_curves"] = "plots/lever_curves.png"
     summary = build_summary(run.name, metrics, thresholds, manifest=manifest, extra=extra, notes=notes)
     summary["files"] = files
     _write_json(run / SUMMARY, summary)
@@ -201,7 +204,8 @@ regressions: {len(diff.get('regressions', []))}</p>
 {f'<h2>Regressions</h2><ul>{regress}</ul>' if regress else ''}
 <h2>Hypotheses</h2><table><tr><th>H</th><th>status</th><th>checks</th></tr>{''.join(rows)}</table>
 <h2>Plots</h2><div class="plots"><img src="plots/latency.png" alt="latency"><img src="plots/quality_tradeoff.png" alt="quality vs pruning ratio">
-{'<img src="plots/head_heatmap.png" alt="head heatmap">' if summary.get('files', {}).get('head_importance') else ''}</div>
+{'<img src="plots/head_heatmap.png" alt="head heatmap">' if summary.get('files', {}).get('head_importance') else ''}
+{'<img src="plots/lever_curves.png" alt="quality vs bytes saved per lever">' if summary.get('files', {}).get('lever_curves') else ''}</div>
 <h2>Full model vs fragment ({image_kind})</h2><table><tr><th>#</th><th>full</th><th>fragment</th></tr>{grid}</table>
 <h2>Measured values</h2><table>{metric_rows}</table>
 </body></html>

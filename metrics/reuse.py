@@ -1,8 +1,8 @@
 """Hypothesis H3 harness: how many paraphrases can reuse a fragment with quality inside the H2 bounds.
 
-The harness is written against callables, so the same code runs on the
-project's trained reference model (real text encoder, adherence analyser)
-when it lands and, until then, on stand-ins:
+The harness is written against callables; ``reference_reuse`` binds them to
+the project's trained reference model (its text encoder, sampler and the
+H2 fidelity metrics), and tests bind them to small stand-ins:
 
 * ``embed(prompt) -> tensor``: the prompt embedding (pooled as in
   ``fragment.fingerprint.pool_conditioning``), used to report how close each
@@ -174,44 +174,49 @@ def relative_drift(full: torch.Tensor, fragment: torch.Tensor) -> dict[str, floa
     return {"relative_drift": float((full.float() - fragment.float()).norm()) / denom}
 
 
-def demo_reuse(
+def reference_reuse(
     manifest_path: str,
     paraphrases: Sequence[str],
     *,
-    seeds: Sequence[int] = (0, 1),
-    steps: int = 4,
-    max_drift: float = 0.5,
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    steps: int = 25,
+    bounds: Bounds | None = None,
     record: bool = True,
 ) -> ReuseReport:
-    """H3 on the embedded demo model, with stand-ins, recorded in the manifest's reuse block (re-sealed, atomic).
+    """H3 on the project's reference model: a fragment of it against the full model, over paraphrases.
 
-    STAND-IN, said in the record: random UNet weights, a hash-seeded prompt
-    "embedding" (no semantic similarity) and relative output drift in place of
-    LPIPS/SSIM, bounded by ``max_drift``.  Replace ``generate``/``quality``/``embed``
-    with the reference model's when it exists.
+    Real measurement: the reference model's text encoder gives the embeddings,
+    each paraphrase x seed is sampled with both models, and the pair must stay
+    within H2's fidelity bounds (SSIM, and LPIPS when its weights are available
+    offline).  The result is recorded in the manifest's reuse block (re-sealed, atomic).
 
-    >>> demo_reuse("outputs/demo/fragments/demo-1a2b.json", ["a dog riding a jet ski"])  # doctest: +SKIP
+    >>> reference_reuse("outputs/demo/fragments/demo-1a2b.json", ["top-left: a crimson disc"])  # doctest: +SKIP
     """
     from pathlib import Path
 
-    from ..demo import build_default_unet, prompt_context, sample
     from ..fragment.library import locked
     from ..fragment.measurements import update_fragment_file
     from ..fragment.patching import base_sha256
     from ..fragment.store import apply_fragment, load_fragment
+    from ..reference.measure import paraphrase_reuse
+    from ..reference.model import load_reference
+    from ..reference.sampling import DEFAULT_GUIDANCE
 
     fragment = load_fragment(manifest_path)
-    unet = build_default_unet()
-    small = apply_fragment(unet, fragment, base_sha256=base_sha256(unet))
-    report = measure_reuse(
-        unet, small, paraphrases, seeds=seeds,
-        generate=lambda model, prompt, seed: sample(model, prompt_context(prompt), seed, steps),
-        quality=relative_drift, bounds={"relative_drift": ("max", max_drift)},
-        embed=prompt_context, fragment_prompt=fragment.manifest["profiling"].get("prompt"),
-    )
+    model = load_reference()
+    small = apply_fragment(model.unet, fragment, base_sha256=base_sha256(model.unet))
+    try:
+        from .image_similarity import load_lpips, lpips_scorer
+
+        lpips = lpips_scorer(load_lpips("alex"))
+    except FragmentError as exc:  # offline without weights: bound on SSIM only, and say so
+        log.warning("reuse: LPIPS unavailable (%s); bounding SSIM only", exc)
+        lpips = None
+    if not paraphrases:
+        raise FragmentError(f"reuse: expected at least one paraphrase for {manifest_path}, found none")
+    report = paraphrase_reuse(model, small, fragment.manifest["profiling"].get("prompt", ""), seeds, bounds or H2_BOUNDS,
+                              lpips, steps=steps, guidance=DEFAULT_GUIDANCE, texts=paraphrases)
     if record:
-        note = ("stand-in: demo UNet with random weights, hash-seeded prompt embedding (not semantic), "
-                "relative output drift instead of LPIPS/SSIM")
         with locked(Path(manifest_path).parent):  # the library's writers take the same lock
-            update_fragment_file(manifest_path, reuse=reuse_block(report, stand_in=True, note=note))
+            update_fragment_file(manifest_path, reuse=reuse_block(report, stand_in=False, note="reference model, H2 fidelity bounds"))
     return report

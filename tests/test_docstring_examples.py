@@ -48,7 +48,15 @@ MODULES = [
     "prompt_fragments.metrics.regression",
     "prompt_fragments.metrics.plots",
     "prompt_fragments.metrics.report",
-    "prompt_fragments.metrics.demo_report",
+    "prompt_fragments.reference.shapes",
+    "prompt_fragments.reference.captions",
+    "prompt_fragments.reference.analyzer",
+    "prompt_fragments.reference.evaluation",
+    "prompt_fragments.reference.model",
+    "prompt_fragments.reference.sampling",
+    "prompt_fragments.reference.measure",
+    "prompt_fragments.reference.training",
+    "prompt_fragments.reference.lever_curves",
 ]
 
 

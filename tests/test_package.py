@@ -22,7 +22,7 @@ def test_core_imports_without_comfy(tmp_path: Path) -> None:
         "import prompt_fragments\n"
         "import prompt_fragments.profiling.profiler, prompt_fragments.profiling.scoring, prompt_fragments.profiling.anatomy\n"
         "import prompt_fragments.fragment.store, prompt_fragments.fragment.export, prompt_fragments.metrics\n"
-        "print(sorted(m for m in sys.modules if m == 'comfy' or m.startswith('comfy.')))\n"
+        "print(sorted(m for m in sys.modules if m == 'comfy' or m.startswith(('comfy.', 'diffusers', 'transformers'))))\n"
         "print(prompt_fragments.NODE_CLASS_MAPPINGS)\n"
     )
     result = _run(sys.executable, "-c", code, cwd=tmp_path)
@@ -52,3 +52,5 @@ def test_release_files_exist(name: str) -> None:
         assert "Apache License" in text and "Version 2.0" in text
     if name == "requirements.txt":
         assert not any(line.strip().startswith("torch") for line in text.splitlines()), "never pin torch for ComfyUI users"
+        # the reference model and the demo need these; ComfyUI users of the nodes must not have to install them
+        assert not any(line.strip().startswith(("diffusers", "transformers")) for line in text.splitlines())

@@ -19,18 +19,20 @@ from prompt_fragments.metrics.reuse import measure_reuse, relative_drift
 from prompt_fragments.profiling.profiler import HeadProfiler
 from prompt_fragments.profiling.scoring import score_heads
 
-PROMPT = "A dog on a jet ski"
+PROMPT = "a red circle in the top left on a white background"
 
 
 @pytest.fixture(scope="module")
 def demo_fragment(tmp_path_factory):
-    """A real fragment of the demo UNet (random weights), profiled on one forward pass."""
-    from prompt_fragments.demo import build_default_unet, prompt_context
+    """A real fragment of the reference model's UNet (the `demo` base), profiled on one forward pass."""
+    from prompt_fragments.reference.model import load_reference, with_coordinates
 
-    unet = build_default_unet()
+    model = load_reference()
+    unet = model.unet
     with HeadProfiler(unet, buckets=1) as prof, torch.no_grad():
         prof.begin_sample(0)
-        unet(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), 500, prompt_context(PROMPT))
+        x = with_coordinates(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+        unet(x, 500, model.encode([PROMPT]))
     frag = build_fragment(unet, select_heads(score_heads(prof.result()), ratio=0.25), base=describe_base(unet, "demo"),
                           name="demo-dog", profiling={"prompt": PROMPT})
     folder = tmp_path_factory.mktemp("fragments")
@@ -54,7 +56,7 @@ def test_pack_verify_unpack_round_trip_with_library_row(demo_fragment, tmp_path:
 
 
 def test_verify_against_a_safetensors_unet_file(demo_fragment, tmp_path: Path) -> None:
-    from prompt_fragments.demo import build_default_unet
+    from prompt_fragments.reference.model import build_unet
 
     unet, manifest = demo_fragment
     fragment = load_fragment(manifest)
@@ -62,7 +64,8 @@ def test_verify_against_a_safetensors_unet_file(demo_fragment, tmp_path: Path) -
     save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in unet.state_dict().items()}, str(good))
     assert "compatible with unet.safetensors" in check_against_base(fragment, good)
     other = tmp_path / "other.safetensors"
-    save_file({k: v.contiguous() for k, v in build_default_unet(seed=1).state_dict().items()}, str(other))
+    torch.manual_seed(1)
+    save_file({k: v.contiguous() for k, v in build_unet().state_dict().items()}, str(other))
     with pytest.raises(BaseModelMismatchError, match="other.safetensors: fragment built for base model sha256"):
         check_against_base(fragment, other)
     pickled = tmp_path / "model.ckpt"
@@ -121,12 +124,13 @@ def test_cli_reuse_prints_and_records_the_h3_pass_rate(demo_fragment, tmp_path: 
     for suffix in (".json", ".safetensors"):
         (local / f"demo-dog{suffix}").write_bytes(manifest.with_suffix(suffix).read_bytes())
     target = local / "demo-dog.json"
-    rc = main(["reuse", str(target), "--paraphrase", "a dog riding a jet ski", "--paraphrase", "jet ski with a dog",
-               "--seeds", "1", "--steps", "2", "--max-drift", "10"])
+    rc = main(["reuse", str(target), "--paraphrase", "top-left: a crimson disc on white",
+               "--paraphrase", "a scarlet dot in the upper left corner on a white background", "--seeds", "1", "--steps", "5"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "H3 reuse pass rate: 1.000 (2/2 paraphrases" in out and "STAND-IN" in out
     h3 = load_fragment(target).manifest["reuse"]["h3"]  # re-sealed: loads with full verification
-    assert h3["pass_rate"] == 1.0 and h3["paraphrases"] == 2 and h3["stand_in"] is True
-    assert main(["reuse", str(target), "--paraphrase", "x", "--seeds", "1", "--steps", "2", "--max-drift", "0"]) == 0
-    assert load_fragment(target).manifest["reuse"]["h3"]["pass_rate"] == 0.0
+    assert h3["paraphrases"] == 2 and h3["stand_in"] is False and h3["seeds"] == [0]
+    assert f"H3 reuse pass rate: {h3['pass_rate']:.3f} ({h3['passed']}/2 paraphrases" in out and "reference model" in out
+    assert {r["prompt"] for r in h3["results"]} == {"top-left: a crimson disc on white",
+                                                    "a scarlet dot in the upper left corner on a white background"}
+    assert all(0.0 <= r["metrics"]["ssim_mean"] <= 1.0 for r in h3["results"])

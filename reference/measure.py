@@ -1,0 +1,175 @@
+"""Measurements the demo makes on the reference model: adherence, fidelity, the H1 curve, H3 reuse, the grid.
+
+All images here are uint8 ``[N, 32, 32, 3]`` arrays from ``reference.sampling``.
+Fidelity compares a fragment's image with the full model's image for the same
+seed (SSIM always; LPIPS when its weights are available offline).  Adherence
+compares each image with what the prompt asks, through the analyzer.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..fragment.masking import mask_heads
+from ..fragment.selection import select_heads
+from ..metrics.image_similarity import ssim
+from ..metrics.reuse import ReuseReport, measure_reuse
+from .captions import caption, parse_caption
+from .evaluation import tally
+from .model import ReferenceModel
+from .sampling import sample
+from .shapes import Scene, Shape
+
+log = logging.getLogger(__name__)
+
+Sampler = Callable[[nn.Module, Sequence[int]], np.ndarray]
+
+
+def as_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` -> float ``[N, H, W, 3]`` in 0..1 (the metrics' IMAGE layout)."""
+    return torch.from_numpy(np.asarray(images)).float().div(255.0)
+
+
+def adherence(images: np.ndarray, prompt: str) -> dict[str, Any] | None:
+    """Attribute accuracy of images against what ``prompt`` asks; ``None`` if it names no shape or colour.
+
+    >>> from .shapes import render
+    >>> img = render(Scene("white", (Shape("circle", "red", "top left"),)))
+    >>> adherence(img[None], "a crimson disc in the upper left")["attribute_accuracy"]
+    1.0
+    """
+    wanted = parse_caption(prompt)["objects"]
+    if not wanted:
+        return None
+    result = tally([wanted] * len(images), list(images))
+    result.pop("per_image")
+    return result
+
+
+def fidelity(full: np.ndarray, fragment: np.ndarray, lpips: Callable[[Any, Any], Sequence[float]] | None) -> dict[str, Any]:
+    """Same-seed fidelity of fragment images to full-model images: SSIM (and LPIPS when given).
+
+    >>> img = np.zeros((2, 32, 32, 3), np.uint8)
+    >>> fidelity(img, img, None)
+    {'ssim_mean': 1.0, 'ssim_min': 1.0, 'lpips_mean': None, 'lpips_max': None}
+    """
+    a, b = as_float(full), as_float(fragment)
+    s = ssim(a, b)
+    out: dict[str, Any] = {"ssim_mean": float(np.mean(s)), "ssim_min": float(np.min(s)), "lpips_mean": None, "lpips_max": None}
+    if lpips is not None:
+        d = list(lpips(a, b))
+        out["lpips_mean"], out["lpips_max"] = float(np.mean(d)), float(np.max(d))
+    return out
+
+
+def ratio_curve(
+    unet: nn.Module, scores: Mapping[str, torch.Tensor], protected: Any, ratios: Sequence[float], seeds: Sequence[int],
+    sampler: Sampler, prompt: str, full_images: np.ndarray, lpips: Callable | None,
+) -> list[dict[str, Any]]:
+    """Adherence and fidelity at each pruning ratio, heads masked (equal to pruned in float32, cheaper to build).
+
+    ``full_images`` are the full model's images for ``seeds``; the same selection
+    code as the fragment picks the heads at every ratio.
+    """
+    base = adherence(full_images, prompt)
+    curve = [{"ratio": 0.0, "heads_removed": 0, "adherence": base and base["attribute_accuracy"],
+              "adherence_delta": 0.0 if base else None, "ssim_mean": 1.0, "lpips_mean": 0.0 if lpips else None}]
+    for ratio in ratios:
+        plan = select_heads(scores, ratio=ratio, protected=protected)
+        with mask_heads(unet, plan.kept):
+            images = sampler(unet, seeds)
+        adh = adherence(images, prompt)
+        fid = fidelity(full_images, images, lpips)
+        curve.append({"ratio": ratio, "heads_removed": plan.removed_heads,
+                      "adherence": adh and adh["attribute_accuracy"],
+                      "adherence_delta": (base["attribute_accuracy"] - adh["attribute_accuracy"]) if base and adh else None,
+                      "ssim_mean": fid["ssim_mean"], "lpips_mean": fid["lpips_mean"]})
+        log.info("H1 curve: ratio %.2f -> %s", ratio, curve[-1])
+    return curve
+
+
+def scene_from_prompt(prompt: str) -> Scene | None:
+    """The scene a prompt describes, when it names every attribute (else ``None``: no paraphrases can be made)."""
+    parsed = parse_caption(prompt)
+    objects = parsed["objects"]
+    if not objects or any(v is None for obj in objects for v in obj.values()):
+        return None
+    shapes = tuple(Shape(o["shape"], o["colour"], o["position"]) for o in objects)
+    return Scene(parsed["background"] or "black", shapes)
+
+
+def paraphrases(prompt: str, count: int = 8, seed: int = 0) -> list[str]:
+    """Up to ``count`` distinct grammar rewordings of ``prompt`` (never the prompt itself).
+
+    >>> len(paraphrases("a red circle in the top left on a white background", 4))
+    4
+    """
+    scene = scene_from_prompt(prompt)
+    if scene is None:
+        return []
+    background_named = parse_caption(prompt)["background"] is not None
+    rng, out = random.Random(seed), []
+    for _ in range(count * 50):
+        text = caption(scene, rng)
+        if background_named and parse_caption(text)["background"] is None:
+            continue  # keep what the prompt asked for: a paraphrase must not drop the background
+        if text != prompt and text not in out:
+            out.append(text)
+        if len(out) == count:
+            break
+    return out
+
+
+def paraphrase_reuse(
+    model: ReferenceModel, small: nn.Module, prompt: str, seeds: Sequence[int], bounds: Mapping[str, tuple[str, float]],
+    lpips: Callable | None, *, steps: int, guidance: float, count: int = 8, texts: Sequence[str] | None = None,
+) -> ReuseReport | None:
+    """H3 on the real model: each paraphrase through the full model and the fragment, fidelity within ``bounds``.
+
+    ``texts`` are the paraphrases to try (default: ``count`` grammar rewordings of
+    ``prompt``); LPIPS bounds are dropped when no LPIPS model is given.
+    Returns ``None`` when there is nothing to try.
+    """
+    texts = list(texts) if texts is not None else paraphrases(prompt, count)
+    if not texts:
+        return None
+    uncond = model.encode([""])
+
+    def generate(unet: nn.Module, text: str, seed: int) -> np.ndarray:
+        return sample(unet, model.encode([text]), uncond, [seed], steps=steps, guidance=guidance)
+
+    def quality(full: np.ndarray, frag: np.ndarray) -> dict[str, float]:
+        fid = fidelity(full, frag, lpips)
+        return {k: fid[k] for k in ("ssim_mean", "lpips_mean") if fid[k] is not None}
+
+    usable = {k: v for k, v in bounds.items() if k != "lpips_mean" or lpips is not None}
+    return measure_reuse(model.unet, small, texts, seeds=seeds, generate=generate, quality=quality, bounds=usable,
+                         embed=lambda text: model.encode([text])[0], fragment_prompt=prompt)
+
+
+def grid_png(full: np.ndarray, fragment: np.ndarray, path: str | Path, *, columns: int = 8, scale: int = 4) -> Path:
+    """Side-by-side PNG: the full model's images on the left, the fragment's (same seeds) on the right."""
+    from PIL import Image
+
+    def panel(images: np.ndarray) -> np.ndarray:
+        n, h, w, _ = images.shape
+        rows = -(-n // columns)
+        canvas = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
+        for i, img in enumerate(images):
+            r, c = divmod(i, columns)
+            canvas[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = img
+        return canvas
+
+    left, right = panel(full), panel(fragment)
+    gap = np.full((left.shape[0], 8, 3), 255, np.uint8)
+    grid = np.concatenate([left, gap, right], axis=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    return path

@@ -1,0 +1,87 @@
+"""CI quality gate (issue #4): a fragment of the reference model must stay within thresholds.yaml.
+
+The demo's prompt is profiled on seeds 0-7.  The pruning ratio starts at H1's
+30 % of heads and is lowered by bisection (``fragment.refine``, the extractor's
+gate) until the masked model passes on calibration seeds 1000+; the chosen
+ratio's physical fragment is then judged on fresh seeds 5000+ against the full
+model's images for the same seeds: adherence drop (analyzer) and SSIM / LPIPS
+fidelity.  The limits come from ``thresholds.yaml`` (``quality_gate``), never
+from this file.  Whether 30 % itself passes is H1, reported by the demo's
+``metrics_summary.json`` with its curve.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from prompt_fragments.demo import DEFAULT_PROMPT  # noqa: E402
+from prompt_fragments.fragment.masking import mask_heads  # noqa: E402
+from prompt_fragments.fragment.refine import refine_ratio  # noqa: E402
+from prompt_fragments.fragment.selection import select_heads  # noqa: E402
+from prompt_fragments.fragment.store import apply_fragment, build_fragment, describe_base  # noqa: E402
+from prompt_fragments.metrics.hypotheses import load_thresholds  # noqa: E402
+from prompt_fragments.metrics.image_similarity import load_lpips, lpips_scorer  # noqa: E402
+from prompt_fragments.profiling.profiler import HeadProfiler  # noqa: E402
+from prompt_fragments.profiling.scoring import rank_stability, score_heads, unstable_heads  # noqa: E402
+from prompt_fragments.reference.measure import adherence, fidelity  # noqa: E402
+from prompt_fragments.reference.model import load_reference  # noqa: E402
+from prompt_fragments.reference.sampling import sample  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_reference_fragment_meets_the_quality_gate_on_fresh_seeds() -> None:
+    thresholds = load_thresholds(ROOT / "thresholds.yaml")
+    gate = thresholds["quality_gate"]
+    n = int(gate["variants"])
+    lpips = lpips_scorer(load_lpips("alex"))  # offline weights: scripts/dev.sh installs them, so never skipped
+    model = load_reference()
+    unet = model.unet
+    context, uncond = model.encode([DEFAULT_PROMPT]), model.encode([""])
+
+    def run(m, seeds):
+        return sample(m, context, uncond, seeds, steps=25)
+
+    with HeadProfiler(unet, buckets=4) as prof:
+        for seed in range(8):
+            prof.begin_sample(seed)
+            run(unet, [seed])
+    profile = prof.result()
+    scores, protected = score_heads(profile), unstable_heads(rank_stability(profile))
+
+    def judge(full, images) -> dict:
+        fid = fidelity(full, images, lpips)
+        return {"adherence_delta": adherence(full, DEFAULT_PROMPT)["attribute_accuracy"]
+                - adherence(images, DEFAULT_PROMPT)["attribute_accuracy"],
+                "ssim_mean": fid["ssim_mean"], "lpips_mean": fid["lpips_mean"]}
+
+    def failures(m: dict) -> list[str]:
+        return [f"{k} {m[k]:.4f} {op} {limit}" for k, op, limit in (
+            ("adherence_delta", ">", gate["adherence_drop_max"]), ("ssim_mean", "<", gate["ssim_min"]),
+            ("lpips_mean", ">", gate["lpips_max"])) if (m[k] > limit if op == ">" else m[k] < limit)]
+
+    calibration = list(range(1000, 1000 + n))
+    full_cal = run(unet, calibration)
+
+    def evaluate(ratio: float) -> dict:
+        with mask_heads(unet, select_heads(scores, ratio=ratio, protected=protected).kept):
+            return judge(full_cal, run(unet, calibration))
+
+    total = sum(int(v.numel()) for v in scores.values())
+    start = math.ceil(thresholds["hypotheses"]["H1"]["pruned_head_pct_min"] * total - 1e-9) / total
+    refined = refine_ratio(evaluate, lambda m: (not failures(m), failures(m)), start=start, tolerance=0.02, max_tries=6)
+    assert refined["status"] != "fallback_full_model", f"no pruning ratio passes the gate: {refined['tries']}"
+
+    plan = select_heads(scores, ratio=refined["ratio"], protected=protected)
+    assert plan.removed_heads > 0
+    small = apply_fragment(unet, build_fragment(unet, plan, base=describe_base(unet, "ref"), name="gate",
+                                                profiling={"prompt": DEFAULT_PROMPT}))
+    fresh = list(range(5000, 5000 + n))
+    measured = judge(run(unet, fresh), run(small, fresh))
+    assert not failures(measured), (
+        f"fragment at ratio {refined['ratio']:.3f} ({plan.removed_heads}/{plan.total_heads} heads) fails the gate on "
+        f"fresh seeds: {failures(measured)}; calibration tries {refined['tries']}")
