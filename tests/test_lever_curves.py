@@ -1,0 +1,46 @@
+"""Quality of each lever on the reference model (issue #7): real fragments, sampled on the same seeds."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from prompt_fragments.fragment.store import describe_base  # noqa: E402
+from prompt_fragments.profiling.ff_profiler import FFProfiler  # noqa: E402
+from prompt_fragments.profiling.profiler import HeadProfiler  # noqa: E402
+from prompt_fragments.profiling.scoring import score_heads  # noqa: E402
+from prompt_fragments.reference.lever_curves import LeverPoint, lever_curves  # noqa: E402
+from prompt_fragments.reference.model import load_reference  # noqa: E402
+from prompt_fragments.reference.sampling import sample  # noqa: E402
+
+PROMPT = "a green square in the center on a black background"
+
+
+def test_each_lever_is_a_real_fragment_measured_against_the_full_model() -> None:
+    model = load_reference()
+    unet = model.unet
+    context, uncond = model.encode([PROMPT]), model.encode([""])
+
+    def run(m: torch.nn.Module, seeds):
+        return sample(m, context, uncond, seeds, steps=4)
+
+    with HeadProfiler(unet, buckets=2) as prof, FFProfiler(unet) as ff:
+        for seed in range(2):
+            prof.begin_sample(seed)
+            run(unet, [seed])
+    seeds = [100, 101, 102]
+    full = run(unet, seeds)
+    points = [LeverPoint("heads", heads=0.3), LeverPoint("heads", heads=0.5), LeverPoint("kv_fold", kv_fold=True),
+              LeverPoint("ff", ff=0.3), LeverPoint("fp8", precision="fp8", precision_ratio=1.0)]
+    curves = lever_curves(unet, base=describe_base(unet, "ref"), head_scores=score_heads(prof.result()), protected=set(),
+                          ff_scores=ff.scores(), kv_context=torch.cat([uncond, context]), seeds=seeds, sampler=run,
+                          prompt=PROMPT, full_images=full, lpips=None, points=points)
+    assert sorted(curves) == ["ff", "fp8", "heads", "kv_fold"]
+    (kv,) = curves["kv_fold"]
+    # folding K/V for the sampled contexts is exact: same images, same adherence
+    assert kv["ssim_mean"] == 1.0 and kv["adherence_delta"] == 0.0 and kv["bytes_saved"] > 0
+    low, high = curves["heads"]
+    assert 0 < low["bytes_saved"] < high["bytes_saved"] < 0.2
+    assert high["ssim_mean"] < 1.0  # removing half the heads changes the images, so the measurement can see it
+    assert curves["fp8"][0]["bytes_saved"] > curves["ff"][0]["bytes_saved"] > 0
