@@ -160,14 +160,14 @@ def grid_png(full: np.ndarray, fragment: np.ndarray, path: str | Path, *, column
     def panel(images: np.ndarray) -> np.ndarray:
         n, h, w, _ = images.shape
         rows = -(-n // columns)
-        canvas = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
+        canvas = np.full((rows * (h + 2), columns * (w + 2), 3), 96, np.uint8)  # dark gutters: white backgrounds stay apart
         for i, img in enumerate(images):
             r, c = divmod(i, columns)
             canvas[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = img
         return canvas
 
     left, right = panel(full), panel(fragment)
-    gap = np.full((left.shape[0], 8, 3), 255, np.uint8)
+    gap = np.full((left.shape[0], 8, 3), 255, np.uint8)  # the white band between the two panels
     grid = np.concatenate([left, gap, right], axis=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
