@@ -25,6 +25,7 @@ import torch
 
 from .fragment.masking import mask_heads
 from .fragment.measurements import update_fragment_file
+from .fragment.refine import refine_ratio, refinement_record
 from .fragment.selection import select_heads
 from .fragment.store import apply_fragment, build_fragment, describe_base, load_fragment, save_fragment
 from .profiling.ff_profiler import FFProfiler
@@ -69,6 +70,31 @@ def _optional_lpips(weights: str | None) -> tuple[Any, str]:
     except Exception as exc:  # offline and no weights: LPIPS is then missing, and the summary says why
         log.warning("LPIPS unavailable: %s", exc)
         return None, f"LPIPS not measured: {exc}"
+
+
+def _refine(unet: torch.nn.Module, scores: Any, protected: Any, ratio: float, seeds: list[int], full: np.ndarray,
+            run: Any, prompt: str, lpips: Any, limits: dict[str, float]) -> dict[str, Any]:
+    """The extractor's quality gate: bisect the ratio down from ``ratio`` until the masked model passes ``limits``."""
+    from .reference import measure
+
+    base = measure.adherence(full, prompt)
+
+    def evaluate(r: float) -> dict[str, Any]:
+        with mask_heads(unet, select_heads(scores, ratio=r, protected=protected).kept):
+            images = run(unet, seeds)
+        adh, fid = measure.adherence(images, prompt), measure.fidelity(full, images, lpips)
+        return {"adherence_delta": base["attribute_accuracy"] - adh["attribute_accuracy"] if base and adh else None,
+                "ssim_mean": fid["ssim_mean"], "lpips_mean": fid["lpips_mean"]}
+
+    def passes(m: dict[str, Any]) -> tuple[bool, list[str]]:
+        reasons = [f"{key} {m[key]:.4g} {'>' if kind == 'max' else '<'} {limits[name]:.4g}"
+                   for key, name, kind in (("adherence_delta", "adherence_drop_max", "max"), ("ssim_mean", "ssim_min", "min"),
+                                           ("lpips_mean", "lpips_max", "max"))
+                   if name in limits and m.get(key) is not None
+                   and (m[key] > limits[name] if kind == "max" else m[key] < limits[name])]
+        return not reasons, reasons
+
+    return refine_ratio(evaluate, passes, start=ratio, tolerance=0.02, max_tries=6)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,7 +142,8 @@ def run_demo(
         from .reference.lever_curves import default_points
 
         lever_count = len(default_points())
-    total = steps * (seeds + (2 + lever_count) * -(-variants // 32) + (len(CURVE_RATIOS) * -(-variants // 32) if curve else 0)
+    batches = -(-variants // 32)  # sub-batches of 32 per set of variants; refinement tries one batch of 16 each
+    total = steps * (seeds + (2 + lever_count) * batches + ((len(CURVE_RATIOS) * batches + 6) if curve else 0)
                      + (2 * reuse_paraphrases * 4 if reuse_paraphrases else 0))
     bar = _Progress(total, progress)
 
@@ -164,6 +191,8 @@ def run_demo(
     fid = measure.fidelity(full_images, frag_images, lpips)
     h1_curve = (measure.ratio_curve(unet, scores, protected, CURVE_RATIOS, variant_seeds, run, prompt, full_images, lpips)
                 if curve else [])
+    refined = _refine(unet, scores, protected, ratio, variant_seeds[:16], full_images[:16], run, prompt, lpips,
+                      gate.get("quality_gate", {})) if curve else None
     bounds = h2_bounds(gate)
     reuse = (measure.paraphrase_reuse(model, small, prompt, [0, 1, 2, 3], bounds, lpips, steps=steps,
                                       guidance=guidance, count=reuse_paraphrases) if reuse_paraphrases else None)
@@ -204,17 +233,22 @@ def run_demo(
         "H1 curve (heads masked, same seeds): largest ratio within the adherence bound: "
         + (f"{max(p['ratio'] for p in holds):.2f}" if holds else "none") + ".",
     ]
+    if refined is not None:
+        notes.append(f"Refinement (the extractor's gate, bisection on 16 seeds): {refined['status']} at ratio "
+                     f"{refined['ratio']:.3f}; informational, the saved fragment keeps the requested ratio.")
     if reuse is None and reuse_paraphrases:
         notes.append("H3 not measured: the prompt does not name every attribute, so no grammar paraphrases exist.")
     extra = {"prompt": prompt, "model": BASE_NAME, "steps": steps, "guidance": guidance, "seeds_profiled": seeds,
              "variant_seeds": [variant_seeds[0], variant_seeds[-1]], "h1_curve": h1_curve,
              "adherence": {"full": adh_full, "fragment": adh_frag}, "economics": economics, "lever_curves": lever_results,
+             "refinement": refined and refinement_record(refined, gate.get("quality_gate", {})),
              "reuse": reuse_block(reuse, stand_in=False)["h3"] if reuse else None}
     summary_doc = build_summary("demo", metrics, gate, manifest=fragment.manifest, extra=extra, notes=notes)
     (out / "metrics_summary.json").write_text(json.dumps(summary_doc, indent=2, default=str))
     update_fragment_file(manifest_path, quality={**fid, "adherence_full": metrics["adherence_full"],
                                                  "adherence_fragment": metrics["adherence_fragment"],
-                                                 "adherence_delta": metrics["adherence_delta"], "h1_curve": h1_curve},
+                                                 "adherence_delta": metrics["adherence_delta"], "h1_curve": h1_curve,
+                                                 **({"refinement": extra["refinement"]} if refined else {})},
                          performance={k: metrics[k] for k in ("latency_full_ms", "latency_fragment_ms", "batch_speedup",
                                                               "batch_variants", "weight_full_mb", "weight_fragment_mb")},
                          reuse=reuse_block(reuse, stand_in=False) if reuse else None, verified=summary_doc["verified"])

@@ -117,6 +117,7 @@ def test_demo_report_is_complete_honest_and_renders(tmp_path: Path, capsys) -> N
     assert any("VRAM not measured" in n for n in s["notes"])
     manifest = json.loads((run / "fragment_manifest.json").read_text())
     assert manifest["quality"]["verified"] is False and len(manifest["quality"]["h1_curve"]) == 6
+    assert manifest["quality"]["refinement"]["tries"]  # the extractor's bisection gate, every try recorded
     assert manifest["performance"]["batch_variants"] == 2
     srcs = assert_images_resolve(run)
     assert "images/full_000.png" in srcs and "images/fragment_000.png" in srcs and "plots/head_heatmap.png" in srcs
