@@ -80,11 +80,8 @@ def _refine(unet: torch.nn.Module, scores: Any, protected: Any, ratio: float, se
     base = measure.adherence(full, prompt)
 
     def evaluate(r: float) -> dict[str, Any]:
-        with mask_heads(unet, select_heads(scores, ratio=r, protected=protected).kept):
-            images = run(unet, seeds)
-        adh, fid = measure.adherence(images, prompt), measure.fidelity(full, images, lpips)
-        return {"adherence_delta": base["attribute_accuracy"] - adh["attribute_accuracy"] if base and adh else None,
-                "ssim_mean": fid["ssim_mean"], "lpips_mean": fid["lpips_mean"]}
+        point = measure.masked_point(unet, scores, protected, r, seeds, run, prompt, full, lpips, base)
+        return {k: point[k] for k in ("adherence_delta", "ssim_mean", "lpips_mean")}
 
     def passes(m: dict[str, Any]) -> tuple[bool, list[str]]:
         reasons = [f"{key} {m[key]:.4g} {'>' if kind == 'max' else '<'} {limits[name]:.4g}"

@@ -21,7 +21,7 @@ from ..fragment.ff_pruning import select_ff_channels
 from ..fragment.selection import Selection, select_heads
 from ..fragment.store import apply_fragment, build_fragment
 from ..metrics.memory import resident_weight_mb
-from .measure import adherence, fidelity
+from .measure import adherence, compare
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +98,11 @@ def lever_curves(
             precision=point.precision, precision_ratio=point.precision_ratio,
         )
         small = apply_fragment(unet, fragment, base_sha256=base["sha256"])
-        images = sampler(small, seeds)
-        adh = adherence(images, prompt)
-        fid = fidelity(full_images, images, lpips)
         record = {
             "x": point.x, "heads": point.heads, "ff": point.ff, "kv_fold": point.kv_fold,
             "precision": point.precision, "precision_ratio": point.precision_ratio if point.precision else None,
             "bytes_saved": 1.0 - resident_weight_mb(small) / full_mb,
-            "adherence": adh and adh["attribute_accuracy"],
-            "adherence_delta": (base_adh["attribute_accuracy"] - adh["attribute_accuracy"]) if base_adh and adh else None,
-            "ssim_mean": fid["ssim_mean"], "lpips_mean": fid["lpips_mean"],
+            **compare(full_images, sampler(small, seeds), prompt, lpips, base_adh),
         }
         out.setdefault(point.lever, []).append(record)
         log.info("lever %s: %s", point.lever, record)

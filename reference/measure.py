@@ -68,6 +68,34 @@ def fidelity(full: np.ndarray, fragment: np.ndarray, lpips: Callable[[Any, Any],
     return out
 
 
+def compare(full_images: np.ndarray, images: np.ndarray, prompt: str, lpips: Callable | None,
+            base: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Images of a changed model against the full model's (same seeds): adherence, its drop, SSIM, LPIPS.
+
+    ``base`` is ``adherence(full_images, prompt)``, passed in so a sweep computes it once.
+
+    >>> img = np.zeros((1, 32, 32, 3), np.uint8)
+    >>> compare(img, img, "a dog", None, None)
+    {'adherence': None, 'adherence_delta': None, 'ssim_mean': 1.0, 'lpips_mean': None}
+    """
+    adh = adherence(images, prompt)
+    fid = fidelity(full_images, images, lpips)
+    return {"adherence": adh and adh["attribute_accuracy"],
+            "adherence_delta": (base["attribute_accuracy"] - adh["attribute_accuracy"]) if base and adh else None,
+            "ssim_mean": fid["ssim_mean"], "lpips_mean": fid["lpips_mean"]}
+
+
+def masked_point(
+    unet: nn.Module, scores: Mapping[str, torch.Tensor], protected: Any, ratio: float, seeds: Sequence[int],
+    sampler: Sampler, prompt: str, full_images: np.ndarray, lpips: Callable | None, base: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """``compare`` for the model with the heads ``select_heads(ratio)`` would remove masked out."""
+    plan = select_heads(scores, ratio=ratio, protected=protected)
+    with mask_heads(unet, plan.kept):
+        images = sampler(unet, seeds)
+    return {"ratio": ratio, "heads_removed": plan.removed_heads, **compare(full_images, images, prompt, lpips, base)}
+
+
 def ratio_curve(
     unet: nn.Module, scores: Mapping[str, torch.Tensor], protected: Any, ratios: Sequence[float], seeds: Sequence[int],
     sampler: Sampler, prompt: str, full_images: np.ndarray, lpips: Callable | None,
@@ -81,15 +109,7 @@ def ratio_curve(
     curve = [{"ratio": 0.0, "heads_removed": 0, "adherence": base and base["attribute_accuracy"],
               "adherence_delta": 0.0 if base else None, "ssim_mean": 1.0, "lpips_mean": 0.0 if lpips else None}]
     for ratio in ratios:
-        plan = select_heads(scores, ratio=ratio, protected=protected)
-        with mask_heads(unet, plan.kept):
-            images = sampler(unet, seeds)
-        adh = adherence(images, prompt)
-        fid = fidelity(full_images, images, lpips)
-        curve.append({"ratio": ratio, "heads_removed": plan.removed_heads,
-                      "adherence": adh and adh["attribute_accuracy"],
-                      "adherence_delta": (base["attribute_accuracy"] - adh["attribute_accuracy"]) if base and adh else None,
-                      "ssim_mean": fid["ssim_mean"], "lpips_mean": fid["lpips_mean"]})
+        curve.append(masked_point(unet, scores, protected, ratio, seeds, sampler, prompt, full_images, lpips, base))
         log.info("H1 curve: ratio %.2f -> %s", ratio, curve[-1])
     return curve
 
