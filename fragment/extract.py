@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -14,9 +14,12 @@ import torch.nn as nn
 from ..profiling.dataset import ProfileData
 from ..profiling.scoring import ScoreWeights, rank_stability, score_heads, unstable_heads
 from ..profiling.ff_profiler import weight_norm_scores
+from ..profiling.step_change import reuse_steps_for_count
 from .errors import FragmentError
 from .ff_pruning import select_ff_channels
+from .schedule import Schedule
 from .selection import select_heads
+from .speed import with_schedule
 from .store import Fragment, build_fragment, save_fragment
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,8 @@ class ExtractionSettings:
     ff_ratio: float = 0.0  # fraction of feed-forward hidden channels to remove (per block)
     precision: str = "none"  # "none", "fp8" or "int8"
     precision_ratio: float = 1.0  # share of retained Linear parameters stored in that precision
+    # Issue #8: share of the profiled steps on which the deep blocks replay their last output (0: off).
+    step_reuse: float = 0.0
 
     def lever_kwargs(self) -> dict[str, Any]:
         """Checked keyword arguments for the levers beyond heads."""
@@ -72,13 +77,17 @@ def extract_fragment(
     overwrite: bool = False,
     kv_context: torch.Tensor | None = None,
     ff_scores: Mapping[str, torch.Tensor] | None = None,
+    step_changes: Sequence[float | None] | None = None,
 ) -> tuple[Fragment, Path | None]:
     """Score the profiled heads, select, build the fragment and (when ``directory`` is given) save it.
 
     ``kv_context`` (``[B, T, C]``: the cond and uncond rows the sampler will
     pass) is required when ``settings.kv_fold``.  ``ff_scores`` come from
     ``FFProfiler.scores()``; without them a feed-forward cut ranks channels by
-    weight norms, and the manifest says so.
+    weight norms, and the manifest says so.  ``step_changes`` come from
+    ``StepChangeProbe.changes()``; ``settings.step_reuse`` > 0 stores a reuse
+    schedule for that share of the profiled steps, the steps where the deep
+    features changed least (``profiling.step_change.reuse_steps_for_count``).
 
     >>> frag, path = extract_fragment(profile, unet, base=describe_base(unet, "sd15"), name="dog",  # doctest: +SKIP
     ...                               settings=ExtractionSettings(amount=0.3), directory="models/fragments")
@@ -122,6 +131,25 @@ def extract_fragment(
     fragment = build_fragment(model, selection, base=base, name=name, profiling=profiling, low_rank=dict(settings.low_rank),
                               kv_context=kv_context if settings.kv_fold else None, ff_selection=ff_selection, ff_info=ff_info,
                               **levers)
+    if settings.step_reuse > 0:
+        fragment = with_schedule(fragment, reuse_schedule(name, step_changes, settings.step_reuse))
     path = save_fragment(fragment, directory, overwrite=overwrite) if directory is not None else None
     log.info("fragment %s: %d of %d heads removed", name, selection.removed_heads, selection.total_heads)
     return fragment, path
+
+
+def reuse_schedule(name: str, changes: Sequence[float | None] | None, share: float, shallow: int = 1) -> Schedule:
+    """A step-reuse schedule for ``share`` of the steps, from the profiled per-step changes.
+
+    >>> reuse_schedule("dog", [None, 0.5, 0.1, 0.1, 0.1, 0.05], 0.34).reuse_steps
+    (2, 3)
+    """
+    if not 0.0 < share < 1.0:
+        raise FragmentError(f"fragment {name!r}: step_reuse: expected a share of steps in (0, 1), found {share}")
+    if not changes or len(changes) < 3:
+        raise FragmentError(f"fragment {name!r}: step_reuse needs per-step changes of at least 3 profiled steps, "
+                            f"found {len(changes or [])}; profile a full sampler run first")
+    steps, budget = reuse_steps_for_count(list(changes), int(share * len(changes)))
+    return Schedule(total_steps=len(changes), reuse_steps=tuple(steps), shallow=shallow,
+                    calibration={"method": "drift_budget", "share": share, "budget": round(budget, 5),
+                                 "change_per_step": [None if c is None else round(c, 5) for c in changes]})

@@ -160,3 +160,19 @@ def missing_metrics(hypotheses: Mapping[str, Mapping[str, Any]]) -> list[str]:
     ['H2.vram_reduction']
     """
     return [f"{h}.{k}" for h, rec in hypotheses.items() for k, c in rec.get("checks", {}).items() if c["status"] == "MISSING"]
+
+
+GATE_CHECKS = (("adherence_delta", "adherence_drop_max", "max"), ("ssim_mean", "ssim_min", "min"),
+               ("lpips_mean", "lpips_max", "max"))
+
+
+def gate_failures(measured: Mapping[str, Any], limits: Mapping[str, float]) -> list[str]:
+    """Why ``measured`` fails the ``quality_gate`` ``limits`` (empty: it passes; unmeasured values are not judged).
+
+    >>> gate_failures({"adherence_delta": 0.01, "ssim_mean": 0.85}, {"adherence_drop_max": 0.02, "ssim_min": 0.9})
+    ['ssim_mean 0.85 < 0.9']
+    """
+    return [f"{key} {measured[key]:.4g} {'>' if kind == 'max' else '<'} {limits[name]:.4g}"
+            for key, name, kind in GATE_CHECKS
+            if name in limits and measured.get(key) is not None
+            and (measured[key] > limits[name] if kind == "max" else measured[key] < limits[name])]

@@ -1,14 +1,18 @@
 """BatchGenerator: many seeds of one prompt in memory-aware sub-batches, with progress and cancel.
 
+With a MODEL from FragmentLoader that carries a schedule, the batch runs it
+(or part of it, or none) and tells it the real step count.
+
 Each variant gets the noise ``comfy.sample.prepare_noise`` makes for its own
 seed with batch size 1, so variant ``i`` matches a plain KSampler run with
 seed ``seeds[i]``, whatever the sub-batch it lands in.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import comfy.model_management
 import comfy.sample
@@ -17,9 +21,27 @@ import comfy.utils
 import torch
 
 from ..fragment.batching import chunk, plan_sub_batches, variant_seeds
+from ..fragment.schedule import ScheduleState
 from .folders import CATEGORY, tip
+from .schedule_patch import find_schedule_state
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def schedule_settings(state: ScheduleState | None, steps: int, mode: str) -> Iterator[None]:
+    """For one batch: tell a fragment's schedule the step count, and turn parts off as ``mode`` asks."""
+    if state is None:
+        yield
+        return
+    saved = (state.run_total_steps, state.reuse_enabled, state.heads_enabled, state.cfg_enabled)
+    state.run_total_steps = steps  # the sampler's real step count: a schedule made for other steps is mapped onto it
+    state.reuse_enabled = state.cfg_enabled = mode == "as stored"
+    state.heads_enabled = mode != "off"
+    try:
+        yield
+    finally:
+        state.run_total_steps, state.reuse_enabled, state.heads_enabled, state.cfg_enabled = saved
 
 
 def _per_image_bytes(model: Any, latent: torch.Tensor) -> float:
@@ -48,6 +70,7 @@ class BatchGenerator:
             },
             "optional": {
                 "seed_list": ("STRING", tip("Explicit seeds, e.g. '1, 5, 10-13'; overrides seed and count.", default="", multiline=False)),
+                "schedule": (["as stored", "off", "heads only"], tip("A fragment's run-time schedule for this batch: as stored (step reuse, head sets, CFG truncation), off (the plain fragment), or heads only (no step reuse or CFG truncation).")),
             },
         }
 
@@ -57,8 +80,16 @@ class BatchGenerator:
     DESCRIPTION = "Generates many seeds of one prompt in sub-batches that fit in memory, with progress and cancel."
 
     def generate(self, model: Any, positive: Any, negative: Any, latent_image: dict, seed: int, count: int, batch_size: int,
-                 steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float, seed_list: str = "") -> tuple:
+                 steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float, seed_list: str = "",
+                 schedule: str = "as stored") -> tuple:
         seeds = variant_seeds(seed, count, seed_list)
+        state = find_schedule_state(model)
+        with schedule_settings(state, steps, schedule):
+            return self._generate(model, positive, negative, latent_image, seeds, batch_size, steps, cfg, sampler_name,
+                                  scheduler, denoise)
+
+    def _generate(self, model: Any, positive: Any, negative: Any, latent_image: dict, seeds: list[int], batch_size: int,
+                  steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float) -> tuple:
         base = latent_image["samples"][:1]
         free = comfy.model_management.get_free_memory(model.load_device)
         sizes = plan_sub_batches(len(seeds), batch_size, _per_image_bytes(model, base), free)

@@ -40,6 +40,7 @@ class FragmentExtractor:
                 "ff_ratio": ("FLOAT", tip("Share of feed-forward hidden channels to remove, ranked by profiled activations.", default=0.0, min=0.0, max=0.9, step=0.05)),
                 "precision": (["none", "fp8", "int8"], tip("Store the least important retained Linear weights in this precision.")),
                 "precision_ratio": ("FLOAT", tip("Share of retained Linear parameters stored in that precision.", default=1.0, min=0.0, max=1.0, step=0.05)),
+                "step_reuse": ("FLOAT", tip("Share of sampler steps on which the deep UNet blocks reuse their last output (0: off); the steps where the profile saw the deep features change least.", default=0.0, min=0.0, max=0.8, step=0.05)),
             },
         }
 
@@ -53,11 +54,12 @@ class FragmentExtractor:
     def extract(self, profile: ProfileHandle, trigger: Any, name: str, strategy: str, ratio: float, percentile: float,
                 scope: str, min_keep: int, safety_margin_heads: int, keep_unstable_heads: bool, overwrite: bool,
                 positive: Any = None, negative: Any = None, kv_fold: bool = False, kv_fold_keep_weights: bool = False,
-                ff_ratio: float = 0.0, precision: str = "none", precision_ratio: float = 1.0) -> tuple:
+                ff_ratio: float = 0.0, precision: str = "none", precision_ratio: float = 1.0, step_reuse: float = 0.0) -> tuple:
         settings = ExtractionSettings(
             strategy=strategy, amount=ratio if strategy == "ratio" else percentile, scope=scope, min_keep=min_keep,
             safety_margin_heads=safety_margin_heads, keep_unstable_heads=keep_unstable_heads, kv_fold=kv_fold,
             kv_fold_keep_weights=kv_fold_keep_weights, ff_ratio=ff_ratio, precision=precision, precision_ratio=precision_ratio,
+            step_reuse=step_reuse,
         )
         if kv_fold and (positive is None or negative is None):
             raise FragmentError("FragmentExtractor: kv_fold needs both the positive and negative CONDITIONING inputs connected")
@@ -68,6 +70,7 @@ class FragmentExtractor:
             profile.session.result(), model, base=base, name=name, settings=settings, directory=fragments_dir(),
             overwrite=overwrite, kv_context=fold_context(positive, negative, context_dtype(profile.patcher)) if kv_fold else None,
             ff_scores=profile.session.ff_scores() if ff_ratio > 0 else None,
+            step_changes=profile.session.step_changes() if step_reuse > 0 else None,
         )
         if positive is not None:  # indexed for FragmentLoader's (auto) mode
             register(fragments_dir(), path, embedding=pool_conditioning(positive), prompt=name,

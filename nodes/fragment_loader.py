@@ -5,6 +5,10 @@ The shared model is never changed: the pruned modules are installed with
 unpatches.  The clone's size is corrected to the bytes really resident, so
 ComfyUI's memory planner sees the smaller model.
 
+A fragment with a run-time schedule (issue #8) also gets the schedule's
+object patches and a ``model_function_wrapper`` (``schedule_patch``), unless
+``schedule`` is off.
+
 LoRA patches on weights the fragment prunes are refused with a clear error
 (merge the LoRA into the checkpoint before profiling instead); attn2
 replacement patches (IPAdapter, InstantID, PuLID) are refused when the
@@ -15,11 +19,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import comfy.model_management
+
 from ..fragment.auto_mode import auto_select, load_or_fallback
 from ..fragment.errors import BaseModelMismatchError, FragmentError
 from ..fragment.fingerprint import pool_conditioning
 from ..fragment.patching import base_sha256, plan_patches
+from ..fragment.schedule import ScheduleState
+from ..fragment.speed import fragment_schedule, schedule_replacements
 from .profiler_loader import without_profiling
+from .schedule_patch import describe_schedule, schedule_wrapper
 from .folders import CATEGORY, NONE, FragmentHandle, fragment_choices, fragment_path, fragments_dir, tip, unpatched_originals
 
 log = logging.getLogger(__name__)
@@ -40,6 +49,7 @@ class FragmentLoader:
                 "fragment": ("FRAGMENT", tip("A fragment straight from FragmentExtractor (takes precedence over fragment_name).")),
                 "positive": ("CONDITIONING", tip("For (auto): the prompt whose nearest cached fragment is used.")),
                 "threshold": ("FLOAT", tip("For (auto): least cosine similarity between prompt embeddings that counts as a hit.", default=0.9, min=0.0, max=1.0, step=0.01)),
+                "schedule": (["as stored", "off"], tip("The fragment's run-time schedule (head sets per noise level, deep-block reuse on calibrated steps, CFG truncation): as stored, or off for the plain fragment.")),
             },
         }
 
@@ -50,7 +60,10 @@ class FragmentLoader:
     DESCRIPTION = "Applies a fragment to a model: pruned attention heads, verified against the base model."
 
     def apply(self, model: Any, fragment_name: str, on_mismatch: str, fragment: FragmentHandle | None = None,
-              positive: Any = None, threshold: float = 0.9) -> tuple:
+              positive: Any = None, threshold: float = 0.9, schedule: str = "as stored") -> tuple:
+        # A loaded clone (say this node's output from the last queue) has its object patches on the shared
+        # modules; unload it so the base is read as it is (ComfyUI's get_key_patches does the same).
+        comfy.model_management.unload_model_clones(model)
         originals = unpatched_originals(model)
         prefix_status = ""
         digest: str | None = None
@@ -93,10 +106,20 @@ class FragmentLoader:
             return (without_profiling(model.clone()), status)
         # A fragment model is never profiled: statistics must describe the full model only.
         patched = without_profiling(model.clone())
-        for path, module in plan.replacements.items():
+        replacements, plan_schedule = plan.replacements, fragment_schedule(frag)
+        if schedule != "off" and not plan_schedule.empty:
+            state = ScheduleState.for_schedule(plan_schedule)
+            diffusion_model = model.model.diffusion_model
+            replacements = schedule_replacements(diffusion_model, frag, plan.replacements, plan_schedule, state,
+                                                 reuse_on=diffusion_model)
+            patched.set_model_unet_function_wrapper(schedule_wrapper(
+                state, model.model.model_sampling, plan_schedule.cfg_cutoff, patched.model_options.get("model_function_wrapper")))
+        for path, module in replacements.items():
             patched.add_object_patch(PREFIX + path, module)
         patched.size = max(1, model.model_size() - plan.bytes_saved)
         status = prefix_status + (f"applied fragment {frag.name!r}: {len(plan.replacements)} modules replaced, "
                   f"{plan.bytes_saved / 2**20:.1f} MiB fewer weights")
+        if not plan_schedule.empty:
+            status += "; " + (describe_schedule(plan_schedule) if schedule != "off" else "schedule off")
         log.info("FragmentLoader: %s", status)
         return (patched, status)

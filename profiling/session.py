@@ -10,16 +10,18 @@ never profiled by accident.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any, Callable
 
 import torch.nn as nn
 
-from ..fragment.errors import ProfilingError
+from ..fragment.errors import FragmentError, ProfilingError
 from .dataset import ProfileData
 from .ff_profiler import FFProfiler
 from .profiler import HeadProfiler
+from .step_change import StepChangeProbe
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,10 @@ class ProfileSession:
             self._ff: FFProfiler | None = FFProfiler(model)
         except ProfilingError:
             self._ff = None
+        try:  # per-step change of the deep features, for a step-reuse schedule (issue #8)
+            self._steps: StepChangeProbe | None = StepChangeProbe(model)
+        except FragmentError:
+            self._steps = None
         self._last_sigma: float | None = None
         self._lock = threading.Lock()
         self.runs = 0
@@ -61,15 +67,19 @@ class ProfileSession:
         with self._lock:  # hooks are per model: two threads must not interleave install/remove
             self._maybe_new_run(sigma, label)
             self.calls += 1
-            with self._profiler:
-                if self._ff is None:
-                    return fn()
-                with self._ff:
-                    return fn()
+            with contextlib.ExitStack() as stack:
+                for probe in (self._profiler, self._ff, self._steps):
+                    if probe is not None:
+                        stack.enter_context(probe)
+                return fn()
 
     def ff_scores(self) -> dict | None:
         """Feed-forward channel scores from the profiled calls (None when there were none)."""
         return self._ff.scores() if self._ff is not None and self._ff.calls else None
+
+    def step_changes(self) -> list[float | None] | None:
+        """Mean relative change of the deep features per sampler step (None when this UNet layout has no probe)."""
+        return self._steps.changes() if self._steps is not None else None
 
     def result(self) -> ProfileData:
         """The statistics so far, with the run count in ``info``."""

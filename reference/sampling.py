@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .model import ReferenceModel, build_scheduler, with_coordinates
+from ..fragment.schedule import ScheduleState
+from .model import ReferenceModel, build_scheduler, predict
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,17 @@ def sample(
     guidance: float = DEFAULT_GUIDANCE,
     batch_size: int = 32,
     on_step: Callable[[int], None] | None = None,
+    state: ScheduleState | None = None,
+    cfg_cutoff: float | None = None,
 ) -> np.ndarray:
     """DDIM (eta 0) with CFG for each seed; ``context`` is ``[1 or N, T, D]``; returns uint8 ``[N, 32, 32, 3]``.
 
     ``unet`` may be the full model or a fragment applied to it; ``uncond`` is the
     empty prompt's context.  ``on_step`` is called once per denoising step per
-    sub-batch (for progress bars).
+    sub-batch (for progress bars).  ``state`` is the ``ScheduleState`` of a
+    fragment with a schedule (``fragment.speed.apply_schedule``): it is told
+    every call's timestep and input shape.  Below timestep ``cfg_cutoff`` the
+    unconditional pass is skipped and the conditional prediction used alone.
 
     >>> # images = sample(model.unet, model.encode([p]), model.encode([""]), seeds=range(8))
     """
@@ -70,10 +76,19 @@ def sample(
         scheduler = build_scheduler("ddim")
         scheduler.set_timesteps(steps)
         x = seeded_noise(chunk).to(both.dtype)
+        if state is not None:
+            state.run_total_steps = steps
         for t in scheduler.timesteps:
-            pred = unet(with_coordinates(torch.cat([x, x])), t, both).sample
-            uncond_pred, cond_pred = pred.chunk(2)
-            guided = uncond_pred + guidance * (cond_pred - uncond_pred)
+            alone = cfg_cutoff is not None and float(t) < cfg_cutoff
+            x_in, ctx = (x, both[n:]) if alone else (torch.cat([x, x]), both)
+            if state is not None:
+                state.begin_call(float(t), tuple(x_in.shape))
+            pred = predict(unet, x_in, t, ctx)
+            if alone:
+                guided = pred
+            else:
+                uncond_pred, cond_pred = pred.chunk(2)
+                guided = uncond_pred + guidance * (cond_pred - uncond_pred)
             x = scheduler.step(guided, t, x).prev_sample
             if on_step is not None:
                 on_step(1)

@@ -38,14 +38,15 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (120, 120, 120),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES: dict[str, float] = {"small": 3.2, "large": 4.6}  # half-extent in pixels
+# Half-extent in pixels: as large as the 3x3 grid allows (an edge cell's centre is 5.33 px from the border).
+SIZES: dict[str, float] = {"small": 3.8, "large": 4.8}
 # Row-major 3x3 grid; the names are the canonical ones the analyzer reports.
 POSITIONS = (
     "top left", "top", "top right",
     "left", "center", "right",
     "bottom left", "bottom", "bottom right",
 )
-JITTER = 1.0  # pixels a centre may move inside its cell
+JITTER = 0.5  # pixels a centre may move inside its cell
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,28 @@ def render_with_coverage(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     small = canvas.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
     coverage = covered.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean(axis=(1, 3))
     return np.clip(np.rint(small), 0, 255).astype(np.uint8), coverage
+
+
+def shape_detail(scene: Scene) -> np.ndarray:
+    """A ``[32, 32]`` float32 map (0..1) of the pixels that tell the objects' shapes apart.
+
+    For each object: where a circle, a square and a triangle of the same size
+    and centre disagree (covered by some, not all).  Shape lives in these few
+    edge and corner pixels; training weights them up, since a blob of the right
+    colour in the right cell already gets most of a per-pixel loss right.
+
+    >>> detail = shape_detail(Scene("white", (Shape("circle", "red", "center"),)))
+    >>> float(detail[16, 16]), float(detail[0, 0]), bool(detail.max() > 0.9)
+    (0.0, 0.0, True)
+    """
+    grid = _grid()
+    n = SIZE * SUPERSAMPLE
+    detail = np.zeros((n, n), dtype=bool)
+    for obj in scene.objects:
+        cx, cy = obj.center if obj.center != (0.0, 0.0) else cell_center(obj.position)
+        masks = [_shape_mask(shape, cx, cy, SIZES[obj.size], grid) for shape in SHAPES]
+        detail |= np.logical_or.reduce(masks) & ~np.logical_and.reduce(masks)
+    return detail.astype(np.float32).reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean(axis=(1, 3))
 
 
 def all_triples() -> list[tuple[str, str, str]]:

@@ -132,9 +132,9 @@ def test_masking_equals_physical_pruning_on_the_reference_unet(reference) -> Non
     assert plan.removed_heads >= 0.25 * plan.total_heads
     small = apply_fragment(reference.unet, build_fragment(reference.unet, plan, base=describe_base(reference.unet, "ref"),
                                                           name="t", profiling={"prompt": "p"}))
-    from prompt_fragments.reference.model import with_coordinates
+    from prompt_fragments.reference.model import unet_input
 
-    x = with_coordinates(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    x = unet_input(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad(), mask_heads(reference.unet, plan.kept):
         masked = reference.unet(x, 400, context.expand(2, -1, -1)).sample
     with torch.no_grad():

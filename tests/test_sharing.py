@@ -25,13 +25,13 @@ PROMPT = "a red circle in the top left on a white background"
 @pytest.fixture(scope="module")
 def demo_fragment(tmp_path_factory):
     """A real fragment of the reference model's UNet (the `demo` base), profiled on one forward pass."""
-    from prompt_fragments.reference.model import load_reference, with_coordinates
+    from prompt_fragments.reference.model import load_reference, unet_input
 
     model = load_reference()
     unet = model.unet
     with HeadProfiler(unet, buckets=1) as prof, torch.no_grad():
         prof.begin_sample(0)
-        x = with_coordinates(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+        x = unet_input(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
         unet(x, 500, model.encode([PROMPT]))
     frag = build_fragment(unet, select_heads(score_heads(prof.result()), ratio=0.25), base=describe_base(unet, "demo"),
                           name="demo-dog", profiling={"prompt": PROMPT})

@@ -1,0 +1,156 @@
+"""Tier 2: a fragment's schedule inside a real ComfyUI: ComfyUI's UNet layout, the nodes, and stock patches on top."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from prompt_fragments.fragment.pruning import replace_modules
+from prompt_fragments.fragment.schedule import Schedule, ScheduleState
+from prompt_fragments.fragment.speed import fragment_schedule, with_schedule
+from prompt_fragments.fragment.step_reuse import block_layout, reuse_replacements
+from prompt_fragments.fragment.store import load_fragment, save_fragment
+from prompt_fragments.fragment.timestep_heads import select_bucket_heads
+
+STEPS = 4
+
+
+def test_comfy_layout_reuse_step_equals_replaying_by_hand(comfyui) -> None:
+    """ComfyUI iterates a block's layers itself; the replay must still equal overwriting the block's output."""
+    import comfyui_support as cs
+
+    unet, make_inputs = cs.make_small_comfy_unet("sd15")
+    state = ScheduleState(reuse_steps=[1], total_steps=2)
+    scheduled = replace_modules(unet, reuse_replacements(unet, 1, state))
+    deep = block_layout(unet).deep(1)
+    first, second = make_inputs(seed=1), make_inputs(seed=2)
+    captured: dict[str, torch.Tensor] = {}
+    last = {p: unet.get_submodule(p)[-1] for p in deep}  # a block's output is its last layer's output
+    hooks = [m.register_forward_hook(lambda m, i, o, p=p: captured.__setitem__(p, o)) for p, m in last.items()]
+    with torch.no_grad():
+        state.begin_call(900.0, first["x"].shape)
+        got0 = scheduled(**{**first, "timesteps": torch.full((2,), 900.0)})
+        expected0 = unet(**{**first, "timesteps": torch.full((2,), 900.0)})
+        for h in hooks:
+            h.remove()
+        hooks = [m.register_forward_hook(lambda m, i, o, p=p: captured[p]) for p, m in last.items()]
+        state.begin_call(700.0, second["x"].shape)
+        got1 = scheduled(**{**second, "timesteps": torch.full((2,), 700.0)})
+        expected1 = unet(**{**second, "timesteps": torch.full((2,), 700.0)})
+    for h in hooks:
+        h.remove()
+    assert state.reused_steps() == [1]
+    assert_close(got0, expected0, rtol=0, atol=0)
+    assert_close(got1, expected1, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        plain = unet(**{**second, "timesteps": torch.full((2,), 700.0)})
+    assert (got1 - plain).abs().max() > 1e-4  # replaying really differs from computing
+
+
+@pytest.fixture(scope="module")
+def scheduled(comfyui, comfyui_pack, sd15_checkpoint, tmp_path_factory):
+    """One profiled 4-step run, a fragment with a step-reuse schedule, and a copy with per-bucket heads and CFG truncation."""
+    nodes, mapping = comfyui.nodes, comfyui_pack.NODE_CLASS_MAPPINGS
+    with torch.inference_mode():
+        model, clip, _vae, profile = mapping["ProfilerModelLoader"]().load(sd15_checkpoint, 2, 32, "accumulate")
+        positive = nodes.CLIPTextEncode().encode(clip, "A dog on a jet ski")[0]
+        negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+        latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+        sampled = nodes.KSampler().sample(model, 1, STEPS, 7.0, "euler", "normal", positive, negative, latent)[0]
+        (handle,) = mapping["FragmentExtractor"]().extract(
+            profile, sampled, "speed_test", "ratio", 0.2, 30.0, "global", 1, 0, False, True, step_reuse=0.5)
+        base = nodes.CheckpointLoaderSimple().load_checkpoint(sd15_checkpoint)[0]
+    frag = handle.fragment
+    union, per_bucket = select_bucket_heads(profile.session.result(), [0.4, 0.2])
+    allowed = {p: frag.kept.get(p, list(range(n))) for p, n in union.heads.items()}  # what the fragment kept
+    buckets = {b: {p: [h for h in hs if h in allowed[p]] or allowed[p][:1] for p, hs in plan.items()}
+               for b, plan in per_bucket.items()}
+    full = with_schedule(frag, Schedule(buckets=2, bucket_heads=buckets, total_steps=STEPS,
+                                        reuse_steps=fragment_schedule(frag).reuse_steps, shallow=1, cfg_cutoff=400.0))
+    full_path = save_fragment(full, handle.manifest_path.parent / "speed_full", overwrite=True)
+    return SimpleNamespace(nodes=nodes, mapping=mapping, base=base, positive=positive, negative=negative, latent=latent,
+                           frag=frag, path=handle.manifest_path, full=load_fragment(full_path))
+
+
+def _load(env, frag, schedule="as stored"):
+    handle = SimpleNamespace(fragment=frag, manifest_path=None)
+    return env.mapping["FragmentLoader"]().apply(env.base, "(none)", "raise", fragment=handle, schedule=schedule)
+
+
+def _batch(env, model, schedule="as stored", seed=5, count=2):
+    (out,) = env.mapping["BatchGenerator"]().generate(model, env.positive, env.negative, env.latent, seed, count, count, STEPS,
+                                                      7.0, "euler", "normal", 1.0, schedule=schedule)
+    return out["samples"]
+
+
+def test_extractor_stores_a_reuse_schedule_from_the_profiled_step_changes(scheduled) -> None:
+    schedule = fragment_schedule(load_fragment(scheduled.path))
+    assert schedule.total_steps == STEPS and schedule.reuse_steps and 0 not in schedule.reuse_steps
+    changes = schedule.calibration["change_per_step"]
+    assert len(changes) == STEPS and changes[0] is None and all(c > 0 for c in changes[1:])
+
+
+def test_loaded_schedule_runs_exactly_as_stored_and_off_is_the_plain_fragment(scheduled) -> None:
+    with torch.inference_mode():
+        model, status = _load(scheduled, scheduled.frag)
+        state = _state(model)
+        first = _batch(scheduled, model)
+        reused = sorted(set(state.reused_steps()))
+        second = _batch(scheduled, model)
+        off = _batch(scheduled, model, schedule="off")
+        plain_model, plain_status = _load(scheduled, scheduled.frag, schedule="off")
+        plain = _batch(scheduled, plain_model)
+    assert "deep blocks reused on" in status and "schedule off" in plain_status
+    assert reused == list(fragment_schedule(scheduled.frag).reuse_steps)
+    assert torch.equal(first, second)  # deterministic for given seeds
+    assert torch.equal(off, plain)  # reuse disabled: identical to the plain fragment
+    assert not torch.equal(first, plain)
+
+
+def _state(model):
+    """The loaded MODEL's ScheduleState, found as BatchGenerator finds it (the pack runs under another module name)."""
+    wrapper = model.model_options.get("model_function_wrapper")
+    while wrapper is not None:
+        if getattr(wrapper, "prompt_fragments_schedule", None) is not None:
+            return wrapper.prompt_fragments_schedule
+        wrapper = getattr(wrapper, "previous", None)
+    raise AssertionError("no schedule state on the loaded MODEL")
+
+
+def test_bucket_heads_and_cfg_truncation_switch_inside_the_sampler(scheduled) -> None:
+    with torch.inference_mode():
+        model, status = _load(scheduled, scheduled.full)
+        state = _state(model)
+        out = _batch(scheduled, model)
+        heads_only = _batch(scheduled, model, schedule="heads only")
+        off = _batch(scheduled, model, schedule="off")
+    assert "2 per-noise-level head sets" in status and "CFG truncated below t=400" in status
+    assert {h["bucket"] for h in state.history} == {0, 1}
+    assert torch.isfinite(out).all() and not torch.equal(heads_only, off) and not torch.equal(out, heads_only)
+
+
+@pytest.mark.parametrize("stack", ["FreeU", "TomePatchModel", "FreeU+TomePatchModel"])
+def test_stock_patches_stack_on_a_scheduled_fragment(scheduled, stack: str) -> None:
+    """FreeU (output-block patch) and ToMe (attn1 patch) on top: the schedule still runs as stored, and off stays exact."""
+    def patch(model):
+        for name in stack.split("+"):
+            node = scheduled.nodes.NODE_CLASS_MAPPINGS[name]()
+            model = node.patch(model, 1.1, 1.2, 0.9, 0.2)[0] if name == "FreeU" else node.patch(model, 0.3)[0]
+        return model
+
+    with torch.inference_mode():
+        model, _ = _load(scheduled, scheduled.frag)
+        patched = patch(model)
+        state = _state(patched)
+        state.history.clear()
+        out = _batch(scheduled, patched)
+        reused = sorted(set(state.reused_steps()))
+        off = _batch(scheduled, patched, schedule="off")
+        plain = _batch(scheduled, patch(_load(scheduled, scheduled.frag, schedule="off")[0]))
+        unpatched = _batch(scheduled, model)
+    assert torch.isfinite(out).all()
+    assert reused == list(fragment_schedule(scheduled.frag).reuse_steps)
+    assert torch.equal(off, plain)
+    assert not torch.equal(out, unpatched)  # the stock patch really acts on the fragment model
