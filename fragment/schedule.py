@@ -136,6 +136,7 @@ class ScheduleState:
     computed step by a call with the same ``signature`` (input shape).
 
     >>> state = ScheduleState(reuse_steps=[1], total_steps=3)
+    >>> state.expect_keys(["deep"])
     >>> state.begin_call(999.0, (2, 4)); state.replaying
     False
     >>> state.store("deep", "features"); state.begin_call(600.0, (2, 4)); state.replaying

@@ -110,7 +110,7 @@ def calibrate_reuse(changes: Sequence[float | None], base: Schedule, passes: Jud
 
     >>> s, tries = calibrate_reuse([None, .3, .1, .1, .1, .1], Schedule(), lambda s: (len(s.reuse_steps) <= 2, {}))
     >>> s.reuse_steps, [t["reuse_steps"] for t in tries]
-    ((2, 3), [[2, 3, 4], [2, 3]])
+    ((2, 3), [[1, 2, 3], [2, 3]])
     """
     total = len(changes)
     tries: list[dict[str, Any]] = []

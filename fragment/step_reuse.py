@@ -91,7 +91,7 @@ class ReplayCall(nn.Module):
     """A block that, on reuse steps, returns its output from the last computed step instead of running.
 
     >>> state = ScheduleState(reuse_steps=[1], total_steps=2)
-    >>> block = ReplayCall(nn.Linear(1, 1), "b", state)
+    >>> block = ReplayCall(nn.Linear(1, 1), "b", state); state.expect_keys(["b"])
     >>> state.begin_call(999.0); first = block(torch.ones(1, 1))
     >>> state.begin_call(500.0); bool(torch.equal(block(torch.zeros(1, 1)), first))
     True

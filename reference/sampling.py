@@ -72,10 +72,11 @@ def sample(
         chunk = seeds[start:start + batch_size]
         n = len(chunk)
         cond = context.expand(n, -1, -1) if context.shape[0] == 1 else context[start:start + n]
-        both = torch.cat([uncond.expand(n, -1, -1), cond]).to(next(unet.parameters()).dtype)
+        p = next(unet.parameters())
+        both = torch.cat([uncond.expand(n, -1, -1), cond]).to(device=p.device, dtype=p.dtype)
         scheduler = build_scheduler("ddim")
         scheduler.set_timesteps(steps)
-        x = seeded_noise(chunk).to(both.dtype)
+        x = seeded_noise(chunk).to(device=p.device, dtype=p.dtype)  # drawn on the CPU: the same images on any device
         if state is not None:
             state.run_total_steps = steps
         for t in scheduler.timesteps:

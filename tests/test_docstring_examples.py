@@ -57,6 +57,16 @@ MODULES = [
     "prompt_fragments.reference.measure",
     "prompt_fragments.reference.training",
     "prompt_fragments.reference.lever_curves",
+    "prompt_fragments.fragment.schedule",
+    "prompt_fragments.fragment.step_reuse",
+    "prompt_fragments.fragment.timestep_heads",
+    "prompt_fragments.fragment.speed",
+    "prompt_fragments.fragment.extract",
+    "prompt_fragments.fragment.batch_bench",
+    "prompt_fragments.fragment.random_sd_target",
+    "prompt_fragments.profiling.step_change",
+    "prompt_fragments.profiling.session",
+    "prompt_fragments.reference.bench_target",
 ]
 
 

@@ -86,7 +86,7 @@ every number below is in `weights/eval.json` and `weights/training_log.json`.
 ## Data
 Procedural 32x32 RGB scenes (`reference/shapes.py`): 1–2 flat shapes (circle,
 square, triangle) in 6 colours (red, green, blue, yellow, purple, orange), 2
-sizes, on a black, white or gray background, each object in one cell of a 3x3
+sizes (half-extent 3.8 and 4.8 px), on a black, white or gray background, each object in one cell of a 3x3
 grid (two objects never in touching cells). Captions from a grammar with
 synonyms and word orders (`reference/captions.py`), drawn anew for every
 training example; 10 % are dropped to the empty caption for classifier-free
@@ -95,10 +95,11 @@ occur in training; every held-out triple's shape, colour and position occur
 separately.
 
 ## Model
-- UNet: diffusers `UNet2DConditionModel`, pixel space, input RGB + 2 coordinate
-  channels, channels (32, 64, 128), cross-attention at 16x16 and 8x8, 4 heads
-  per attention module, 56 heads in 14 modules; the pooled prompt is also added
-  to the time embedding (`addition_embed_type="text"`).
+- UNet: diffusers `UNet2DConditionModel`, pixel space entered space-to-depth
+  (`pixel_unshuffle` by 2: 16x16 cells of 2x2 RGB pixels, 12 channels, plus 2
+  coordinate channels), channels (64, 96, 128), cross-attention at 16x16, 8x8
+  and 4x4 (mid block), 4 heads per attention module, 56 heads in 14 modules;
+  the pooled prompt is also added to the time embedding (`addition_embed_type="text"`).
 - Text encoder: transformers `CLIPTextModel`, 2 layers, width 128, 4 heads,
   32 tokens; word-level tokenizer over the grammar's {len(vocabulary())}-word vocabulary (offline).
 - Diffusion: 1000-step cosine schedule, v-prediction; sampling with DDIM
@@ -107,7 +108,9 @@ separately.
 ## Training
 `python tools/train_reference.py` (deterministic; CPU only; torch threads = {cfg.get('threads')}):
 {cfg.get('steps')} steps of batch {cfg.get('batch_size')}, AdamW lr {cfg.get('lr')} with {cfg.get('warmup')} warm-up steps and
-cosine decay to 10 %, plain v-MSE (min-SNR gamma {cfg.get('min_snr_gamma')}: off), gradient clip {cfg.get('grad_clip')}, EMA {cfg.get('ema_decay')}
+cosine decay to 10 %, v-MSE weighted per pixel by 1 + {cfg.get('foreground_weight')} x object coverage + {cfg.get('shape_weight')} x shape
+detail (the pixels where circle, square and triangle of that size and place differ; `shapes.shape_detail`),
+min-SNR gamma {cfg.get('min_snr_gamma')} (off), gradient clip {cfg.get('grad_clip')}, EMA {cfg.get('ema_decay')}
 (the EMA weights are shipped, in fp16). Wall time: {result['train_info'].get('train_seconds')} s on the
 project's 2-core CPU machine. Final loss {history[-1]['loss']:.4f} (first logged {history[0]['loss']:.4f}).
 
