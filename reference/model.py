@@ -40,7 +40,7 @@ UNET_CONFIG: dict[str, Any] = {
     # 2x2 RGB patches plus two coordinate channels (CoordConv): where a cell is, so "top left" binds to a place
     "in_channels": 3 * PATCH * PATCH + 2,
     "out_channels": 3 * PATCH * PATCH,
-    "block_out_channels": (64, 96, 128),
+    "block_out_channels": (32, 64, 128),
     "layers_per_block": 1,
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -229,7 +229,11 @@ def load_reference(path: str | Path | None = None, dtype: torch.dtype = torch.fl
         if dtype != torch.float32:  # before loading, so the stored fp16 values are cast into the module's dtype
             module.to(dtype)
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        missing, unexpected = module.load_state_dict(sub, strict=False)
+        try:
+            missing, unexpected = module.load_state_dict(sub, strict=False)
+        except RuntimeError as exc:  # shapes differ: weights of another architecture (say, before a retraining)
+            first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+            raise FragmentError(f"reference model: {path} does not match the architecture ({prefix[:-1]}: {first})") from None
         if missing or unexpected:
             raise FragmentError(f"reference model: {path} does not match the architecture "
                                 f"({prefix[:-1]}: missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -103,6 +103,22 @@ def test_committed_weights_meet_the_architecture_contract(reference) -> None:
     assert isinstance(reference.text_encoder, CLIPTextModel)
 
 
+def test_weights_of_another_architecture_are_refused_naming_the_file(reference, tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from prompt_fragments.fragment.errors import FragmentError
+
+    with safe_open(str(WEIGHTS_FILE), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["unet.conv_out.weight"] = torch.zeros(3, 7, 3, 3, dtype=torch.float16)  # a narrower, older layout
+    path = tmp_path / "old.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(FragmentError, match=r"old\.safetensors does not match the architecture \(unet: size mismatch "
+                                            r"for conv_out\.weight"):
+        load_reference(path)
+
+
 def test_committed_weights_reproduce_the_model_card_adherence(reference) -> None:
     from prompt_fragments.reference.evaluation import adherence_eval
 

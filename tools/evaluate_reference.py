@@ -20,7 +20,7 @@ import torch
 from prompt_fragments.reference.captions import vocabulary
 from prompt_fragments.reference.evaluation import EVAL_SCENES, adherence_eval, analyzer_accuracy
 from prompt_fragments.reference.measure import grid_png
-from prompt_fragments.reference.model import WEIGHTS_FILE, load_reference
+from prompt_fragments.reference.model import UNET_CONFIG, WEIGHTS_FILE, load_reference
 from prompt_fragments.reference.sampling import DEFAULT_GUIDANCE
 from prompt_fragments.reference.shapes import held_out_scenes, training_scenes
 
@@ -74,7 +74,7 @@ def model_card(result: dict, history: list[dict]) -> str:
     """The model card's text, every number taken from ``result`` (eval.json) and the training log."""
     cfg = result["train_info"].get("train_config", {})
     held, seen, ana = result["held_out"], result["in_distribution"], result["analyzer_on_ground_truth"]
-    sweep = ", ".join(f"{g:g}: {_pct(v)}" for g, v in result["validation_guidance_sweep"].items()) or "not run"
+    sweep = ", ".join(f"{float(g):g}: {_pct(v)}" for g, v in result["validation_guidance_sweep"].items()) or "not run"
     per = lambda r: ", ".join(f"{k} {_pct(v)}" for k, v in r["per_attribute"].items())  # noqa: E731
     return f"""# Reference model card: prompt-fragments-reference-v1
 
@@ -97,7 +97,7 @@ separately.
 ## Model
 - UNet: diffusers `UNet2DConditionModel`, pixel space entered space-to-depth
   (`pixel_unshuffle` by 2: 16x16 cells of 2x2 RGB pixels, 12 channels, plus 2
-  coordinate channels), channels (64, 96, 128), cross-attention at 16x16, 8x8
+  coordinate channels), channels {tuple(UNET_CONFIG['block_out_channels'])}, cross-attention at 16x16, 8x8
   and 4x4 (mid block), 4 heads per attention module, 56 heads in 14 modules;
   the pooled prompt is also added to the time embedding (`addition_embed_type="text"`).
 - Text encoder: transformers `CLIPTextModel`, 2 layers, width 128, 4 heads,
@@ -108,8 +108,9 @@ separately.
 ## Training
 `python tools/train_reference.py` (deterministic; CPU only; torch threads = {cfg.get('threads')}):
 {cfg.get('steps')} steps of batch {cfg.get('batch_size')}, AdamW lr {cfg.get('lr')} with {cfg.get('warmup')} warm-up steps and
-cosine decay to 10 %, v-MSE weighted per pixel by 1 + {cfg.get('foreground_weight')} x object coverage + {cfg.get('shape_weight')} x shape
-detail (the pixels where circle, square and triangle of that size and place differ; `shapes.shape_detail`),
+cosine decay to 10 %, v-MSE weighted per pixel by 1 + {cfg.get('foreground_weight')} x object coverage + {cfg.get('shape_weight')} x a x shape
+detail (the pixels where circle, square and triangle of that size and place differ, `shapes.shape_detail`; a is
+the step's signal fraction alpha-bar, so the weight acts near the clean image and not where the layout is decided),
 min-SNR gamma {cfg.get('min_snr_gamma')} (off), gradient clip {cfg.get('grad_clip')}, EMA {cfg.get('ema_decay')}
 (the EMA weights are shipped, in fp16). Wall time: {result['train_info'].get('train_seconds')} s on the
 project's 2-core CPU machine. Final loss {history[-1]['loss']:.4f} (first logged {history[0]['loss']:.4f}).
@@ -139,7 +140,9 @@ the held-out number from the committed weights (to within 2 points).
 
 ## Limits
 32x32 flat shapes only; words outside the grammar are `<unk>`. It is a test
-instrument for the fragment pipeline, not an image generator.
+instrument for the fragment pipeline, not an image generator. The weakest
+attribute on held-out prompts is {min(held['per_attribute'], key=lambda k: held['per_attribute'][k])}
+({_pct(min(held['per_attribute'].values()))}); the model also draws extra objects (exact images {_pct(held['exact_rate'])}).
 """
 
 
