@@ -78,6 +78,7 @@ def extract_fragment(
     kv_context: torch.Tensor | None = None,
     ff_scores: Mapping[str, torch.Tensor] | None = None,
     step_changes: Sequence[float | None] | None = None,
+    step_timesteps: Sequence[float] | None = None,
 ) -> tuple[Fragment, Path | None]:
     """Score the profiled heads, select, build the fragment and (when ``directory`` is given) save it.
 
@@ -87,7 +88,8 @@ def extract_fragment(
     weight norms, and the manifest says so.  ``step_changes`` come from
     ``StepChangeProbe.changes()``; ``settings.step_reuse`` > 0 stores a reuse
     schedule for that share of the profiled steps, the steps where the deep
-    features changed least (``profiling.step_change.reuse_steps_for_count``).
+    features changed least (``profiling.step_change.reuse_steps_for_count``),
+    matched at run time by ``step_timesteps`` (``StepChangeProbe.timesteps()``).
 
     >>> frag, path = extract_fragment(profile, unet, base=describe_base(unet, "sd15"), name="dog",  # doctest: +SKIP
     ...                               settings=ExtractionSettings(amount=0.3), directory="models/fragments")
@@ -132,14 +134,21 @@ def extract_fragment(
                               kv_context=kv_context if settings.kv_fold else None, ff_selection=ff_selection, ff_info=ff_info,
                               **levers)
     if settings.step_reuse > 0:
-        fragment = with_schedule(fragment, reuse_schedule(name, step_changes, settings.step_reuse))
+        fragment = with_schedule(fragment, reuse_schedule(name, step_changes, settings.step_reuse, timesteps=step_timesteps))
     path = save_fragment(fragment, directory, overwrite=overwrite) if directory is not None else None
     log.info("fragment %s: %d of %d heads removed", name, selection.removed_heads, selection.total_heads)
     return fragment, path
 
 
-def reuse_schedule(name: str, changes: Sequence[float | None] | None, share: float, shallow: int = 1) -> Schedule:
+def reuse_schedule(name: str, changes: Sequence[float | None] | None, share: float, shallow: int = 1,
+                   timesteps: Sequence[float] | None = None) -> Schedule:
     """A step-reuse schedule for ``share`` of the steps, from the profiled per-step changes.
+
+    ``timesteps`` (the profiled run's, one per step) let the loaded schedule
+    follow the noise level when the sampler runs another step count.  This
+    path has no quality judge (ComfyUI has no analyzer for arbitrary prompts):
+    the manifest says the schedule is ungated; ``prompt-fragments bench batch``
+    gates it on the reference model.
 
     >>> reuse_schedule("dog", [None, 0.5, 0.1, 0.1, 0.1, 0.05], 0.34).reuse_steps
     (2, 3)
@@ -149,7 +158,12 @@ def reuse_schedule(name: str, changes: Sequence[float | None] | None, share: flo
     if not changes or len(changes) < 3:
         raise FragmentError(f"fragment {name!r}: step_reuse needs per-step changes of at least 3 profiled steps, "
                             f"found {len(changes or [])}; profile a full sampler run first")
+    if timesteps is not None and len(timesteps) != len(changes):
+        raise FragmentError(f"fragment {name!r}: step_reuse: expected one timestep per profiled step ({len(changes)}), "
+                            f"found {len(timesteps)}")
     steps, budget = reuse_steps_for_count(list(changes), int(share * len(changes)))
     return Schedule(total_steps=len(changes), reuse_steps=tuple(steps), shallow=shallow,
+                    step_timesteps=tuple(float(t) for t in timesteps or ()),
                     calibration={"method": "drift_budget", "share": share, "budget": round(budget, 5),
+                                 "quality_gate": "not run: no judge in this path (see prompt-fragments bench batch)",
                                  "change_per_step": [None if c is None else round(c, 5) for c in changes]})

@@ -57,12 +57,14 @@ class RandomSDTarget:
             alone = cfg_cutoff is not None and float(t) < cfg_cutoff
             x_in, ctx = (x, both[n:]) if alone else (torch.cat([x, x]), both)
             if state is not None:
-                state.begin_call(float(t), tuple(x_in.shape))
+                state.begin_call(float(t), tuple(x_in.shape), rows=slice(n, 2 * n) if alone else None)
             eps = unet(x_in, t, ctx).sample
             if not alone:
                 uncond, cond = eps.chunk(2)
                 eps = uncond + self.guidance * (cond - uncond)
             x = scheduler.step(eps, t, x).prev_sample
+        if state is not None:  # the run is over: free the cached deep features
+            state.reset()
         return x.float().cpu()
 
     def judge(self, full: torch.Tensor, latents: torch.Tensor) -> tuple[bool, dict[str, Any]]:

@@ -1,7 +1,7 @@
 """Putting a fragment's schedule on a model, and calibrating the schedule against the quality gate.
 
 ``schedule_replacements`` returns the modules that make a model follow a
-schedule: ``BucketMask`` output projections (folded into the fragment's pruned
+schedule: ``bucket_masked`` output projections (folded into the fragment's pruned
 copies, so no patch sits inside another) and ``ReplayCall``/``ReplaySequence``
 deep blocks.  For diffusers models ``apply_schedule`` installs them on a new
 model; ComfyUI installs the same dict as object patches on a clone.

@@ -2,7 +2,7 @@
 
 Profiling already keeps statistics per timestep bucket (``HeadProfiler``).
 Here each bucket gets its own selection; the fragment's weights are pruned to
-the *union* of the bucket sets, and at run time ``BucketMask`` zeroes, per
+the *union* of the bucket sets, and at run time ``bucket_masked`` zeroes, per
 bucket, the kept heads that bucket does not need.  Switching is a different
 row of a small mask tensor, never a weight upload.
 
@@ -23,6 +23,7 @@ from ..profiling.discovery import describe, iter_attention
 from ..profiling.scoring import score_heads
 from .errors import FragmentError
 from .masking import head_mask
+from .pruning import fresh_copy
 from .schedule import ScheduleState
 from .selection import Selection, select_heads
 
@@ -50,31 +51,53 @@ def select_bucket_heads(data: ProfileData, ratios: Sequence[float], **select_kwa
     return Selection(kept=union, heads=heads, params=params), per_bucket
 
 
-class BucketMask(nn.Module):
-    """The output projection of an attention module, its input masked by the current bucket's head set.
+class _BucketMasked:
+    """Put in front of an output projection's own class: its input is masked by the current bucket's head set."""
+
+    bucket_masks: torch.Tensor
+    bucket_state: ScheduleState
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.bucket_state.heads_enabled:
+            x = x * self.bucket_masks[self.bucket_state.bucket].to(device=x.device, dtype=x.dtype)
+        return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+
+
+_MASKED_CLASSES: dict[type, type] = {}
+
+
+def bucket_masked(inner: nn.Module, masks: torch.Tensor, state: ScheduleState) -> nn.Module:
+    """``inner`` (an output projection) with its input masked per bucket: same class, same Parameters.
 
     ``masks`` is ``[buckets, in_features]`` with 0/1 entries over the (already
-    pruned) head channels; ``state.bucket`` picks the row.
+    pruned) head channels; ``state.bucket`` picks the row.  The result is a
+    ``fresh_copy`` of ``inner`` whose class also derives from ``inner``'s, so
+    its state-dict keys stay ``...to_out.0.weight``: a LoRA or any other weight
+    patch on that key still finds it (a wrapper module would rename it to
+    ``...to_out.0.inner.weight``, and ComfyUI would drop the patch silently).
 
     >>> state = ScheduleState(buckets=2)
     >>> lin = nn.Linear(4, 1, bias=False); _ = nn.init.ones_(lin.weight)
-    >>> wrapped = BucketMask(lin, torch.tensor([[1., 1., 0., 0.], [1., 1., 1., 1.]]), state)
+    >>> wrapped = bucket_masked(lin, torch.tensor([[1., 1., 0., 0.], [1., 1., 1., 1.]]), state)
     >>> state.begin_call(100.0); float(wrapped(torch.ones(1, 4)))
     2.0
     >>> state.begin_call(900.0); float(wrapped(torch.ones(1, 4)))
     4.0
+    >>> isinstance(wrapped, nn.Linear), list(wrapped.state_dict()), wrapped.weight is lin.weight
+    (True, ['weight'], True)
     """
+    cls = type(inner)
+    if cls not in _MASKED_CLASSES:
+        _MASKED_CLASSES[cls] = type(f"BucketMasked{cls.__name__}", (_BucketMasked, cls), {"__module__": __name__})
+    new = fresh_copy(inner)
+    new.__class__ = _MASKED_CLASSES[cls]
+    new.register_buffer("bucket_masks", masks.to(torch.float32), persistent=False)
+    new.bucket_state = state
+    return new
 
-    def __init__(self, inner: nn.Module, masks: torch.Tensor, state: ScheduleState) -> None:
-        super().__init__()
-        self.inner = inner
-        self.register_buffer("masks", masks.to(torch.float32), persistent=False)
-        self.state = state
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.state.heads_enabled:
-            x = x * self.masks[self.state.bucket].to(device=x.device, dtype=x.dtype)
-        return self.inner(x, *args, **kwargs)
+def is_bucket_masked(module: nn.Module) -> bool:
+    return isinstance(module, _BucketMasked)
 
 
 def bucket_masks(union_kept: Sequence[int], bucket_kept: Mapping[int, Sequence[int]], buckets: int, dim_head: int,
@@ -99,7 +122,7 @@ def bucket_masks(union_kept: Sequence[int], bucket_kept: Mapping[int, Sequence[i
 def bucket_mask_replacements(fragment_model: nn.Module, fragment_kept: Mapping[str, Sequence[int]],
                              per_bucket: Mapping[int, Mapping[str, Sequence[int]]], buckets: int,
                              state: ScheduleState) -> dict[str, nn.Module]:
-    """Path (``<attention>.to_out.0``) -> ``BucketMask`` for every module some bucket masks further.
+    """Path (``<attention>.to_out.0``) -> a ``bucket_masked`` copy for every module some bucket masks further.
 
     ``fragment_model`` is the model the masks go on: its ``to_out.0`` is
     wrapped as the fragment made it (pruned, factorised or quantized).
@@ -121,5 +144,5 @@ def bucket_mask_replacements(fragment_model: nn.Module, fragment_kept: Mapping[s
         if len(sets) == buckets and all(sorted(k) == kept_now for k in sets.values()):
             continue  # every bucket keeps everything the fragment kept: nothing to switch
         masks = bucket_masks(kept_now, sets, buckets, site.dim_head, where=path)
-        out[f"{path}.to_out.0"] = BucketMask(module.to_out[0], masks, state)
+        out[f"{path}.to_out.0"] = bucket_masked(module.to_out[0], masks, state)
     return out

@@ -86,10 +86,11 @@ class BatchGenerator:
         state = find_schedule_state(model)
         with schedule_settings(state, steps, schedule):
             return self._generate(model, positive, negative, latent_image, seeds, batch_size, steps, cfg, sampler_name,
-                                  scheduler, denoise)
+                                  scheduler, denoise, state)
 
     def _generate(self, model: Any, positive: Any, negative: Any, latent_image: dict, seeds: list[int], batch_size: int,
-                  steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float) -> tuple:
+                  steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
+                  state: ScheduleState | None = None) -> tuple:
         base = latent_image["samples"][:1]
         free = comfy.model_management.get_free_memory(model.load_device)
         sizes = plan_sub_batches(len(seeds), batch_size, _per_image_bytes(model, base), free)
@@ -100,8 +101,12 @@ class BatchGenerator:
             comfy.model_management.throw_exception_if_processing_interrupted()
             noise = torch.cat([comfy.sample.prepare_noise(base, s) for s in group])
             latent = base.repeat(len(group), 1, 1, 1)
+            if state is not None:  # each sub-batch is its own run: never replay another run's features
+                state.reset()
             samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                                           denoise=denoise, disable_pbar=True, seed=group[0])
+            if state is not None:  # and the cached deep features are freed once the run is done
+                state.reset()
             outputs.append(samples.cpu())
             progress.update(len(group))
         elapsed = time.perf_counter() - started

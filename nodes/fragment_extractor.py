@@ -71,6 +71,7 @@ class FragmentExtractor:
             overwrite=overwrite, kv_context=fold_context(positive, negative, context_dtype(profile.patcher)) if kv_fold else None,
             ff_scores=profile.session.ff_scores() if ff_ratio > 0 else None,
             step_changes=profile.session.step_changes() if step_reuse > 0 else None,
+            step_timesteps=profile.session.step_timesteps() if step_reuse > 0 else None,
         )
         if positive is not None:  # indexed for FragmentLoader's (auto) mode
             register(fragments_dir(), path, embedding=pool_conditioning(positive), prompt=name,

@@ -112,8 +112,9 @@ class FragmentLoader:
             diffusion_model = model.model.diffusion_model
             replacements = schedule_replacements(diffusion_model, frag, plan.replacements, plan_schedule, state,
                                                  reuse_on=diffusion_model)
+            sampling = model.object_patches.get("model_sampling", model.model.model_sampling)  # as a sampling node set it
             patched.set_model_unet_function_wrapper(schedule_wrapper(
-                state, model.model.model_sampling, plan_schedule.cfg_cutoff, patched.model_options.get("model_function_wrapper")))
+                state, sampling, plan_schedule.cfg_cutoff, patched.model_options.get("model_function_wrapper")))
         for path, module in replacements.items():
             patched.add_object_patch(PREFIX + path, module)
         patched.size = max(1, model.model_size() - plan.bytes_saved)

@@ -2,7 +2,7 @@
 
 Three pieces go on a clone of the ModelPatcher:
 
-* object patches: ``BucketMask`` output projections and ``ReplaySequence`` deep
+* object patches: ``bucket_masked`` output projections and ``ReplaySequence`` deep
   blocks (``fragment.speed.schedule_replacements``), installed with the
   fragment's own patches;
 * a ``model_function_wrapper`` that converts each call's sigma to the training
@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..fragment.errors import FragmentError
 from ..fragment.schedule import Schedule, ScheduleState
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,34 @@ def _call(previous: Callable | None, apply_model: Callable, args: dict[str, Any]
     return apply_model(args["input"], args["timestep"], **args["c"])
 
 
-def _cond_rows_only(args: dict[str, Any]) -> tuple[dict[str, Any], int] | None:
+def require_discrete_sampling(model_sampling: Any, where: str) -> None:
+    """Refuse models whose sigmas do not come from SD's 1000 discrete training timesteps.
+
+    Schedules are stored in those timesteps; an EDM or Stable Cascade model's
+    ``timestep()`` means something else, and every comparison would be wrong.
+    """
+    import comfy.model_sampling as ms
+
+    if not isinstance(model_sampling, ms.ModelSamplingDiscrete) or type(model_sampling).timestep is not ms.ModelSamplingDiscrete.timestep:
+        raise FragmentError(f"{where}: a fragment schedule is stored in SD's discrete training timesteps (0..999); this "
+                            f"model samples with {type(model_sampling).__name__}. Load the fragment with schedule=off")
+
+
+def training_timestep(model_sampling: Any, sigma: torch.Tensor) -> float:
+    """The training timestep of ``sigma`` as a real number, by interpolating the model's log sigmas.
+
+    ComfyUI's own ``timestep()`` rounds to the nearest integer, which merges the
+    last steps of long exponential or Karras schedules into one timestep.
+    """
+    log_sigmas = model_sampling.log_sigmas.float()
+    target = torch.log(sigma.float().max().to(log_sigmas.device)).clamp(log_sigmas[0], log_sigmas[-1])
+    high = int(torch.searchsorted(log_sigmas, target.reshape(1)).clamp(1, len(log_sigmas) - 1))
+    low_value, high_value = log_sigmas[high - 1], log_sigmas[high]
+    frac = float((target - low_value) / (high_value - low_value).clamp_min(1e-12))
+    return (high - 1) + min(max(frac, 0.0), 1.0)
+
+
+def _cond_rows_only(args: dict[str, Any]) -> tuple[dict[str, Any], int, slice] | None:
     """The call restricted to its one cond chunk when it holds exactly one cond and one uncond chunk, else None."""
     chunks = list(args["cond_or_uncond"])
     if sorted(chunks) != [COND, UNCOND] or args["c"].get("control") is not None:
@@ -49,7 +77,7 @@ def _cond_rows_only(args: dict[str, Any]) -> tuple[dict[str, Any], int] | None:
             value = {**value, "cond_or_uncond": [COND]}
         c[key] = value
     timestep = args["timestep"][rows] if args["timestep"].shape[:1] == x.shape[:1] else args["timestep"]
-    return {**args, "input": x[rows], "timestep": timestep, "c": c, "cond_or_uncond": [COND]}, size
+    return {**args, "input": x[rows], "timestep": timestep, "c": c, "cond_or_uncond": [COND]}, size, rows
 
 
 def schedule_wrapper(state: ScheduleState, model_sampling: Any, cfg_cutoff: float | None,
@@ -61,19 +89,30 @@ def schedule_wrapper(state: ScheduleState, model_sampling: Any, cfg_cutoff: floa
     the reference sampler's truncation.
     """
 
+    require_discrete_sampling(model_sampling, "FragmentLoader")
+    skipped_truncation: list[str] = []  # said once per loaded model, not once per step
+
     def wrapper(apply_model: Callable, args: dict[str, Any]) -> Any:
+        # The model's sampling as it runs now: a node stacked after FragmentLoader may have patched it.
+        live = getattr(getattr(apply_model, "__self__", None), "model_sampling", None) or model_sampling
+        if live is not model_sampling:
+            require_discrete_sampling(live, "fragment schedule (at sampling time)")
         sigma = args["timestep"]
-        t = float(model_sampling.timestep(sigma.max() if isinstance(sigma, torch.Tensor) else torch.tensor(sigma)))
+        t = training_timestep(live, sigma if isinstance(sigma, torch.Tensor) else torch.tensor(sigma))
         sample_sigmas = args["c"].get("transformer_options", {}).get("sample_sigmas")
         if sample_sigmas is not None:  # newer ComfyUI says how many steps run
             state.run_total_steps = max(1, len(sample_sigmas) - 1)
         if cfg_cutoff is not None and state.cfg_enabled and t < cfg_cutoff:
             sliced = _cond_rows_only(args)
             if sliced is not None:
-                cond_args, size = sliced
-                state.begin_call(t, tuple(cond_args["input"].shape))
+                cond_args, size, rows = sliced
+                state.begin_call(t, tuple(cond_args["input"].shape), rows=rows)
                 cond = _call(previous, apply_model, cond_args)
                 return torch.cat([cond] * (args["input"].shape[0] // size))
+            if not skipped_truncation:
+                skipped_truncation.append(str(list(args["cond_or_uncond"])))
+                log.warning("CFG truncation: this sampler call holds %s (cond=0, uncond=1) rather than one cond and one "
+                            "uncond chunk, or carries ControlNet residuals; those calls run in full", skipped_truncation[0])
         state.begin_call(t, tuple(args["input"].shape))
         return _call(previous, apply_model, args)
 
@@ -82,14 +121,26 @@ def schedule_wrapper(state: ScheduleState, model_sampling: Any, cfg_cutoff: floa
     return wrapper
 
 
-def find_schedule_state(patcher: Any) -> ScheduleState | None:
-    """The ``ScheduleState`` of a MODEL patched by FragmentLoader (through any wrappers stacked on it)."""
+def find_schedule_state(patcher: Any, where: str = "BatchGenerator") -> ScheduleState | None:
+    """The ``ScheduleState`` of a MODEL patched by FragmentLoader (through any wrappers stacked on it).
+
+    Raises when the MODEL carries a schedule's modules but our wrapper is gone
+    (a node installed its own ``model_function_wrapper`` without chaining it):
+    nothing would tell the schedule which step runs, so it would run wrongly.
+    """
     wrapper = patcher.model_options.get("model_function_wrapper")
     while wrapper is not None:
         state = getattr(wrapper, "prompt_fragments_schedule", None)
         if state is not None:
             return state
         wrapper = getattr(wrapper, "previous", None)
+    for patch in patcher.object_patches.values():
+        modules = patch.modules() if isinstance(patch, torch.nn.Module) else ()
+        if any(isinstance(getattr(m, "state", getattr(m, "bucket_state", None)), ScheduleState) for m in modules):
+            raise FragmentError(
+                f"{where}: the MODEL carries a fragment schedule, but its model_function_wrapper was replaced by another "
+                "node after FragmentLoader, so the schedule cannot follow the sampler's steps. Put FragmentLoader after "
+                "that node, or load the fragment with schedule=off")
     return None
 
 

@@ -81,6 +81,10 @@ class ProfileSession:
         """Mean relative change of the deep features per sampler step (None when this UNet layout has no probe)."""
         return self._steps.changes() if self._steps is not None else None
 
+    def step_timesteps(self) -> list[float] | None:
+        """The timestep of each of those steps (from the first profiled run), or None without a probe."""
+        return self._steps.timesteps() if self._steps is not None else None
+
     def result(self) -> ProfileData:
         """The statistics so far, with the run count in ``info``."""
         data = self._profiler.result()

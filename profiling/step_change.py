@@ -5,8 +5,12 @@ the deepest block that feeds the shallow up path (``BlockLayout.cache_point``)
 barely moves between steps, replaying it costs little quality.  The probe
 hooks that one block and the model root (for the timestep), and records the
 relative change ``||h_s - h_{s-1}|| / ||h_{s-1}||`` per step, averaged over
-sampling runs.  Steps are counted like ``ScheduleState`` counts them: a lower
-timestep is the next step, a higher one a new run.
+sampling runs, and the timestep of each step (what a schedule is matched by at
+run time).  Steps are counted like ``ScheduleState`` counts them: a lower
+timestep is the next step, a higher one a new run.  Averaging by step index
+only means something over runs with the same timesteps, so a run whose
+timesteps differ from the first run's (other step count, scheduler or
+denoise) is left out of the averages and counted in ``skipped_runs``.
 """
 from __future__ import annotations
 
@@ -50,22 +54,51 @@ class StepChangeProbe(HookContext):
         self._call = 0
         self._previous: dict[int, torch.Tensor] = {}
         self._current: dict[int, torch.Tensor] = {}
+        self._timesteps: list[float] = []  # per step, from the first run
+        self._run_timesteps: list[float] = []
+        self._run_changes: list[tuple[int, float]] = []  # this run's additions, to take back if it turns out foreign
+        self._counting = True
         self.runs = 0
+        self.skipped_runs = 0
 
     def _on_model_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         t = _timestep_from_call(args, kwargs)
         if t is None:
             return
         if self._last_t is None or t > self._last_t + 1e-4:
+            self._end_run()
             self.runs += 1
             self._step, self._call = 0, 0
             self._previous, self._current = {}, {}
+            self._run_timesteps, self._run_changes = [], []
+            self._counting = True
         elif t < self._last_t - 1e-4:
             self._step, self._call = self._step + 1, 0
             self._previous, self._current = self._current, {}
         else:
             self._call += 1
         self._last_t = t
+        if self._call == 0:
+            self._run_timesteps.append(t)
+            if self.runs == 1:
+                self._timesteps.append(t)
+            elif self._counting and (self._step >= len(self._timesteps) or abs(self._timesteps[self._step] - t) > 0.5):
+                self._counting = False  # another noise schedule: its changes would land on the wrong steps
+                self._drop_run()
+
+    def _end_run(self) -> None:
+        if self.runs > 1 and self._counting and len(self._run_timesteps) != len(self._timesteps):
+            self._counting = False  # a shorter run (fewer steps): same reason
+            self._drop_run()
+
+    def _drop_run(self) -> None:
+        for step, change in self._run_changes:
+            self._sums[step] -= change
+            self._counts[step] -= 1
+        self._run_changes = []
+        self.skipped_runs += 1
+        log.warning("step-change probe: run %d has other timesteps than the first run (another step count, scheduler "
+                    "or denoise); its changes are left out of the step-reuse calibration", self.runs)
 
     def _on_output(self, _module: nn.Module, _inp: Any, out: Any) -> None:
         h = out[0] if isinstance(out, (tuple, list)) else out
@@ -75,10 +108,11 @@ class StepChangeProbe(HookContext):
         while len(self._sums) <= self._step:
             self._sums.append(0.0)
             self._counts.append(0)
-        if before is not None and before.shape == h.shape:
+        if before is not None and before.shape == h.shape and self._counting:
             change = float((h - before).norm() / before.norm().clamp_min(1e-12))
             self._sums[self._step] += change
             self._counts[self._step] += 1
+            self._run_changes.append((self._step, change))
 
     def _install(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
@@ -89,13 +123,20 @@ class StepChangeProbe(HookContext):
         self._previous, self._current = {}, {}
 
     def changes(self) -> list[float | None]:
-        """Mean relative change per step (``None`` for step 0 and steps never seen twice)."""
-        return [self._sums[i] / self._counts[i] if self._counts[i] else None for i in range(len(self._sums))]
+        """Mean relative change per step (``None`` for step 0 and steps never seen twice), over the finished runs."""
+        self._end_run()  # the last run may have been a shorter one
+        steps = len(self._timesteps) or len(self._sums)
+        return [self._sums[i] / self._counts[i] if i < len(self._sums) and self._counts[i] else None for i in range(steps)]
+
+    def timesteps(self) -> list[float]:
+        """The first run's timestep per step: what a schedule calibrated from these changes is matched by."""
+        return list(self._timesteps)
 
     def record(self) -> dict[str, Any]:
         """Plain data for the manifest's calibration record."""
-        return {"cache_point": self.point, "shallow": self.shallow, "runs": self.runs,
-                "change_per_step": [None if c is None or not math.isfinite(c) else round(c, 5) for c in self.changes()]}
+        return {"cache_point": self.point, "shallow": self.shallow, "runs": self.runs, "skipped_runs": self.skipped_runs,
+                "change_per_step": [None if c is None or not math.isfinite(c) else round(c, 5) for c in self.changes()],
+                "timesteps": [round(t, 4) for t in self._timesteps]}
 
 
 def reuse_steps_for_budget(changes: list[float | None], budget: float) -> list[int]:

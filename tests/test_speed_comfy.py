@@ -154,3 +154,50 @@ def test_stock_patches_stack_on_a_scheduled_fragment(scheduled, stack: str) -> N
     assert reused == list(fragment_schedule(scheduled.frag).reuse_steps)
     assert torch.equal(off, plain)
     assert not torch.equal(out, unpatched)  # the stock patch really acts on the fragment model
+
+
+def test_cfg_truncation_alone_runs_only_the_cond_rows_below_the_cutoff(scheduled) -> None:
+    cfg_only = with_schedule(scheduled.frag, Schedule(cfg_cutoff=400.0))
+    with torch.inference_mode():
+        model, status = _load(scheduled, cfg_only)
+        state = _state(model)
+        out = _batch(scheduled, model)
+        calls = [(h["t"], h["signature"][0]) for h in state.history]
+        full_cfg = _batch(scheduled, model, schedule="heads only")  # CFG truncation off for this batch
+    assert "CFG truncated below t=400" in status
+    assert any(t < 400 for t, _ in calls) and any(t >= 400 for t, _ in calls)
+    assert all(rows == (2 if t < 400 else 4) for t, rows in calls), calls  # 2 seeds: [cond, uncond] x 2, then cond alone
+    assert torch.isfinite(out).all() and not torch.equal(out, full_cfg)
+
+
+def test_a_weight_patch_on_a_bucket_masked_projection_is_applied(scheduled) -> None:
+    """A LoRA-style patch on a projection the fragment keeps whole but masks per bucket: the key must still exist."""
+    with torch.inference_mode():
+        model, _ = _load(scheduled, scheduled.full)
+        masked = [k for k, m in model.object_patches.items()
+                  if k.endswith(".to_out.0") and type(m).__name__.startswith("BucketMasked")]
+        assert masked, "the schedule should mask some projection the fragment did not prune"
+        key = masked[0] + ".weight"
+        weight = model.model.get_submodule(key[: -len(".weight")]).weight
+        lora_base = scheduled.base.clone()
+        assert lora_base.add_patches({key: (torch.full_like(weight, 0.05),)}, 1.0) == [key]
+        with_lora, _ = _load(SimpleNamespace(**{**vars(scheduled), "base": lora_base}), scheduled.full)
+        out = _batch(scheduled, with_lora)
+        without = _batch(scheduled, model)
+    assert not torch.equal(out, without)  # ComfyUI found the key and patched it (a renamed key is dropped silently)
+
+
+def test_a_schedule_is_refused_where_it_cannot_follow_the_steps(scheduled) -> None:
+    """Non-discrete sampling (EDM) would misread every timestep; a replaced wrapper would leave the schedule undriven."""
+    with torch.inference_mode():
+        edm = scheduled.nodes.NODE_CLASS_MAPPINGS["ModelSamplingContinuousEDM"]().patch(scheduled.base, "eps", 120.0, 0.002)[0]
+        edm_env = SimpleNamespace(**{**vars(scheduled), "base": edm})
+        with pytest.raises(Exception, match="discrete training timesteps.*ModelSamplingAdvanced.*schedule=off"):
+            _load(edm_env, scheduled.full)
+        plain_edm = _batch(scheduled, _load(edm_env, scheduled.full, schedule="off")[0])
+        model, _ = _load(scheduled, scheduled.full)
+        foreign = model.clone()
+        foreign.set_model_unet_function_wrapper(lambda apply_model, args: apply_model(args["input"], args["timestep"], **args["c"]))
+        with pytest.raises(Exception, match="model_function_wrapper was replaced by another node after FragmentLoader"):
+            _batch(scheduled, foreign)
+    assert torch.isfinite(plain_edm).all()

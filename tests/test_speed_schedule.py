@@ -18,7 +18,7 @@ from prompt_fragments.fragment.schedule import Schedule, ScheduleState, map_step
 from prompt_fragments.fragment.speed import apply_schedule, calibrate_reuse, fragment_schedule, with_schedule
 from prompt_fragments.fragment.step_reuse import block_layout
 from prompt_fragments.fragment.store import apply_fragment, build_fragment, describe_base, load_fragment, save_fragment
-from prompt_fragments.fragment.timestep_heads import select_bucket_heads
+from prompt_fragments.fragment.timestep_heads import is_bucket_masked, select_bucket_heads
 from prompt_fragments.profiling.profiler import HeadProfiler
 from prompt_fragments.profiling.step_change import StepChangeProbe, reuse_steps_for_budget
 from prompt_fragments.reference.model import build_reference, unet_input
@@ -160,9 +160,79 @@ def test_bad_schedules_are_refused_with_where_and_what(setup) -> None:
 
 def test_step_mapping_follows_the_noise_fraction() -> None:
     assert [map_step(s, 4, 8) for s in range(4)] == [0, 2, 5, 7]
-    state = ScheduleState(reuse_steps=[2], total_steps=4)
+    state = ScheduleState(reuse_steps=[2], total_steps=4)  # no timesteps stored: matched by step index
+    state.expect_keys(["k"])
     state.run_total_steps = 8
-    for t in (999, 875, 750, 625, 500):
+    for t in (999, 875, 750, 625, 500, 375, 250, 125):
         state.begin_call(t, (1,))
         state.store("k", t)
-    assert [h["step"] for h in state.history] == [0, 1, 2, 3, 4]
+    assert [h["step"] for h in state.history] == list(range(8))
+    assert state.reused_steps() == [4, 5]  # round(s * 3 / 7) == 2
+
+
+def test_a_late_start_reuses_at_the_calibrated_noise_levels() -> None:
+    """A run that starts at mid noise (denoise < 1, start_at_step) is matched by timestep, not by step index."""
+    state = ScheduleState(reuse_steps=[3, 4], total_steps=6, step_timesteps=(999, 832, 666, 499, 333, 166))
+    state.expect_keys(["k"])
+    for t in (520.0, 340.0, 170.0):
+        state.begin_call(t, (1,))
+        state.store("k", t)
+    # 520 ~ step 3: a new run has nothing cached, so it computes; 340 ~ step 4 replays; 170 ~ step 5 computes
+    assert [h["reused"] for h in state.history] == [False, True, False]
+    assert state.cached("k") == 170.0
+
+
+def _nearest(t: float, calibrated: list[float]) -> int:
+    distances = [abs(c - t) for c in calibrated]
+    return distances.index(min(distances))
+
+
+def test_another_step_count_reuses_at_the_calibrated_noise_levels(setup) -> None:
+    unet, ctx, unc, _, scheduled, _, probe = setup
+    calibrated = probe.timesteps()
+    assert len(calibrated) == STEPS and calibrated == sorted(calibrated, reverse=True)
+    schedule = Schedule(total_steps=STEPS, reuse_steps=REUSE, shallow=1, step_timesteps=tuple(calibrated))
+    small, state = apply_schedule(unet, with_schedule(scheduled, schedule))
+    sample(small, ctx, unc, [5], steps=2 * STEPS, state=state)
+    run_t = [h["t"] for h in state.history]
+    expected = [i for i, t in enumerate(run_t) if i > 0 and _nearest(t, calibrated) in REUSE]
+    assert len(run_t) == 2 * STEPS and expected and expected != list(REUSE)
+    assert state.reused_steps() == expected
+
+
+def test_cfg_truncation_keeps_the_reuse_cache_for_the_cond_rows(setup) -> None:
+    unet, ctx, unc, _, scheduled, _, probe = setup
+    calibrated = probe.timesteps()
+    cutoff = (calibrated[REUSE[0] - 1] + calibrated[REUSE[0]]) / 2  # the switch falls right before the first reuse step
+    schedule = Schedule(total_steps=STEPS, reuse_steps=REUSE, shallow=1, step_timesteps=tuple(calibrated), cfg_cutoff=cutoff)
+    small, state = apply_schedule(unet, with_schedule(scheduled, schedule))
+    images = sample(small, ctx, unc, [5, 6], steps=STEPS, state=state, cfg_cutoff=cutoff)
+    batches = [h["signature"][0] for h in state.history]
+    assert batches == [4 if t >= cutoff else 2 for t in calibrated]  # [uncond, cond] x 2 seeds, then cond alone
+    assert state.reused_steps() == list(REUSE)  # the first reuse step replays the cached cond rows
+    state.reuse_enabled = False
+    assert (images != sample(small, ctx, unc, [5, 6], steps=STEPS, state=state, cfg_cutoff=cutoff)).any()
+
+
+def test_step_change_probe_leaves_out_runs_with_other_timesteps(setup) -> None:
+    unet, ctx, unc, _, _, _, _ = setup
+    with torch.no_grad(), StepChangeProbe(unet, shallow=1) as alone:
+        sample(unet, ctx, unc, [0], steps=STEPS)
+    with torch.no_grad(), StepChangeProbe(unet, shallow=1) as mixed:
+        sample(unet, ctx, unc, [0], steps=STEPS)
+        sample(unet, ctx, unc, [0], steps=STEPS - 2)
+    assert mixed.skipped_runs == 1 and mixed.runs == 2 and alone.skipped_runs == 0
+    assert mixed.timesteps() == alone.timesteps()
+    assert mixed.changes() == pytest.approx(alone.changes())
+
+
+def test_bucket_masks_keep_the_weight_keys_of_the_plain_fragment(setup) -> None:
+    """Weight patches (LoRA) find a bucket-masked projection under its usual key and act on it."""
+    unet, _, _, plain, scheduled, per_bucket, _ = setup
+    small, state = apply_schedule(unet, with_schedule(scheduled, Schedule(buckets=2, bucket_heads=per_bucket)))
+    plain_model = apply_fragment(unet, plain)
+    assert list(small.state_dict()) == list(plain_model.state_dict())
+    masked = [n for n, m in small.named_modules() if is_bucket_masked(m)]
+    assert masked and all(n.endswith("to_out.0") for n in masked)
+    module = small.get_submodule(masked[0])
+    assert torch.equal(module.weight, plain_model.get_submodule(masked[0]).weight)
