@@ -2,10 +2,12 @@
 
 The demo's prompt is profiled on seeds 0-7.  The pruning ratio starts at H1's
 30 % of heads and is lowered by bisection (``fragment.refine``, the extractor's
-gate) until the masked model passes on calibration seeds 1000+; the chosen
-ratio's physical fragment is then judged on fresh seeds 5000+ against the full
-model's images for the same seeds: adherence drop (analyzer) and SSIM / LPIPS
-fidelity.  The limits come from ``thresholds.yaml`` (``quality_gate``), never
+gate) until the masked model passes on calibration seeds 1000+ and again on
+validation seeds 3000+ (a ratio at the edge of the gate can pass one set of 16
+images by luck: 11.4 % passed the calibration seeds at SSIM 0.907 and failed
+fresh seeds at 0.888); the chosen ratio's physical fragment is then judged on
+fresh seeds 5000+ against the full model's images for the same seeds:
+adherence drop (analyzer) and SSIM / LPIPS fidelity.  The limits come from ``thresholds.yaml`` (``quality_gate``), never
 from this file.  Whether 30 % itself passes is H1, reported by the demo's
 ``metrics_summary.json`` with its curve.
 """
@@ -64,16 +66,21 @@ def test_reference_fragment_meets_the_quality_gate_on_fresh_seeds() -> None:
             ("adherence_delta", ">", gate["adherence_drop_max"]), ("ssim_mean", "<", gate["ssim_min"]),
             ("lpips_mean", ">", gate["lpips_max"])) if (m[k] > limit if op == ">" else m[k] < limit)]
 
-    calibration = list(range(1000, 1000 + n))
-    full_cal = run(unet, calibration)
+    calibration, validation = list(range(1000, 1000 + n)), list(range(3000, 3000 + n))
+    full_cal, full_val = run(unet, calibration), run(unet, validation)
 
     def evaluate(ratio: float) -> dict:
         with mask_heads(unet, select_heads(scores, ratio=ratio, protected=protected).kept):
-            return judge(full_cal, run(unet, calibration))
+            return {"calibration": judge(full_cal, run(unet, calibration)),
+                    "validation": judge(full_val, run(unet, validation))}
+
+    def both_pass(m: dict) -> tuple[bool, list[str]]:
+        reasons = [f"{part}: {r}" for part in ("calibration", "validation") for r in failures(m[part])]
+        return not reasons, reasons
 
     total = sum(int(v.numel()) for v in scores.values())
     start = math.ceil(thresholds["hypotheses"]["H1"]["pruned_head_pct_min"] * total - 1e-9) / total
-    refined = refine_ratio(evaluate, lambda m: (not failures(m), failures(m)), start=start, tolerance=0.02, max_tries=6)
+    refined = refine_ratio(evaluate, both_pass, start=start, tolerance=0.02, max_tries=6)
     assert refined["status"] != "fallback_full_model", f"no pruning ratio passes the gate: {refined['tries']}"
 
     plan = select_heads(scores, ratio=refined["ratio"], protected=protected)
