@@ -1,4 +1,4 @@
-"""BatchGenerator: many seeds of one prompt in memory-aware sub-batches, with progress and cancel.
+"""BatchGenerator: many seeds of one prompt in memory-aware sub-batches, with per-step progress and cancel.
 
 With a MODEL from FragmentLoader that carries a schedule, the batch runs it
 (or part of it, or none) and tells it the real step count.
@@ -42,6 +42,31 @@ def schedule_settings(state: ScheduleState | None, steps: int, mode: str) -> Ite
         yield
     finally:
         state.run_total_steps, state.reuse_enabled, state.heads_enabled, state.cfg_enabled = saved
+
+
+class StepProgress:
+    """Progress in image-steps (``count x steps``), updated by the sampler's per-step callback.
+
+    The callback also checks for Cancel after every step, so an interrupt stops
+    a sub-batch within one step, as it stops KSampler, not only between
+    sub-batches.
+    """
+
+    def __init__(self, images: int, steps: int) -> None:
+        self.steps = max(1, steps)
+        self.bar = comfy.utils.ProgressBar(images * self.steps)
+        self.done_images = 0
+
+    def callback(self, group_size: int) -> Any:
+        def on_step(step: int, x0: Any, x: Any, total_steps: int) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            self.bar.update_absolute(self.done_images * self.steps + min(step + 1, self.steps) * group_size)
+
+        return on_step
+
+    def finished(self, group_size: int) -> None:
+        self.done_images += group_size
+        self.bar.update_absolute(self.done_images * self.steps)
 
 
 def _per_image_bytes(model: Any, latent: torch.Tensor) -> float:
@@ -94,7 +119,7 @@ class BatchGenerator:
         base = latent_image["samples"][:1]
         free = comfy.model_management.get_free_memory(model.load_device)
         sizes = plan_sub_batches(len(seeds), batch_size, _per_image_bytes(model, base), free)
-        progress = comfy.utils.ProgressBar(len(seeds))
+        progress = StepProgress(len(seeds), steps)
         outputs = []
         started = time.perf_counter()
         for group in chunk(seeds, sizes):
@@ -104,11 +129,12 @@ class BatchGenerator:
             if state is not None:  # each sub-batch is its own run: never replay another run's features
                 state.reset()
             samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                          denoise=denoise, disable_pbar=True, seed=group[0])
+                                          denoise=denoise, disable_pbar=True, seed=group[0],
+                                          callback=progress.callback(len(group)))
             if state is not None:  # and the cached deep features are freed once the run is done
                 state.reset()
             outputs.append(samples.cpu())
-            progress.update(len(group))
+            progress.finished(len(group))
         elapsed = time.perf_counter() - started
         log.info("BatchGenerator: %d images in %.1fs (%.2f images/s, sub-batches %s)", len(seeds), elapsed,
                  len(seeds) / elapsed if elapsed > 0 else float("inf"), sizes)

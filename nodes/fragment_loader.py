@@ -6,7 +6,7 @@ unpatches.  The clone's size is corrected to the bytes really resident, so
 ComfyUI's memory planner sees the smaller model.
 
 A fragment with a run-time schedule (issue #8) also gets the schedule's
-object patches and a ``model_function_wrapper`` (``schedule_patch``), unless
+object patches and wrappers (``schedule_patch.install_schedule``), unless
 ``schedule`` is off.
 
 LoRA patches on weights the fragment prunes are refused with a clear error
@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import comfy.model_management
-
 from ..fragment.auto_mode import auto_select, load_or_fallback
 from ..fragment.errors import BaseModelMismatchError, FragmentError
 from ..fragment.fingerprint import pool_conditioning
@@ -28,7 +26,8 @@ from ..fragment.patching import base_sha256, plan_patches
 from ..fragment.schedule import ScheduleState
 from ..fragment.speed import fragment_schedule, schedule_replacements
 from .profiler_loader import without_profiling
-from .schedule_patch import describe_schedule, schedule_wrapper
+from .comfy_versions import unload_clones
+from .schedule_patch import describe_schedule, install_schedule
 from .folders import CATEGORY, NONE, FragmentHandle, fragment_choices, fragment_path, fragments_dir, tip, unpatched_originals
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ class FragmentLoader:
               positive: Any = None, threshold: float = 0.9, schedule: str = "as stored") -> tuple:
         # A loaded clone (say this node's output from the last queue) has its object patches on the shared
         # modules; unload it so the base is read as it is (ComfyUI's get_key_patches does the same).
-        comfy.model_management.unload_model_clones(model)
+        unload_clones(model)
         originals = unpatched_originals(model)
         prefix_status = ""
         digest: str | None = None
@@ -113,8 +112,7 @@ class FragmentLoader:
             replacements = schedule_replacements(diffusion_model, frag, plan.replacements, plan_schedule, state,
                                                  reuse_on=diffusion_model)
             sampling = model.object_patches.get("model_sampling", model.model.model_sampling)  # as a sampling node set it
-            patched.set_model_unet_function_wrapper(schedule_wrapper(
-                state, sampling, plan_schedule.cfg_cutoff, patched.model_options.get("model_function_wrapper")))
+            install_schedule(patched, state, sampling, plan_schedule.cfg_cutoff)
         for path, module in replacements.items():
             patched.add_object_patch(PREFIX + path, module)
         patched.size = max(1, model.model_size() - plan.bytes_saved)

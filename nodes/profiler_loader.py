@@ -22,38 +22,43 @@ import comfy.sd
 import folder_paths
 
 from ..profiling.session import ProfileSession
+from .comfy_versions import add_call_wrapper, call_wrappers, previous_wrapper, remove_call_wrappers
 from .folders import CATEGORY, ProfileHandle, tip
 
 log = logging.getLogger(__name__)
 
 
-def profiling_wrapper(session: ProfileSession, previous: Callable | None) -> Callable:
-    """A ``model_function_wrapper`` that runs each UNet call inside the session's hooks."""
+PROFILE_KEY = "prompt_fragments.profile"
+PROFILING_MARK = "prompt_fragments_profiling"
+
+
+def profiling_wrapper(session: ProfileSession) -> Callable:
+    """A call wrapper (``model_function_wrapper`` signature) that runs each UNet call inside the session's hooks."""
 
     def wrapper(apply_model: Callable, args: dict[str, Any]) -> Any:
         def call() -> Any:
-            if previous is not None:  # keep any wrapper another node installed before us
+            previous = previous_wrapper(wrapper)
+            if previous is not None:  # 2024 ComfyUI: keep any wrapper another node installed before us
                 return previous(apply_model, args)
             return apply_model(args["input"], args["timestep"], **args["c"])
 
         sigma = args["timestep"]
         return session.call(call, sigma=float(sigma.max()) if hasattr(sigma, "max") else float(sigma))
 
-    # Marks let FragmentLoader take profiling off a fragment model it builds from this MODEL.
-    wrapper.prompt_fragments_profiling = True  # type: ignore[attr-defined]
-    wrapper.previous = previous  # type: ignore[attr-defined]
+    # The mark lets FragmentLoader take profiling off a fragment model it builds from this MODEL.
+    setattr(wrapper, PROFILING_MARK, True)
     return wrapper
 
 
 def without_profiling(patcher: Any) -> Any:
-    """Remove this pack's profiling wrapper from a (cloned) ModelPatcher, restoring what it wrapped."""
-    wrapper = patcher.model_options.get("model_function_wrapper")
-    if getattr(wrapper, "prompt_fragments_profiling", False):
-        if wrapper.previous is None:
-            del patcher.model_options["model_function_wrapper"]
-        else:
-            patcher.model_options["model_function_wrapper"] = wrapper.previous
+    """Remove this pack's profiling wrapper from a (cloned) ModelPatcher, keeping every other wrapper."""
+    remove_call_wrappers(patcher, PROFILE_KEY, PROFILING_MARK)
     return patcher
+
+
+def is_profiling(patcher: Any) -> bool:
+    """True when ``patcher`` records statistics into a profile while it samples."""
+    return any(getattr(w, PROFILING_MARK, False) for w in call_wrappers(patcher, PROFILE_KEY))
 
 
 class ProfilerModelLoader:
@@ -88,6 +93,6 @@ class ProfilerModelLoader:
         session = ProfileSession(diffusion_model, buckets=timestep_buckets, entropy_tokens=entropy_tokens,
                                  info={"checkpoint": ckpt_name, "on_requeue": on_requeue})
         profiled = model.clone()
-        profiled.set_model_unet_function_wrapper(profiling_wrapper(session, profiled.model_options.get("model_function_wrapper")))
+        add_call_wrapper(profiled, PROFILE_KEY, profiling_wrapper(session))
         log.info("profiling %s: %d attention modules", ckpt_name, len(session.result().modules))
         return (profiled, clip, vae, ProfileHandle(session=session, checkpoint=ckpt_name, patcher=profiled))

@@ -5,10 +5,15 @@ Three pieces go on a clone of the ModelPatcher:
 * object patches: ``bucket_masked`` output projections and ``ReplaySequence`` deep
   blocks (``fragment.speed.schedule_replacements``), installed with the
   fragment's own patches;
-* a ``model_function_wrapper`` that converts each call's sigma to the training
-  timestep and tells the ``ScheduleState`` before the UNet runs (ComfyUI gives
-  the UNet sigmas, the schedule is stored in timesteps), and that skips the
-  unconditional rows below the CFG cut-off;
+* a call wrapper (``comfy_versions.add_call_wrapper``: a keyed ``APPLY_MODEL``
+  wrapper on ComfyUI 0.3.x, the chained ``model_function_wrapper`` on 2024)
+  that converts each call's sigma to the training timestep and tells the
+  ``ScheduleState`` before the UNet runs (ComfyUI gives the UNet sigmas, the
+  schedule is stored in timesteps), and that skips the unconditional rows
+  below the CFG cut-off;
+* on 0.3.x, a keyed ``OUTER_SAMPLE`` wrapper that starts every sampler run
+  from a clean state with its real step count and frees the cached deep
+  features when the run ends, also when it fails or is interrupted;
 * the state itself, reachable from the wrapper, so BatchGenerator can give it
   the step count and turn parts off for one batch.
 
@@ -23,9 +28,12 @@ import torch
 
 from ..fragment.errors import FragmentError
 from ..fragment.schedule import Schedule, ScheduleState
+from .comfy_versions import add_call_wrapper, add_run_wrapper, call_wrappers, previous_wrapper
 
 log = logging.getLogger(__name__)
 COND, UNCOND = 0, 1
+SCHEDULE_KEY = "prompt_fragments.schedule"
+SCHEDULE_MARK = "prompt_fragments_schedule"
 
 
 def _call(previous: Callable | None, apply_model: Callable, args: dict[str, Any]) -> Any:
@@ -69,20 +77,25 @@ def _cond_rows_only(args: dict[str, Any]) -> tuple[dict[str, Any], int, slice] |
     x = args["input"]
     size = x.shape[0] // 2
     rows = slice(chunks.index(COND) * size, (chunks.index(COND) + 1) * size)
+
+    def narrow(value: Any) -> Any:
+        return value[rows] if isinstance(value, torch.Tensor) and value.shape[:1] == x.shape[:1] else value
+
     c = {}
     for key, value in args["c"].items():
-        if isinstance(value, torch.Tensor) and value.shape[:1] == x.shape[:1]:
-            value = value[rows]
-        elif key == "transformer_options":
+        if key == "transformer_options":
+            # 0.3.x also passes the call's sigmas and one uuid per chunk here; keep them in step with the rows.
             value = {**value, "cond_or_uncond": [COND]}
-        c[key] = value
-    timestep = args["timestep"][rows] if args["timestep"].shape[:1] == x.shape[:1] else args["timestep"]
-    return {**args, "input": x[rows], "timestep": timestep, "c": c, "cond_or_uncond": [COND]}, size, rows
+            if "sigmas" in value:
+                value["sigmas"] = narrow(value["sigmas"])
+            if isinstance(value.get("uuids"), list) and len(value["uuids"]) == len(chunks):
+                value["uuids"] = [value["uuids"][chunks.index(COND)]]
+        c[key] = narrow(value)
+    return {**args, "input": x[rows], "timestep": narrow(args["timestep"]), "c": c, "cond_or_uncond": [COND]}, size, rows
 
 
-def schedule_wrapper(state: ScheduleState, model_sampling: Any, cfg_cutoff: float | None,
-                     previous: Callable | None) -> Callable:
-    """A ``model_function_wrapper`` that drives ``state`` and applies CFG truncation below ``cfg_cutoff``.
+def schedule_wrapper(state: ScheduleState, model_sampling: Any, cfg_cutoff: float | None) -> Callable:
+    """A call wrapper that drives ``state`` and applies CFG truncation below ``cfg_cutoff``.
 
     Below the cut-off the uncond rows get the cond prediction, so ComfyUI's
     ``uncond + (cond - uncond) * cfg`` is the cond prediction itself, as in
@@ -93,6 +106,7 @@ def schedule_wrapper(state: ScheduleState, model_sampling: Any, cfg_cutoff: floa
     skipped_truncation: list[str] = []  # said once per loaded model, not once per step
 
     def wrapper(apply_model: Callable, args: dict[str, Any]) -> Any:
+        previous = previous_wrapper(wrapper)
         # The model's sampling as it runs now: a node stacked after FragmentLoader may have patched it.
         live = getattr(getattr(apply_model, "__self__", None), "model_sampling", None) or model_sampling
         if live is not model_sampling:
@@ -116,24 +130,34 @@ def schedule_wrapper(state: ScheduleState, model_sampling: Any, cfg_cutoff: floa
         state.begin_call(t, tuple(args["input"].shape))
         return _call(previous, apply_model, args)
 
-    wrapper.prompt_fragments_schedule = state  # type: ignore[attr-defined]
-    wrapper.previous = previous  # type: ignore[attr-defined]
+    setattr(wrapper, SCHEDULE_MARK, state)
     return wrapper
+
+
+def install_schedule(patcher: Any, state: ScheduleState, model_sampling: Any, cfg_cutoff: float | None) -> None:
+    """Put the schedule's wrappers on ``patcher`` (a clone FragmentLoader owns); see the module docstring."""
+    add_call_wrapper(patcher, SCHEDULE_KEY, schedule_wrapper(state, model_sampling, cfg_cutoff))
+
+    def run_starts(steps: int) -> None:
+        state.reset()
+        if steps:
+            state.run_total_steps = steps
+
+    add_run_wrapper(patcher, SCHEDULE_KEY, run_starts, state.reset)
 
 
 def find_schedule_state(patcher: Any, where: str = "BatchGenerator") -> ScheduleState | None:
     """The ``ScheduleState`` of a MODEL patched by FragmentLoader (through any wrappers stacked on it).
 
     Raises when the MODEL carries a schedule's modules but our wrapper is gone
-    (a node installed its own ``model_function_wrapper`` without chaining it):
-    nothing would tell the schedule which step runs, so it would run wrongly.
+    (on a 2024 ComfyUI, a node installed its own ``model_function_wrapper``
+    without chaining it): nothing would tell the schedule which step runs, so
+    it would run wrongly.
     """
-    wrapper = patcher.model_options.get("model_function_wrapper")
-    while wrapper is not None:
-        state = getattr(wrapper, "prompt_fragments_schedule", None)
+    for wrapper in call_wrappers(patcher, SCHEDULE_KEY):
+        state = getattr(wrapper, SCHEDULE_MARK, None)
         if state is not None:
             return state
-        wrapper = getattr(wrapper, "previous", None)
     for patch in patcher.object_patches.values():
         modules = patch.modules() if isinstance(patch, torch.nn.Module) else ()
         if any(isinstance(getattr(m, "state", getattr(m, "bucket_state", None)), ScheduleState) for m in modules):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: creates .venv, installs everything, then runs a job.
 #   bash scripts/dev.sh demo [--out DIR ...]   the main job on the embedded default model
-#   bash scripts/dev.sh test [pytest args]     the whole test suite (CI runs exactly this)
+#   bash scripts/dev.sh test [pytest args]     the whole test suite on both ComfyUI runtimes (CI runs exactly this;
+#                                              scripts/test_matrix.py says how)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,5 +38,5 @@ fi
 
 case "$job" in
   demo) exec "$venv/bin/prompt-fragments" demo "$@" ;;
-  test) exec "$venv/bin/python" -m pytest "$@" ;;
+  test) exec "$venv/bin/python" scripts/test_matrix.py "$@" ;;
 esac

@@ -14,9 +14,11 @@ Public API::
     load_pack_as_custom_node(repo_root, custom_nodes_dir, folder_name=...) -> ModuleType
     run_prompt(comfy, prompt, *, prompt_id=None, extra_data=None, unload_models=True) -> dict
     output_files(comfy, outputs_ui) -> list[Path]
+    call_node(comfy, class_type, **inputs) -> tuple
     free_comfy_memory() -> None
     default_cache_dir() -> Path
     build_random_checkpoint(arch, cache_dir=None, *, seed=0) -> Path
+    build_random_controlnet(cache_dir=None, *, seed=0) -> Path
     checkpoint_model_config(path) -> ComfyUI model config (detected from the header only)
     make_small_comfy_unet(kind, seed=0) -> (UNetModel, make_inputs)
     make_small_diffusers_unet(kind, seed=0) -> (UNet2DConditionModel, make_inputs)
@@ -134,6 +136,7 @@ _TEST_MODEL_FOLDERS: dict[str, set[str] | None] = {
     "checkpoints": None,
     "loras": None,
     "vae": None,
+    "controlnet": None,
     "fragments": FRAGMENT_EXTENSIONS,
 }
 
@@ -443,6 +446,24 @@ def _format_execution_error(messages: list[tuple[str, Any]]) -> str:
     return "executor reported failure without an error message"
 
 
+def call_node(comfy: ComfyUIRuntime, class_type: str, **inputs: Any) -> tuple:
+    """Run one node of this ComfyUI by name, as its executor would, and return its outputs as a tuple.
+
+    V1 nodes are instantiated and their ``FUNCTION`` called; V3 nodes (0.3.x
+    ``comfy_api`` ``ComfyNode``, e.g. TomePatchModel and EasyCache there) are
+    called through their class-level entry point and their ``NodeOutput``
+    unwrapped; async entry points are awaited.
+    """
+    cls = comfy.nodes.NODE_CLASS_MAPPINGS[class_type]
+    owner = cls if hasattr(cls, "define_schema") else cls()
+    out = _resolve(getattr(owner, cls.FUNCTION)(**inputs))
+    if isinstance(out, dict):  # V1 {"ui": ..., "result": ...}
+        out = out.get("result", ())
+    if hasattr(out, "result") and not isinstance(out, tuple):
+        out = out.result
+    return tuple(out)
+
+
 def output_files(comfy: ComfyUIRuntime, outputs_ui: dict[str, Any]) -> list[Path]:
     """Paths of the files (images, ...) listed in ``run_prompt``'s result."""
     paths = []
@@ -536,8 +557,27 @@ def build_random_checkpoint(arch: Arch, cache_dir: Path | None = None, *, seed: 
     if arch not in _UNET_CONFIGS:
         raise ValueError(f"arch: expected one of {sorted(_UNET_CONFIGS)}, got {arch!r}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _build_cached(cache_dir / checkpoint_file_name(arch, seed), lambda tmp: _write_random_checkpoint(arch, tmp, seed))
+
+
+def build_random_controlnet(cache_dir: Path | None = None, *, seed: int = 0) -> Path:
+    """Return a cached SD1.5 ControlNet with random weights (ldm layout, 3-channel hint), building it if needed.
+
+    Built from ComfyUI's own ``comfy.cldm.cldm.ControlNet`` with the SD1.5 UNet
+    config, so ``ControlNetLoader`` detects it like a downloaded one; weights
+    ``randn * 0.02`` in fp16 (the zero convolutions too, so the control really
+    changes the output).  ComfyUI must be booted.  About 0.7 GB.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    name = f"random-controlnet-sd15-v{CHECKPOINT_FORMAT_VERSION}-seed{seed}.safetensors"
+    return _build_cached(cache_dir / name, lambda tmp: _write_random_controlnet(tmp, seed))
+
+
+def _build_cached(path: Path, write: Callable[[Path], None]) -> Path:
+    """``path`` if it is a complete safetensors file, else ``write(tmp)`` then an atomic rename, under a file lock,
+    so a killed or concurrent run never leaves or reads half a file."""
+    cache_dir = path.parent
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / checkpoint_file_name(arch, seed)
     with _file_lock(cache_dir / f".{path.name}.lock"):
         if path.is_file() and _readable_safetensors(path):
             return path
@@ -546,14 +586,46 @@ def build_random_checkpoint(arch: Arch, cache_dir: Path | None = None, *, seed: 
         tmp = cache_dir / f".{path.name}.tmp-{os.getpid()}"
         started = time.perf_counter()
         try:
-            _write_random_checkpoint(arch, tmp, seed)
+            write(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
             tmp.chmod(0o644)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        log.info("built random %s checkpoint %s (%.2f GB) in %.1f s",
-                 arch, path, path.stat().st_size / 1e9, time.perf_counter() - started)
+        log.info("built %s (%.2f GB) in %.1f s", path, path.stat().st_size / 1e9, time.perf_counter() - started)
     return path
+
+
+def _random_like(layout: dict[str, tuple[tuple[int, ...], torch.dtype]], seed: int) -> dict[str, torch.Tensor]:
+    """``randn * 0.02`` fp16 tensors (seeded, in key order) for every float entry of ``layout``; integers zero."""
+    generator = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for key in sorted(layout):
+        shape, dtype = layout[key]
+        if dtype.is_floating_point:
+            sd[key] = (torch.randn(shape, generator=generator, dtype=torch.float32) * 0.02).to(torch.float16)
+        else:  # none in SD1.5/SDXL today; keep integer buffers well-defined anyway
+            sd[key] = torch.zeros(shape, dtype=dtype)
+    return sd
+
+
+def _write_random_controlnet(out: Path, seed: int) -> None:
+    import safetensors.torch
+
+    _booted_module("comfy")
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    cfg = {k: v for k, v in _UNET_CONFIGS["sd15"].items() if k not in ("out_channels", "transformer_depth_output")}
+    with torch.no_grad():
+        # comfy.ops leaves the weights uninitialised: only names, shapes and dtypes are read.
+        net = comfy.cldm.cldm.ControlNet(hint_channels=3, **cfg, dtype=torch.float16, device="cpu",
+                                         operations=comfy.ops.disable_weight_init)
+        layout = {k: (tuple(t.shape), t.dtype) for k, t in net.state_dict().items()}
+        del net
+        sd = _random_like(layout, seed)
+    safetensors.torch.save_file(sd, str(out), metadata={"prompt_fragments_test": "random weights, not a real model"})
 
 
 def _write_random_checkpoint(arch: str, out: Path, seed: int) -> None:
@@ -572,8 +644,6 @@ def _write_random_checkpoint(arch: str, out: Path, seed: int) -> None:
     finally:
         sd.clear()
         gc.collect()
-    with open(out, "rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def _random_state_dict(arch: str, seed: int) -> dict[str, torch.Tensor]:
@@ -592,7 +662,13 @@ def _random_state_dict(arch: str, seed: int) -> dict[str, torch.Tensor]:
         clip = comfy.sd.CLIP(mc.clip_target())
         # VAE(sd={}) alone would build the x4-upscaler VAE (3 levels, 4x): ComfyUI picks the
         # standard SD/SDXL AutoencoderKL (4 levels, 8x) only when this key is present.
-        vae = comfy.sd.VAE(sd={"encoder.down.2.downsample.conv.weight": torch.zeros(512, 512, 3, 3)})
+        # ComfyUI 0.3.64 also needs the decoder's first conv (it reads the latent channels from it) and
+        # post_quant_conv (else it builds an AutoencodingEngine with other key names).
+        vae = comfy.sd.VAE(sd={
+            "encoder.down.2.downsample.conv.weight": torch.zeros(512, 512, 3, 3),
+            "decoder.conv_in.weight": torch.zeros(512, 4, 3, 3),
+            "post_quant_conv.weight": torch.zeros(4, 4, 1, 1),
+        })
         if vae.downscale_ratio != 8:
             raise RuntimeError(f"expected the 8x SD VAE, got downscale_ratio {vae.downscale_ratio}")
         layout = {
@@ -609,15 +685,7 @@ def _random_state_dict(arch: str, seed: int) -> dict[str, torch.Tensor]:
         if type(detected).__name__ != _MODEL_CLASS[arch]:
             raise RuntimeError(f"random {arch} checkpoint would load as {type(detected).__name__}, expected {_MODEL_CLASS[arch]}")
 
-        generator = torch.Generator().manual_seed(seed)
-        sd: dict[str, torch.Tensor] = {}
-        for key in sorted(layout):
-            shape, dtype = layout[key]
-            if dtype.is_floating_point:
-                sd[key] = (torch.randn(shape, generator=generator, dtype=torch.float32) * 0.02).to(torch.float16)
-            else:  # none in SD1.5/SDXL today; keep integer buffers well-defined anyway
-                sd[key] = torch.zeros(shape, dtype=dtype)
-    return sd
+        return _random_like(layout, seed)
 
 
 def checkpoint_model_config(path: Path) -> Any:

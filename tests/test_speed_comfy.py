@@ -1,7 +1,6 @@
 """Tier 2: a fragment's schedule inside a real ComfyUI: ComfyUI's UNet layout, the nodes, and stock patches on top."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,10 +10,9 @@ from prompt_fragments.fragment.pruning import replace_modules
 from prompt_fragments.fragment.schedule import Schedule, ScheduleState
 from prompt_fragments.fragment.speed import fragment_schedule, with_schedule
 from prompt_fragments.fragment.step_reuse import block_layout, reuse_replacements
-from prompt_fragments.fragment.store import load_fragment, save_fragment
-from prompt_fragments.fragment.timestep_heads import select_bucket_heads
+from prompt_fragments.fragment.store import load_fragment
 
-STEPS = 4
+from scheduled_env import STEPS, ScheduledEnv, build_scheduled_env
 
 
 def test_comfy_layout_reuse_step_equals_replaying_by_hand(comfyui) -> None:
@@ -50,39 +48,17 @@ def test_comfy_layout_reuse_step_equals_replaying_by_hand(comfyui) -> None:
 
 
 @pytest.fixture(scope="module")
-def scheduled(comfyui, comfyui_pack, sd15_checkpoint, tmp_path_factory):
+def scheduled(comfyui, comfyui_pack, sd15_checkpoint) -> ScheduledEnv:
     """One profiled 4-step run, a fragment with a step-reuse schedule, and a copy with per-bucket heads and CFG truncation."""
-    nodes, mapping = comfyui.nodes, comfyui_pack.NODE_CLASS_MAPPINGS
-    with torch.inference_mode():
-        model, clip, _vae, profile = mapping["ProfilerModelLoader"]().load(sd15_checkpoint, 2, 32, "accumulate")
-        positive = nodes.CLIPTextEncode().encode(clip, "A dog on a jet ski")[0]
-        negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
-        latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
-        sampled = nodes.KSampler().sample(model, 1, STEPS, 7.0, "euler", "normal", positive, negative, latent)[0]
-        (handle,) = mapping["FragmentExtractor"]().extract(
-            profile, sampled, "speed_test", "ratio", 0.2, 30.0, "global", 1, 0, False, True, step_reuse=0.5)
-        base = nodes.CheckpointLoaderSimple().load_checkpoint(sd15_checkpoint)[0]
-    frag = handle.fragment
-    union, per_bucket = select_bucket_heads(profile.session.result(), [0.4, 0.2])
-    allowed = {p: frag.kept.get(p, list(range(n))) for p, n in union.heads.items()}  # what the fragment kept
-    buckets = {b: {p: [h for h in hs if h in allowed[p]] or allowed[p][:1] for p, hs in plan.items()}
-               for b, plan in per_bucket.items()}
-    full = with_schedule(frag, Schedule(buckets=2, bucket_heads=buckets, total_steps=STEPS,
-                                        reuse_steps=fragment_schedule(frag).reuse_steps, shallow=1, cfg_cutoff=400.0))
-    full_path = save_fragment(full, handle.manifest_path.parent / "speed_full", overwrite=True)
-    return SimpleNamespace(nodes=nodes, mapping=mapping, base=base, positive=positive, negative=negative, latent=latent,
-                           frag=frag, path=handle.manifest_path, full=load_fragment(full_path))
+    return build_scheduled_env(comfyui, comfyui_pack, sd15_checkpoint)
 
 
-def _load(env, frag, schedule="as stored"):
-    handle = SimpleNamespace(fragment=frag, manifest_path=None)
-    return env.mapping["FragmentLoader"]().apply(env.base, "(none)", "raise", fragment=handle, schedule=schedule)
+def _load(env: ScheduledEnv, frag, schedule="as stored"):
+    return env.load(frag, schedule)
 
 
-def _batch(env, model, schedule="as stored", seed=5, count=2):
-    (out,) = env.mapping["BatchGenerator"]().generate(model, env.positive, env.negative, env.latent, seed, count, count, STEPS,
-                                                      7.0, "euler", "normal", 1.0, schedule=schedule)
-    return out["samples"]
+def _batch(env: ScheduledEnv, model, schedule="as stored", seed=5, count=2):
+    return env.batch(model, schedule, seed, count)
 
 
 def test_extractor_stores_a_reuse_schedule_from_the_profiled_step_changes(scheduled) -> None:
@@ -95,7 +71,7 @@ def test_extractor_stores_a_reuse_schedule_from_the_profiled_step_changes(schedu
 def test_loaded_schedule_runs_exactly_as_stored_and_off_is_the_plain_fragment(scheduled) -> None:
     with torch.inference_mode():
         model, status = _load(scheduled, scheduled.frag)
-        state = _state(model)
+        state = _state(scheduled, model)
         first = _batch(scheduled, model)
         reused = sorted(set(state.reused_steps()))
         second = _batch(scheduled, model)
@@ -109,20 +85,14 @@ def test_loaded_schedule_runs_exactly_as_stored_and_off_is_the_plain_fragment(sc
     assert not torch.equal(first, plain)
 
 
-def _state(model):
-    """The loaded MODEL's ScheduleState, found as BatchGenerator finds it (the pack runs under another module name)."""
-    wrapper = model.model_options.get("model_function_wrapper")
-    while wrapper is not None:
-        if getattr(wrapper, "prompt_fragments_schedule", None) is not None:
-            return wrapper.prompt_fragments_schedule
-        wrapper = getattr(wrapper, "previous", None)
-    raise AssertionError("no schedule state on the loaded MODEL")
+def _state(env: ScheduledEnv, model):
+    return env.state(model)
 
 
 def test_bucket_heads_and_cfg_truncation_switch_inside_the_sampler(scheduled) -> None:
     with torch.inference_mode():
         model, status = _load(scheduled, scheduled.full)
-        state = _state(model)
+        state = _state(scheduled, model)
         out = _batch(scheduled, model)
         heads_only = _batch(scheduled, model, schedule="heads only")
         off = _batch(scheduled, model, schedule="off")
@@ -134,16 +104,18 @@ def test_bucket_heads_and_cfg_truncation_switch_inside_the_sampler(scheduled) ->
 @pytest.mark.parametrize("stack", ["FreeU", "TomePatchModel", "FreeU+TomePatchModel"])
 def test_stock_patches_stack_on_a_scheduled_fragment(scheduled, stack: str) -> None:
     """FreeU (output-block patch) and ToMe (attn1 patch) on top: the schedule still runs as stored, and off stays exact."""
+    import comfyui_support as cs
+
     def patch(model):
         for name in stack.split("+"):
-            node = scheduled.nodes.NODE_CLASS_MAPPINGS[name]()
-            model = node.patch(model, 1.1, 1.2, 0.9, 0.2)[0] if name == "FreeU" else node.patch(model, 0.3)[0]
+            inputs = dict(b1=1.1, b2=1.2, s1=0.9, s2=0.2) if name == "FreeU" else dict(ratio=0.3)
+            model = cs.call_node(scheduled.comfyui, name, model=model, **inputs)[0]
         return model
 
     with torch.inference_mode():
         model, _ = _load(scheduled, scheduled.frag)
         patched = patch(model)
-        state = _state(patched)
+        state = _state(scheduled, patched)
         state.history.clear()
         out = _batch(scheduled, patched)
         reused = sorted(set(state.reused_steps()))
@@ -160,7 +132,7 @@ def test_cfg_truncation_alone_runs_only_the_cond_rows_below_the_cutoff(scheduled
     cfg_only = with_schedule(scheduled.frag, Schedule(cfg_cutoff=400.0))
     with torch.inference_mode():
         model, status = _load(scheduled, cfg_only)
-        state = _state(model)
+        state = _state(scheduled, model)
         out = _batch(scheduled, model)
         calls = [(h["t"], h["signature"][0]) for h in state.history]
         full_cfg = _batch(scheduled, model, schedule="heads only")  # CFG truncation off for this batch
@@ -181,23 +153,40 @@ def test_a_weight_patch_on_a_bucket_masked_projection_is_applied(scheduled) -> N
         weight = model.model.get_submodule(key[: -len(".weight")]).weight
         lora_base = scheduled.base.clone()
         assert lora_base.add_patches({key: (torch.full_like(weight, 0.05),)}, 1.0) == [key]
-        with_lora, _ = _load(SimpleNamespace(**{**vars(scheduled), "base": lora_base}), scheduled.full)
+        with_lora, _ = scheduled.load(scheduled.full, base=lora_base)
         out = _batch(scheduled, with_lora)
         without = _batch(scheduled, model)
     assert not torch.equal(out, without)  # ComfyUI found the key and patched it (a renamed key is dropped silently)
 
 
 def test_a_schedule_is_refused_where_it_cannot_follow_the_steps(scheduled) -> None:
-    """Non-discrete sampling (EDM) would misread every timestep; a replaced wrapper would leave the schedule undriven."""
+    """Non-discrete sampling (EDM) would misread every timestep; a replaced wrapper would leave the schedule undriven.
+
+    Only a 2024 ComfyUI has that second hole: there the schedule lives in the single ``model_function_wrapper``
+    slot.  On 0.3.x it is a keyed APPLY_MODEL wrapper, which a foreign ``model_function_wrapper`` cannot displace,
+    so there the schedule must still run as stored under one.
+    """
     with torch.inference_mode():
         edm = scheduled.nodes.NODE_CLASS_MAPPINGS["ModelSamplingContinuousEDM"]().patch(scheduled.base, "eps", 120.0, 0.002)[0]
-        edm_env = SimpleNamespace(**{**vars(scheduled), "base": edm})
         with pytest.raises(Exception, match="discrete training timesteps.*ModelSamplingAdvanced.*schedule=off"):
-            _load(edm_env, scheduled.full)
-        plain_edm = _batch(scheduled, _load(edm_env, scheduled.full, schedule="off")[0])
-        model, _ = _load(scheduled, scheduled.full)
+            scheduled.load(scheduled.full, base=edm)
+        plain_edm = _batch(scheduled, scheduled.load(scheduled.full, "off", base=edm)[0])
+        model, _ = _load(scheduled, scheduled.frag)
         foreign = model.clone()
-        foreign.set_model_unet_function_wrapper(lambda apply_model, args: apply_model(args["input"], args["timestep"], **args["c"]))
-        with pytest.raises(Exception, match="model_function_wrapper was replaced by another node after FragmentLoader"):
-            _batch(scheduled, foreign)
+        foreign_calls = []
+
+        def foreign_wrapper(apply_model, args):
+            foreign_calls.append(float(args["timestep"].max()))
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        foreign.set_model_unet_function_wrapper(foreign_wrapper)
+        if hasattr(foreign, "add_wrapper_with_key"):
+            state = _state(scheduled, foreign)
+            state.history.clear()
+            out = _batch(scheduled, foreign)
+            assert torch.isfinite(out).all() and foreign_calls
+            assert sorted(set(state.reused_steps())) == list(fragment_schedule(scheduled.frag).reuse_steps)
+        else:
+            with pytest.raises(Exception, match="model_function_wrapper was replaced by another node after FragmentLoader"):
+                _batch(scheduled, foreign)
     assert torch.isfinite(plain_edm).all()

@@ -280,8 +280,12 @@ def fragment_measurement(record: Apply) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the run
 
 
-def prepare(name: str, ckpt_name: str) -> dict[str, Any]:
-    """The shipped API graph, pointed at the test checkpoint and shrunk for a CPU."""
+def prepare(name: str, ckpt_name: str, *, count: int | None = None, batch_size: int = BATCH) -> dict[str, Any]:
+    """The shipped API graph, pointed at the test checkpoint and shrunk for a CPU.
+
+    BatchGenerator keeps the shipped 32 variants unless ``count`` is given (``test_server.py`` posts
+    the same graphs to ComfyUI's HTTP API with fewer), in sub-batches of ``batch_size``.
+    """
     prompt = json.loads((API_DIR / f"{name}.json").read_text(encoding="utf-8"))
     for entry in prompt.values():
         inputs, kind = entry["inputs"], entry["class_type"]
@@ -293,7 +297,9 @@ def prepare(name: str, ckpt_name: str) -> dict[str, Any]:
             inputs["steps"] = STEPS
         if kind == "BatchGenerator":
             assert inputs["count"] == COUNT, f"{name}: the shipped batch has count {inputs['count']}, expected {COUNT}"
-            inputs["batch_size"] = BATCH
+            inputs["batch_size"] = batch_size
+            if count is not None:
+                inputs["count"] = count
         if kind == "FragmentExtractor":
             assert inputs["ratio"] == RATIO and inputs["strategy"] == "ratio"
             if name == "full_pipeline":
