@@ -38,8 +38,8 @@ from .errors import FragmentError
 from .fingerprint import (
     cosine, embedding_from_bytes, embedding_sha256, embedding_to_bytes, fingerprint, params_sha256,
 )
-from .store import Fragment, check_name, load_fragment, read_manifest, save_fragment
-from .untrusted import check_base, check_inside, confined
+from .store import MAX_MANIFEST_BYTES, Fragment, check_name, ensure_folder, load_fragment, read_manifest, save_fragment
+from .untrusted import check_base, check_inside, check_plain_name, confined, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,12 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
     >>> import tempfile
     >>> with locked(tempfile.mkdtemp()): pass
     """
-    directory = library_dir(folder)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "lock", "a+b") as fh:
+    directory = ensure_folder(library_dir(folder))
+    try:
+        fh = open(directory / "lock", "a+b")
+    except OSError as exc:
+        raise FragmentError(f"{directory / 'lock'}: expected a lock file that can be opened, found: {exc}") from exc
+    with fh:
         try:
             import fcntl
         except ImportError:  # Windows: ComfyUI runs one process per folder there; sqlite still serialises rows
@@ -98,16 +101,33 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _db(folder: str | os.PathLike) -> Iterator[sqlite3.Connection]:
-    directory = library_dir(folder)
-    directory.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(directory / "index.sqlite3", timeout=30.0, isolation_level=None)
+    directory = ensure_folder(library_dir(folder))
+    index = directory / "index.sqlite3"
+    if index.exists() and not index.is_file():
+        raise FragmentError(f"{index}: expected the library index file, found a directory or special file")
+    try:  # connect inside the try: a folder in its place fails here, not in the first query
+        con = sqlite3.connect(index, timeout=30.0, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise FragmentError(f"{index}: expected a readable library index, found: {exc}") from exc
     try:
         con.executescript(_SCHEMA)
         yield con
     except sqlite3.DatabaseError as exc:
-        raise FragmentError(f"{directory / 'index.sqlite3'}: library index unreadable: {exc}") from exc
+        raise FragmentError(f"{index}: library index unreadable: {exc}") from exc
     finally:
         con.close()
+
+
+def _has_index(folder: str | os.PathLike) -> bool:
+    """Whether the library index exists; a ``FragmentError`` when ``.library`` or the index is not what it must be
+    (reported as an empty library before, which hid the mistake)."""
+    directory = library_dir(folder)
+    if directory.exists() and not directory.is_dir():
+        raise FragmentError(f"{directory}: expected the library folder, found a file")
+    index = directory / "index.sqlite3"
+    if index.exists() and not index.is_file():
+        raise FragmentError(f"{index}: expected the library index file, found a directory or special file")
+    return index.exists()
 
 
 def _bump(con: sqlite3.Connection, name: str, by: int = 1) -> None:
@@ -124,7 +144,7 @@ def entries(folder: str | os.PathLike) -> list[dict[str, Any]]:
     >>> import tempfile; entries(tempfile.mkdtemp())
     []
     """
-    if not (library_dir(folder) / "index.sqlite3").exists():
+    if not _has_index(folder):
         return []
     with _db(folder) as con:
         rows = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM entries ORDER BY access_seq").fetchall()
@@ -144,7 +164,7 @@ def stats(folder: str | os.PathLike) -> dict[str, int]:
     0
     """
     result = {"entries": 0, "bytes": 0, "hits": 0, "misses": 0, "evictions": 0, "quarantined": 0, "adds": 0}
-    if not (library_dir(folder) / "index.sqlite3").exists():
+    if not _has_index(folder):
         return result
     with _db(folder) as con:
         count, size = con.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
@@ -263,6 +283,8 @@ def evict(folder: str | os.PathLike, cap_bytes: int) -> list[str]:
     >>> import tempfile; evict(tempfile.mkdtemp(), 0)
     []
     """
+    if isinstance(cap_bytes, bool) or not isinstance(cap_bytes, int) or cap_bytes < 0:
+        raise FragmentError(f"{library_dir(folder)}: eviction cap: expected a size >= 0 bytes, found {cap_bytes!r}")
     with locked(folder):
         return _evict_locked(Path(folder), cap_bytes, keep=set())
 
@@ -298,6 +320,23 @@ def _remove_files(folder: Path, name: str) -> None:
         (folder / f"{name}{suffix}").unlink(missing_ok=True)
 
 
+def forget(folder: str | os.PathLike, name: str) -> bool:
+    """Drop the row of entry ``name`` (its files stay, unindexed); True when there was one.
+
+    >>> import tempfile; forget(tempfile.mkdtemp(), "dog")
+    False
+    """
+    if not _has_index(folder):
+        return False
+    with locked(folder), _db(folder) as con:
+        con.execute("BEGIN IMMEDIATE")
+        gone = con.execute("DELETE FROM entries WHERE name = ?", (name,)).rowcount
+        con.execute("COMMIT")
+    if gone:
+        log.info("library: %s replaced by a fragment without a library row; its row is dropped", name)
+    return bool(gone)
+
+
 def lookup(
     folder: str | os.PathLike,
     base_sha256: str,
@@ -316,7 +355,7 @@ def lookup(
     'library is empty'
     """
     folder = Path(folder)
-    if not (library_dir(folder) / "index.sqlite3").exists():
+    if not _has_index(folder):
         return LookupResult(False, None, -1.0, "library is empty")
     with _db(folder) as con:
         rows = con.execute(
@@ -370,6 +409,31 @@ def load_entry(folder: str | os.PathLike, manifest_path: str | os.PathLike, base
     return load_fragment(path)
 
 
+def _named_tensors(folder: Path, name: str) -> Path:
+    """The tensors file ``<name>.json`` names, when that can be read safely; else ``<name>.safetensors``.
+
+    The manifest is corrupt by assumption, so only a plain in-folder name is
+    taken, and never the tensors file of another entry (``<other>.safetensors``
+    with an ``<other>.json`` beside it): a hostile manifest must not get a good
+    fragment quarantined.
+    """
+    fallback = folder / f"{name}.safetensors"
+    try:
+        manifest = folder / f"{name}.json"
+        if not manifest.is_file() or manifest.stat().st_size > MAX_MANIFEST_BYTES:
+            return fallback
+        text = manifest.read_bytes()
+        file_name = parse_json(text, f"{folder / name}.json")["artifacts"]["tensors"]["file"]
+        check_plain_name(file_name, f"{folder / name}.json", ".safetensors")
+        path = confined(folder, file_name, f"{folder / name}.json")
+    except (FragmentError, OSError, KeyError, TypeError, IndexError):  # unreadable or odd: the conventional name
+        return fallback
+    stem = file_name[: -len(".safetensors")]
+    if stem != name and (folder / f"{stem}.json").exists():
+        return fallback
+    return path
+
+
 def quarantine(folder: str | os.PathLike, manifest_path: str | os.PathLike, reason: str) -> list[Path]:
     """Move a corrupt entry's files to ``.library/quarantine`` (renamed ``*.quarantined``) and drop its row.
 
@@ -382,14 +446,13 @@ def quarantine(folder: str | os.PathLike, manifest_path: str | os.PathLike, reas
     moved: list[Path] = []
     with locked(folder):
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        for suffix in (".json", ".safetensors"):
-            src = folder / f"{name}{suffix}"
+        for src in (folder / f"{name}.json", _named_tensors(folder, name)):  # both found before either moves
             if src.is_file() or src.is_symlink():
                 target.mkdir(parents=True, exist_ok=True)
-                dest = target / f"{stamp}-{os.getpid()}-{name}{suffix}.quarantined"
+                dest = target / f"{stamp}-{os.getpid()}-{src.name}.quarantined"
                 os.replace(src, dest)
                 moved.append(dest)
-        if (library_dir(folder) / "index.sqlite3").exists():
+        if _has_index(folder):
             with _db(folder) as con:
                 con.execute("BEGIN IMMEDIATE")
                 gone = con.execute("DELETE FROM entries WHERE name = ?", (name,)).rowcount

@@ -25,19 +25,19 @@ from safetensors.torch import load_file, save_file
 
 from ..profiling.discovery import describe, find_attention, iter_attention
 from ..version import __version__
-from .errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError
+from .errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError, ReadError
 from .hashing import sha256_file, sha256_state_dict
 from .levers import apply_kv_and_ff, apply_precision, build_ff, build_kv_fold, build_precision, check_lever_tensors
 from .lowrank import factorize_linear, factors_to_module
 from .manifest import new_manifest, seal, validate_manifest
-from .untrusted import read_safetensors_header
+from .untrusted import parse_json, read_safetensors_header
 from .pruning import prune_attention, replace_modules
 from .selection import Selection, validate_plan
 
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST_BYTES = 16 << 20
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def kept_key(path: str) -> str:
@@ -238,7 +238,8 @@ def check_name(name: str) -> str:
     >>> check_name("dog_on_jet-ski.v2")
     'dog_on_jet-ski.v2'
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    # fullmatch, not match with '$': '$' also matches before a final newline, so 'evil\n' passed (issue #16).
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise ManifestError(f"fragment name {name!r}: expected 1-128 characters of letters, digits, '.', '_', '-' (no path)")
     return name
 
@@ -254,8 +255,7 @@ def save_fragment(fragment: Fragment, directory: str | os.PathLike, *, overwrite
     PosixPath('ComfyUI/models/fragments/dog-on-jet-ski.json')
     """
     name = check_name(fragment.name)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = ensure_folder(directory)
     tensors_path, manifest_path = directory / f"{name}.safetensors", directory / f"{name}.json"
     if not overwrite and (manifest_path.exists() or tensors_path.exists()):
         raise FragmentError(f"{manifest_path}: a fragment named {name!r} already exists (choose another name or overwrite)")
@@ -286,15 +286,17 @@ def read_manifest(manifest_path: str | os.PathLike) -> dict[str, Any]:
     path = Path(manifest_path)
     try:
         size = path.stat().st_size
+        if not path.is_file():
+            raise ManifestError(f"{path}: expected a manifest file, found a directory or special file")
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: expected a manifest under {MAX_MANIFEST_BYTES} bytes, found {size}")
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:  # gone is a broken entry, not a transient failure
+        raise ManifestError(f"{path}: cannot read manifest: expected a manifest file, found none ({exc.strerror})") from None
     except OSError as exc:
-        raise ManifestError(f"{path}: cannot read manifest: {exc}") from exc
-    if size > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{path}: expected a manifest under {MAX_MANIFEST_BYTES} bytes, found {size}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ManifestError(f"{path}: not a readable JSON manifest: {exc}") from exc
-    return validate_manifest(manifest, str(path))
+        raise ReadError(f"{path}: cannot read manifest (right now): {exc}") from exc
+    # Depth, huge numbers and NaN are refused here, before hashing or the schema walk recurse over it.
+    return validate_manifest(parse_json(raw, str(path), what="manifest"), str(path))
 
 
 def _tensors_path(manifest: Mapping[str, Any], manifest_path: Path) -> Path:
@@ -320,16 +322,62 @@ def load_fragment(manifest_path: str | os.PathLike) -> Fragment:
     if not tensors_path.is_file():
         raise IntegrityError(f"{tensors_path}: tensors file named by {manifest_path.name} is missing")
     expected = manifest["artifacts"]["tensors"]["sha256"]
-    found = sha256_file(tensors_path)
+    try:
+        found = sha256_file(tensors_path)
+    except OSError as exc:
+        raise ReadError(f"{tensors_path}: cannot read the tensors file right now: {exc}") from exc
     if found != expected:
         raise IntegrityError(f"{tensors_path}: expected sha256 {expected[:16]}…, found {found[:16]}… (file changed or corrupt)")
+    read_safetensors_header(tensors_path)  # dtypes, shapes, offsets and size caps before any data is read
     try:
-        read_safetensors_header(tensors_path)  # dtypes, shapes, offsets and size caps before any data is read
         tensors = load_file(str(tensors_path))
-    except (SafetensorError, OSError, ValueError) as exc:
+    except OSError as exc:  # the hash matched: the bytes are the recorded ones, the read itself failed
+        raise ReadError(f"{tensors_path}: cannot read the tensors file right now: {exc}") from exc
+    except (SafetensorError, ValueError) as exc:
         raise IntegrityError(f"{tensors_path}: not a readable safetensors file: {exc}") from exc
     _check_tensors(manifest, tensors, tensors_path)
     return Fragment(manifest=manifest, tensors=tensors)
+
+
+def check_schedule(manifest: Mapping[str, Any], source: Path | str) -> None:
+    """The manifest's run-time schedule, parsed exactly as the loader node parses it, and its head sets
+    inside what the fragment kept (else the node refuses it later, after ``verify`` said OK: issue #16).
+
+    >>> check_schedule({"pruning": {"modules": {}}}, "x.json")
+    """
+    from .schedule import Schedule  # schedule imports the profiler; keep store's import time small
+
+    block = manifest.get("schedule")
+    where_ = f"{source}: schedule"
+    try:
+        schedule = Schedule.from_manifest(block, source=where_)
+    except (TypeError, AttributeError, OverflowError) as exc:  # a wrong JSON type where the parser expects another
+        raise ManifestError(f"{where_}: expected the schema-v1 schedule layout, found {str(block)[:200]} ({exc})") from None
+    modules = manifest["pruning"]["modules"]
+    for bucket, heads in schedule.bucket_heads.items():
+        for path, kept in heads.items():
+            if path not in modules:
+                raise ManifestError(f"{where_}: bucket {bucket}: expected a module the fragment prunes, found {path!r}")
+            pruned = sorted(set(kept) - set(modules[path]["kept"]))
+            if pruned:
+                raise ManifestError(f"{where_}: bucket {bucket}: {path}: expected heads within the kept "
+                                    f"{modules[path]['kept']}, found pruned heads {pruned}")
+
+
+def ensure_folder(folder: str | os.PathLike) -> Path:
+    """``folder``, created if missing; a ``FragmentError`` naming it when it is a file or cannot be made.
+
+    >>> import tempfile; ensure_folder(Path(tempfile.mkdtemp()) / "new").is_dir()
+    True
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FragmentError(f"{folder}: expected a folder, found a file (or a file in its path)") from None
+    except OSError as exc:
+        raise FragmentError(f"{folder}: expected a folder that can be created, found: {exc.strerror or exc}") from None
+    return folder
 
 
 def _check_tensors(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: Path) -> None:
@@ -352,11 +400,17 @@ def _check_tensors(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tens
             t = tensors.get(key)
             if t is None:
                 raise IntegrityError(f"{source}: missing tensor {key!r} for low-rank layer {record['layer']}")
-            if t.ndim != 2 or not t.is_floating_point() or record["rank"] not in t.shape:
+        down, up = (tensors[k] for k in lowrank_keys(record["layer"]))
+        rank = record["rank"]
+        # down is [rank, in], up is [out, rank]: 'rank in shape' accepted a [0, 8] factor recorded as rank 8.
+        for key, t, axis in ((lowrank_keys(record["layer"])[0], down, 0), (lowrank_keys(record["layer"])[1], up, 1)):
+            if t.ndim != 2 or not t.is_floating_point() or t.shape[axis] != rank or min(t.shape) < 1:
                 raise IntegrityError(
-                    f"{source}: {key}: expected a 2-D float tensor with rank {record['rank']}, found {t.dtype} {list(t.shape)}"
+                    f"{source}: {key}: expected a 2-D float tensor with rank {rank} on axis {axis} and no empty axis, "
+                    f"found {t.dtype} {list(t.shape)}"
                 )
     expected_keys |= check_lever_tensors(manifest, tensors, str(source))
+    check_schedule(manifest, source)
     extra = sorted(set(tensors) - expected_keys)
     if extra:
         raise IntegrityError(f"{source}: unexpected tensors not named by the manifest: {extra[:5]}")
