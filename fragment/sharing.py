@@ -35,11 +35,11 @@ from safetensors.torch import save_file
 
 from .errors import BaseModelMismatchError, IntegrityError, ManifestError
 from .hashing import sha256_file, sha256_state_dict
-from .library import forget, locked, register
-from .manifest import validate_manifest
+from .library import forget_locked, locked, register
+from .manifest import seal, validate_manifest
 from .errors import FragmentError
 from .store import (MAX_MANIFEST_BYTES, Fragment, _check_tensors, check_name, ensure_folder, fragment_replacements,
-                    load_fragment)
+                    install, load_fragment)
 from .untrusted import (check_base, check_plain_name, check_safetensors_bytes, confined, parse_json,
                         read_safetensors_header)
 
@@ -80,7 +80,12 @@ def pack(manifest_path: str | os.PathLike, out: str | os.PathLike, *, library_ro
     if out.is_dir():
         raise FragmentError(f"{out}: expected a pack file path, found a directory")
     raw = tensors_path.read_bytes()
-    metadata = {META_PACK: "1", META_MANIFEST: json.dumps(fragment.manifest, sort_keys=True)}
+    manifest = fragment.manifest
+    canonical = f"{fragment.name}.safetensors"
+    if manifest["artifacts"]["tensors"]["file"] != canonical:  # a replaced entry's content-named file
+        body = {k: v for k, v in manifest.items() if k != "integrity"}
+        manifest = seal({**body, "artifacts": {"tensors": {**manifest["artifacts"]["tensors"], "file": canonical}}})
+    metadata = {META_PACK: "1", META_MANIFEST: json.dumps(manifest, sort_keys=True)}
     if library_row is not None:
         metadata[META_LIBRARY] = json.dumps(_check_row(dict(library_row), str(manifest_path)), sort_keys=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -248,22 +253,18 @@ def unpack(pack_path: str | os.PathLike, folder: str | os.PathLike, *, overwrite
             if (target.exists() or target.is_symlink()) and not (target.is_file() and not target.is_symlink()):
                 raise IntegrityError(f"{target}: expected a regular file to replace (or none), found a directory, "
                                      "symlink or special file; nothing was written")
-        replacing = manifest_path.exists()
-        for target, data in ((tensors_path, content.tensors_bytes),
-                             (manifest_path, json.dumps(content.fragment.manifest, indent=2).encode())):
-            tmp = folder / f".{target.name}.tmp-{os.getpid()}"
-            try:
-                tmp.write_bytes(data)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+        if manifest_path.exists():
+            # The old row describes the old fragment's prompt; left in place it would answer that prompt with
+            # an exact HIT and serve the new fragment (issue #16).  Dropped before the switch, so a kill between
+            # leaves at worst the new fragment unindexed, never a row serving the wrong one; a packed row is
+            # registered again below.
+            forget_locked(folder, name)
+        # Atomic replace (store.install): the tensors go to a name the old manifest does not use, the manifest
+        # is renamed last, so a kill leaves the old fragment or the new one, each complete (issue #16).
+        manifest_path, _ = install(folder, content.fragment.manifest, lambda tmp: tmp.write_bytes(content.tensors_bytes))
     load_fragment(manifest_path)  # what is on disk now verifies as a fragment
     if add_to_library and content.library is not None:
         row = content.library
         register(folder, manifest_path, embedding=torch.tensor(row["embedding"]), prompt=row["prompt"], params=row["params"])
-    elif replacing:
-        # The old row described the old fragment's prompt; kept, it would answer that prompt with an exact
-        # HIT and serve this one (issue #16).  The new fragment stays on disk, unindexed.
-        forget(folder, name)
     log.info("unpacked %s into %s", Path(pack_path).name, manifest_path)
     return manifest_path

@@ -245,40 +245,149 @@ def check_name(name: str) -> str:
 
 
 def save_fragment(fragment: Fragment, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``<name>.safetensors`` then ``<name>.json`` into ``directory``; return the manifest path.
+    """Write the tensors file then ``<name>.json`` into ``directory``; return the manifest path.
 
-    Each file is written to a temporary name and renamed, tensors first, so a
-    crash never leaves a manifest pointing at a half-written file.  An
-    existing fragment of the same name is kept unless ``overwrite``.
+    An existing fragment of the same name is kept unless ``overwrite``; the
+    replacement is atomic (old or new pair, never a mix: see ``install``).
 
     >>> save_fragment(frag, "ComfyUI/models/fragments")  # doctest: +SKIP
     PosixPath('ComfyUI/models/fragments/dog-on-jet-ski.json')
     """
     name = check_name(fragment.name)
     directory = ensure_folder(directory)
-    tensors_path, manifest_path = directory / f"{name}.safetensors", directory / f"{name}.json"
-    if not overwrite and (manifest_path.exists() or tensors_path.exists()):
+    manifest_path = directory / f"{name}.json"
+    if not overwrite and (manifest_path.exists() or (directory / f"{name}.safetensors").exists()):
         raise FragmentError(f"{manifest_path}: a fragment named {name!r} already exists (choose another name or overwrite)")
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in fragment.tensors.items()}, str(tmp), metadata={"prompt_fragments.schema": "1"})
+
+    manifest_path, fragment.manifest = install(directory, fragment.manifest, write)
+    log.info("saved fragment %s (%d tensors, %d bytes)", manifest_path, len(fragment.tensors),
+             fragment.manifest["artifacts"]["tensors"]["bytes"])
+    return manifest_path
+
+
+_OWN_TENSORS = re.compile(r"(?P<stem>[A-Za-z0-9][A-Za-z0-9._-]{0,127}?)(\.[0-9a-f]{16})?\.safetensors")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries, after a rename) to disk: a rename is only durable once both are."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders; NTFS orders renames itself
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (and all folders on Windows) refuse fsync: best effort
+        pass
+    finally:
+        os.close(fd)
+
+
+def _named_by(manifest_path: Path) -> tuple[str | None, str | None]:
+    """The tensors file name and sha256 the manifest at ``manifest_path`` records, read leniently;
+    ``(None, None)`` when there is no readable manifest (nothing then depends on any tensors file)."""
+    try:
+        if not manifest_path.is_file() or manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            return None, None
+        tensors = parse_json(manifest_path.read_bytes(), str(manifest_path))["artifacts"]["tensors"]
+        name, digest = tensors["file"], tensors["sha256"]
+    except (FragmentError, OSError, KeyError, TypeError, IndexError):
+        return None, None
+    if not isinstance(name, str) or Path(name).name != name or not isinstance(digest, str):
+        return None, None
+    return name, digest
+
+
+def install(directory: Path, manifest: Mapping[str, Any], write_tensors: Any) -> tuple[Path, dict[str, Any]]:
+    """Write a fragment's pair under ``directory`` so that every instant shows the old pair or the new one.
+
+    Steps, and what a kill after each leaves (``<name>.json`` is the one pointer that switches):
+
+    1. ``write_tensors(tmp)`` writes ``.<name>.safetensors.tmp-<pid>``, then fsync: the old pair is
+       untouched; the temporary is swept by the next library writer (``library._sweep_temporaries``).
+    2. rename to a tensors name that no current manifest uses (``<name>.safetensors`` when free or
+       identical, else ``<name>.<sha256[:16]>.safetensors``), fsync the folder: still the old pair
+       (the old manifest names the old tensors file, which is never written); the new file is an orphan
+       the next library writer deletes.
+    3. the manifest is written to ``.<name>.json.tmp-<pid>``, fsynced, and renamed over ``<name>.json``
+       (atomic), folder fsynced: from here the new pair is the entry.
+    4. the old tensors file is deleted (only a file of this entry's own naming): a kill before that leaves
+       an orphan, swept likewise.
+
+    Returns the manifest path and the sealed manifest as written.
+    """
+    name = check_name(str(manifest["name"]))
+    manifest_path = directory / f"{name}.json"
+    if manifest_path.exists() and (manifest_path.is_symlink() or not manifest_path.is_file()):
+        raise FragmentError(f"{manifest_path}: expected a regular file to replace (or none), found a directory, "
+                            "symlink or special file; nothing was written")
+    old_file, old_sha = _named_by(manifest_path)
+    # While this marker names a live pid, the library's orphan sweep leaves this name's files alone: between
+    # steps 2 and 3 the new tensors file is named by no manifest yet (a dead writer's marker is swept).
+    marker = directory / f".{name}.install.tmp-{os.getpid()}"
+    try:
+        marker.touch()
+        return _install_steps(directory, name, manifest_path, manifest, write_tensors, old_file, old_sha)
+    except OSError as exc:
+        raise FragmentError(f"{directory}: expected a writable fragments folder, found: {exc}") from exc
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _install_steps(directory: Path, name: str, manifest_path: Path, manifest: Mapping[str, Any], write_tensors: Any,
+                   old_file: str | None, old_sha: str | None) -> tuple[Path, dict[str, Any]]:
     tmp = directory / f".{name}.safetensors.tmp-{os.getpid()}"
     try:
-        save_file({k: v.contiguous() for k, v in fragment.tensors.items()}, str(tmp), metadata={"prompt_fragments.schema": "1"})
+        write_tensors(tmp)
+        _fsync(tmp)
         digest = sha256_file(tmp, use_cache=False)
         size = tmp.stat().st_size
-        os.replace(tmp, tensors_path)
+        tensors_name = _fresh_tensors_name(directory, name, digest, old_file, old_sha)
+        os.replace(tmp, directory / tensors_name)
+    except OSError as exc:
+        raise FragmentError(f"{directory}: expected a writable fragments folder, found: {exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
-    manifest = dict(fragment.manifest)
-    manifest["artifacts"] = {"tensors": {"file": tensors_path.name, "sha256": digest, "bytes": size}}
-    manifest = seal(manifest)
+    _fsync(directory)
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    sealed = seal({**body, "artifacts": {"tensors": {"file": tensors_name, "sha256": digest, "bytes": size}}})
     tmp_json = directory / f".{name}.json.tmp-{os.getpid()}"
     try:
-        tmp_json.write_text(json.dumps(manifest, indent=2, sort_keys=False))
-        os.replace(tmp_json, manifest_path)
+        with open(tmp_json, "wb") as fh:
+            fh.write(json.dumps(sealed, indent=2, sort_keys=False).encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_json, manifest_path)  # the switch: old pair before, new pair after
+    except OSError as exc:
+        raise FragmentError(f"{manifest_path}: expected a writable manifest path, found: {exc}; the previous "
+                            "fragment (if any) is unchanged") from exc
     finally:
         tmp_json.unlink(missing_ok=True)
-    fragment.manifest = manifest
-    log.info("saved fragment %s (%d tensors, %d bytes)", manifest_path, len(fragment.tensors), size)
-    return manifest_path
+    _fsync(directory)
+    if old_file is not None and old_file != tensors_name:
+        match = _OWN_TENSORS.fullmatch(old_file)
+        if match is not None and match["stem"] == name:  # never a file another fragment's naming could own
+            (directory / old_file).unlink(missing_ok=True)
+    return manifest_path, sealed
+
+
+def _fresh_tensors_name(directory: Path, name: str, digest: str, old_file: str | None, old_sha: str | None) -> str:
+    """A tensors file name for new contents ``digest`` that the current manifest does not depend on."""
+    for candidate in (f"{name}.safetensors", f"{name}.{digest[:16]}.safetensors"):
+        path = directory / candidate
+        if candidate == old_file:
+            if old_sha == digest:  # same bytes: replacing them keeps the old manifest valid throughout
+                return candidate
+            continue
+        if not path.exists() and not path.is_symlink():
+            return candidate
+        if path.is_file() and not path.is_symlink() and candidate != f"{name}.safetensors":
+            return candidate  # our own content-named file, named by no manifest: an orphan, safe to replace
+        if path.is_file() and not path.is_symlink() and sha256_file(path, use_cache=False) == digest:
+            return candidate
+    return f"{name}.{digest[:32]}.safetensors"  # the 16-digit name is the old file with other bytes: never reached in practice
 
 
 def read_manifest(manifest_path: str | os.PathLike) -> dict[str, Any]:
@@ -324,6 +433,8 @@ def load_fragment(manifest_path: str | os.PathLike) -> Fragment:
     expected = manifest["artifacts"]["tensors"]["sha256"]
     try:
         found = sha256_file(tensors_path)
+    except FileNotFoundError:  # gone since is_file(): missing, like above (a reader racing a replace retries)
+        raise IntegrityError(f"{tensors_path}: tensors file named by {manifest_path.name} is missing") from None
     except OSError as exc:
         raise ReadError(f"{tensors_path}: cannot read the tensors file right now: {exc}") from exc
     if found != expected:
@@ -331,9 +442,13 @@ def load_fragment(manifest_path: str | os.PathLike) -> Fragment:
     read_safetensors_header(tensors_path)  # dtypes, shapes, offsets and size caps before any data is read
     try:
         tensors = load_file(str(tensors_path))
+    except FileNotFoundError:
+        raise IntegrityError(f"{tensors_path}: tensors file named by {manifest_path.name} is missing") from None
     except OSError as exc:  # the hash matched: the bytes are the recorded ones, the read itself failed
         raise ReadError(f"{tensors_path}: cannot read the tensors file right now: {exc}") from exc
-    except (SafetensorError, ValueError) as exc:
+    except (SafetensorError, ValueError, RuntimeError) as exc:  # safetensors reports a vanished file as RuntimeError
+        if not tensors_path.exists():
+            raise IntegrityError(f"{tensors_path}: tensors file named by {manifest_path.name} is missing") from None
         raise IntegrityError(f"{tensors_path}: not a readable safetensors file: {exc}") from exc
     _check_tensors(manifest, tensors, tensors_path)
     return Fragment(manifest=manifest, tensors=tensors)

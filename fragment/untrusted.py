@@ -36,7 +36,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
-from .errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError
+from .errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError, ReadError
 
 SCHEMA_FILE = Path(__file__).with_name("manifest_schema.json")
 MAX_HEADER_BYTES = 64 << 20  # safetensors' own limit is 100 MB; a fragment's header is kilobytes
@@ -159,8 +159,10 @@ def read_safetensors_header(
         size = path.stat().st_size
         with path.open("rb") as fh:
             return _check_header(fh, size, str(path), allowed_dtypes, max_bytes)
-    except OSError as exc:
+    except FileNotFoundError as exc:
         raise IntegrityError(f"{path}: cannot read safetensors file: {exc}") from exc
+    except OSError as exc:  # EIO, EACCES: says nothing about the bytes, so not quarantined (auto_mode)
+        raise ReadError(f"{path}: cannot read safetensors file right now: {exc}") from exc
 
 
 def check_safetensors_bytes(data: bytes, source: str, *, allowed_dtypes: frozenset[str] = FRAGMENT_DTYPES,
