@@ -200,6 +200,7 @@ def _sweep_temporaries(folder: Path) -> None:
     writer between renaming its tensors and its manifest has a new file no manifest names yet.
     """
     live: set[str] = set()
+    died: set[str] = set()  # names a writer was installing when it died: their unnamed tensors files are its own
     for path in folder.glob(".*.tmp-*"):
         stem, _, pid = path.name.rpartition(".tmp-")
         if not pid.isdigit():
@@ -208,6 +209,8 @@ def _sweep_temporaries(folder: Path) -> None:
             if stem.endswith(".install"):
                 live.add(stem[1 : -len(".install")])
             continue
+        if stem.endswith(".install"):
+            died.add(stem[1 : -len(".install")])
         log.info("library: removing %s left by a writer that died", path)
         path.unlink(missing_ok=True)
     for path in folder.glob("*.safetensors"):
@@ -218,9 +221,10 @@ def _sweep_temporaries(folder: Path) -> None:
         if match["stem"] != path.name[: -len(".safetensors")] and (folder / f"{path.name[: -len('.safetensors')]}.json").exists():
             continue  # a fragment literally named like '<stem>.<16 hex>': its own plain tensors file
         named, _ = _named_by(manifest)
-        # Only beside a readable manifest of the same name that names another file: a tensors file with no
-        # manifest at all may be a fragment a user is still copying in, and is never ours to delete.
-        if named is not None and named != path.name:
+        # Beside a readable manifest of the same name that names another file, or left by a writer that died
+        # installing this name (a first add killed before its manifest).  A tensors file with no manifest
+        # and no such marker may be a fragment a user is still copying in: never ours to delete.
+        if (named is not None and named != path.name) or (match["stem"] in died and named != path.name):
             log.info("library: removing %s, an orphan of an interrupted replace of %s", path, manifest.name)
             path.unlink(missing_ok=True)
 

@@ -135,3 +135,31 @@ def test_two_writers_replacing_the_same_key_while_a_reader_loads(tmp_path: Path)
     library.add(tmp_path, synthetic("cat", {"mid.attn1": [0]}), embedding=emb(7), prompt="cat")
     named = {load_fragment(m).manifest["artifacts"]["tensors"]["file"] for m in tmp_path.glob("*.json")}
     assert {p.name for p in tmp_path.glob("*.safetensors")} == named
+
+
+def test_a_first_add_killed_before_its_manifest_leaves_no_orphan(tmp_path: Path) -> None:
+    ctx = mp.get_context("fork")
+    for k in range(1, 200):
+        folder = tmp_path / f"k{k}"
+        library.add(folder, synthetic("cat", {"mid.attn1": [0]}), embedding=emb(7), prompt="cat")
+        proc = ctx.Process(target=_kill_at, args=(k, _add_new(folder)))
+        proc.start()
+        proc.join(120)
+        assert proc.exitcode in (KILLED, 0), proc.exitcode
+        if (folder / "dog.json").exists():
+            assert load_fragment(folder / "dog.json").kept == NEW
+        library.add(folder, synthetic("cow", {"mid.attn1": [2]}), embedding=emb(8), prompt="cow")  # sweeps
+        named = {load_fragment(m).manifest["artifacts"]["tensors"]["file"] for m in folder.glob("*.json")}
+        assert {p.name for p in folder.glob("*.safetensors")} == named, k
+        if proc.exitcode == 0:
+            break
+    assert k >= 4
+
+
+def test_a_tensors_file_without_manifest_or_marker_is_never_swept(tmp_path: Path) -> None:
+    # A user copying a fragment in: the .safetensors arrives before its .json.
+    save_fragment(synthetic("copied"), tmp_path / "src")
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "copied.safetensors").write_bytes((tmp_path / "src" / "copied.safetensors").read_bytes())
+    library.add(tmp_path / "lib", synthetic("cow", {"mid.attn1": [2]}), embedding=emb(8), prompt="cow")
+    assert (tmp_path / "lib" / "copied.safetensors").exists()
