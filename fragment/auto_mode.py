@@ -81,7 +81,11 @@ def auto_select(
     >>> import tempfile; auto_select(tempfile.mkdtemp(), "ab", torch.ones(4)).status
     'MISS (full model): library is empty'
     """
-    result = lookup(folder, base_sha256, embedding, params, threshold=threshold)
+    try:
+        result = lookup(folder, base_sha256, embedding, params, threshold=threshold)
+    except FragmentError as exc:  # an unusable index (.library a file, sqlite corrupt) must not stop the queue
+        log.warning("library: %s", exc)
+        return LoadOutcome(None, f"MISS (full model): library unusable: {exc}")
     if not result.hit or result.manifest_path is None:
         return LoadOutcome(None, f"MISS (full model): {result.reason}", lookup=result)
     outcome = load_or_fallback(folder, result.manifest_path, base_sha256)

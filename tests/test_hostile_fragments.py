@@ -270,3 +270,12 @@ def test_a_fragment_saved_with_no_modules_and_kept_key_round_trips(tmp_path: Pat
     # Guard for the tests above: the synthetic fragment with kept={} is itself valid.
     path = save_fragment(synthetic("empty", kept={}), tmp_path)
     assert load_fragment(path).tensors == {} and kept_key("a") == "heads.a.kept"
+
+
+def test_auto_mode_with_an_unusable_library_folder_says_so_and_uses_the_full_model(tmp_path: Path) -> None:
+    from prompt_fragments.fragment.auto_mode import auto_select
+
+    save_fragment(synthetic("dog"), tmp_path)
+    (tmp_path / ".library").write_text("not a folder")
+    out = auto_select(tmp_path, BASE, emb(1))
+    assert out.fragment is None and out.status.startswith("MISS (full model): library unusable") and ".library" in out.status

@@ -39,7 +39,9 @@ json_values = st.recursive(
 hostile_leaves = (st.sampled_from([float("nan"), float("inf"), float("-inf"), 10 ** 400, -(10 ** 400), 2 ** 64, -1, 0])
                   | st.integers(-(10 ** 60), 10 ** 60))
 deep_values = st.integers(60, 400).map(lambda d: json.loads("[" * d + "]" * d) if d < 900 else [])
-any_values = json_values | hostile_leaves | deep_values | st.lists(hostile_leaves, max_size=3) | st.just({}) | st.just([])
+# st.builds, not st.just: _set mutates what it is given, and a shared {} would grow into a cycle.
+any_values = (json_values | hostile_leaves | deep_values | st.lists(hostile_leaves, max_size=3)
+              | st.builds(dict) | st.builds(list))
 evil_names = st.sampled_from(["../x", "/etc/passwd", "a/b", "..", ".hidden", "x.ckpt", "dog\x00.json", "ok", "ok.safetensors"])
 # Where to put a fuzzed value: paths into the manifest the loader acts on.
 targets = st.sampled_from([
