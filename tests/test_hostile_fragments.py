@@ -204,7 +204,8 @@ def test_nan_and_infinity_in_a_manifest_are_refused(tmp_path: Path) -> None:
     {"step_reuse": {"total_steps": 4, "reuse_steps": [99999]}},
     {"timestep_heads": {"buckets": 2, "kept": {"0": {"down.0.attn1": 5}}}},
     {"timestep_heads": {"buckets": 2, "kept": {"0": {"down.0.attn1": [6, 7]}}}},  # heads the fragment pruned
-    {"timestep_heads": {"buckets": 2, "kept": {"0": {"nowhere.attn1": [0]}}}},
+    {"timestep_heads": {"buckets": 2, "kept": {"0": {"down.0.attn1": [0]}, "7": {"down.0.attn1": [0]}}}},  # bucket >= buckets
+    {"timestep_heads": {"buckets": 2, "kept": {"0": [1, 2]}}},  # a list where the parser expects module -> heads
 ])
 def test_verify_refuses_a_schedule_block_the_loader_refuses(tmp_path: Path, schedule: dict, capsys) -> None:
     src = save_fragment(synthetic("sched"), tmp_path / "a")
