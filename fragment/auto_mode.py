@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import BaseModelMismatchError, FragmentError
+from .errors import BaseModelMismatchError, FragmentError, ReadError
 from .library import DEFAULT_THRESHOLD, LookupResult, load_entry, lookup, quarantine
 from .store import Fragment
 
@@ -39,18 +39,26 @@ def load_or_fallback(
 ) -> LoadOutcome:
     """Load an entry for use; a corrupt one is quarantined and the caller is told to use the full model.
 
-    A base-model mismatch is not corruption: it falls back without quarantine.
+    Only the ``FragmentError`` family is caught: that is what every check of
+    untrusted input raises.  Anything else is a bug in the pack and
+    propagates.  A base-model mismatch is not corruption, and a ``ReadError``
+    (an ``OSError`` while reading) says nothing about the contents: both fall
+    back without quarantine.  A quarantine that itself fails (a read-only
+    folder) is reported in the status; the caller still gets the full model.
 
     >>> import tempfile; d = tempfile.mkdtemp(); load_or_fallback(d, Path(d) / "gone.json").fragment is None
     True
     """
     try:
         fragment = load_entry(folder, manifest_path, base_sha256)
-    except BaseModelMismatchError as exc:
+    except (BaseModelMismatchError, ReadError) as exc:
         return LoadOutcome(None, f"FALLBACK to the full model: {exc}")
     except FragmentError as exc:
-        moved = quarantine(folder, manifest_path, str(exc))
-        note = f"; moved to {moved[0].parent}" if moved else ""
+        try:
+            moved = quarantine(folder, manifest_path, str(exc))
+            note = f"; moved to {moved[0].parent}" if moved else ""
+        except (FragmentError, OSError) as q_exc:  # the fallback must still happen; say why it stays in place
+            moved, note = [], f"; could not quarantine it: {q_exc}"
         status = f"FALLBACK to the full model: {Path(manifest_path).name} is unusable ({exc}){note}"
         log.warning("library: %s", status)
         return LoadOutcome(None, status, quarantined=moved)
@@ -73,7 +81,11 @@ def auto_select(
     >>> import tempfile; auto_select(tempfile.mkdtemp(), "ab", torch.ones(4)).status
     'MISS (full model): library is empty'
     """
-    result = lookup(folder, base_sha256, embedding, params, threshold=threshold)
+    try:
+        result = lookup(folder, base_sha256, embedding, params, threshold=threshold)
+    except FragmentError as exc:  # an unusable index (.library a file, sqlite corrupt) must not stop the queue
+        log.warning("library: %s", exc)
+        return LoadOutcome(None, f"MISS (full model): library unusable: {exc}")
     if not result.hit or result.manifest_path is None:
         return LoadOutcome(None, f"MISS (full model): {result.reason}", lookup=result)
     outcome = load_or_fallback(folder, result.manifest_path, base_sha256)

@@ -20,6 +20,14 @@ class IntegrityError(FragmentError):
     """A file's hash or contents do not match what its manifest records."""
 
 
+class ReadError(FragmentError):
+    """A file could not be read right now (an ``OSError`` such as EIO or EACCES), which says nothing about its contents.
+
+    ``auto_mode.load_or_fallback`` falls back without quarantining on it: a
+    transient read error must not move a good fragment away.
+    """
+
+
 class BaseModelMismatchError(FragmentError):
     """A fragment was applied to a model it was not built from."""
 

@@ -13,12 +13,29 @@ model by cosine of the pooled prompt embedding, accepted at ``threshold``
 (0.9 by default).  Size cap: least recently used entries are evicted (an
 access counter orders them, so ties in wall-clock time cannot reorder).
 
-Crash safety: files are written to temporary names and renamed (store), and
-the row is inserted only after both files are in place, all under the lock;
-a writer killed at any point leaves either no row (its temporary files are
-swept by the next writer) or a complete entry.  sqlite's journal makes the
-row itself atomic.  Only files the index names are ever evicted: fragments a
-user placed by hand are never touched.
+Crash safety (issue #16): every write goes through ``store.install``, all
+library writers (``add``, ``register``, ``unpack``, eviction, quarantine)
+hold the lock, and ``<name>.json`` is the one pointer that switches.  What a
+kill (even ``kill -9``) at each step of adding or replacing an entry leaves:
+
+1. while the new tensors are written to ``.<name>.safetensors.tmp-<pid>`` or
+   fsynced: the old entry (or none), complete and loadable; the temporary is
+   swept by the next writer.
+2. after the tensors are renamed to a name the old manifest does not use
+   (``<name>.safetensors`` when free, else ``<name>.<sha256[:16]>.safetensors``):
+   still the old entry; the new file is an orphan the next writer deletes.
+3. while the new manifest is written to ``.<name>.json.tmp-<pid>``: the old entry.
+4. after the manifest rename (atomic): the new entry, complete; the old tensors
+   file, until it is deleted, is an orphan swept like the others.
+5. before the index row is written (``add``/``register``): the new entry's
+   files, unindexed (visible by name, not found by auto mode, never evicted).
+   When a replace comes with no row (``unpack`` of a pack without one), the old
+   row is deleted before step 1, so no row ever answers with the wrong fragment.
+
+A reader therefore sees the old entry or the new one, never a mix; sqlite's
+journal makes each row change atomic.  Only files the index names, and
+orphans of this naming beside a manifest that names another file, are ever
+deleted: fragments a user placed by hand are never touched.
 """
 from __future__ import annotations
 
@@ -34,18 +51,20 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from .errors import FragmentError
+from .errors import FragmentError, IntegrityError, ReadError
 from .fingerprint import (
     cosine, embedding_from_bytes, embedding_sha256, embedding_to_bytes, fingerprint, params_sha256,
 )
-from .store import Fragment, check_name, load_fragment, read_manifest, save_fragment
-from .untrusted import check_base, check_inside, confined
+from .store import (_OWN_TENSORS, MAX_MANIFEST_BYTES, Fragment, _named_by, check_name, ensure_folder, load_fragment,
+                    read_manifest, save_fragment)
+from .untrusted import check_base, check_inside, check_plain_name, confined, parse_json
 
 log = logging.getLogger(__name__)
 
 LIBRARY_DIR = ".library"
 DEFAULT_THRESHOLD = 0.9
 DEFAULT_CAP_BYTES = 20 << 30
+_READ_ATTEMPTS = 5  # a reader re-reads a manifest replaced under it; five replaces during one load is churn enough
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     key TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, base_sha256 TEXT NOT NULL, prompt TEXT NOT NULL,
@@ -81,9 +100,12 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
     >>> import tempfile
     >>> with locked(tempfile.mkdtemp()): pass
     """
-    directory = library_dir(folder)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "lock", "a+b") as fh:
+    directory = ensure_folder(library_dir(folder))
+    try:
+        fh = open(directory / "lock", "a+b")
+    except OSError as exc:
+        raise FragmentError(f"{directory / 'lock'}: expected a lock file that can be opened, found: {exc}") from exc
+    with fh:
         try:
             import fcntl
         except ImportError:  # Windows: ComfyUI runs one process per folder there; sqlite still serialises rows
@@ -98,16 +120,33 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _db(folder: str | os.PathLike) -> Iterator[sqlite3.Connection]:
-    directory = library_dir(folder)
-    directory.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(directory / "index.sqlite3", timeout=30.0, isolation_level=None)
+    directory = ensure_folder(library_dir(folder))
+    index = directory / "index.sqlite3"
+    if index.exists() and not index.is_file():
+        raise FragmentError(f"{index}: expected the library index file, found a directory or special file")
+    try:  # connect inside the try: a folder in its place fails here, not in the first query
+        con = sqlite3.connect(index, timeout=30.0, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise FragmentError(f"{index}: expected a readable library index, found: {exc}") from exc
     try:
         con.executescript(_SCHEMA)
         yield con
     except sqlite3.DatabaseError as exc:
-        raise FragmentError(f"{directory / 'index.sqlite3'}: library index unreadable: {exc}") from exc
+        raise FragmentError(f"{index}: library index unreadable: {exc}") from exc
     finally:
         con.close()
+
+
+def _has_index(folder: str | os.PathLike) -> bool:
+    """Whether the library index exists; a ``FragmentError`` when ``.library`` or the index is not what it must be
+    (reported as an empty library before, which hid the mistake)."""
+    directory = library_dir(folder)
+    if directory.exists() and not directory.is_dir():
+        raise FragmentError(f"{directory}: expected the library folder, found a file")
+    index = directory / "index.sqlite3"
+    if index.exists() and not index.is_file():
+        raise FragmentError(f"{index}: expected the library index file, found a directory or special file")
+    return index.exists()
 
 
 def _bump(con: sqlite3.Connection, name: str, by: int = 1) -> None:
@@ -124,7 +163,7 @@ def entries(folder: str | os.PathLike) -> list[dict[str, Any]]:
     >>> import tempfile; entries(tempfile.mkdtemp())
     []
     """
-    if not (library_dir(folder) / "index.sqlite3").exists():
+    if not _has_index(folder):
         return []
     with _db(folder) as con:
         rows = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM entries ORDER BY access_seq").fetchall()
@@ -144,7 +183,7 @@ def stats(folder: str | os.PathLike) -> dict[str, int]:
     0
     """
     result = {"entries": 0, "bytes": 0, "hits": 0, "misses": 0, "evictions": 0, "quarantined": 0, "adds": 0}
-    if not (library_dir(folder) / "index.sqlite3").exists():
+    if not _has_index(folder):
         return result
     with _db(folder) as con:
         count, size = con.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
@@ -154,11 +193,39 @@ def stats(folder: str | os.PathLike) -> dict[str, int]:
 
 
 def _sweep_temporaries(folder: Path) -> None:
-    """Delete temporary files left by writers that died (store names them ``.<name>.<ext>.tmp-<pid>``)."""
+    """Delete what writers that died left: temporaries (``.<name>.<ext>.tmp-<pid>``, see ``store.install``) and
+    orphan tensors files of this library's own naming that no manifest names (a kill between install steps).
+
+    Orphans are only looked for under names with no live writer's ``.<name>.install.tmp-<pid>`` marker: a
+    writer between renaming its tensors and its manifest has a new file no manifest names yet.
+    """
+    live: set[str] = set()
+    died: set[str] = set()  # names a writer was installing when it died: their unnamed tensors files are its own
     for path in folder.glob(".*.tmp-*"):
-        pid = path.name.rsplit(".tmp-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            log.info("library: removing %s left by a writer that died", path)
+        stem, _, pid = path.name.rpartition(".tmp-")
+        if not pid.isdigit():
+            continue
+        if _alive(int(pid)):
+            if stem.endswith(".install"):
+                live.add(stem[1 : -len(".install")])
+            continue
+        if stem.endswith(".install"):
+            died.add(stem[1 : -len(".install")])
+        log.info("library: removing %s left by a writer that died", path)
+        path.unlink(missing_ok=True)
+    for path in folder.glob("*.safetensors"):
+        match = _OWN_TENSORS.fullmatch(path.name)
+        if match is None or match["stem"] in live or not path.is_file() or path.is_symlink():
+            continue
+        manifest = folder / f"{match['stem']}.json"
+        if match["stem"] != path.name[: -len(".safetensors")] and (folder / f"{path.name[: -len('.safetensors')]}.json").exists():
+            continue  # a fragment literally named like '<stem>.<16 hex>': its own plain tensors file
+        named, _ = _named_by(manifest)
+        # Beside a readable manifest of the same name that names another file, or left by a writer that died
+        # installing this name (a first add killed before its manifest).  A tensors file with no manifest
+        # and no such marker may be a fragment a user is still copying in: never ours to delete.
+        if (named is not None and named != path.name) or (match["stem"] in died and named != path.name):
+            log.info("library: removing %s, an orphan of an interrupted replace of %s", path, manifest.name)
             path.unlink(missing_ok=True)
 
 
@@ -263,6 +330,8 @@ def evict(folder: str | os.PathLike, cap_bytes: int) -> list[str]:
     >>> import tempfile; evict(tempfile.mkdtemp(), 0)
     []
     """
+    if isinstance(cap_bytes, bool) or not isinstance(cap_bytes, int) or cap_bytes < 0:
+        raise FragmentError(f"{library_dir(folder)}: eviction cap: expected a size >= 0 bytes, found {cap_bytes!r}")
     with locked(folder):
         return _evict_locked(Path(folder), cap_bytes, keep=set())
 
@@ -294,8 +363,32 @@ def _evict_locked(folder: Path, cap_bytes: int, keep: set[str]) -> list[str]:
 
 
 def _remove_files(folder: Path, name: str) -> None:
-    for suffix in (".json", ".safetensors"):  # manifest first: without it nothing will try to load the tensors
-        (folder / f"{name}{suffix}").unlink(missing_ok=True)
+    tensors = _named_tensors(folder, name)  # read before the manifest goes: a replaced entry's file is content-named
+    for path in (folder / f"{name}.json", tensors):  # manifest first: without it nothing will try to load the tensors
+        path.unlink(missing_ok=True)
+
+
+def forget(folder: str | os.PathLike, name: str) -> bool:
+    """Drop the row of entry ``name`` (its files stay, unindexed); True when there was one.
+
+    >>> import tempfile; forget(tempfile.mkdtemp(), "dog")
+    False
+    """
+    with locked(folder):
+        return forget_locked(folder, name)
+
+
+def forget_locked(folder: str | os.PathLike, name: str) -> bool:
+    """``forget`` for a caller already holding ``locked(folder)`` (flock is per open file: taking it twice deadlocks)."""
+    if not _has_index(folder):
+        return False
+    with _db(folder) as con:
+        con.execute("BEGIN IMMEDIATE")
+        gone = con.execute("DELETE FROM entries WHERE name = ?", (name,)).rowcount
+        con.execute("COMMIT")
+    if gone:
+        log.info("library: %s replaced by a fragment without a library row; its row is dropped", name)
+    return bool(gone)
 
 
 def lookup(
@@ -316,7 +409,7 @@ def lookup(
     'library is empty'
     """
     folder = Path(folder)
-    if not (library_dir(folder) / "index.sqlite3").exists():
+    if not _has_index(folder):
         return LookupResult(False, None, -1.0, "library is empty")
     with _db(folder) as con:
         rows = con.execute(
@@ -364,10 +457,47 @@ def load_entry(folder: str | os.PathLike, manifest_path: str | os.PathLike, base
     >>> load_entry("models/fragments", "models/fragments/dog.json", base_sha256=digest)  # doctest: +SKIP
     """
     path = check_inside(folder, manifest_path)
-    manifest = read_manifest(path)
-    confined(folder, manifest["artifacts"]["tensors"]["file"], str(path))
-    check_base(manifest, base_sha256, str(path))
-    return load_fragment(path)
+    for attempt in range(_READ_ATTEMPTS):
+        manifest = read_manifest(path)
+        confined(folder, manifest["artifacts"]["tensors"]["file"], str(path))
+        check_base(manifest, base_sha256, str(path))
+        try:
+            fragment = load_fragment(path)
+        except (IntegrityError, ReadError):
+            # Readers take no lock: a writer may have switched the manifest and deleted the tensors file we
+            # were about to read (store.install step 4).  A manifest that changed meanwhile is read again.
+            if attempt < _READ_ATTEMPTS - 1 and _named_by(path) != (manifest["artifacts"]["tensors"]["file"],
+                                                   manifest["artifacts"]["tensors"]["sha256"]):
+                continue
+            raise
+        check_base(fragment.manifest, base_sha256, str(path))  # load_fragment read the manifest again
+        return fragment
+    raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+
+def _named_tensors(folder: Path, name: str) -> Path:
+    """The tensors file ``<name>.json`` names, when that can be read safely; else ``<name>.safetensors``.
+
+    The manifest is corrupt by assumption, so only a plain in-folder name is
+    taken, and never the tensors file of another entry (``<other>.safetensors``
+    with an ``<other>.json`` beside it): a hostile manifest must not get a good
+    fragment quarantined.
+    """
+    fallback = folder / f"{name}.safetensors"
+    try:
+        manifest = folder / f"{name}.json"
+        if not manifest.is_file() or manifest.stat().st_size > MAX_MANIFEST_BYTES:
+            return fallback
+        text = manifest.read_bytes()
+        file_name = parse_json(text, f"{folder / name}.json")["artifacts"]["tensors"]["file"]
+        check_plain_name(file_name, f"{folder / name}.json", ".safetensors")
+        path = confined(folder, file_name, f"{folder / name}.json")
+    except (FragmentError, OSError, KeyError, TypeError, IndexError):  # unreadable or odd: the conventional name
+        return fallback
+    stem = file_name[: -len(".safetensors")]
+    if stem != name and (folder / f"{stem}.json").exists():
+        return fallback
+    return path
 
 
 def quarantine(folder: str | os.PathLike, manifest_path: str | os.PathLike, reason: str) -> list[Path]:
@@ -381,15 +511,22 @@ def quarantine(folder: str | os.PathLike, manifest_path: str | os.PathLike, reas
     target = library_dir(folder) / "quarantine"
     moved: list[Path] = []
     with locked(folder):
+        manifest = folder / f"{name}.json"
+        if manifest.is_file():
+            try:  # under the lock no writer moves: an entry replaced since the failed read may be fine now
+                load_fragment(manifest)
+                log.info("library: %s loads now (replaced since it failed: %s); not quarantined", name, reason)
+                return []
+            except FragmentError:
+                pass
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        for suffix in (".json", ".safetensors"):
-            src = folder / f"{name}{suffix}"
+        for src in (folder / f"{name}.json", _named_tensors(folder, name)):  # both found before either moves
             if src.is_file() or src.is_symlink():
                 target.mkdir(parents=True, exist_ok=True)
-                dest = target / f"{stamp}-{os.getpid()}-{name}{suffix}.quarantined"
+                dest = target / f"{stamp}-{os.getpid()}-{src.name}.quarantined"
                 os.replace(src, dest)
                 moved.append(dest)
-        if (library_dir(folder) / "index.sqlite3").exists():
+        if _has_index(folder):
             with _db(folder) as con:
                 con.execute("BEGIN IMMEDIATE")
                 gone = con.execute("DELETE FROM entries WHERE name = ?", (name,)).rowcount

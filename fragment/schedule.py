@@ -145,7 +145,7 @@ def _take_rows(value: Any, rows: slice, batch: int) -> Any:
 def _int(value: Any, where: str, low: int) -> int:
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise FragmentError(f"{where}: expected an integer >= {low}, found {value!r}") from None
     if number < low or (isinstance(value, float) and value != number):
         raise FragmentError(f"{where}: expected an integer >= {low}, found {value!r}")

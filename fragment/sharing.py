@@ -35,10 +35,13 @@ from safetensors.torch import save_file
 
 from .errors import BaseModelMismatchError, IntegrityError, ManifestError
 from .hashing import sha256_file, sha256_state_dict
-from .library import locked, register
-from .manifest import validate_manifest
-from .store import MAX_MANIFEST_BYTES, Fragment, _check_tensors, check_name, fragment_replacements, load_fragment
-from .untrusted import check_base, check_plain_name, check_safetensors_bytes, confined, read_safetensors_header
+from .library import forget_locked, locked, register
+from .manifest import seal, validate_manifest
+from .errors import FragmentError
+from .store import (MAX_MANIFEST_BYTES, Fragment, _check_tensors, check_name, ensure_folder, fragment_replacements,
+                    install, load_fragment)
+from .untrusted import (check_base, check_plain_name, check_safetensors_bytes, confined, parse_json,
+                        read_safetensors_header)
 
 log = logging.getLogger(__name__)
 
@@ -67,28 +70,54 @@ def pack(manifest_path: str | os.PathLike, out: str | os.PathLike, *, library_ro
     """
     manifest_path = Path(manifest_path)
     fragment = load_fragment(manifest_path)  # full verification: never pass on a corrupt fragment
-    raw = (manifest_path.parent / fragment.manifest["artifacts"]["tensors"]["file"]).read_bytes()
-    metadata = {META_PACK: "1", META_MANIFEST: json.dumps(fragment.manifest, sort_keys=True)}
+    tensors_path = manifest_path.parent / fragment.manifest["artifacts"]["tensors"]["file"]
+    out = Path(out)
+    for source in (manifest_path, tensors_path):  # an output that is also an input would destroy the fragment
+        if out.resolve() == source.resolve() or (out.exists() and os.path.samefile(out, source)):
+            raise FragmentError(f"{out}: expected an output path other than the fragment's own files, found {source.name}")
+    if not out.parent.is_dir():
+        raise FragmentError(f"{out}: expected an existing folder {out.parent} for the pack, found none")
+    if out.is_dir():
+        raise FragmentError(f"{out}: expected a pack file path, found a directory")
+    raw = tensors_path.read_bytes()
+    manifest = fragment.manifest
+    canonical = f"{fragment.name}.safetensors"
+    if manifest["artifacts"]["tensors"]["file"] != canonical:  # a replaced entry's content-named file
+        body = {k: v for k, v in manifest.items() if k != "integrity"}
+        manifest = seal({**body, "artifacts": {"tensors": {**manifest["artifacts"]["tensors"], "file": canonical}}})
+    metadata = {META_PACK: "1", META_MANIFEST: json.dumps(manifest, sort_keys=True)}
     if library_row is not None:
         metadata[META_LIBRARY] = json.dumps(_check_row(dict(library_row), str(manifest_path)), sort_keys=True)
-    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         save_file({TENSOR: torch.frombuffer(bytearray(raw), dtype=torch.uint8)}, str(tmp), metadata=metadata)
         os.replace(tmp, out)
+    except (OSError, SafetensorError) as exc:
+        raise FragmentError(f"{out}: expected a writable pack path, found: {exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
     log.info("packed %s into %s (%d bytes)", manifest_path.name, out, out.stat().st_size)
     return out
 
 
-def _check_row(row: dict[str, Any], source: str) -> dict[str, Any]:
+def _finite_number(x: Any) -> bool:
+    """A real number that converts to a finite float (a 400-digit int made math.isfinite raise OverflowError)."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, int):
+        return abs(x) <= 2 ** 128
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def _check_row(row: Any, source: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise ManifestError(f"{source}: library row: expected an object, found {type(row).__name__}")
     emb = row.get("embedding")
     if isinstance(emb, torch.Tensor):
         emb = row["embedding"] = [float(x) for x in emb.reshape(-1)]
     ok = (isinstance(row.get("prompt"), str) and len(row["prompt"]) <= 10000 and isinstance(row.get("params", {}), dict)
           and isinstance(emb, list) and 0 < len(emb) <= MAX_EMBEDDING
-          and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in emb))
+          and all(_finite_number(x) for x in emb))
     if not ok:
         raise ManifestError(f"{source}: library row: expected prompt string, params object and a finite embedding list "
                             f"of at most {MAX_EMBEDDING} numbers, found keys {sorted(row)[:8]}")
@@ -116,11 +145,8 @@ def read_pack(pack_path: str | os.PathLike) -> Unpacked:
     text = metadata.get(META_MANIFEST, "")
     if not text or len(text) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{path}: expected a manifest of 1 to {MAX_MANIFEST_BYTES} bytes in the metadata, found {len(text)}")
-    try:
-        manifest = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise ManifestError(f"{path}: the packed manifest is not readable JSON: {type(exc).__name__}") from exc
     source = f"{path}[manifest]"
+    manifest = parse_json(text, source)
     validate_manifest(manifest, source)
     name = check_name(manifest["name"])
     if manifest["artifacts"]["tensors"]["file"] != f"{name}.safetensors":
@@ -138,10 +164,7 @@ def read_pack(pack_path: str | os.PathLike) -> Unpacked:
     _check_tensors(manifest, tensors, Path(f"{path}[tensors]"))
     row = None
     if META_LIBRARY in metadata:
-        try:
-            row = _check_row(json.loads(metadata[META_LIBRARY]), str(path))
-        except (ValueError, RecursionError, AttributeError) as exc:
-            raise ManifestError(f"{path}: the packed library row is not readable JSON") from exc
+        row = _check_row(parse_json(metadata[META_LIBRARY], f"{path}: library row"), str(path))
     return Unpacked(Fragment(manifest=manifest, tensors=tensors), raw, row)
 
 
@@ -217,8 +240,7 @@ def unpack(pack_path: str | os.PathLike, folder: str | os.PathLike, *, overwrite
     PosixPath('models/fragments/dog.json')
     """
     content = read_pack(pack_path)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = ensure_folder(folder)
     name = check_name(content.fragment.name)
     manifest_name = check_plain_name(f"{name}.json", str(pack_path), ".json")
     tensors_name = check_plain_name(f"{name}.safetensors", str(pack_path), ".safetensors")
@@ -227,14 +249,19 @@ def unpack(pack_path: str | os.PathLike, folder: str | os.PathLike, *, overwrite
         tensors_path = confined(folder, tensors_name, str(pack_path))
         if not overwrite and (manifest_path.exists() or tensors_path.exists() or manifest_path.is_symlink()):
             raise IntegrityError(f"{manifest_path}: a fragment named {name!r} already exists (pass overwrite to replace it)")
-        for target, data in ((tensors_path, content.tensors_bytes),
-                             (manifest_path, json.dumps(content.fragment.manifest, indent=2).encode())):
-            tmp = folder / f".{target.name}.tmp-{os.getpid()}"
-            try:
-                tmp.write_bytes(data)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+        for target in (manifest_path, tensors_path):  # checked before anything is written: no half-replaced pair
+            if (target.exists() or target.is_symlink()) and not (target.is_file() and not target.is_symlink()):
+                raise IntegrityError(f"{target}: expected a regular file to replace (or none), found a directory, "
+                                     "symlink or special file; nothing was written")
+        if manifest_path.exists():
+            # The old row describes the old fragment's prompt; left in place it would answer that prompt with
+            # an exact HIT and serve the new fragment (issue #16).  Dropped before the switch, so a kill between
+            # leaves at worst the new fragment unindexed, never a row serving the wrong one; a packed row is
+            # registered again below.
+            forget_locked(folder, name)
+        # Atomic replace (store.install): the tensors go to a name the old manifest does not use, the manifest
+        # is renamed last, so a kill leaves the old fragment or the new one, each complete (issue #16).
+        manifest_path, _ = install(folder, content.fragment.manifest, lambda tmp: tmp.write_bytes(content.tensors_bytes))
     load_fragment(manifest_path)  # what is on disk now verifies as a fragment
     if add_to_library and content.library is not None:
         row = content.library

@@ -11,7 +11,13 @@ used before it passes these checks (issue #6):
   exactly (no overlap, no gap, nothing past the end).  safetensors never
   unpickles, and pickle formats are refused by name;
 * every path a fragment names stays inside its folder: plain names only,
-  no ``..``, no absolute paths, no symlink that resolves elsewhere.
+  no ``..``, no absolute paths, no symlink that resolves elsewhere;
+* every JSON text (manifest, safetensors header, pack metadata, library
+  row) is parsed by ``parse_json``: nesting depth is bounded before any
+  recursive walk (hashing, schema), integers longer than
+  ``MAX_INT_DIGITS`` digits, ``NaN``, ``Infinity`` and floats that overflow
+  are refused (issue #16), so no ``RecursionError`` or ``OverflowError``
+  can come out of a later step.
 
 Each check raises a ``FragmentError`` subclass naming the file with
 expected versus found.  This module imports no other part of the pack
@@ -20,21 +26,83 @@ except ``errors`` so ``manifest.py`` and ``store.py`` can both use it.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
+import re
 import struct
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
-from .errors import BaseModelMismatchError, IntegrityError, ManifestError
+from .errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError, ReadError
 
 SCHEMA_FILE = Path(__file__).with_name("manifest_schema.json")
 MAX_HEADER_BYTES = 64 << 20  # safetensors' own limit is 100 MB; a fragment's header is kilobytes
 MAX_TENSORS = 200_000
 MAX_FILE_BYTES = 16 << 30  # a quantised SDXL fragment is a few GB at most
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# A manifest written by the pack is about 6 levels deep; 64 leaves room for open blocks and stays far
+# below Python's recursion limit (json.dumps, jsonschema and the schedule parser all recurse).
+MAX_JSON_DEPTH = 64
+# 2**64 has 20 digits; nothing a fragment records needs more, and int -> float of 400 digits overflows.
+MAX_INT_DIGITS = 24
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def json_depth(text: str) -> int:
+    """The deepest bracket nesting of a JSON text, brackets inside strings not counted (no recursion).
+
+    >>> json_depth('{"a": [1, {"b": "[[["}]}')
+    3
+    """
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(_DEPTH_STEP[c] for c in brackets), default=0)
+
+
+def parse_json(text: str | bytes, source: str, error: type[FragmentError] = ManifestError,
+               max_depth: int = MAX_JSON_DEPTH, what: str = "document") -> Any:
+    """Parse untrusted JSON: bounded depth, no NaN / Infinity, no huge numbers; ``error`` names ``source``.
+
+    >>> parse_json('{"a": [1, 2.5]}', "m.json")
+    {'a': [1, 2.5]}
+    >>> parse_json('[NaN]', "m.json")
+    Traceback (most recent call last):
+    ...
+    prompt_fragments.fragment.errors.ManifestError: m.json: expected JSON numbers to be finite, found NaN
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"{source}: expected UTF-8 JSON text, found undecodable bytes at offset {exc.start}") from None
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise error(f"{source}: expected JSON nested at most {max_depth} levels deep, found {depth}")
+
+    def parse_int(digits: str) -> int:
+        if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+            raise error(f"{source}: expected integers of at most {MAX_INT_DIGITS} digits, found one of {len(digits.lstrip('-'))} digits")
+        return int(digits)
+
+    def parse_float(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
+            raise error(f"{source}: expected JSON numbers to be finite, found {literal[:40]} (overflows)")
+        return value
+
+    def parse_constant(name: str) -> float:
+        raise error(f"{source}: expected JSON numbers to be finite, found {name}")
+
+    try:
+        return json.loads(text, parse_int=parse_int, parse_float=parse_float, parse_constant=parse_constant)
+    except ValueError as exc:  # JSONDecodeError; the hooks raise FragmentErrors, which are not ValueErrors
+        raise error(f"{source}: not a readable JSON {what}: expected JSON, found unreadable text ({exc})") from None
+    except RecursionError:  # cannot happen below max_depth; kept so a lowered stack limit still gives our error
+        raise error(f"{source}: expected JSON nested at most {max_depth} levels deep, found deeper") from None
 
 # dtype name in a safetensors header -> bytes per element
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -91,8 +159,10 @@ def read_safetensors_header(
         size = path.stat().st_size
         with path.open("rb") as fh:
             return _check_header(fh, size, str(path), allowed_dtypes, max_bytes)
-    except OSError as exc:
+    except FileNotFoundError as exc:
         raise IntegrityError(f"{path}: cannot read safetensors file: {exc}") from exc
+    except OSError as exc:  # EIO, EACCES: says nothing about the bytes, so not quarantined (auto_mode)
+        raise ReadError(f"{path}: cannot read safetensors file right now: {exc}") from exc
 
 
 def check_safetensors_bytes(data: bytes, source: str, *, allowed_dtypes: frozenset[str] = FRAGMENT_DTYPES,
@@ -116,10 +186,7 @@ def _check_header(fh: BinaryIO, size: int, path: str, allowed_dtypes: frozenset[
     if header_len > min(MAX_HEADER_BYTES, size - 8):
         raise IntegrityError(f"{path}: expected a header of at most {min(MAX_HEADER_BYTES, size - 8)} bytes, found {header_len}")
     raw = fh.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise IntegrityError(f"{path}: expected a JSON safetensors header, found unreadable bytes ({type(exc).__name__})") from exc
+    header = parse_json(raw, path, IntegrityError, what="safetensors header")
     if not isinstance(header, dict):
         raise IntegrityError(f"{path}: expected a JSON object header, found {type(header).__name__}")
     meta = header.pop("__metadata__", {})
@@ -134,7 +201,7 @@ def _check_header(fh: BinaryIO, size: int, path: str, allowed_dtypes: frozenset[
         if not isinstance(info, dict):
             raise IntegrityError(f"{path}: tensor {name!r}: expected an object, found {type(info).__name__}")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in allowed_dtypes:
+        if not isinstance(dtype, str) or dtype not in allowed_dtypes:  # a list is unhashable: check the type first
             raise IntegrityError(f"{path}: tensor {name!r}: expected dtype in {sorted(allowed_dtypes)}, found {dtype!r}")
         if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_count(d) for d in shape)):
             raise IntegrityError(f"{path}: tensor {name!r}: expected a shape of at most 8 non-negative integers, found {shape!r}")

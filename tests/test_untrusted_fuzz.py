@@ -34,6 +34,14 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12,
 )
+# Issue #16: values that broke the loaders with foreign exceptions (NaN / Infinity, 400-digit integers, deep
+# nesting) and a wrong JSON type for every field (each of these is a type some field does not expect).
+hostile_leaves = (st.sampled_from([float("nan"), float("inf"), float("-inf"), 10 ** 400, -(10 ** 400), 2 ** 64, -1, 0])
+                  | st.integers(-(10 ** 60), 10 ** 60))
+deep_values = st.integers(60, 400).map(lambda d: json.loads("[" * d + "]" * d) if d < 900 else [])
+# st.builds, not st.just: _set mutates what it is given, and a shared {} would grow into a cycle.
+any_values = (json_values | hostile_leaves | deep_values | st.lists(hostile_leaves, max_size=3)
+              | st.builds(dict) | st.builds(list))
 evil_names = st.sampled_from(["../x", "/etc/passwd", "a/b", "..", ".hidden", "x.ckpt", "dog\x00.json", "ok", "ok.safetensors"])
 # Where to put a fuzzed value: paths into the manifest the loader acts on.
 targets = st.sampled_from([
@@ -43,6 +51,14 @@ targets = st.sampled_from([
     ("pruning", "modules", "../../x"), ("compression",), ("compression", "low_rank"), ("compression", "kv_fold"),
     ("compression", "ff_channels"), ("compression", "quantization"), ("artifacts",), ("artifacts", "tensors"),
     ("artifacts", "tensors", "file"), ("artifacts", "tensors", "sha256"), ("reuse",), ("reuse", "h3"),
+    ("profiling", "x"), ("quality", "ssim"), ("integrity",), ("integrity", "manifest_sha256"), ("created",),
+    ("compression", "low_rank", 0), ("pruning", "modules", "down.0.attn1", "removed"), ("base_model", "hash_kind"),
+    ("schedule",), ("schedule", "timestep_heads"), ("schedule", "timestep_heads", "buckets"),
+    ("schedule", "timestep_heads", "kept"), ("schedule", "timestep_heads", "kept", "0"),
+    ("schedule", "timestep_heads", "kept", "0", "down.0.attn1"), ("schedule", "step_reuse"),
+    ("schedule", "step_reuse", "total_steps"), ("schedule", "step_reuse", "reuse_steps"),
+    ("schedule", "step_reuse", "shallow"), ("schedule", "step_reuse", "timesteps"),
+    ("schedule", "cfg_truncation"), ("schedule", "cfg_truncation", "timestep"), ("schedule", "calibration"),
 ])
 
 
@@ -59,13 +75,30 @@ def _outside(root: Path, folder: Path) -> set[Path]:
 
 
 def _set(obj: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        nxt = obj.get(key) if isinstance(obj, dict) else None
-        if not isinstance(nxt, dict):
+    """Put ``value`` at ``path``, making objects on the way; an index into a list picks (or makes) an item.
+    A path an earlier edit made impossible (a name into a list) is skipped."""
+    for key, nxt_key in zip(path[:-1], path[1:]):
+        if isinstance(obj, list):
+            if not isinstance(key, int):
+                return
+            if not obj:
+                obj.append({})
+            key = min(key, len(obj) - 1)
+            nxt = obj[key]
+        elif isinstance(obj, dict):
+            nxt = obj.get(key)
+        else:
+            return
+        if not isinstance(nxt, (dict, list)) or (isinstance(nxt, list) and not isinstance(nxt_key, int)):
             nxt = {}
             obj[key] = nxt
         obj = nxt
-    obj[path[-1]] = value
+    last = path[-1]
+    if isinstance(obj, list):
+        if isinstance(last, int):
+            obj[min(last, len(obj)):] = [value]
+    elif isinstance(obj, dict):
+        obj[last] = value
 
 
 def _only_our_errors(folder: Path, manifest: Path) -> None:
@@ -78,7 +111,7 @@ def _only_our_errors(folder: Path, manifest: Path) -> None:
 
 
 @FUZZ
-@given(edits=st.lists(st.tuples(targets, json_values | evil_names), min_size=1, max_size=4), reseal=st.booleans())
+@given(edits=st.lists(st.tuples(targets, any_values | evil_names), min_size=1, max_size=4), reseal=st.booleans())
 def test_fuzzed_manifests_raise_only_fragment_errors(edits, reseal: bool) -> None:
     tmp, folder, manifest_path = _sandbox()
     with tmp:
@@ -158,3 +191,102 @@ def test_fuzzed_packs_never_write_outside_the_folder(edits, inner: str, outer_fl
         if dest.exists():  # whatever landed is a whole, verifiable fragment with a plain name
             for p in dest.glob("*.json"):
                 load_entry(dest, p)
+
+
+# --- issue #16: every loader, JSON text the serializer cannot produce, library rows, schedules ------------------
+
+raw_tokens = st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "9" * 400, "-" + "9" * 30,
+                              "[" * 990 + "]" * 990, "[" * 200 + "]" * 200, '{"a":' * 300 + "1" + "}" * 300,
+                              "[" * 5000 + "]" * 5000, '"\\ud800"', "1" * 5000])
+raw_slots = st.sampled_from(['"profiling": {}', '"quality": {}', '"reuse": {}', '"schema_version": 1',
+                             '"low_rank": []'])
+
+
+def _inject(text: str, slot: str, token: str) -> str:
+    key = slot.split(":")[0]
+    return text.replace(slot, f"{key}: {token}", 1)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(slot=raw_slots, token=raw_tokens, where=st.sampled_from(["manifest", "pack", "header", "row"]))
+def test_raw_hostile_json_text_raises_only_fragment_errors_at_every_loader(slot: str, token: str, where: str) -> None:
+    """Text json.dumps never writes (NaN, 1e999, 400-digit ints, a thousand levels) at each JSON boundary."""
+    tmp, folder, manifest_path = _sandbox()
+    with tmp:
+        root = Path(tmp.name)
+        text = manifest_path.read_text()
+        tensors = manifest_path.with_suffix(".safetensors").read_bytes()
+        if where == "manifest":
+            manifest_path.write_text(_inject(text, slot, token))
+            _only_our_errors(folder, manifest_path)
+            return
+        if where == "header":
+            header = '{"heads.down.0.attn1.kept": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}, "x": ' + token + "}"
+            raw = len(header.encode()).to_bytes(8, "little") + header.encode() + bytes(8)
+            manifest_path.with_suffix(".safetensors").write_bytes(raw)
+            m = json.loads(text)
+            m["artifacts"]["tensors"]["sha256"] = hashlib.sha256(raw).hexdigest()
+            manifest_path.write_text(json.dumps(seal({k: v for k, v in m.items() if k != "integrity"})))
+            _only_our_errors(folder, manifest_path)
+            return
+        pack_path = root / "in.fragment.safetensors"
+        meta = {"prompt_fragments.pack": "1", META_MANIFEST: text}
+        if where == "pack":
+            meta[META_MANIFEST] = _inject(text, slot, token)
+        else:
+            meta["prompt_fragments.library"] = '{"prompt": "p", "params": {"x": ' + token + '}, "embedding": [' + token + ', 1.0]}'
+        save_file({TENSOR: torch.frombuffer(bytearray(tensors), dtype=torch.uint8)}, str(pack_path), metadata=meta)
+        for call in (lambda: read_pack(pack_path), lambda: unpack(pack_path, folder / "incoming", overwrite=True)):
+            try:
+                call()
+            except FragmentError as exc:
+                assert str(exc).startswith(str(pack_path)), exc  # where: the pack's path first
+
+
+library_rows = st.fixed_dictionaries({}, optional={
+    "prompt": any_values | st.text(max_size=30), "params": any_values,
+    "embedding": any_values | st.lists(hostile_leaves | st.floats(), min_size=1, max_size=6)})
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(row=library_rows | any_values)
+def test_fuzzed_library_rows_raise_only_fragment_errors(row) -> None:
+    tmp, folder, manifest_path = _sandbox()
+    with tmp:
+        root = Path(tmp.name)
+        pack_path = root / "in.fragment.safetensors"
+        tensors = manifest_path.with_suffix(".safetensors").read_bytes()
+        meta = {"prompt_fragments.pack": "1", META_MANIFEST: manifest_path.read_text(),
+                "prompt_fragments.library": json.dumps(row)}
+        save_file({TENSOR: torch.frombuffer(bytearray(tensors), dtype=torch.uint8)}, str(pack_path), metadata=meta)
+        dest = root / "dest"
+        try:
+            unpack(pack_path, dest)
+        except FragmentError:
+            return
+        for p in dest.glob("*.json"):  # accepted: a whole fragment, and the row it indexed answers lookups
+            load_entry(dest, p)
+
+
+header_fields = st.fixed_dictionaries({}, optional={
+    "dtype": st.sampled_from(["I64", "F32", "U8", "F64"]) | any_values,
+    "shape": st.lists(st.integers(-2, 4) | hostile_leaves, max_size=3) | any_values,
+    "data_offsets": st.lists(st.integers(-1, 16) | hostile_leaves, min_size=2, max_size=2) | any_values})
+headers = st.dictionaries(st.sampled_from(["heads.down.0.attn1.kept", "heads.down.0.attn2.kept", "x", "__metadata__"]),
+                          header_fields | any_values, max_size=3)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(header=headers, data=st.binary(max_size=48))
+def test_structured_safetensors_headers_raise_only_fragment_errors(header, data: bytes) -> None:
+    """Header objects shaped like real ones with a wrong JSON type in each field (a list dtype raised TypeError)."""
+    tmp, folder, manifest_path = _sandbox()
+    with tmp:
+        tensors = manifest_path.with_suffix(".safetensors")
+        text = json.dumps(header).encode()
+        raw = len(text).to_bytes(8, "little") + text + data
+        tensors.write_bytes(raw)
+        m = json.loads(manifest_path.read_text())
+        m["artifacts"]["tensors"]["sha256"] = hashlib.sha256(raw).hexdigest()
+        manifest_path.write_text(json.dumps(seal({k: v for k, v in m.items() if k != "integrity"})))
+        _only_our_errors(folder, manifest_path)
