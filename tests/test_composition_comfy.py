@@ -14,8 +14,9 @@ with an error that says what to do:
   schedule turned off is the plain fragment bit for bit;
 * an attn2 replacement patch (IPAdapter style) on a fragment that prunes
   cross-attention: refused (``test_nodes.py``);
-* ComfyUI running cond and uncond in separate calls (little free memory):
-  a batch of 4 gives the images of 4 single runs, as it does with them batched.
+* ComfyUI running cond and uncond in separate calls (little free memory), or
+  an area cond as a smaller call of its own: a batch of 4 gives the images of
+  4 single runs, as it does with cond and uncond batched.
 """
 from __future__ import annotations
 
@@ -166,19 +167,35 @@ class _LowFreeMemory:
         self.samplers.model_management = self.real
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["cond+uncond batched", "cond and uncond split"])
-def test_a_batch_of_4_equals_4_single_runs(env: ScheduledEnv, split: bool) -> None:
+@pytest.mark.parametrize("split", ["batched", "low memory", "area conds"])
+def test_a_batch_of_4_equals_4_single_runs(env: ScheduledEnv, split: str) -> None:
+    """Cache packs break on batches over 1 and on split conds; a schedule's cache slots must not.
+
+    ``low memory``: the sampler sees almost no free memory and runs cond and uncond in separate calls.
+    ``area conds``: a second positive cond on a 32 px corner runs as its own, smaller UNet call.
+    """
     import comfy.samplers
 
-    with torch.inference_mode(), (_LowFreeMemory(comfy.samplers) if split else contextlib.nullcontext()):
+    positive = env.positive
+    if split == "area conds":
+        (corner,) = cs.call_node(env.comfyui, "ConditioningSetArea", conditioning=env.positive, width=32, height=32,
+                                 x=0, y=0, strength=1.0)
+        (positive,) = cs.call_node(env.comfyui, "ConditioningCombine", conditioning_1=env.positive, conditioning_2=corner)
+    low_memory = _LowFreeMemory(comfy.samplers) if split == "low memory" else contextlib.nullcontext()
+    with torch.inference_mode(), low_memory:
         model, _ = env.load(env.full)
         state = env.state(model)
         state.history.clear()
-        batch = env.batch(model, seed=20, count=4)
-        rows = {h["signature"][0] for h in state.history}
+        batch = env.batch(model, seed=20, count=4, positive=positive)
+        signatures = {h["signature"] for h in state.history}
         reused = sorted(set(state.reused_steps()))
-        singles = torch.cat([env.batch(model, seed=20 + i, count=1) for i in range(4)])
-    # Split: every call holds one chunk of 4 rows.  Batched: [cond, uncond] x 4, then cond alone below the cut-off.
-    assert rows == ({4} if split else {8, 4}), rows
+        singles = torch.cat([env.batch(model, seed=20 + i, count=1, positive=positive) for i in range(4)])
+    rows = {s[0] for s in signatures}
+    if split == "low memory":  # every call holds one chunk of 4 rows
+        assert rows == {4}, signatures
+    elif split == "batched":  # [cond, uncond] x 4, then cond alone below the cut-off
+        assert rows == {8, 4}, signatures
+    else:  # the corner cond runs at a quarter of the latent, beside the full-size calls
+        assert {s[2:] for s in signatures} == {(8, 8), (4, 4)}, signatures
     assert reused, "the schedule reused no step in the batch"
     assert_close(batch, singles, rtol=1e-4, atol=1e-4)
