@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from .cli_library import add_library_commands
-from .fragment.errors import FragmentError
+from .errors import FragmentError
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_weights(args: argparse.Namespace) -> int:
-    from .fragment.bench import LeverConfig, bench_weights, format_bench_table, sweep_configs
+    from .bench.weights import bench_weights, format_bench_table, sweep_configs
+    from .fragment.settings import lever_settings
 
     if args.sweep:
         configs = sweep_configs(args.heads, args.kv_fold, args.ff, args.precision, args.precision_ratio)
     else:
-        configs = [LeverConfig(args.heads, args.kv_fold, args.ff, args.precision, args.precision_ratio)]
+        configs = [lever_settings(args.heads, args.kv_fold, args.ff, args.precision, args.precision_ratio)]
     report = bench_weights(args.arch, configs, seed=args.seed)
     print(json.dumps(report, indent=2) if args.json else format_bench_table(report))
     return 0
@@ -58,22 +59,22 @@ def _cmd_bench_weights(args: argparse.Namespace) -> int:
 def _cmd_bench_batch(args: argparse.Namespace) -> int:
     import torch
 
-    from .fragment.batch_bench import BenchConfig, bench_batch, format_batch_report
+    from .bench.batch import BenchConfig, bench_batch, format_batch_report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model == "reference":
-        from .demo import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, _optional_lpips
+        from .demo import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
         from .metrics.hypotheses import load_thresholds
-        from .reference.bench_target import ReferenceTarget
+        from .bench.reference_target import ReferenceTarget
         from .reference.model import load_reference
 
         limits = load_thresholds(args.thresholds or DEFAULT_THRESHOLDS)["quality_gate"]
         model = load_reference(args.weights)
         model.unet.to(device)
-        lpips = None if args.no_lpips else _optional_lpips(args.lpips_weights)[0]
+        lpips = None if args.no_lpips else optional_lpips(args.lpips_weights)[0]
         target = ReferenceTarget(args.prompt or DEFAULT_PROMPT, limits=limits, steps=args.steps or 25, model=model, lpips=lpips)
     else:
-        from .fragment.random_sd_target import RandomSDTarget
+        from .bench.random_target import RandomSDTarget
 
         target = RandomSDTarget(size=args.size, steps=args.steps or 10, device=device,
                                 dtype=torch.float16 if device == "cuda" else torch.float32)

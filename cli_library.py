@@ -13,7 +13,7 @@ from typing import Any
 
 
 def _cmd_reuse(args: argparse.Namespace) -> int:
-    from .metrics.reuse import reference_reuse
+    from .reference.reuse import reference_reuse
 
     paraphrases = list(args.paraphrase or [])
     if args.paraphrases_file:
@@ -31,7 +31,7 @@ def _cmd_reuse(args: argparse.Namespace) -> int:
 
 
 def _library_row(manifest: Path) -> dict[str, Any] | None:
-    from .fragment.library import entries
+    from .fragment.library.index import entries
 
     for entry in entries(manifest.parent):
         if entry["name"] == manifest.name[: -len(".json")]:
@@ -40,7 +40,7 @@ def _library_row(manifest: Path) -> dict[str, Any] | None:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from .fragment.sharing import PACK_SUFFIX, pack
+    from .fragment.library.sharing import PACK_SUFFIX, pack
 
     manifest = Path(args.manifest)
     out = Path(args.out) if args.out else manifest.with_name(manifest.name[: -len(".json")] + PACK_SUFFIX)
@@ -50,7 +50,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .fragment.sharing import check_against_base, read_pack
+    from .fragment.library.sharing import check_against_base, read_pack
 
     content = read_pack(args.pack)
     m = content.fragment.manifest
@@ -58,14 +58,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
           f"{str(m['base_model']['sha256'])[:16]}…, {len(m['pruning']['modules'])} pruned modules, "
           f"library row: {'yes' if content.library else 'no'}")
     if args.base:
-        print("OK " + check_against_base(content.fragment, args.base))
+        if args.base == "demo":
+            from .reference.model import load_reference
+
+            print("OK " + check_against_base(content.fragment, load_reference().unet, label="demo"))
+        else:
+            print("OK " + check_against_base(content.fragment, args.base))
     else:
         print("base model not checked (pass --base PATH or --base demo)")
     return 0
 
 
 def _cmd_unpack(args: argparse.Namespace) -> int:
-    from .fragment.sharing import unpack
+    from .fragment.library.sharing import unpack
 
     path = unpack(args.pack, args.folder, overwrite=args.overwrite, add_to_library=not args.no_library)
     print(f"unpacked {args.pack} -> {path}")
@@ -73,7 +78,7 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
 
 
 def _cmd_library(args: argparse.Namespace) -> int:
-    from .fragment.library import entries, evict, stats
+    from .fragment.library.index import entries, evict, stats
 
     if args.evict_to is not None:
         removed = evict(args.folder, args.evict_to)

@@ -23,14 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fragment.masking import mask_heads
-from .fragment.measurements import update_fragment_file
+from .fragment.surgery.masking import mask_heads
+from .fragment.format.measurements import update_fragment_file
 from .fragment.refine import refine_ratio, refinement_record
-from .fragment.selection import select_heads
-from .fragment.store import apply_fragment, build_fragment, describe_base, load_fragment, save_fragment
+from .fragment.build import apply_fragment, describe_base
+from .fragment.extract import extract_fragment, score_profile
+from .fragment.format.store import load_fragment
+from .fragment.settings import ExtractionSettings
 from .profiling.ff_profiler import FFProfiler
 from .profiling.profiler import HeadProfiler
-from .profiling.scoring import rank_stability, score_heads, unstable_heads
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class _Progress:
             self.bar.close()
 
 
-def _optional_lpips(weights: str | None) -> tuple[Any, str]:
+def optional_lpips(weights: str | None) -> tuple[Any, str]:
     try:
         from .metrics.image_similarity import load_lpips, lpips_scorer
 
@@ -151,26 +152,23 @@ def run_demo(
             run(unet, [seed])
     profile = prof.result()
     profile_s = time.perf_counter() - started
-    stability = rank_stability(profile)
-    scores, protected = score_heads(profile), unstable_heads(stability)
+    scored = score_profile(profile)  # the extractor's score step, for the curves below
+    scores, protected = scored.heads, scored.protected
     if ratio is None:  # H1's share of heads, rounded UP to whole heads (select_heads rounds its budget down)
         total_heads = sum(int(v.numel()) for v in scores.values())
         ratio = math.ceil(gate["hypotheses"].get("H1", {}).get("pruned_head_pct_min", 0.3) * total_heads - 1e-9) / total_heads
-    selection = select_heads(scores, ratio=ratio, protected=protected)
     base = describe_base(unet, BASE_NAME)
-    fragment = build_fragment(
-        unet, selection, base=base,
-        name="demo-" + hashlib.sha256(prompt.encode()).hexdigest()[:8],
-        profiling={"prompt": prompt, "seeds": list(range(seeds)), "steps_profiled": steps, "total_steps": steps,
-                   "timestep_buckets": profile.buckets, "method": "composite_score",
-                   "rank_stability_mean": sum(s["spearman"] for s in stability.values()) / len(stability)},
+    fragment, manifest_path = extract_fragment(
+        profile, unet, base=base, name="demo-" + hashlib.sha256(prompt.encode()).hexdigest()[:8],
+        settings=ExtractionSettings(amount=ratio), directory=out / "fragments", overwrite=True,
     )
-    manifest_path = save_fragment(fragment, out / "fragments", overwrite=True)
+    pruning = fragment.manifest["pruning"]
+    kept = {p: list(range(int(v.numel()))) for p, v in scores.items()} | fragment.kept  # every module, pruned or not
     build_s = time.perf_counter() - started - profile_s
     small = apply_fragment(unet, load_fragment(manifest_path), base_sha256=fragment.manifest["base_model"]["sha256"])
 
     probe = unet_input(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(123)))
-    with torch.no_grad(), mask_heads(unet, selection.kept):
+    with torch.no_grad(), mask_heads(unet, kept):
         masked = unet(probe, 500, context.expand(2, -1, -1)).sample
     with torch.no_grad():
         physical = small(probe, 500, context.expand(2, -1, -1)).sample
@@ -180,7 +178,7 @@ def run_demo(
     t1 = time.perf_counter()
     frag_images = run(small, variant_seeds)
     t2 = time.perf_counter()
-    lpips, lpips_note = _optional_lpips(lpips_weights)
+    lpips, lpips_note = optional_lpips(lpips_weights)
     adh_full, adh_frag = measure.adherence(full_images, prompt), measure.adherence(frag_images, prompt)
     fid = measure.fidelity(full_images, frag_images, lpips)
     h1_curve = (measure.ratio_curve(unet, scores, protected, CURVE_RATIOS, variant_seeds, run, prompt, full_images, lpips)
@@ -203,7 +201,7 @@ def run_demo(
     economics = break_even_block(profile_s, build_s, (t1 - t0) / variants, (t2 - t1) / variants)
     w_full, w_frag = resident_weight_mb(unet), resident_weight_mb(small)
     metrics: dict[str, Any] = {
-        "pruned_head_pct": selection.removed_heads / selection.total_heads,
+        "pruned_head_pct": pruning["heads_removed"] / pruning["heads_total"],
         "adherence_full": adh_full and adh_full["attribute_accuracy"],
         "adherence_fragment": adh_frag and adh_frag["attribute_accuracy"],
         "adherence_delta": (adh_full["attribute_accuracy"] - adh_frag["attribute_accuracy"]) if adh_full and adh_frag else None,
@@ -254,8 +252,7 @@ def run_demo(
         "model": BASE_NAME, "prompt": prompt, "fragment_manifest": str(manifest_path), "grid": str(grid),
         "metrics_summary": str(out / "metrics_summary.json"), "status": summary_doc["status"],
         "hypotheses": {k: v["status"] for k, v in summary_doc["hypotheses"].items()},
-        "pruning": {"heads_total": selection.total_heads, "heads_removed": selection.removed_heads,
-                    "head_retention_ratio": selection.retention_ratio},
+        "pruning": {k: pruning[k] for k in ("heads_total", "heads_removed", "head_retention_ratio")},
         "exactness_masked_vs_physical_rel_err": _relative_error(masked, physical),
         "params": {"full": params(unet), "fragment": params(small)},
         "adherence": {"full": metrics["adherence_full"], "fragment": metrics["adherence_fragment"]},
@@ -269,7 +266,7 @@ def run_demo(
         from .metrics.report import write_report
 
         run_dir = write_report(report, metrics=metrics, thresholds=gate, manifest=json.loads(Path(manifest_path).read_text()),
-                               profile=profile, scores=scores, kept=selection.kept,
+                               profile=profile, scores=scores, kept=kept,
                                full_images=measure.as_float(full_images), fragment_images=measure.as_float(frag_images),
                                quality_curve=h1_curve, extra=extra, notes=notes)
         summary["report"] = str(run_dir)

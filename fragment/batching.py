@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from .errors import FragmentError
+from ..errors import FragmentError
 
 _SEED_TOKEN = re.compile(r"^(\d+)(?:-(\d+))?$")
 

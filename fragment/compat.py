@@ -14,29 +14,17 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from .errors import FragmentError
-
-_SLICED = ("to_q", "to_k", "to_v", "to_out.0")
-
+from ..errors import FragmentError
+from .build import lever_weight_keys
 
 def sliced_weight_keys(fragment_manifest: Mapping[str, Any], prefix: str = "") -> set[str]:
-    """Every weight/bias key the fragment replaces with a smaller tensor.
+    """Every weight/bias key the fragment replaces with a smaller, folded or quantized tensor (all its levers).
 
     >>> m = {"pruning": {"modules": {"mid.attn1": {}}}, "compression": {"low_rank": [{"layer": "mid.ff"}]}}
     >>> sorted(sliced_weight_keys(m, "diffusion_model."))[:3]
     ['diffusion_model.mid.attn1.to_k.bias', 'diffusion_model.mid.attn1.to_k.weight', 'diffusion_model.mid.attn1.to_out.0.bias']
     """
-    keys: set[str] = set()
-    for path in fragment_manifest["pruning"]["modules"]:
-        for layer in _SLICED:
-            keys.update({f"{prefix}{path}.{layer}.weight", f"{prefix}{path}.{layer}.bias"})
-    for record in fragment_manifest["compression"].get("low_rank", []):
-        keys.update({f"{prefix}{record['layer']}.weight", f"{prefix}{record['layer']}.bias"})
-    if "compression" in fragment_manifest:  # K/V folding, FF cuts and precision tiers replace weights too
-        from .levers import lever_weight_keys
-
-        keys |= lever_weight_keys(fragment_manifest, prefix)
-    return keys
+    return lever_weight_keys(fragment_manifest, prefix)
 
 
 def conflicting_patch_keys(patch_keys: Iterable[str], fragment_manifest: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -69,7 +57,7 @@ def check_attention_replacements(transformer_options: Mapping[str, Any], fragmen
     ...     {"name": "dog", "pruning": {"modules": {"input_blocks.4.1.transformer_blocks.0.attn2": {"kind": "cross"}}}})
     Traceback (most recent call last):
     ...
-    prompt_fragments.fragment.errors.FragmentError: fragment 'dog': the model carries 1 attn2 replacement patch(es) (IPAdapter, InstantID, PuLID or similar), which need full-width cross-attention; this fragment prunes 1 cross-attention module(s). Apply the fragment without them, or use a fragment built with cross-attention heads kept.
+    prompt_fragments.errors.FragmentError: fragment 'dog': the model carries 1 attn2 replacement patch(es) (IPAdapter, InstantID, PuLID or similar), which need full-width cross-attention; this fragment prunes 1 cross-attention module(s). Apply the fragment without them, or use a fragment built with cross-attention heads kept.
     """
     replaced = (transformer_options.get("patches_replace") or {}).get("attn2") or {}
     pruned_cross = [p for p, e in fragment_manifest["pruning"]["modules"].items() if e.get("kind") == "cross" or p.endswith("attn2")]

@@ -1,69 +1,101 @@
-"""Extraction: profile in, fragment on disk out (score, then select, then build, then record)."""
+"""Extraction: profile in, fragment on disk out.
+
+The pipeline is plain functions over plain data: ``score_profile`` (score),
+``plan_levers`` (select), ``build.build_fragment`` (build), then the caller's judge
+(``refine``, the bench's quality gate) and ``save_fragment`` (record).
+``extract_fragment`` runs score, select, build and record; the node and the demo call it.
+"""
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..errors import FragmentError
 from ..profiling.dataset import ProfileData
-from ..profiling.scoring import ScoreWeights, rank_stability, score_heads, unstable_heads
 from ..profiling.ff_profiler import weight_norm_scores
+from ..profiling.scoring import rank_stability, score_heads, unstable_heads
 from ..profiling.step_change import reuse_steps_for_count
-from .errors import FragmentError
-from .ff_pruning import select_ff_channels
-from .schedule import Schedule
-from .selection import select_heads
-from .speed import with_schedule
-from .store import Fragment, build_fragment, save_fragment
+from .build import build_fragment
+from .format.manifest import Fragment
+from .format.store import save_fragment
+from .schedule.apply import with_schedule
+from .schedule.state import Schedule
+from .settings import ExtractionSettings
+from .surgery.feed_forward import FeedForwardLever
+from .surgery.heads import HeadLever
+from .surgery.kv_fold import KVFoldLever
+from .surgery.lever import Lever
+from .surgery.lowrank import LowRankLever
+from .surgery.precision import PrecisionLever
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ExtractionSettings:
-    """How to turn a profile into a fragment; every field is recorded in the manifest."""
+class Scores:
+    """The score step's output: per-head scores, the rank stability behind them, and the heads it protects."""
 
-    strategy: str = "ratio"  # "ratio" (fraction of heads removed) or "percentile" (score cut-off)
-    amount: float = 0.3
-    scope: str = "global"
-    min_keep: int = 1
-    safety_margin_heads: int = 0
-    keep_unstable_heads: bool = True
-    max_rank_std: float = 0.25
-    weights: ScoreWeights = field(default_factory=ScoreWeights)
-    low_rank: Mapping[str, float] = field(default_factory=dict)  # layer path -> energy to keep
-    # Issue #7 levers, each off by default.
-    kv_fold: bool = False  # fold attn2 K/V for the context given to extract_fragment
-    kv_fold_keep_weights: bool = False  # keep to_k/to_v to recompute for other contexts (no bytes saved)
-    ff_ratio: float = 0.0  # fraction of feed-forward hidden channels to remove (per block)
-    precision: str = "none"  # "none", "fp8" or "int8"
-    precision_ratio: float = 1.0  # share of retained Linear parameters stored in that precision
-    # Issue #8: share of the profiled steps on which the deep blocks replay their last output (0: off).
-    step_reuse: float = 0.0
+    heads: dict[str, torch.Tensor]
+    stability: dict[str, dict[str, Any]]
+    protected: dict[str, list[int]]
 
-    def lever_kwargs(self) -> dict[str, Any]:
-        """Checked keyword arguments for the levers beyond heads."""
-        if not 0.0 <= self.ff_ratio < 1.0:
-            raise FragmentError(f"ff_ratio: expected a fraction in [0, 1), found {self.ff_ratio}")
-        if self.precision not in ("none", "fp8", "int8"):
-            raise FragmentError(f"precision: expected 'none', 'fp8' or 'int8', found {self.precision!r}")
-        if not 0.0 <= self.precision_ratio <= 1.0:
-            raise FragmentError(f"precision_ratio: expected a fraction in [0, 1], found {self.precision_ratio}")
-        return {"precision": None if self.precision == "none" else self.precision, "precision_ratio": self.precision_ratio,
-                "kv_keep_weights": self.kv_fold_keep_weights}
 
-    def selection_kwargs(self) -> dict[str, Any]:
-        if self.strategy == "ratio":
-            return {"ratio": self.amount}
-        if self.strategy == "percentile":
-            return {"percentile": self.amount}
-        raise FragmentError(f"strategy: expected 'ratio' or 'percentile', found {self.strategy!r}")
+def score_profile(profile: ProfileData, settings: ExtractionSettings = ExtractionSettings()) -> Scores:
+    """The score step: per-head scores; heads whose rank moves across seeds are protected (when the settings say so).
+
+    >>> scores = score_profile(profile)  # doctest: +SKIP
+    >>> sorted(scores.heads)[:1]  # doctest: +SKIP
+    ['down_blocks.1.attentions.0.transformer_blocks.0.attn1']
+    """
+    stability = rank_stability(profile)
+    protected = unstable_heads(stability, settings.max_rank_std) if settings.keep_unstable_heads else {}
+    return Scores(score_heads(profile, settings.weights), stability, protected)
+
+
+def plan_levers(
+    settings: ExtractionSettings,
+    head_scores: Mapping[str, torch.Tensor],
+    *,
+    model: nn.Module,
+    protected: Mapping[str, Sequence[int]] | None = None,
+    ff_scores: Mapping[str, torch.Tensor] | None = None,
+    kv_context: torch.Tensor | None = None,
+    name: str = "fragment",
+) -> list[Lever]:
+    """The select step: every lever the settings turn on, planned from its scores (the head lever first, always).
+
+    Without ``ff_scores`` (``FFProfiler.scores()``) a feed-forward cut ranks channels by weight norms,
+    and the manifest says so.  ``kv_context`` (``[B, T, C]``: cond and uncond rows) is needed for the
+    K/V fold.
+
+    >>> toy = nn.Linear(2, 2)
+    >>> [lv.kind for lv in plan_levers(ExtractionSettings(amount=0.0, precision_ratio=0.5), {}, model=toy)]
+    ['heads', 'quantization']
+    """
+    levers: list[Lever] = [HeadLever.plan(
+        head_scores, scope=settings.scope, min_keep=settings.min_keep, safety_margin_heads=settings.safety_margin_heads,
+        protected=protected or {}, **settings.selection_kwargs(),
+    )]
+    if settings.kv_fold:
+        if kv_context is None:
+            raise FragmentError(f"fragment {name!r}: kv_fold needs the conditioning context (cond and uncond) to fold, found none")
+        levers.append(KVFoldLever(kv_context, keep_weights=settings.kv_fold_keep_weights))
+    if settings.ff_ratio > 0:
+        info = {"method": "activation_energy" if ff_scores is not None else "weight_norm"}
+        levers.append(FeedForwardLever.plan(ff_scores if ff_scores is not None else weight_norm_scores(model),
+                                            ratio=settings.ff_ratio, info=info))
+    if settings.low_rank:
+        levers.append(LowRankLever(dict(settings.low_rank)))
+    if settings.precision_on:
+        levers.append(PrecisionLever(settings.precision, ratio=settings.precision_ratio))
+    return levers
 
 
 def extract_fragment(
@@ -80,7 +112,7 @@ def extract_fragment(
     step_changes: Sequence[float | None] | None = None,
     step_timesteps: Sequence[float] | None = None,
 ) -> tuple[Fragment, Path | None]:
-    """Score the profiled heads, select, build the fragment and (when ``directory`` is given) save it.
+    """Score the profiled heads, plan the levers, build the fragment and (when ``directory`` is given) save it.
 
     ``kv_context`` (``[B, T, C]``: the cond and uncond rows the sampler will
     pass) is required when ``settings.kv_fold``.  ``ff_scores`` come from
@@ -99,17 +131,11 @@ def extract_fragment(
             f"fragment {name!r}: the profile is empty (no model calls were recorded); run a sampler with the "
             "profiled MODEL before extracting"
         )
-    stability = rank_stability(profile)
-    protected = unstable_heads(stability, settings.max_rank_std) if settings.keep_unstable_heads else {}
-    selection = select_heads(
-        score_heads(profile, settings.weights),
-        scope=settings.scope,
-        min_keep=settings.min_keep,
-        safety_margin_heads=settings.safety_margin_heads,
-        protected=protected,
-        **settings.selection_kwargs(),
-    )
-    spearman = [entry["spearman"] for entry in stability.values()]
+    scores = score_profile(profile, settings)
+    levers = plan_levers(settings, scores.heads, model=model, protected=scores.protected, ff_scores=ff_scores,
+                         kv_context=kv_context, name=name)
+    selection = levers[0].selection
+    spearman = [entry["spearman"] for entry in scores.stability.values()]
     profiling = {
         **{k: v for k, v in profile.info.items() if isinstance(v, (str, int, float, bool, list, type(None)))},
         "samples": list(profile.samples),
@@ -120,19 +146,10 @@ def extract_fragment(
         "method": "composite_score",
         "score_weights": settings.weights.to_dict(),
         "rank_stability_mean_spearman": sum(spearman) / len(spearman) if spearman else None,
-        "unstable_heads_kept": sum(len(v) for v in protected.values()),
+        "unstable_heads_kept": sum(len(v) for v in scores.protected.values()),
         "timestamp": int(time.time()),
     }
-    levers = settings.lever_kwargs()
-    if settings.kv_fold and kv_context is None:
-        raise FragmentError(f"fragment {name!r}: kv_fold needs the conditioning context (cond and uncond) to fold, found none")
-    ff_selection, ff_info = None, None
-    if settings.ff_ratio > 0:
-        ff_info = {"method": "activation_energy" if ff_scores is not None else "weight_norm"}
-        ff_selection = select_ff_channels(ff_scores if ff_scores is not None else weight_norm_scores(model), ratio=settings.ff_ratio)
-    fragment = build_fragment(model, selection, base=base, name=name, profiling=profiling, low_rank=dict(settings.low_rank),
-                              kv_context=kv_context if settings.kv_fold else None, ff_selection=ff_selection, ff_info=ff_info,
-                              **levers)
+    fragment = build_fragment(model, levers, base=base, name=name, profiling=profiling)
     if settings.step_reuse > 0:
         fragment = with_schedule(fragment, reuse_schedule(name, step_changes, settings.step_reuse, timesteps=step_timesteps))
     path = save_fragment(fragment, directory, overwrite=overwrite) if directory is not None else None

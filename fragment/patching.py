@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 
 from .compat import check_attention_replacements, check_weight_patches
-from .hashing import sha256_state_dict
-from .store import Fragment, fragment_replacements
+from .format.hashing import sha256_state_dict
+from .format.manifest import Fragment
+from .build import fragment_replacements
 
 log = logging.getLogger(__name__)
 

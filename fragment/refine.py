@@ -20,7 +20,7 @@ import logging
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-from .errors import FragmentError
+from ..errors import FragmentError
 
 log = logging.getLogger(__name__)
 

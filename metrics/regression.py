@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..fragment.errors import FragmentError
+from ..errors import FragmentError
 
 SUMMARY = "metrics_summary.json"
 
@@ -119,7 +119,7 @@ def resolve_report(spec: str, base: str | os.PathLike, *, before: Path | None = 
     >>> resolve_report("latest", "/nonexistent")
     Traceback (most recent call last):
     ...
-    prompt_fragments.fragment.errors.FragmentError: /nonexistent: expected a report folder for 'latest', found none
+    prompt_fragments.errors.FragmentError: /nonexistent: expected a report folder for 'latest', found none
     """
     base = Path(base)
     if spec in ("latest", "latest-valid"):

@@ -1,6 +1,6 @@
 """Hypothesis H3 harness: how many paraphrases can reuse a fragment with quality inside the H2 bounds.
 
-The harness is written against callables; ``reference_reuse`` binds them to
+The harness is written against callables; ``reference.reuse.reference_reuse`` binds them to
 the project's trained reference model (its text encoder, sampler and the
 H2 fidelity metrics), and tests bind them to small stand-ins:
 
@@ -26,8 +26,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..fragment.errors import FragmentError
-from ..fragment.fingerprint import cosine, normalise, pool_conditioning
+from ..errors import FragmentError
+from ..fragment.library.fingerprint import cosine, normalise, pool_conditioning
 
 log = logging.getLogger(__name__)
 
@@ -172,51 +172,3 @@ def relative_drift(full: torch.Tensor, fragment: torch.Tensor) -> dict[str, floa
     """
     denom = float(full.float().norm()) or 1e-12
     return {"relative_drift": float((full.float() - fragment.float()).norm()) / denom}
-
-
-def reference_reuse(
-    manifest_path: str,
-    paraphrases: Sequence[str],
-    *,
-    seeds: Sequence[int] = (0, 1, 2, 3),
-    steps: int = 25,
-    bounds: Bounds | None = None,
-    record: bool = True,
-) -> ReuseReport:
-    """H3 on the project's reference model: a fragment of it against the full model, over paraphrases.
-
-    Real measurement: the reference model's text encoder gives the embeddings,
-    each paraphrase x seed is sampled with both models, and the pair must stay
-    within H2's fidelity bounds (SSIM, and LPIPS when its weights are available
-    offline).  The result is recorded in the manifest's reuse block (re-sealed, atomic).
-
-    >>> reference_reuse("outputs/demo/fragments/demo-1a2b.json", ["top-left: a crimson disc"])  # doctest: +SKIP
-    """
-    from pathlib import Path
-
-    from ..fragment.library import locked
-    from ..fragment.measurements import update_fragment_file
-    from ..fragment.patching import base_sha256
-    from ..fragment.store import apply_fragment, load_fragment
-    from ..reference.measure import paraphrase_reuse
-    from ..reference.model import load_reference
-    from ..reference.sampling import DEFAULT_GUIDANCE
-
-    fragment = load_fragment(manifest_path)
-    model = load_reference()
-    small = apply_fragment(model.unet, fragment, base_sha256=base_sha256(model.unet))
-    try:
-        from .image_similarity import load_lpips, lpips_scorer
-
-        lpips = lpips_scorer(load_lpips("alex"))
-    except FragmentError as exc:  # offline without weights: bound on SSIM only, and say so
-        log.warning("reuse: LPIPS unavailable (%s); bounding SSIM only", exc)
-        lpips = None
-    if not paraphrases:
-        raise FragmentError(f"reuse: expected at least one paraphrase for {manifest_path}, found none")
-    report = paraphrase_reuse(model, small, fragment.manifest["profiling"].get("prompt", ""), seeds, bounds or H2_BOUNDS,
-                              lpips, steps=steps, guidance=DEFAULT_GUIDANCE, texts=paraphrases)
-    if record:
-        with locked(Path(manifest_path).parent):  # the library's writers take the same lock
-            update_fragment_file(manifest_path, reuse=reuse_block(report, stand_in=False, note="reference model, H2 fidelity bounds"))
-    return report

@@ -21,7 +21,7 @@ import comfy.utils
 import torch
 
 from ..fragment.batching import chunk, plan_sub_batches, variant_seeds
-from ..fragment.schedule import ScheduleState
+from ..fragment.schedule.state import ScheduleState
 from .folders import CATEGORY, tip
 from .schedule_patch import find_schedule_state
 

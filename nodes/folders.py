@@ -8,8 +8,8 @@ from typing import Any
 
 import folder_paths
 
-from ..fragment.errors import FragmentError
-from ..fragment.store import Fragment
+from ..errors import FragmentError
+from ..fragment.format.manifest import Fragment
 from ..profiling.session import ProfileSession
 
 FOLDER = "fragments"

@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 
-from ..fragment.errors import FragmentError
-from ..fragment.extract import ExtractionSettings, extract_fragment
-from ..fragment.fingerprint import pool_conditioning
-from ..fragment.library import register
+from ..errors import FragmentError
+from ..fragment.extract import extract_fragment
+from ..fragment.settings import ExtractionSettings
+from ..fragment.library.fingerprint import pool_conditioning
+from ..fragment.library.index import register
 from ..fragment.patching import base_sha256
-from ..fragment.store import describe_base
+from ..fragment.build import describe_base
 from .folders import CATEGORY, FragmentHandle, ProfileHandle, fragments_dir, tip, unpatched_originals
 
 
@@ -58,7 +59,9 @@ class FragmentExtractor:
         settings = ExtractionSettings(
             strategy=strategy, amount=ratio if strategy == "ratio" else percentile, scope=scope, min_keep=min_keep,
             safety_margin_heads=safety_margin_heads, keep_unstable_heads=keep_unstable_heads, kv_fold=kv_fold,
-            kv_fold_keep_weights=kv_fold_keep_weights, ff_ratio=ff_ratio, precision=precision, precision_ratio=precision_ratio,
+            kv_fold_keep_weights=kv_fold_keep_weights, ff_ratio=ff_ratio,
+            # The node's "none" is the settings' precision_ratio 0: one spelling of off in the core.
+            precision="fp8" if precision == "none" else precision, precision_ratio=0.0 if precision == "none" else precision_ratio,
             step_reuse=step_reuse,
         )
         if kv_fold and (positive is None or negative is None):

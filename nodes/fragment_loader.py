@@ -19,12 +19,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..fragment.auto_mode import auto_select, load_or_fallback
-from ..fragment.errors import BaseModelMismatchError, FragmentError
-from ..fragment.fingerprint import pool_conditioning
+from ..fragment.library.auto_mode import auto_select, load_or_fallback
+from ..errors import BaseModelMismatchError, FragmentError
+from ..fragment.library.fingerprint import pool_conditioning
 from ..fragment.patching import base_sha256, plan_patches
-from ..fragment.schedule import ScheduleState
-from ..fragment.speed import fragment_schedule, schedule_replacements
+from ..fragment.schedule.state import ScheduleState
+from ..fragment.schedule.apply import fragment_schedule, schedule_replacements
 from .profiler_loader import without_profiling
 from .comfy_versions import unload_clones
 from .schedule_patch import describe_schedule, install_schedule

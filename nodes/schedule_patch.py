@@ -26,8 +26,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..fragment.errors import FragmentError
-from ..fragment.schedule import Schedule, ScheduleState
+from ..errors import FragmentError
+from ..fragment.schedule.state import Schedule, ScheduleState
 from .comfy_versions import add_call_wrapper, add_run_wrapper, call_wrappers, previous_wrapper
 
 log = logging.getLogger(__name__)

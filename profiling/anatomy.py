@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..fragment.errors import FragmentError
+from ..errors import FragmentError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
 UNET_CONFIGS: dict[str, dict[str, Any]] = {"sd15": SD15_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}
 
 
-def _build_meta_unet(arch: str) -> Any:
+def build_meta_unet(arch: str) -> Any:
     """Build the UNet for ``arch`` on the meta device (no weights allocated)."""
     if arch not in UNET_CONFIGS:
         raise FragmentError(
@@ -173,7 +173,7 @@ def compute_anatomy(arch: str) -> dict[str, Any]:
     Raises :class:`FragmentError` for an unknown ``arch`` (expected ``sd15``
     or ``sdxl``) or when diffusers is not installed.
     """
-    unet = _build_meta_unet(arch)
+    unet = build_meta_unet(arch)
     owner, modules, heads = _categorize(unet)
     counts = dict.fromkeys(CATEGORIES, 0)
     for p in unet.parameters():

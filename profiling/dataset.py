@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..fragment.errors import ProfilingError, where
+from ..errors import ProfilingError, where
 from .discovery import AttentionSite
 
 PROFILE_SCHEMA_VERSION = 1

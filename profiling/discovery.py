@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch.nn as nn
 
-from ..fragment.errors import ProfilingError, where
+from ..errors import FragmentError, ProfilingError, where
 
 SELF = "self"
 CROSS = "cross"
@@ -143,3 +143,53 @@ def find_attention(model: nn.Module) -> list[AttentionSite]:
     [AttentionSite(path='a', kind='self', heads=4, dim_head=8, query_dim=32, context_dim=32, out_dim=32)]
     """
     return [describe(name, module) for name, module in iter_attention(model)]
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where a UNet's down, middle and up blocks are, in the order its forward runs them."""
+
+    kind: str  # "diffusers" or "comfy"
+    down: tuple[str, ...]
+    mid: str
+    up: tuple[str, ...]
+
+    def deep(self, shallow: int) -> list[str]:
+        """Paths of the blocks a reuse step replays: all but ``shallow`` down and up blocks at the outside.
+
+        >>> BlockLayout("diffusers", ("d0", "d1"), "m", ("u0", "u1")).deep(1)
+        ['d1', 'm', 'u0']
+        """
+        if not 1 <= shallow <= min(len(self.down), len(self.up)) - 1:
+            raise FragmentError(f"step reuse: expected 1 <= shallow <= {min(len(self.down), len(self.up)) - 1} "
+                                f"for this {self.kind} UNet, found {shallow}")
+        return [*self.down[shallow:], self.mid, *self.up[: len(self.up) - shallow]]
+
+    def cache_point(self, shallow: int) -> str:
+        """The deep block whose output enters the shallow up path: what profiling watches change per step.
+
+        >>> BlockLayout("comfy", ("i0", "i1", "i2"), "m", ("o0", "o1", "o2")).cache_point(1)
+        'o1'
+        """
+        self.deep(shallow)  # validates shallow
+        return self.up[len(self.up) - shallow - 1]
+
+
+def block_layout(model: nn.Module) -> BlockLayout:
+    """The block layout of a diffusers or ComfyUI UNet.
+
+    >>> import torch.nn as nn
+    >>> toy = nn.Module(); toy.down_blocks = nn.ModuleList([nn.Identity()] * 2)
+    >>> toy.mid_block = nn.Identity(); toy.up_blocks = nn.ModuleList([nn.Identity()] * 2)
+    >>> block_layout(toy).up
+    ('up_blocks.0', 'up_blocks.1')
+    """
+    names = dict(model.named_children())
+    if {"down_blocks", "mid_block", "up_blocks"} <= names.keys():
+        return BlockLayout("diffusers", tuple(f"down_blocks.{i}" for i in range(len(model.down_blocks))), "mid_block",
+                           tuple(f"up_blocks.{i}" for i in range(len(model.up_blocks))))
+    if {"input_blocks", "middle_block", "output_blocks"} <= names.keys():
+        return BlockLayout("comfy", tuple(f"input_blocks.{i}" for i in range(len(model.input_blocks))), "middle_block",
+                           tuple(f"output_blocks.{i}" for i in range(len(model.output_blocks))))
+    raise FragmentError(f"step reuse: {type(model).__name__} has neither down_blocks/mid_block/up_blocks (diffusers) "
+                        "nor input_blocks/middle_block/output_blocks (ComfyUI)")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from ..fragment.errors import ProfilingError
+from ..errors import ProfilingError
 from .hooks import HookContext
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..fragment.errors import ProfilingError
+from ..errors import ProfilingError
 from .dataset import ModuleStats, ProfileData
 from .discovery import describe, iter_attention, out_linear
 from .hooks import HookContext
@@ -43,7 +43,7 @@ def timestep_bucket(t: float, buckets: int, num_train_timesteps: int = 1000) -> 
     return min(max(b, 0), buckets - 1)
 
 
-def _timestep_from_call(args: tuple, kwargs: dict) -> float | None:
+def timestep_from_call(args: tuple, kwargs: dict) -> float | None:
     t = kwargs.get("timestep", kwargs.get("timesteps"))
     if t is None and len(args) > 1:
         t = args[1]
@@ -118,7 +118,7 @@ class HeadProfiler(HookContext):
     # -- hooks ------------------------------------------------------------------------------------------
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._manual_timestep is None:
-            t = _timestep_from_call(args, kwargs)
+            t = timestep_from_call(args, kwargs)
             if t is not None:
                 self._bucket = timestep_bucket(t, self.buckets, self.num_train_timesteps)
         self.calls_per_bucket[self._bucket] += 1

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from ..fragment.errors import FragmentError, ProfilingError
+from ..errors import FragmentError, ProfilingError
 from .dataset import ProfileData
 from .ff_profiler import FFProfiler
 from .profiler import HeadProfiler

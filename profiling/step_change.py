@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..fragment.step_reuse import block_layout
+from .discovery import block_layout
 from .hooks import HookContext
-from .profiler import _timestep_from_call
+from .profiler import timestep_from_call
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class StepChangeProbe(HookContext):
         self.skipped_runs = 0
 
     def _on_model_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        t = _timestep_from_call(args, kwargs)
+        t = timestep_from_call(args, kwargs)
         if t is None:
             return
         if self._last_t is None or t > self._last_t + 1e-4:

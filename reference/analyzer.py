@@ -67,11 +67,11 @@ _CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0}
 
 
 def _template(shape: str, cx: float, cy: float, half: float, h: int, w: int) -> np.ndarray:
-    from .shapes import SUPERSAMPLE, _shape_mask
+    from .shapes import SUPERSAMPLE, shape_mask
 
     n = SUPERSAMPLE
     ys, xs = np.meshgrid((np.arange(h * n) + 0.5) / n, (np.arange(w * n) + 0.5) / n, indexing="ij")
-    mask = _shape_mask(shape, cx, cy, half, np.stack([ys, xs])).astype(np.float64)
+    mask = shape_mask(shape, cx, cy, half, np.stack([ys, xs])).astype(np.float64)
     return mask.reshape(h, n, w, n).mean(axis=(1, 3))
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..fragment.ff_pruning import select_ff_channels
-from ..fragment.selection import Selection, select_heads
-from ..fragment.store import apply_fragment, build_fragment
+from ..fragment.build import apply_fragment, build_fragment
+from ..fragment.extract import plan_levers
+from ..fragment.settings import ExtractionSettings, lever_settings
 from ..metrics.memory import resident_weight_mb
 from .measure import adherence, compare
 
@@ -28,24 +28,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LeverPoint:
-    """One configuration: which levers, at what ratios (``None`` = off)."""
+    """One configuration: the curve it belongs to (``lever``) and the settings that turn its levers on."""
 
     lever: str
-    heads: float = 0.0
-    ff: float | None = None
-    kv_fold: bool = False
-    precision: str | None = None
-    precision_ratio: float = 1.0
+    settings: ExtractionSettings
 
     @property
     def x(self) -> float:
-        """The curve's x: the lever's own ratio (1.0 for the all-or-nothing K/V fold)."""
+        """The curve's x: the lever's own ratio (1.0 for the all-or-nothing K/V fold).
+
+        >>> LeverPoint("ff", lever_settings(ff=0.3)).x
+        0.3
+        """
         if self.lever == "heads":
-            return self.heads
+            return self.settings.amount
         if self.lever == "ff":
-            return self.ff or 0.0
+            return self.settings.ff_ratio
         if self.lever in ("fp8", "int8"):
-            return self.precision_ratio
+            return self.settings.precision_ratio
         return 1.0
 
 
@@ -56,13 +56,12 @@ def default_points(ratios: Sequence[float] = (0.1, 0.3, 0.5)) -> list[LeverPoint
     >>> [p.lever for p in default_points((0.3,))]
     ['heads', 'ff', 'fp8', 'int8', 'kv_fold', 'heads+kv+ff', 'heads+kv+ff+fp8']
     """
-    points = [LeverPoint("heads", heads=r) for r in ratios]
-    points += [LeverPoint("ff", ff=r) for r in ratios]
-    points += [LeverPoint("fp8", precision="fp8", precision_ratio=min(1.0, 2 * r)) for r in ratios]
-    points += [LeverPoint("int8", precision="int8", precision_ratio=min(1.0, 2 * r)) for r in ratios]
-    points.append(LeverPoint("kv_fold", kv_fold=True))
-    points.append(LeverPoint("heads+kv+ff", heads=0.3, ff=0.3, kv_fold=True))
-    points.append(LeverPoint("heads+kv+ff+fp8", heads=0.3, ff=0.3, kv_fold=True, precision="fp8", precision_ratio=1.0))
+    points = [LeverPoint("heads", lever_settings(heads=r)) for r in ratios]
+    points += [LeverPoint("ff", lever_settings(ff=r)) for r in ratios]
+    points += [LeverPoint(fmt, lever_settings(precision=fmt, precision_ratio=min(1.0, 2 * r))) for fmt in ("fp8", "int8") for r in ratios]
+    points.append(LeverPoint("kv_fold", lever_settings(kv_fold=True)))
+    points.append(LeverPoint("heads+kv+ff", lever_settings(heads=0.3, kv_fold=True, ff=0.3)))
+    points.append(LeverPoint("heads+kv+ff+fp8", lever_settings(heads=0.3, kv_fold=True, ff=0.3, precision="fp8")))
     return points
 
 
@@ -90,17 +89,15 @@ def lever_curves(
     full_mb = resident_weight_mb(unet)
     out: dict[str, list[dict[str, Any]]] = {}
     for point in points or default_points():
-        heads: Selection = select_heads(head_scores, ratio=point.heads, protected=protected)
-        fragment = build_fragment(
-            unet, heads, base=base, name=f"curve-{point.lever}",
-            kv_context=kv_context if point.kv_fold else None,
-            ff_selection=select_ff_channels(ff_scores, ratio=point.ff) if point.ff else None,
-            precision=point.precision, precision_ratio=point.precision_ratio,
-        )
+        settings = point.settings
+        levers = plan_levers(settings, head_scores, model=unet, protected=protected, ff_scores=ff_scores, kv_context=kv_context,
+                             name=f"curve-{point.lever}")
+        fragment = build_fragment(unet, levers, base=base, name=f"curve-{point.lever}")
         small = apply_fragment(unet, fragment, base_sha256=base["sha256"])
         record = {
-            "x": point.x, "heads": point.heads, "ff": point.ff, "kv_fold": point.kv_fold,
-            "precision": point.precision, "precision_ratio": point.precision_ratio if point.precision else None,
+            "x": point.x, "heads": settings.amount, "ff": settings.ff_ratio or None, "kv_fold": settings.kv_fold,
+            "precision": settings.precision if settings.precision_on else None,
+            "precision_ratio": settings.precision_ratio if settings.precision_on else None,
             "bytes_saved": 1.0 - resident_weight_mb(small) / full_mb,
             **compare(full_images, sampler(small, seeds), prompt, lpips, base_adh),
         }

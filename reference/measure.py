@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..fragment.masking import mask_heads
-from ..fragment.selection import select_heads
+from ..fragment.surgery.masking import mask_heads
+from ..fragment.surgery.selection import select_heads
 from ..metrics.image_similarity import ssim
 from ..metrics.reuse import ReuseReport, measure_reuse
 from .captions import caption, parse_caption

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..fragment.errors import FragmentError
+from ..errors import FragmentError
 from .captions import SPECIAL_TOKENS, vocabulary, words
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..fragment.schedule import ScheduleState
+from ..fragment.schedule.state import ScheduleState
 from .model import ReferenceModel, build_scheduler, predict
 
 log = logging.getLogger(__name__)

@@ -102,7 +102,7 @@ def cells_apart(a: str, b: str) -> bool:
     return max(abs(ra - rb), abs(ca - cb)) >= 2
 
 
-def _shape_mask(shape: str, cx: float, cy: float, half: float, grid: np.ndarray) -> np.ndarray:
+def shape_mask(shape: str, cx: float, cy: float, half: float, grid: np.ndarray) -> np.ndarray:
     ys, xs = grid
     if shape == "circle":
         return (xs - cx) ** 2 + (ys - cy) ** 2 <= half**2
@@ -150,7 +150,7 @@ def render_with_coverage(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     covered = np.zeros((n, n), dtype=np.float32)
     for obj in scene.objects:
         cx, cy = obj.center if obj.center != (0.0, 0.0) else cell_center(obj.position)
-        mask = _shape_mask(obj.shape, cx, cy, SIZES[obj.size], grid)
+        mask = shape_mask(obj.shape, cx, cy, SIZES[obj.size], grid)
         canvas[mask] = COLOURS[obj.colour]
         covered[mask] = 1.0
     small = canvas.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
@@ -175,7 +175,7 @@ def shape_detail(scene: Scene) -> np.ndarray:
     detail = np.zeros((n, n), dtype=bool)
     for obj in scene.objects:
         cx, cy = obj.center if obj.center != (0.0, 0.0) else cell_center(obj.position)
-        masks = [_shape_mask(shape, cx, cy, SIZES[obj.size], grid) for shape in SHAPES]
+        masks = [shape_mask(shape, cx, cy, SIZES[obj.size], grid) for shape in SHAPES]
         detail |= np.logical_or.reduce(masks) & ~np.logical_and.reduce(masks)
     return detail.astype(np.float32).reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean(axis=(1, 3))
 

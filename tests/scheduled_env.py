@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from prompt_fragments.fragment.schedule import Schedule, ScheduleState
-from prompt_fragments.fragment.speed import fragment_schedule, with_schedule
-from prompt_fragments.fragment.store import Fragment, load_fragment, save_fragment
-from prompt_fragments.fragment.timestep_heads import select_bucket_heads
+from prompt_fragments.fragment.schedule.state import Schedule, ScheduleState
+from prompt_fragments.fragment.schedule.apply import fragment_schedule, with_schedule
+from prompt_fragments.fragment.format.manifest import Fragment
+from prompt_fragments.fragment.format.store import load_fragment, save_fragment
+from prompt_fragments.fragment.schedule.timestep_heads import select_bucket_heads
 
 STEPS = 4
 PLENTY = 64 * 2**30  # bytes of "free memory" the tests report, so sub-batch sizes never follow the machine's load

@@ -7,12 +7,8 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from prompt_fragments.fragment.errors import FragmentError  # noqa: E402
-from prompt_fragments.profiling.anatomy import (  # noqa: E402
-    CATEGORIES,
-    compute_anatomy,
-    format_anatomy_table,
-)
+from prompt_fragments.errors import FragmentError  # noqa: E402
+from prompt_fragments.profiling.anatomy import CATEGORIES, compute_anatomy, format_anatomy_table
 
 # Measured percent of UNet parameters (see profiling/anatomy.py docstring).
 EXPECTED = {

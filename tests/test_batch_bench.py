@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("diffusers")
 
 from prompt_fragments.cli import main
-from prompt_fragments.fragment.schedule import Schedule
+from prompt_fragments.fragment.schedule.state import Schedule
 
 LABELS = ["stock (full model)", "fragment: heads pruned to the bucket union", "+ per-bucket head masks",
           "+ calibrated step reuse", "+ CFG truncation (final)"]

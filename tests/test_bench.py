@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from prompt_fragments.cli import main
-from prompt_fragments.fragment.bench import LeverConfig, bench_weights
+from prompt_fragments.bench.weights import bench_weights
+from prompt_fragments.fragment.settings import lever_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SDXL_MIN_AVAILABLE_GB = 12.0  # 5.1 GB of fp16 weights plus the fragment's new tensors (measured peak ~10 GB)
@@ -38,7 +39,7 @@ def test_cli_bench_weights_json_on_tiny_arch(capsys) -> None:
 
 
 def test_sd15_structural_and_fp8_levers_cut_bytes() -> None:
-    report = bench_weights("sd15", [LeverConfig(heads=0.3, kv_fold=True, ff=0.3, precision="fp8")])
+    report = bench_weights("sd15", [lever_settings(heads=0.3, kv_fold=True, ff=0.3, precision="fp8")])
     result = report["results"][0]
     print(json.dumps({k: v for k, v in result.items() if k != "levers"}))
     assert report["params"] > 800_000_000  # the real SD1.5 architecture, not a toy
@@ -51,7 +52,7 @@ def test_sdxl_structural_levers_cut_a_third_of_the_bytes() -> None:
         reason = f"SDXL weight bench needs {SDXL_MIN_AVAILABLE_GB:.0f} GB of available memory, found {available:.1f} GB"
         print(reason)
         pytest.skip(reason)
-    report = bench_weights("sdxl", [LeverConfig(heads=0.3, kv_fold=True, ff=0.3)])
+    report = bench_weights("sdxl", [lever_settings(heads=0.3, kv_fold=True, ff=0.3)])
     result = report["results"][0]
     print(json.dumps({k: v for k, v in result.items() if k != "levers"}))
     assert result["kv_folded_modules"] == 70

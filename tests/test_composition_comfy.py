@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch.testing import assert_close
 
 import comfyui_support as cs
-from prompt_fragments.fragment.speed import fragment_schedule
+from prompt_fragments.fragment.schedule.apply import fragment_schedule
 from scheduled_env import ScheduledEnv, build_scheduled_env
 
 #: Stock patch nodes stacked on a fragment, with inputs a user would try; EasyCache/LazyCache exist from 0.3.4x on.

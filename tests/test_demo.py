@@ -7,7 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from prompt_fragments.cli import main
-from prompt_fragments.fragment.store import load_fragment
+from prompt_fragments.fragment.format.store import load_fragment
 
 
 def test_demo_cli_writes_fragment_grid_metrics_and_summary(tmp_path: Path, capsys) -> None:

@@ -6,7 +6,7 @@ import torch.nn as nn
 from diffusers.models.attention_processor import Attention
 
 import comfyui_support as cs
-from prompt_fragments.fragment.errors import ProfilingError
+from prompt_fragments.errors import ProfilingError
 from prompt_fragments.profiling.discovery import CROSS, SELF, describe, find_attention, is_attention
 
 

@@ -9,11 +9,13 @@ import torch
 import comfyui_support as cs
 from prompt_fragments.fragment.batching import chunk, parse_seed_list, plan_sub_batches, variant_seeds
 from prompt_fragments.fragment.compat import conflicting_patch_keys
-from prompt_fragments.fragment.errors import BaseModelMismatchError, FragmentError
-from prompt_fragments.fragment.extract import ExtractionSettings, extract_fragment
+from prompt_fragments.errors import BaseModelMismatchError, FragmentError
+from prompt_fragments.fragment.extract import extract_fragment
+from prompt_fragments.fragment.settings import ExtractionSettings
 from prompt_fragments.fragment.patching import base_sha256, module_bytes, plan_patches
-from prompt_fragments.fragment.pruning import replace_modules
-from prompt_fragments.fragment.store import describe_base, load_fragment
+from prompt_fragments.fragment.surgery.tree import replace_modules
+from prompt_fragments.fragment.build import describe_base
+from prompt_fragments.fragment.format.store import load_fragment
 from prompt_fragments.profiling.session import ProfileSession
 
 

@@ -8,13 +8,16 @@ import torch
 import torch.nn as nn
 
 import comfyui_support as cs
-from prompt_fragments.fragment.errors import IntegrityError, PruningError
-from prompt_fragments.fragment.manifest import seal
-from prompt_fragments.fragment.ff_pruning import mask_ff_channels, prune_ff_channels, select_ff_channels
-from prompt_fragments.fragment.selection import select_heads
-from prompt_fragments.fragment.store import apply_fragment, build_fragment, describe_base, load_fragment, save_fragment
+from prompt_fragments.errors import IntegrityError, PruningError
+from prompt_fragments.fragment.format.manifest import seal
+from prompt_fragments.fragment.surgery.feed_forward import mask_ff_channels, prune_ff_channels, select_ff_channels
+from prompt_fragments.fragment.surgery.selection import select_heads
+from prompt_fragments.fragment.build import apply_fragment, build_fragment, describe_base
+from prompt_fragments.fragment.format.store import load_fragment, save_fragment
 from prompt_fragments.profiling.discovery import find_attention
 from prompt_fragments.profiling.ff_profiler import FFProfiler, find_feed_forward, weight_norm_scores
+from prompt_fragments.fragment.surgery.feed_forward import FeedForwardLever
+from prompt_fragments.fragment.surgery.heads import HeadLever
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,8 +90,8 @@ def test_fragment_records_kept_channels_and_round_trips(tmp_path) -> None:
     inputs = make_inputs(batch=2, seed=3)
     ff = select_ff_channels(weight_norm_scores(unet), ratio=0.3)
     heads = select_heads({s.path: torch.ones(s.heads) for s in find_attention(unet)}, ratio=0.0)
-    fragment = build_fragment(unet, heads, base=describe_base(unet, "toy"), name="ff", ff_selection=ff,
-                              ff_info={"method": "weight_norm"})
+    fragment = build_fragment(unet, [HeadLever(heads), FeedForwardLever(ff, {"method": "weight_norm"})],
+                              base=describe_base(unet, "toy"), name="ff")
     block = fragment.manifest["compression"]["ff_channels"]
     assert block["channels_removed"] == ff.removed_heads > 0
     assert {p: e["kept"] for p, e in block["modules"].items()} == ff.pruned_only()

@@ -10,26 +10,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import comfyui_support as cs
-from prompt_fragments.fragment.errors import (
-    BaseModelMismatchError,
-    FragmentError,
-    IntegrityError,
-    ManifestError,
-    PruningError,
-)
+from prompt_fragments.errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError, PruningError
 from prompt_fragments.fragment.export import save_pruned_state_dict
-from prompt_fragments.fragment.hashing import sha256_file, sha256_state_dict
-from prompt_fragments.fragment.pruning import prune_heads
-from prompt_fragments.fragment.selection import select_heads
-from prompt_fragments.fragment.store import (
-    apply_fragment,
-    build_fragment,
-    describe_base,
-    load_fragment,
-    save_fragment,
-)
+from prompt_fragments.fragment.format.hashing import sha256_file, sha256_state_dict
+from prompt_fragments.fragment.surgery.heads import prune_heads
+from prompt_fragments.fragment.surgery.selection import select_heads
+from prompt_fragments.fragment.build import apply_fragment, build_fragment, describe_base
+from prompt_fragments.fragment.format.store import load_fragment, save_fragment
 from prompt_fragments.profiling.profiler import HeadProfiler
 from prompt_fragments.profiling.scoring import score_heads
+from prompt_fragments.fragment.surgery.lowrank import LowRankLever
+from prompt_fragments.fragment.surgery.heads import HeadLever
 
 LOW_RANK_LAYER_SD15 = "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"
 
@@ -43,7 +34,8 @@ def _fragment(kind: str = "sd15", seed: int = 0, ratio: float = 0.3):
     selection = select_heads(score_heads(prof.result()), ratio=ratio)
     attn_out = next(p for p in selection.pruned_only()) + ".to_out.0"
     low_rank = {LOW_RANK_LAYER_SD15: 0.9, attn_out: 0.95} if kind == "sd15" else {}
-    frag = build_fragment(unet, selection, base=describe_base(unet, f"tiny-{kind}"), name=f"tiny-{kind}", low_rank=low_rank)
+    frag = build_fragment(unet, [HeadLever(selection), LowRankLever(low_rank)], base=describe_base(unet, f"tiny-{kind}"),
+                          name=f"tiny-{kind}")
     return unet, make_inputs, frag
 
 
@@ -133,7 +125,7 @@ def test_tampered_manifest(saved, tmp_path: Path) -> None:
 
 def _rewrite_tensors(manifest_path: Path, mutate) -> None:
     """Change the tensors file and re-seal both files, as a careless (not malicious-proof) tool would."""
-    from prompt_fragments.fragment.manifest import seal
+    from prompt_fragments.fragment.format.manifest import seal
 
     tensors_path = manifest_path.with_suffix(".safetensors")
     tensors = load_file(str(tensors_path))
@@ -165,7 +157,7 @@ def test_missing_out_of_range_and_duplicate_indices(saved, tmp_path: Path) -> No
 
 
 def test_artifact_path_must_stay_beside_the_manifest(saved, tmp_path: Path) -> None:
-    from prompt_fragments.fragment.manifest import seal
+    from prompt_fragments.fragment.format.manifest import seal
 
     manifest_path = _copy_fragment(saved[4], tmp_path)
     manifest = json.loads(manifest_path.read_text())
@@ -249,7 +241,7 @@ def test_state_dict_hash_sees_every_weight() -> None:
 
 def test_manifest_without_pruning_modules_is_a_manifest_error(saved, tmp_path: Path) -> None:
     # Found by the fuzz test: a resealed manifest with "pruning": {} used to escape as a bare KeyError.
-    from prompt_fragments.fragment.manifest import seal
+    from prompt_fragments.fragment.format.manifest import seal
 
     manifest_path = _copy_fragment(saved[4], tmp_path)
     manifest = json.loads(manifest_path.read_text())

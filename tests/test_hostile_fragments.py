@@ -19,15 +19,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from prompt_fragments.cli import main
-from prompt_fragments.fragment import library
-from prompt_fragments.fragment import store
-from prompt_fragments.fragment.auto_mode import load_or_fallback
-from prompt_fragments.fragment.errors import FragmentError, IntegrityError, ManifestError
-from prompt_fragments.fragment.hashing import sha256_file
-from prompt_fragments.fragment.manifest import seal, validate_manifest
-from prompt_fragments.fragment.sharing import META_LIBRARY, META_MANIFEST, TENSOR, _check_row, pack, read_pack, unpack
-from prompt_fragments.fragment.store import check_name, kept_key, load_fragment, save_fragment
-from prompt_fragments.fragment.untrusted import check_safetensors_bytes
+from prompt_fragments.fragment.library import index as library
+from prompt_fragments.fragment.format import store
+from prompt_fragments.fragment.library.auto_mode import load_or_fallback
+from prompt_fragments.errors import FragmentError, IntegrityError, ManifestError
+from prompt_fragments.fragment.format.hashing import sha256_file
+from prompt_fragments.fragment.format.manifest import seal, validate_manifest
+from prompt_fragments.fragment.library.sharing import META_LIBRARY, META_MANIFEST, TENSOR, check_row, pack, read_pack, unpack
+from prompt_fragments.fragment.format.store import check_name, load_fragment, save_fragment
+from prompt_fragments.fragment.surgery.heads import kept_key
+from prompt_fragments.fragment.format.untrusted import check_safetensors_bytes
 
 from test_library import BASE, emb, synthetic
 
@@ -99,12 +100,12 @@ def test_a_400_digit_number_in_a_library_row_is_a_manifest_error(tmp_path: Path)
     with pytest.raises(ManifestError, match="bad.fragment.safetensors"):
         read_pack(bad)
     with pytest.raises(ManifestError, match="library row"):
-        _check_row({"prompt": "p", "embedding": [10 ** 400], "params": {}}, "row")
+        check_row({"prompt": "p", "embedding": [10 ** 400], "params": {}}, "row")
     assert main(["unpack", str(bad), str(tmp_path / "dest")]) == 2
 
 
 def test_parse_json_refuses_depth_huge_ints_and_nan_with_where() -> None:
-    from prompt_fragments.fragment.untrusted import parse_json
+    from prompt_fragments.fragment.format.untrusted import parse_json
 
     for text, found in (("[" * 200 + "]" * 200, "nest"), ("[" + "1" * 400 + "]", "digits"),
                         ('{"a": NaN}', "NaN"), ('{"a": -Infinity}', "Infinity"), ("[1e999]", "finite")):
@@ -274,7 +275,7 @@ def test_a_fragment_saved_with_no_modules_and_kept_key_round_trips(tmp_path: Pat
 
 
 def test_auto_mode_with_an_unusable_library_folder_says_so_and_uses_the_full_model(tmp_path: Path) -> None:
-    from prompt_fragments.fragment.auto_mode import auto_select
+    from prompt_fragments.fragment.library.auto_mode import auto_select
 
     save_fragment(synthetic("dog"), tmp_path)
     (tmp_path / ".library").write_text("not a folder")

@@ -17,10 +17,10 @@ from typing import Callable
 
 import pytest
 
-from prompt_fragments.fragment import library
-from prompt_fragments.fragment.auto_mode import load_or_fallback
-from prompt_fragments.fragment.sharing import pack, unpack
-from prompt_fragments.fragment.store import load_fragment, save_fragment
+from prompt_fragments.fragment.library import index as library
+from prompt_fragments.fragment.library.auto_mode import load_or_fallback
+from prompt_fragments.fragment.library.sharing import pack, unpack
+from prompt_fragments.fragment.format.store import load_fragment, save_fragment
 
 from test_library import BASE, emb, synthetic
 
@@ -32,7 +32,7 @@ PARAMS = {"ratio": 0.3}
 
 def _kill_at(k: int, action: Callable[[], None]) -> None:
     """Child: run ``action`` with every write step counted; exit without cleanup just before step ``k``."""
-    import prompt_fragments.fragment.library as lib
+    import prompt_fragments.fragment.library.index as lib
 
     count = [0]
 

@@ -6,12 +6,15 @@ import torch
 import torch.nn as nn
 
 import comfyui_support as cs
-from prompt_fragments.fragment.errors import FragmentError, IntegrityError
-from prompt_fragments.fragment.kv_fold import FoldedContexts, FoldedProjection, cross_attention_paths, fold_model_kv
-from prompt_fragments.fragment.pruning import prune_heads
-from prompt_fragments.fragment.selection import select_heads
-from prompt_fragments.fragment.store import apply_fragment, build_fragment, describe_base, load_fragment, save_fragment
+from prompt_fragments.errors import FragmentError, IntegrityError
+from prompt_fragments.fragment.surgery.kv_fold import FoldedContexts, FoldedProjection, cross_attention_paths, fold_model_kv
+from prompt_fragments.fragment.surgery.heads import prune_heads
+from prompt_fragments.fragment.surgery.selection import select_heads
+from prompt_fragments.fragment.build import apply_fragment, build_fragment, describe_base
+from prompt_fragments.fragment.format.store import load_fragment, save_fragment
 from prompt_fragments.profiling.discovery import find_attention
+from prompt_fragments.fragment.surgery.kv_fold import KVFoldLever
+from prompt_fragments.fragment.surgery.heads import HeadLever
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,8 +99,8 @@ def test_fold_after_head_pruning_stores_only_kept_heads_and_round_trips(tmp_path
     inputs = make_inputs(batch=2, seed=3)
     g = torch.Generator().manual_seed(0)
     selection = select_heads({s.path: torch.rand(s.heads, generator=g) for s in find_attention(unet)}, ratio=0.4, scope="per_layer")
-    fragment = build_fragment(unet, selection, base=describe_base(unet, "toy"), name="fold",
-                              kv_context=inputs["encoder_hidden_states"])
+    fragment = build_fragment(unet, [HeadLever(selection), KVFoldLever(inputs["encoder_hidden_states"])],
+                              base=describe_base(unet, "toy"), name="fold")
     block = fragment.manifest["compression"]["kv_fold"]
     assert block["rows"] == 2 and block["weights_dropped"] and len(block["row_sha256"]) == 2
     for path, entry in block["modules"].items():
@@ -118,8 +121,8 @@ def test_a_folded_table_of_the_wrong_width_is_caught(tmp_path) -> None:
     unet, make_inputs = cs.make_small_diffusers_unet("sd15")
     inputs = make_inputs(batch=1, seed=3)
     selection = select_heads({s.path: torch.ones(s.heads) for s in find_attention(unet)}, ratio=0.0)
-    path = save_fragment(build_fragment(unet, selection, base=describe_base(unet, "toy"), name="fold",
-                                        kv_context=inputs["encoder_hidden_states"]), tmp_path)
+    path = save_fragment(build_fragment(unet, [HeadLever(selection), KVFoldLever(inputs["encoder_hidden_states"])],
+                                        base=describe_base(unet, "toy"), name="fold"), tmp_path)
     tensors_file = tmp_path / "fold.safetensors"
     tensors = load_file(str(tensors_file))
     key = next(k for k in tensors if k.endswith(".k"))

@@ -6,10 +6,11 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from prompt_fragments.fragment.store import describe_base  # noqa: E402
+from prompt_fragments.fragment.build import describe_base # noqa: E402
 from prompt_fragments.profiling.ff_profiler import FFProfiler  # noqa: E402
 from prompt_fragments.profiling.profiler import HeadProfiler  # noqa: E402
 from prompt_fragments.profiling.scoring import score_heads  # noqa: E402
+from prompt_fragments.fragment.settings import lever_settings  # noqa: E402
 from prompt_fragments.reference.lever_curves import LeverPoint, lever_curves  # noqa: E402
 from prompt_fragments.reference.model import load_reference  # noqa: E402
 from prompt_fragments.reference.sampling import sample  # noqa: E402
@@ -31,8 +32,9 @@ def test_each_lever_is_a_real_fragment_measured_against_the_full_model() -> None
             run(unet, [seed])
     seeds = [100, 101, 102]
     full = run(unet, seeds)
-    points = [LeverPoint("heads", heads=0.3), LeverPoint("heads", heads=0.5), LeverPoint("kv_fold", kv_fold=True),
-              LeverPoint("ff", ff=0.3), LeverPoint("fp8", precision="fp8", precision_ratio=1.0)]
+    points = [LeverPoint("heads", lever_settings(heads=0.3)), LeverPoint("heads", lever_settings(heads=0.5)),
+              LeverPoint("kv_fold", lever_settings(kv_fold=True)), LeverPoint("ff", lever_settings(ff=0.3)),
+              LeverPoint("fp8", lever_settings(precision="fp8", precision_ratio=1.0))]
     curves = lever_curves(unet, base=describe_base(unet, "ref"), head_scores=score_heads(prof.result()), protected=set(),
                           ff_scores=ff.scores(), kv_context=torch.cat([uncond, context]), seeds=seeds, sampler=run,
                           prompt=PROMPT, full_images=full, lpips=None, points=points)

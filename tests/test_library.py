@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from prompt_fragments.fragment import library
-from prompt_fragments.fragment.auto_mode import auto_select, load_or_fallback
-from prompt_fragments.fragment.errors import BaseModelMismatchError, FragmentError
-from prompt_fragments.fragment.fingerprint import fingerprint, pool_conditioning
-from prompt_fragments.fragment.manifest import new_manifest
-from prompt_fragments.fragment.store import Fragment, kept_key, load_fragment
-from prompt_fragments.fragment.union import union_fragment
+from prompt_fragments.fragment.library import index as library
+from prompt_fragments.fragment.library.auto_mode import auto_select, load_or_fallback
+from prompt_fragments.errors import BaseModelMismatchError, FragmentError
+from prompt_fragments.fragment.library.fingerprint import fingerprint, pool_conditioning
+from prompt_fragments.fragment.format.manifest import new_manifest
+from prompt_fragments.fragment.format.manifest import Fragment
+from prompt_fragments.fragment.surgery.heads import kept_key
+from prompt_fragments.fragment.format.store import load_fragment
+from prompt_fragments.fragment.library.union import union_fragment
 
 BASE = "ab" * 32
 PATHS = ["down.0.attn1", "down.0.attn2", "mid.attn1"]
@@ -85,7 +87,7 @@ def test_lru_eviction_under_a_size_cap_keeps_recently_used(tmp_path: Path) -> No
 
 
 def test_user_fragments_are_never_evicted_and_names_do_not_clash(tmp_path: Path) -> None:
-    from prompt_fragments.fragment.store import save_fragment
+    from prompt_fragments.fragment.format.store import save_fragment
 
     mine = save_fragment(synthetic("dog"), tmp_path)
     path = library.add(tmp_path, synthetic("dog"), embedding=emb(1), prompt="a dog")
@@ -134,8 +136,8 @@ def test_base_mismatch_falls_back_without_quarantine(tmp_path: Path) -> None:
 
 def _writer_stopped_at(folder: str, point: str, ready: str) -> None:
     """Child: add one entry, but stop forever at ``point`` (after signalling ``ready``) to be SIGKILLed."""
-    import prompt_fragments.fragment.library as lib
-    import prompt_fragments.fragment.store as store
+    import prompt_fragments.fragment.library.index as lib
+    import prompt_fragments.fragment.format.store as store
 
     def hang(*args, **kwargs):
         Path(ready).write_text("x")
@@ -215,7 +217,7 @@ def test_two_processes_writing_and_evicting_lose_nothing(tmp_path: Path) -> None
 
 
 def test_a_newer_fragment_with_the_same_key_keeps_the_older_files(tmp_path: Path) -> None:
-    from prompt_fragments.fragment.store import save_fragment
+    from prompt_fragments.fragment.format.store import save_fragment
 
     e = emb(5)
     first = save_fragment(synthetic("dog_first"), tmp_path)

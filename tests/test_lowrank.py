@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from torch.testing import assert_close
 
-from prompt_fragments.fragment.errors import PruningError
-from prompt_fragments.fragment.lowrank import choose_rank, factorize_linear, factors_to_module
+from prompt_fragments.errors import PruningError
+from prompt_fragments.fragment.surgery.lowrank import choose_rank, factorize_linear, factors_to_module
 
 
 def _linear_of_rank(rank: int, out: int = 24, inp: int = 20, seed: int = 0) -> nn.Linear:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from prompt_fragments.fragment.store import load_fragment
+from prompt_fragments.fragment.format.store import load_fragment
 
 NODE_NAMES = ["ProfilerModelLoader", "FragmentExtractor", "FragmentLoader", "BatchGenerator", "UsageVisualizer"]
 
@@ -133,7 +133,7 @@ def test_ipadapter_style_attn2_replacement_is_refused(graph) -> None:
 def test_fragment_for_another_base_falls_back_or_raises(comfyui, graph, tmp_path: Path) -> None:
     import json
 
-    from prompt_fragments.fragment.manifest import seal
+    from prompt_fragments.fragment.format.manifest import seal
 
     folder = Path(comfyui.folder_paths.get_folder_paths("fragments")[0])
     manifest = json.loads((folder / "node_test.json").read_text())

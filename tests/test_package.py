@@ -21,7 +21,7 @@ def test_core_imports_without_comfy(tmp_path: Path) -> None:
         "import sys\n"
         "import prompt_fragments\n"
         "import prompt_fragments.profiling.profiler, prompt_fragments.profiling.scoring, prompt_fragments.profiling.anatomy\n"
-        "import prompt_fragments.fragment.store, prompt_fragments.fragment.export, prompt_fragments.metrics\n"
+        "import prompt_fragments.fragment.format.store, prompt_fragments.fragment.export, prompt_fragments.metrics\n"
         "print(sorted(m for m in sys.modules if m == 'comfy' or m.startswith(('comfy.', 'diffusers', 'transformers'))))\n"
         "print(prompt_fragments.NODE_CLASS_MAPPINGS)\n"
     )

@@ -6,13 +6,16 @@ import torch
 import torch.nn as nn
 
 import comfyui_support as cs
-from prompt_fragments.fragment.errors import PruningError
-from prompt_fragments.fragment.precision import (
+from prompt_fragments.errors import PruningError
+from prompt_fragments.fragment.surgery.precision import (
     QuantizedLinearMixin, dequantize, quantize_weight, quantized_linear, select_precision_layers,
 )
-from prompt_fragments.fragment.selection import select_heads
-from prompt_fragments.fragment.store import apply_fragment, build_fragment, describe_base, load_fragment, save_fragment
+from prompt_fragments.fragment.surgery.selection import select_heads
+from prompt_fragments.fragment.build import apply_fragment, build_fragment, describe_base
+from prompt_fragments.fragment.format.store import load_fragment, save_fragment
 from prompt_fragments.profiling.discovery import find_attention
+from prompt_fragments.fragment.surgery.precision import PrecisionLever
+from prompt_fragments.fragment.surgery.heads import HeadLever
 
 
 @pytest.mark.parametrize(("fmt", "tolerance"), [("fp8", 0.04), ("int8", 0.01)])
@@ -71,7 +74,7 @@ def test_fragment_with_precision_round_trips(tmp_path) -> None:
     unet, make_inputs = cs.make_small_diffusers_unet("sd15")
     inputs = make_inputs(batch=2, seed=3)
     selection = select_heads({s.path: torch.ones(s.heads) for s in find_attention(unet)}, ratio=0.0)
-    fragment = build_fragment(unet, selection, base=describe_base(unet, "toy"), name="q", precision="int8", precision_ratio=0.5)
+    fragment = build_fragment(unet, [HeadLever(selection), PrecisionLever("int8", ratio=0.5)], base=describe_base(unet, "toy"), name="q")
     block = fragment.manifest["compression"]["quantization"]
     assert block["applied"] and 0 < block["params_quantized"] <= 0.5 * block["params_linear"]
     loaded = load_fragment(save_fragment(fragment, tmp_path))

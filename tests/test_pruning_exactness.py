@@ -7,10 +7,10 @@ import torch.nn as nn
 from torch.testing import assert_close
 
 import comfyui_support as cs
-from prompt_fragments.fragment.errors import ProfilingError, PruningError
-from prompt_fragments.fragment.masking import mask_heads
-from prompt_fragments.fragment.pruning import prune_attention, prune_heads
-from prompt_fragments.fragment.selection import select_heads
+from prompt_fragments.errors import ProfilingError, PruningError
+from prompt_fragments.fragment.surgery.masking import mask_heads
+from prompt_fragments.fragment.surgery.heads import prune_attention, prune_heads
+from prompt_fragments.fragment.surgery.selection import select_heads
 from prompt_fragments.profiling.discovery import find_attention, iter_attention
 
 

@@ -21,10 +21,10 @@ import pytest
 pytest.importorskip("diffusers")
 
 from prompt_fragments.demo import DEFAULT_PROMPT  # noqa: E402
-from prompt_fragments.fragment.masking import mask_heads  # noqa: E402
+from prompt_fragments.fragment.surgery.masking import mask_heads  # noqa: E402
 from prompt_fragments.fragment.refine import refine_ratio  # noqa: E402
-from prompt_fragments.fragment.selection import select_heads  # noqa: E402
-from prompt_fragments.fragment.store import apply_fragment, build_fragment, describe_base  # noqa: E402
+from prompt_fragments.fragment.surgery.selection import select_heads  # noqa: E402
+from prompt_fragments.fragment.build import apply_fragment, build_fragment, describe_base # noqa: E402
 from prompt_fragments.metrics.hypotheses import load_thresholds  # noqa: E402
 from prompt_fragments.metrics.image_similarity import load_lpips, lpips_scorer  # noqa: E402
 from prompt_fragments.profiling.profiler import HeadProfiler  # noqa: E402
@@ -32,6 +32,7 @@ from prompt_fragments.profiling.scoring import rank_stability, score_heads, unst
 from prompt_fragments.reference.measure import adherence, fidelity  # noqa: E402
 from prompt_fragments.reference.model import load_reference  # noqa: E402
 from prompt_fragments.reference.sampling import sample  # noqa: E402
+from prompt_fragments.fragment.surgery.heads import HeadLever
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +86,7 @@ def test_reference_fragment_meets_the_quality_gate_on_fresh_seeds() -> None:
 
     plan = select_heads(scores, ratio=refined["ratio"], protected=protected)
     assert plan.removed_heads > 0
-    small = apply_fragment(unet, build_fragment(unet, plan, base=describe_base(unet, "ref"), name="gate",
+    small = apply_fragment(unet, build_fragment(unet, [HeadLever(plan)], base=describe_base(unet, "ref"), name="gate",
                                                 profiling={"prompt": DEFAULT_PROMPT}))
     fresh = list(range(5000, 5000 + n))
     measured = judge(run(unet, fresh), run(small, fresh))

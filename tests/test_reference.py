@@ -12,13 +12,15 @@ from torch.testing import assert_close
 from prompt_fragments.reference.analyzer import analyze, exact, score
 from prompt_fragments.reference.captions import caption, canonical_caption, parse_caption, vocabulary, words
 from prompt_fragments.reference.evaluation import analyzer_accuracy, truth
-from prompt_fragments.reference.shapes import (COLOURS, POSITIONS, SHAPES, Scene, Shape, held_out_scenes,
-                                               held_out_triples, render, training_scenes)
+from prompt_fragments.reference.shapes import (
+    COLOURS, POSITIONS, SHAPES, Scene, Shape, held_out_scenes, held_out_triples, render, training_scenes,
+)
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from prompt_fragments.reference.model import WEIGHTS_FILE, WordTokenizer, load_reference  # noqa: E402
+from prompt_fragments.fragment.surgery.heads import HeadLever
 
 
 def test_generator_is_deterministic_and_keeps_held_out_triples_out_of_training() -> None:
@@ -107,7 +109,7 @@ def test_weights_of_another_architecture_are_refused_naming_the_file(reference, 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from prompt_fragments.fragment.errors import FragmentError
+    from prompt_fragments.errors import FragmentError
 
     with safe_open(str(WEIGHTS_FILE), framework="pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
@@ -132,9 +134,9 @@ def test_committed_weights_reproduce_the_model_card_adherence(reference) -> None
 
 
 def test_masking_equals_physical_pruning_on_the_reference_unet(reference) -> None:
-    from prompt_fragments.fragment.masking import mask_heads
-    from prompt_fragments.fragment.selection import select_heads
-    from prompt_fragments.fragment.store import apply_fragment, build_fragment, describe_base
+    from prompt_fragments.fragment.surgery.masking import mask_heads
+    from prompt_fragments.fragment.surgery.selection import select_heads
+    from prompt_fragments.fragment.build import apply_fragment, build_fragment, describe_base
     from prompt_fragments.profiling.profiler import HeadProfiler
     from prompt_fragments.profiling.scoring import score_heads
     from prompt_fragments.reference.sampling import sample
@@ -146,7 +148,7 @@ def test_masking_equals_physical_pruning_on_the_reference_unet(reference) -> Non
             sample(reference.unet, context, uncond, [seed], steps=4)
     plan = select_heads(score_heads(prof.result()), ratio=0.3)
     assert plan.removed_heads >= 0.25 * plan.total_heads
-    small = apply_fragment(reference.unet, build_fragment(reference.unet, plan, base=describe_base(reference.unet, "ref"),
+    small = apply_fragment(reference.unet, build_fragment(reference.unet, [HeadLever(plan)], base=describe_base(reference.unet, "ref"),
                                                           name="t", profiling={"prompt": "p"}))
     from prompt_fragments.reference.model import unet_input
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prompt_fragments.fragment.errors import FragmentError
-from prompt_fragments.fragment.measurements import record_measurements, update_fragment_file
+from prompt_fragments.errors import FragmentError
+from prompt_fragments.fragment.format.measurements import record_measurements, update_fragment_file
 from prompt_fragments.fragment.refine import refine_ratio, refinement_record
-from prompt_fragments.fragment.selection import select_heads
-from prompt_fragments.fragment.store import apply_fragment, build_fragment, describe_base, load_fragment, save_fragment
+from prompt_fragments.fragment.build import apply_fragment, build_fragment, describe_base
+from prompt_fragments.fragment.format.store import load_fragment, save_fragment
+from prompt_fragments.fragment.surgery.heads import HeadLever
 
 import comfyui_support as cs
 
@@ -37,7 +38,7 @@ def test_refinement_bisects_to_a_passing_fragment(unet_case, tmp_path) -> None:
     built: dict[float, object] = {}
 
     def evaluate(ratio: float) -> dict:
-        frag = build_fragment(unet, select_heads(scores, ratio=ratio), base=base, name="refine")
+        frag = build_fragment(unet, [HeadLever.plan(scores, ratio=ratio)], base=base, name="refine")
         with torch.no_grad():
             out = cs.unet_output(apply_fragment(unet, frag)(**inputs))
         built[ratio] = frag
@@ -71,8 +72,8 @@ def test_refinement_falls_back_to_full_model() -> None:
 
 
 def test_record_measurements_refuses_nan() -> None:
-    from prompt_fragments.fragment.errors import ManifestError
-    from prompt_fragments.fragment.manifest import new_manifest, seal
+    from prompt_fragments.errors import ManifestError
+    from prompt_fragments.fragment.format.manifest import new_manifest, seal
 
     m = seal(new_manifest(name="x", base_model={"sha256": "a", "hash_kind": "file"}, profiling={},
                           pruning={"modules": {}}, compression={}, producer_version="0"))

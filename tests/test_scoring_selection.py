@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from prompt_fragments.fragment.errors import PruningError
-from prompt_fragments.fragment.selection import select_heads, validate_plan
+from prompt_fragments.errors import PruningError
+from prompt_fragments.fragment.surgery.selection import select_heads, validate_plan
 from prompt_fragments.profiling.dataset import ModuleStats, ProfileData
 from prompt_fragments.profiling.discovery import AttentionSite
 from prompt_fragments.profiling.scoring import ScoreWeights, rank_stability, score_heads, unstable_heads

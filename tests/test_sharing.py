@@ -9,15 +9,17 @@ import torch
 from safetensors.torch import save_file
 
 from prompt_fragments.cli import main
-from prompt_fragments.fragment import library
-from prompt_fragments.fragment.errors import BaseModelMismatchError, IntegrityError
-from prompt_fragments.fragment.manifest import seal
-from prompt_fragments.fragment.sharing import META_MANIFEST, TENSOR, check_against_base, pack, read_pack, unpack
-from prompt_fragments.fragment.store import build_fragment, describe_base, load_fragment, save_fragment
-from prompt_fragments.fragment.selection import select_heads
+from prompt_fragments.reference.model import load_reference
+from prompt_fragments.fragment.library import index as library
+from prompt_fragments.errors import BaseModelMismatchError, IntegrityError
+from prompt_fragments.fragment.format.manifest import seal
+from prompt_fragments.fragment.library.sharing import META_MANIFEST, TENSOR, check_against_base, pack, read_pack, unpack
+from prompt_fragments.fragment.build import build_fragment, describe_base
+from prompt_fragments.fragment.format.store import load_fragment, save_fragment
 from prompt_fragments.metrics.reuse import measure_reuse, relative_drift
 from prompt_fragments.profiling.profiler import HeadProfiler
 from prompt_fragments.profiling.scoring import score_heads
+from prompt_fragments.fragment.surgery.heads import HeadLever
 
 PROMPT = "a red circle in the top left on a white background"
 
@@ -33,7 +35,7 @@ def demo_fragment(tmp_path_factory):
         prof.begin_sample(0)
         x = unet_input(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
         unet(x, 500, model.encode([PROMPT]))
-    frag = build_fragment(unet, select_heads(score_heads(prof.result()), ratio=0.25), base=describe_base(unet, "demo"),
+    frag = build_fragment(unet, [HeadLever.plan(score_heads(prof.result()), ratio=0.25)], base=describe_base(unet, "demo"),
                           name="demo-dog", profiling={"prompt": PROMPT})
     folder = tmp_path_factory.mktemp("fragments")
     return unet, save_fragment(frag, folder)
@@ -45,7 +47,7 @@ def test_pack_verify_unpack_round_trip_with_library_row(demo_fragment, tmp_path:
     out = pack(manifest, tmp_path / "dog.fragment.safetensors", library_row=row)
     content = read_pack(out)
     assert content.fragment.name == "demo-dog" and content.library["prompt"] == PROMPT
-    assert "compatible with demo" in check_against_base(content.fragment, "demo")
+    assert "compatible with demo" in check_against_base(content.fragment, load_reference().unet, label="demo")
     dest = tmp_path / "theirs"
     path = unpack(out, dest)
     assert path.read_bytes() and load_fragment(path).kept == load_fragment(manifest).kept

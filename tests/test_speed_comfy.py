@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from prompt_fragments.fragment.pruning import replace_modules
-from prompt_fragments.fragment.schedule import Schedule, ScheduleState
-from prompt_fragments.fragment.speed import fragment_schedule, with_schedule
-from prompt_fragments.fragment.step_reuse import block_layout, reuse_replacements
-from prompt_fragments.fragment.store import load_fragment
+from prompt_fragments.fragment.surgery.tree import replace_modules
+from prompt_fragments.fragment.schedule.state import Schedule, ScheduleState
+from prompt_fragments.fragment.schedule.apply import fragment_schedule, with_schedule
+from prompt_fragments.profiling.discovery import block_layout
+from prompt_fragments.fragment.schedule.step_reuse import reuse_replacements
+from prompt_fragments.fragment.format.store import load_fragment
 
 from scheduled_env import STEPS, ScheduledEnv, build_scheduled_env
 

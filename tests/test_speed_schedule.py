@@ -12,17 +12,20 @@ from torch.testing import assert_close
 
 pytest.importorskip("diffusers")
 
-from prompt_fragments.fragment.errors import FragmentError
-from prompt_fragments.fragment.masking import mask_heads
-from prompt_fragments.fragment.schedule import Schedule, ScheduleState, map_step
-from prompt_fragments.fragment.speed import apply_schedule, calibrate_reuse, fragment_schedule, with_schedule
-from prompt_fragments.fragment.step_reuse import block_layout
-from prompt_fragments.fragment.store import apply_fragment, build_fragment, describe_base, load_fragment, save_fragment
-from prompt_fragments.fragment.timestep_heads import is_bucket_masked, select_bucket_heads
+from prompt_fragments.errors import FragmentError
+from prompt_fragments.fragment.surgery.masking import mask_heads
+from prompt_fragments.fragment.schedule.state import Schedule, ScheduleState, map_step
+from prompt_fragments.fragment.schedule.apply import apply_schedule, fragment_schedule, with_schedule
+from prompt_fragments.fragment.schedule.calibrate import calibrate_reuse
+from prompt_fragments.profiling.discovery import block_layout
+from prompt_fragments.fragment.build import apply_fragment, build_fragment, describe_base
+from prompt_fragments.fragment.format.store import load_fragment, save_fragment
+from prompt_fragments.fragment.schedule.timestep_heads import is_bucket_masked, select_bucket_heads
 from prompt_fragments.profiling.profiler import HeadProfiler
 from prompt_fragments.profiling.step_change import StepChangeProbe, reuse_steps_for_budget
 from prompt_fragments.reference.model import build_reference, unet_input
 from prompt_fragments.reference.sampling import sample
+from prompt_fragments.fragment.surgery.heads import HeadLever
 
 STEPS = 6
 REUSE = (2, 4)
@@ -39,7 +42,7 @@ def setup():
             prof.begin_sample(seed)
             sample(unet, ctx, unc, [seed], steps=STEPS)
     union, per_bucket = select_bucket_heads(prof.result(), [0.5, 0.25])
-    plain = build_fragment(unet, union, base=describe_base(unet, "random-ref", sha256="ab12", hash_kind="none"), name="sched")
+    plain = build_fragment(unet, [HeadLever(union)], base=describe_base(unet, "random-ref", sha256="ab12", hash_kind="none"), name="sched")
     schedule = Schedule(buckets=2, bucket_heads=per_bucket, total_steps=STEPS, reuse_steps=REUSE, shallow=1)
     return unet, ctx, unc, plain, with_schedule(plain, schedule), per_bucket, probe
 

@@ -17,13 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from prompt_fragments.fragment.auto_mode import load_or_fallback
-from prompt_fragments.fragment.errors import FragmentError
-from prompt_fragments.fragment.hashing import sha256_file
-from prompt_fragments.fragment.library import load_entry
-from prompt_fragments.fragment.manifest import seal
-from prompt_fragments.fragment.sharing import META_MANIFEST, TENSOR, read_pack, unpack
-from prompt_fragments.fragment.store import save_fragment
+from prompt_fragments.fragment.library.auto_mode import load_or_fallback
+from prompt_fragments.errors import FragmentError
+from prompt_fragments.fragment.format.hashing import sha256_file
+from prompt_fragments.fragment.library.index import load_entry
+from prompt_fragments.fragment.format.manifest import seal
+from prompt_fragments.fragment.library.sharing import META_MANIFEST, TENSOR, read_pack, unpack
+from prompt_fragments.fragment.format.store import save_fragment
 
 from test_library import synthetic
 

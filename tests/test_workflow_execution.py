@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 
 import comfyui_support as cs
-from prompt_fragments.fragment.store import load_fragment
+from prompt_fragments.fragment.format.store import load_fragment
 from prompt_fragments.profiling.discovery import describe, iter_attention, out_linear
 
 log = logging.getLogger(__name__)

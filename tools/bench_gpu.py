@@ -27,34 +27,29 @@ from typing import Any, Sequence
 
 import torch
 
-from prompt_fragments.fragment.bench import LeverConfig, build_random_unet, random_context, resident_bytes
-from prompt_fragments.fragment.bench import head_weight_scores
-from prompt_fragments.fragment.ff_pruning import select_ff_channels
-from prompt_fragments.fragment.selection import select_heads
-from prompt_fragments.fragment.store import apply_fragment, build_fragment, describe_base
-from prompt_fragments.profiling.ff_profiler import weight_norm_scores
+from prompt_fragments.bench.weights import build_random_unet, head_weight_scores, random_context, resident_bytes
+from prompt_fragments.fragment.build import apply_fragment, build_fragment, describe_base
+from prompt_fragments.fragment.extract import plan_levers
+from prompt_fragments.fragment.settings import ExtractionSettings, lever_settings
 
 log = logging.getLogger("bench_gpu")
 
 DEFAULT_CONFIGS = (
-    LeverConfig(),
-    LeverConfig(heads=0.3, kv_fold=True, ff=0.3),
-    LeverConfig(heads=0.3, kv_fold=True, ff=0.3, precision="fp8"),
+    lever_settings(),
+    lever_settings(heads=0.3, kv_fold=True, ff=0.3),
+    lever_settings(heads=0.3, kv_fold=True, ff=0.3, precision="fp8"),
 )
 
 
-def fragment_model(arch: str, config: LeverConfig, dtype: torch.dtype, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
+def fragment_model(arch: str, config: ExtractionSettings, dtype: torch.dtype, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
     """The model for ``config`` (the base itself when no lever is on) on the CPU, and its (cond, uncond) context."""
     base = build_random_unet(arch, dtype=dtype, seed=seed)
     context = random_context(base)
-    if config == LeverConfig():
+    if config == lever_settings():
         return base, context
-    heads = head_weight_scores(base)
-    selection = select_heads(heads, ratio=config.heads)
-    ff = select_ff_channels(weight_norm_scores(base), ratio=config.ff) if config.ff else None
-    fragment = build_fragment(base, selection, base=describe_base(base, arch, sha256="random-weights", hash_kind="none"),
-                              name="bench", kv_context=context if config.kv_fold else None, ff_selection=ff,
-                              precision=config.precision, precision_ratio=config.precision_ratio)
+    levers = plan_levers(config, head_weight_scores(base), model=base, kv_context=context, name="bench")
+    fragment = build_fragment(base, levers, base=describe_base(base, arch, sha256="random-weights", hash_kind="none"),
+                              name="bench")
     return apply_fragment(base, fragment), context
 
 
@@ -103,7 +98,7 @@ def time_forward(model: torch.nn.Module, inputs: dict[str, Any], device: torch.d
     return {"latency_ms": round(1000 * statistics.median(times), 2), "peak_bytes": peak}
 
 
-def run(arch: str, resolution: int, batches: Sequence[int], configs: Sequence[LeverConfig], repeats: int,
+def run(arch: str, resolution: int, batches: Sequence[int], configs: Sequence[ExtractionSettings], repeats: int,
         device: torch.device) -> dict[str, Any]:
     """Every configuration at every batch size; the base row comes first so savings can be read against it."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32

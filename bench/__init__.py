@@ -1,0 +1,1 @@
+"""Benchmarks: weights (resident size per lever), batch (amortised speed), targets (random SD, reference)."""

@@ -1,0 +1,52 @@
+"""The reference model as a batch-bench target: real images, judged by the quality gate.
+
+The judge is the CI quality gate of ``thresholds.yaml`` (adherence drop,
+SSIM, LPIPS when its weights are available) against the full model's images
+of the same seeds: the same limits H1 and H2 set before the model was trained.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch.nn as nn
+
+from ..fragment.schedule.state import ScheduleState
+from ..metrics.hypotheses import gate_failures
+from ..reference import measure
+from ..reference.model import ReferenceModel, load_reference
+from ..reference.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, sample
+
+
+class ReferenceTarget:
+    """``prompt`` on the reference model, ``steps`` DDIM steps, judged against ``limits`` (the quality gate).
+
+    >>> target = ReferenceTarget("a red circle in the top left", limits={"ssim_min": 0.9})  # doctest: +SKIP
+    >>> target.judge(target.run(target.unet, [0]), target.run(target.unet, [0]))[0]  # doctest: +SKIP
+    True
+    """
+
+    def __init__(self, prompt: str, *, limits: Mapping[str, float], steps: int = DEFAULT_STEPS,
+                 guidance: float = DEFAULT_GUIDANCE, model: ReferenceModel | None = None,
+                 lpips: Callable[[Any, Any], Sequence[float]] | None = None, batch_size: int = 32) -> None:
+        self.model = model if model is not None else load_reference()
+        self.unet = self.model.unet
+        self.prompt, self.steps, self.guidance = prompt, steps, guidance
+        self.limits, self.lpips, self.batch_size = dict(limits), lpips, batch_size
+        self.context, self.uncond = self.model.encode([prompt]), self.model.encode([""])
+        self.name = "reference"
+
+    def run(self, unet: nn.Module, seeds: Sequence[int], *, state: ScheduleState | None = None,
+            cfg_cutoff: float | None = None) -> np.ndarray:
+        return sample(unet, self.context, self.uncond, seeds, steps=self.steps, guidance=self.guidance,
+                      batch_size=self.batch_size, state=state, cfg_cutoff=cfg_cutoff)
+
+    def judge(self, full: np.ndarray, images: np.ndarray) -> tuple[bool, dict[str, Any]]:
+        result = measure.compare(full, images, self.prompt, self.lpips, measure.adherence(full, self.prompt))
+        failures = gate_failures(result, self.limits)
+        return not failures, {**result, "gate_failures": failures}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "prompt": self.prompt, "guidance": self.guidance, "sampler": "DDIM (diffusers), trailing",
+                "judge": "quality_gate of thresholds.yaml vs the full model's same-seed images", "limits": self.limits,
+                "lpips": self.lpips is not None}

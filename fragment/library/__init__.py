@@ -1,0 +1,1 @@
+"""The fragment library and sharing: index, prompt fingerprints, auto mode, unions, packs."""

@@ -1,0 +1,273 @@
+"""Move a fragment as one file: pack, verify (with or without the base model), unpack.
+
+The pack is itself a safetensors file (never pickle), ``<name>.fragment.safetensors``:
+
+* one ``uint8`` tensor ``fragment.tensors``: the fragment's tensors file, byte for byte,
+  so its SHA-256 still matches the manifest after unpacking;
+* ``__metadata__``: ``prompt_fragments.pack`` = ``"1"``, ``prompt_fragments.manifest`` =
+  the sealed manifest JSON, and optionally ``prompt_fragments.library`` = the
+  library row (prompt, pooled embedding, parameters) so the receiver's auto
+  mode can find it.
+
+A pack is untrusted input.  ``verify_pack`` checks the outer and inner
+headers (``untrusted``), the manifest (hand checks, JSON schema, self-hash),
+the tensors' hash and their agreement with the manifest, all in memory —
+nothing is written.  With the base model it also checks compatibility.
+``unpack`` writes only plain names inside the target folder, through
+temporary files renamed under the library lock.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
+
+from ...errors import BaseModelMismatchError, IntegrityError, ManifestError
+from ..format.hashing import sha256_file, sha256_state_dict
+from .index import forget_locked, locked, register
+from ..format.manifest import seal, validate_manifest
+from ...errors import FragmentError
+from ..format.store import MAX_MANIFEST_BYTES, check_tensors, check_name, ensure_folder, install, load_fragment
+from ..format.manifest import Fragment
+from ..build import fragment_replacements
+from ..format.untrusted import (
+    check_base, check_plain_name, check_safetensors_bytes, confined, parse_json, read_safetensors_header,
+)
+
+log = logging.getLogger(__name__)
+
+PACK_SUFFIX = ".fragment.safetensors"
+TENSOR = "fragment.tensors"
+META_PACK, META_MANIFEST, META_LIBRARY = "prompt_fragments.pack", "prompt_fragments.manifest", "prompt_fragments.library"
+MAX_EMBEDDING = 65536
+
+
+@dataclass
+class Unpacked:
+    """A verified pack in memory: the fragment, its raw tensors file, and the optional library row."""
+
+    fragment: Fragment
+    tensors_bytes: bytes
+    library: dict[str, Any] | None
+
+
+def pack(manifest_path: str | os.PathLike, out: str | os.PathLike, *, library_row: Mapping[str, Any] | None = None) -> Path:
+    """Write a saved fragment (verified first) as one pack file; return its path.
+
+    ``library_row`` (``prompt``, ``embedding`` list, ``params``) is carried for the receiver's auto mode.
+
+    >>> pack("models/fragments/dog.json", "dog.fragment.safetensors")  # doctest: +SKIP
+    PosixPath('dog.fragment.safetensors')
+    """
+    manifest_path = Path(manifest_path)
+    fragment = load_fragment(manifest_path)  # full verification: never pass on a corrupt fragment
+    tensors_path = manifest_path.parent / fragment.manifest["artifacts"]["tensors"]["file"]
+    out = Path(out)
+    for source in (manifest_path, tensors_path):  # an output that is also an input would destroy the fragment
+        if out.resolve() == source.resolve() or (out.exists() and os.path.samefile(out, source)):
+            raise FragmentError(f"{out}: expected an output path other than the fragment's own files, found {source.name}")
+    if not out.parent.is_dir():
+        raise FragmentError(f"{out}: expected an existing folder {out.parent} for the pack, found none")
+    if out.is_dir():
+        raise FragmentError(f"{out}: expected a pack file path, found a directory")
+    raw = tensors_path.read_bytes()
+    manifest = fragment.manifest
+    canonical = f"{fragment.name}.safetensors"
+    if manifest["artifacts"]["tensors"]["file"] != canonical:  # a replaced entry's content-named file
+        body = {k: v for k, v in manifest.items() if k != "integrity"}
+        manifest = seal({**body, "artifacts": {"tensors": {**manifest["artifacts"]["tensors"], "file": canonical}}})
+    metadata = {META_PACK: "1", META_MANIFEST: json.dumps(manifest, sort_keys=True)}
+    if library_row is not None:
+        metadata[META_LIBRARY] = json.dumps(check_row(dict(library_row), str(manifest_path)), sort_keys=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_file({TENSOR: torch.frombuffer(bytearray(raw), dtype=torch.uint8)}, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    except (OSError, SafetensorError) as exc:
+        raise FragmentError(f"{out}: expected a writable pack path, found: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("packed %s into %s (%d bytes)", manifest_path.name, out, out.stat().st_size)
+    return out
+
+
+def _finite_number(x: Any) -> bool:
+    """A real number that converts to a finite float (a 400-digit int made math.isfinite raise OverflowError)."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, int):
+        return abs(x) <= 2 ** 128
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def check_row(row: Any, source: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise ManifestError(f"{source}: library row: expected an object, found {type(row).__name__}")
+    emb = row.get("embedding")
+    if isinstance(emb, torch.Tensor):
+        emb = row["embedding"] = [float(x) for x in emb.reshape(-1)]
+    ok = (isinstance(row.get("prompt"), str) and len(row["prompt"]) <= 10000 and isinstance(row.get("params", {}), dict)
+          and isinstance(emb, list) and 0 < len(emb) <= MAX_EMBEDDING
+          and all(_finite_number(x) for x in emb))
+    if not ok:
+        raise ManifestError(f"{source}: library row: expected prompt string, params object and a finite embedding list "
+                            f"of at most {MAX_EMBEDDING} numbers, found keys {sorted(row)[:8]}")
+    return {"prompt": row["prompt"], "embedding": emb, "params": row.get("params", {})}
+
+
+def read_pack(pack_path: str | os.PathLike) -> Unpacked:
+    """Verify a pack's format and integrity without the base model (nothing is written); return its contents.
+
+    >>> read_pack("dog.fragment.safetensors").fragment.name  # doctest: +SKIP
+    'dog'
+    """
+    path = Path(pack_path)
+    header = read_safetensors_header(path, allowed_dtypes=frozenset({"U8"}))
+    if list(header) != [TENSOR] or len(header[TENSOR][1]) != 1:
+        raise IntegrityError(f"{path}: expected exactly one 1-D tensor {TENSOR!r}, found {sorted(header)[:5]}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            raw = fh.get_tensor(TENSOR).numpy().tobytes()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise IntegrityError(f"{path}: not a readable safetensors pack: {exc}") from exc
+    if metadata.get(META_PACK) != "1":
+        raise ManifestError(f"{path}: expected pack format '1' in metadata {META_PACK!r}, found {metadata.get(META_PACK)!r}")
+    text = metadata.get(META_MANIFEST, "")
+    if not text or len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: expected a manifest of 1 to {MAX_MANIFEST_BYTES} bytes in the metadata, found {len(text)}")
+    source = f"{path}[manifest]"
+    manifest = parse_json(text, source)
+    validate_manifest(manifest, source)
+    name = check_name(manifest["name"])
+    if manifest["artifacts"]["tensors"]["file"] != f"{name}.safetensors":
+        raise IntegrityError(f"{source}: expected artifacts.tensors.file {name + '.safetensors'!r}, "
+                             f"found {manifest['artifacts']['tensors']['file']!r}")
+    found = hashlib.sha256(raw).hexdigest()
+    if found != manifest["artifacts"]["tensors"]["sha256"]:
+        raise IntegrityError(f"{path}: packed tensors: expected sha256 {manifest['artifacts']['tensors']['sha256'][:16]}…, "
+                             f"found {found[:16]}…")
+    check_safetensors_bytes(raw, f"{path}[tensors]")
+    try:
+        tensors = load_bytes(raw)
+    except (SafetensorError, ValueError) as exc:
+        raise IntegrityError(f"{path}: packed tensors are not readable safetensors: {exc}") from exc
+    check_tensors(manifest, tensors, Path(f"{path}[tensors]"))
+    row = None
+    if META_LIBRARY in metadata:
+        row = check_row(parse_json(metadata[META_LIBRARY], f"{path}: library row"), str(path))
+    return Unpacked(Fragment(manifest=manifest, tensors=tensors), raw, row)
+
+
+class _LazySafetensors(Mapping):
+    """A checkpoint's UNet weights as a read-on-demand mapping (prefix stripped), for hashing one tensor at a time."""
+
+    def __init__(self, path: Path):
+        self._fh = safe_open(str(path), framework="pt")
+        keys = list(self._fh.keys())
+        prefix = "model.diffusion_model."
+        self._prefix = prefix if any(k.startswith(prefix) for k in keys) else ""
+        self._keys = [k[len(self._prefix):] for k in keys if k.startswith(self._prefix)]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._fh.get_tensor(self._prefix + key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def shape(self, key: str) -> list[int] | None:
+        return list(self._fh.get_slice(self._prefix + key).get_shape()) if key in set(self._keys) else None
+
+
+def check_against_base(fragment: Fragment, base: str | os.PathLike | nn.Module, *, label: str = "the given model") -> str:
+    """Check a fragment fits a base model: a loaded UNet (``label`` names it) or a safetensors UNet/checkpoint.
+
+    For a module (the CLI's ``--base demo`` passes the embedded reference model's
+    UNet): its weight hash must equal the manifest's and every pruned copy must build.
+
+    For a file: the fp16-canonical weight hash of its UNet (keys under
+    ``model.diffusion_model.`` when present) must equal the manifest's, and
+    every pruned module's ``to_q.weight`` must have ``heads * dim_head`` rows.
+    Returns a one-line summary; raises ``BaseModelMismatchError`` otherwise.
+
+    >>> check_against_base(read_pack("dog.fragment.safetensors").fragment, load_reference().unet, label="demo")  # doctest: +SKIP
+    'compatible with demo: base sha256 3f2a…, 12 modules checked'
+    """
+    manifest = fragment.manifest
+    if isinstance(base, nn.Module):
+        digest = sha256_state_dict(base)
+        check_base(manifest, digest, label)
+        fragment_replacements(base, fragment, base_sha256=digest)  # builds every pruned copy: the full check
+        return f"compatible with {label}: base sha256 {digest[:16]}…, {len(manifest['pruning']['modules'])} modules checked"
+    path = Path(base)
+    read_safetensors_header(path, allowed_dtypes=frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "U8", "I8", "BOOL", "F8_E4M3", "F8_E5M2"}),
+                            max_bytes=64 << 30)
+    if manifest["base_model"].get("hash_kind") == "file":
+        digest = sha256_file(path)
+    else:
+        weights = _LazySafetensors(path)
+        digest = sha256_state_dict(weights)
+    check_base(manifest, digest, str(path))
+    weights = _LazySafetensors(path)
+    for module, entry in manifest["pruning"]["modules"].items():
+        shape = weights.shape(f"{module}.to_q.weight")
+        if shape is None or shape[0] != entry["heads"] * entry["dim_head"]:
+            raise BaseModelMismatchError(f"{path}: {module}.to_q.weight: expected {entry['heads'] * entry['dim_head']} rows, found {shape}")
+    return f"compatible with {path.name}: base sha256 {digest[:16]}…, {len(manifest['pruning']['modules'])} modules checked"
+
+
+def unpack(pack_path: str | os.PathLike, folder: str | os.PathLike, *, overwrite: bool = False,
+           add_to_library: bool = True) -> Path:
+    """Verify a pack, then write ``<name>.json`` and ``<name>.safetensors`` into ``folder`` only; return the manifest path.
+
+    Names come from the verified manifest and must be plain; a name that
+    would leave ``folder`` is refused before anything is written.  With a
+    library row and ``add_to_library`` the fragment is indexed for auto mode.
+
+    >>> unpack("dog.fragment.safetensors", "models/fragments")  # doctest: +SKIP
+    PosixPath('models/fragments/dog.json')
+    """
+    content = read_pack(pack_path)
+    folder = ensure_folder(folder)
+    name = check_name(content.fragment.name)
+    manifest_name = check_plain_name(f"{name}.json", str(pack_path), ".json")
+    tensors_name = check_plain_name(f"{name}.safetensors", str(pack_path), ".safetensors")
+    with locked(folder):
+        manifest_path = confined(folder, manifest_name, str(pack_path))
+        tensors_path = confined(folder, tensors_name, str(pack_path))
+        if not overwrite and (manifest_path.exists() or tensors_path.exists() or manifest_path.is_symlink()):
+            raise IntegrityError(f"{manifest_path}: a fragment named {name!r} already exists (pass overwrite to replace it)")
+        for target in (manifest_path, tensors_path):  # checked before anything is written: no half-replaced pair
+            if (target.exists() or target.is_symlink()) and not (target.is_file() and not target.is_symlink()):
+                raise IntegrityError(f"{target}: expected a regular file to replace (or none), found a directory, "
+                                     "symlink or special file; nothing was written")
+        if manifest_path.exists():
+            # The old row describes the old fragment's prompt; left in place it would answer that prompt with
+            # an exact HIT and serve the new fragment (issue #16).  Dropped before the switch, so a kill between
+            # leaves at worst the new fragment unindexed, never a row serving the wrong one; a packed row is
+            # registered again below.
+            forget_locked(folder, name)
+        # Atomic replace (store.install): the tensors go to a name the old manifest does not use, the manifest
+        # is renamed last, so a kill leaves the old fragment or the new one, each complete (issue #16).
+        manifest_path, _ = install(folder, content.fragment.manifest, lambda tmp: tmp.write_bytes(content.tensors_bytes))
+    load_fragment(manifest_path)  # what is on disk now verifies as a fragment
+    if add_to_library and content.library is not None:
+        row = content.library
+        register(folder, manifest_path, embedding=torch.tensor(row["embedding"]), prompt=row["prompt"], params=row["params"])
+    log.info("unpacked %s into %s", Path(pack_path).name, manifest_path)
+    return manifest_path

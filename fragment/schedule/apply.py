@@ -1,0 +1,94 @@
+"""Putting a fragment's schedule on a model (``calibrate.py`` chooses the schedule).
+
+``schedule_replacements`` returns the modules that make a model follow a
+schedule: ``bucket_masked`` output projections (folded into the fragment's pruned
+copies, so no patch sits inside another) and ``ReplayCall``/``ReplaySequence``
+deep blocks.  For diffusers models ``apply_schedule`` installs them on a new
+model; ComfyUI installs the same dict as object patches on a clone.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import torch.nn as nn
+
+from ...errors import FragmentError
+from ..surgery.tree import replace_modules
+from .state import Schedule, ScheduleState
+from .step_reuse import reuse_replacements
+from ..format.manifest import Fragment
+from ..build import apply_fragment, fragment_replacements
+from .timestep_heads import bucket_mask_replacements
+
+log = logging.getLogger(__name__)
+
+
+def schedule_replacements(model: nn.Module, fragment: Fragment, replacements: Mapping[str, nn.Module],
+                          schedule: Schedule, state: ScheduleState, *, reuse_on: nn.Module | None = None) -> dict[str, nn.Module]:
+    """``replacements`` (the fragment's) plus what ``schedule`` needs, on ``model`` (the full base model).
+
+    ``reuse_on`` is the model whose deep blocks get wrapped: the base model for
+    hosts whose wrappers share children (ComfyUI), or ``None`` to leave the
+    reuse wrappers out (diffusers: ``apply_schedule`` wraps the pruned model's
+    blocks in a second pass).
+
+    >>> # patches = schedule_replacements(unet, frag, plan.replacements, Schedule.from_manifest(...), state, reuse_on=unet)
+    """
+    out = dict(replacements)
+    if schedule.bucket_heads:
+        view = replace_modules(model, replacements)  # the fragment model, sharing every untouched module
+        masks = bucket_mask_replacements(view, fragment.kept, schedule.bucket_heads, schedule.buckets, state)
+        for path, mask in masks.items():
+            owner = path[: -len(".to_out.0")]
+            if owner in out:  # fold into the pruned copy: a patch inside another would be restored in the wrong order
+                out[owner] = replace_modules(out[owner], {"to_out.0": mask})
+            else:
+                out[path] = mask
+    if schedule.reuse_steps and reuse_on is not None:
+        out.update(reuse_replacements(reuse_on, schedule.shallow, state))
+    return out
+
+
+def apply_schedule(model: nn.Module, fragment: Fragment, schedule: Schedule | None = None,
+                   state: ScheduleState | None = None) -> tuple[nn.Module, ScheduleState]:
+    """The fragment model of a diffusers UNet with its schedule on, and the state the host must drive.
+
+    ``schedule`` defaults to the one stored in the manifest.  Before each UNet
+    call the host calls ``state.begin_call(t, x.shape)``; ``state.reuse_enabled``
+    and ``state.heads_enabled`` turn the two parts off (the model is then the
+    plain fragment, output for output).
+
+    >>> small, state = apply_schedule(unet, load_fragment("dog.json"))  # doctest: +SKIP
+    """
+    schedule = schedule if schedule is not None else fragment_schedule(fragment)
+    state = state if state is not None else ScheduleState.for_schedule(schedule)
+    if schedule.empty:
+        return apply_fragment(model, fragment), state
+    small = replace_modules(model, schedule_replacements(model, fragment, fragment_replacements(model, fragment), schedule, state))
+    if schedule.reuse_steps:
+        small = replace_modules(small, reuse_replacements(small, schedule.shallow, state))
+    return small, state
+
+
+def fragment_schedule(fragment: Fragment) -> Schedule:
+    """The schedule stored in a fragment's manifest (the empty schedule if it has none)."""
+    return Schedule.from_manifest(fragment.manifest.get("schedule"), source=f"fragment {fragment.name!r} schedule")
+
+
+def with_schedule(fragment: Fragment, schedule: Schedule) -> Fragment:
+    """A copy of ``fragment`` whose manifest carries ``schedule`` (the tensors are shared).
+
+    The bucket head sets must lie inside what the fragment kept, else the
+    loader could never switch to them.
+    """
+    for bucket, heads in schedule.bucket_heads.items():
+        for path, kept in heads.items():
+            allowed = set(fragment.kept.get(path, kept))
+            if not set(kept) <= allowed:
+                raise FragmentError(f"{path}: schedule bucket {bucket} keeps heads {sorted(set(kept) - allowed)} "
+                                    f"that fragment {fragment.name!r} pruned")
+    manifest = {**fragment.manifest, "schedule": schedule.to_manifest()}
+    return Fragment(manifest=manifest, tensors=fragment.tensors)
+
+

@@ -1,0 +1,289 @@
+"""A fragment's run-time schedule: head sets per noise level, steps that reuse deep features, CFG cut-off.
+
+The structural fragment (pruned heads, levers) is the same at every step.  The
+schedule says what changes *during* sampling, and is stored in the manifest's
+``schedule`` block:
+
+* ``timestep_heads``: per timestep bucket, the heads that stay on.  The weights
+  are pruned to the union over buckets; the rest is masked per bucket, so
+  switching costs no weight upload (``fragment.timestep_heads``);
+* ``step_reuse``: the denoising steps on which the deep blocks replay their last
+  outputs (``fragment.step_reuse``), calibrated for ``total_steps`` steps whose
+  training timesteps are ``timesteps``.  At run time a call is matched to the
+  calibrated step of the nearest timestep, so a run with another step count,
+  a denoise below 1 or a later start still reuses at the same noise levels;
+* ``cfg_truncation``: below this training timestep (0..999, low = little noise)
+  the unconditional pass is skipped and the conditional prediction used alone.
+
+``ScheduleState`` is what the run-time wrappers share: the host calls
+``begin_call(t, signature)`` before every UNet call and the wrappers read
+``bucket`` and ``replaying``.  It also keeps the log of what it applied, so
+tests can check a schedule ran exactly as stored.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+from ...profiling.profiler import timestep_bucket
+from ...errors import FragmentError
+
+log = logging.getLogger(__name__)
+HISTORY_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Plain data for the manifest's ``schedule`` block; every part optional.
+
+    >>> s = Schedule(reuse_steps=(2, 4), total_steps=6, shallow=1, cfg_cutoff=200.0,
+    ...              step_timesteps=(999.0, 799.0, 599.0, 399.0, 199.0, 0.0))
+    >>> Schedule.from_manifest(s.to_manifest()) == s
+    True
+    """
+
+    buckets: int = 0
+    bucket_heads: Mapping[int, Mapping[str, Sequence[int]]] = field(default_factory=dict)
+    total_steps: int = 0
+    reuse_steps: tuple[int, ...] = ()
+    shallow: int = 1
+    step_timesteps: tuple[float, ...] = ()  # the calibrated run's timestep per step (empty: match by step index)
+    cfg_cutoff: float | None = None
+    calibration: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.bucket_heads and not self.reuse_steps and self.cfg_cutoff is None
+
+    def to_manifest(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.bucket_heads:
+            out["timestep_heads"] = {"buckets": self.buckets, "num_train_timesteps": 1000,
+                                     "kept": {str(b): {p: list(map(int, k)) for p, k in sorted(heads.items())}
+                                              for b, heads in sorted(self.bucket_heads.items())}}
+        if self.reuse_steps:
+            out["step_reuse"] = {"total_steps": self.total_steps, "reuse_steps": sorted(self.reuse_steps),
+                                 "shallow": self.shallow}
+            if self.step_timesteps:
+                out["step_reuse"]["timesteps"] = [round(float(t), 4) for t in self.step_timesteps]
+        if self.cfg_cutoff is not None:
+            out["cfg_truncation"] = {"timestep": float(self.cfg_cutoff)}
+        if self.calibration:
+            out["calibration"] = dict(self.calibration)
+        return out
+
+    @classmethod
+    def from_manifest(cls, block: Mapping[str, Any] | None, source: str = "manifest schedule") -> "Schedule":
+        """Parse and check a manifest ``schedule`` block (``None`` or ``{}``: the empty schedule)."""
+        if not block:
+            return cls()
+        if not isinstance(block, Mapping):
+            raise FragmentError(f"{source}: expected an object, found {type(block).__name__}")
+        kwargs: dict[str, Any] = {"calibration": dict(block.get("calibration") or {})}
+        heads = block.get("timestep_heads")
+        if heads:
+            buckets = _int(heads.get("buckets"), f"{source}.timestep_heads.buckets", low=1)
+            kept = heads.get("kept")
+            if not isinstance(kept, Mapping) or not kept:
+                raise FragmentError(f"{source}.timestep_heads.kept: expected bucket -> {{module: [heads]}}, found {kept!r}")
+            parsed: dict[int, dict[str, list[int]]] = {}
+            for b, modules in kept.items():
+                index = _int(b, f"{source}.timestep_heads.kept key", low=0)
+                if index >= buckets:
+                    raise FragmentError(f"{source}.timestep_heads.kept: bucket {index} >= buckets {buckets}")
+                parsed[index] = {str(p): [_int(h, f"{source}.timestep_heads.kept.{b}.{p}", low=0) for h in hs]
+                                 for p, hs in dict(modules).items()}
+            kwargs.update(buckets=buckets, bucket_heads=parsed)
+        reuse = block.get("step_reuse")
+        if reuse:
+            total = _int(reuse.get("total_steps"), f"{source}.step_reuse.total_steps", low=2)
+            steps = tuple(sorted(_int(s, f"{source}.step_reuse.reuse_steps", low=1) for s in reuse.get("reuse_steps", ())))
+            if any(s >= total for s in steps):
+                raise FragmentError(f"{source}.step_reuse: reuse steps {list(steps)} must lie in 1..{total - 1} "
+                                    "(step 0 always computes)")
+            kwargs.update(total_steps=total, reuse_steps=steps,
+                          shallow=_int(reuse.get("shallow", 1), f"{source}.step_reuse.shallow", low=1))
+            timesteps = reuse.get("timesteps")
+            if timesteps is not None:
+                if (not isinstance(timesteps, list) or len(timesteps) != total
+                        or not all(isinstance(t, (int, float)) and 0 <= t <= 1000 for t in timesteps)):
+                    raise FragmentError(f"{source}.step_reuse.timesteps: expected {total} numbers in 0..1000 "
+                                        f"(one per calibrated step), found {timesteps!r}")
+                kwargs["step_timesteps"] = tuple(float(t) for t in timesteps)
+        cfg = block.get("cfg_truncation")
+        if cfg:
+            t = cfg.get("timestep")
+            if not isinstance(t, (int, float)) or not 0 <= t <= 1000:
+                raise FragmentError(f"{source}.cfg_truncation.timestep: expected a number in 0..1000, found {t!r}")
+            kwargs["cfg_cutoff"] = float(t)
+        return cls(**kwargs)
+
+
+def _narrows(cached: Any, signature: Any, rows: slice | None) -> bool:
+    """Whether a call of shape ``signature`` runs ``rows`` of a batch of shape ``cached``.
+
+    >>> _narrows((4, 3, 8, 8), (2, 3, 8, 8), slice(2, 4)), _narrows((4, 3, 8, 8), (2, 3, 8, 8), None)
+    (True, False)
+    """
+    if rows is None or not isinstance(cached, tuple) or not isinstance(signature, tuple) or not cached or not signature:
+        return False
+    start, stop, step = rows.indices(cached[0])
+    return step == 1 and stop - start == signature[0] and cached[1:] == signature[1:] and signature[0] < cached[0]
+
+
+def _take_rows(value: Any, rows: slice, batch: int) -> Any:
+    """``value`` (a tensor, or tuples and lists of them) with its batch-first tensors cut to ``rows``."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take_rows(v, rows, batch) for v in value)
+    if hasattr(value, "shape") and len(value.shape) > 0 and value.shape[0] == batch:
+        return value[rows]
+    return value
+
+
+def _int(value: Any, where: str, low: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
+        raise FragmentError(f"{where}: expected an integer >= {low}, found {value!r}") from None
+    if number < low or (isinstance(value, float) and value != number):
+        raise FragmentError(f"{where}: expected an integer >= {low}, found {value!r}")
+    return number
+
+
+def nearest_step(t: float, timesteps: Sequence[float]) -> int:
+    """The calibrated step whose timestep is closest to ``t`` (the earlier step on a tie).
+
+    >>> ts = (999.0, 749.0, 499.0, 249.0)
+    >>> nearest_step(999.0, ts), nearest_step(520.0, ts), nearest_step(624.0, ts), nearest_step(0.0, ts)
+    (0, 2, 1, 3)
+    """
+    return min(range(len(timesteps)), key=lambda i: (abs(timesteps[i] - t), i))
+
+
+def map_step(step: int, actual_total: int | None, stored_total: int) -> int:
+    """The calibrated step that run-time step ``step`` of ``actual_total`` corresponds to (same noise fraction).
+
+    The fallback for schedules stored without ``timesteps``: it assumes the run
+    covers the whole noise range, as the calibrated run did.
+
+    >>> map_step(5, 10, 20), map_step(3, None, 20), map_step(9, 10, 20)
+    (11, 3, 19)
+    """
+    if not actual_total or actual_total == stored_total or actual_total < 2:
+        return step
+    return round(step * (stored_total - 1) / (actual_total - 1))
+
+
+class ScheduleState:
+    """The run-time position in a schedule, shared by the wrappers of one patched model.
+
+    A call whose timestep is lower than the previous call's is the next step; a
+    higher one starts a new sampling run (the cache is dropped); an equal one is
+    another call of the same step (say cond and uncond run separately), which
+    gets its own cache slot.  A slot replays only when it was filled on a
+    computed step by a call with the same ``signature`` (input shape).
+
+    >>> state = ScheduleState(reuse_steps=[1], total_steps=3)
+    >>> state.expect_keys(["deep"])
+    >>> state.begin_call(999.0, (2, 4)); state.replaying
+    False
+    >>> state.store("deep", "features"); state.begin_call(600.0, (2, 4)); state.replaying
+    True
+    """
+
+    def __init__(self, *, reuse_steps: Iterable[int] = (), total_steps: int = 0, buckets: int = 0,
+                 num_train_timesteps: int = 1000, step_timesteps: Sequence[float] = ()) -> None:
+        self.reuse_steps = frozenset(int(s) for s in reuse_steps)
+        self.total_steps = int(total_steps)
+        self.step_timesteps = tuple(float(t) for t in step_timesteps)
+        self.buckets = int(buckets)
+        self.num_train_timesteps = num_train_timesteps
+        self.reuse_enabled = True
+        self.heads_enabled = True
+        self.cfg_enabled = True  # hosts that truncate CFG check this (the reference sampler takes a cut-off)
+        self.run_total_steps: int | None = None  # the running sampler's step count, when the host knows it
+        self._keys: frozenset[str] = frozenset()
+        self._cache: dict[int, dict[str, Any]] = {}
+        self._signatures: dict[int, Any] = {}
+        self._last_t: float | None = None
+        self.step = -1
+        self.call = 0
+        self.bucket = 0
+        self.replaying = False
+        # One entry per UNet call, for checks and reports; bounded, since a ComfyUI server keeps a MODEL for days.
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LIMIT)
+
+    @classmethod
+    def for_schedule(cls, schedule: Schedule) -> "ScheduleState":
+        return cls(reuse_steps=schedule.reuse_steps, total_steps=schedule.total_steps, buckets=schedule.buckets,
+                   step_timesteps=schedule.step_timesteps)
+
+    def calibrated_step(self, t: float) -> int:
+        """The calibrated step the current call stands for: by nearest timestep, else by step index."""
+        if self.step_timesteps:
+            return nearest_step(t, self.step_timesteps)
+        return map_step(self.step, self.run_total_steps, self.total_steps)
+
+    def expect_keys(self, keys: Iterable[str]) -> None:
+        """The blocks that must all be cached before a slot can replay."""
+        self._keys = self._keys | frozenset(keys)
+
+    def reset(self) -> None:
+        """Forget the position and the cache (a new sampling run)."""
+        self._cache.clear()
+        self._signatures.clear()
+        self._last_t = None
+        self.step = -1
+
+    def begin_call(self, t: float, signature: Any = None, rows: slice | None = None) -> None:
+        """Called by the host before each UNet call with its training-scale timestep (0..999).
+
+        ``signature`` is the input's shape.  ``rows`` says that this call runs
+        only those rows of the batch the previous calls ran (CFG truncation
+        drops the uncond rows): a cache filled on the whole batch then replays
+        those rows instead of being discarded.
+        """
+        t = float(t)
+        if self._last_t is None or t > self._last_t + 1e-4:
+            self.reset()
+            self.step, self.call = 0, 0
+        elif t < self._last_t - 1e-4:
+            self.step, self.call = self.step + 1, 0
+        else:
+            self.call += 1
+        self._last_t = t
+        if self.buckets:
+            self.bucket = timestep_bucket(t, self.buckets, self.num_train_timesteps)
+        scheduled = self.reuse_enabled and self.calibrated_step(t) in self.reuse_steps
+        slot = self._cache.get(self.call, {})
+        cached_signature = self._signatures.get(self.call)
+        narrowed = scheduled and _narrows(cached_signature, signature, rows)
+        ready = bool(self._keys) and self._keys <= slot.keys() and (cached_signature == signature or narrowed)
+        self.replaying = scheduled and ready
+        if self.replaying and narrowed:
+            self._cache[self.call] = {k: _take_rows(v, rows, cached_signature[0]) for k, v in slot.items()}
+            self._signatures[self.call] = signature
+        if scheduled and not ready:
+            log.debug("step reuse: step %d call %d scheduled for reuse but its cache does not match; computing", self.step, self.call)
+        if not self.replaying:
+            self._cache[self.call] = {}
+            self._signatures[self.call] = signature
+        self.history.append({"step": self.step, "call": self.call, "t": t, "bucket": self.bucket,
+                             "reused": self.replaying, "signature": signature})
+
+    def store(self, key: str, value: Any) -> None:
+        # Nothing is kept when no step can replay it: the deep outputs of a whole batch are large on a GPU.
+        if not self.replaying and self.reuse_enabled and self.reuse_steps:
+            self._cache.setdefault(self.call, {})[key] = value
+
+    def cached(self, key: str) -> Any:
+        return self._cache.get(self.call, {}).get(key)
+
+    def reused_steps(self) -> list[int]:
+        """Steps on which every call replayed (from the log; for checks and reports)."""
+        steps: dict[int, bool] = {}
+        for entry in self.history:
+            steps[entry["step"]] = steps.get(entry["step"], True) and entry["reused"]
+        return sorted(s for s, reused in steps.items() if reused)

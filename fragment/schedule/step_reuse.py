@@ -1,0 +1,128 @@
+"""DeepCache-style step reuse: on scheduled steps the deep UNet blocks replay their last outputs.
+
+Between neighbouring denoising steps the deep, low-resolution features of a
+UNet change little, while the shallow full-resolution blocks carry the detail
+that moves (DeepCache, Ma et al. 2023).  On a *reuse* step every block except
+the ``shallow`` outermost ones on each side returns what it returned on the
+last *computed* step, so only the stem, the first down level and the last up
+level run.  Which steps reuse is a per-prompt schedule calibrated from how much
+the deep features really change (``profiling.step_change``) and gated on
+quality (``fragment.speed``).
+
+Two module layouts are supported without importing either host:
+
+* diffusers ``UNet2DConditionModel`` (``down_blocks``/``mid_block``/``up_blocks``):
+  blocks are called as modules, so a deep block is wrapped in ``ReplayCall``;
+* ComfyUI's ``UNetModel`` (``input_blocks``/``middle_block``/``output_blocks``):
+  its forward *iterates* each ``TimestepEmbedSequential`` and calls the layers
+  itself, so a deep block is replaced by ``ReplaySequence``, the same layers
+  behind an ``__iter__`` that yields either them plus a recorder, or a replayer.
+
+The wrappers hold no weights of their own (children are shared, not copied) and
+never change the module they wrap; hosts install them as replacements or object
+patches on a clone.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from ...errors import FragmentError
+from ...profiling.discovery import block_layout
+from .state import ScheduleState
+
+log = logging.getLogger(__name__)
+
+
+class ReplayCall(nn.Module):
+    """A block that, on reuse steps, returns its output from the last computed step instead of running.
+
+    >>> state = ScheduleState(reuse_steps=[1], total_steps=2)
+    >>> block = ReplayCall(nn.Linear(1, 1), "b", state); state.expect_keys(["b"])
+    >>> state.begin_call(999.0); first = block(torch.ones(1, 1))
+    >>> state.begin_call(500.0); bool(torch.equal(block(torch.zeros(1, 1)), first))
+    True
+    """
+
+    def __init__(self, inner: nn.Module, key: str, state: ScheduleState) -> None:
+        super().__init__()
+        self.inner = inner
+        self.key = key
+        self.state = state
+
+    def __getattr__(self, name: str) -> Any:
+        # diffusers' UNet reads block attributes (has_cross_attention, resnets) to decide how to call a block
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.state.replaying:
+            cached = self.state.cached(self.key)
+            if cached is not None:
+                return cached
+        out = self.inner(*args, **kwargs)
+        self.state.store(self.key, out)
+        return out
+
+
+class _Recorder:
+    """The last 'layer' of a computed deep block: keeps the block's output for later replays."""
+
+    def __init__(self, key: str, state: ScheduleState) -> None:
+        self.key, self.state = key, state
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.state.store(self.key, x)
+        return x
+
+
+class _Replayer:
+    """The only 'layer' of a replayed deep block: its output from the last computed step."""
+
+    def __init__(self, key: str, state: ScheduleState) -> None:
+        self.key, self.state = key, state
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        cached = self.state.cached(self.key)
+        if cached is None:  # ScheduleState only replays when every block has an entry; this is a bug guard
+            raise FragmentError(f"step reuse: no cached output for {self.key} at step {self.state.step}")
+        return cached
+
+
+class ReplaySequence(nn.Sequential):
+    """The layers of a ComfyUI ``TimestepEmbedSequential``, iterated so that reuse steps replay its output.
+
+    ComfyUI's ``forward_timestep_embed`` runs a block as ``for layer in block``;
+    plain callables fall through to ``layer(x)``, which is all the recorder and
+    the replayer need.  The children are the original layers (shared), so
+    object patches that reach into the block by path still find them.
+    """
+
+    def __init__(self, block: nn.Module, key: str, state: ScheduleState) -> None:
+        super().__init__(*block)
+        self.key = key
+        self.state = state
+        self._recorder = _Recorder(key, state)
+        self._replayer = _Replayer(key, state)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.state.replaying and self.state.cached(self.key) is not None:
+            return iter([self._replayer])
+        return iter([*self._modules.values(), self._recorder])
+
+
+def reuse_replacements(model: nn.Module, shallow: int, state: ScheduleState) -> dict[str, nn.Module]:
+    """Path -> wrapper for every deep block of ``model`` (for diffusers: the fragment model, already pruned).
+
+    >>> # small = replace_modules(small, reuse_replacements(small, 1, ScheduleState(reuse_steps=[2, 4], total_steps=6)))
+    """
+    layout = block_layout(model)
+    deep = layout.deep(shallow)
+    state.expect_keys(deep)
+    wrap = ReplaySequence if layout.kind == "comfy" else ReplayCall
+    return {path: wrap(model.get_submodule(path), path, state) for path in deep}

@@ -1,0 +1,106 @@
+"""The one settings dataclass: how a fragment is cut, lever by lever.
+
+One rule for "off": every lever is off at amount 0 (``amount`` for heads with the
+``ratio`` strategy, ``ff_ratio``, ``precision_ratio``, ``step_reuse``; the K/V fold is
+a switch, off at ``False``; ``low_rank`` is off when empty).  Format fields such
+as ``precision`` name *how* a lever cuts, never *whether*.
+
+The extractor node, the demo, the weight bench and the reference lever curves
+all read this one dataclass (``extract.plan_levers`` turns it into levers).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from ..errors import FragmentError
+from ..profiling.scoring import ScoreWeights
+
+PRECISION_FORMATS = ("fp8", "int8")
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How to turn a profile into a fragment; every field is recorded in the manifest.
+
+    >>> ExtractionSettings(amount=0.3, ff_ratio=0.3, precision_ratio=1.0).label
+    'heads 30% + ff 30% + fp8 100%'
+    >>> ExtractionSettings(amount=0.0).label
+    'base'
+    """
+
+    strategy: str = "ratio"  # "ratio" (fraction of heads removed) or "percentile" (score cut-off)
+    amount: float = 0.3
+    scope: str = "global"
+    min_keep: int = 1
+    safety_margin_heads: int = 0
+    keep_unstable_heads: bool = True
+    max_rank_std: float = 0.25
+    weights: ScoreWeights = field(default_factory=ScoreWeights)
+    low_rank: Mapping[str, float] = field(default_factory=dict)  # layer path -> energy to keep
+    kv_fold: bool = False  # fold attn2 K/V for the context given to extract_fragment
+    kv_fold_keep_weights: bool = False  # keep to_k/to_v to recompute for other contexts (no bytes saved)
+    ff_ratio: float = 0.0  # fraction of feed-forward hidden channels to remove (per block)
+    precision: str = "fp8"  # the storage format when precision_ratio > 0: "fp8" or "int8"
+    precision_ratio: float = 0.0  # share of retained Linear parameters stored in that precision
+    step_reuse: float = 0.0  # share of the profiled steps on which the deep blocks replay their last output
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("strategy", self.strategy in ("ratio", "percentile"), "'ratio' or 'percentile'"),
+            ("amount", _finite(self.amount) and 0.0 <= self.amount <= (100.0 if self.strategy == "percentile" else 1.0),
+             "a fraction in [0, 1] (a percentile in [0, 100] with strategy 'percentile')"),
+            ("ff_ratio", _finite(self.ff_ratio) and 0.0 <= self.ff_ratio < 1.0, "a fraction in [0, 1)"),
+            ("precision", self.precision in PRECISION_FORMATS, "'fp8' or 'int8' (set precision_ratio=0 to turn it off)"),
+            ("precision_ratio", _finite(self.precision_ratio) and 0.0 <= self.precision_ratio <= 1.0, "a fraction in [0, 1]"),
+            ("step_reuse", _finite(self.step_reuse) and 0.0 <= self.step_reuse < 1.0, "a share of steps in [0, 1)"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise FragmentError(f"extraction settings: {name}: expected {expected}, found {getattr(self, name)!r}")
+
+    @property
+    def heads_on(self) -> bool:
+        return self.amount > 0
+
+    @property
+    def precision_on(self) -> bool:
+        return self.precision_ratio > 0
+
+    @property
+    def label(self) -> str:
+        """A short name of the levers that are on, for tables and logs."""
+        what = "heads" if self.strategy == "ratio" else "heads below percentile"
+        amount = f"{self.amount:.0%}" if self.strategy == "ratio" else f"{self.amount:g}"
+        parts = [f"{what} {amount}"] if self.heads_on else []
+        parts += ["kv-fold"] if self.kv_fold else []
+        parts += [f"ff {self.ff_ratio:.0%}"] if self.ff_ratio else []
+        parts += [f"{self.precision} {self.precision_ratio:.0%}"] if self.precision_on else []
+        parts += [f"low-rank {len(self.low_rank)}"] if self.low_rank else []
+        parts += [f"step reuse {self.step_reuse:.0%}"] if self.step_reuse else []
+        return " + ".join(parts) or "base"
+
+    def selection_kwargs(self) -> dict[str, Any]:
+        """The head budget as ``select_heads`` takes it."""
+        return {"ratio": self.amount} if self.strategy == "ratio" else {"percentile": self.amount}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "weights": self.weights.to_dict(), "low_rank": dict(self.low_rank)}
+
+
+def lever_settings(heads: float = 0.0, kv_fold: bool = False, ff: float = 0.0, precision: str | None = None,
+                   precision_ratio: float = 1.0) -> ExtractionSettings:
+    """Settings with only the named levers on (heads default to off here), in the bench CLI's terms.
+
+    ``precision=None`` leaves the weights unquantized; otherwise ``precision_ratio`` of them are stored in it.
+
+    >>> lever_settings(0.3, True, 0.3, "fp8").label
+    'heads 30% + kv-fold + ff 30% + fp8 100%'
+    """
+    return ExtractionSettings(amount=heads, kv_fold=kv_fold, ff_ratio=ff, precision=precision or "fp8",
+                              precision_ratio=precision_ratio if precision else 0.0)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
