@@ -13,6 +13,8 @@ Public API::
     boot_comfyui(root, base_dir, *, pytorch_attention=True) -> ComfyUIRuntime
     load_pack_as_custom_node(repo_root, custom_nodes_dir, folder_name=...) -> ModuleType
     run_prompt(comfy, prompt, *, prompt_id=None, extra_data=None, unload_models=True) -> dict
+    queue_prompts(comfy, prompts, execute_outputs) -> list[list[(event, data)]]
+    cached_nodes(messages) -> set[str]
     output_files(comfy, outputs_ui) -> list[Path]
     call_node(comfy, class_type, **inputs) -> tuple
     free_comfy_memory() -> None
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import gc
@@ -410,6 +413,41 @@ def run_prompt(
             free_comfy_memory()
     log.info("prompt %s ran in %.1f s", prompt_id, time.perf_counter() - started)
     return result
+
+
+def queue_prompts(comfy: ComfyUIRuntime, prompts: list[dict[str, Any]], execute_outputs: list[str]) -> list[list[tuple[str, Any]]]:
+    """Execute ``prompts`` one after another on ONE PromptExecutor, as ComfyUI's server does for successive queues.
+
+    ``run_prompt`` builds a new executor, so an empty cache, every time; here the
+    outputs cached by one queue are offered to the next, and ComfyUI's own cache
+    (driven by each node's IS_CHANGED) decides what runs again.  Each prompt is
+    deep-copied first: the server parses a fresh JSON object per queue, and both
+    executors write ``is_changed`` into the prompt they run.  Nothing is validated,
+    so ``execute_outputs`` may name any node (a graph needs no output node).
+    Returns each queue's executor messages (``execution_cached`` says which nodes
+    were served from the cache); raises AssertionError when a queue fails.
+    """
+    execution = comfy.execution
+    server = _HeadlessServer()
+    executor = execution.PromptExecutor(server)
+    queues = []
+    try:
+        for prompt in prompts:
+            server.messages.clear()
+            _resolve(executor.execute(copy.deepcopy(prompt), str(uuid.uuid4()), {}, list(execute_outputs)))
+            messages = list(getattr(executor, "status_messages", [])) + list(server.messages)
+            if not getattr(executor, "success", True) or any(event in ("execution_error", "execution_interrupted") for event, _ in messages):
+                raise AssertionError(f"ComfyUI failed to execute the prompt: {_format_execution_error(messages)}")
+            queues.append(messages)
+    finally:
+        del executor
+        free_comfy_memory()
+    return queues
+
+
+def cached_nodes(messages: list[tuple[str, Any]]) -> set[str]:
+    """The node ids one queue's ``execution_cached`` message lists: served from the cache, not run."""
+    return {str(n) for event, data in messages if event == "execution_cached" for n in data.get("nodes", [])}
 
 
 def _validate(execution: ModuleType, prompt_id: str, prompt: dict[str, Any]) -> tuple[Any, Any, Any, Any]:

@@ -1,73 +1,65 @@
-"""Every worked example in the core's docstrings runs and prints what it says."""
+"""Every worked example in the package's docstrings runs and prints what it says."""
 from __future__ import annotations
 
 import doctest
 import importlib
+import pkgutil
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-MODULES = [
-    "prompt_fragments.fragment.batching",
-    "prompt_fragments.bench.weights",
-    "prompt_fragments.fragment.surgery.feed_forward",
-    "prompt_fragments.fragment.surgery.kv_fold",
-    "prompt_fragments.fragment.surgery.levers",
-    "prompt_fragments.fragment.surgery.precision",
-    "prompt_fragments.profiling.ff_profiler",
-    "prompt_fragments.fragment.compat",
-    "prompt_fragments.errors",
-    "prompt_fragments.fragment.format.hashing",
-    "prompt_fragments.fragment.surgery.lowrank",
-    "prompt_fragments.fragment.format.manifest",
-    "prompt_fragments.fragment.surgery.masking",
-    "prompt_fragments.fragment.surgery.heads",
-    "prompt_fragments.fragment.surgery.selection",
-    "prompt_fragments.fragment.format.store",
-    "prompt_fragments.fragment.library.fingerprint",
-    "prompt_fragments.fragment.format.untrusted",
-    "prompt_fragments.fragment.library.index",
-    "prompt_fragments.fragment.library.auto_mode",
-    "prompt_fragments.fragment.library.union",
-    "prompt_fragments.fragment.library.sharing",
-    "prompt_fragments.metrics.reuse",
-    "prompt_fragments.profiling.discovery",
-    "prompt_fragments.profiling.profiler",
-    "prompt_fragments.profiling.scoring",
-    "prompt_fragments.profiling.heatmap",
-    "prompt_fragments.profiling.hooks",
-    "prompt_fragments.profiling.anatomy",
-    "prompt_fragments.fragment.refine",
-    "prompt_fragments.fragment.format.measurements",
-    "prompt_fragments.metrics.performance",
-    "prompt_fragments.metrics.memory",
-    "prompt_fragments.metrics.lpips_weights",
-    "prompt_fragments.metrics.image_similarity",
-    "prompt_fragments.metrics.clip_score",
-    "prompt_fragments.metrics.quality",
-    "prompt_fragments.metrics.hypotheses",
-    "prompt_fragments.metrics.regression",
-    "prompt_fragments.metrics.plots",
-    "prompt_fragments.metrics.report",
-    "prompt_fragments.reference.shapes",
-    "prompt_fragments.reference.captions",
-    "prompt_fragments.reference.analyzer",
-    "prompt_fragments.reference.evaluation",
-    "prompt_fragments.reference.model",
-    "prompt_fragments.reference.sampling",
-    "prompt_fragments.reference.measure",
-    "prompt_fragments.reference.training",
-    "prompt_fragments.reference.lever_curves",
-    "prompt_fragments.fragment.schedule.state",
-    "prompt_fragments.fragment.schedule.step_reuse",
-    "prompt_fragments.fragment.schedule.timestep_heads",
-    "prompt_fragments.fragment.schedule.apply",
-    "prompt_fragments.fragment.extract",
-    "prompt_fragments.bench.batch",
-    "prompt_fragments.bench.random_target",
-    "prompt_fragments.profiling.step_change",
-    "prompt_fragments.profiling.session",
-    "prompt_fragments.bench.reference_target",
-]
+import prompt_fragments
+
+# Which modules: every module and package found on disk under the package, so a
+# module added (or moved into a new subpackage) is covered without editing this file.
+# Skipped, by name, before anything is imported:
+# - ``nodes`` (top level): its ``__init__`` imports ComfyUI's ``comfy`` and ``folder_paths``,
+#   so no module under it imports without ComfyUI; test_node_docstring_examples runs
+#   those examples inside a booted ComfyUI instead.
+# - ``__main__`` (any level): an entry point that runs the command line when imported.
+# - ``tests``, ``tools``, ``scripts``: not part of the package (scripts run by path);
+#   they have no ``__init__.py``, so the walk would not enter them anyway, but naming
+#   them keeps them out if one ever gains one.
+# Any other module that fails to import fails its test: an import error is never a skip.
+SKIP_TOP_LEVEL = frozenset({"nodes", "tests", "tools", "scripts"})
+SKIP_ANY_LEVEL = frozenset({"__main__"})
+
+# Modules that are not expected to move while fragment/ and profiling/ are reorganised.
+SENTINELS = ("prompt_fragments.cli", "prompt_fragments.metrics.quality")
+MIN_MODULES = 50
+
+
+def _walk(folder: Path, prefix: str, top_level: bool) -> Iterator[str]:
+    # pkgutil.walk_packages would import each subpackage to recurse into it (and so
+    # import ``nodes``); listing the folders with iter_modules imports nothing.
+    for info in sorted(pkgutil.iter_modules([str(folder)]), key=lambda i: i.name):
+        if info.name in SKIP_ANY_LEVEL or (top_level and info.name in SKIP_TOP_LEVEL):
+            continue
+        name = prefix + info.name
+        yield name
+        if info.ispkg:
+            yield from _walk(folder / info.name, name + ".", top_level=False)
+
+
+def discover_modules() -> list[str]:
+    """The package itself and every module under it that the rule above does not skip."""
+    root = Path(prompt_fragments.__file__).resolve().parent
+    return [prompt_fragments.__name__, *_walk(root, prompt_fragments.__name__ + ".", top_level=True)]
+
+
+MODULES = discover_modules()
+
+
+def test_the_walk_finds_the_package() -> None:
+    # Guards against a walk that silently finds nothing (wrong folder, a broken rule),
+    # which would leave every parametrized case below uncollected and the suite green.
+    assert len(MODULES) >= MIN_MODULES, f"only {len(MODULES)} modules found: {MODULES}"
+    assert set(SENTINELS) <= set(MODULES), f"missing {set(SENTINELS) - set(MODULES)}"
+    # By its last name only, so it holds wherever the fragment/ reorganisation puts it.
+    assert any(m.rsplit(".", 1)[-1] == "patching" for m in MODULES), "no *.patching module found"
+    assert not any(m == "prompt_fragments.nodes" or m.startswith("prompt_fragments.nodes.") for m in MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -75,3 +67,17 @@ def test_docstring_examples(name: str) -> None:
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
+
+
+def test_node_docstring_examples(comfyui_pack: ModuleType) -> None:
+    # The same walk over ``nodes``, imported as ComfyUI imported the pack (under its
+    # custom_nodes folder name), so the node modules are not loaded a second time.
+    package = comfyui_pack.nodes
+    names = list(_walk(Path(package.__file__).parent, package.__name__ + ".", top_level=False))
+    assert f"{package.__name__}.profiler_loader" in names
+    failed = {}
+    for name in names:
+        result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+        if result.failed:
+            failed[name] = result.failed
+    assert not failed, f"docstring example(s) failed: {failed}"

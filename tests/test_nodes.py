@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import comfyui_support as cs
 from prompt_fragments.fragment.format.store import load_fragment
 
 NODE_NAMES = ["ProfilerModelLoader", "FragmentExtractor", "FragmentLoader", "BatchGenerator", "UsageVisualizer"]
@@ -170,12 +171,30 @@ def test_usage_visualizer_draws_the_heatmap(graph) -> None:
     assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
 
 
-def test_requeue_modes(comfyui_pack) -> None:
+@pytest.mark.parametrize(("on_requeue", "loads_over_two_queues"), [("accumulate", 1), ("reset", 2)])
+def test_requeue_modes(comfyui, comfyui_pack, monkeypatch: pytest.MonkeyPatch, on_requeue: str,
+                       loads_over_two_queues: int) -> None:
+    # The same graph queued twice on one executor, as when a user presses Queue twice: ComfyUI's
+    # own cache compares the two queues' IS_CHANGED results (2024: `!=` on the result lists;
+    # 0.3.x: as part of a hashed cache key) and decides whether the loader runs again.
+    # Comparing IS_CHANGED values here instead would miss how ComfyUI compares them: two
+    # separate NaNs differ, but one shared NaN object is "unchanged" to both runtimes.
     loader = comfyui_pack.NODE_CLASS_MAPPINGS["ProfilerModelLoader"]
-    accumulate = loader.IS_CHANGED(ckpt_name="x", timestep_buckets=4, entropy_tokens=256, on_requeue="accumulate")
-    reset = loader.IS_CHANGED(ckpt_name="x", timestep_buckets=4, entropy_tokens=256, on_requeue="reset")
-    assert accumulate == accumulate  # stable: ComfyUI keeps the cached profile
-    assert reset != reset  # NaN: ComfyUI re-runs the loader, so each queue starts a new profile
+    loads: list[str] = []
+
+    def counting_load(self, ckpt_name: str, timestep_buckets: int, entropy_tokens: int, on_requeue: str) -> tuple:
+        # What is under test is whether ComfyUI calls load, not the checkpoint it would read.
+        loads.append(on_requeue)
+        return (object(), object(), object(), object())
+
+    monkeypatch.setattr(loader, "load", counting_load)
+    prompt = {"1": {"class_type": "ProfilerModelLoader", "inputs": {
+        "ckpt_name": "any.safetensors", "timestep_buckets": 4, "entropy_tokens": 256, "on_requeue": on_requeue}}}
+    first, second = cs.queue_prompts(comfyui, [prompt, prompt], execute_outputs=["1"])
+    assert "1" not in cs.cached_nodes(first)
+    assert len(loads) == loads_over_two_queues, f"{on_requeue}: load ran {len(loads)} time(s) over two queues"
+    # accumulate: the second queue is served the cached MODEL/profile; reset: a new profile each queue.
+    assert ("1" in cs.cached_nodes(second)) == (on_requeue == "accumulate")
 
 
 def test_extra_fragments_folders_are_listed(comfyui, graph, tmp_path: Path) -> None:

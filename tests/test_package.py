@@ -40,9 +40,26 @@ def test_python_dash_m_and_console_script(tmp_path: Path) -> None:
     assert result.returncode == 0 and "feed_forward" in result.stdout
 
 
-def test_known_errors_are_one_line_not_a_traceback(tmp_path: Path) -> None:
-    result = _run(sys.executable, "-m", "prompt_fragments", "anatomy", "--arch", "sd3", cwd=tmp_path)
-    assert result.returncode == 2 and "invalid choice" in result.stderr
+@pytest.mark.parametrize(
+    ("command", "file_name", "content"),
+    [
+        ("verify", "corrupt.fragment.safetensors", b"not a safetensors file"),  # a damaged download
+        ("pack", "truncated.json", b'{"name": '),  # a manifest cut off mid-write
+        ("pack", "missing.json", None),  # a path that does not exist
+    ],
+)
+def test_known_errors_are_one_line_not_a_traceback(tmp_path: Path, command: str, file_name: str, content: bytes | None) -> None:
+    # Arguments argparse accepts, so the failure is a FragmentError raised by the command and
+    # handled by cli.main; argparse's own errors also exit 2 but never reach that path.
+    path = tmp_path / file_name
+    if content is not None:
+        path.write_bytes(content)
+    result = _run(sys.executable, "-m", "prompt_fragments", command, str(path), cwd=tmp_path)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("prompt-fragments: error: ") and str(path) in lines[0], lines[0]
+    assert result.returncode == 2 and result.stdout == ""
 
 
 @pytest.mark.parametrize("name", ["LICENSE", "requirements.txt", "pyproject.toml", "README.md"])
