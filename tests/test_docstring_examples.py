@@ -45,6 +45,7 @@ MODULES = [
     "prompt_fragments.metrics.clip_score",
     "prompt_fragments.metrics.quality",
     "prompt_fragments.metrics.hypotheses",
+    "prompt_fragments.metrics.limits",
     "prompt_fragments.metrics.regression",
     "prompt_fragments.metrics.plots",
     "prompt_fragments.metrics.report",
