@@ -76,10 +76,13 @@ def optional_lpips(weights: str | None) -> tuple[Any, str]:
 def _refine(unet: torch.nn.Module, scores: Any, protected: Any, ratio: float, seeds: list[int], full: np.ndarray,
             run: Any, prompt: str, lpips: Any, limits: dict[str, float]) -> dict[str, Any]:
     """The extractor's quality gate: bisect the ratio down from ``ratio`` until the masked model passes ``limits``."""
-    from .metrics.hypotheses import gate_failures
+    from .metrics.hypotheses import gate_failures, measurable_limits
     from .reference import measure
 
     base = measure.adherence(full, prompt)
+    # the gate fails a missing value; what this run cannot measure at all is left out by name (the notes say so)
+    limits = measurable_limits(limits, [m for m, absent in (("lpips_mean", lpips is None), ("adherence_delta", base is None))
+                                        if absent])
 
     def evaluate(r: float) -> dict[str, Any]:
         point = measure.masked_point(unet, scores, protected, r, seeds, run, prompt, full, lpips, base)

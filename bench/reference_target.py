@@ -12,7 +12,7 @@ import numpy as np
 import torch.nn as nn
 
 from ..fragment.schedule.state import ScheduleState
-from ..metrics.hypotheses import gate_failures
+from ..metrics.hypotheses import gate_failures, measurable_limits
 from ..reference import measure
 from ..reference.model import ReferenceModel, load_reference
 from ..reference.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, sample
@@ -42,8 +42,11 @@ class ReferenceTarget:
                       batch_size=self.batch_size, state=state, cfg_cutoff=cfg_cutoff)
 
     def judge(self, full: np.ndarray, images: np.ndarray) -> tuple[bool, dict[str, Any]]:
-        result = measure.compare(full, images, self.prompt, self.lpips, measure.adherence(full, self.prompt))
-        failures = gate_failures(result, self.limits)
+        base = measure.adherence(full, self.prompt)
+        result = measure.compare(full, images, self.prompt, self.lpips, base)
+        # the gate fails a missing value: no LPIPS scorer, or a prompt the analyzer cannot read, drops that limit
+        unmeasured = [m for m, absent in (("lpips_mean", self.lpips is None), ("adherence_delta", base is None)) if absent]
+        failures = gate_failures(result, measurable_limits(self.limits, unmeasured))
         return not failures, {**result, "gate_failures": failures}
 
     def describe(self) -> dict[str, Any]:

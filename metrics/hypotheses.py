@@ -13,15 +13,18 @@ Each hypothesis is a list of checks on those keys (seed 002 "Success Metrics"):
 
 A check meeting its target is PASS; missing it by at most ``warn_margin``
 (relative to the target) is WARN; worse is FAIL.  A value that was not
-measured is MISSING, never guessed, and makes the run INVALID.
+measured (absent, ``None``, NaN or ±inf) is MISSING, never guessed, and makes
+the run INVALID.  Every check here, and the quality gate, is ``limits.judge``:
+the one rule for missing values lives there.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from ..errors import FragmentError
+from .limits import Limit, failures, judge
 
 ORDER = {"PASS": 0, "WARN": 1, "FAIL": 2, "MISSING": 3}
 HYPOTHESES = {
@@ -101,16 +104,14 @@ def load_thresholds(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def check(value: float | None, limit: float, kind: str, margin: float) -> str:
-    """One check's status; ``kind`` is ``"min"`` (value must reach limit) or ``"max"``.
+    """One check's status; ``kind`` is ``"min"`` (value must reach limit) or ``"max"``; unmeasured is MISSING.
 
     >>> check(0.28, 0.30, "min", 0.1), check(0.31, 0.30, "min", 0.1), check(0.2, 0.30, "min", 0.1), check(None, 1, "max", 0.1)
     ('WARN', 'PASS', 'FAIL', 'MISSING')
+    >>> check(float("nan"), 1, "max", 0.1)
+    'MISSING'
     """
-    if value is None:
-        return "MISSING"
-    if kind == "min":
-        return "PASS" if value >= limit else "WARN" if value >= limit * (1 - margin) else "FAIL"
-    return "PASS" if value <= limit else "WARN" if value <= limit * (1 + margin) else "FAIL"
+    return judge(value, Limit("value", limit, kind, margin)).status
 
 
 def evaluate_hypotheses(metrics: Mapping[str, Any], thresholds: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -166,13 +167,37 @@ GATE_CHECKS = (("adherence_delta", "adherence_drop_max", "max"), ("ssim_mean", "
                ("lpips_mean", "lpips_max", "max"))
 
 
+def gate_limits(limits: Mapping[str, float]) -> list[Limit]:
+    """The ``quality_gate`` limits as ``Limit`` objects, for the gated metrics ``limits`` names (no margin: a gate has no WARN).
+
+    >>> gate_limits({"variants": 16, "ssim_min": 0.9})
+    [Limit(metric='ssim_mean', bound=0.9, kind='min', margin=0.0)]
+    """
+    return [Limit(key, limits[name], kind) for key, name, kind in GATE_CHECKS if name in limits]
+
+
+def measurable_limits(limits: Mapping[str, float], unmeasured: Iterable[str]) -> dict[str, float]:
+    """``limits`` less the gate limits of metrics this run cannot measure at all (``unmeasured`` metric names).
+
+    The gate fails a missing value; a caller without an LPIPS scorer, or with a
+    prompt the analyzer cannot read, drops those limits here, by name, instead.
+
+    >>> measurable_limits({"variants": 16, "ssim_min": 0.9, "lpips_max": 0.035}, ["lpips_mean"])
+    {'variants': 16, 'ssim_min': 0.9}
+    """
+    dropped = {name for key, name, _ in GATE_CHECKS if key in set(unmeasured)}
+    return {k: v for k, v in limits.items() if k not in dropped}
+
+
 def gate_failures(measured: Mapping[str, Any], limits: Mapping[str, float]) -> list[str]:
-    """Why ``measured`` fails the ``quality_gate`` ``limits`` (empty: it passes; unmeasured values are not judged).
+    """Why ``measured`` fails the ``quality_gate`` ``limits`` (empty: it passes; an unmeasured gated value fails).
+
+    A caller that cannot measure a metric (no LPIPS weights) leaves its limit
+    out of ``limits``; a gated value that is simply absent is never a pass.
 
     >>> gate_failures({"adherence_delta": 0.01, "ssim_mean": 0.85}, {"adherence_drop_max": 0.02, "ssim_min": 0.9})
     ['ssim_mean 0.85 < 0.9']
+    >>> gate_failures({"ssim_mean": 0.95, "lpips_mean": None}, {"ssim_min": 0.9, "lpips_max": 0.035})
+    ['lpips_mean missing']
     """
-    return [f"{key} {measured[key]:.4g} {'>' if kind == 'max' else '<'} {limits[name]:.4g}"
-            for key, name, kind in GATE_CHECKS
-            if name in limits and measured.get(key) is not None
-            and (measured[key] > limits[name] if kind == "max" else measured[key] < limits[name])]
+    return failures(measured, gate_limits(limits))

@@ -18,6 +18,7 @@ import statistics
 from typing import Any, Callable, Protocol, Sequence
 
 from .image_similarity import as_batch, phash_distance, ssim
+from .limits import Limit, failures
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +92,15 @@ def quality_block(
 
 def passes_quality(block: dict[str, Any], *, clip_drop_rel_max: float = 0.02, lpips_max: float = 0.03,
                    ssim_min: float | None = None) -> tuple[bool, list[str]]:
-    """Does a quality block meet the gate?  Returns ``(ok, reasons)``; a missing gated metric fails.
+    """Does a quality block meet the gate?  Returns ``(ok, reasons)``; a missing (or NaN) gated metric fails.
 
     >>> passes_quality({"clip_drop_rel": 0.01, "lpips_mean": 0.05})
     (False, ['lpips_mean 0.05 > 0.03'])
+    >>> passes_quality({"clip_drop_rel": None, "lpips_mean": float("nan")})
+    (False, ['clip_drop_rel missing', 'lpips_mean missing (found nan)'])
     """
-    reasons = []
-    checks = [("clip_drop_rel", clip_drop_rel_max, "max"), ("lpips_mean", lpips_max, "max")]
+    limits = [Limit("clip_drop_rel", clip_drop_rel_max, "max"), Limit("lpips_mean", lpips_max, "max")]
     if ssim_min is not None:
-        checks.append(("ssim_mean", ssim_min, "min"))
-    for key, limit, kind in checks:
-        value = block.get(key)
-        if value is None:
-            reasons.append(f"{key} missing")
-        elif kind == "max" and value > limit:
-            reasons.append(f"{key} {value:.4g} > {limit:.4g}")
-        elif kind == "min" and value < limit:
-            reasons.append(f"{key} {value:.4g} < {limit:.4g}")
+        limits.append(Limit("ssim_mean", ssim_min, "min"))
+    reasons = failures(block, limits)
     return (not reasons, reasons)

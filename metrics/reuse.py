@@ -5,7 +5,7 @@ the project's trained reference model (its text encoder, sampler and the
 H2 fidelity metrics), and tests bind them to small stand-ins:
 
 * ``embed(prompt) -> tensor``: the prompt embedding (pooled as in
-  ``fragment.fingerprint.pool_conditioning``), used to report how close each
+  ``fragment.library.fingerprint.pool_conditioning``), used to report how close each
   paraphrase is to the fragment's own prompt and whether the library's
   lookup would pick the fragment for it;
 * ``generate(model, prompt, seed) -> image tensor``;
@@ -19,7 +19,6 @@ stays within its bound.  ``reuse_pass_rate`` = passed / paraphrases.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ import torch
 
 from ..errors import FragmentError
 from ..fragment.library.fingerprint import cosine, normalise, pool_conditioning
+from .limits import KINDS, Limit, check_limits
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +71,39 @@ def h2_bounds(thresholds: Mapping[str, Any] | None = None) -> dict[str, tuple[st
     }
 
 
+def bounds_limits(bounds: Bounds) -> list[Limit]:
+    """``{metric: (kind, limit)}`` bounds as ``Limit`` objects for ``limits.check_limits``.
+
+    >>> bounds_limits({"ssim_mean": ("min", 0.9)})
+    [Limit(metric='ssim_mean', bound=0.9, kind='min', margin=0.0)]
+    >>> bounds_limits({"ssim_mean": ("above", 0.9)})
+    Traceback (most recent call last):
+    ...
+    prompt_fragments.errors.FragmentError: bounds['ssim_mean']: expected 'max' or 'min', found 'above'
+    """
+    for name, (kind, _) in bounds.items():
+        if kind not in KINDS:  # say "bounds", the caller's word, rather than Limit's own message
+            raise FragmentError(f"bounds[{name!r}]: expected 'max' or 'min', found {kind!r}")
+    return [Limit(name, limit, kind) for name, (kind, limit) in bounds.items()]
+
+
 def within_bounds(metrics: Mapping[str, float], bounds: Bounds) -> list[str]:
-    """The bounds ``metrics`` breaks, as readable strings (empty: within bounds; a missing metric fails).
+    """The bounds ``metrics`` breaks, as readable strings (empty: within bounds; a missing or NaN metric fails).
 
     >>> within_bounds({"lpips_mean": 0.02, "ssim_mean": 0.85}, H2_BOUNDS)
     ['ssim_mean: expected >= 0.9, found 0.85']
+    >>> within_bounds({"ssim_mean": float("nan")}, H2_BOUNDS)
+    ['lpips_mean: expected a measured value, found None', 'ssim_mean: expected a measured value, found nan']
     """
-    failures = []
-    for name, (kind, limit) in bounds.items():
-        value = metrics.get(name)
-        if value is None or not math.isfinite(float(value)):
-            failures.append(f"{name}: expected a measured value, found {value!r}")
-        elif kind == "max" and value > limit:
-            failures.append(f"{name}: expected <= {limit}, found {value:.4g}")
-        elif kind == "min" and value < limit:
-            failures.append(f"{name}: expected >= {limit}, found {value:.4g}")
-        elif kind not in ("max", "min"):
-            raise FragmentError(f"bounds[{name!r}]: expected 'max' or 'min', found {kind!r}")
-    return failures
+    out = []
+    for verdict in check_limits(metrics, bounds_limits(bounds)):
+        name, limit = verdict.limit.metric, bounds[verdict.limit.metric][1]
+        if verdict.status == "MISSING":
+            out.append(f"{name}: expected a measured value, found {verdict.found!r}")
+        elif not verdict.passed:
+            op = "<=" if verdict.limit.kind == "max" else ">="
+            out.append(f"{name}: expected {op} {limit}, found {verdict.value:.4g}")
+    return out
 
 
 def measure_reuse(
