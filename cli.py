@@ -63,9 +63,9 @@ def _cmd_bench_batch(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model == "reference":
+        from .bench.reference_target import ReferenceTarget
         from .demo import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
         from .metrics.hypotheses import load_thresholds
-        from .bench.reference_target import ReferenceTarget
         from .reference.model import load_reference
 
         limits = load_thresholds(args.thresholds or DEFAULT_THRESHOLDS)["quality_gate"]

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fragment.surgery.masking import mask_heads
-from .fragment.format.measurements import update_fragment_file
-from .fragment.refine import refine_ratio, refinement_record
 from .fragment.build import apply_fragment, describe_base
 from .fragment.extract import extract_fragment, score_profile
+from .fragment.format.measurements import update_fragment_file
 from .fragment.format.store import load_fragment
+from .fragment.refine import refine_ratio, refinement_record
 from .fragment.settings import ExtractionSettings
+from .fragment.surgery.masking import mask_heads
 from .profiling.ff_profiler import FFProfiler
 from .profiling.profiler import HeadProfiler
 

@@ -27,15 +27,15 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn as nn
 
+from ..fragment.build import build_fragment, describe_base
+from ..fragment.schedule.apply import apply_schedule, with_schedule
+from ..fragment.schedule.calibrate import calibrate_cfg_cutoff, calibrate_reuse
+from ..fragment.schedule.state import Schedule, ScheduleState
+from ..fragment.schedule.timestep_heads import select_bucket_heads
+from ..fragment.surgery.heads import HeadLever
 from ..metrics.performance import break_even_block, synchronize
 from ..profiling.profiler import HeadProfiler
 from ..profiling.step_change import StepChangeProbe
-from ..fragment.schedule.state import Schedule, ScheduleState
-from ..fragment.schedule.apply import apply_schedule, with_schedule
-from ..fragment.schedule.calibrate import calibrate_cfg_cutoff, calibrate_reuse
-from ..fragment.build import build_fragment, describe_base
-from ..fragment.schedule.timestep_heads import select_bucket_heads
-from ..fragment.surgery.heads import HeadLever
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from .weights import build_random_unet, random_context
 from ..fragment.schedule.state import ScheduleState
+from .weights import build_random_unet, random_context
 
 # SD1.5's training noise schedule (scaled linear betas); DDIM with "leading" spacing as SD pipelines use it.
 SD15_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 from ..errors import FragmentError
 from .build import lever_weight_keys
 
+
 def sliced_weight_keys(fragment_manifest: Mapping[str, Any], prefix: str = "") -> set[str]:
     """Every weight/bias key the fragment replaces with a smaller, folded or quantized tensor (all its levers).
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .format.manifest import Fragment
 from .build import apply_fragment
+from .format.manifest import Fragment
 
 
 def export_pruned_state_dict(model: nn.Module, fragment: Fragment, *, base_sha256: str | None = None) -> dict[str, torch.Tensor]:

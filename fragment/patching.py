@@ -14,10 +14,10 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from .build import fragment_replacements
 from .compat import check_attention_replacements, check_weight_patches
 from .format.hashing import sha256_state_dict
 from .format.manifest import Fragment
-from .build import fragment_replacements
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,8 @@ pack's wrappers are written once.
 """
 from __future__ import annotations
 
-import logging
 import types
 from typing import Any, Callable
-
-log = logging.getLogger(__name__)
 
 CallWrapper = Callable[[Callable[..., Any], dict[str, Any]], Any]
 PREVIOUS = "previous"  # attribute a chained (2024) wrapper keeps the wrapper it replaced under
@@ -72,9 +69,8 @@ def add_call_wrapper(patcher: Any, key: str, wrapper: CallWrapper) -> None:
     ``model_function_wrapper``, with the one it replaces kept inside it
     (``wrapper.previous`` is set, and ``wrapper`` must call it).
     """
-    wrapper_types = _wrappers_mp()
     if has_keyed_wrappers(patcher):
-        patcher.add_wrapper_with_key(wrapper_types.APPLY_MODEL, key, _apply_model_adapter(wrapper))
+        patcher.add_wrapper_with_key(_wrappers_mp().APPLY_MODEL, key, _apply_model_adapter(wrapper))
         return
     setattr(wrapper, PREVIOUS, patcher.model_options.get("model_function_wrapper"))
     patcher.set_model_unet_function_wrapper(wrapper)
@@ -83,6 +79,14 @@ def add_call_wrapper(patcher: Any, key: str, wrapper: CallWrapper) -> None:
 def previous_wrapper(wrapper: Any) -> CallWrapper | None:
     """The ``model_function_wrapper`` that ``wrapper`` replaced on a 2024 ComfyUI (None on 0.3.x)."""
     return getattr(wrapper, PREVIOUS, None)
+
+
+def call_next(wrapper: Any, apply_model: Callable, args: dict[str, Any]) -> Any:
+    """What a call wrapper runs inside itself: the wrapper it replaced (2024 ComfyUI), else the UNet call."""
+    previous = previous_wrapper(wrapper)
+    if previous is not None:  # keep any wrapper another node installed before us
+        return previous(apply_model, args)
+    return apply_model(args["input"], args["timestep"], **args["c"])
 
 
 def call_wrappers(patcher: Any, key: str | None = None) -> list[CallWrapper]:

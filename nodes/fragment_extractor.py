@@ -7,12 +7,12 @@ from typing import Any
 import torch
 
 from ..errors import FragmentError
+from ..fragment.build import describe_base
 from ..fragment.extract import extract_fragment
-from ..fragment.settings import ExtractionSettings
 from ..fragment.library.fingerprint import pool_conditioning
 from ..fragment.library.index import register
 from ..fragment.patching import base_sha256
-from ..fragment.build import describe_base
+from ..fragment.settings import ExtractionSettings
 from .folders import CATEGORY, FragmentHandle, ProfileHandle, fragments_dir, tip, unpatched_originals
 
 

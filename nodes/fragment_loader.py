@@ -19,16 +19,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..fragment.library.auto_mode import auto_select, load_or_fallback
 from ..errors import BaseModelMismatchError, FragmentError
+from ..fragment.library.auto_mode import auto_select, load_or_fallback
 from ..fragment.library.fingerprint import pool_conditioning
 from ..fragment.patching import base_sha256, plan_patches
-from ..fragment.schedule.state import ScheduleState
 from ..fragment.schedule.apply import fragment_schedule, schedule_replacements
-from .profiler_loader import without_profiling
+from ..fragment.schedule.state import ScheduleState
 from .comfy_versions import unload_clones
+from .folders import (
+    CATEGORY, NONE, FragmentHandle, fragment_choices, fragment_path, fragments_dir, tip, unpatched_originals
+)
+from .profiler_loader import without_profiling
 from .schedule_patch import describe_schedule, install_schedule
-from .folders import CATEGORY, NONE, FragmentHandle, fragment_choices, fragment_path, fragments_dir, tip, unpatched_originals
 
 log = logging.getLogger(__name__)
 PREFIX = "diffusion_model."

@@ -22,7 +22,7 @@ import comfy.sd
 import folder_paths
 
 from ..profiling.session import ProfileSession
-from .comfy_versions import add_call_wrapper, call_wrappers, previous_wrapper, remove_call_wrappers
+from .comfy_versions import add_call_wrapper, call_next, call_wrappers, remove_call_wrappers
 from .folders import CATEGORY, ProfileHandle, tip
 
 log = logging.getLogger(__name__)
@@ -36,14 +36,8 @@ def profiling_wrapper(session: ProfileSession) -> Callable:
     """A call wrapper (``model_function_wrapper`` signature) that runs each UNet call inside the session's hooks."""
 
     def wrapper(apply_model: Callable, args: dict[str, Any]) -> Any:
-        def call() -> Any:
-            previous = previous_wrapper(wrapper)
-            if previous is not None:  # 2024 ComfyUI: keep any wrapper another node installed before us
-                return previous(apply_model, args)
-            return apply_model(args["input"], args["timestep"], **args["c"])
-
         sigma = args["timestep"]
-        return session.call(call, sigma=float(sigma.max()) if hasattr(sigma, "max") else float(sigma))
+        return session.call(lambda: call_next(wrapper, apply_model, args), sigma=float(sigma.max()) if hasattr(sigma, "max") else float(sigma))
 
     # The mark lets FragmentLoader take profiling off a fragment model it builds from this MODEL.
     setattr(wrapper, PROFILING_MARK, True)

@@ -3,7 +3,7 @@
 Three pieces go on a clone of the ModelPatcher:
 
 * object patches: ``bucket_masked`` output projections and ``ReplaySequence`` deep
-  blocks (``fragment.speed.schedule_replacements``), installed with the
+  blocks (``fragment.schedule.apply.schedule_replacements``), installed with the
   fragment's own patches;
 * a call wrapper (``comfy_versions.add_call_wrapper``: a keyed ``APPLY_MODEL``
   wrapper on ComfyUI 0.3.x, the chained ``model_function_wrapper`` on 2024)
@@ -28,18 +28,12 @@ import torch
 
 from ..errors import FragmentError
 from ..fragment.schedule.state import Schedule, ScheduleState
-from .comfy_versions import add_call_wrapper, add_run_wrapper, call_wrappers, previous_wrapper
+from .comfy_versions import add_call_wrapper, add_run_wrapper, call_next, call_wrappers
 
 log = logging.getLogger(__name__)
 COND, UNCOND = 0, 1
 SCHEDULE_KEY = "prompt_fragments.schedule"
 SCHEDULE_MARK = "prompt_fragments_schedule"
-
-
-def _call(previous: Callable | None, apply_model: Callable, args: dict[str, Any]) -> Any:
-    if previous is not None:
-        return previous(apply_model, args)
-    return apply_model(args["input"], args["timestep"], **args["c"])
 
 
 def require_discrete_sampling(model_sampling: Any, where: str) -> None:
@@ -106,7 +100,6 @@ def schedule_wrapper(state: ScheduleState, model_sampling: Any, cfg_cutoff: floa
     skipped_truncation: list[str] = []  # said once per loaded model, not once per step
 
     def wrapper(apply_model: Callable, args: dict[str, Any]) -> Any:
-        previous = previous_wrapper(wrapper)
         # The model's sampling as it runs now: a node stacked after FragmentLoader may have patched it.
         live = getattr(getattr(apply_model, "__self__", None), "model_sampling", None) or model_sampling
         if live is not model_sampling:
@@ -121,14 +114,14 @@ def schedule_wrapper(state: ScheduleState, model_sampling: Any, cfg_cutoff: floa
             if sliced is not None:
                 cond_args, size, rows = sliced
                 state.begin_call(t, tuple(cond_args["input"].shape), rows=rows)
-                cond = _call(previous, apply_model, cond_args)
+                cond = call_next(wrapper, apply_model, cond_args)
                 return torch.cat([cond] * (args["input"].shape[0] // size))
             if not skipped_truncation:
                 skipped_truncation.append(str(list(args["cond_or_uncond"])))
                 log.warning("CFG truncation: this sampler call holds %s (cond=0, uncond=1) rather than one cond and one "
                             "uncond chunk, or carries ControlNet residuals; those calls run in full", skipped_truncation[0])
         state.begin_call(t, tuple(args["input"].shape))
-        return _call(previous, apply_model, args)
+        return call_next(wrapper, apply_model, args)
 
     setattr(wrapper, SCHEDULE_MARK, state)
     return wrapper

@@ -6,7 +6,7 @@ Dropout, Linear]``: ``project_in`` is a GEGLU whose ``proj`` Linear maps to
 a plain GELU (diffusers: ``GELU.proj``; ComfyUI: ``Sequential(Linear, GELU)``).
 The last Linear maps ``hidden`` back.  Hidden channel ``c`` owns rows ``c``
 (and ``hidden + c`` when gated) of the input projection and column ``c`` of the
-output Linear, which is what ``fragment/ff_pruning.py`` cuts.
+output Linear, which is what ``fragment/surgery/feed_forward.py`` cuts.
 
 The profiler's forward pre-hook on the output Linear sees the activated
 hidden channels ``a``; the contribution of channel ``c`` to the block output

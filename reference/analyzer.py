@@ -60,7 +60,7 @@ class Detection:
                 "fit": round(self.fit, 3)}
 
 
-# Area of each shape as a multiple of half-extent squared (the generator's geometry, ``shapes._shape_mask``).
+# Area of each shape as a multiple of half-extent squared (the generator's geometry, ``shapes.shape_mask``).
 _AREA_PER_HALF2 = {"circle": np.pi, "square": 1.8**2, "triangle": 2.2}
 # Where the centroid sits below the shape's centre, per half-extent (a triangle's is a third lower).
 _CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0}

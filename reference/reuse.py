@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import FragmentError
-from ..fragment.format.measurements import update_fragment_file
 from ..fragment.build import apply_fragment
+from ..fragment.format.measurements import update_fragment_file
 from ..fragment.format.store import load_fragment
 from ..fragment.library.index import locked
 from ..fragment.patching import base_sha256

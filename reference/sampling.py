@@ -60,7 +60,7 @@ def sample(
     ``unet`` may be the full model or a fragment applied to it; ``uncond`` is the
     empty prompt's context.  ``on_step`` is called once per denoising step per
     sub-batch (for progress bars).  ``state`` is the ``ScheduleState`` of a
-    fragment with a schedule (``fragment.speed.apply_schedule``): it is told
+    fragment with a schedule (``fragment.schedule.apply.apply_schedule``): it is told
     every call's timestep and input shape.  Below timestep ``cfg_cutoff`` the
     unconditional pass is skipped and the conditional prediction used alone.
 

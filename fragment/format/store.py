@@ -104,7 +104,7 @@ def install(directory: Path, manifest: Mapping[str, Any], write_tensors: Any) ->
     Steps, and what a kill after each leaves (``<name>.json`` is the one pointer that switches):
 
     1. ``write_tensors(tmp)`` writes ``.<name>.safetensors.tmp-<pid>``, then fsync: the old pair is
-       untouched; the temporary is swept by the next library writer (``library._sweep_temporaries``).
+       untouched; the temporary is swept by the next library writer (``library.index._sweep_temporaries``).
     2. rename to a tensors name that no current manifest uses (``<name>.safetensors`` when free or
        identical, else ``<name>.<sha256[:16]>.safetensors``), fsync the folder: still the old pair
        (the old manifest names the old tensors file, which is never written); the new file is an orphan

@@ -17,8 +17,8 @@ from typing import Any, Mapping
 import torch
 
 from ...errors import BaseModelMismatchError, FragmentError, ReadError
-from .index import DEFAULT_THRESHOLD, LookupResult, load_entry, lookup, quarantine
 from ..format.manifest import Fragment
+from .index import DEFAULT_THRESHOLD, LookupResult, load_entry, lookup, quarantine
 
 log = logging.getLogger(__name__)
 

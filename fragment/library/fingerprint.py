@@ -1,6 +1,6 @@
 """What identifies a cached fragment: base model, prompt embedding and extraction parameters.
 
-The library (``library.py``) keys every entry by a *fingerprint*::
+The library (``index.py``) keys every entry by a *fingerprint*::
 
     key = sha256(json([base_sha256, embedding_sha256, params_sha256]))[:32]
 

@@ -52,10 +52,12 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ...errors import FragmentError, IntegrityError, ReadError
-from .fingerprint import cosine, embedding_from_bytes, embedding_sha256, embedding_to_bytes, fingerprint, params_sha256
-from ..format.store import OWN_TENSORS, MAX_MANIFEST_BYTES, named_by, check_name, ensure_folder, load_fragment, read_manifest, save_fragment
 from ..format.manifest import Fragment
+from ..format.store import (
+    MAX_MANIFEST_BYTES, OWN_TENSORS, check_name, ensure_folder, load_fragment, named_by, read_manifest, save_fragment
+)
 from ..format.untrusted import check_base, check_inside, check_plain_name, confined, parse_json
+from .fingerprint import cosine, embedding_from_bytes, embedding_sha256, embedding_to_bytes, fingerprint, params_sha256
 
 log = logging.getLogger(__name__)
 

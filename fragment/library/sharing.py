@@ -31,20 +31,17 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save_file
+from safetensors.torch import load as load_bytes, save_file
 
-from ...errors import BaseModelMismatchError, IntegrityError, ManifestError
-from ..format.hashing import sha256_file, sha256_state_dict
-from .index import forget_locked, locked, register
-from ..format.manifest import seal, validate_manifest
-from ...errors import FragmentError
-from ..format.store import MAX_MANIFEST_BYTES, check_tensors, check_name, ensure_folder, install, load_fragment
-from ..format.manifest import Fragment
+from ...errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError
 from ..build import fragment_replacements
+from ..format.hashing import sha256_file, sha256_state_dict
+from ..format.manifest import Fragment, seal, validate_manifest
+from ..format.store import MAX_MANIFEST_BYTES, check_name, check_tensors, ensure_folder, install, load_fragment
 from ..format.untrusted import (
-    check_base, check_plain_name, check_safetensors_bytes, confined, parse_json, read_safetensors_header,
+    check_base, check_plain_name, check_safetensors_bytes, confined, parse_json, read_safetensors_header
 )
+from .index import forget_locked, locked, register
 
 log = logging.getLogger(__name__)
 

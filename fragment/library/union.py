@@ -17,10 +17,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ...version import __version__
 from ...errors import BaseModelMismatchError, FragmentError
-from ..format.manifest import new_manifest
-from ..format.manifest import Fragment
+from ...version import __version__
+from ..format.manifest import Fragment, new_manifest
 from ..format.store import check_name
 from ..surgery.heads import kept_key
 

@@ -14,11 +14,11 @@ from typing import Mapping
 import torch.nn as nn
 
 from ...errors import FragmentError
+from ..build import apply_fragment, fragment_replacements
+from ..format.manifest import Fragment
 from ..surgery.tree import replace_modules
 from .state import Schedule, ScheduleState
 from .step_reuse import reuse_replacements
-from ..format.manifest import Fragment
-from ..build import apply_fragment, fragment_replacements
 from .timestep_heads import bucket_mask_replacements
 
 log = logging.getLogger(__name__)

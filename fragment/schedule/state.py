@@ -8,7 +8,7 @@ schedule says what changes *during* sampling, and is stored in the manifest's
   are pruned to the union over buckets; the rest is masked per bucket, so
   switching costs no weight upload (``fragment.timestep_heads``);
 * ``step_reuse``: the denoising steps on which the deep blocks replay their last
-  outputs (``fragment.step_reuse``), calibrated for ``total_steps`` steps whose
+  outputs (``fragment.schedule.step_reuse``), calibrated for ``total_steps`` steps whose
   training timesteps are ``timesteps``.  At run time a call is matched to the
   calibrated step of the nearest timestep, so a run with another step count,
   a denoise below 1 or a later start still reuses at the same noise levels;
@@ -27,8 +27,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from ...profiling.profiler import timestep_bucket
 from ...errors import FragmentError
+from ...profiling.profiler import timestep_bucket
 
 log = logging.getLogger(__name__)
 HISTORY_LIMIT = 10_000

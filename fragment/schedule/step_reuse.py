@@ -7,7 +7,7 @@ the ``shallow`` outermost ones on each side returns what it returned on the
 last *computed* step, so only the stem, the first down level and the last up
 level run.  Which steps reuse is a per-prompt schedule calibrated from how much
 the deep features really change (``profiling.step_change``) and gated on
-quality (``fragment.speed``).
+quality (``fragment.schedule.calibrate``).
 
 Two module layouts are supported without importing either host:
 

@@ -9,7 +9,7 @@ row of a small mask tensor, never a weight upload.
 Masking does not save compute the way physical pruning does (the masked head
 still runs); what it buys is quality: high-noise steps keep the heads that
 lay out the image, low-noise steps the ones that refine it, at the size of
-their union.  ``fragment.speed`` measures whether that pays.
+their union.  ``bench.batch`` measures whether that pays.
 """
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from ...errors import FragmentError
 from ...profiling.dataset import ProfileData
 from ...profiling.discovery import describe, iter_attention
 from ...profiling.scoring import score_heads
-from ...errors import FragmentError
 from ..surgery.masking import head_mask
+from ..surgery.selection import Selection, select_heads
 from ..surgery.tree import fresh_copy
 from .state import ScheduleState
-from ..surgery.selection import Selection, select_heads
 
 Plan = dict[str, list[int]]
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ...errors import BaseModelMismatchError, IntegrityError, PruningError, where
 from ...profiling.ff_profiler import FFSite, ff_site, iter_feed_forward
-from .lever import Built, compression_record, tensor
+from .lever import Built, InCompression, index_tensor
 from .masking import input_mask_hook
 from .selection import Selection, select_heads, validate_plan
 from .tree import install, replace_modules, slice_linear
@@ -141,7 +141,7 @@ def ff_key(path: str) -> str:
 
 
 @dataclass(frozen=True)
-class FeedForwardLever:
+class FeedForwardLever(InCompression):
     """Cut feed-forward hidden channels: ``selection`` keeps these original channel indices per block.
 
     Record: ``compression.ff_channels``; ``info`` says how the channels were scored.
@@ -183,10 +183,6 @@ class FeedForwardLever:
         return Built(tensors, record)
 
     @classmethod
-    def record_in(cls, manifest: Mapping[str, Any]) -> Any | None:
-        return compression_record(manifest, cls.kind)
-
-    @classmethod
     def apply(cls, model: nn.Module, record: Any, tensors: Mapping[str, torch.Tensor],
               replacements: dict[str, nn.Module], source: str = "fragment") -> None:
         for path, entry in record["modules"].items():
@@ -207,13 +203,10 @@ class FeedForwardLever:
         for path, entry in record["modules"].items():
             key = ff_key(path)
             keys.add(key)
-            t = tensor(tensors, key, f"feed-forward block {path}", source)
-            if t.dtype != torch.int64 or t.ndim != 1:
-                raise IntegrityError(f"{source}: {key}: expected a 1-D int64 tensor, found {t.dtype} with shape {list(t.shape)}")
-            validate_plan({path: t.tolist()}, {path: entry["hidden"]}, source=source)
-            if t.tolist() != entry["kept"]:
+            kept = index_tensor(tensors, key, f"feed-forward block {path}", source, path=path, size=entry["hidden"])
+            if kept != entry["kept"]:
                 raise IntegrityError(f"{source}: {path}: manifest keeps {len(entry['kept'])} feed-forward channels, "
-                                     f"tensors file keeps {t.numel()} different ones")
+                                     f"tensors file keeps {len(kept)} different ones")
         return keys
 
     @classmethod

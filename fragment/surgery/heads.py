@@ -21,9 +21,9 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ...profiling.discovery import describe, iter_attention
 from ...errors import BaseModelMismatchError, IntegrityError, PruningError, where
-from .lever import Built, tensor
+from ...profiling.discovery import describe, iter_attention
+from .lever import Built, index_tensor
 from .selection import Selection, select_heads, validate_plan
 from .tree import fresh_copy, install, replace_modules, slice_linear
 
@@ -178,12 +178,9 @@ class HeadLever:
         for path, entry in record["modules"].items():
             key = kept_key(path)
             keys.add(key)
-            t = tensor(tensors, key, f"module {path}", source)
-            if t.dtype != torch.int64 or t.ndim != 1:
-                raise IntegrityError(f"{source}: {key}: expected a 1-D int64 tensor, found {t.dtype} with shape {list(t.shape)}")
-            validate_plan({path: t.tolist()}, {path: entry["heads"]}, source=source)
-            if t.tolist() != entry["kept"]:
-                raise IntegrityError(f"{source}: {path}: manifest keeps heads {entry['kept']}, tensors file keeps {t.tolist()}")
+            kept = index_tensor(tensors, key, f"module {path}", source, path=path, size=entry["heads"])
+            if kept != entry["kept"]:
+                raise IntegrityError(f"{source}: {path}: manifest keeps heads {entry['kept']}, tensors file keeps {kept}")
         return keys
 
     @classmethod

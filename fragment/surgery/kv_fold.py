@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from ...errors import BaseModelMismatchError, FragmentError, IntegrityError, PruningError, where
 from ...profiling.discovery import CROSS, describe, iter_attention
-from .lever import Built, compression_record, tensor
+from .lever import Built, InCompression, tensor
 from .tree import fresh_copy, install, module_at, replace_modules
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ def kv_keys(path: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class KVFoldLever:
+class KVFoldLever(InCompression):
     """Fold every attn2's K/V for ``context`` (``[B, T, C]``: the cond and uncond rows the sampler passes).
 
     Record: ``compression.kv_fold``.  Tensors: ``kv_fold.context`` (the distinct rows) and
@@ -310,10 +310,6 @@ class KVFoldLever:
             "weights_dropped": not self.keep_weights, "modules": modules,
         }
         return Built(tensors, record)
-
-    @classmethod
-    def record_in(cls, manifest: Mapping[str, Any]) -> Any | None:
-        return compression_record(manifest, cls.kind)
 
     @classmethod
     def apply(cls, model: nn.Module, record: Any, tensors: Mapping[str, torch.Tensor],

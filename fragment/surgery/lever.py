@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ...errors import IntegrityError
+from .selection import validate_plan
 
 
 @dataclass
@@ -58,6 +59,16 @@ class Lever(Protocol):
     def weight_keys(cls, record: Any, prefix: str = "") -> set[str]: ...
 
 
+class InCompression:
+    """Mixin for levers whose record is ``compression.<kind>`` (every lever but heads and low rank)."""
+
+    kind: ClassVar[str]
+
+    @classmethod
+    def record_in(cls, manifest: Mapping[str, Any]) -> Any | None:
+        return compression_record(manifest, cls.kind)
+
+
 def compression_record(manifest: Mapping[str, Any], kind: str) -> Any | None:
     """A lever's record in the ``compression`` block, or ``None`` when the lever is off.
 
@@ -82,3 +93,17 @@ def tensor(tensors: Mapping[str, torch.Tensor], key: str, what: str, source: str
     if t is None:
         raise IntegrityError(f"{source}: missing tensor {key!r} for {what}")
     return t
+
+
+def index_tensor(tensors: Mapping[str, torch.Tensor], key: str, what: str, source: str, *, path: str, size: int) -> list[int]:
+    """A stored index list (kept heads or channels): 1-D int64, sorted, distinct, each below ``size``.
+
+    >>> index_tensor({"k": torch.tensor([0, 2])}, "k", "module a", "f.safetensors", path="a", size=4)
+    [0, 2]
+    """
+    t = tensor(tensors, key, what, source)
+    if t.dtype != torch.int64 or t.ndim != 1:
+        raise IntegrityError(f"{source}: {key}: expected a 1-D int64 tensor, found {t.dtype} with shape {list(t.shape)}")
+    values = t.tolist()
+    validate_plan({path: values}, {path: size}, source=source)
+    return values

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import BaseModelMismatchError, IntegrityError, PruningError, where
-from .lever import Built, compression_record, tensor
+from .lever import Built, InCompression, tensor
 from .tree import fresh_copy, install, module_at, replace_modules
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def quant_keys(layer: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class PrecisionLever:
+class PrecisionLever(InCompression):
     """Store the least sensitive ``ratio`` of the retained Linear parameters as ``fmt`` (``"fp8"``/``"int8"``).
 
     Built last: it quantizes the weights the other levers left.  Linears factorised by the low-rank lever
@@ -224,10 +224,6 @@ class PrecisionLever:
             "score": "given" if self.scores else "quantization_error", "layers": layers,
         }
         return Built(tensors, record)
-
-    @classmethod
-    def record_in(cls, manifest: Mapping[str, Any]) -> Any | None:
-        return compression_record(manifest, cls.kind)
 
     @classmethod
     def apply(cls, model: nn.Module, record: Any, tensors: Mapping[str, torch.Tensor],
