@@ -39,6 +39,10 @@ class Lever(Protocol):
     ``kind`` names the record: ``"heads"`` is the manifest's ``pruning`` block, every other kind a key of
     its ``compression`` block (schema v1).  ``built`` holds the records of the levers built before;
     ``source`` (e.g. ``"fragment 'dog'"``) names what is applied in error messages.
+
+    Planning is each class's own constructor or ``plan`` classmethod, because the inputs differ: scores for
+    heads and feed-forward channels, the context rows for the K/V fold, energies for low rank, a format and
+    share for precision (``extract.plan_levers`` maps the settings onto them).
     """
 
     kind: ClassVar[str]
