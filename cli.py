@@ -28,7 +28,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_summary, run_demo
 
     summary = run_demo(args.out, **({"prompt": args.prompt} if args.prompt else {}), seeds=args.seeds, variants=args.variants, steps=args.steps,
-                       ratio=args.ratio, guidance=args.guidance, weights=args.weights, thresholds=args.thresholds,
+                       ratio=args.ratio, goal=args.goal, budget_images=args.budget_images, holdout=args.holdout,
+                       guidance=args.guidance, weights=args.weights, thresholds=args.thresholds,
                        lpips_weights=args.lpips_weights, reuse_paraphrases=args.paraphrases, curve=not args.no_curve, levers=args.levers,
                        progress=not args.no_progress, report=args.reports_dir if args.report else None)
     print(format_summary(summary))
@@ -104,7 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=8, help="seeds to profile")
     p.add_argument("--variants", type=int, default=32, help="variants generated with the full model and the fragment")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps per image")
-    p.add_argument("--ratio", type=float, default=None, help="fraction of heads to remove (default: H1's 30 %%, rounded up to whole heads)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="force a fixed heads-only fragment with this fraction of heads removed, for study "
+                        "(default: the calibrated fragment)")
+    p.add_argument("--goal", choices=["memory", "speed", "both"], default="both",
+                   help="what the calibration maximises: resident bytes, time, or both (default)")
+    p.add_argument("--budget-images", type=int, default=48, help="images the calibration may judge (default 48)")
+    p.add_argument("--holdout", type=int, default=4, help="held-out seeds the chosen fragment must also pass (default 4)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model card's)")
     p.add_argument("--weights", default=None, help="reference model safetensors (default: the committed one)")
     p.add_argument("--paraphrases", type=int, default=8, help="paraphrases for the H3 reuse measurement (0: skip)")

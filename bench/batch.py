@@ -1,20 +1,24 @@
-"""The batch benchmark behind H4 and H5: stock sampling versus a calibrated fragment, in one run.
+"""The batch benchmark behind H4 and H5: stock sampling versus the calibrated fragment, in one run, costs counted.
 
 For a target (the trained reference model, or a random-weight SD1.5 UNet at
 small size) and the same sampler, steps, size and seeds:
 
 1. stock: the full model generates the variants (timed);
-2. profile: the full model runs the profile seeds with ``HeadProfiler`` (per
-   timestep bucket) and ``StepChangeProbe`` attached (timed; these images are
-   also the calibration reference);
-3. build: a head set per bucket, pruned to their union (timed);
-4. calibrate: the most step reuse, then the earliest CFG cut-off, that still
-   pass the target's quality judge on the profile seeds (timed);
-5. each lever added in turn generates the same variants (timed), and its
-   quality is judged against the stock images of the same seeds.
+2. profile: the full model runs the profile seeds with ``HeadProfiler``,
+   ``FFProfiler`` and ``StepChangeProbe`` attached (timed; these images are the
+   user's first images and the calibration's reference);
+3. calibrate: ``fragment.extract.calibrated_fragment`` predicts a ladder of
+   lever combinations from the profile and judges them with the target's
+   quality judge on the profile seeds, then confirms the strongest pass on
+   held-out seeds (timed, held-out full-model references included);
+4. each lever of the chosen fragment added in turn generates the same variants
+   (timed), judged against the stock images of the same seeds, which neither
+   the profile nor the calibration saw.
 
-The throughput ratio is stock time / fragment time; the break-even N is
-(profile + build + calibrate) / (stock - fragment seconds per image).
+The raw ratio is stock time / fragment time.  The amortized figures
+(``metrics.performance.amortized_costs``) count everything the user waits for:
+N stock images against profile + build + calibration + fragment images for the
+N - P images the profile did not already make, for N = 8 .. 128.
 """
 from __future__ import annotations
 
@@ -27,15 +31,16 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn as nn
 
-from ..fragment.build import build_fragment, describe_base
-from ..fragment.schedule.apply import apply_schedule, with_schedule
-from ..fragment.schedule.calibrate import calibrate_cfg_cutoff, calibrate_reuse
-from ..fragment.schedule.state import Schedule, ScheduleState
-from ..fragment.schedule.timestep_heads import select_bucket_heads
-from ..fragment.surgery.heads import HeadLever
-from ..metrics.performance import break_even_block, synchronize
+from ..fragment.build import describe_base
+from ..fragment.calibration import GOALS, Budget, Candidate
+from ..fragment.extract import calibrated_fragment, candidate_fragment
+from ..fragment.schedule.apply import fragment_schedule
+from ..fragment.schedule.state import ScheduleState
+from ..metrics.performance import amortized_costs, synchronize
+from ..profiling.ff_profiler import FFProfiler
 from ..profiling.profiler import HeadProfiler
 from ..profiling.step_change import StepChangeProbe
+from .judging import fragment_judge, render
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +64,17 @@ class BenchTarget(Protocol):
 class BenchConfig:
     variants: int = 32
     profile_seeds: int = 8
-    bucket_ratios: tuple[float, ...] = (0.2, 0.1)  # bucket 0 = the least noisy steps, which need fewer heads
-    head_halvings: int = 3  # how often the bucket ratios may be halved while the heads alone fail the gate
+    holdout_seeds: int = 4  # the calibration's confirmation seeds: neither profiled nor among the variants
+    goal: str = "speed"
+    budget_images: int = 40
     shallow: int = 1
-    reuse_fractions: tuple[float, ...] = (0.6, 0.5, 0.4, 0.3, 0.2)
-    cfg_cutoffs: tuple[float, ...] = (500.0, 350.0, 200.0)
-    first_variant_seed: int = 10_000  # never a profile seed: the quality shown is on prompts' fresh seeds
+    first_variant_seed: int = 10_000  # never a profile seed: the quality shown is on the prompt's fresh seeds
+    first_holdout_seed: int = 20_000
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.goal not in GOALS:
+            raise ValueError(f"bench config goal: expected one of {', '.join(GOALS)}, found {self.goal!r}")
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
@@ -75,6 +84,28 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
         out = fn()
     synchronize(device)
     return out, time.perf_counter() - started
+
+
+def lever_ladder(chosen: Candidate) -> list[tuple[str, Candidate]]:
+    """The chosen candidate's levers added one at a time, for the bench's rows (the last row is ``chosen``).
+
+    >>> [label for label, _ in lever_ladder(Candidate(heads=0.2, step_reuse=0.3, cfg_cutoff=350.0))]
+    ['fragment: heads 20%', '+ step reuse 30%', '+ CFG off below t=350 (final)']
+    """
+    steps: list[tuple[str, Candidate]] = []
+    current = Candidate()
+    for name, value in (("heads", chosen.heads), ("kv_fold", chosen.kv_fold), ("ff_ratio", chosen.ff_ratio),
+                        ("precision_ratio", chosen.precision_ratio), ("step_reuse", chosen.step_reuse),
+                        ("cfg_cutoff", chosen.cfg_cutoff)):
+        if not value:
+            continue
+        before = current.label
+        current = dataclasses.replace(current, **{name: value})
+        part = current.label if before == "full model" else current.label[len(before) + 3:]
+        steps.append(((("fragment: " if not steps else "+ ") + part), current))
+    if steps:
+        steps[-1] = (steps[-1][0] + " (final)", steps[-1][1]) if len(steps) > 1 else steps[-1]
+    return steps
 
 
 def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dict[str, Any]:
@@ -88,109 +119,96 @@ def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dic
     device = next(unet.parameters()).device
     variants = list(range(config.first_variant_seed, config.first_variant_seed + config.variants))
     profile_seeds = list(range(config.profile_seeds))
+    holdout = list(range(config.first_holdout_seed, config.first_holdout_seed + config.holdout_seeds))
     target.run(unet, variants[:1])  # warm-up: the first call pays for allocation, not the model
 
     stock, stock_s = _timed(lambda: target.run(unet, variants), device)
 
     started = time.perf_counter()
-    with HeadProfiler(unet, buckets=len(config.bucket_ratios)) as prof, StepChangeProbe(unet, config.shallow) as probe:
+    with HeadProfiler(unet, buckets=4) as prof, FFProfiler(unet) as ff_prof, \
+            StepChangeProbe(unet, config.shallow) as probe:
         prof.begin_sample("profile")  # one batched run: the bench needs scores, not rank stability
-        reference = target.run(unet, profile_seeds)
+        with torch.no_grad():
+            reference = target.run(unet, profile_seeds)
     profile_s = time.perf_counter() - started
 
     started = time.perf_counter()
     profile = prof.result()
     base = describe_base(unet, target.name, sha256="0" * 64, hash_kind="none")
-
-    def build(ratios: Sequence[float]) -> tuple[Any, Any, Schedule]:
-        union, per_bucket = select_bucket_heads(profile, list(ratios))
-        fragment = build_fragment(unet, [HeadLever(union)], base=base, name=f"bench-{target.name}",
-                                  profiling={"seeds": profile_seeds, "steps_profiled": target.steps})
-        return union, fragment, Schedule(buckets=len(ratios), bucket_heads=per_bucket)
-
-    ratios = list(config.bucket_ratios)
-    union, fragment, heads_only = build(ratios)
+    sources = {"ff_scores": ff_prof.scores(), "step_changes": probe.changes(), "step_timesteps": probe.timesteps()}
     build_s = time.perf_counter() - started
 
+    judge_fragment = fragment_judge(unet, target.run, target.judge, profile_seeds, reference)
+
     started = time.perf_counter()
-
-    def judge(schedule: Schedule) -> tuple[bool, dict[str, Any]]:
-        small, state = apply_schedule(unet, with_schedule(fragment, schedule))
-        with torch.no_grad():
-            images = target.run(small, profile_seeds, state=state, cfg_cutoff=schedule.cfg_cutoff)
-        return target.judge(reference, images)
-
-    # Heads first, halving the bucket ratios until the gate passes (as fragment.refine does for one ratio):
-    # every later lever is judged with the heads on, so a head set that fails alone would fail them all.
-    head_tries: list[dict[str, Any]] = []
-    while True:
-        heads_ok, heads_quality = judge(heads_only)
-        head_tries.append({"bucket_ratios": ratios, "removed_union": union.removed_heads, "passed": heads_ok, **heads_quality})
-        log.info("heads per bucket %s (%d removed): %s", ratios, union.removed_heads, "pass" if heads_ok else "fail")
-        if heads_ok or union.removed_heads == 0 or len(head_tries) >= config.head_halvings + 1:
-            break
-        ratios = [r / 2 for r in ratios]
-        union, fragment, heads_only = build(ratios)
-    if union.removed_heads == 0 and heads_only.bucket_heads:
-        # Masks only trade quality for a smaller union; with nothing pruned they cost quality and time for nothing.
-        log.info("heads per bucket %s prune nothing from the union: the bucket masks are left off", ratios)
-        heads_only = Schedule()
-    with_reuse, reuse_tries = calibrate_reuse(
-        probe.changes(), dataclasses.replace(heads_only, shallow=config.shallow, step_timesteps=tuple(probe.timesteps())),
-        judge, config.reuse_fractions)
-    final, cfg_tries = calibrate_cfg_cutoff(with_reuse, judge, config.cfg_cutoffs)
+    chosen_fragment, cal = calibrated_fragment(
+        profile, unet, judge_fragment, base=base, name=f"bench-{target.name}", calibration_seeds=profile_seeds,
+        holdout_seeds=holdout, goal=config.goal, budget=Budget(images=config.budget_images),
+        judge_name=target.describe().get("judge", "target judge"), **sources)
     calibrate_s = time.perf_counter() - started
 
     rows = [{"label": "stock (full model)", "seconds": stock_s, "s_per_image": stock_s / len(variants), "speedup": 1.0,
              "quality": None}]
-    ladder = [("fragment: heads pruned to the bucket union", Schedule()),
-              ("+ per-bucket head masks", heads_only),
-              ("+ calibrated step reuse", with_reuse),
-              ("+ CFG truncation (final)", final)]
     applied: list[int] = []
-    for label, schedule in ladder:
-        small, state = apply_schedule(unet, with_schedule(fragment, schedule))
-        images, seconds = _timed(lambda: target.run(small, variants, state=state, cfg_cutoff=schedule.cfg_cutoff), device)
+    for label, candidate in lever_ladder(cal.chosen) if cal.chosen else []:
+        fragment = candidate_fragment(profile, unet, candidate, base=base, name="row", **sources)
+        (images, applied), seconds = _timed(lambda: render(unet, fragment, variants, target.run), device)
         ok, quality = target.judge(stock, images)
-        rows.append({"label": label, "seconds": seconds, "s_per_image": seconds / len(variants),
-                     "speedup": stock_s / seconds if seconds > 0 else None, "quality": {**quality, "passes_gate": ok},
-                     "schedule": schedule.to_manifest()})
-        applied = state.reused_steps()
+        rows.append({"label": label, "candidate": candidate.to_dict(), "seconds": seconds,
+                     "s_per_image": seconds / len(variants), "speedup": stock_s / seconds if seconds > 0 else None,
+                     "quality": {**quality, "passes_gate": ok}, "schedule": fragment_schedule(fragment).to_manifest()})
+    if not cal.chosen:
+        log.info("calibration chose the full model (%s): the bench has no fragment row", cal.reason)
     best = rows[-1]
-    economics = break_even_block(profile_s, build_s + calibrate_s, rows[0]["s_per_image"], best["s_per_image"])
-    # H4 read strictly: the whole batch including the one-off profile, build and calibration, against stock
-    economics["amortized_ratio"] = stock_s / (profile_s + build_s + calibrate_s + best["seconds"])
+    costs = amortized_costs(stock_s_per_image=rows[0]["s_per_image"], fragment_s_per_image=best["s_per_image"],
+                            profile_s=profile_s, profiled_images=len(profile_seeds), build_s=build_s,
+                            calibrate_s=calibrate_s)
+    at = {row["n"]: row for row in costs["rows"]}
     return {
         "target": target.describe(), "device": str(device), "variants": len(variants), "steps": target.steps,
         "profile_seeds": len(profile_seeds), "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"},
         "timing_s": {"stock": stock_s, "profile": profile_s, "build": build_s, "calibrate": calibrate_s},
-        "rows": rows, "throughput_ratio": best["speedup"], "break_even": economics,
-        "heads": {"removed_union": union.removed_heads, "total": union.total_heads, "bucket_ratios": ratios,
-                  "heads_only_passes_gate": heads_ok, "heads_only_calibration": heads_quality, "tries": head_tries},
-        "calibration": {"change_per_step": probe.record()["change_per_step"], "reuse_tries": reuse_tries, "cfg_tries": cfg_tries},
-        "schedule": final.to_manifest(), "reused_steps_applied": applied,
+        "rows": rows, "throughput_ratio": best["speedup"], "amortized": costs,
+        "amortized_ratio_32": at.get(32, {}).get("amortized_ratio"), "break_even_images": costs["break_even_images"],
+        "calibration": cal.record(), "chosen": cal.chosen.to_dict() if cal.chosen else None,
+        "schedule": best.get("schedule"), "reused_steps_applied": applied,
+        "fragment_passes_gate_on_fresh_seeds": best["quality"]["passes_gate"] if best["quality"] else None,
+        "manifest_quality": chosen_fragment.manifest["quality"] if chosen_fragment else None,
     }
 
 
 def format_batch_report(report: dict[str, Any]) -> str:
-    """A short fixed-width table: seconds per image, ratio and quality per lever, then break-even.
+    """A short fixed-width table: seconds per image, ratio and quality per lever, then the costs the user pays.
 
     >>> r = {"target": {"name": "x"}, "device": "cpu", "variants": 2, "steps": 4, "rows": [
-    ...     {"label": "stock", "s_per_image": 2.0, "speedup": 1.0, "quality": None}],
-    ...     "throughput_ratio": 1.0, "break_even": {"verdict": "never"}, "timing_s": {"profile": 1, "build": 0, "calibrate": 0}}
+    ...     {"label": "stock", "s_per_image": 2.0, "speedup": 1.0, "quality": None}], "throughput_ratio": 1.0,
+    ...     "amortized": {"rows": [{"n": 8, "stock_s": 16.0, "pack_s": 20.0, "amortized_ratio": 0.8}],
+    ...                   "verdict": "never: the fragment is not faster than stock", "profiled_images": 1},
+    ...     "calibration": {"status": "fallback_full_model", "reason": "nothing passed", "chosen": None,
+    ...                     "cost": {"images": 8, "seconds": 1.0}, "tries": []},
+    ...     "timing_s": {"profile": 1, "build": 0, "calibrate": 1}}
     >>> print(format_batch_report(r).splitlines()[2])
     stock                                           2.000    1.00x  -
     """
     lines = [f"batch bench: {report['target']['name']} on {report['device']}, {report['variants']} variants x {report['steps']} steps",
-             f"{'configuration':<44}{'s/image':>9}{'ratio':>9}  quality vs stock (same seeds)"]
+             f"{'configuration':<44}{'s/image':>9}{'ratio':>9}  quality vs stock (same fresh seeds)"]
     for row in report["rows"]:
         q = row["quality"]
-        text = "-" if not q else ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in q.items())
+        text = "-" if not q else ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in q.items()
+                                           if k != "gate_failures" or v)
         lines.append(f"{row['label']:<44}{row['s_per_image']:>9.3f}{row['speedup']:>8.2f}x  {text}")
-    t = report["timing_s"]
-    lines.append(f"throughput ratio {report['throughput_ratio']:.2f}x; profile {t['profile']:.1f} s + build {t['build']:.1f} s "
-                 f"+ calibrate {t['calibrate']:.1f} s; break-even: {report['break_even']['verdict']}")
-    if "amortized_ratio" in report["break_even"]:
-        lines.append(f"amortized ratio (profile + build + calibrate + {report['variants']} variants vs stock): "
-                     f"{report['break_even']['amortized_ratio']:.2f}x")
+    cal, t = report["calibration"], report["timing_s"]
+    chosen = cal["chosen"]["label"] if cal["chosen"] else f"the full model ({cal['reason']})"
+    lines.append(f"calibration ({cal['status']}): {chosen}; {len(cal['tries'])} tries, {cal['cost']['images']} images, "
+                 f"{cal['cost']['seconds']:.1f} s")
+    if "profiling_overhead" in report:
+        lines.append(f"profiling overhead: {report['profiling_overhead']['overhead_pct']:.0f}% over an unhooked run")
+    lines.append(f"raw throughput ratio {report['throughput_ratio']:.2f}x; profile {t['profile']:.1f} s + build "
+                 f"{t['build']:.1f} s + calibrate {t['calibrate']:.1f} s")
+    amortized = report["amortized"]
+    lines.append(f"amortized (the {amortized['profiled_images']} profiled images count as output):")
+    for row in amortized["rows"]:
+        ratio = "n/a" if row["amortized_ratio"] is None else f"{row['amortized_ratio']:.2f}x"
+        lines.append(f"  N={row['n']:<4} stock {row['stock_s']:8.2f} s  pack {row['pack_s']:8.2f} s  amortized ratio {ratio}")
+    lines.append(f"break-even: {amortized['verdict']}")
     return "\n".join(lines)

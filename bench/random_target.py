@@ -69,7 +69,10 @@ class RandomSDTarget:
 
     def judge(self, full: torch.Tensor, latents: torch.Tensor) -> tuple[bool, dict[str, Any]]:
         err = ((latents - full).flatten(1).norm(dim=1) / full.flatten(1).norm(dim=1).clamp_min(1e-12)).mean()
-        return float(err) <= self.max_relative_error, {"latent_relative_error": float(err)}
+        ok = float(err) <= self.max_relative_error
+        return ok, {"latent_relative_error": float(err),
+                    "gate_failures": [] if ok else [f"latent_relative_error {float(err):.4g} > {self.max_relative_error:g}"],
+                    "gate_slack": round((self.max_relative_error - float(err)) / self.max_relative_error, 4)}
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "arch": "sd15", "weights": "random N(0, 0.02)", "latent_size": self.size,

@@ -12,7 +12,7 @@ import numpy as np
 import torch.nn as nn
 
 from ..fragment.schedule.state import ScheduleState
-from ..metrics.hypotheses import gate_failures, measurable_limits
+from ..metrics.hypotheses import gate_failures, gate_slack, measurable_limits
 from ..reference import measure
 from ..reference.model import ReferenceModel, load_reference
 from ..reference.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, sample
@@ -46,8 +46,9 @@ class ReferenceTarget:
         result = measure.compare(full, images, self.prompt, self.lpips, base)
         # the gate fails a missing value: no LPIPS scorer, or a prompt the analyzer cannot read, drops that limit
         unmeasured = [m for m, absent in (("lpips_mean", self.lpips is None), ("adherence_delta", base is None)) if absent]
-        failures = gate_failures(result, measurable_limits(self.limits, unmeasured))
-        return not failures, {**result, "gate_failures": failures}
+        limits = measurable_limits(self.limits, unmeasured)
+        failures = gate_failures(result, limits)
+        return not failures, {**result, "gate_failures": failures, "gate_slack": gate_slack(result, limits)}
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "prompt": self.prompt, "guidance": self.guidance, "sampler": "DDIM (diffusers), trailing",

@@ -7,12 +7,13 @@ The pipeline is plain functions over plain data: ``score_profile`` (score),
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,9 +24,11 @@ from ..profiling.ff_profiler import weight_norm_scores
 from ..profiling.scoring import rank_stability, score_heads, unstable_heads
 from ..profiling.step_change import reuse_steps_for_count
 from .build import build_fragment
+from .calibration import Budget, Calibration, Candidate, Judgement, Predictors, calibrate, candidate_ladder, precision_errors
 from .format.manifest import Fragment
+from .format.measurements import record_measurements
 from .format.store import save_fragment
-from .schedule.apply import with_schedule
+from .schedule.apply import fragment_schedule, with_schedule
 from .schedule.state import Schedule
 from .settings import ExtractionSettings
 from .surgery.feed_forward import FeedForwardLever
@@ -33,7 +36,7 @@ from .surgery.heads import HeadLever
 from .surgery.kv_fold import KVFoldLever
 from .surgery.lever import Lever
 from .surgery.lowrank import LowRankLever
-from .surgery.precision import PrecisionLever
+from .surgery.precision import PrecisionLever, retained_linears
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +187,121 @@ def reuse_schedule(name: str, changes: Sequence[float | None] | None, share: flo
                     calibration={"method": "drift_budget", "share": share, "budget": round(budget, 5),
                                  "quality_gate": "not run: no judge in this path (see prompt-fragments bench batch)",
                                  "change_per_step": [None if c is None else round(c, 5) for c in changes]})
+
+
+def candidate_fragment(
+    profile: ProfileData,
+    model: nn.Module,
+    candidate: Candidate,
+    *,
+    base: Mapping[str, Any],
+    name: str,
+    settings: ExtractionSettings = ExtractionSettings(),
+    kv_context: torch.Tensor | None = None,
+    ff_scores: Mapping[str, torch.Tensor] | None = None,
+    step_changes: Sequence[float | None] | None = None,
+    step_timesteps: Sequence[float] | None = None,
+) -> Fragment:
+    """The (unsaved) fragment of one calibration candidate: its levers, its step reuse and its CFG cut-off.
+
+    >>> frag = candidate_fragment(profile, unet, Candidate(heads=0.2), base=base, name="dog")  # doctest: +SKIP
+    """
+    fragment, _ = extract_fragment(profile, model, base=base, name=name, settings=candidate.settings(settings),
+                                   kv_context=kv_context if candidate.kv_fold else None, ff_scores=ff_scores,
+                                   step_changes=step_changes, step_timesteps=step_timesteps)
+    if candidate.cfg_cutoff is not None:
+        fragment = with_schedule(fragment, dataclasses.replace(fragment_schedule(fragment), cfg_cutoff=candidate.cfg_cutoff))
+    return fragment
+
+
+def profile_predictors(
+    scores: Scores,
+    model: nn.Module,
+    *,
+    settings: ExtractionSettings = ExtractionSettings(),
+    ff_scores: Mapping[str, torch.Tensor] | None = None,
+    step_changes: Sequence[float | None] | None = None,
+    kv_context: torch.Tensor | None = None,
+) -> Predictors:
+    """What the calibration predicts from: the profile's scores, and the precision format's error on ``model``.
+
+    Protected (rank-unstable) heads score as the most important, since the head lever never removes them.
+
+    >>> p = profile_predictors(score_profile(profile), unet, ff_scores=ff.scores())  # doctest: +SKIP
+    """
+    top = max((float(v.max()) for v in scores.heads.values() if v.numel()), default=1.0)
+    heads = {}
+    for path, values in scores.heads.items():
+        values = values.clone().float()
+        values[list(scores.protected.get(path, ()))] = top  # never removed, so ranked with the most important
+        heads[path] = values
+    return Predictors(head_scores=heads, ff_scores=ff_scores, step_changes=step_changes,
+                      precision_errors=precision_errors(retained_linears(model), settings.precision),
+                      kv_fold=kv_context is not None)
+
+
+def calibrated_fragment(
+    profile: ProfileData,
+    model: nn.Module,
+    judge_fragment: Callable[[Fragment, Sequence[int]], Judgement],
+    *,
+    base: Mapping[str, Any],
+    name: str,
+    calibration_seeds: Sequence[int],
+    holdout_seeds: Sequence[int],
+    goal: str = "both",
+    budget: Budget = Budget(),
+    judge_name: str = "judge",
+    settings: ExtractionSettings = ExtractionSettings(),
+    kv_context: torch.Tensor | None = None,
+    ff_scores: Mapping[str, torch.Tensor] | None = None,
+    step_changes: Sequence[float | None] | None = None,
+    step_timesteps: Sequence[float] | None = None,
+    holdout_reference_images: int | None = None,
+    images_per_seed: int = 1,
+) -> tuple[Fragment | None, Calibration]:
+    """Score, predict, and judge candidates until the strongest that passes both seed sets is found.
+
+    ``judge_fragment(fragment, seeds)`` renders ``seeds`` with the fragment and compares them with
+    the full model's images of the same seeds (the caller keeps those: the profiled run's for the
+    calibration seeds).  Returns the chosen fragment with the calibration recorded in its manifest
+    (``quality.refinement``), or ``None`` when nothing passed: the full model is then the answer.
+
+    >>> frag, cal = calibrated_fragment(profile, unet, judge, base=base, name="dog",  # doctest: +SKIP
+    ...                                 calibration_seeds=range(8), holdout_seeds=[100, 101], goal="speed")
+    """
+    scores = score_profile(profile, settings)
+    predictors = profile_predictors(scores, model, settings=settings, ff_scores=ff_scores,
+                                    step_changes=step_changes, kv_context=kv_context)
+    ladder = candidate_ladder(predictors, goal)
+
+    def build(candidate: Candidate) -> Fragment:
+        return candidate_fragment(profile, model, candidate, base=base, name=name, settings=settings, kv_context=kv_context,
+                                  ff_scores=ff_scores, step_changes=step_changes, step_timesteps=step_timesteps)
+
+    cal = calibrate(ladder, lambda candidate, seeds: judge_fragment(build(candidate), seeds),
+                    calibration_seeds=calibration_seeds, holdout_seeds=holdout_seeds, budget=budget, goal=goal,
+                    judge_name=judge_name, holdout_reference_images=holdout_reference_images,
+                    images_per_seed=images_per_seed)
+    if cal.chosen is None:
+        return None, cal
+    return record_calibration(build(cal.chosen), cal), cal
+
+
+def record_calibration(fragment: Fragment, cal: Calibration) -> Fragment:
+    """``fragment`` with the calibration in its manifest: ``quality.refinement``, the held-out figures, the gate verdict.
+
+    >>> frag = record_calibration(frag, cal)  # doctest: +SKIP
+    >>> frag.manifest["quality"]["refinement"]["status"]  # doctest: +SKIP
+    'passed'
+    """
+    confirmed = cal.confirmed
+    quality = {"refinement": cal.record(), "quality_gate": cal.status, "judge": cal.judge,
+               "holdout": dict(confirmed["metrics"]) if confirmed else None}
+    manifest = dict(fragment.manifest)
+    schedule = manifest.get("schedule")
+    if isinstance(schedule, Mapping) and schedule:
+        # the schedule was chosen by the judge, not by a drift budget alone: say so where the schedule lives
+        calibration = {**dict(schedule.get("calibration") or {}), "quality_gate": f"{cal.status} (see quality.refinement)"}
+        manifest["schedule"] = {**schedule, "calibration": calibration}
+    return Fragment(manifest=record_measurements(manifest, quality=quality), tensors=fragment.tensors)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..errors import FragmentError
-from .limits import Limit, failures, judge
+from .limits import Limit, failures, judge, slack
 
 ORDER = {"PASS": 0, "WARN": 1, "FAIL": 2, "MISSING": 3}
 HYPOTHESES = {
@@ -164,7 +164,7 @@ def missing_metrics(hypotheses: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 GATE_CHECKS = (("adherence_delta", "adherence_drop_max", "max"), ("ssim_mean", "ssim_min", "min"),
-               ("lpips_mean", "lpips_max", "max"))
+               ("lpips_mean", "lpips_max", "max"), ("latent_rel_error", "latent_rel_error_max", "max"))
 
 
 def gate_limits(limits: Mapping[str, float]) -> list[Limit]:
@@ -201,3 +201,12 @@ def gate_failures(measured: Mapping[str, Any], limits: Mapping[str, float]) -> l
     ['lpips_mean missing']
     """
     return failures(measured, gate_limits(limits))
+
+
+def gate_slack(measured: Mapping[str, Any], limits: Mapping[str, float]) -> float | None:
+    """How far inside (> 0) or outside (< 0) the ``quality_gate`` ``limits`` ``measured`` lies (``limits.slack``).
+
+    >>> gate_slack({"ssim_mean": 0.99, "lpips_mean": 0.07}, {"ssim_min": 0.9, "lpips_max": 0.035})
+    -1.0
+    """
+    return slack(measured, gate_limits(limits))

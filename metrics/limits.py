@@ -160,3 +160,25 @@ def failures(measured: Mapping[str, Any], limits: Iterable[Limit]) -> list[str]:
     ['ssim_mean 0.85 < 0.9', 'lpips_mean missing']
     """
     return [v.message() for v in check_limits(measured, limits) if not v.passed]
+
+
+def slack(measured: Mapping[str, Any], limits: Iterable[Limit]) -> float | None:
+    """The smallest relative distance to a bound: > 0 inside every limit, < 0 outside one, ``None`` if one is missing.
+
+    The calibration moves along its ladder by this figure (how far inside or outside the gate a try landed).
+
+    >>> slack({"ssim_mean": 0.95, "lpips_mean": 0.03}, [Limit("ssim_mean", 0.9, "min"), Limit("lpips_mean", 0.04, "max")])
+    0.0556
+    >>> slack({"ssim_mean": 0.95}, [Limit("lpips_mean", 0.04, "max")]) is None
+    True
+    """
+    out: float | None = None
+    for verdict in check_limits(measured, limits):
+        if verdict.value is None:
+            return None
+        bound = verdict.limit.bound
+        # an absolute distance where the bound is 0 (an adherence drop of at most 0 %), else a fraction of it
+        scale = abs(bound) if bound else 1.0
+        room = (bound - verdict.value if verdict.limit.kind == "max" else verdict.value - bound) / scale
+        out = room if out is None else min(out, room)
+    return None if out is None else round(out, 4)

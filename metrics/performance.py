@@ -166,3 +166,49 @@ def break_even_block(profile_s: float, build_s: float, baseline_s_per_image: flo
         "break_even_variants": n,
         "verdict": "never: the fragment is not faster than the baseline" if n is None else f"pays back after {math.ceil(n)} images",
     }
+
+
+AMORTIZED_NS = (8, 16, 32, 64, 128)
+
+
+def amortized_costs(
+    *, stock_s_per_image: float, fragment_s_per_image: float, profile_s: float, profiled_images: int,
+    build_s: float, calibrate_s: float, ns: tuple[int, ...] = AMORTIZED_NS,
+) -> dict[str, Any]:
+    """What the user waits for N images: stock N against profile + build + calibration + fragment images for the rest.
+
+    The profiled runs are full-model images the user keeps, so they count as output: with P profiled
+    images, the pack makes N - P images with the fragment (none when N <= P).  The amortized ratio is
+    stock time over the pack's time (H4 at N = 32, as the design docs define it); the break-even N is
+    the smallest N from which the pack is no slower than stock (H5), ``None`` if it never is.
+
+    >>> r = amortized_costs(stock_s_per_image=1.0, fragment_s_per_image=0.25, profile_s=12.0, profiled_images=8,
+    ...                     build_s=1.0, calibrate_s=3.0, ns=(8, 32))
+    >>> [(row["n"], round(row["amortized_ratio"], 2)) for row in r["rows"]], r["break_even_images"]
+    ([(8, 0.5), (32, 1.45)], 19)
+    """
+    for name, value in (("stock_s_per_image", stock_s_per_image), ("fragment_s_per_image", fragment_s_per_image),
+                        ("profile_s", profile_s), ("build_s", build_s), ("calibrate_s", calibrate_s)):
+        if value is None or not math.isfinite(value) or value < 0:
+            raise FragmentError(f"amortized cost input {name}: expected a finite number >= 0, found {value!r}")
+    if profiled_images < 0:
+        raise FragmentError(f"amortized cost input profiled_images: expected >= 0, found {profiled_images!r}")
+    setup = profile_s + build_s + calibrate_s
+
+    def pack(n: int) -> float:
+        return setup + fragment_s_per_image * max(n - profiled_images, 0)
+
+    rows = [{"n": n, "stock_s": stock_s_per_image * n, "pack_s": pack(n),
+             "amortized_ratio": stock_s_per_image * n / pack(n) if pack(n) > 0 else None} for n in ns]
+    saving = stock_s_per_image - fragment_s_per_image
+    start = max(profiled_images, 1)
+    if pack(start) <= stock_s_per_image * start:
+        even: int | None = start
+    elif saving <= 0:
+        even = None
+    else:  # setup + f (N - P) <= s N  <=>  N >= (setup - f P) / (s - f)
+        even = max(start, math.ceil((setup - fragment_s_per_image * profiled_images) / saving - 1e-9))
+    return {"setup_s": setup, "profile_s": profile_s, "build_s": build_s, "calibrate_s": calibrate_s,
+            "profiled_images": profiled_images, "stock_s_per_image": stock_s_per_image,
+            "fragment_s_per_image": fragment_s_per_image, "rows": rows, "break_even_images": even,
+            "verdict": "never: the fragment is not faster than stock" if even is None else f"pays back from {even} images"}

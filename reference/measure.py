@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..fragment.schedule.state import ScheduleState
 from ..fragment.surgery.masking import mask_heads
 from ..fragment.surgery.selection import select_heads
 from ..metrics.image_similarity import ssim
@@ -149,12 +150,14 @@ def paraphrases(prompt: str, count: int = 8, seed: int = 0) -> list[str]:
 def paraphrase_reuse(
     model: ReferenceModel, small: nn.Module, prompt: str, seeds: Sequence[int], bounds: Mapping[str, tuple[str, float]],
     lpips: Callable | None, *, steps: int, guidance: float, count: int = 8, texts: Sequence[str] | None = None,
+    state: ScheduleState | None = None, cfg_cutoff: float | None = None,
 ) -> ReuseReport | None:
     """H3 on the real model: each paraphrase through the full model and the fragment, fidelity within ``bounds``.
 
     ``texts`` are the paraphrases to try (default: ``count`` grammar rewordings of
     ``prompt``); LPIPS bounds are dropped when no LPIPS model is given.
-    Returns ``None`` when there is nothing to try.
+    Returns ``None`` when there is nothing to try.  ``state`` and ``cfg_cutoff`` are the
+    fragment's schedule (``apply_schedule``), used for the fragment's images only.
     """
     texts = list(texts) if texts is not None else paraphrases(prompt, count)
     if not texts:
@@ -162,7 +165,9 @@ def paraphrase_reuse(
     uncond = model.encode([""])
 
     def generate(unet: nn.Module, text: str, seed: int) -> np.ndarray:
-        return sample(unet, model.encode([text]), uncond, [seed], steps=steps, guidance=guidance)
+        scheduled = unet is small
+        return sample(unet, model.encode([text]), uncond, [seed], steps=steps, guidance=guidance,
+                      state=state if scheduled else None, cfg_cutoff=cfg_cutoff if scheduled else None)
 
     def quality(full: np.ndarray, frag: np.ndarray) -> dict[str, float]:
         fid = fidelity(full, frag, lpips)

@@ -58,8 +58,8 @@ def sample(
     """DDIM (eta 0) with CFG for each seed; ``context`` is ``[1 or N, T, D]``; returns uint8 ``[N, 32, 32, 3]``.
 
     ``unet`` may be the full model or a fragment applied to it; ``uncond`` is the
-    empty prompt's context.  ``on_step`` is called once per denoising step per
-    sub-batch (for progress bars).  ``state`` is the ``ScheduleState`` of a
+    empty prompt's context.  ``on_step`` is called after each denoising step of a
+    sub-batch with that sub-batch's image count (progress bars count image-steps).  ``state`` is the ``ScheduleState`` of a
     fragment with a schedule (``fragment.schedule.apply.apply_schedule``): it is told
     every call's timestep and input shape.  Below timestep ``cfg_cutoff`` the
     unconditional pass is skipped and the conditional prediction used alone.
@@ -92,7 +92,7 @@ def sample(
                 guided = uncond_pred + guidance * (cond_pred - uncond_pred)
             x = scheduler.step(guided, t, x).prev_sample
             if on_step is not None:
-                on_step(1)
+                on_step(n)
         if state is not None:  # the run is over: free the cached deep features
             state.reset()
         out.append(to_uint8(x.float()))
