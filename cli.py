@@ -79,7 +79,8 @@ def _cmd_bench_batch(args: argparse.Namespace) -> int:
 
         target = RandomSDTarget(size=args.size, steps=args.steps or 10, device=device,
                                 dtype=torch.float16 if device == "cuda" else torch.float32)
-    report = bench_batch(target, BenchConfig(variants=args.variants, profile_seeds=args.profile_seeds))
+    report = bench_batch(target, BenchConfig(variants=args.variants, profile_seeds=args.profile_seeds, goal=args.goal,
+                                             budget_images=args.budget_images, holdout_seeds=args.holdout))
     if args.out:
         from pathlib import Path
 
@@ -146,13 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_bench_weights)
-    p = bench.add_parser("batch", help="H4/H5: stock sampling vs a calibrated fragment (heads per noise level, step reuse, "
-                         "CFG truncation), same sampler, steps, size and seeds")
+    p = bench.add_parser("batch", help="H4/H5: stock sampling vs the calibrated fragment, same sampler, steps, size and "
+                         "seeds, with profile, build and calibration counted")
     p.add_argument("--model", choices=["reference", "sd15"], default="reference",
                    help="reference: the trained reference model; sd15: random-weight SD1.5 UNet at small size (timing only)")
     p.add_argument("--variants", type=int, default=32, help="variants per configuration")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 reference, 10 sd15)")
     p.add_argument("--profile-seeds", type=int, default=8, help="seeds profiled; also the calibration set")
+    p.add_argument("--holdout", type=int, default=4, help="held-out seeds the chosen fragment must also pass")
+    p.add_argument("--goal", choices=["memory", "speed", "both"], default="speed", help="what the calibration maximises")
+    p.add_argument("--budget-images", type=int, default=40, help="images the calibration may judge")
     p.add_argument("--size", type=int, default=8, help="sd15: latent size (multiple of 8; pixels = 8x)")
     p.add_argument("--prompt", default=None, help="reference: the prompt (default: the demo's)")
     p.add_argument("--weights", default=None, help="reference: model safetensors (default: the committed one)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from prompt_fragments.cli import main
@@ -11,9 +12,10 @@ from prompt_fragments.fragment.format.store import load_fragment
 
 
 def test_demo_cli_writes_fragment_grid_metrics_and_summary(tmp_path: Path, capsys) -> None:
+    # --ratio: the fixed heads-only fragment kept for study; the default (calibrated) run is the next test
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--seeds", "2", "--variants", "4", "--steps", "5", "--paraphrases", "2",
-                 "--no-progress"]) == 0
+                 "--ratio", "0.3", "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     fragment = load_fragment(summary["fragment_manifest"])
     assert fragment.manifest["profiling"]["seeds"] == [0, 1]
@@ -29,8 +31,44 @@ def test_demo_cli_writes_fragment_grid_metrics_and_summary(tmp_path: Path, capsy
     grid = Image.open(out / "grid.png")
     assert grid.size[0] > 2 * grid.size[1]  # two panels side by side, one row of 4 each
     assert fragment.manifest["quality"]["adherence_full"] == metrics["metrics"]["adherence_full"]
+    assert summary["calibration"] is None and fragment.manifest["pruning"]["heads_removed"] > 0
     printed = capsys.readouterr().out
     assert "heads removed" in printed and "adherence full / fragment" in printed and "H1" in printed
+    assert "fixed (--ratio), not calibrated" in printed
+
+
+def test_the_default_demo_builds_the_calibrated_fragment_and_counts_its_cost(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--seeds", "3", "--variants", "4", "--steps", "5", "--paraphrases", "0",
+                 "--no-curve", "--budget-images", "20", "--holdout", "2", "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = json.loads((out / "metrics_summary.json").read_text())
+    cal = metrics["calibration"]
+    assert cal["cost"]["images"] <= 20 and cal["calibration_seeds"] == [0, 1, 2] and cal["holdout_seeds"] == [500, 501]
+    assert metrics["metrics"]["calibration_images"] == cal["cost"]["images"]
+    printed = capsys.readouterr().out
+    amortized = metrics["amortized"]
+    assert amortized["profiled_images"] == 3 and [r["n"] for r in amortized["rows"]] == [8, 16, 32, 64, 128]
+    # H4 is the amortized ratio at the batch size (profile + build + calibration + the N - P fragment images)
+    row = amortized["rows"][0]
+    assert row["n"] == 8 and metrics["metrics"]["batch_speedup"] == amortized_ratio_at(amortized, 4)
+    assert "amortized ratio" in printed and "break-even" in printed and "calibration cost" in printed
+    if cal["chosen"] is None:  # nothing passed: no fragment claims quality it does not have
+        assert summary["fragment_manifest"] is None and "the full model" in printed
+        return
+    fragment = load_fragment(summary["fragment_manifest"])
+    refinement = fragment.manifest["quality"]["refinement"]
+    assert refinement["status"] == "passed" and refinement["chosen"]["label"] == cal["chosen"]["label"]
+    assert len(refinement["tries"]) == len(cal["tries"]) and fragment.manifest["quality"]["quality_gate"] == "passed"
+    assert fragment.manifest["performance"]["calibration_images"] == cal["cost"]["images"]
+    assert sum(lv["saved_mb"] for lv in summary["levers"]) == pytest.approx(
+        summary["weights_mb"]["full"] - summary["weights_mb"]["fragment"], abs=1e-6)
+
+
+def amortized_ratio_at(amortized: dict, n: int) -> float:
+    """The amortized ratio at ``n`` images, recomputed from the block's own inputs."""
+    pack = amortized["setup_s"] + amortized["fragment_s_per_image"] * max(n - amortized["profiled_images"], 0)
+    return pytest.approx(amortized["stock_s_per_image"] * n / pack)
 
 
 def test_demo_accepts_a_prompt_outside_the_grammar(tmp_path: Path) -> None:

@@ -16,13 +16,12 @@ from prompt_fragments.errors import FragmentError
 from prompt_fragments.fragment.surgery.masking import mask_heads
 from prompt_fragments.fragment.schedule.state import Schedule, ScheduleState, map_step
 from prompt_fragments.fragment.schedule.apply import apply_schedule, fragment_schedule, with_schedule
-from prompt_fragments.fragment.schedule.calibrate import calibrate_reuse
 from prompt_fragments.profiling.discovery import block_layout
 from prompt_fragments.fragment.build import apply_fragment, build_fragment, describe_base
 from prompt_fragments.fragment.format.store import load_fragment, save_fragment
 from prompt_fragments.fragment.schedule.timestep_heads import is_bucket_masked, select_bucket_heads
 from prompt_fragments.profiling.profiler import HeadProfiler
-from prompt_fragments.profiling.step_change import StepChangeProbe, reuse_steps_for_budget
+from prompt_fragments.profiling.step_change import StepChangeProbe, reuse_steps_for_budget, reuse_steps_for_count
 from prompt_fragments.reference.model import build_reference, unet_input
 from prompt_fragments.reference.sampling import sample
 from prompt_fragments.fragment.surgery.heads import HeadLever
@@ -137,14 +136,14 @@ def test_schedule_is_saved_and_loaded_with_the_fragment(setup, tmp_path) -> None
     assert (sample(a, ctx, unc, [9], steps=STEPS, state=sa) == sample(b, ctx, unc, [9], steps=STEPS, state=sb)).all()
 
 
-def test_step_change_probe_and_reuse_calibration(setup) -> None:
+def test_step_change_probe_and_reuse_budget(setup) -> None:
     probe = setup[-1]
     changes = probe.changes()
     assert len(changes) == STEPS and changes[0] is None and all(c > 0 for c in changes[1:])
     steps = reuse_steps_for_budget(changes, budget=float("inf"))
     assert steps == list(range(1, STEPS - 1))  # unlimited budget: everything but the first and last step
-    chosen, tries = calibrate_reuse(changes, Schedule(), lambda s: (len(s.reuse_steps) <= 1, {"n": len(s.reuse_steps)}))
-    assert len(chosen.reuse_steps) == 1 and tries[-1]["passed"] and not tries[0]["passed"]
+    one, budget = reuse_steps_for_count(changes, 1)
+    assert len(one) == 1 and changes[one[0]] <= budget  # one step, and it fits the drift budget it was chosen by
 
 
 def test_bad_schedules_are_refused_with_where_and_what(setup) -> None:
