@@ -36,6 +36,7 @@ from ..fragment.surgery.heads import HeadLever
 from ..metrics.performance import break_even_block, synchronize
 from ..profiling.profiler import HeadProfiler
 from ..profiling.step_change import StepChangeProbe
+from .overhead import profiling_overhead
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dic
         prof.begin_sample("profile")  # one batched run: the bench needs scores, not rank stability
         reference = target.run(unet, profile_seeds)
     profile_s = time.perf_counter() - started
+    # What the hooks cost on the profile seeds (issue #15: <= 50 %), timed apart so profile_s stays one run.
+    overhead = profiling_overhead(unet, lambda head: target.run(unet, profile_seeds), buckets=len(config.bucket_ratios),
+                                  shallow=config.shallow, warmup=False)
 
     started = time.perf_counter()
     profile = prof.result()
@@ -169,6 +173,7 @@ def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dic
                   "heads_only_passes_gate": heads_ok, "heads_only_calibration": heads_quality, "tries": head_tries},
         "calibration": {"change_per_step": probe.record()["change_per_step"], "reuse_tries": reuse_tries, "cfg_tries": cfg_tries},
         "schedule": final.to_manifest(), "reused_steps_applied": applied,
+        "profiling_overhead": overhead,
     }
 
 
@@ -193,4 +198,8 @@ def format_batch_report(report: dict[str, Any]) -> str:
     if "amortized_ratio" in report["break_even"]:
         lines.append(f"amortized ratio (profile + build + calibrate + {report['variants']} variants vs stock): "
                      f"{report['break_even']['amortized_ratio']:.2f}x")
+    if "profiling_overhead" in report:
+        o = report["profiling_overhead"]
+        lines.append(f"profiling overhead on the profile seeds: {o['base_s']:.2f} s -> {o['profiled_s']:.2f} s "
+                     f"(+{o['overhead_pct']:.0f} %)")
     return "\n".join(lines)
