@@ -32,8 +32,10 @@ def _check(report: dict, printed: str) -> None:
     assert report["reused_steps_applied"] == list(final.reuse_steps)  # timed exactly as calibrated
     tries = report["calibration"]["reuse_tries"]
     assert all("passed" in t for t in tries)
-    for text in ("throughput ratio", "break-even", "s/image", "amortized ratio"):
+    for text in ("throughput ratio", "break-even", "s/image", "amortized ratio", "profiling overhead"):
         assert text in printed
+    overhead = report["profiling_overhead"]  # measured, not asserted: timings belong to benchmarks
+    assert set(overhead) == {"base_s", "profiled_s", "overhead_pct"} and overhead["base_s"] > 0
 
 
 def test_bench_batch_on_the_reference_model(tmp_path, capsys) -> None:
