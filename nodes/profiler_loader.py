@@ -21,6 +21,7 @@ from typing import Any, Callable
 import comfy.sd
 import folder_paths
 
+from ..profiling.profiler import DEFAULT_ENTROPY_TOKENS
 from ..profiling.session import ProfileSession
 from .comfy_versions import add_call_wrapper, call_next, call_wrappers, remove_call_wrappers
 from .folders import CATEGORY, ProfileHandle, tip
@@ -62,7 +63,7 @@ class ProfilerModelLoader:
             "required": {
                 "ckpt_name": (folder_paths.get_filename_list("checkpoints"), tip("Checkpoint to load and profile.")),
                 "timestep_buckets": ("INT", tip("Statistics are kept separately for this many noise-level ranges.", default=4, min=1, max=16)),
-                "entropy_tokens": ("INT", tip("Query tokens sampled per call for attention entropy (0 turns entropy off).", default=256, min=0, max=4096)),
+                "entropy_tokens": ("INT", tip("Query tokens sampled per call for attention entropy (0 turns entropy off).", default=DEFAULT_ENTROPY_TOKENS, min=0, max=4096)),
                 "on_requeue": (["accumulate", "reset"], tip("accumulate: sampler runs on later queues add to this profile; reset: every queue starts a new profile.")),
             }
         }

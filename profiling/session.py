@@ -19,11 +19,37 @@ import torch.nn as nn
 
 from ..errors import FragmentError, ProfilingError
 from .dataset import ProfileData
-from .ff_profiler import FFProfiler
-from .profiler import HeadProfiler
+from .ff_profiler import DEFAULT_FF_TOKEN_SAMPLE, FFProfiler
+from .hooks import HookContext
+from .profiler import DEFAULT_ENTROPY_TOKENS, HeadProfiler
 from .step_change import StepChangeProbe
 
 log = logging.getLogger(__name__)
+
+
+def profiling_stack(model: nn.Module, *, buckets: int = 4, shallow: int = 1, ff: bool = True, steps: bool = True,
+                    ff_token_sample: int | None = DEFAULT_FF_TOKEN_SAMPLE, **head_kwargs: Any) -> list[HookContext]:
+    """The hook contexts a profile attaches: heads, feed-forward channels and per-step change, as used.
+
+    ``head_kwargs`` go to ``HeadProfiler`` (``FULL_FIDELITY`` for the full statistics, with
+    ``ff_token_sample=None`` for every token of the feed-forward blocks).  A model
+    without feed-forward blocks or without a known block layout just gets fewer contexts.
+
+    >>> [type(c).__name__ for c in profiling_stack(unet)]  # doctest: +SKIP
+    ['HeadProfiler', 'FFProfiler', 'StepChangeProbe']
+    """
+    stack: list[HookContext] = [HeadProfiler(model, buckets=buckets, **head_kwargs)]
+    if ff:
+        try:
+            stack.append(FFProfiler(model, token_sample=ff_token_sample))
+        except ProfilingError:
+            log.debug("%s: no feed-forward blocks to profile", type(model).__name__)
+    if steps:
+        try:
+            stack.append(StepChangeProbe(model, shallow))
+        except FragmentError:
+            log.debug("%s: no block layout for the step-change probe", type(model).__name__)
+    return stack
 
 
 class ProfileSession:
@@ -35,7 +61,7 @@ class ProfileSession:
     (1, 1)
     """
 
-    def __init__(self, model: nn.Module, *, buckets: int = 4, entropy_tokens: int = 256, seed: int = 0,
+    def __init__(self, model: nn.Module, *, buckets: int = 4, entropy_tokens: int = DEFAULT_ENTROPY_TOKENS, seed: int = 0,
                  info: dict[str, Any] | None = None) -> None:
         self.model = model
         self._profiler = HeadProfiler(model, buckets=buckets, entropy_tokens=entropy_tokens, seed=seed, info=info)

@@ -47,7 +47,7 @@ class StepChangeProbe(HookContext):
         self._module = model.get_submodule(self.point)
         if layout.kind == "comfy":  # ComfyUI iterates a block's layers without calling it: its last layer's output is the block's
             self._module = self._module[-1]
-        self._sums: list[float] = []
+        self._sums: list[Any] = []  # per step: a float, or a device scalar once a change was added
         self._counts: list[int] = []
         self._last_t: float | None = None
         self._step = -1
@@ -56,7 +56,7 @@ class StepChangeProbe(HookContext):
         self._current: dict[int, torch.Tensor] = {}
         self._timesteps: list[float] = []  # per step, from the first run
         self._run_timesteps: list[float] = []
-        self._run_changes: list[tuple[int, float]] = []  # this run's additions, to take back if it turns out foreign
+        self._run_changes: list[tuple[int, Any]] = []  # this run's additions, to take back if it turns out foreign
         self._counting = True
         self.runs = 0
         self.skipped_runs = 0
@@ -109,7 +109,9 @@ class StepChangeProbe(HookContext):
             self._sums.append(0.0)
             self._counts.append(0)
         if before is not None and before.shape == h.shape and self._counting:
-            change = float((h - before).norm() / before.norm().clamp_min(1e-12))
+            # A device scalar: turning it into a float here would wait for the device on every call.
+            diff = h - before
+            change = (diff * diff).sum().sqrt() / (before * before).sum().sqrt().clamp_min(1e-12)
             self._sums[self._step] += change
             self._counts[self._step] += 1
             self._run_changes.append((self._step, change))
@@ -126,7 +128,8 @@ class StepChangeProbe(HookContext):
         """Mean relative change per step (``None`` for step 0 and steps never seen twice), over the finished runs."""
         self._end_run()  # the last run may have been a shorter one
         steps = len(self._timesteps) or len(self._sums)
-        return [self._sums[i] / self._counts[i] if i < len(self._sums) and self._counts[i] else None for i in range(steps)]
+        return [float(self._sums[i]) / self._counts[i] if i < len(self._sums) and self._counts[i] else None
+                for i in range(steps)]
 
     def timesteps(self) -> list[float]:
         """The first run's timestep per step: what a schedule calibrated from these changes is matched by."""

@@ -39,8 +39,11 @@ def _check(report: dict, printed: str) -> None:
         assert row["amortized_ratio"] == pytest.approx(rows[0]["s_per_image"] * row["n"] / expected)
     final = Schedule.from_manifest(report["schedule"]) if report["schedule"] else Schedule()
     assert report["reused_steps_applied"] == list(final.reuse_steps)  # timed exactly as calibrated
-    for text in ("raw throughput ratio", "break-even", "s/image", "amortized", "calibration (", "N=32"):
+    for text in ("raw throughput ratio", "break-even", "s/image", "amortized", "calibration (", "N=32",
+                 "profiling overhead"):
         assert text in printed
+    overhead = report["profiling_overhead"]  # measured, not asserted: timings belong to benchmarks
+    assert set(overhead) == {"base_s", "profiled_s", "overhead_pct"} and overhead["base_s"] > 0
 
 
 def test_bench_batch_on_the_reference_model(tmp_path, capsys) -> None:

@@ -1,4 +1,4 @@
-"""Profiling hooks: known-answer energies, entropy, buckets, samples, clean removal, saved dataset."""
+"""Profiling hooks: known-answer energies, entropy, buckets, samples, clean removal, saved dataset, cheap = full ranking."""
 from __future__ import annotations
 
 
@@ -9,7 +9,17 @@ from torch.testing import assert_close
 
 import comfyui_support as cs
 from prompt_fragments.profiling.dataset import load_profile, save_profile
-from prompt_fragments.profiling.profiler import HeadProfiler, measure_overhead, timestep_bucket
+from prompt_fragments.profiling.ff_profiler import FFProfiler
+from prompt_fragments.profiling.profiler import (
+    DEFAULT_STEP_STRIDE,
+    DEFAULT_TOKEN_SAMPLE,
+    FULL_FIDELITY,
+    HeadProfiler,
+    measure_overhead,
+    timestep_bucket,
+)
+from prompt_fragments.profiling.scoring import rank_stability, score_heads
+from prompt_fragments.profiling.session import profiling_stack
 
 
 class Wrapper(torch.nn.Module):
@@ -148,3 +158,106 @@ def test_measure_overhead_reports_both_timings() -> None:
     assert set(result) == {"base_s", "profiled_s", "overhead_pct"}
     assert result["base_s"] > 0 and result["profiled_s"] > 0
     assert _hooks_count(unet) == 0
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.argsort().argsort().to(torch.float64)
+    rb = b.argsort().argsort().to(torch.float64)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+@pytest.fixture(scope="module")
+def reference_profiles():
+    """The reference model profiled twice on the same seeds: full fidelity and the cheap defaults."""
+    from prompt_fragments.reference.model import load_reference
+    from prompt_fragments.reference.sampling import sample
+
+    model = load_reference()
+    context, uncond = model.encode(["a red circle in the top left"]), model.encode([""])
+    profiles = {}
+    for name, kwargs, ff_kwargs in (("full", FULL_FIDELITY, {"token_sample": None}), ("cheap", {}, {})):
+        with HeadProfiler(model.unet, buckets=2, **kwargs) as prof, FFProfiler(model.unet, **ff_kwargs) as ff:
+            for seed in range(4):
+                prof.begin_sample(seed)
+                sample(model.unet, context, uncond, [seed], steps=10)
+        profiles[name] = prof.result()
+        profiles[name + "_ff"] = ff.scores()
+    return profiles
+
+
+def test_cheap_profile_ranks_heads_like_the_full_one(reference_profiles) -> None:
+    from prompt_fragments.fragment.surgery.selection import select_heads
+
+    full, cheap = reference_profiles["full"], reference_profiles["cheap"]
+    assert cheap.info["step_stride"] == DEFAULT_STEP_STRIDE and cheap.info["token_sample"] == DEFAULT_TOKEN_SAMPLE
+    assert full.calls_per_bucket == cheap.calls_per_bucket  # every call is counted, measured or not
+    assert sum(cheap.info["profiled_calls_per_bucket"]) < sum(full.info["profiled_calls_per_bucket"])
+    for bucket in (None, 0, 1):  # pooled (score_heads) and per bucket (select_bucket_heads)
+        sf, sc = score_heads(full, bucket=bucket), score_heads(cheap, bucket=bucket)
+        rho = _spearman(torch.cat(list(sf.values())), torch.cat(list(sc.values())))
+        assert rho > 0.97, f"bucket {bucket}: global Spearman {rho:.3f}"
+        # what a fragment removes: the 30 % least important heads, chosen from either profile
+        removed_full = {(p, h) for p, kept in select_heads(sf, ratio=0.3).kept.items()
+                        for h in range(full.module(p).site.heads) if h not in kept}
+        removed_cheap = {(p, h) for p, kept in select_heads(sc, ratio=0.3).kept.items()
+                         for h in range(cheap.module(p).site.heads) if h not in kept}
+        overlap = len(removed_full & removed_cheap) / len(removed_full)
+        assert overlap >= 0.85, f"bucket {bucket}: pruned-set overlap {overlap:.2f}"
+    # per-sample rankings (rank stability) stay measured for every seed, and close to the full profile's
+    stab_full, stab_cheap = rank_stability(full), rank_stability(cheap)
+    assert all(entry["samples"] == 4 for entry in stab_cheap.values())
+    mean_full = sum(e["spearman"] for e in stab_full.values()) / len(stab_full)
+    mean_cheap = sum(e["spearman"] for e in stab_cheap.values()) / len(stab_cheap)
+    assert abs(mean_full - mean_cheap) < 0.05, (mean_full, mean_cheap)
+    # feed-forward channels: the cheap token sample ranks every block's channels like all tokens do
+    for path, full_ff in reference_profiles["full_ff"].items():
+        rho = _spearman(full_ff, reference_profiles["cheap_ff"][path])
+        assert rho > 0.95, f"{path}: FF channel Spearman {rho:.3f}"
+
+
+def test_step_stride_turns_with_the_sample_and_measures_every_bucket() -> None:
+    unet, make_inputs = cs.make_small_diffusers_unet("sd15")
+    with HeadProfiler(unet, buckets=2, step_stride=3) as prof, torch.no_grad():
+        for seed in (0, 1, 2):
+            prof.begin_sample(seed)
+            for t in (900.0, 800.0, 700.0, 600.0, 300.0, 200.0):
+                inputs = make_inputs(batch=1, seed=seed)
+                inputs["timestep"] = torch.tensor([t])
+                unet(**inputs)
+    data = prof.result()
+    assert data.calls_per_bucket == [6, 12]
+    # bucket 1 has 4 steps a sample: measured steps 0,3 / 2 / 1; bucket 0 has 2: steps 0 / - / 1
+    assert data.info["profiled_calls_per_bucket"] == [2, 4]
+    stats = next(iter(data.modules.values()))
+    assert bool((stats.tokens > 0).all())
+    assert stats.sample_tokens.tolist()[1] > 0 and stats.sample_tokens.tolist()[2] > 0
+
+
+def test_token_sample_is_seeded_and_all_tokens_match_full_fidelity() -> None:
+    unet, make_inputs = cs.make_small_diffusers_unet("sd15")
+    inputs = make_inputs(batch=1, seed=3)
+
+    def profile(**kwargs) -> dict:
+        with HeadProfiler(unet, buckets=1, **kwargs) as prof, torch.no_grad():
+            unet(**inputs)
+        return prof.result().modules
+
+    a, b = profile(token_sample=4, seed=5), profile(token_sample=4, seed=5)
+    everything, full = profile(token_sample=10**9), profile(**FULL_FIDELITY)
+    for path in a:
+        assert_close(a[path].energy(), b[path].energy())
+        assert_close(everything[path].energy(), full[path].energy())
+        assert_close(everything[path].variance(), full[path].variance(), rtol=1e-4, atol=1e-7)
+        assert a[path].tokens.sum() < full[path].tokens.sum() or full[path].tokens.sum() <= 4
+
+
+def test_measure_overhead_times_the_whole_stack() -> None:
+    unet, make_inputs = cs.make_small_diffusers_unet("sd15")
+    inputs = make_inputs()
+    stack = profiling_stack(unet, buckets=2)
+    assert [type(c).__name__ for c in stack] == ["HeadProfiler", "FFProfiler", "StepChangeProbe"]
+    result = measure_overhead(unet, lambda: unet(**inputs), repeats=1, contexts=lambda: stack)
+    assert result["base_s"] > 0 and result["profiled_s"] > 0
+    assert _hooks_count(unet) == 0
+    assert stack[0].result().total_calls == 2 and stack[1].calls == 2  # warm-up and one timed run were hooked
