@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .fragment.build import apply_fragment, describe_base
-from .fragment.calibration import Budget
+from .fragment.calibration import Budget, lever_ladder
 from .fragment.extract import calibrated_fragment, candidate_fragment, extract_fragment, score_profile
 from .fragment.format.measurements import update_fragment_file
 from .fragment.format.store import load_fragment, save_fragment
@@ -323,7 +323,6 @@ def run_demo(
 def _lever_bytes(unet: torch.nn.Module, profile: Any, chosen: Any, *, base: dict[str, Any], name: str,
                  sources: dict[str, Any]) -> list[dict[str, Any]]:
     """Resident weight MB with each lever of the chosen candidate added in turn (schedule levers save time, not bytes)."""
-    from .bench.batch import lever_ladder
     from .metrics.memory import resident_weight_mb
 
     rows, before = [], resident_weight_mb(unet)

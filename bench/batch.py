@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..fragment.build import describe_base
-from ..fragment.calibration import GOALS, Budget, Candidate
+from ..fragment.calibration import GOALS, Budget, lever_ladder
 from ..fragment.extract import calibrated_fragment, candidate_fragment
 from ..fragment.schedule.apply import fragment_schedule
 from ..fragment.schedule.state import ScheduleState
@@ -85,28 +85,6 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
         out = fn()
     synchronize(device)
     return out, time.perf_counter() - started
-
-
-def lever_ladder(chosen: Candidate) -> list[tuple[str, Candidate]]:
-    """The chosen candidate's levers added one at a time, for the bench's rows (the last row is ``chosen``).
-
-    >>> [label for label, _ in lever_ladder(Candidate(heads=0.2, step_reuse=0.3, cfg_cutoff=350.0))]
-    ['fragment: heads 20%', '+ step reuse 30%', '+ CFG off below t=350 (final)']
-    """
-    steps: list[tuple[str, Candidate]] = []
-    current = Candidate()
-    for name, value in (("heads", chosen.heads), ("kv_fold", chosen.kv_fold), ("ff_ratio", chosen.ff_ratio),
-                        ("precision_ratio", chosen.precision_ratio), ("step_reuse", chosen.step_reuse),
-                        ("cfg_cutoff", chosen.cfg_cutoff)):
-        if not value:
-            continue
-        before = current.label
-        current = dataclasses.replace(current, **{name: value})
-        part = current.label if before == "full model" else current.label[len(before) + 3:]
-        steps.append(((("fragment: " if not steps else "+ ") + part), current))
-    if steps:
-        steps[-1] = (steps[-1][0] + " (final)", steps[-1][1]) if len(steps) > 1 else steps[-1]
-    return steps
 
 
 def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dict[str, Any]:
