@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-seeds", type=int, default=8, help="seeds profiled; also the calibration set")
     p.add_argument("--holdout", type=int, default=4, help="held-out seeds the chosen fragment must also pass")
     p.add_argument("--goal", choices=["memory", "speed", "both"], default="speed", help="what the calibration maximises")
-    p.add_argument("--budget-images", type=int, default=40, help="images the calibration may judge")
+    p.add_argument("--budget-images", type=int, default=48, help="images the calibration may judge")
     p.add_argument("--size", type=int, default=8, help="sd15: latent size (multiple of 8; pixels = 8x)")
     p.add_argument("--prompt", default=None, help="reference: the prompt (default: the demo's)")
     p.add_argument("--weights", default=None, help="reference: model safetensors (default: the committed one)")

@@ -67,7 +67,7 @@ class BenchConfig:
     profile_seeds: int = 8
     holdout_seeds: int = 4  # the calibration's confirmation seeds: neither profiled nor among the variants
     goal: str = "speed"
-    budget_images: int = 40
+    budget_images: int = 48
     shallow: int = 1
     first_variant_seed: int = 10_000  # never a profile seed: the quality shown is on the prompt's fresh seeds
     first_holdout_seed: int = 20_000

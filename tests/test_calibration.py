@@ -114,8 +114,9 @@ def test_the_ladder_follows_the_profile_scores() -> None:
     # heads whose scores carry little mass go first; FF channels likewise; a lever without data is not offered
     predictors = Predictors(head_scores={"a": torch.tensor([0.01, 0.01, 1.0, 1.0])},
                             ff_scores={"f": torch.tensor([5.0, 5.0, 5.0, 5.0])})
-    ladder = candidate_ladder(predictors, "speed", levels=(0.2, 0.1))
-    assert ladder[0].heads == pytest.approx(0.5) and ladder[0].step_reuse == 0.0
+    ladder = candidate_ladder(predictors, "memory", levels=(0.2, 0.1))
+    assert ladder[0].heads == pytest.approx(0.5) and ladder[0].step_reuse == 0.0 and ladder[0].precision_ratio == 0.0
+    assert candidate_ladder(predictors, "speed") == []  # speed moves step reuse, which these predictors lack
     assert predictors.damage("heads", 0.5) == pytest.approx(math.sqrt(0.02 / 2.02))
     assert predictors.damage("ff_ratio", 0.25) == pytest.approx(0.5)  # uniform channels: a quarter of the energy
     assert all(c.ff_ratio == 0.0 for c in ladder)
