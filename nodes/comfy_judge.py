@@ -65,10 +65,11 @@ def check_steps(settings: SamplerSettings, profiled_calls: int | None, where: st
     A schedule and a reference made for other steps would judge the wrong run.
 
     >>> check_steps(SamplerSettings(1, 4, 7.0, "euler", "normal"), 4)
-    >>> check_steps(SamplerSettings(1, 20, 7.0, "euler", "normal"), 4)
-    Traceback (most recent call last):
-    ...
-    prompt_fragments.errors.FragmentError: FragmentExtractor: steps is 20, but the profiled sampler run made 4 model calls (euler: 4 steps); connect the profiled KSampler's steps (and sampler) to the extractor
+    >>> try:
+    ...     check_steps(SamplerSettings(1, 20, 7.0, "euler", "normal"), 4)
+    ... except FragmentError as exc:
+    ...     print(exc)
+    FragmentExtractor: steps is 20, but the profiled sampler run made 4 model calls (euler: 4 steps); connect the profiled KSampler's steps (and sampler) to the extractor
     """
     if not profiled_calls:
         return

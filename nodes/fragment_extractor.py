@@ -130,6 +130,10 @@ class FragmentExtractor:
             status = f"fixed settings, not judged ({why}): {settings.label}"
         else:
             check_steps(sampler, len(profile.session.step_timesteps() or []))
+            existing = fragments_dir() / f"{name}.json"
+            if not overwrite and existing.exists():  # before minutes of judging, not after
+                raise FragmentError(f"FragmentExtractor: {existing}: a fragment named {name!r} already exists "
+                                    "(choose another name or overwrite)")
             lpips, lpips_note = optional_lpips() if vae is not None else (None, "")
             judge = ComfyJudge(profile.patcher, sampler, positive, negative, trigger, vae=vae, digest=digest,
                                originals=originals, lpips=lpips)

@@ -40,9 +40,13 @@ def env(comfyui, comfyui_pack, sd15_checkpoint):
 
 
 def _calibrate(env, name: str, **inputs):
-    """The extractor in calibration mode, wired as the shipped workflows wire it; returns (handle, status, ui)."""
+    """The extractor in calibration mode, wired as the shipped workflows wire it; returns (handle, status).
+
+    The goal is ``speed``: building a precision candidate quantizes the whole UNet (tens of seconds on
+    a CI core), and the judging under test is the same for every goal.
+    """
     wiring = dict(positive=env.positive, negative=env.negative, calibrate="on", seed=SEED, steps=STEPS, cfg=CFG,
-                  sampler_name="euler", scheduler="normal", goal="both", budget_images=4, holdout_seeds=1)
+                  sampler_name="euler", scheduler="normal", goal="speed", budget_images=6, holdout_seeds=1)
     wiring.update(inputs)
     with torch.inference_mode():
         out = env.mapping["FragmentExtractor"]().extract(
@@ -68,11 +72,11 @@ def test_extractor_with_a_vae_records_judge_seeds_and_every_try(env) -> None:
         assert -1.0 <= entry["metrics"]["ssim_mean"] <= 1.0 and entry["metrics"]["space"] == "image"
         assert "latent_rel_error" not in entry["metrics"]  # with a VAE the images are judged, nothing else
     cost = manifest["performance"]["calibration"]
-    assert cost["images"] == refinement["cost"]["images"] <= 4 and cost["tries"] == len(refinement["tries"])
+    assert cost["images"] == refinement["cost"]["images"] <= 6 and cost["tries"] == len(refinement["tries"])
     assert f"{cost['images']} images" in status and f"{cost['tries']} tries" in status
     assert "LPIPS" in status  # measured (judge "SSIM + LPIPS") or said to be missing
     if quality["quality_gate"] == "passed":
-        assert status.startswith("calibrated (both)") and "held-out seeds" in status
+        assert status.startswith("calibrated (speed)") and "held-out seeds" in status
         assert quality["holdout"]["ssim_mean"] >= 0.9
     else:
         assert status.startswith("FULL MODEL used") and manifest["pruning"]["heads_removed"] == 0
@@ -84,7 +88,7 @@ def test_a_gate_that_cannot_pass_stores_the_full_model_and_says_so(env, tmp_path
     # A latent error below zero is unreachable: every candidate fails, whatever it is.
     impossible.write_text("quality_gate:\n  variants: 1\n  latent_rel_error_max: -1.0\n")
     monkeypatch.setattr(env.pack.nodes.comfy_judge, "THRESHOLDS", impossible)
-    handle, status = _calibrate(env, "judged_impossible", goal="memory", budget_images=3)
+    handle, status = _calibrate(env, "judged_impossible", budget_images=3)
     assert status.startswith("FULL MODEL used: no lever combination passed the quality gate"), status
     assert "last failures" in status and "latent_rel_error" in status and "> -1" in status
     assert "judged in latent space" in status
