@@ -45,7 +45,9 @@ class ReferenceTarget:
         base = measure.adherence(full, self.prompt)
         result = measure.compare(full, images, self.prompt, self.lpips, base)
         # the gate fails a missing value: no LPIPS scorer, or a prompt the analyzer cannot read, drops that limit
-        unmeasured = [m for m, absent in (("lpips_mean", self.lpips is None), ("adherence_delta", base is None)) if absent]
+        # ... and the latent-space proxy is for judges without images (FragmentExtractor without a VAE): not this one
+        unmeasured = [m for m, absent in (("lpips_mean", self.lpips is None), ("adherence_delta", base is None),
+                                          ("latent_rel_error", True)) if absent]
         limits = measurable_limits(self.limits, unmeasured)
         failures = gate_failures(result, limits)
         return not failures, {**result, "gate_failures": failures, "gate_slack": gate_slack(result, limits)}

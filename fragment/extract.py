@@ -24,7 +24,9 @@ from ..profiling.ff_profiler import weight_norm_scores
 from ..profiling.scoring import rank_stability, score_heads, unstable_heads
 from ..profiling.step_change import reuse_steps_for_count
 from .build import build_fragment
-from .calibration import Budget, Calibration, Candidate, Judgement, Predictors, calibrate, candidate_ladder, precision_errors
+from .calibration import (
+    Budget, Calibration, Candidate, Judgement, Predictors, calibrate, candidate_ladder, goal_levers, precision_errors,
+)
 from .format.manifest import Fragment
 from .format.measurements import record_measurements
 from .format.store import save_fragment
@@ -222,6 +224,7 @@ def profile_predictors(
     ff_scores: Mapping[str, torch.Tensor] | None = None,
     step_changes: Sequence[float | None] | None = None,
     kv_context: torch.Tensor | None = None,
+    precision: bool = True,
 ) -> Predictors:
     """What the calibration predicts from: the profile's scores, and the precision format's error on ``model``.
 
@@ -236,7 +239,7 @@ def profile_predictors(
         values[list(scores.protected.get(path, ()))] = top  # never removed, so ranked with the most important
         heads[path] = values
     return Predictors(head_scores=heads, ff_scores=ff_scores, step_changes=step_changes,
-                      precision_errors=precision_errors(retained_linears(model), settings.precision),
+                      precision_errors=precision_errors(retained_linears(model), settings.precision) if precision else None,
                       kv_fold=kv_context is not None)
 
 
@@ -271,8 +274,9 @@ def calibrated_fragment(
     ...                                 calibration_seeds=range(8), holdout_seeds=[100, 101], goal="speed")
     """
     scores = score_profile(profile, settings)
-    predictors = profile_predictors(scores, model, settings=settings, ff_scores=ff_scores,
-                                    step_changes=step_changes, kv_context=kv_context)
+    # the precision predictor quantizes every Linear once: only worth it when the goal moves precision
+    predictors = profile_predictors(scores, model, settings=settings, ff_scores=ff_scores, step_changes=step_changes,
+                                    kv_context=kv_context, precision="precision_ratio" in goal_levers(goal))
     ladder = candidate_ladder(predictors, goal)
 
     def build(candidate: Candidate) -> Fragment:

@@ -22,9 +22,10 @@ from typing import Any
 from ..errors import BaseModelMismatchError, FragmentError
 from ..fragment.library.auto_mode import auto_select, load_or_fallback
 from ..fragment.library.fingerprint import pool_conditioning
-from ..fragment.patching import base_sha256, plan_patches
+from ..fragment.format.manifest import Fragment
+from ..fragment.patching import PatchPlan, base_sha256, plan_patches
 from ..fragment.schedule.apply import fragment_schedule, schedule_replacements
-from ..fragment.schedule.state import ScheduleState
+from ..fragment.schedule.state import Schedule, ScheduleState
 from .comfy_versions import unload_clones
 from .folders import (
     CATEGORY, NONE, FragmentHandle, fragment_choices, fragment_path, fragments_dir, tip, unpatched_originals
@@ -90,37 +91,56 @@ class FragmentLoader:
         else:
             raise FragmentError("FragmentLoader: expected a fragment_name or a connected fragment input, found neither")
         try:
-            plan = plan_patches(
-                model.model.diffusion_model,
-                frag,
-                originals=originals,
-                base_digest=digest,
-                weight_patch_keys=model.patches.keys(),
-                transformer_options=model.model_options.get("transformer_options", {}),
-                key_prefix=PREFIX,
-            )
+            patched, plan, plan_schedule = fragment_model(model, frag, originals=originals, digest=digest,
+                                                          schedule=schedule != "off")
         except BaseModelMismatchError as exc:
             if on_mismatch == "raise":
                 raise
             status = f"FALLBACK to the full model: {exc}"
             log.warning("FragmentLoader: %s", status)
             return (without_profiling(model.clone()), status)
-        # A fragment model is never profiled: statistics must describe the full model only.
-        patched = without_profiling(model.clone())
-        replacements, plan_schedule = plan.replacements, fragment_schedule(frag)
-        if schedule != "off" and not plan_schedule.empty:
-            state = ScheduleState.for_schedule(plan_schedule)
-            diffusion_model = model.model.diffusion_model
-            replacements = schedule_replacements(diffusion_model, frag, plan.replacements, plan_schedule, state,
-                                                 reuse_on=diffusion_model)
-            sampling = model.object_patches.get("model_sampling", model.model.model_sampling)  # as a sampling node set it
-            install_schedule(patched, state, sampling, plan_schedule.cfg_cutoff)
-        for path, module in replacements.items():
-            patched.add_object_patch(PREFIX + path, module)
-        patched.size = max(1, model.model_size() - plan.bytes_saved)
         status = prefix_status + (f"applied fragment {frag.name!r}: {len(plan.replacements)} modules replaced, "
                   f"{plan.bytes_saved / 2**20:.1f} MiB fewer weights")
         if not plan_schedule.empty:
             status += "; " + (describe_schedule(plan_schedule) if schedule != "off" else "schedule off")
         log.info("FragmentLoader: %s", status)
         return (patched, status)
+
+
+def fragment_model(model: Any, frag: Fragment, *, originals: dict[str, Any] | None = None, digest: str | None = None,
+                   schedule: bool = True) -> tuple[Any, PatchPlan, Schedule]:
+    """A clone of ``model`` with ``frag`` applied as object patches (and its schedule, unless ``schedule`` is off).
+
+    The one way the pack puts a fragment on a ComfyUI MODEL: FragmentLoader and the
+    extractor's judge both call it.  The clone never profiles, its size is the bytes
+    really resident, and the shared model is left alone.  ``digest`` (``base_sha256``)
+    skips re-hashing the base; raises ``BaseModelMismatchError`` for another base.
+
+    >>> patched, plan, plan_schedule = fragment_model(model, fragment, digest=digest)  # doctest: +SKIP
+    >>> patched is not model, plan_schedule.empty  # doctest: +SKIP
+    (True, True)
+    """
+    originals = unpatched_originals(model) if originals is None else originals
+    plan = plan_patches(
+        model.model.diffusion_model,
+        frag,
+        originals=originals,
+        base_digest=digest,
+        weight_patch_keys=model.patches.keys(),
+        transformer_options=model.model_options.get("transformer_options", {}),
+        key_prefix=PREFIX,
+    )
+    # A fragment model is never profiled: statistics must describe the full model only.
+    patched = without_profiling(model.clone())
+    replacements, plan_schedule = plan.replacements, fragment_schedule(frag)
+    if schedule and not plan_schedule.empty:
+        state = ScheduleState.for_schedule(plan_schedule)
+        diffusion_model = model.model.diffusion_model
+        replacements = schedule_replacements(diffusion_model, frag, plan.replacements, plan_schedule, state,
+                                             reuse_on=diffusion_model)
+        sampling = model.object_patches.get("model_sampling", model.model.model_sampling)  # as a sampling node set it
+        install_schedule(patched, state, sampling, plan_schedule.cfg_cutoff)
+    for path, module in replacements.items():
+        patched.add_object_patch(PREFIX + path, module)
+    patched.size = max(1, model.model_size() - plan.bytes_saved)
+    return patched, plan, plan_schedule

@@ -32,9 +32,9 @@ def graph(comfyui, comfyui_pack, sd15_checkpoint):
         latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
         for seed in (1, 2):
             sampled = nodes.KSampler().sample(model, seed, 2, 7.0, "euler", "normal", positive, negative, latent)[0]
-        (fragment,) = mapping["FragmentExtractor"]().extract(
+        fragment, _status = mapping["FragmentExtractor"]().extract(
             profile, sampled, "node_test", "ratio", 0.3, 30.0, "global", 1, 0, False, True
-        )
+        )["result"]
         base = nodes.CheckpointLoaderSimple().load_checkpoint(sd15_checkpoint)[0]
     return SimpleNamespace(nodes=nodes, mapping=mapping, model=model, clip=clip, profile=profile, fragment=fragment,
                            positive=positive, negative=negative, latent=latent, base=base, ckpt=sd15_checkpoint)
@@ -218,9 +218,9 @@ def test_extra_fragments_folders_are_listed(comfyui, graph, tmp_path: Path) -> N
 
 def _extract(graph, name: str, **levers):
     with torch.inference_mode():
-        (handle,) = graph.mapping["FragmentExtractor"]().extract(
+        handle, _status = graph.mapping["FragmentExtractor"]().extract(
             graph.profile, graph.latent, name, "ratio", 0.3, 30.0, "global", 1, 0, False, True, **levers
-        )
+        )["result"]
     return handle
 
 
