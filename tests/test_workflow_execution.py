@@ -511,3 +511,45 @@ def test_sdxl_workflows_end_to_end_in_a_subprocess(comfyui: cs.ComfyUIRuntime, t
     assert measured["arch"] == "sdxl"
     if measured["peak_anon_gb"]:  # Linux: sampled from /proc
         assert measured["peak_anon_gb"] < SDXL_MAX_PEAK_ANON_GB, measured
+
+
+# --------------------------------------------------------------------------- (f) the shipped gate, on
+
+
+def test_the_shipped_extract_graph_runs_with_the_gate_on(comfyui: cs.ComfyUIRuntime, comfyui_pack: Any,
+                                                          sd15_checkpoint: str) -> None:
+    """profile_and_extract as shipped (calibrate auto, the checkpoint's VAE wired): the judge runs and records.
+
+    Shrunk like the other graphs, with 4 steps so step reuse has steps to choose from, and the speed goal
+    (no precision candidates, which quantize every Linear of a CPU UNet per try).  Random weights carry no
+    image quality, so either outcome is legitimate; what must hold is that the judge ran, recorded every
+    try and its cost, and that the status shown on the node says which outcome it was.
+    """
+    prompt = json.loads((API_DIR / "profile_and_extract.json").read_text(encoding="utf-8"))
+    extractor_id = next(k for k, v in prompt.items() if v["class_type"] == "FragmentExtractor")
+    for entry in prompt.values():
+        inputs = entry["inputs"]
+        if "ckpt_name" in inputs:
+            inputs["ckpt_name"] = sd15_checkpoint
+        if entry["class_type"] == "EmptyLatentImage":
+            inputs.update(width=SIZE, height=SIZE)
+        if entry["class_type"] == "KSampler":
+            inputs["steps"] = 4
+    extractor = prompt[extractor_id]["inputs"]
+    assert extractor["calibrate"] == "auto" and _is_link(extractor["vae"])
+    extractor.update(steps=4, goal="speed", budget_images=8, name="gated_fragment", overwrite=True)
+    try:
+        outputs = cs.run_prompt(comfyui, prompt, prompt_id="e2e-gate-on")
+    finally:
+        cs.free_comfy_memory()
+        release_heap()
+    (status,) = outputs[extractor_id]["text"]
+    manifest = load_fragment(comfyui.model_dir("fragments") / "gated_fragment.json").manifest
+    refinement = manifest["quality"]["refinement"]
+    assert refinement["tries"] and refinement["judge"] and refinement["goal"] == "speed"
+    assert refinement["cost"]["images"] <= 8 and manifest["performance"]["calibration"]["images"] == refinement["cost"]["images"]
+    if refinement["chosen"] is None:
+        assert manifest["quality"]["quality_gate"] == "fallback_full_model" and status.startswith("FULL MODEL used")
+    else:
+        assert manifest["quality"]["quality_gate"] == "passed" and status.startswith("calibrated (speed)")
+        assert refinement["chosen"]["label"] in status
