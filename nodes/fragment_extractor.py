@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from types import SimpleNamespace  # noqa: F401 - the docstring examples build judges from it
 from typing import Any
 
 import comfy.samplers
