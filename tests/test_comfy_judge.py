@@ -20,7 +20,7 @@ from prompt_fragments.fragment.extract import candidate_fragment
 from prompt_fragments.fragment.format.store import load_fragment
 from prompt_fragments.fragment.patching import base_sha256
 
-SEED, STEPS, CFG = 7, 2, 7.0
+SEED, STEPS, CFG = 7, 4, 7.0  # 4 steps: step reuse (the speed goal's lever) has steps to choose from
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_a_reference_that_is_not_the_profiled_run_is_refused(env) -> None:
 
 
 def test_steps_other_than_the_profiled_run_are_refused(env) -> None:
-    with pytest.raises(Exception, match=r"steps is 5, but the profiled sampler run made 2 model calls") as info:
+    with pytest.raises(Exception, match=r"steps is 5, but the profiled sampler run made 4 model calls") as info:
         _calibrate(env, "judged_wrong_steps", steps=5)
     assert type(info.value).__name__ == "FragmentError"
 
