@@ -145,7 +145,8 @@ class FragmentExtractor:
             status = calibration_status(cal, judge, lpips_note)
             params = {"strategy": "ratio", "ratio": cal.chosen.heads if cal.chosen else 0.0, "scope": scope,
                       "calibration": cal.status, "levers": cal.chosen.label if cal.chosen else "full model"}
-        if positive is not None:  # indexed for FragmentLoader's (auto) mode
+        # Indexed for FragmentLoader's (auto) mode, unless it is the no-lever fallback: auto would pick the full model.
+        if positive is not None and params.get("levers") != "full model":
             register(fragments_dir(), path, embedding=pool_conditioning(positive), prompt=name, params=params)
         log.info("FragmentExtractor: %s", status)
         return {"ui": {"text": [status]}, "result": (FragmentHandle(fragment=fragment, manifest_path=path), status)}

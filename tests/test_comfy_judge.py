@@ -18,6 +18,7 @@ from prompt_fragments.fragment.build import describe_base
 from prompt_fragments.fragment.calibration import Candidate
 from prompt_fragments.fragment.extract import candidate_fragment
 from prompt_fragments.fragment.format.store import load_fragment
+from prompt_fragments.fragment.library.index import entries, forget
 from prompt_fragments.fragment.patching import base_sha256
 
 SEED, STEPS, CFG = 7, 4, 7.0  # 4 steps: step reuse (the speed goal's lever) has steps to choose from
@@ -35,8 +36,14 @@ def env(comfyui, comfyui_pack, sd15_checkpoint):
         # The random checkpoint's VAE loads uninitialised (its keys are missing): decoded images would be
         # whatever memory held, so give it seeded random weights, which decode a latent into a varied image.
         cs.fill_deterministic_(vae.first_stage_model, 0)
-    return SimpleNamespace(comfyui=comfyui, pack=comfyui_pack, mapping=mapping, model=model, vae=vae, profile=profile,
-                           positive=positive, negative=negative, sampled=sampled)
+    yield SimpleNamespace(comfyui=comfyui, pack=comfyui_pack, mapping=mapping, model=model, vae=vae, profile=profile,
+                          positive=positive, negative=negative, sampled=sampled)
+    # The runtime's fragments folder is shared with later modules: take these fragments out of the (auto)
+    # index, where their prompt (a random encoder maps every prompt alike) would win other tests' lookups.
+    folder = comfyui.model_dir("fragments")
+    for entry in entries(folder):
+        if entry["name"].startswith("judged_"):
+            forget(folder, entry["name"])
 
 
 def _calibrate(env, name: str, **inputs):
