@@ -230,10 +230,12 @@ def candidate_ladder(predictors: Predictors, goal: str = "both", levels: Sequenc
     """
     grids = {**GRIDS, **(grids or {})}
     levers = [lv for lv in goal_levers(goal) if predictors.offers(lv)]
+    # the damage of a grid amount does not depend on the level: predicted once per lever, read at every level
+    damages = {lv: {a: predictors.damage(lv, a) for a in grids[lv]} for lv in levers}
     ladder: list[Candidate] = []
     seen: set[tuple] = set()
     for level in sorted(levels, reverse=True):
-        amounts = {lv: _amount_at(predictors, lv, grids[lv], level) for lv in levers}
+        amounts = {lv: _amount_at(damages[lv], level) for lv in levers}
         candidate = Candidate(kv_fold=predictors.kv_fold, level=float(level), **amounts)
         key = tuple(amounts.get(lv, 0.0) for lv in GRIDS)
         if candidate.is_full_model or not any(amounts.values()) or key in seen:
@@ -243,10 +245,10 @@ def candidate_ladder(predictors: Predictors, goal: str = "both", levels: Sequenc
     return ladder
 
 
-def _amount_at(predictors: Predictors, lever: str, grid: Sequence[float], level: float) -> float:
-    """The largest grid amount within ``level``, lowered to the smallest amount with the same predicted damage
-    (a share that rounds to the same whole heads or steps is the same fragment under another name)."""
-    damages = {a: predictors.damage(lever, a) for a in grid}
+def _amount_at(damages: Mapping[float, float], level: float) -> float:
+    """The largest amount (of ``damages``: amount -> predicted damage) within ``level``, lowered to the smallest
+    amount with the same predicted damage (a share that rounds to the same whole heads or steps is the same
+    fragment under another name)."""
     best = max((a for a, d in damages.items() if d <= level), default=0.0)
     return min(a for a, d in damages.items() if d == damages.get(best, 0.0)) if best else 0.0
 

@@ -283,13 +283,22 @@ def calibrated_fragment(
         return candidate_fragment(profile, model, candidate, base=base, name=name, settings=settings, kv_context=kv_context,
                                   ff_scores=ff_scores, step_changes=step_changes, step_timesteps=step_timesteps)
 
-    cal = calibrate(ladder, lambda candidate, seeds: judge_fragment(build(candidate), seeds),
+    passed: dict[Candidate, Fragment] = {}  # what the judge passed: the chosen fragment is among them, built once
+
+    def judge(candidate: Candidate, seeds: Sequence[int]) -> Judgement:
+        fragment = passed.get(candidate) or build(candidate)
+        verdict = judge_fragment(fragment, seeds)
+        if verdict.passed:
+            passed[candidate] = fragment
+        return verdict
+
+    cal = calibrate(ladder, judge,
                     calibration_seeds=calibration_seeds, holdout_seeds=holdout_seeds, budget=budget, goal=goal,
                     judge_name=judge_name, holdout_reference_images=holdout_reference_images,
                     images_per_seed=images_per_seed)
     if cal.chosen is None:
         return None, cal
-    return record_calibration(build(cal.chosen), cal), cal
+    return record_calibration(passed[cal.chosen], cal), cal
 
 
 def record_calibration(fragment: Fragment, cal: Calibration) -> Fragment:
