@@ -87,15 +87,20 @@ def comfy_peer_rows(comfyui_path: str, *, size: int = 8, steps: int = 4, seeds: 
                     scheduler: str = "normal", prompt: str = DEFAULT_PROMPT, negative: str = DEFAULT_NEGATIVE,
                     cache_thresholds: Sequence[float] = CACHE_THRESHOLDS, tome_ratio: float = 0.3,
                     fragment_goal: str = "speed", budget_images: int = 8, profile_seed: int = 1000,
-                    base_dir: str | os.PathLike | None = None, warmup: bool = True) -> list[dict[str, Any]]:
+                    base_dir: str | os.PathLike | None = None, warmup: bool = True, calibrate: bool = True,
+                    fixed_heads: float = 0.3, fixed_step_reuse: float = 0.3) -> list[dict[str, Any]]:
     """The ComfyUI rows of the peer bench, measured in the ComfyUI at ``comfyui_path`` (booted here if needed).
 
     ``size`` is the latent size (pixels / 8); ``checkpoint`` a checkpoint file or a name in the booted
     ComfyUI's ``checkpoints`` folder (default: the random-weight SD1.5, built once into the test cache).
     ``base_dir`` holds ComfyUI's folders when this call boots it (default: a new temporary folder);
     a ComfyUI already booted from ``comfyui_path`` keeps its folders.  The fragment is calibrated on
-    ``profile_seed`` (and the next seed), never on the bench seeds.
+    ``profile_seed`` (and the next seed), never on the bench seeds.  With ``calibrate=False`` it is
+    extracted unjudged at ``fixed_heads`` (share of heads removed) and ``fixed_step_reuse`` (share of
+    steps reusing deep features): a quicker setup whose row is still held to the gate.
 
+    The fragment is built first and its profiled copy of the checkpoint freed before the base copy
+    loads, so one full UNet copy is resident while the rows run (RAM is tight on CI machines).
     Timing: every row first runs one untimed 1-step image (ComfyUI loads and patches the model; ``warmup``), then
     the rows take turns seed by seed, so a load change on a shared machine hits all rows alike;
     ``s_per_image`` is the median over the seeds.
@@ -119,6 +124,10 @@ def comfy_peer_rows(comfyui_path: str, *, size: int = 8, steps: int = 4, seeds: 
     bench = _Bench(runtime, ckpt_name, size=size, steps=steps, cfg=cfg, sampler_name=sampler_name,
                    scheduler=scheduler, prompt=prompt, negative=negative)
     try:
+        fragment = bench.fragment_build(mapping, note, goal=fragment_goal, budget_images=budget_images,
+                                        profile_seed=profile_seed, calibrate=calibrate, fixed_heads=fixed_heads,
+                                        fixed_step_reuse=fixed_step_reuse)
+        bench.load_base()
         runs = [bench.stock_run(note)]
         for node, method in (("EasyCache", "easycache"), ("LazyCache", "lazycache")):
             for threshold in cache_thresholds:
@@ -128,8 +137,7 @@ def comfy_peer_rows(comfyui_path: str, *, size: int = 8, steps: int = 4, seeds: 
                                            verbose=False))
         runs.append(bench.peer_run("TomePatchModel", "tome_patch_model", f"ratio={tome_ratio:g}",
                                    f"TomePatchModel ratio={tome_ratio:g}", note, ratio=float(tome_ratio)))
-        runs.append(bench.fragment_run(mapping, note, goal=fragment_goal, budget_images=budget_images,
-                                       profile_seed=profile_seed))
+        runs.append(bench.fragment_run(fragment, mapping))
         bench.measure(runs, [int(s) for s in seeds], warmup=warmup)
     finally:
         bench.close()
@@ -232,6 +240,8 @@ class _Run:
     seconds: list[float] = field(default_factory=list)
     latents: list[torch.Tensor] = field(default_factory=list)
     extra_quality: dict[str, Any] = field(default_factory=dict)
+    handle: Any = None  # the fragment row: FragmentExtractor's FRAGMENT output and status
+    status: str = ""
 
 
 class _Bench:
@@ -242,13 +252,19 @@ class _Bench:
         self.runtime, self.nodes, self.ckpt_name = runtime, runtime.nodes, ckpt_name
         self.steps, self.cfg = steps, cfg
         self.sampler_name, self.scheduler = sampler_name, scheduler
-        self.prompt = prompt
-        with torch.inference_mode():
-            self.model, clip, _vae = self.nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)[:3]
-            self.positive = self.nodes.CLIPTextEncode().encode(clip, prompt)[0]
-            self.negative = self.nodes.CLIPTextEncode().encode(clip, negative)[0]
-            self.latent = self.nodes.EmptyLatentImage().generate(size * 8, size * 8, 1)[0]
+        self.prompt, self.negative_prompt = prompt, negative
+        self.latent = self.nodes.EmptyLatentImage().generate(size * 8, size * 8, 1)[0]
+        self.model: Any = None
+        self.positive: Any = None
+        self.negative: Any = None
         self.fragment_files: list[Path] = []
+
+    def load_base(self) -> None:
+        """The checkpoint every row samples; loaded after the fragment is built, so two copies are never held."""
+        with torch.inference_mode():
+            self.model, clip, _vae = self.nodes.CheckpointLoaderSimple().load_checkpoint(self.ckpt_name)[:3]
+            self.positive = self.nodes.CLIPTextEncode().encode(clip, self.prompt)[0]
+            self.negative = self.nodes.CLIPTextEncode().encode(clip, self.negative_prompt)[0]
 
     def ksampler(self, model: Any) -> Callable[[int, int], torch.Tensor]:
         def sample(seed: int, steps: int) -> torch.Tensor:
@@ -283,14 +299,33 @@ class _Bench:
         run.sample, run.resident_bytes = self.ksampler(patched), model_bytes(patched)
         return run
 
-    def fragment_run(self, mapping: dict[str, type], note: str, *, goal: str, budget_images: int,
-                     profile_seed: int) -> _Run:
-        """Profile the prompt and extract a calibrated fragment (its setup), then FragmentLoader + BatchGenerator."""
-        run = _Run(empty_row("fragment", f"goal={goal}", f"FragmentLoader + BatchGenerator (goal {goal})", note=note))
+    def fragment_build(self, mapping: dict[str, type], note: str, *, goal: str, budget_images: int,
+                       profile_seed: int, calibrate: bool = True, fixed_heads: float = 0.3,
+                       fixed_step_reuse: float = 0.3) -> _Run:
+        """Profile the prompt and extract a calibrated fragment: the fragment row's setup (before ``load_base``)."""
+        from .comfyui_boot import free_comfy_memory
+
+        setting = (f"goal={goal}, calibrated" if calibrate
+                   else f"fixed heads={fixed_heads:g}, step_reuse={fixed_step_reuse:g}, not calibrated")
+        run = _Run(empty_row("fragment", setting, f"FragmentLoader + BatchGenerator ({setting})", note=note))
         try:
             started = time.perf_counter()
-            handle, status = self.build_fragment(mapping, goal=goal, budget_images=budget_images, seed=profile_seed)
+            run.handle, run.status = self.build_fragment(mapping, goal=goal, budget_images=budget_images,
+                                                         seed=profile_seed, calibrate=calibrate, heads=fixed_heads,
+                                                         step_reuse=fixed_step_reuse)
             run.setup_s = time.perf_counter() - started
+        except Exception as exc:  # reported, never dropped
+            log.exception("building the fragment failed")
+            run.row["error"] = f"{type(exc).__name__}: {exc}"
+        free_comfy_memory()  # the profiled copy of the checkpoint goes before the base copy comes
+        return run
+
+    def fragment_run(self, run: _Run, mapping: dict[str, type]) -> _Run:
+        """The built fragment through FragmentLoader on the base MODEL, sampled by BatchGenerator."""
+        if run.row["error"] is not None:
+            return run
+        handle, status = run.handle, run.status
+        try:
             with torch.inference_mode():
                 patched, _loaded = mapping["FragmentLoader"]().apply(self.model, "(none)", "raise", fragment=handle)
         except Exception as exc:  # reported, never dropped
@@ -308,17 +343,21 @@ class _Bench:
         run.extra_quality["extractor_status"] = status  # what the calibration chose, in the extractor's words
         return run
 
-    def build_fragment(self, mapping: dict[str, type], *, goal: str, budget_images: int, seed: int) -> tuple[Any, str]:
-        """ProfilerModelLoader -> KSampler (the profiled run) -> FragmentExtractor, calibrated on latents (no VAE)."""
+    def build_fragment(self, mapping: dict[str, type], *, goal: str, budget_images: int, seed: int,
+                       calibrate: bool = True, heads: float = 0.3, step_reuse: float = 0.3) -> tuple[Any, str]:
+        """ProfilerModelLoader -> KSampler (the profiled run) -> FragmentExtractor, calibrated on latents (no VAE)
+        or, with ``calibrate`` off, at the fixed ``heads`` and ``step_reuse``."""
         name = f"peer_bench_{os.getpid()}_{int(time.time() * 1000)}"
         with torch.inference_mode():
             model, clip, _vae, profile = mapping["ProfilerModelLoader"]().load(self.ckpt_name, 2, 32, "reset")
             positive = self.nodes.CLIPTextEncode().encode(clip, self.prompt)[0]
+            negative = self.nodes.CLIPTextEncode().encode(clip, self.negative_prompt)[0]
             sampled = self.nodes.KSampler().sample(model, seed, self.steps, self.cfg, self.sampler_name, self.scheduler,
-                                                   positive, self.negative, self.latent)[0]
+                                                   positive, negative, self.latent)[0]
             out = mapping["FragmentExtractor"]().extract(
-                profile, sampled, name, "ratio", 0.3, 30.0, "global", 1, 0, False, True, positive=positive,
-                negative=self.negative, calibrate="on", seed=seed, steps=self.steps, cfg=self.cfg,
+                profile, sampled, name, "ratio", heads, 30.0, "global", 1, 0, False, True, positive=positive,
+                negative=negative, step_reuse=step_reuse if self.steps >= 3 else 0.0,
+                calibrate="on" if calibrate else "off", seed=seed, steps=self.steps, cfg=self.cfg,
                 sampler_name=self.sampler_name, scheduler=self.scheduler, goal=goal, budget_images=budget_images,
                 holdout_seeds=1)
         handle, status = out["result"]
