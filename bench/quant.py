@@ -46,7 +46,7 @@ ALL = "all"  # every Linear and Conv2d
 LINEAR = "linear"  # Linears only
 SCOPES = (ALL, LINEAR)
 FORMATS = ("fp8", "int8", Q8_0, Q4_0, "int4", "int4-aw")
-DEFAULT_GROUPS = (32, 64)
+DEFAULT_GROUPS = (32, 64, 128)  # 5.0, 4.5 (= GGUF Q4_0) and 4.25 bits per weight
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def default_rows(formats: Sequence[str] = FORMATS, scopes: Sequence[str] = SCOPE
 
 
 def quantizable_layers(model: nn.Module, scope: str = ALL) -> dict[str, nn.Module]:
-    """The Linears (and with ``scope="all"`` the zero-padded Conv2ds) of ``model``, by path.
+    """The Linears (and with ``scope="all"`` the zero-padded, ungrouped Conv2ds) of ``model``, by path.
 
     >>> sorted(quantizable_layers(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)), "all"))
     ['0', '2']
@@ -100,7 +100,7 @@ def quantizable_layers(model: nn.Module, scope: str = ALL) -> dict[str, nn.Modul
     out = {}
     for path, m in model.named_modules():
         if isinstance(m, nn.Linear) or (scope == ALL and isinstance(m, nn.Conv2d) and m.padding_mode == "zeros"
-                                        and isinstance(m.padding, tuple)):
+                                        and isinstance(m.padding, tuple) and m.groups == 1):
             out[path] = m
     return out
 
@@ -143,34 +143,48 @@ def tier_layer(module: nn.Module, fmt: str, path: str) -> nn.Module:
     raise FragmentError(where(path, f"expected an nn.Linear or nn.Conv2d to quantize, found {type(module).__name__}"))
 
 
-ActivationStats = Mapping[str, torch.Tensor]  # layer path -> mean |input| per input channel, float32 [in]
+ActivationStats = Mapping[str, Mapping[str, torch.Tensor]]  # path -> {"abs_mean": [in], "inputs": [N, in*kh*kw]}
 
 
 class ActivationRecorder:
-    """Mean |input| per input channel of chosen layers while sampling: what ``awq_channel_scale`` weighs channels by.
+    """The prompt's activations at chosen layers while sampling, as ``awq_channel_scale`` takes them.
+
+    Per layer: ``abs_mean``, the mean |input| per input channel, and ``inputs``, up to ``max_rows`` input
+    rows (im2col patches for a convolution) drawn from every call with a seeded generator, so the search
+    sees every step and seed, not only the first.
 
     >>> lin = nn.Linear(2, 1)
     >>> with ActivationRecorder({"l": lin}) as rec:
     ...     _ = lin(torch.tensor([[1.0, -3.0], [3.0, 1.0]]))
-    >>> rec.means()["l"].tolist()
-    [2.0, 2.0]
+    >>> rec.stats()["l"]["abs_mean"].tolist(), rec.stats()["l"]["inputs"].shape
+    ([2.0, 2.0], torch.Size([2, 2]))
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
+    def __init__(self, layers: Mapping[str, nn.Module], *, rows_per_call: int = 8, max_rows: int = 512, seed: int = 0) -> None:
         self.layers = dict(layers)
+        self.rows_per_call, self.max_rows = rows_per_call, max_rows
+        self.generator = torch.Generator().manual_seed(seed)
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self.rows: dict[str, list[torch.Tensor]] = {}
         self.handles: list[Any] = []
 
     def _hook(self, path: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().to(torch.float32).abs()
+            x = args[0].detach().to(torch.float32)
             if isinstance(module, nn.Conv2d):
-                s, n = x.sum(dim=(0, 2, 3)), x.shape[0] * x.shape[2] * x.shape[3]
+                s, n = x.abs().sum(dim=(0, 2, 3)), x.shape[0] * x.shape[2] * x.shape[3]
+                rows = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                                stride=module.stride).transpose(1, 2).reshape(-1, module.weight[0].numel())
             else:
-                s, n = x.reshape(-1, x.shape[-1]).sum(dim=0), x.numel() // x.shape[-1]
+                rows = x.reshape(-1, x.shape[-1])
+                s, n = rows.abs().sum(dim=0), rows.shape[0]
             self.sums[path] = self.sums[path] + s if path in self.sums else s
             self.counts[path] = self.counts.get(path, 0) + n
+            kept = self.rows.setdefault(path, [])
+            if sum(r.shape[0] for r in kept) < self.max_rows:
+                pick = torch.randperm(rows.shape[0], generator=self.generator)[: self.rows_per_call]
+                kept.append(rows[pick.to(rows.device)].cpu())
         return hook
 
     def __enter__(self) -> "ActivationRecorder":
@@ -182,8 +196,35 @@ class ActivationRecorder:
             h.remove()
         self.handles = []
 
-    def means(self) -> dict[str, torch.Tensor]:
-        return {p: (self.sums[p] / max(self.counts[p], 1)).cpu() for p in self.sums}
+    def stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {p: {"abs_mean": (self.sums[p] / max(self.counts[p], 1)).cpu(),
+                    "inputs": torch.cat(self.rows[p])[: self.max_rows]} for p in self.sums}
+
+
+def low_bit_layer(module: nn.Module, *, group: int, stats: Mapping[str, torch.Tensor] | None, path: str) -> nn.Module:
+    """``module`` in int4 groups (``fragment.surgery.low_bit``): round to nearest, or AWQ-scaled from ``stats``."""
+    from ..fragment.surgery import low_bit
+
+    scale = None
+    if stats is not None:
+        scale = low_bit.awq_channel_scale(module.weight, stats["abs_mean"], stats.get("inputs"), bits=4, group=group)
+        if bool((scale == 1).all()):
+            scale = None  # alpha = 0 won: plain round to nearest, nothing to store
+    return low_bit.low_bit_module(module, low_bit.quantize_groups(module.weight, bits=4, group=group, channel_scale=scale), path)
+
+
+def weight_as_buffer(module: nn.Module) -> nn.Module:
+    """Move a stored-code ``weight`` (int8, fp8, uint8) from the parameters to the buffers, in place.
+
+    The reference sampler (like many hosts) takes the model's dtype from its first parameter, which
+    is ``conv_in.weight``: once that holds integer codes the noise would be cast to them.  As a buffer
+    it is still ``module.weight``, still resident, still counted.
+    """
+    w = module._parameters.get("weight")
+    if w is not None and (not w.dtype.is_floating_point or w.element_size() == 1):
+        del module._parameters["weight"]
+        module._buffers["weight"] = w.data
+    return module
 
 
 def replaced(model: nn.Module, modules: Mapping[str, nn.Module]) -> nn.Module:
@@ -212,13 +253,12 @@ def quantized_model(model: nn.Module, row: QuantRow, activations: ActivationStat
         elif row.fmt in (Q8_0, Q4_0):
             new[path] = GGUFLayer.from_module(module, row.fmt, path)
         else:
-            from .quant_low_bit import low_bit_layer
-
-            act = None if activations is None or not row.needs_activations else activations.get(path)
+            act = activations.get(path) if activations is not None and row.needs_activations else None
             if row.needs_activations and act is None:
                 raise FragmentError(where(path, "expected activation statistics for the activation-aware int4 row; "
                                           "the layer never ran on the profile seeds"))
-            new[path] = low_bit_layer(module, group=row.group or 64, act_abs_mean=act, path=path)
+            new[path] = low_bit_layer(module, group=row.group or 64, stats=act, path=path)
+        weight_as_buffer(new[path])
     weights = sum(m.weight.numel() for m in layers.values())
     stored = sum(resident_bytes(m) - (0 if m.bias is None else m.bias.numel() * m.bias.element_size()) for m in new.values())
     info = {"layers": len(layers), "params_quantized": weights, "weight_bytes": stored,
@@ -253,13 +293,13 @@ def bench_quant(unet: nn.Module, run: Run, judge: Judge, *, rows: Sequence[Quant
                     sorted(set(seeds) & set(profile_seeds)))
     full_bytes = resident_bytes(unet)
     full_images, full_seconds = timed(run, unet, seeds)
-    activations: dict[str, dict[str, torch.Tensor]] = {}
+    activations: dict[str, dict[str, torch.Tensor]] | None = None
     profile_seconds = None
     if any(r.needs_activations for r in rows):
         started = time.perf_counter()
         with ActivationRecorder(quantizable_layers(unet, ALL)) as rec, torch.no_grad():
             run(unet, list(profile_seeds))
-        activations = rec.means()
+        activations = rec.stats()
         profile_seconds = round(time.perf_counter() - started, 2)
     ok, base = judge(full_images, full_images)
     results = [{"format": "full (fp32)", "scope": "-", "group": None, "layers": 0, "params_quantized": 0,
@@ -336,3 +376,31 @@ def format_quant_table(report: Mapping[str, Any]) -> str:
         lines.append(f"{c['int4']} vs Q4_0 ({c['scope']}): {c['int4_bytes'] / 2**20:.3f} vs {c['q4_0_bytes'] / 2**20:.3f} MiB, "
                      f"LPIPS {_num(c['int4_lpips'], '.4f')} vs {_num(c['q4_0_lpips'], '.4f')}: better at <= bytes: {verdict}")
     return "\n".join(lines)
+
+
+def bench_reference_quant(*, prompt: str | None = None, seeds: int = 32, profile_seeds: int = 4, steps: int = 25,
+                          formats: Sequence[str] = FORMATS, scopes: Sequence[str] = SCOPES,
+                          groups: Sequence[int] = DEFAULT_GROUPS, weights: str | None = None, thresholds: str | None = None,
+                          lpips_weights: str | None = None, lpips: bool = True,
+                          lpips_scorer: Callable[[Any, Any], Sequence[float]] | None = None) -> dict[str, Any]:
+    """:func:`bench_quant` on the reference model: judged seeds ``100 ..``, profile seeds ``0 ..``, the demo's prompt.
+
+    ``lpips_scorer`` replaces the offline LPIPS model (tests pass a cheap stand-in).
+
+    >>> report = bench_reference_quant(seeds=2, profile_seeds=1, steps=2, formats=["Q4_0"], scopes=["linear"])  # doctest: +SKIP
+    """
+    from ..demo import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
+    from ..metrics.hypotheses import load_thresholds
+    from ..reference.model import load_reference
+    from .reference_target import ReferenceTarget
+
+    limits = load_thresholds(thresholds or DEFAULT_THRESHOLDS)["quality_gate"]
+    note = "given scorer" if lpips_scorer is not None else "off (--no-lpips)"
+    if lpips_scorer is None and lpips:
+        lpips_scorer, note = optional_lpips(lpips_weights)
+    target = ReferenceTarget(prompt or DEFAULT_PROMPT, limits=limits, steps=steps, model=load_reference(weights), lpips=lpips_scorer)
+    with torch.no_grad():
+        target.run(target.unet, [0])  # warm-up: the first call's one-off costs would land on the full model's time
+    report = bench_quant(target.unet, target.run, target.judge, rows=default_rows(formats, scopes, groups),
+                         seeds=range(100, 100 + seeds), profile_seeds=range(profile_seeds))
+    return {"target": target.describe(), "steps": steps, "lpips": note, "torch_threads": torch.get_num_threads(), **report}
