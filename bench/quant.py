@@ -201,13 +201,14 @@ class ActivationRecorder:
                     "inputs": torch.cat(self.rows[p])[: self.max_rows]} for p in self.sums}
 
 
-def low_bit_layer(module: nn.Module, *, group: int, stats: Mapping[str, torch.Tensor] | None, path: str) -> nn.Module:
+def low_bit_layer(module: nn.Module, *, group: int, stats: Mapping[str, torch.Tensor] | None, path: str,
+                  grid: int = 20) -> nn.Module:
     """``module`` in int4 groups (``fragment.surgery.low_bit``): round to nearest, or AWQ-scaled from ``stats``."""
     from ..fragment.surgery import low_bit
 
     scale = None
     if stats is not None:
-        scale = low_bit.awq_channel_scale(module.weight, stats["abs_mean"], stats.get("inputs"), bits=4, group=group)
+        scale = low_bit.awq_channel_scale(module.weight, stats["abs_mean"], stats.get("inputs"), bits=4, group=group, grid=grid)
         if bool((scale == 1).all()):
             scale = None  # alpha = 0 won: plain round to nearest, nothing to store
     return low_bit.low_bit_module(module, low_bit.quantize_groups(module.weight, bits=4, group=group, channel_scale=scale), path)
@@ -236,7 +237,8 @@ def replaced(model: nn.Module, modules: Mapping[str, nn.Module]) -> nn.Module:
     return new
 
 
-def quantized_model(model: nn.Module, row: QuantRow, activations: ActivationStats | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def quantized_model(model: nn.Module, row: QuantRow, activations: ActivationStats | None = None,
+                    grid: int = 20) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of ``model`` with ``row``'s layers stored in ``row.fmt``, and what was stored (layers, weights, bits).
 
     >>> small, info = quantized_model(nn.Sequential(nn.Linear(64, 8)), QuantRow("Q8_0", "linear"))
@@ -257,7 +259,7 @@ def quantized_model(model: nn.Module, row: QuantRow, activations: ActivationStat
             if row.needs_activations and act is None:
                 raise FragmentError(where(path, "expected activation statistics for the activation-aware int4 row; "
                                           "the layer never ran on the profile seeds"))
-            new[path] = low_bit_layer(module, group=row.group or 64, stats=act, path=path)
+            new[path] = low_bit_layer(module, group=row.group or 64, stats=act, path=path, grid=grid)
         weight_as_buffer(new[path])
     weights = sum(m.weight.numel() for m in layers.values())
     stored = sum(resident_bytes(m) - (0 if m.bias is None else m.bias.numel() * m.bias.element_size()) for m in new.values())
@@ -278,12 +280,13 @@ def timed(run: Run, unet: nn.Module, seeds: Sequence[int]) -> tuple[Any, float]:
 
 
 def bench_quant(unet: nn.Module, run: Run, judge: Judge, *, rows: Sequence[QuantRow], seeds: Sequence[int],
-                profile_seeds: Sequence[int]) -> dict[str, Any]:
+                profile_seeds: Sequence[int], grid: int = 20) -> dict[str, Any]:
     """Every row's model on ``seeds`` against the full model's images of the same seeds; sorted by bytes.
 
     ``run(unet, seeds)`` samples images; ``judge(full, images)`` returns ``(passed, metrics)`` with
     ``ssim_mean``, ``lpips_mean``, ``adherence_delta`` and ``gate_failures`` (``ReferenceTarget.judge``).
-    The activation-aware rows weigh channels by the mean |input| recorded on ``profile_seeds``.
+    The activation-aware rows weigh channels by the mean |input| recorded on ``profile_seeds``; ``grid`` is
+    ``awq_channel_scale``'s number of exponent steps.
 
     >>> report = bench_quant(target.unet, target.run, target.judge, rows=default_rows(), seeds=range(100, 132),
     ...                      profile_seeds=range(4))  # doctest: +SKIP
@@ -310,7 +313,7 @@ def bench_quant(unet: nn.Module, run: Run, judge: Judge, *, rows: Sequence[Quant
                 "gate_failures": list(base.get("gate_failures", []))}]
     for row in rows:
         started = time.perf_counter()
-        small, info = quantized_model(unet, row, activations)
+        small, info = quantized_model(unet, row, activations, grid)
         built = time.perf_counter() - started
         images, seconds = timed(run, small, seeds)
         passed, metrics = judge(full_images, images)
@@ -382,7 +385,7 @@ def bench_reference_quant(*, prompt: str | None = None, seeds: int = 32, profile
                           formats: Sequence[str] = FORMATS, scopes: Sequence[str] = SCOPES,
                           groups: Sequence[int] = DEFAULT_GROUPS, weights: str | None = None, thresholds: str | None = None,
                           lpips_weights: str | None = None, lpips: bool = True,
-                          lpips_scorer: Callable[[Any, Any], Sequence[float]] | None = None) -> dict[str, Any]:
+                          lpips_scorer: Callable[[Any, Any], Sequence[float]] | None = None, grid: int = 20) -> dict[str, Any]:
     """:func:`bench_quant` on the reference model: judged seeds ``100 ..``, profile seeds ``0 ..``, the demo's prompt.
 
     ``lpips_scorer`` replaces the offline LPIPS model (tests pass a cheap stand-in).
@@ -402,5 +405,5 @@ def bench_reference_quant(*, prompt: str | None = None, seeds: int = 32, profile
     with torch.no_grad():
         target.run(target.unet, [0])  # warm-up: the first call's one-off costs would land on the full model's time
     report = bench_quant(target.unet, target.run, target.judge, rows=default_rows(formats, scopes, groups),
-                         seeds=range(100, 100 + seeds), profile_seeds=range(profile_seeds))
-    return {"target": target.describe(), "steps": steps, "lpips": note, "torch_threads": torch.get_num_threads(), **report}
+                         seeds=range(100, 100 + seeds), profile_seeds=range(profile_seeds), grid=grid)
+    return {"target": target.describe(), "steps": steps, "awq_grid": grid, "lpips": note, "torch_threads": torch.get_num_threads(), **report}
