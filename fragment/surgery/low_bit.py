@@ -25,7 +25,7 @@ round to nearest, so the search is never worse than RTN on its sample.
 
 Modules.  A low-bit layer is a subclass of its template's own class (e.g.
 ``comfy.ops.manual_cast.Conv2d``), like ``precision.py``'s quantized Linear:
-``weight`` holds the packed ``uint8`` codes, ``weight_scale`` / ``weight_zero``
+``weight`` holds the packed ``uint8`` codes (a buffer: see ``low_bit_module``), ``weight_scale`` / ``weight_zero``
 the fp16 group parameters, ``weight_channel_scale`` (float32, optional) the
 per-input-channel scale.  ``forward`` and ComfyUI's ``forward_comfy_cast_weights``
 both dequantize to the input's dtype on the input's device.
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 BITS = (3, 4)
 GROUPS = (16, 32, 64, 128, 256)
-DEFAULT_GRID = 20
+DEFAULT_GRID = 10  # alpha steps of 0.1: AWQ searches 20; the error curve is flat enough near its minimum
 
 
 # ---- packing ---------------------------------------------------------------------------------------------------
@@ -188,6 +188,10 @@ def bits_per_weight(bits: int = 4, group: int = 64) -> float:
     return bits + 32 / group
 
 
+def _flat(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().to(torch.float32).reshape(weight.shape[0], -1)
+
+
 def _column_scale(channel_scale: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """A per-input-channel scale expanded to the flattened columns (``kh * kw`` per channel of a conv)."""
     if channel_scale.ndim != 1 or channel_scale.numel() != shape[1]:
@@ -200,6 +204,27 @@ def _check_group(group: int) -> int:
     if not isinstance(group, int) or isinstance(group, bool) or group not in GROUPS:
         raise PruningError(f"low-bit weights: expected group in {GROUPS}, found {group!r}")
     return group
+
+
+def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    """``[out, cols]`` as ``[out, groups, group]``; the last group padded with its own first value, because zero
+    padding would widen its range."""
+    cols = w.shape[1]
+    groups = -(-cols // group)
+    grouped = F.pad(w, (0, groups * group - cols)).reshape(w.shape[0], groups, group)
+    if cols % group:
+        grouped[:, -1, cols - (groups - 1) * group:] = grouped[:, -1, :1]
+    return grouped
+
+
+def _round_groups(grouped: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scale, zero)``: asymmetric round to nearest with the fp16 scale and zero the dequantizer uses."""
+    levels = 2 ** bits - 1
+    lo, hi = grouped.amin(-1), grouped.amax(-1)
+    scale, zero = ((hi - lo) / levels).to(torch.float16), lo.to(torch.float16)
+    s32 = scale.to(torch.float32).clamp_min(1e-30)[..., None]  # a constant group has scale 0: every code 0
+    q = ((grouped - zero.to(torch.float32)[..., None]) / s32).round_().clamp_(0, levels)
+    return q, scale, zero
 
 
 def quantize_groups(weight: torch.Tensor, *, bits: int = 4, group: int = 64,
@@ -220,23 +245,30 @@ def quantize_groups(weight: torch.Tensor, *, bits: int = 4, group: int = 64,
     if channel_scale is not None:
         channel_scale = channel_scale.detach().to(torch.float32).cpu()
         w = w * _column_scale(channel_scale, shape).to(w.device)
-    cols = w.shape[1]
-    groups = -(-cols // group)
-    grouped = F.pad(w, (0, groups * group - cols)).reshape(shape[0], groups, group)
-    if cols % group:  # zero padding would widen the last group's range: pad with one of its own values instead
-        last = grouped[:, -1]
-        pad_from = cols - (groups - 1) * group
-        last[:, pad_from:] = last[:, :1]
-    lo, hi = grouped.amin(-1), grouped.amax(-1)
-    levels = 2 ** bits - 1
-    scale = ((hi - lo) / levels).to(torch.float16)
-    zero = lo.to(torch.float16)
-    # rounded with the fp16 scale and zero the dequantizer will use, so the codes are optimal for them
-    s32 = scale.to(torch.float32).clamp_min(1e-30)[..., None]  # a constant group has scale 0: every code 0
-    q = ((grouped - zero.to(torch.float32)[..., None]) / s32).round().clamp(0, levels).to(torch.uint8)
-    codes = pack_codes(q.reshape(shape[0], groups * group), bits)
+    q, scale, zero = _round_groups(_grouped(w, group), bits)
+    codes = pack_codes(q.to(torch.uint8).reshape(shape[0], -1), bits)
     return GroupQuantized(codes=codes, scale=scale, zero=zero, shape=shape, bits=bits, group=group,
                           channel_scale=channel_scale)
+
+
+def fake_quantized(weight: torch.Tensor, *, bits: int = 4, group: int = 64,
+                   channel_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``dequantize_groups(quantize_groups(...))`` flattened to ``[out, cols]`` float32, without packing
+    (the same arithmetic: what the alpha search and the layer ranking evaluate many times).
+
+    >>> w = torch.randn(4, 80)
+    >>> bool((fake_quantized(w) == dequantize_groups(quantize_groups(w)).reshape(4, -1)).all())
+    True
+    """
+    shape = tuple(weight.shape)
+    w = _flat(weight)
+    col = None
+    if channel_scale is not None:
+        col = _column_scale(channel_scale.detach().cpu(), shape).to(w.device)
+        w = w * col
+    q, scale, zero = _round_groups(_grouped(w, group), bits)
+    out = (q * scale.to(torch.float32)[..., None] + zero.to(torch.float32)[..., None]).reshape(shape[0], -1)[:, : w.shape[1]]
+    return out / col if col is not None else out
 
 
 def dequantize_groups(q: GroupQuantized, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
@@ -260,10 +292,6 @@ def dequantize_groups(q: GroupQuantized, dtype: torch.dtype = torch.float32, dev
 
 # ---- activation-aware scaling ----------------------------------------------------------------------------------
 
-def _flat(weight: torch.Tensor) -> torch.Tensor:
-    return weight.detach().to(torch.float32).reshape(weight.shape[0], -1)
-
-
 def quantization_error(weight: torch.Tensor, *, bits: int = 4, group: int = 64, channel_scale: torch.Tensor | None = None,
                        act_abs_mean: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> float:
     """Relative error of the low-bit round trip: on the output ``x W^T`` for ``inputs`` (rows of the flattened
@@ -273,7 +301,7 @@ def quantization_error(weight: torch.Tensor, *, bits: int = 4, group: int = 64, 
     0.0
     """
     w = _flat(weight)
-    d = w - _flat(dequantize_groups(quantize_groups(weight, bits=bits, group=group, channel_scale=channel_scale)))
+    d = w - fake_quantized(weight, bits=bits, group=group, channel_scale=channel_scale)
     if inputs is not None and inputs.numel():
         x = inputs.to(device=w.device, dtype=torch.float32)
         ref = x @ w.T
@@ -404,7 +432,10 @@ def low_bit_module(module: nn.Module, q: GroupQuantized, path: str = "<layer>") 
     device = module.weight.device
     new = fresh_copy(module)
     new.__class__ = low_bit_class(type(module))
-    new._parameters["weight"] = nn.Parameter(q.codes.to(device), requires_grad=False)
+    # a buffer, not a Parameter: code that reads a model's dtype from ``next(model.parameters())`` (the
+    # reference sampler, diffusers) must never find the uint8 codes of a first conv
+    del new._parameters["weight"]
+    new._buffers["weight"] = q.codes.to(device)
     new._buffers["weight_scale"] = q.scale.to(device)  # persistent: in the state dict
     new._buffers["weight_zero"] = q.zero.to(device)
     if q.channel_scale is not None:
