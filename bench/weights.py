@@ -13,6 +13,7 @@ UNet to profile it would only cost time.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from ..fragment.extract import plan_levers
 from ..fragment.settings import ExtractionSettings, lever_settings
 from ..fragment.surgery.feed_forward import FeedForwardLever
 from ..fragment.surgery.kv_fold import FoldedProjection
-from ..fragment.surgery.low_bit import LowBitLever
 from ..profiling.anatomy import UNET_CONFIGS, build_meta_unet
 from ..profiling.discovery import iter_attention, out_linear
 
@@ -48,7 +48,7 @@ CONTEXT_TOKENS = 77
 @dataclass(frozen=True)
 class WeightsConfig:
     """Extraction settings plus the low-bit lever (``low_bit_ratio`` of the quantizable Linear and Conv2d
-    parameters in ``low_bit_bits``-bit groups of ``low_bit_group``), which the settings do not carry yet.
+    parameters in ``low_bit_bits``-bit groups of ``low_bit_group``), labelled the bench table's way.
 
     >>> WeightsConfig(lever_settings(heads=0.3), low_bit_ratio=1.0).label
     'heads 30% + int4 g64 100%'
@@ -66,9 +66,15 @@ class WeightsConfig:
         low = f"int{self.low_bit_bits} g{self.low_bit_group} {self.low_bit_ratio:.0%}"
         return low if self.settings.label == "base" else f"{self.settings.label} + {low}"
 
+    def extraction_settings(self) -> ExtractionSettings:
+        """The settings with the low-bit fields set: what ``plan_levers`` reads."""
+        if not self.low_bit_ratio:
+            return self.settings
+        return dataclasses.replace(self.settings, low_bit_ratio=self.low_bit_ratio, low_bit_bits=self.low_bit_bits,
+                                   low_bit_group=self.low_bit_group)
+
     def to_dict(self) -> dict[str, Any]:
-        return {**self.settings.to_dict(), "low_bit_ratio": self.low_bit_ratio, "low_bit_bits": self.low_bit_bits,
-                "low_bit_group": self.low_bit_group}
+        return self.extraction_settings().to_dict()
 
 
 Config = Union[ExtractionSettings, WeightsConfig]
@@ -188,12 +194,10 @@ def measure(model: nn.Module, config: Config, *, arch: str, before: int | None =
     """
     started = time.perf_counter()
     wc = as_weights_config(config)
-    config = wc.settings
+    config = wc.extraction_settings()
     before = resident_bytes(model) if before is None else before
     levers = plan_levers(config, head_weight_scores(model), model=model,
                          kv_context=random_context(model) if config.kv_fold else None, name=f"bench-{arch}")
-    if wc.low_bit_ratio and not any(isinstance(lv, LowBitLever) for lv in levers):
-        levers.append(LowBitLever(ratio=wc.low_bit_ratio, bits=wc.low_bit_bits, group=wc.low_bit_group))
     fragment = build_fragment(model, levers, base=describe_base(model, f"random-{arch}", sha256="random-weights", hash_kind="none"),
                               name=f"bench-{arch}")
     selection = levers[0].selection
