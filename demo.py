@@ -30,6 +30,7 @@ from .fragment.format.store import load_fragment, save_fragment
 from .fragment.schedule.apply import apply_schedule, fragment_schedule
 from .fragment.settings import ExtractionSettings
 from .fragment.surgery.masking import mask_heads
+from .profiling.activation_stats import ActivationStats
 from .profiling.ff_profiler import FFProfiler
 from .profiling.profiler import HeadProfiler
 from .profiling.step_change import StepChangeProbe
@@ -148,7 +149,7 @@ def run_demo(
     demo_started = started = time.perf_counter()
     profile_images = []
     with HeadProfiler(unet, buckets=4, info={"prompt": prompt}) as prof, FFProfiler(unet) as ff_prof, \
-            StepChangeProbe(unet, 1) as probe:
+            StepChangeProbe(unet, 1) as probe, ActivationStats(unet) as acts:
         for seed in range(seeds):
             prof.begin_sample(seed)
             with torch.no_grad():
@@ -160,7 +161,8 @@ def run_demo(
     scores, protected = scored.heads, scored.protected
     base = describe_base(unet, BASE_NAME)
     name = "demo-" + hashlib.sha256(prompt.encode()).hexdigest()[:8]
-    sources = {"ff_scores": ff_prof.scores(), "step_changes": probe.changes(), "step_timesteps": probe.timesteps()}
+    sources = {"ff_scores": ff_prof.scores(), "step_changes": probe.changes(), "step_timesteps": probe.timesteps(),
+               "activation_stats": acts.stats()}
     build_s = time.perf_counter() - started
     calibrate_s, cal = 0.0, None
     if calibrating:

@@ -37,6 +37,7 @@ from ..fragment.extract import calibrated_fragment, candidate_fragment
 from ..fragment.schedule.apply import fragment_schedule
 from ..fragment.schedule.state import ScheduleState
 from ..metrics.performance import amortized_costs, synchronize
+from ..profiling.activation_stats import ActivationStats
 from ..profiling.ff_profiler import FFProfiler
 from ..profiling.profiler import HeadProfiler
 from ..profiling.step_change import StepChangeProbe
@@ -105,7 +106,7 @@ def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dic
 
     started = time.perf_counter()
     with HeadProfiler(unet, buckets=4) as prof, FFProfiler(unet) as ff_prof, \
-            StepChangeProbe(unet, config.shallow) as probe:
+            StepChangeProbe(unet, config.shallow) as probe, ActivationStats(unet) as acts:
         prof.begin_sample("profile")  # one batched run: the bench needs scores, not rank stability
         with torch.no_grad():
             reference = target.run(unet, profile_seeds)
@@ -117,7 +118,8 @@ def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dic
     started = time.perf_counter()
     profile = prof.result()
     base = describe_base(unet, target.name, sha256="0" * 64, hash_kind="none")
-    sources = {"ff_scores": ff_prof.scores(), "step_changes": probe.changes(), "step_timesteps": probe.timesteps()}
+    sources = {"ff_scores": ff_prof.scores(), "step_changes": probe.changes(), "step_timesteps": probe.timesteps(),
+               "activation_stats": acts.stats()}
     build_s = time.perf_counter() - started
 
     judge_fragment = fragment_judge(unet, target.run, target.judge, profile_seeds, reference)

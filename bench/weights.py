@@ -13,9 +13,11 @@ UNet to profile it would only cost time.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -41,6 +43,50 @@ TINY_UNET_CONFIG: dict[str, Any] = {
 }
 ARCHS = ("sd15", "sdxl", "tiny")
 CONTEXT_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """Extraction settings plus the low-bit lever (``low_bit_ratio`` of the quantizable Linear and Conv2d
+    parameters in ``low_bit_bits``-bit groups of ``low_bit_group``), labelled the bench table's way.
+
+    >>> WeightsConfig(lever_settings(heads=0.3), low_bit_ratio=1.0).label
+    'heads 30% + int4 g64 100%'
+    """
+
+    settings: ExtractionSettings
+    low_bit_ratio: float = 0.0
+    low_bit_bits: int = 4
+    low_bit_group: int = 64
+
+    @property
+    def label(self) -> str:
+        if not self.low_bit_ratio:
+            return self.settings.label
+        low = f"int{self.low_bit_bits} g{self.low_bit_group} {self.low_bit_ratio:.0%}"
+        return low if self.settings.label == "base" else f"{self.settings.label} + {low}"
+
+    def extraction_settings(self) -> ExtractionSettings:
+        """The settings with the low-bit fields set: what ``plan_levers`` reads."""
+        if not self.low_bit_ratio:
+            return self.settings
+        return dataclasses.replace(self.settings, low_bit_ratio=self.low_bit_ratio, low_bit_bits=self.low_bit_bits,
+                                   low_bit_group=self.low_bit_group)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.extraction_settings().to_dict()
+
+
+Config = Union[ExtractionSettings, WeightsConfig]
+
+
+def as_weights_config(config: Config) -> WeightsConfig:
+    """Plain settings as a :class:`WeightsConfig` without the low-bit lever.
+
+    >>> as_weights_config(lever_settings(ff=0.3)).low_bit_ratio
+    0.0
+    """
+    return config if isinstance(config, WeightsConfig) else WeightsConfig(config)
 
 
 def unet_config(arch: str) -> dict[str, Any]:
@@ -135,14 +181,20 @@ def random_context(model: nn.Module, rows: int = 2, tokens: int = CONTEXT_TOKENS
     return torch.randn(rows, tokens, dim, generator=g).to(device=p.device, dtype=p.dtype)
 
 
-def measure(model: nn.Module, config: ExtractionSettings, *, arch: str, before: int | None = None) -> dict[str, Any]:
+def measure(model: nn.Module, config: Config, *, arch: str, before: int | None = None) -> dict[str, Any]:
     """Build the fragment ``config`` describes on ``model``, apply it, and count bytes before and after.
+
+    The low-bit lever has no activation statistics here (random weights, nothing profiled): it is
+    round to nearest ranked by weight error, which stores the same bytes as the activation-aware one
+    up to its per-input-channel scales (float32, one per input channel of each scaled layer).
 
     >>> r = measure(build_random_unet("tiny"), lever_settings(heads=0.3, kv_fold=True, ff=0.3), arch="tiny")
     >>> r["bytes_after"] < r["bytes_before"]
     True
     """
     started = time.perf_counter()
+    wc = as_weights_config(config)
+    config = wc.extraction_settings()
     before = resident_bytes(model) if before is None else before
     levers = plan_levers(config, head_weight_scores(model), model=model,
                          kv_context=random_context(model) if config.kv_fold else None, name=f"bench-{arch}")
@@ -153,14 +205,16 @@ def measure(model: nn.Module, config: ExtractionSettings, *, arch: str, before: 
     small = apply_fragment(model, fragment)
     after = resident_bytes(small)
     quant = fragment.manifest["compression"].get("quantization", {})
+    low = fragment.manifest["compression"].get("low_bit", {})
     result = {
-        "config": config.label, "levers": config.to_dict(),
+        "config": wc.label, "levers": wc.to_dict(),
         "bytes_before": before, "bytes_after": after,
         "reduction_pct": round(100.0 * (before - after) / before, 2),
         "heads_removed": selection.removed_heads, "heads_total": selection.total_heads,
         "ff_channels_removed": ff.removed_heads if ff else 0, "ff_channels_total": ff.total_heads if ff else 0,
         "kv_folded_modules": len(fragment.manifest["compression"].get("kv_fold", {}).get("modules", {})),
         "quantized_layers": len(quant.get("layers", {})), "quantized_params": quant.get("params_quantized", 0),
+        "low_bit_layers": len(low.get("layers", {})), "low_bit_params": low.get("params_quantized", 0),
         "fragment_tensor_bytes": sum(t.numel() * t.element_size() for t in fragment.tensors.values()),
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -168,13 +222,20 @@ def measure(model: nn.Module, config: ExtractionSettings, *, arch: str, before: 
     return result
 
 
-def sweep_configs(heads: float, kv_fold: bool, ff: float, precision: str | None, precision_ratio: float) -> list[ExtractionSettings]:
-    """Each requested lever alone, the structural ones together when precision is asked too, then all (last).
+def sweep_configs(heads: float, kv_fold: bool, ff: float, precision: str | None, precision_ratio: float,
+                  low_bit_ratio: float = 0.0, low_bit_bits: int = 4, low_bit_group: int = 64) -> list[Config]:
+    """Each requested lever alone, the structural ones together when a weight format is asked too, then all (last).
+
+    With both precision and the low-bit lever, also the structural levers with each format alone: low bits
+    instead of fp8 and next to it (precision then stores what the low-bit lever left).
 
     >>> [c.label for c in sweep_configs(0.3, True, 0.3, None, 1.0)]
     ['heads 30%', 'kv-fold', 'ff 30%', 'heads 30% + kv-fold + ff 30%']
+    >>> [c.label for c in sweep_configs(0.3, False, 0.0, "fp8", 1.0, 1.0)][-3:]
+    ['heads 30% + fp8 100%', 'heads 30% + int4 g64 100%', 'heads 30% + fp8 100% + int4 g64 100%']
     """
-    alone = []
+    low = {"low_bit_bits": low_bit_bits, "low_bit_group": low_bit_group}
+    alone: list[Config] = []
     if heads:
         alone.append(lever_settings(heads=heads))
     if kv_fold:
@@ -183,15 +244,21 @@ def sweep_configs(heads: float, kv_fold: bool, ff: float, precision: str | None,
         alone.append(lever_settings(ff=ff))
     if precision:
         alone.append(lever_settings(precision=precision, precision_ratio=precision_ratio))
-    combined = lever_settings(heads, kv_fold, ff, precision, precision_ratio)
+    if low_bit_ratio:
+        alone.append(WeightsConfig(lever_settings(), low_bit_ratio, **low))
+    combined = WeightsConfig(lever_settings(heads, kv_fold, ff, precision, precision_ratio), low_bit_ratio, **low)
     if len(alone) <= 1:
-        return [combined]
+        return [combined if low_bit_ratio else combined.settings]
     structural = lever_settings(heads, kv_fold, ff)
-    # With precision on, also the structural levers together: what pruning alone gives before quantizing.
-    return alone + ([structural] if precision and len(alone) > 2 else []) + [combined]
+    formats = int(bool(precision)) + int(bool(low_bit_ratio))
+    extra: list[Config] = [structural] if formats and len(alone) > 1 + formats else []
+    if precision and low_bit_ratio:
+        extra += [lever_settings(heads, kv_fold, ff, precision, precision_ratio), WeightsConfig(structural, low_bit_ratio, **low)]
+    # With a weight format on, also the structural levers together: what pruning alone gives before quantizing.
+    return alone + extra + [combined if low_bit_ratio else combined.settings]
 
 
-def bench_weights(arch: str, configs: Sequence[ExtractionSettings], *, seed: int = 0) -> dict[str, Any]:
+def bench_weights(arch: str, configs: Sequence[Config], *, seed: int = 0) -> dict[str, Any]:
     """Build ``arch`` once in fp16 and measure every config on it.
 
     >>> r = bench_weights("tiny", [lever_settings(heads=0.3)])
@@ -215,8 +282,9 @@ def format_bench_table(report: dict[str, Any]) -> str:
     ...     {"config": "ff 30%", "bytes_after": 2**29, "reduction_pct": 50.0}]}).splitlines()[-1])
     ff 30%                                         1024.0      512.0    50.00%
     """
+    width = max([40] + [len(r["config"]) + 2 for r in report["results"]])
     lines = [f"weight bytes: {report['arch']} UNet, {report['params'] / 1e6:,.0f}M params, fp16",
-             f"{'configuration':<40}{'MiB before':>13}{'MiB after':>11}{'saved':>10}"]
+             f"{'configuration':<{width}}{'MiB before':>13}{'MiB after':>11}{'saved':>10}"]
     for r in report["results"]:
-        lines.append(f"{r['config']:<40}{report['bytes_before'] / 2**20:>13.1f}{r['bytes_after'] / 2**20:>11.1f}{r['reduction_pct']:>9.2f}%")
+        lines.append(f"{r['config']:<{width}}{report['bytes_before'] / 2**20:>13.1f}{r['bytes_after'] / 2**20:>11.1f}{r['reduction_pct']:>9.2f}%")
     return "\n".join(lines)

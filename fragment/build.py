@@ -2,7 +2,7 @@
 
 A fragment is a delta on its base model: a manifest plus the tensors that
 cannot be recomputed from the base (kept head indices, low-rank factors, folded
-K/V, feed-forward channel indices, quantized weights).  Applying it means: take
+K/V, feed-forward channel indices, low-bit codes, quantized weights).  Applying it means: take
 the normally loaded base model, check it is the right one, and build pruned
 copies of the touched modules.  ComfyUI's checkpoint detection reads head
 counts from the config, so shipping a pruned checkpoint instead would not load
@@ -27,12 +27,13 @@ from .surgery.feed_forward import FeedForwardLever
 from .surgery.heads import HeadLever
 from .surgery.kv_fold import KVFoldLever
 from .surgery.lever import Lever
+from .surgery.low_bit import LowBitLever
 from .surgery.lowrank import LowRankLever
 from .surgery.precision import PrecisionLever
 from .surgery.selection import Selection
 from .surgery.tree import replace_modules
 
-LEVERS: tuple[type[Lever], ...] = (HeadLever, KVFoldLever, FeedForwardLever, LowRankLever, PrecisionLever)
+LEVERS: tuple[type[Lever], ...] = (HeadLever, KVFoldLever, FeedForwardLever, LowRankLever, LowBitLever, PrecisionLever)
 _ORDER = {cls.kind: i for i, cls in enumerate(LEVERS)}
 
 

@@ -6,7 +6,8 @@ data out:
 
 * :class:`Predictors` hold what the profile already measured: head scores,
   feed-forward channel scores, the per-step change of the deep features, and
-  the weight error of the precision format.  Each turns a lever amount into a
+  the weight error of the precision format and the low-bit weights' error
+  (on the prompt's sampled layer inputs when the profile has them).  Each turns a lever amount into a
   *predicted damage*: the share of that lever's measured importance it removes.
 * :func:`candidate_ladder` lists candidates from strongest to weakest: at each
   damage level, every lever the ``goal`` allows goes as far as its prediction
@@ -52,13 +53,15 @@ DEFAULT_LEVELS = (0.6, 0.45, 0.35, 0.27, 0.2, 0.15, 0.11, 0.08, 0.06, 0.045, 0.0
 HEAD_GRID = tuple(round(0.05 * i, 2) for i in range(0, 13))  # 0 .. 60 % of heads
 FF_GRID = tuple(round(0.05 * i, 2) for i in range(0, 13))  # 0 .. 60 % of feed-forward channels
 PRECISION_GRID = tuple(round(0.1 * i, 1) for i in range(0, 11))  # 0 .. 100 % of retained Linear parameters
+LOW_BIT_GRID = tuple(round(0.1 * i, 1) for i in range(0, 11))  # 0 .. 100 % of Linear and Conv2d parameters
 REUSE_GRID = tuple(round(0.05 * i, 2) for i in range(0, 17))  # 0 .. 80 % of steps
 CFG_CUTOFFS = (500.0, 350.0, 200.0)
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One combination of levers: shares of heads, FF channels, precision and steps, K/V fold and CFG cut-off.
+    """One combination of levers: shares of heads, FF channels, low-bit and precision weights and steps, K/V fold
+    and CFG cut-off.
 
     >>> Candidate(heads=0.2, ff_ratio=0.1, step_reuse=0.3).label
     'heads 20% + ff 10% + step reuse 30%'
@@ -72,18 +75,20 @@ class Candidate:
     precision_ratio: float = 0.0
     step_reuse: float = 0.0
     cfg_cutoff: float | None = None
+    low_bit_ratio: float = 0.0
     level: float = 0.0  # the predicted damage level the ladder built it at (0: not from the ladder)
 
     @property
     def is_full_model(self) -> bool:
-        return not (self.heads or self.ff_ratio or self.kv_fold or self.precision_ratio or self.step_reuse
-                    or self.cfg_cutoff is not None)
+        return not (self.heads or self.ff_ratio or self.kv_fold or self.low_bit_ratio or self.precision_ratio
+                    or self.step_reuse or self.cfg_cutoff is not None)
 
     @property
     def label(self) -> str:
         parts = [f"heads {self.heads:.0%}"] if self.heads else []
         parts += ["kv-fold"] if self.kv_fold else []
         parts += [f"ff {self.ff_ratio:.0%}"] if self.ff_ratio else []
+        parts += [f"low-bit {self.low_bit_ratio:.0%}"] if self.low_bit_ratio else []
         parts += [f"precision {self.precision_ratio:.0%}"] if self.precision_ratio else []
         parts += [f"step reuse {self.step_reuse:.0%}"] if self.step_reuse else []
         parts += [f"CFG off below t={self.cfg_cutoff:g}"] if self.cfg_cutoff is not None else []
@@ -96,7 +101,8 @@ class Candidate:
         'heads 10% + fp8 50%'
         """
         return dataclasses.replace(base, strategy="ratio", amount=self.heads, ff_ratio=self.ff_ratio,
-                                   kv_fold=self.kv_fold, precision_ratio=self.precision_ratio, step_reuse=self.step_reuse)
+                                   kv_fold=self.kv_fold, precision_ratio=self.precision_ratio, step_reuse=self.step_reuse,
+                                   low_bit_ratio=self.low_bit_ratio)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "label": self.label}
@@ -108,7 +114,8 @@ class Predictors:
 
     ``head_scores``: ``score_profile(...).heads``; ``ff_scores``: ``FFProfiler.scores()``;
     ``step_changes``: ``StepChangeProbe.changes()``; ``precision_errors``: ``(parameters,
-    relative error)`` per retained Linear (:func:`precision_errors`); ``kv_fold``: whether a
+    relative error)`` per retained Linear (:func:`precision_errors`); ``low_bit_errors``: ``(parameters,
+    relative error)`` per Linear and Conv2d (:func:`low_bit_errors`); ``kv_fold``: whether a
     context to fold is available.  A lever without its data is not offered.
 
     >>> p = Predictors(head_scores={"a": torch.tensor([1.0, 1.0, 2.0, 4.0])})
@@ -121,10 +128,11 @@ class Predictors:
     step_changes: Sequence[float | None] | None = None
     precision_errors: Sequence[tuple[int, float]] | None = None
     kv_fold: bool = False
+    low_bit_errors: Sequence[tuple[int, float]] | None = None
 
     def offers(self, lever: str) -> bool:
         data = {"heads": self.head_scores, "ff_ratio": self.ff_scores, "step_reuse": self.step_changes,
-                "precision_ratio": self.precision_errors}
+                "precision_ratio": self.precision_errors, "low_bit_ratio": self.low_bit_errors}
         if lever == "step_reuse":
             return bool(self.step_changes) and len(self.step_changes) >= 3
         return bool(data.get(lever))
@@ -144,8 +152,8 @@ class Predictors:
             changes = list(self.step_changes)
             _steps, budget = reuse_steps_for_count(changes, int(amount * len(changes)))
             return float(budget)
-        if lever == "precision_ratio":  # the least-error layers first, as the precision lever picks them
-            rows = sorted(self.precision_errors, key=lambda r: r[1])
+        if lever in ("precision_ratio", "low_bit_ratio"):  # the least-error layers first, as those levers pick them
+            rows = sorted(self.precision_errors if lever == "precision_ratio" else self.low_bit_errors, key=lambda r: r[1])
             total = sum(n for n, _ in rows)
             budget, used, err = amount * total + 1e-9, 0, 0.0
             for n, e in rows:
@@ -153,7 +161,8 @@ class Predictors:
                     continue
                 used, err = used + n, err + n * e
             return err / total if total else 0.0
-        raise FragmentError(f"calibration: unknown lever {lever!r}; expected heads, ff_ratio, step_reuse or precision_ratio")
+        raise FragmentError(f"calibration: unknown lever {lever!r}; expected heads, ff_ratio, step_reuse, "
+                            "low_bit_ratio or precision_ratio")
 
 
 def _removed_share(scores: torch.Tensor, share: float) -> float:
@@ -175,6 +184,29 @@ def precision_errors(linears: Mapping[str, torch.nn.Linear], fmt: str) -> list[t
     return [(lin.weight.numel(), relative_error(lin.weight, fmt)) for lin in linears.values()]
 
 
+def low_bit_errors(model: torch.nn.Module, stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None, *,
+                   bits: int = 4, group: int = 64) -> list[tuple[int, float]]:
+    """``(parameters, relative low-bit error)`` per Linear and Conv2d: the low-bit lever's damage data.
+
+    The error is the one the lever ranks by: the output error on the layer's sampled inputs when
+    ``stats`` (``ActivationStats.stats()``) have them, else the round-trip weight error.
+
+    >>> low_bit_errors(torch.nn.Sequential(torch.nn.Linear(64, 4)))[0][0]
+    256
+    """
+    from .surgery.low_bit import quantizable_layers, quantization_error
+
+    rows = []
+    for path, layer in quantizable_layers(model).items():
+        entry = (stats or {}).get(path) or {}
+        a, x = entry.get("abs_mean"), entry.get("inputs")
+        usable = a is not None and a.numel() == layer.weight.shape[1]
+        rows.append((layer.weight.numel(), quantization_error(layer.weight, bits=bits, group=group,
+                                                              act_abs_mean=a if usable else None,
+                                                              inputs=x if usable else None)))
+    return rows
+
+
 def goal_levers(goal: str) -> tuple[str, ...]:
     """The levers a goal moves: ``memory`` (bytes), ``speed`` (time) or ``both``.
 
@@ -187,8 +219,8 @@ def goal_levers(goal: str) -> tuple[str, ...]:
     """
     if goal not in GOALS:
         raise FragmentError(f"calibration goal: expected one of {', '.join(GOALS)}, found {goal!r}")
-    return {"memory": ("heads", "ff_ratio", "precision_ratio"), "speed": ("step_reuse",),
-            "both": ("heads", "ff_ratio", "precision_ratio", "step_reuse")}[goal]
+    return {"memory": ("heads", "ff_ratio", "low_bit_ratio", "precision_ratio"), "speed": ("step_reuse",),
+            "both": ("heads", "ff_ratio", "low_bit_ratio", "precision_ratio", "step_reuse")}[goal]
 
 
 def lever_ladder(chosen: Candidate) -> list[tuple[str, Candidate]]:
@@ -200,7 +232,8 @@ def lever_ladder(chosen: Candidate) -> list[tuple[str, Candidate]]:
     steps: list[tuple[str, Candidate]] = []
     current = Candidate()
     for name, value in (("heads", chosen.heads), ("kv_fold", chosen.kv_fold), ("ff_ratio", chosen.ff_ratio),
-                        ("precision_ratio", chosen.precision_ratio), ("step_reuse", chosen.step_reuse),
+                        ("low_bit_ratio", chosen.low_bit_ratio), ("precision_ratio", chosen.precision_ratio),
+                        ("step_reuse", chosen.step_reuse),
                         ("cfg_cutoff", chosen.cfg_cutoff)):
         if not value:
             continue
@@ -213,7 +246,8 @@ def lever_ladder(chosen: Candidate) -> list[tuple[str, Candidate]]:
     return steps
 
 
-GRIDS = {"heads": HEAD_GRID, "ff_ratio": FF_GRID, "precision_ratio": PRECISION_GRID, "step_reuse": REUSE_GRID}
+GRIDS = {"heads": HEAD_GRID, "ff_ratio": FF_GRID, "precision_ratio": PRECISION_GRID, "step_reuse": REUSE_GRID,
+         "low_bit_ratio": LOW_BIT_GRID}
 
 
 def candidate_ladder(predictors: Predictors, goal: str = "both", levels: Sequence[float] = DEFAULT_LEVELS,

@@ -25,7 +25,8 @@ from ..profiling.scoring import rank_stability, score_heads, unstable_heads
 from ..profiling.step_change import reuse_steps_for_count
 from .build import build_fragment
 from .calibration import (
-    Budget, Calibration, Candidate, Judgement, Predictors, calibrate, candidate_ladder, goal_levers, precision_errors,
+    Budget, Calibration, Candidate, Judgement, Predictors, calibrate, candidate_ladder, goal_levers, low_bit_errors,
+    precision_errors,
 )
 from .format.manifest import Fragment
 from .format.measurements import record_measurements
@@ -37,6 +38,7 @@ from .surgery.feed_forward import FeedForwardLever
 from .surgery.heads import HeadLever
 from .surgery.kv_fold import KVFoldLever
 from .surgery.lever import Lever
+from .surgery.low_bit import LowBitLever
 from .surgery.lowrank import LowRankLever
 from .surgery.precision import PrecisionLever, retained_linears
 
@@ -73,12 +75,14 @@ def plan_levers(
     ff_scores: Mapping[str, torch.Tensor] | None = None,
     kv_context: torch.Tensor | None = None,
     name: str = "fragment",
+    activation_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> list[Lever]:
     """The select step: every lever the settings turn on, planned from its scores (the head lever first, always).
 
     Without ``ff_scores`` (``FFProfiler.scores()``) a feed-forward cut ranks channels by weight norms,
     and the manifest says so.  ``kv_context`` (``[B, T, C]``: cond and uncond rows) is needed for the
-    K/V fold.
+    K/V fold.  ``activation_stats`` (``ActivationStats.stats()``) make low-bit weights activation-aware;
+    without them they are plain round to nearest, and the manifest says so.
 
     >>> toy = nn.Linear(2, 2)
     >>> [lv.kind for lv in plan_levers(ExtractionSettings(amount=0.0, precision_ratio=0.5), {}, model=toy)]
@@ -98,6 +102,9 @@ def plan_levers(
                                             ratio=settings.ff_ratio, info=info))
     if settings.low_rank:
         levers.append(LowRankLever(dict(settings.low_rank)))
+    if settings.low_bit_on:
+        levers.append(LowBitLever(ratio=settings.low_bit_ratio, bits=settings.low_bit_bits, group=settings.low_bit_group,
+                                  stats=activation_stats))
     if settings.precision_on:
         levers.append(PrecisionLever(settings.precision, ratio=settings.precision_ratio))
     return levers
@@ -116,6 +123,7 @@ def extract_fragment(
     ff_scores: Mapping[str, torch.Tensor] | None = None,
     step_changes: Sequence[float | None] | None = None,
     step_timesteps: Sequence[float] | None = None,
+    activation_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> tuple[Fragment, Path | None]:
     """Score the profiled heads, plan the levers, build the fragment and (when ``directory`` is given) save it.
 
@@ -127,6 +135,7 @@ def extract_fragment(
     schedule for that share of the profiled steps, the steps where the deep
     features changed least (``profiling.step_change.reuse_steps_for_count``),
     matched at run time by ``step_timesteps`` (``StepChangeProbe.timesteps()``).
+    ``activation_stats`` come from ``ActivationStats.stats()``, for activation-aware low-bit weights.
 
     >>> frag, path = extract_fragment(profile, unet, base=describe_base(unet, "sd15"), name="dog",  # doctest: +SKIP
     ...                               settings=ExtractionSettings(amount=0.3), directory="models/fragments")
@@ -138,7 +147,7 @@ def extract_fragment(
         )
     scores = score_profile(profile, settings)
     levers = plan_levers(settings, scores.heads, model=model, protected=scores.protected, ff_scores=ff_scores,
-                         kv_context=kv_context, name=name)
+                         kv_context=kv_context, name=name, activation_stats=activation_stats)
     selection = levers[0].selection
     spearman = [entry["spearman"] for entry in scores.stability.values()]
     profiling = {
@@ -203,6 +212,7 @@ def candidate_fragment(
     ff_scores: Mapping[str, torch.Tensor] | None = None,
     step_changes: Sequence[float | None] | None = None,
     step_timesteps: Sequence[float] | None = None,
+    activation_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Fragment:
     """The (unsaved) fragment of one calibration candidate: its levers, its step reuse and its CFG cut-off.
 
@@ -210,7 +220,8 @@ def candidate_fragment(
     """
     fragment, _ = extract_fragment(profile, model, base=base, name=name, settings=candidate.settings(settings),
                                    kv_context=kv_context if candidate.kv_fold else None, ff_scores=ff_scores,
-                                   step_changes=step_changes, step_timesteps=step_timesteps)
+                                   step_changes=step_changes, step_timesteps=step_timesteps,
+                                   activation_stats=activation_stats)
     if candidate.cfg_cutoff is not None:
         fragment = with_schedule(fragment, dataclasses.replace(fragment_schedule(fragment), cfg_cutoff=candidate.cfg_cutoff))
     return fragment
@@ -225,8 +236,11 @@ def profile_predictors(
     step_changes: Sequence[float | None] | None = None,
     kv_context: torch.Tensor | None = None,
     precision: bool = True,
+    low_bit: bool = True,
+    activation_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Predictors:
-    """What the calibration predicts from: the profile's scores, and the precision format's error on ``model``.
+    """What the calibration predicts from: the profile's scores, and the precision format's and the low-bit
+    weights' error on ``model`` (the latter on the sampled layer inputs of ``activation_stats`` when given).
 
     Protected (rank-unstable) heads score as the most important, since the head lever never removes them.
 
@@ -240,7 +254,9 @@ def profile_predictors(
         heads[path] = values
     return Predictors(head_scores=heads, ff_scores=ff_scores, step_changes=step_changes,
                       precision_errors=precision_errors(retained_linears(model), settings.precision) if precision else None,
-                      kv_fold=kv_context is not None)
+                      kv_fold=kv_context is not None,
+                      low_bit_errors=low_bit_errors(model, activation_stats, bits=settings.low_bit_bits,
+                                                    group=settings.low_bit_group) if low_bit else None)
 
 
 def calibrated_fragment(
@@ -262,6 +278,7 @@ def calibrated_fragment(
     step_timesteps: Sequence[float] | None = None,
     holdout_reference_images: int | None = None,
     images_per_seed: int = 1,
+    activation_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> tuple[Fragment | None, Calibration]:
     """Score, predict, and judge candidates until the strongest that passes both seed sets is found.
 
@@ -274,14 +291,16 @@ def calibrated_fragment(
     ...                                 calibration_seeds=range(8), holdout_seeds=[100, 101], goal="speed")
     """
     scores = score_profile(profile, settings)
-    # the precision predictor quantizes every Linear once: only worth it when the goal moves precision
+    # the precision and low-bit predictors quantize every layer once: only worth it when the goal moves them
     predictors = profile_predictors(scores, model, settings=settings, ff_scores=ff_scores, step_changes=step_changes,
-                                    kv_context=kv_context, precision="precision_ratio" in goal_levers(goal))
+                                    kv_context=kv_context, precision="precision_ratio" in goal_levers(goal),
+                                    low_bit="low_bit_ratio" in goal_levers(goal), activation_stats=activation_stats)
     ladder = candidate_ladder(predictors, goal)
 
     def build(candidate: Candidate) -> Fragment:
         return candidate_fragment(profile, model, candidate, base=base, name=name, settings=settings, kv_context=kv_context,
-                                  ff_scores=ff_scores, step_changes=step_changes, step_timesteps=step_timesteps)
+                                  ff_scores=ff_scores, step_changes=step_changes, step_timesteps=step_timesteps,
+                                  activation_stats=activation_stats)
 
     passed: dict[Candidate, Fragment] = {}  # what the judge passed: the chosen fragment is among them, built once
 

@@ -1,9 +1,9 @@
 """The one settings dataclass: how a fragment is cut, lever by lever.
 
 One rule for "off": every lever is off at amount 0 (``amount`` for heads with the
-``ratio`` strategy, ``ff_ratio``, ``precision_ratio``, ``step_reuse``; the K/V fold is
+``ratio`` strategy, ``ff_ratio``, ``low_bit_ratio``, ``precision_ratio``, ``step_reuse``; the K/V fold is
 a switch, off at ``False``; ``low_rank`` is off when empty).  Format fields such
-as ``precision`` name *how* a lever cuts, never *whether*.
+as ``precision``, ``low_bit_bits`` and ``low_bit_group`` name *how* a lever cuts, never *whether*.
 
 The extractor node, the demo, the weight bench and the reference lever curves
 all read this one dataclass (``extract.plan_levers`` turns it into levers).
@@ -18,6 +18,8 @@ from ..errors import FragmentError
 from ..profiling.scoring import ScoreWeights
 
 PRECISION_FORMATS = ("fp8", "int8")
+LOW_BIT_BITS = (3, 4)  # fragment.surgery.low_bit.BITS and GROUPS (kept here: settings import no lever)
+LOW_BIT_GROUPS = (16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class ExtractionSettings:
     'heads 30% + ff 30% + fp8 100%'
     >>> ExtractionSettings(amount=0.0).label
     'base'
+    >>> ExtractionSettings(amount=0.0, low_bit_ratio=0.5, precision_ratio=1.0).label
+    'int4 50% + fp8 100%'
     """
 
     strategy: str = "ratio"  # "ratio" (fraction of heads removed) or "percentile" (score cut-off)
@@ -44,6 +48,9 @@ class ExtractionSettings:
     ff_ratio: float = 0.0  # fraction of feed-forward hidden channels to remove (per block)
     precision: str = "fp8"  # the storage format when precision_ratio > 0: "fp8" or "int8"
     precision_ratio: float = 0.0  # share of retained Linear parameters stored in that precision
+    low_bit_ratio: float = 0.0  # share of Linear and Conv2d parameters stored in low_bit_bits, group-wise
+    low_bit_bits: int = 4  # 4 (int4) or 3 (int3)
+    low_bit_group: int = 64  # input columns per fp16 scale and zero: 4.5 bits per weight at int4, group 64
     step_reuse: float = 0.0  # share of the profiled steps on which the deep blocks replay their last output
 
     def __post_init__(self) -> None:
@@ -54,6 +61,11 @@ class ExtractionSettings:
             ("ff_ratio", _finite(self.ff_ratio) and 0.0 <= self.ff_ratio < 1.0, "a fraction in [0, 1)"),
             ("precision", self.precision in PRECISION_FORMATS, "'fp8' or 'int8' (set precision_ratio=0 to turn it off)"),
             ("precision_ratio", _finite(self.precision_ratio) and 0.0 <= self.precision_ratio <= 1.0, "a fraction in [0, 1]"),
+            ("low_bit_ratio", _finite(self.low_bit_ratio) and 0.0 <= self.low_bit_ratio <= 1.0, "a fraction in [0, 1]"),
+            ("low_bit_bits", self.low_bit_bits in LOW_BIT_BITS and not isinstance(self.low_bit_bits, bool),
+             "3 or 4 (set low_bit_ratio=0 to turn low-bit weights off)"),
+            ("low_bit_group", self.low_bit_group in LOW_BIT_GROUPS and not isinstance(self.low_bit_group, bool),
+             f"one of {', '.join(map(str, LOW_BIT_GROUPS))} input columns per scale"),
             ("step_reuse", _finite(self.step_reuse) and 0.0 <= self.step_reuse < 1.0, "a share of steps in [0, 1)"),
         )
         for name, ok, expected in checks:
@@ -69,6 +81,10 @@ class ExtractionSettings:
         return self.precision_ratio > 0
 
     @property
+    def low_bit_on(self) -> bool:
+        return self.low_bit_ratio > 0
+
+    @property
     def label(self) -> str:
         """A short name of the levers that are on, for tables and logs."""
         what = "heads" if self.strategy == "ratio" else "heads below percentile"
@@ -76,6 +92,8 @@ class ExtractionSettings:
         parts = [f"{what} {amount}"] if self.heads_on else []
         parts += ["kv-fold"] if self.kv_fold else []
         parts += [f"ff {self.ff_ratio:.0%}"] if self.ff_ratio else []
+        group = "" if self.low_bit_group == 64 else f"/g{self.low_bit_group}"
+        parts += [f"int{self.low_bit_bits}{group} {self.low_bit_ratio:.0%}"] if self.low_bit_on else []
         parts += [f"{self.precision} {self.precision_ratio:.0%}"] if self.precision_on else []
         parts += [f"low-rank {len(self.low_rank)}"] if self.low_rank else []
         parts += [f"step reuse {self.step_reuse:.0%}"] if self.step_reuse else []
@@ -90,16 +108,21 @@ class ExtractionSettings:
 
 
 def lever_settings(heads: float = 0.0, kv_fold: bool = False, ff: float = 0.0, precision: str | None = None,
-                   precision_ratio: float = 1.0) -> ExtractionSettings:
+                   precision_ratio: float = 1.0, low_bit: float = 0.0, low_bit_bits: int = 4,
+                   low_bit_group: int = 64) -> ExtractionSettings:
     """Settings with only the named levers on (heads default to off here), in the bench CLI's terms.
 
     ``precision=None`` leaves the weights unquantized; otherwise ``precision_ratio`` of them are stored in it.
+    ``low_bit`` is the share of Linear and Conv2d parameters stored in ``low_bit_bits`` bits.
 
     >>> lever_settings(0.3, True, 0.3, "fp8").label
     'heads 30% + kv-fold + ff 30% + fp8 100%'
+    >>> lever_settings(low_bit=1.0, low_bit_group=128).label
+    'int4/g128 100%'
     """
     return ExtractionSettings(amount=heads, kv_fold=kv_fold, ff_ratio=ff, precision=precision or "fp8",
-                              precision_ratio=precision_ratio if precision else 0.0)
+                              precision_ratio=precision_ratio if precision else 0.0, low_bit_ratio=low_bit,
+                              low_bit_bits=low_bit_bits, low_bit_group=low_bit_group)
 
 
 def _finite(value: Any) -> bool:

@@ -125,6 +125,7 @@ class FragmentExtractor:
                 ff_scores=profile.session.ff_scores() if ff_ratio > 0 else None,
                 step_changes=profile.session.step_changes() if step_reuse > 0 else None,
                 step_timesteps=profile.session.step_timesteps() if step_reuse > 0 else None,
+                activation_stats=profile.session.activation_stats() if settings.low_bit_on else None,
             )
             why = "calibrate off" if calibrate == "off" else "calibrate auto: the sampler settings or prompts are not connected"
             status = f"fixed settings, not judged ({why}): {settings.label}"
@@ -188,7 +189,8 @@ def calibrated_judged_fragment(profile: ProfileHandle, judge: ComfyJudge, *, bas
     """
     session, model, seed = profile.session, profile.diffusion_model, judge.settings.seed
     data = dict(base=base, name=name, settings=settings, kv_context=kv_context, ff_scores=session.ff_scores(),
-                step_changes=session.step_changes(), step_timesteps=session.step_timesteps())
+                step_changes=session.step_changes(), step_timesteps=session.step_timesteps(),
+                activation_stats=session.activation_stats())
     fragment, cal = calibrated_fragment(
         session.result(), model, judge, calibration_seeds=[seed],
         holdout_seeds=[(seed + i) % SEED_SPACE for i in range(1, holdout + 1)], goal=goal,

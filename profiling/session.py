@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from ..errors import FragmentError, ProfilingError
+from .activation_stats import ActivationStats
 from .dataset import ProfileData
 from .ff_profiler import DEFAULT_FF_TOKEN_SAMPLE, FFProfiler
 from .hooks import HookContext
@@ -28,15 +29,17 @@ log = logging.getLogger(__name__)
 
 
 def profiling_stack(model: nn.Module, *, buckets: int = 4, shallow: int = 1, ff: bool = True, steps: bool = True,
-                    ff_token_sample: int | None = DEFAULT_FF_TOKEN_SAMPLE, **head_kwargs: Any) -> list[HookContext]:
-    """The hook contexts a profile attaches: heads, feed-forward channels and per-step change, as used.
+                    ff_token_sample: int | None = DEFAULT_FF_TOKEN_SAMPLE, activations: bool = True,
+                    **head_kwargs: Any) -> list[HookContext]:
+    """The hook contexts a profile attaches: heads, feed-forward channels, per-step change and the
+    per-layer input statistics of the low-bit lever (``activations``), as used.
 
     ``head_kwargs`` go to ``HeadProfiler`` (``FULL_FIDELITY`` for the full statistics, with
     ``ff_token_sample=None`` for every token of the feed-forward blocks).  A model
     without feed-forward blocks or without a known block layout just gets fewer contexts.
 
     >>> [type(c).__name__ for c in profiling_stack(unet)]  # doctest: +SKIP
-    ['HeadProfiler', 'FFProfiler', 'StepChangeProbe']
+    ['HeadProfiler', 'FFProfiler', 'StepChangeProbe', 'ActivationStats']
     """
     stack: list[HookContext] = [HeadProfiler(model, buckets=buckets, **head_kwargs)]
     if ff:
@@ -49,6 +52,11 @@ def profiling_stack(model: nn.Module, *, buckets: int = 4, shallow: int = 1, ff:
             stack.append(StepChangeProbe(model, shallow))
         except FragmentError:
             log.debug("%s: no block layout for the step-change probe", type(model).__name__)
+    if activations:
+        try:
+            stack.append(ActivationStats(model))
+        except ProfilingError:
+            log.debug("%s: no Linear or Conv2d layers for activation statistics", type(model).__name__)
     return stack
 
 
@@ -73,6 +81,10 @@ class ProfileSession:
             self._steps: StepChangeProbe | None = StepChangeProbe(model)
         except FragmentError:
             self._steps = None
+        try:  # mean |x| per input channel and sampled inputs of every layer, for the low-bit lever (issue #18)
+            self._acts: ActivationStats | None = ActivationStats(model)
+        except ProfilingError:
+            self._acts = None
         self._last_sigma: float | None = None
         self._lock = threading.Lock()
         self.runs = 0
@@ -94,7 +106,7 @@ class ProfileSession:
             self._maybe_new_run(sigma, label)
             self.calls += 1
             with contextlib.ExitStack() as stack:
-                for probe in (self._profiler, self._ff, self._steps):
+                for probe in (self._profiler, self._ff, self._steps, self._acts):
                     if probe is not None:
                         stack.enter_context(probe)
                 return fn()
@@ -102,6 +114,10 @@ class ProfileSession:
     def ff_scores(self) -> dict | None:
         """Feed-forward channel scores from the profiled calls (None when there were none)."""
         return self._ff.scores() if self._ff is not None and self._ff.calls else None
+
+    def activation_stats(self) -> dict | None:
+        """Per-layer input statistics from the profiled calls (None when there were none)."""
+        return self._acts.stats() if self._acts is not None and self._acts.calls else None
 
     def step_changes(self) -> list[float | None] | None:
         """Mean relative change of the deep features per sampler step (None when this UNet layout has no probe)."""

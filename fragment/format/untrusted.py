@@ -107,7 +107,7 @@ def parse_json(text: str | bytes, source: str, error: type[FragmentError] = Mani
 # dtype name in a safetensors header -> bytes per element
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-FRAGMENT_DTYPES = frozenset({"F32", "F16", "BF16", "F8_E4M3", "I64", "I8"})
+FRAGMENT_DTYPES = frozenset({"F32", "F16", "BF16", "F8_E4M3", "I64", "I8", "U8"})  # U8: packed low-bit codes
 
 
 @lru_cache(maxsize=1)

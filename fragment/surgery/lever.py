@@ -9,9 +9,10 @@ it again to a base model, *checks* the tensors it promises, and names the base
 dropped silently by ComfyUI).
 
 ``fragment.build`` is the only place levers are combined, in the order of
-``build.LEVERS``: heads, K/V fold, feed-forward, low rank, precision (fold after
-pruning: only kept heads' K/V are stored; quantize last: it stores the weights
-the other levers left).
+``build.LEVERS``: heads, K/V fold, feed-forward, low rank, low-bit weights,
+precision (fold after pruning: only kept heads' K/V are stored; quantize last:
+it stores the weights the other levers left; low bits before precision, which
+leaves the low-bit layers alone: one weight, one storage format).
 """
 from __future__ import annotations
 

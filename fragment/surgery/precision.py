@@ -179,8 +179,8 @@ def quant_keys(layer: str) -> tuple[str, str]:
 class PrecisionLever(InCompression):
     """Store the least sensitive ``ratio`` of the retained Linear parameters as ``fmt`` (``"fp8"``/``"int8"``).
 
-    Built last: it quantizes the weights the other levers left.  Linears factorised by the low-rank lever
-    and Linears kept only as a K/V fold fallback are left alone (the latter are not resident work).
+    Built last: it quantizes the weights the other levers left.  Linears factorised by the low-rank lever,
+    Linears the low-bit lever stored, and Linears kept only as a K/V fold fallback are left alone (the latter are not resident work).
     Record: ``compression.quantization``.  Tensors: ``quant.<linear>.weight`` (fp8/int8) and ``.scale``
     (float32 ``[out or 1, 1]``).
 
@@ -195,7 +195,8 @@ class PrecisionLever(InCompression):
     kind: ClassVar[str] = "quantization"
 
     def build(self, model: nn.Module, replacements: dict[str, nn.Module], built: Mapping[str, Any]) -> Built:
-        exclude = tuple(r["layer"] for r in built.get("low_rank") or [])
+        # low-rank factors and low-bit layers already have their storage format
+        exclude = tuple(r["layer"] for r in built.get("low_rank") or []) + tuple((built.get("low_bit") or {}).get("layers") or ())
         current = replace_modules(model, replacements) if replacements else model
         linears = {
             p: m for p, m in retained_linears(current).items()
