@@ -155,11 +155,16 @@ class Predictors:
         if lever in ("precision_ratio", "low_bit_ratio"):  # the least-error layers first, as those levers pick them
             rows = sorted(self.precision_errors if lever == "precision_ratio" else self.low_bit_errors, key=lambda r: r[1])
             total = sum(n for n, _ in rows)
-            budget, used, err = amount * total + 1e-9, 0, 0.0
+            budget, used, err, energy = amount * total + 1e-9, 0, 0.0, 0.0
             for n, e in rows:
                 if used + n > budget:
                     continue
-                used, err = used + n, err + n * e
+                used, err, energy = used + n, err + n * e, energy + e * e
+            if lever == "low_bit_ratio":
+                # int4 errors (~5 % per layer) compound through the network: independent errors of the
+                # quantized layers add in energy.  The parameter-weighted mean (precision's model) put int4 on
+                # every layer at damage 0.05 on the reference model, where the judge measured SSIM 0.54.
+                return math.sqrt(energy)
             return err / total if total else 0.0
         raise FragmentError(f"calibration: unknown lever {lever!r}; expected heads, ff_ratio, step_reuse, "
                             "low_bit_ratio or precision_ratio")

@@ -8,7 +8,7 @@ Two modes (``calibrate``):
   thresholds.yaml, judged by ``comfy_judge.ComfyJudge`` on the profiled seed
   (its reference is the ``trigger`` LATENT) and confirmed on held-out seeds
   (``seed+1``...), within ``budget_images`` rendered images.  The user's lever
-  amounts (ratio, ff_ratio, precision_ratio, step_reuse) are then not used:
+  amounts (ratio, ff_ratio, precision_ratio, low_bit_ratio, step_reuse) are then not used:
   the judge chooses them.  When nothing passes, the stored fragment is the full
   model (no levers) marked ``fallback_full_model``, and the status says why.
 * fixed settings (``off``, or ``auto`` with the sampler settings missing): the
@@ -77,9 +77,11 @@ class FragmentExtractor:
                 "cfg": ("FLOAT", tip("The profiled KSampler's cfg.", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01)),
                 "sampler_name": (comfy.samplers.KSampler.SAMPLERS, tip("The profiled KSampler's sampler.")),
                 "scheduler": (comfy.samplers.KSampler.SCHEDULERS, tip("The profiled KSampler's scheduler.")),
-                "goal": (list(GOALS), tip("What calibration maximises: memory (resident bytes: heads, FF, precision), speed (time: heads, FF, step reuse, CFG cut-off) or both.", default="both")),
+                "goal": (list(GOALS), tip("What calibration maximises: memory (resident bytes: heads, FF, low-bit, precision), speed (time: heads, FF, step reuse, CFG cut-off) or both.", default="both")),
                 "budget_images": ("INT", tip("Most images the calibration renders: every try's seeds times the latent batch, plus the held-out references.", default=16, min=2, max=1024)),
                 "holdout_seeds": ("INT", tip("Held-out seeds (seed+1, seed+2, ...) a choice must also pass; rendered with the full model for reference.", default=1, min=1, max=16)),
+                "low_bit_ratio": ("FLOAT", tip("Share of Linear and Conv2d parameters stored as group-wise low-bit codes (4.5 bits per weight at int4), scaled per input channel from the profiled activations; the least sensitive layers first (0: off).", default=0.0, min=0.0, max=1.0, step=0.05)),
+                "low_bit_bits": (["int4", "int3"], tip("The low-bit format: int4 or int3, asymmetric, 64 input channels per fp16 scale and zero.")),
             },
         }
 
@@ -97,14 +99,15 @@ class FragmentExtractor:
                 ff_ratio: float = 0.0, precision: str = "none", precision_ratio: float = 1.0, step_reuse: float = 0.0,
                 calibrate: str = "auto", vae: Any = None, seed: int | None = None, steps: int | None = None,
                 cfg: float | None = None, sampler_name: str | None = None, scheduler: str | None = None,
-                goal: str = "both", budget_images: int = 16, holdout_seeds: int = 1) -> dict[str, Any]:
+                goal: str = "both", budget_images: int = 16, holdout_seeds: int = 1, low_bit_ratio: float = 0.0,
+                low_bit_bits: str = "int4") -> dict[str, Any]:
         settings = ExtractionSettings(
             strategy=strategy, amount=ratio if strategy == "ratio" else percentile, scope=scope, min_keep=min_keep,
             safety_margin_heads=safety_margin_heads, keep_unstable_heads=keep_unstable_heads, kv_fold=kv_fold,
             kv_fold_keep_weights=kv_fold_keep_weights, ff_ratio=ff_ratio,
             # The node's "none" is the settings' precision_ratio 0: one spelling of off in the core.
             precision="fp8" if precision == "none" else precision, precision_ratio=0.0 if precision == "none" else precision_ratio,
-            step_reuse=step_reuse,
+            step_reuse=step_reuse, low_bit_ratio=low_bit_ratio, low_bit_bits=3 if low_bit_bits == "int3" else 4,
         )
         if kv_fold and (positive is None or negative is None):
             raise FragmentError("FragmentExtractor: kv_fold needs both the positive and negative CONDITIONING inputs connected")

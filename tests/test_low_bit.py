@@ -255,8 +255,9 @@ def test_settings_and_calibration_offer_the_lever() -> None:
     rows = low_bit_errors(nn.Sequential(nn.Linear(64, 8), nn.Conv2d(4, 4, 3)))
     assert [n for n, _ in rows] == [512, 144] and all(e > 0 for _, e in rows)
     p = Predictors(low_bit_errors=[(100, 0.01), (100, 0.2)])
-    assert p.damage("low_bit_ratio", 0.5) == pytest.approx(0.005) and p.damage("low_bit_ratio", 1.0) == pytest.approx(0.105)
-    ladder = candidate_ladder(p, "memory", levels=(0.2, 0.05))
+    # errors of the quantized layers add in energy: sqrt(0.01^2) and sqrt(0.01^2 + 0.2^2)
+    assert p.damage("low_bit_ratio", 0.5) == pytest.approx(0.01) and p.damage("low_bit_ratio", 1.0) == pytest.approx(math.hypot(0.01, 0.2))
+    ladder = candidate_ladder(p, "memory", levels=(0.25, 0.05))
     assert [c.low_bit_ratio for c in ladder] == [1.0, 0.5] and ladder[0].label == "low-bit 100%"
     assert ladder[1].settings().low_bit_ratio == 0.5
 
