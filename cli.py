@@ -80,6 +80,15 @@ def _cmd_bench_quant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_memory(args: argparse.Namespace) -> int:
+    from .bench.memory import bench_memory, format_memory_table, memory_configs
+
+    configs = memory_configs(args.heads, not args.no_kv_fold, args.ff, args.sweep)
+    report = bench_memory(args.arch, args.size, args.batch, configs, seed=args.seed, attention=args.attention)
+    print(json.dumps(report, indent=2) if args.json else format_memory_table(report))
+    return 0
+
+
 def _cmd_bench_batch(args: argparse.Namespace) -> int:
     import torch
 
@@ -192,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the JSON report here")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=_cmd_bench_quant)
+    p = bench.add_parser("memory", help="peak_tensor_bytes (weights + activations) of one CFG sampler step, full model vs "
+                         "fragment, on fake tensors of a full-size UNet (no weights, no GPU; not VRAM)")
+    p.add_argument("--arch", choices=["sd15", "sdxl", "tiny"], required=True)
+    p.add_argument("--size", type=int, default=1024, help="image size in pixels (latent = size / 8)")
+    p.add_argument("--batch", type=int, default=4, help="images per step (the UNet sees twice as many: CFG)")
+    p.add_argument("--heads", type=float, default=0.3, help="fraction of attention heads to remove (0: off)")
+    p.add_argument("--no-kv-fold", action="store_true", help="do not fold cross-attention K/V")
+    p.add_argument("--ff", type=float, default=0.3, help="fraction of feed-forward channels to remove (0: off)")
+    p.add_argument("--sweep", action="store_true", help="also measure each lever alone")
+    p.add_argument("--attention", choices=["fused", "math"], default="fused",
+                   help="fused: what torch SDPA picks (flash, no tokens x tokens matrix); math: the unfused path")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random head/FF scores")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_bench_memory)
     p = bench.add_parser("batch", help="H4/H5: stock sampling vs the calibrated fragment, same sampler, steps, size and "
                          "seeds, with profile, build and calibration counted")
     p.add_argument("--model", choices=["reference", "sd15"], default="reference",

@@ -34,8 +34,9 @@ import torch.nn as nn
 from ..fragment.build import describe_base
 from ..fragment.calibration import GOALS, Budget, lever_ladder
 from ..fragment.extract import calibrated_fragment, candidate_fragment
-from ..fragment.schedule.apply import fragment_schedule
+from ..fragment.schedule.apply import apply_schedule, fragment_schedule
 from ..fragment.schedule.state import ScheduleState
+from ..metrics.memory import peak_memory, peak_memory_metrics
 from ..metrics.performance import amortized_costs, synchronize
 from ..profiling.activation_stats import ActivationStats
 from ..profiling.ff_profiler import FFProfiler
@@ -144,6 +145,7 @@ def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dic
     if not cal.chosen:
         log.info("calibration chose the full model (%s): the bench has no fragment row", cal.reason)
     best = rows[-1]
+    memory = batch_peak_memory(target, variants, chosen_fragment, device)
     costs = amortized_costs(stock_s_per_image=rows[0]["s_per_image"], fragment_s_per_image=best["s_per_image"],
                             profile_s=profile_s, profiled_images=len(profile_seeds), build_s=build_s,
                             calibrate_s=calibrate_s)
@@ -158,8 +160,29 @@ def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dic
         "schedule": best.get("schedule"), "reused_steps_applied": applied,
         "fragment_passes_gate_on_fresh_seeds": best["quality"]["passes_gate"] if best["quality"] else None,
         "manifest_quality": chosen_fragment.manifest["quality"] if chosen_fragment else None,
-        "profiling_overhead": overhead,
+        "profiling_overhead": overhead, "peak_memory": memory,
     }
+
+
+def batch_peak_memory(target: BenchTarget, seeds: Sequence[int], fragment: Any, device: torch.device) -> dict[str, Any]:
+    """Peak memory of one batch (``seeds``) and of its largest sampler step, stock and with ``fragment`` (or None).
+
+    A run of its own per model, after the timed ones: the tracker's bookkeeping costs time.  ``peak_tensor_bytes``
+    on any device; ``peak_vram_bytes`` too on CUDA (``metrics.memory.peak_memory``).
+
+    >>> batch_peak_memory(RandomSDTarget(size=8, steps=2), [0, 1], None, torch.device("cpu"))["full"]["step"]["calls"]  # doctest: +SKIP
+    2
+    """
+    runs: dict[str, tuple[nn.Module, dict[str, Any]]] = {"full": (target.unet, {})}
+    if fragment is not None:
+        small, state = apply_schedule(target.unet, fragment)
+        runs["fragment"] = (small, {"state": state, "cfg_cutoff": fragment_schedule(fragment).cfg_cutoff})
+    measured: dict[str, dict[str, Any]] = {}
+    for label, (model, kwargs) in runs.items():
+        with torch.no_grad():
+            batch = peak_memory(lambda: target.run(model, list(seeds), **kwargs), [model], device=device, step_module=model)
+        measured[label] = {"step": batch.pop("step"), "batch": batch}
+    return {**measured, "batch_images": len(seeds), "metrics": peak_memory_metrics(measured)}
 
 
 def format_batch_report(report: dict[str, Any]) -> str:
@@ -198,4 +221,21 @@ def format_batch_report(report: dict[str, Any]) -> str:
         ratio = "n/a" if row["amortized_ratio"] is None else f"{row['amortized_ratio']:.2f}x"
         lines.append(f"  N={row['n']:<4} stock {row['stock_s']:8.2f} s  pack {row['pack_s']:8.2f} s  amortized ratio {ratio}")
     lines.append(f"break-even: {amortized['verdict']}")
+    pm = report.get("peak_memory")
+    if pm:
+        m = pm["metrics"]
+
+        def mib(v: Any) -> str:
+            return "n/a" if v is None else f"{v / 2**20:.2f}"
+
+        lines.append(f"peak_tensor_bytes MiB (live tensors incl. activations, {pm['full']['batch']['device']}), "
+                     f"full -> fragment:")
+        for window in ("step", "batch"):
+            lines.append(f"  {window:<6} {mib(m[f'peak_tensor_bytes_{window}_full'])} -> "
+                         f"{mib(m[f'peak_tensor_bytes_{window}_fragment'])}  (activations "
+                         f"{mib(m[f'peak_tensor_bytes_activations_{window}_full'])} -> "
+                         f"{mib(m[f'peak_tensor_bytes_activations_{window}_fragment'])})")
+        red = m["peak_tensor_reduction"]
+        lines.append("  reduction (batch): " + ("n/a (no fragment)" if red is None else f"{red:.1%}")
+                     + ("" if m["vram_reduction"] is None else f"; peak VRAM reduction {m['vram_reduction']:.1%}"))
     return "\n".join(lines)

@@ -6,7 +6,10 @@ Each hypothesis is a list of checks on those keys (seed 002 "Success Metrics"):
 
 - H1 head pruning: ``pruned_head_pct`` ≥ 0.30, ``clip_drop_rel`` ≤ 0.02,
   ``lpips_mean`` ≤ 0.03, ``adherence_delta`` ≤ 0.02
-- H2 VRAM vs quality: ``vram_reduction`` ≥ 0.25, ``lpips_mean`` ≤ 0.035, ``ssim_mean`` ≥ 0.90
+- H2 memory vs quality: ``peak_memory_reduction`` ≥ 0.25, ``lpips_mean`` ≤ 0.035, ``ssim_mean`` ≥ 0.90,
+  where the memory figure is ``vram_reduction`` (peak VRAM on CUDA) when the run measured it, else
+  ``peak_tensor_reduction`` (peak live tensor bytes incl. activations, any device: ``metrics.tensor_memory``);
+  the H2 record names which one in ``memory_source`` and ``memory_judged_on``
 - H3 reuse: ``reuse_pass_rate`` ≥ 0.80
 - H4 throughput: ``batch_speedup`` ≥ 1.7 measured over ``batch_variants`` ≥ 32 images
 - H5 amortisation: ``break_even_variants`` ≤ 10 (``break_even_never`` = the fragment is not faster: FAIL)
@@ -30,12 +33,59 @@ ORDER = {"PASS": 0, "WARN": 1, "FAIL": 2, "MISSING": 3}
 HYPOTHESES = {
     "H1": [("pruned_head_pct", "pruned_head_pct_min", "min"), ("clip_drop_rel", "clip_drop_rel_max", "max"),
            ("lpips_mean", "lpips_max", "max"), ("adherence_delta", "adherence_delta_max", "max")],
-    "H2": [("vram_reduction", "vram_reduction_min", "min"), ("lpips_mean", "lpips_max", "max"),
+    "H2": [("peak_memory_reduction", "peak_memory_reduction_min", "min"), ("lpips_mean", "lpips_max", "max"),
            ("ssim_mean", "ssim_min", "min")],
     "H3": [("reuse_pass_rate", "reuse_pass_rate_min", "min")],
     "H4": [("batch_speedup", "batch_speedup_min", "min"), ("batch_variants", "variants", "min")],
     "H5": [("break_even_variants", "break_even_max_variants", "max")],
 }
+
+
+# H2's memory figure, best first: the CUDA allocator's peak when there is one, else the CPU-measurable peak
+# of live tensor bytes.  Never the other way round, and never silently: the summary says which was used.
+H2_MEMORY_SOURCES: tuple[tuple[str, str], ...] = (
+    ("vram_reduction", "peak VRAM (CUDA, torch.cuda.max_memory_allocated)"),
+    ("peak_tensor_reduction", "peak_tensor_bytes (CPU, live tensors incl. activations), not VRAM"),
+)
+LEGACY_LIMITS = {"vram_reduction_min": "peak_memory_reduction_min"}  # thresholds files written before the CPU figure
+
+
+def measured(value: Any) -> bool:
+    """A finite number (not None, NaN, ±inf or a bool): what counts as measured.
+
+    >>> measured(0.3), measured(None), measured(float("nan"))
+    (True, False, False)
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+
+
+def memory_figure(metrics: Mapping[str, Any]) -> tuple[str | None, float | None]:
+    """H2's memory reduction and the metric it came from: ``vram_reduction`` when measured, else ``peak_tensor_reduction``.
+
+    >>> memory_figure({"vram_reduction": 0.3, "peak_tensor_reduction": 0.4})
+    ('vram_reduction', 0.3)
+    >>> memory_figure({"vram_reduction": None, "peak_tensor_reduction": 0.4})
+    ('peak_tensor_reduction', 0.4)
+    >>> memory_figure({})
+    (None, None)
+    """
+    for key, _ in H2_MEMORY_SOURCES:
+        if measured(metrics.get(key)):
+            return key, float(metrics[key])
+    return None, None
+
+
+def memory_judged_on(source: str | None) -> str:
+    """The sentence a summary prints about H2's memory figure.
+
+    >>> memory_judged_on("peak_tensor_reduction")
+    'H2 judged on peak_tensor_bytes (CPU, live tensors incl. activations), not VRAM'
+    >>> memory_judged_on(None)
+    'H2 memory not measured: neither peak VRAM (CUDA) nor peak_tensor_bytes (CPU) was measured'
+    """
+    if source is None:
+        return "H2 memory not measured: neither peak VRAM (CUDA) nor peak_tensor_bytes (CPU) was measured"
+    return f"H2 judged on {dict(H2_MEMORY_SOURCES)[source]}"
 
 
 def _number(value: Any, where: str) -> float:
@@ -64,7 +114,8 @@ def validate_thresholds(data: Any, source: str = "thresholds") -> dict[str, Any]
             raise FragmentError(f"{source}: hypotheses: expected one of {sorted(HYPOTHESES)}, found {name!r}")
         if not isinstance(limits, dict):
             raise FragmentError(f"{source}: hypotheses.{name}: expected a mapping, found {type(limits).__name__}")
-        out["hypotheses"][name] = {k: _number(v, f"{source}: hypotheses.{name}.{k}") for k, v in limits.items()}
+        out["hypotheses"][name] = {LEGACY_LIMITS.get(k, k): _number(v, f"{source}: hypotheses.{name}.{k}")
+                                   for k, v in limits.items()}
     gate = data.get("quality_gate", {}) or {}
     if not isinstance(gate, dict):
         raise FragmentError(f"{source}: quality_gate: expected a mapping, found {type(gate).__name__}")
@@ -122,6 +173,10 @@ def evaluate_hypotheses(metrics: Mapping[str, Any], thresholds: Mapping[str, Any
     'PASS'
     >>> evaluate_hypotheses({"break_even_variants": None, "break_even_never": True}, t)["H5"]["status"]
     'FAIL'
+    >>> h2 = validate_thresholds({"hypotheses": {"H2": {"peak_memory_reduction_min": 0.25}}})
+    >>> r = evaluate_hypotheses({"peak_tensor_reduction": 0.3}, h2)["H2"]
+    >>> r["status"], r["memory_source"]
+    ('PASS', 'peak_tensor_reduction')
     """
     margin = float(thresholds.get("warn_margin", 0.1))
     out: dict[str, dict[str, Any]] = {}
@@ -131,6 +186,9 @@ def evaluate_hypotheses(metrics: Mapping[str, Any], thresholds: Mapping[str, Any
             if limit_key not in limits:
                 continue
             value = metrics.get(key)
+            if key == "peak_memory_reduction":  # derived: the best memory figure the run measured
+                source, value = memory_figure(metrics)
+                record["memory_source"], record["memory_judged_on"] = source, memory_judged_on(source)
             status = check(value, limits[limit_key], kind, margin)
             if key == "break_even_variants" and value is None and metrics.get("break_even_never"):
                 status = "FAIL"  # measured: the fragment is not faster, so it never pays back
@@ -155,10 +213,10 @@ def run_status(hypotheses: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def missing_metrics(hypotheses: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Every metric a hypothesis needed but the run did not measure, as ``"H2.vram_reduction"``.
+    """Every metric a hypothesis needed but the run did not measure, as ``"H2.peak_memory_reduction"``.
 
-    >>> missing_metrics({"H2": {"checks": {"vram_reduction": {"status": "MISSING"}}}})
-    ['H2.vram_reduction']
+    >>> missing_metrics({"H2": {"checks": {"peak_memory_reduction": {"status": "MISSING"}}}})
+    ['H2.peak_memory_reduction']
     """
     return [f"{h}.{k}" for h, rec in hypotheses.items() for k, c in rec.get("checks", {}).items() if c["status"] == "MISSING"]
 

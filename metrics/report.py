@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .hypotheses import evaluate_hypotheses, missing_metrics, run_status
+from .hypotheses import evaluate_hypotheses, memory_figure, memory_judged_on, missing_metrics, run_status
 from .plots import heatmap_plot, image_pairs, latency_plot, lever_curves_plot, quality_tradeoff_plot
 from .regression import SUMMARY, read_summary, regression_diff, resolve_report
 
@@ -80,6 +80,8 @@ def build_summary(run_id: str, metrics: Mapping[str, Any], thresholds: Mapping[s
     >>> s = build_summary("r1", {"break_even_variants": 4.0}, {"hypotheses": {"H5": {"break_even_max_variants": 10}}})
     >>> s["status"], s["verified"], s["hypotheses"]["H5"]["status"]
     ('PASS', True, 'PASS')
+    >>> build_summary("r2", {"peak_tensor_reduction": 0.3}, {"hypotheses": {}})["h2_memory"]["judged_on"]
+    'H2 judged on peak_tensor_bytes (CPU, live tensors incl. activations), not VRAM'
     """
     hyps = evaluate_hypotheses(metrics, thresholds)
     status = run_status(hyps)
@@ -95,8 +97,10 @@ def build_summary(run_id: str, metrics: Mapping[str, Any], thresholds: Mapping[s
         "hypotheses": hyps,
         "metrics": dict(metrics),
     }
+    source, value = memory_figure(metrics)
+    summary["h2_memory"] = {"source": source, "reduction": value, "judged_on": memory_judged_on(source)}
     summary.update(extra or {})
-    summary["notes"] = list(notes) + ([f"INVALID: not measured: {', '.join(missing)}"] if missing else [])
+    summary["notes"] = list(notes) + [summary["h2_memory"]["judged_on"] + "."] + ([f"INVALID: not measured: {', '.join(missing)}"] if missing else [])
     return summary
 
 

@@ -42,6 +42,12 @@ def _check(report: dict, printed: str) -> None:
     for text in ("raw throughput ratio", "break-even", "s/image", "amortized", "calibration (", "N=32",
                  "profiling overhead"):
         assert text in printed
+    pm = report["peak_memory"]  # peak live tensor bytes of one batch and of its largest step, stock and fragment
+    full = pm["full"]
+    assert full["batch"]["peak_tensor_bytes"] > full["batch"]["peak_tensor_bytes_resident"] > 0
+    assert full["step"]["calls"] >= 1 and full["step"]["peak_tensor_bytes"] <= full["batch"]["peak_tensor_bytes"]
+    assert ("fragment" in pm) == (report["chosen"] is not None) == (pm["metrics"]["peak_tensor_reduction"] is not None)
+    assert "peak_tensor_bytes MiB" in printed
     overhead = report["profiling_overhead"]  # measured, not asserted: timings belong to benchmarks
     assert set(overhead) == {"base_s", "profiled_s", "overhead_pct"} and overhead["base_s"] > 0
 
