@@ -415,15 +415,16 @@ def format_peer_report(report: Mapping[str, Any]) -> str:
     """The peer table (one line per row), then the headline.
 
     >>> r = {"target": {"name": "reference", "prompt": "p"}, "device": "cpu", "variants": 2, "steps": 4, "rows": [
-    ...     peer_row("reference", "stock", "full model", s_per_image=1.0, speedup=1.0, resident_unet_bytes=10)],
+    ...     peer_row("reference", "stock", "full model", s_per_image=1.0, speedup=1.0, setup_s=0.0, amortized_ratio_32=1.0,
+    ...              resident_unet_bytes=10)],
     ...     "headline": headline([])}
     >>> print(format_peer_report(r).splitlines()[3])
-    reference  stock full model                               1.000   1.00x      -      -       10      -      -      -  -
+    reference  stock full model                                          1.000   1.00x    0.0   1.00       10      -      -      -  -
     """
     lines = [f"peer bench: {report['target']['name']} on {report['device']}, {report['variants']} variants x "
              f"{report['steps']} steps, prompt {report['target'].get('prompt')!r}",
              "timing ratios on a shared machine are noisy; each row is one timed run of the same seeds",
-             f"{'section':<11}{'method / setting':<40}{'s/img':>7}{'raw':>8}{'set-up':>7}{'am.32':>7}{'UNet MB':>9}"
+             f"{'section':<11}{'method / setting':<56}{'s/img':>7}{'raw':>8}{'set-up':>7}{'am.32':>7}{'UNet MB':>9}"
              f"{'SSIM':>7}{'LPIPS':>7}{'adh.d':>7}  gate"]
     comfy_noted = False
     for row in report["rows"]:
@@ -435,8 +436,8 @@ def format_peer_report(report: Mapping[str, Any]) -> str:
         gate = "ERROR " + row["error"] if row["error"] else {True: "pass", False: "FAIL", None: "-"}[row["passes_gate"]]
         if row["passes_gate"] is False and q.get("gate_failures"):
             gate += " (" + "; ".join(q["gate_failures"]) + ")"
-        name = f"{row['method']} {row['setting']}"[:39]
-        lines.append(f"{row['section']:<11}{name:<40}{_num(row['s_per_image'], '.3f'):>7}"
+        name = f"{row['method']} {row['setting']}"[:55]
+        lines.append(f"{row['section']:<11}{name:<56}{_num(row['s_per_image'], '.3f'):>7}"
                      f"{_num(row['speedup'], '.2f') + ('x' if row['speedup'] is not None else ''):>8}"
                      f"{_num(row['setup_s'], '.1f'):>7}{_num(row['amortized_ratio_32'], '.2f'):>7}"
                      f"{_num(mb, '.2f') if mb is None or mb >= 0.01 else str(row['resident_unet_bytes']):>9}"
