@@ -114,6 +114,7 @@ def _peer_rows_guarded(section: str, method: str, settings: Sequence[tuple[str, 
     for setting, make in settings:
         try:
             rows.append(peer_row(section, method, setting, **make()))
+            log.info("peer %s %s: %.2fx, gate %s", method, setting, rows[-1]["speedup"] or 0.0, rows[-1]["passes_gate"])
         except Exception as exc:  # a peer that fails is a row with its error, never a missing row
             log.warning("peer %s %s failed: %s", method, setting, exc)
             rows.append(peer_row(section, method, setting, error=f"{type(exc).__name__}: {exc}"))
