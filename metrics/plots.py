@@ -184,7 +184,7 @@ def peer_tradeoff_plot(rows: Sequence[Mapping[str, Any]], lpips_limit: float | N
     ax.axvline(1.0, color="#999999", linewidth=0.8)
     ax.set_xlabel("speed-up vs stock (raw, same seeds)")
     ax.set_ylabel("LPIPS to stock (lower is better)")
-    ax.set_title(f"peers at equal quality{f' ({unplotted} rows without LPIPS not drawn)' if unplotted else ''}", fontsize=9)
+    ax.set_title(f"peers at equal quality{f' ({unplotted} row(s) without LPIPS not drawn)' if unplotted else ''}", fontsize=9)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
