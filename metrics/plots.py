@@ -153,3 +153,42 @@ def image_pairs(full: Any, fragment: Any, folder: str | os.PathLike, *, limit: i
         b = save_image(frag_t[i], folder / f"fragment_{i:03d}.png", min_side=min_side)
         pairs.append({"full": f"{folder.name}/{a.name}", "fragment": f"{folder.name}/{b.name}"})
     return pairs
+
+
+def peer_tradeoff_plot(rows: Sequence[Mapping[str, Any]], lpips_limit: float | None, path: str | os.PathLike) -> Path:
+    """LPIPS to stock against speed-up, one point per measured row, coloured by method; the gate's LPIPS limit dashed.
+
+    Rows without an LPIPS value (errors, the stock row, judges without LPIPS) are left out of the axes but
+    counted in the title, so a sparse plot says why it is sparse.
+
+    >>> import tempfile; p = peer_tradeoff_plot([{"method": "tome", "speedup": 1.1, "quality": {"lpips_mean": 0.02}}],
+    ...                                          0.035, tempfile.mkdtemp() + "/peers.png")
+    >>> p.exists()
+    True
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
+    methods: dict[str, list[tuple[float, float]]] = {}
+    unplotted = 0
+    for row in rows:
+        lp = (row.get("quality") or {}).get("lpips_mean")
+        if row.get("speedup") is None or lp is None:
+            unplotted += 1
+            continue
+        methods.setdefault(row["method"], []).append((row["speedup"], lp))
+    markers = "osD^v<>PX*"
+    for i, (method, pts) in enumerate(methods.items()):
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=method, marker=markers[i % len(markers)], s=28)
+    if lpips_limit is not None:
+        ax.axhline(lpips_limit, color="#c44e52", linestyle="--", linewidth=1, label=f"gate LPIPS {lpips_limit:g}")
+    ax.axvline(1.0, color="#999999", linewidth=0.8)
+    ax.set_xlabel("speed-up vs stock (raw, same seeds)")
+    ax.set_ylabel("LPIPS to stock (lower is better)")
+    ax.set_title(f"peers at equal quality{f' ({unplotted} row(s) without LPIPS not drawn)' if unplotted else ''}", fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,103 @@
+"""Tier 1: the peer bench (issue #17) at a tiny size on the reference model: every row has every field, no peer is
+silently missing, and the table, JSON and plot are written.  Timings are measured, never asserted."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+
+from prompt_fragments.bench.batch import BenchConfig, run_batch
+from prompt_fragments.bench.peers import (REFERENCE_METHODS, ROW_KEYS, PeerConfig, comfy_rows, format_peer_report,
+                                          headline, reference_rows, run_deepcache, write_peer_report)
+from prompt_fragments.bench.reference_target import ReferenceTarget
+from prompt_fragments.demo import DEFAULT_PROMPT, DEFAULT_THRESHOLDS
+from prompt_fragments.metrics.hypotheses import load_thresholds
+from prompt_fragments.metrics.performance import amortized_costs
+
+PEERS = PeerConfig(deepcache_intervals=(2,), deepcache_branches=(0, 9), tome_ratios=(0.5,), cfg_cutoffs=(350.0,),
+                   stack_intervals=(2,))
+# goal both: the chosen fragment has byte levers, so the DeepCache stack needs no second (memory) calibration
+CONFIG = BenchConfig(variants=2, profile_seeds=2, holdout_seeds=1, budget_images=8, goal="both")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    limits = load_thresholds(DEFAULT_THRESHOLDS)["quality_gate"]
+    target = ReferenceTarget(DEFAULT_PROMPT, limits=limits, steps=4)
+    report, run = run_batch(target, CONFIG)
+    rows = reference_rows(target, report, run, CONFIG, PEERS)
+    return target, report, run, rows
+
+
+def test_every_row_has_every_field_and_every_method_a_row(bench) -> None:
+    _target, report, _run, rows = bench
+    assert all(set(row) == set(ROW_KEYS) for row in rows)
+    assert {row["method"] for row in rows} == set(REFERENCE_METHODS)
+    deepcache = [r for r in rows if r["method"] == "deepcache"]
+    assert [r["setting"] for r in deepcache] == ["interval 2, branch 0", "interval 2, branch 9"]
+    assert "maps to no block" in deepcache[1]["error"]  # a 3-level UNet has no block 3: an error row, not a gap
+    stock_bytes = rows[0]["resident_unet_bytes"]
+    for row in rows:
+        if row["error"] is not None:
+            assert row["s_per_image"] is None and row["passes_gate"] is None
+            continue
+        assert row["s_per_image"] > 0 and row["speedup"] > 0 and row["resident_unet_bytes"] > 0
+        assert row["speedup"] == pytest.approx(rows[0]["s_per_image"] / row["s_per_image"])
+        if row["method"] == "stock":
+            continue
+        assert isinstance(row["passes_gate"], bool) and {"ssim_mean", "adherence_delta"} <= set(row["quality"])
+        if row["method"] in ("deepcache", "tome", "cfg_truncation"):  # nothing to set up, weights untouched
+            assert row["setup_s"] == 0.0 and row["amortized_ratio_32"] == row["speedup"]
+            assert row["resident_unet_bytes"] == stock_bytes
+        else:  # the fragment pays its profile, build and calibration at 32 variants
+            t = report["timing_s"]
+            assert row["setup_s"] >= t["profile"] + t["build"] + t["calibrate"]
+            extra = row["setup_s"] - (t["profile"] + t["build"] + t["calibrate"])
+            costs = amortized_costs(stock_s_per_image=rows[0]["s_per_image"], fragment_s_per_image=row["s_per_image"],
+                                    profile_s=t["profile"], profiled_images=CONFIG.profile_seeds, build_s=t["build"],
+                                    calibrate_s=t["calibrate"] + extra, ns=(32,))
+            assert row["amortized_ratio_32"] == pytest.approx(costs["rows"][0]["amortized_ratio"])
+    fragment = [r for r in rows if r["method"] == "fragment"]
+    assert len(fragment) == max(len(report["rows"]) - 1, 1)
+    stack = [r for r in rows if r["method"] == "deepcache+memory_fragment"]
+    assert [r["setting"] for r in stack] == ["memory fragment alone", "interval 2, branch 2"]
+    for row in stack:  # either it composes and keeps the fragment's smaller weights, or it says why not
+        assert row["error"] is not None or row["resident_unet_bytes"] < stock_bytes
+
+
+def test_a_peer_that_cannot_be_imported_is_an_error_row(bench, monkeypatch) -> None:
+    target, report, run, _rows = bench
+    monkeypatch.setitem(sys.modules, "DeepCache", None)  # `from DeepCache import ...` now raises ImportError
+    rows = reference_rows(target, report, run, CONFIG, PEERS, skip=("tome", "cfg_truncation", "deepcache+memory_fragment"))
+    assert {row["method"] for row in rows} == set(REFERENCE_METHODS)
+    deepcache = [r for r in rows if r["method"] == "deepcache"]
+    assert len(deepcache) == 2 and all(r["error"] for r in deepcache)
+    assert "DeepCache is not installed" in deepcache[0]["error"]
+    skipped = [r for r in rows if r["method"] in ("tome", "cfg_truncation", "deepcache+memory_fragment")]
+    assert len(skipped) == 4 and all("not run" in r["error"] for r in skipped)
+
+
+def test_deepcache_leaves_the_unet_as_it_found_it(bench) -> None:
+    target, _report, run, _rows = bench
+    seeds = run.variants[:1]
+    run_deepcache(target, target.unet, seeds, 2, 0)
+    np.testing.assert_array_equal(target.run(target.unet, seeds), run.stock[:1])  # every wrapped forward restored
+
+
+def test_table_json_plot_and_headline(bench, tmp_path) -> None:
+    target, report, _run, rows = bench
+    rows = rows + comfy_rows(str(tmp_path / "no-comfyui"))
+    assert rows[-1]["section"] == "comfyui" and rows[-1]["error"] and set(rows[-1]) == set(ROW_KEYS)
+    peer_report = {"target": target.describe(), "device": "cpu", "variants": report["variants"], "steps": report["steps"],
+                   "rows": rows, "lpips_limit": 0.035, "headline": headline(rows)}
+    text = format_peer_report(peer_report)
+    assert "headline" in text and "random weights have no image quality" in text and "ERROR" in text
+    assert len(text.splitlines()) >= len(rows) + 3
+    paths = write_peer_report([peer_report], tmp_path / "report")
+    assert [p.name for p in paths] == ["peers.json", "peers.png"] and paths[1].stat().st_size > 0
+    saved = json.loads(paths[0].read_text())["reports"][0]
+    assert len(saved["rows"]) == len(rows) and set(saved["headline"]["targets"]) >= {"raw_1_5x_fastest_peer"}
