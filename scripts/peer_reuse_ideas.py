@@ -8,7 +8,14 @@ quality gate against stock.  Usage (about 3 min on an idle 2-core CPU)::
 
     PYTHONPATH=<parent of the package> python scripts/peer_reuse_ideas.py ["prompt"] > ideas.jsonl
 """
-import dataclasses, json, sys
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from typing import Sequence
+
 from prompt_fragments.bench.batch import BenchConfig, run_batch, timed
 from prompt_fragments.bench.judging import render
 from prompt_fragments.bench.reference_target import ReferenceTarget
@@ -19,28 +26,39 @@ from prompt_fragments.fragment.schedule.apply import fragment_schedule, with_sch
 from prompt_fragments.metrics.hypotheses import load_thresholds
 from prompt_fragments.profiling.step_change import reuse_steps_for_count
 
-prompt = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_PROMPT
-limits = load_thresholds(DEFAULT_THRESHOLDS)["quality_gate"]
-target = ReferenceTarget(prompt, limits=limits, steps=25, lpips=optional_lpips(None)[0])
-report, run = run_batch(target, BenchConfig())
-stock_s = report["rows"][0]["s_per_image"]
-print("chosen", run.chosen.label if run.chosen else None, "stock s/img", round(stock_s, 4), flush=True)
-base = candidate_fragment(run.profile, target.unet, Candidate(step_reuse=0.5), base=run.base, name="x", **run.sources)
-sched = fragment_schedule(base)
-changes = run.sources["step_changes"]
-out = []
-def trial(name, steps, shallow):
-    frag = with_schedule(base, dataclasses.replace(sched, reuse_steps=tuple(steps), shallow=shallow))
-    (images, applied), seconds = timed(lambda: render(target.unet, frag, run.variants, target.run), "cpu")
-    ok, q = target.judge(run.stock, images)
-    row = {"name": name, "shallow": shallow, "reused": len(applied), "speedup": stock_s / (seconds / len(run.variants)),
-           "pass": ok, "lpips": q.get("lpips_mean"), "ssim": q["ssim_mean"], "adh": q["adherence_delta"]}
-    out.append(row); print(json.dumps(row), flush=True)
-for share in (0.75, 0.85):
-    steps, _ = reuse_steps_for_count(list(changes), int(share * len(changes)))
-    for shallow in (1, 2):
-        trial(f"drift budget {share:.0%}", steps, shallow)
-for k in (2, 3, 4, 5):
-    steps = [i for i in range(25) if i % k != 0]
-    for shallow in (1, 2):
-        trial(f"uniform interval {k}", steps, shallow)
+log = logging.getLogger("peer_reuse_ideas")
+
+
+def main(argv: Sequence[str]) -> None:
+    """Render every schedule idea on the bench's variant seeds; one JSON line per idea on stdout (the data)."""
+    prompt = argv[0] if argv else DEFAULT_PROMPT
+    limits = load_thresholds(DEFAULT_THRESHOLDS)["quality_gate"]
+    target = ReferenceTarget(prompt, limits=limits, steps=25, lpips=optional_lpips(None)[0])
+    report, run = run_batch(target, BenchConfig())
+    stock_s = report["rows"][0]["s_per_image"]
+    log.info("chosen %s, stock %.4f s/image", run.chosen.label if run.chosen else None, stock_s)
+    base = candidate_fragment(run.profile, target.unet, Candidate(step_reuse=0.5), base=run.base, name="x", **run.sources)
+    sched = fragment_schedule(base)
+    changes = run.sources["step_changes"]
+
+    def trial(name: str, steps: Sequence[int], shallow: int) -> None:
+        frag = with_schedule(base, dataclasses.replace(sched, reuse_steps=tuple(steps), shallow=shallow))
+        (images, applied), seconds = timed(lambda: render(target.unet, frag, run.variants, target.run), "cpu")
+        ok, q = target.judge(run.stock, images)
+        row = {"name": name, "shallow": shallow, "reused": len(applied), "speedup": stock_s / (seconds / len(run.variants)),
+               "pass": ok, "lpips": q.get("lpips_mean"), "ssim": q["ssim_mean"], "adh": q["adherence_delta"]}
+        sys.stdout.write(json.dumps(row) + "\n")
+        sys.stdout.flush()
+
+    for share in (0.75, 0.85):
+        steps, _ = reuse_steps_for_count(list(changes), int(share * len(changes)))
+        for shallow in (1, 2):
+            trial(f"drift budget {share:.0%}", steps, shallow)
+    for k in (2, 3, 4, 5):
+        for shallow in (1, 2):
+            trial(f"uniform interval {k}", [i for i in range(25) if i % k != 0], shallow)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(sys.argv[1:])
