@@ -69,7 +69,7 @@ def unet_call(unet: nn.Module, size: int, batch: int, *, seed: int = 1) -> tuple
 
     >>> args, kwargs, rows = unet_call(meta_unet("tiny"), 64, 2)
     >>> list(args[0].shape), list(kwargs["encoder_hidden_states"].shape), list(rows.shape)
-    [[4, 4, 8, 8], [4, 77, 48], [2, 77, 48]]
+    ([4, 4, 8, 8], [4, 77, 48], [2, 77, 48])
     """
     cfg = unet.config
     if size % 8:
@@ -185,7 +185,7 @@ def format_memory_table(report: dict[str, Any]) -> str:
     ...     "attention": "fused", "rows": [{"config": "full model", "weights_bytes": 2**20,
     ...     "peak_tensor_bytes_activations": 2**21, "peak_tensor_bytes": 3 * 2**20, "peak_tensor_bytes_reduction": 0.0,
     ...     "peak_op": "aten.mm.default"}]}).splitlines()[-1])
-    full model                                 1.0        2.0        3.0     0.0%  aten.mm.default
+    full model                                  1.0        2.0        3.0     0.0%  aten.mm.default
     """
     lines = [f"peak_tensor_bytes of one CFG step: {report['arch']} UNet, {report['size']}px, batch {report['batch']} "
              f"(UNet batch {report['cfg_batch']}), {report['dtype']}, {report['attention']} attention; fake tensors, not VRAM",

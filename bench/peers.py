@@ -149,7 +149,12 @@ def run_deepcache(target: BenchTarget, unet: nn.Module, seeds: Sequence[int], in
     try:
         return timed(lambda: target.run(unet, list(seeds)), device)
     finally:
-        helper.disable()  # restores every forward it wrapped, shared modules included
+        helper.disable()  # restores every forward it wrapped, shared modules included ...
+        # ... as instance attributes bound to each module: take them off, so the UNet is exactly as it was
+        for module in unet.modules():
+            patched = module.__dict__.get("forward")
+            if getattr(patched, "__self__", None) is module and getattr(patched, "__func__", None) is type(module).forward:
+                del module.__dict__["forward"]
 
 
 def run_tome(target: BenchTarget, unet: nn.Module, seeds: Sequence[int], ratio: float) -> tuple[Any, float]:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..errors import FragmentError, where
 from ..fragment.surgery import precision
+from ..profiling.activation_stats import ActivationStats
 from .gguf_weights import GGUFLayer, Q4_0, Q8_0
 from .weights import resident_bytes
 
@@ -143,62 +144,7 @@ def tier_layer(module: nn.Module, fmt: str, path: str) -> nn.Module:
     raise FragmentError(where(path, f"expected an nn.Linear or nn.Conv2d to quantize, found {type(module).__name__}"))
 
 
-ActivationStats = Mapping[str, Mapping[str, torch.Tensor]]  # path -> {"abs_mean": [in], "inputs": [N, in*kh*kw]}
-
-
-class ActivationRecorder:
-    """The prompt's activations at chosen layers while sampling, as ``awq_channel_scale`` takes them.
-
-    Per layer: ``abs_mean``, the mean |input| per input channel, and ``inputs``, up to ``max_rows`` input
-    rows (im2col patches for a convolution) drawn from every call with a seeded generator, so the search
-    sees every step and seed, not only the first.
-
-    >>> lin = nn.Linear(2, 1)
-    >>> with ActivationRecorder({"l": lin}) as rec:
-    ...     _ = lin(torch.tensor([[1.0, -3.0], [3.0, 1.0]]))
-    >>> rec.stats()["l"]["abs_mean"].tolist(), rec.stats()["l"]["inputs"].shape
-    ([2.0, 2.0], torch.Size([2, 2]))
-    """
-
-    def __init__(self, layers: Mapping[str, nn.Module], *, rows_per_call: int = 8, max_rows: int = 512, seed: int = 0) -> None:
-        self.layers = dict(layers)
-        self.rows_per_call, self.max_rows = rows_per_call, max_rows
-        self.generator = torch.Generator().manual_seed(seed)
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.rows: dict[str, list[torch.Tensor]] = {}
-        self.handles: list[Any] = []
-
-    def _hook(self, path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().to(torch.float32)
-            if isinstance(module, nn.Conv2d):
-                s, n = x.abs().sum(dim=(0, 2, 3)), x.shape[0] * x.shape[2] * x.shape[3]
-                rows = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                                stride=module.stride).transpose(1, 2).reshape(-1, module.weight[0].numel())
-            else:
-                rows = x.reshape(-1, x.shape[-1])
-                s, n = rows.abs().sum(dim=0), rows.shape[0]
-            self.sums[path] = self.sums[path] + s if path in self.sums else s
-            self.counts[path] = self.counts.get(path, 0) + n
-            kept = self.rows.setdefault(path, [])
-            if sum(r.shape[0] for r in kept) < self.max_rows:
-                pick = torch.randperm(rows.shape[0], generator=self.generator)[: self.rows_per_call]
-                kept.append(rows[pick.to(rows.device)].cpu())
-        return hook
-
-    def __enter__(self) -> "ActivationRecorder":
-        self.handles = [m.register_forward_pre_hook(self._hook(p)) for p, m in self.layers.items()]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def stats(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {p: {"abs_mean": (self.sums[p] / max(self.counts[p], 1)).cpu(),
-                    "inputs": torch.cat(self.rows[p])[: self.max_rows]} for p in self.sums}
+LayerActivations = Mapping[str, Mapping[str, torch.Tensor]]  # path -> {"abs_mean": [in], "inputs": [N, in*kh*kw]}
 
 
 def low_bit_layer(module: nn.Module, *, group: int, stats: Mapping[str, torch.Tensor] | None, path: str,
@@ -237,7 +183,7 @@ def replaced(model: nn.Module, modules: Mapping[str, nn.Module]) -> nn.Module:
     return new
 
 
-def quantized_model(model: nn.Module, row: QuantRow, activations: ActivationStats | None = None,
+def quantized_model(model: nn.Module, row: QuantRow, activations: LayerActivations | None = None,
                     grid: int = 20) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of ``model`` with ``row``'s layers stored in ``row.fmt``, and what was stored (layers, weights, bits).
 
@@ -300,7 +246,8 @@ def bench_quant(unet: nn.Module, run: Run, judge: Judge, *, rows: Sequence[Quant
     profile_seconds = None
     if any(r.needs_activations for r in rows):
         started = time.perf_counter()
-        with ActivationRecorder(quantizable_layers(unet, ALL)) as rec, torch.no_grad():
+        # the lever's own profiler, so the activation-aware rows see exactly what a fragment's profile sees
+        with ActivationStats(unet) as rec, torch.no_grad():
             run(unet, list(profile_seeds))
         activations = rec.stats()
         profile_seconds = round(time.perf_counter() - started, 2)

@@ -108,3 +108,19 @@ def test_seed_lists_and_sub_batches() -> None:
     assert plan_sub_batches(7, 8, per_item_bytes=40, free_bytes=100) == [2, 2, 2, 1]
     assert plan_sub_batches(3, 8, per_item_bytes=1e12, free_bytes=1.0) == [1, 1, 1]
     assert chunk(list(range(7)), [2, 2, 2, 1]) == [[0, 1], [2, 3], [4, 5], [6]]
+
+
+def test_copying_a_module_whose_forward_another_tool_patched() -> None:
+    from prompt_fragments.errors import PruningError
+    from prompt_fragments.fragment.surgery.tree import fresh_copy
+
+    lin = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    lin.forward = lin.forward  # what DeepCacheSDHelper.disable() leaves behind: the module's own method, on the instance
+    copy = fresh_copy(lin)
+    copy._parameters["weight"] = torch.nn.Parameter(torch.zeros(2, 3))
+    torch.testing.assert_close(copy(x), lin.bias.expand(4, 2))  # the copy runs its own weights, not the original's
+    wrapped = lin.forward
+    lin.forward = lambda *a, **k: wrapped(*a, **k)  # a live wrapper closes over the original: no copy can be right
+    with pytest.raises(PruningError, match="patched on the instance by another tool"):
+        fresh_copy(lin)

@@ -11,10 +11,13 @@ import pytest
 pytest.importorskip("diffusers")
 
 from prompt_fragments.bench.batch import BenchConfig, run_batch
+from prompt_fragments.bench.judging import render
 from prompt_fragments.bench.peers import (REFERENCE_METHODS, ROW_KEYS, PeerConfig, comfy_rows, format_peer_report,
                                           headline, reference_rows, run_deepcache, write_peer_report)
 from prompt_fragments.bench.reference_target import ReferenceTarget
 from prompt_fragments.demo import DEFAULT_PROMPT, DEFAULT_THRESHOLDS
+from prompt_fragments.fragment.calibration import Candidate
+from prompt_fragments.fragment.extract import candidate_fragment
 from prompt_fragments.metrics.hypotheses import load_thresholds
 from prompt_fragments.metrics.performance import amortized_costs
 
@@ -86,6 +89,20 @@ def test_deepcache_leaves_the_unet_as_it_found_it(bench) -> None:
     seeds = run.variants[:1]
     run_deepcache(target, target.unet, seeds, 2, 0)
     np.testing.assert_array_equal(target.run(target.unet, seeds), run.stock[:1])  # every wrapped forward restored
+    # and no module keeps an instance-level forward: a fragment copied from it would run the original modules
+    assert [name for name, m in target.unet.named_modules() if "forward" in m.__dict__] == []
+
+
+def test_a_fragment_built_after_deepcache_is_the_fragment_not_the_stock_model(bench) -> None:
+    target, _report, run, _rows = bench
+    seeds = run.variants[:1]
+    fragment = candidate_fragment(run.profile, target.unet, Candidate(heads=0.5), base=run.base, name="after", **run.sources)
+    before, _ = render(target.unet, fragment, seeds, target.run)
+    run_deepcache(target, target.unet, seeds, 2, 0)
+    fragment = candidate_fragment(run.profile, target.unet, Candidate(heads=0.5), base=run.base, name="after", **run.sources)
+    after, _ = render(target.unet, fragment, seeds, target.run)
+    np.testing.assert_array_equal(after, before)
+    assert np.abs(after.astype(float) - run.stock[:1].astype(float)).mean() > 1.0  # half the heads gone: not stock
 
 
 def test_table_json_plot_and_headline(bench, tmp_path) -> None:

@@ -11,7 +11,7 @@ gguf_quants = pytest.importorskip("gguf.quants")
 from gguf.constants import GGMLQuantizationType  # noqa: E402
 
 from prompt_fragments.bench.gguf_weights import GGUFLayer, dequantize_rows, padded_length, quantize_rows  # noqa: E402
-from prompt_fragments.bench.quant import ActivationRecorder, bench_reference_quant  # noqa: E402
+from prompt_fragments.bench.quant import bench_reference_quant  # noqa: E402
 from prompt_fragments.bench.weights import WeightsConfig, build_random_unet, measure  # noqa: E402
 from prompt_fragments.fragment.settings import lever_settings  # noqa: E402
 
@@ -62,19 +62,6 @@ def test_gguf_layer_forward_is_the_layer_with_the_dequantized_weight(fmt: str) -
             F.conv2d(x, w, module.bias, stride=module.stride, padding=module.padding)
         torch.testing.assert_close(layer(x), expected)
         assert layer.packed.dtype == torch.uint8
-
-
-def test_activation_recorder_conv_rows_are_the_conv_inputs() -> None:
-    torch.manual_seed(1)
-    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-    x = torch.randn(2, 3, 5, 5)
-    with ActivationRecorder({"c": conv}, rows_per_call=1000, max_rows=1000) as rec:
-        out = conv(x)
-    stats = rec.stats()["c"]
-    torch.testing.assert_close(stats["abs_mean"], x.abs().mean(dim=(0, 2, 3)))
-    # every im2col row times the flattened weight is one output position: same values, in some order
-    from_rows = (stats["inputs"] @ conv.weight.reshape(4, -1).T).flatten().sort().values
-    torch.testing.assert_close(from_rows, out.permute(0, 2, 3, 1).flatten().sort().values)
 
 
 FIELDS = ("format", "scope", "group", "layers", "params_quantized", "bits_per_weight", "bytes", "bytes_saved", "saved_pct",

@@ -6,6 +6,7 @@ fresh copy of the same class, a changed weight a new tensor.
 """
 from __future__ import annotations
 
+import types
 from collections import OrderedDict
 from typing import Mapping
 
@@ -32,9 +33,15 @@ def fresh_copy(module: nn.Module) -> nn.Module:
     Parameters and children are shared until replaced; the containers that
     hold them are new, and runtime hooks are not carried over.
 
+    A ``forward`` set on the instance (tools such as DeepCache patch and later "restore" forwards that way)
+    would still be bound to the original, so the copy would silently run the original module: a forward
+    bound to the module itself is rebound to the copy; any other instance-level forward is refused.
+
     >>> lin = nn.Linear(2, 2); c = fresh_copy(lin)
     >>> c.weight is lin.weight, c is lin
     (True, False)
+    >>> lin.forward = lin.forward; fresh_copy(lin).forward.__self__ is lin
+    False
     """
     new = object.__new__(type(module))
     new.__dict__ = module.__dict__.copy()
@@ -43,6 +50,15 @@ def fresh_copy(module: nn.Module) -> nn.Module:
     for name in _RUNTIME_HOOK_DICTS:
         if name in new.__dict__:
             new.__dict__[name] = OrderedDict()
+    patched = module.__dict__.get("forward")
+    if patched is not None:
+        if isinstance(patched, types.MethodType) and patched.__self__ is module:
+            new.__dict__["forward"] = types.MethodType(patched.__func__, new)
+        else:
+            raise PruningError(
+                f"{type(module).__name__}: its forward is patched on the instance by another tool "
+                f"({getattr(patched, '__qualname__', type(patched).__name__)}); a copy would still run the original "
+                "module: remove that patch (e.g. DeepCacheSDHelper.disable()) before building or applying a fragment")
     return new
 
 
