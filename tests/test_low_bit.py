@@ -137,7 +137,7 @@ def test_activation_stats_measure_mean_abs_per_channel_and_sample_inputs() -> No
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(6, 4), nn.Conv2d(3, 2, 3))
     x_lin, x_conv = torch.randn(2, 10, 6), torch.randn(2, 3, 8, 8)
-    with ActivationStats(model, token_sample=None, rows_per_call=4, sample_rows=8) as acts:
+    with ActivationStats(model, token_sample=None, rows_per_call=4, sample_rows=8, call_stride=1) as acts:
         for _ in range(3):
             model[0](x_lin)
             model[1](x_conv)
@@ -150,6 +150,16 @@ def test_activation_stats_measure_mean_abs_per_channel_and_sample_inputs() -> No
     # every sampled row is one real im2col patch of the input (stored in float16)
     assert all(bool((patches - r).abs().amax(1).min() == 0) for r in rows)
     assert sum(len(h) for h in (model[0]._forward_pre_hooks, model[1]._forward_pre_hooks)) == 0
+
+
+def test_activation_stats_measure_every_call_stride_th_call_from_the_first() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    with ActivationStats(model, token_sample=None, call_stride=3) as acts:
+        for i in range(1, 6):
+            model(torch.full((1, 3), float(i)))
+    # calls 1 and 4 of 5: mean |x| of 1 and 4
+    assert_close(acts.stats()["0"]["abs_mean"], torch.full((3,), 2.5))
+    assert acts.info()["calls"] == 2 and acts.info()["call_stride"] == 3
 
 
 # ---- the lever in a fragment -------------------------------------------------------------------------------------
