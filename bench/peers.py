@@ -429,7 +429,7 @@ def format_peer_report(report: Mapping[str, Any]) -> str:
     """
     lines = [f"peer bench: {report['target']['name']} on {report['device']}, {report['variants']} variants x "
              f"{report['steps']} steps, prompt {report['target'].get('prompt')!r}",
-             "timing ratios on a shared machine are noisy; each row is one timed run of the same seeds",
+             "each row is one timed run of the same seeds (CPU timings move a few % run to run, more on a busy machine)",
              f"{'section':<11}{'method / setting':<56}{'s/img':>7}{'raw':>8}{'set-up':>7}{'am.32':>7}{'UNet MB':>9}"
              f"{'SSIM':>7}{'LPIPS':>7}{'adh.d':>7}  gate"]
     comfy_noted = False
@@ -442,6 +442,8 @@ def format_peer_report(report: Mapping[str, Any]) -> str:
         gate = "ERROR " + row["error"] if row["error"] else {True: "pass", False: "FAIL", None: "-"}[row["passes_gate"]]
         if row["passes_gate"] is False and q.get("gate_failures"):
             gate += " (" + "; ".join(q["gate_failures"]) + ")"
+        if q.get("latent_rel_error") is not None:  # the ComfyUI rows' only quality figure
+            gate += f" (latent error {q['latent_rel_error']:.4f}, limit {q.get('latent_rel_error_max')})"
         name = f"{row['method']} {row['setting']}"[:55]
         lines.append(f"{row['section']:<11}{name:<56}{_num(row['s_per_image'], '.3f'):>7}"
                      f"{_num(row['speedup'], '.2f') + ('x' if row['speedup'] is not None else ''):>8}"
