@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Sequence
 
+from .bench import BENCH_BUDGET_IMAGES
 from .cli_library import add_library_commands
 from .errors import FragmentError
 
@@ -293,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-seeds", type=int, default=8, help="seeds profiled; also the calibration set")
     p.add_argument("--holdout", type=int, default=4, help="held-out seeds the chosen fragment must also pass")
     p.add_argument("--goal", choices=["memory", "speed", "both"], default="speed", help="what the calibration maximises")
-    p.add_argument("--budget-images", type=int, default=48, help="images the calibration may judge")
+    p.add_argument("--budget-images", type=int, default=BENCH_BUDGET_IMAGES,
+                   help=f"images the calibration may judge (default {BENCH_BUDGET_IMAGES}: room to confirm a CFG cut-off)")
     p.add_argument("--size", type=int, default=8, help="sd15: latent size (multiple of 8; pixels = 8x)")
     p.add_argument("--prompt", default=None, help="reference: the prompt (default: the demo's)")
     add_judge_arguments(p)
@@ -310,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-seeds", type=int, default=8, help="seeds profiled; also the calibration set")
     p.add_argument("--holdout", type=int, default=4, help="held-out seeds the chosen fragment must also pass")
     p.add_argument("--goal", choices=["memory", "speed", "both"], default="speed", help="what the calibration maximises")
-    p.add_argument("--budget-images", type=int, default=48, help="images the calibration may judge")
+    p.add_argument("--budget-images", type=int, default=BENCH_BUDGET_IMAGES,
+                   help=f"images the calibration may judge (default {BENCH_BUDGET_IMAGES}: room to confirm a CFG cut-off)")
     p.add_argument("--deepcache-intervals", default="2,3,5", help="DeepCache cache intervals (comma-separated)")
     p.add_argument("--deepcache-branches", default="0,2,3", help="DeepCache cache_branch_id values (comma-separated)")
     p.add_argument("--tome-ratios", default="0.3,0.5", help="ToMe merge ratios (comma-separated)")

@@ -162,7 +162,7 @@ def run_demo(
     base = describe_base(unet, BASE_NAME)
     name = "demo-" + hashlib.sha256(prompt.encode()).hexdigest()[:8]
     sources = {"ff_scores": ff_prof.scores(), "step_changes": probe.changes(), "step_timesteps": probe.timesteps(),
-               "activation_stats": acts.stats()}
+               "activation_stats": acts.stats(), "reuse_depths": probe.depths()}
     build_s = time.perf_counter() - started
     calibrate_s, cal = 0.0, None
     if calibrating:

@@ -42,6 +42,7 @@ from ..profiling.activation_stats import ActivationStats
 from ..profiling.ff_profiler import FFProfiler
 from ..profiling.profiler import HeadProfiler
 from ..profiling.step_change import StepChangeProbe
+from . import BENCH_BUDGET_IMAGES
 from .judging import fragment_judge, render
 from .overhead import profiling_overhead
 from .weights import resident_bytes
@@ -70,7 +71,7 @@ class BenchConfig:
     profile_seeds: int = 8
     holdout_seeds: int = 4  # the calibration's confirmation seeds: neither profiled nor among the variants
     goal: str = "speed"
-    budget_images: int = 48
+    budget_images: int = BENCH_BUDGET_IMAGES
     shallow: int = 1
     first_variant_seed: int = 10_000  # never a profile seed: the quality shown is on the prompt's fresh seeds
     first_holdout_seed: int = 20_000
@@ -151,7 +152,7 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple
     profile = prof.result()
     base = describe_base(unet, target.name, sha256="0" * 64, hash_kind="none")
     sources = {"ff_scores": ff_prof.scores(), "step_changes": probe.changes(), "step_timesteps": probe.timesteps(),
-               "activation_stats": acts.stats()}
+               "activation_stats": acts.stats(), "reuse_depths": probe.depths()}
     build_s = time.perf_counter() - started
 
     judge_fragment = fragment_judge(unet, target.run, target.judge, profile_seeds, reference)

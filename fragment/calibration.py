@@ -12,7 +12,10 @@ data out:
 * :func:`candidate_ladder` lists candidates from strongest to weakest: at each
   damage level, every lever the ``goal`` allows goes as far as its prediction
   stays within the level.  Stronger means more of every lever, so one order
-  serves bytes (``memory``), time (``speed``) and ``both``.
+  serves bytes (``memory``), time (``speed``) and ``both``.  Step reuse also
+  picks its depth there (after DeepCache's choice of cached branch): of the
+  profiled cuts, the one whose reuse within the level saves the most of a
+  call's measured time.
 * :func:`calibrate` spends a :class:`Budget` of judged images: it starts at
   the level the caller predicts (by default the middle), then moves by the
   judge's *slack* (how far inside or outside the gate a try landed), fitted
@@ -42,7 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..errors import FragmentError
-from ..profiling.step_change import reuse_steps_for_count
+from ..profiling.step_change import ReuseDepth, reuse_steps_for_count
 from .settings import ExtractionSettings
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,7 @@ class Candidate:
     step_reuse: float = 0.0
     cfg_cutoff: float | None = None
     low_bit_ratio: float = 0.0
+    reuse_skips: int | None = None  # the reuse depth in skip connections (None: the block depth)
     level: float = 0.0  # the predicted damage level the ladder built it at (0: not from the ladder)
 
     @property
@@ -90,7 +94,8 @@ class Candidate:
         parts += [f"ff {self.ff_ratio:.0%}"] if self.ff_ratio else []
         parts += [f"low-bit {self.low_bit_ratio:.0%}"] if self.low_bit_ratio else []
         parts += [f"precision {self.precision_ratio:.0%}"] if self.precision_ratio else []
-        parts += [f"step reuse {self.step_reuse:.0%}"] if self.step_reuse else []
+        depth = f" below skip {self.reuse_skips}" if self.reuse_skips is not None else ""
+        parts += [f"step reuse {self.step_reuse:.0%}{depth}"] if self.step_reuse else []
         parts += [f"CFG off below t={self.cfg_cutoff:g}"] if self.cfg_cutoff is not None else []
         return " + ".join(parts) or "full model"
 
@@ -102,7 +107,8 @@ class Candidate:
         """
         return dataclasses.replace(base, strategy="ratio", amount=self.heads, ff_ratio=self.ff_ratio,
                                    kv_fold=self.kv_fold, precision_ratio=self.precision_ratio, step_reuse=self.step_reuse,
-                                   low_bit_ratio=self.low_bit_ratio)
+                                   low_bit_ratio=self.low_bit_ratio,
+                                   reuse_skips=self.reuse_skips if self.step_reuse else None)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "label": self.label}
@@ -116,7 +122,9 @@ class Predictors:
     ``step_changes``: ``StepChangeProbe.changes()``; ``precision_errors``: ``(parameters,
     relative error)`` per retained Linear (:func:`precision_errors`); ``low_bit_errors``: ``(parameters,
     relative error)`` per Linear and Conv2d (:func:`low_bit_errors`); ``kv_fold``: whether a
-    context to fold is available.  A lever without its data is not offered.
+    context to fold is available; ``reuse_depths``: ``StepChangeProbe.depths()``, the finer
+    cuts step reuse may choose among by what a reuse step still costs (with them,
+    ``step_changes`` is not used).  A lever without its data is not offered.
 
     >>> p = Predictors(head_scores={"a": torch.tensor([1.0, 1.0, 2.0, 4.0])})
     >>> p.damage("heads", 0.25), p.damage("heads", 0.5)  # sqrt of 1/8 and 2/8 of the score mass
@@ -129,13 +137,26 @@ class Predictors:
     precision_errors: Sequence[tuple[int, float]] | None = None
     kv_fold: bool = False
     low_bit_errors: Sequence[tuple[int, float]] | None = None
+    reuse_depths: Mapping[int, ReuseDepth] | None = None
+
+    @property
+    def depths(self) -> dict[int, ReuseDepth]:
+        """The reuse depths with enough profiled steps and a counted cost."""
+        return {k: d for k, d in (self.reuse_depths or {}).items() if d.cost is not None and len(d.changes) >= 3}
 
     def offers(self, lever: str) -> bool:
         data = {"heads": self.head_scores, "ff_ratio": self.ff_scores, "step_reuse": self.step_changes,
                 "precision_ratio": self.precision_errors, "low_bit_ratio": self.low_bit_errors}
         if lever == "step_reuse":
-            return bool(self.step_changes) and len(self.step_changes) >= 3
+            return bool(self.depths) or (bool(self.step_changes) and len(self.step_changes) >= 3)
         return bool(data.get(lever))
+
+    def reuse_damage(self, skips: int, amount: float) -> float:
+        """Predicted damage of reusing ``amount`` of the steps at depth ``skips`` (its drift budget)."""
+        if amount <= 0:
+            return 0.0
+        changes = list(self.depths[skips].changes)
+        return float(reuse_steps_for_count(changes, int(amount * len(changes)))[1])
 
     def damage(self, lever: str, amount: float) -> float:
         """Predicted share of ``lever``'s measured importance removed at ``amount``."""
@@ -243,7 +264,8 @@ def lever_ladder(chosen: Candidate) -> list[tuple[str, Candidate]]:
         if not value:
             continue
         before = current.label
-        current = dataclasses.replace(current, **{name: value})
+        depth = {"reuse_skips": chosen.reuse_skips} if name == "step_reuse" else {}
+        current = dataclasses.replace(current, **{name: value}, **depth)
         part = current.label if before == "full model" else current.label[len(before) + 3:]
         steps.append(((("fragment: " if not steps else "+ ") + part), current))
     if steps:
@@ -269,14 +291,24 @@ def candidate_ladder(predictors: Predictors, goal: str = "both", levels: Sequenc
     """
     grids = {**GRIDS, **(grids or {})}
     levers = [lv for lv in goal_levers(goal) if predictors.offers(lv)]
+    depths = predictors.depths if "step_reuse" in levers else {}
     # the damage of a grid amount does not depend on the level: predicted once per lever, read at every level
-    damages = {lv: {a: predictors.damage(lv, a) for a in grids[lv]} for lv in levers}
+    damages = {lv: {a: predictors.damage(lv, a) for a in grids[lv]} for lv in levers if not (lv == "step_reuse" and depths)}
+    depth_damages = {k: {a: predictors.reuse_damage(k, a) for a in grids["step_reuse"]} for k in depths}
     ladder: list[Candidate] = []
     seen: set[tuple] = set()
     for level in sorted(levels, reverse=True):
-        amounts = {lv: _amount_at(damages[lv], level) for lv in levers}
-        candidate = Candidate(kv_fold=predictors.kv_fold, level=float(level), **amounts)
-        key = tuple(amounts.get(lv, 0.0) for lv in GRIDS)
+        amounts = {lv: _amount_at(damages[lv], level) for lv in damages}
+        skips = None
+        if depth_damages:
+            # DeepCache's lesson: a deeper cut replays less of the step but saves more of it; the depth is the
+            # one whose reuse within this level saves the most measured time (ties: the depth that computes more).
+            share, skips = max(((_amount_at(d, level), k) for k, d in depth_damages.items()),
+                               key=lambda option: (depths[option[1]].saving(option[0]), option[1]))
+            amounts["step_reuse"] = share
+            skips = skips if share else None
+        candidate = Candidate(kv_fold=predictors.kv_fold, level=float(level), reuse_skips=skips, **amounts)
+        key = (*(amounts.get(lv, 0.0) for lv in GRIDS), skips)
         if candidate.is_full_model or not any(amounts.values()) or key in seen:
             continue
         seen.add(key)
@@ -465,7 +497,11 @@ def calibrate(
         cal.reason = ("no candidate passed the calibration seeds" if passing is None or not order
                       else "budget spent before a candidate was confirmed")
     if cal.chosen is not None and goal in ("speed", "both"):
-        cal.chosen = _cfg_cutoff(cal.chosen, cfg_cutoffs, attempt)
+        def confirmable() -> bool:  # a cut-off is only worth its calibration try if its held-out try fits too
+            both = (len(calibration_seeds) + len(holdout_seeds)) * images_per_seed
+            return budget.allows(cal.images, both + (0 if references_paid else reference_cost), time.perf_counter() - started)
+
+        cal.chosen = _cfg_cutoff(cal.chosen, cfg_cutoffs, attempt, confirmable)
     cal.seconds = time.perf_counter() - started
     log.info("calibration (%s): %s after %d tries, %d images, %.1f s", goal,
              cal.chosen.label if cal.chosen else f"full model ({cal.reason})", len(cal.tries), cal.images, cal.seconds)
@@ -515,9 +551,15 @@ def _next_index(order: Sequence[Candidate], fail: int, ok: int, points: list[tup
 
 
 def _cfg_cutoff(chosen: Candidate, cutoffs: Sequence[float],
-                attempt: Callable[[Candidate, str], Judgement | None]) -> Candidate:
-    """The latest CFG cut-off that passes both seed sets on top of ``chosen`` (``chosen`` itself if none does)."""
+                attempt: Callable[[Candidate, str], Judgement | None], confirmable: Callable[[], bool]) -> Candidate:
+    """The latest CFG cut-off that passes both seed sets on top of ``chosen`` (``chosen`` itself if none does).
+
+    A cut-off is not tried when the budget left cannot also confirm it: a
+    calibration pass that can never be confirmed is time the user pays for nothing.
+    """
     for cutoff in sorted(cutoffs, reverse=True):
+        if not confirmable():
+            break
         candidate = dataclasses.replace(chosen, cfg_cutoff=float(cutoff))
         first = attempt(candidate, "calibration")
         if first is None:

@@ -20,9 +20,10 @@ import torch.nn as nn
 
 from ..errors import FragmentError
 from ..profiling.dataset import ProfileData
+from ..profiling.discovery import block_layout
 from ..profiling.ff_profiler import weight_norm_scores
 from ..profiling.scoring import rank_stability, score_heads, unstable_heads
-from ..profiling.step_change import reuse_steps_for_count
+from ..profiling.step_change import ReuseDepth, reuse_steps_for_count
 from .build import build_fragment
 from .calibration import (
     Budget, Calibration, Candidate, Judgement, Predictors, calibrate, candidate_ladder, goal_levers, low_bit_errors,
@@ -124,6 +125,7 @@ def extract_fragment(
     step_changes: Sequence[float | None] | None = None,
     step_timesteps: Sequence[float] | None = None,
     activation_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    reuse_depths: Mapping[int, ReuseDepth] | None = None,
 ) -> tuple[Fragment, Path | None]:
     """Score the profiled heads, plan the levers, build the fragment and (when ``directory`` is given) save it.
 
@@ -135,6 +137,8 @@ def extract_fragment(
     schedule for that share of the profiled steps, the steps where the deep
     features changed least (``profiling.step_change.reuse_steps_for_count``),
     matched at run time by ``step_timesteps`` (``StepChangeProbe.timesteps()``).
+    With ``settings.reuse_skips`` the schedule cuts at that many skip connections and
+    takes its changes from ``reuse_depths`` (``StepChangeProbe.depths()``).
     ``activation_stats`` come from ``ActivationStats.stats()``, for activation-aware low-bit weights.
 
     >>> frag, path = extract_fragment(profile, unet, base=describe_base(unet, "sd15"), name="dog",  # doctest: +SKIP
@@ -165,14 +169,30 @@ def extract_fragment(
     }
     fragment = build_fragment(model, levers, base=base, name=name, profiling=profiling)
     if settings.step_reuse > 0:
-        fragment = with_schedule(fragment, reuse_schedule(name, step_changes, settings.step_reuse, timesteps=step_timesteps))
+        skips = settings.reuse_skips
+        if skips is not None and (not reuse_depths or skips not in reuse_depths):
+            raise FragmentError(f"fragment {name!r}: step_reuse below skip {skips}: the profile has no per-step changes "
+                                f"at that depth (profiled: {sorted(reuse_depths or {})}); profile with "
+                                f"StepChangeProbe(..., skips=[{skips}]) or leave reuse_skips unset")
+        changes = step_changes if skips is None else reuse_depths[skips].changes
+        if skips is None:  # the block depth, stored as the same cut in skips: one meaning on every host
+            skips = _block_depth_in_skips(model)
+        fragment = with_schedule(fragment, reuse_schedule(name, changes, settings.step_reuse, timesteps=step_timesteps,
+                                                          skips=skips))
     path = save_fragment(fragment, directory, overwrite=overwrite) if directory is not None else None
     log.info("fragment %s: %d of %d heads removed", name, selection.removed_heads, selection.total_heads)
     return fragment, path
 
 
+def _block_depth_in_skips(model: nn.Module) -> int | None:
+    try:
+        return block_layout(model).skips_for_shallow(1)
+    except FragmentError:  # no known block layout: the schedule keeps the block depth alone
+        return None
+
+
 def reuse_schedule(name: str, changes: Sequence[float | None] | None, share: float, shallow: int = 1,
-                   timesteps: Sequence[float] | None = None) -> Schedule:
+                   timesteps: Sequence[float] | None = None, skips: int | None = None) -> Schedule:
     """A step-reuse schedule for ``share`` of the steps, from the profiled per-step changes.
 
     ``timesteps`` (the profiled run's, one per step) let the loaded schedule
@@ -193,7 +213,7 @@ def reuse_schedule(name: str, changes: Sequence[float | None] | None, share: flo
         raise FragmentError(f"fragment {name!r}: step_reuse: expected one timestep per profiled step ({len(changes)}), "
                             f"found {len(timesteps)}")
     steps, budget = reuse_steps_for_count(list(changes), int(share * len(changes)))
-    return Schedule(total_steps=len(changes), reuse_steps=tuple(steps), shallow=shallow,
+    return Schedule(total_steps=len(changes), reuse_steps=tuple(steps), shallow=shallow, skips=skips,
                     step_timesteps=tuple(float(t) for t in timesteps or ()),
                     calibration={"method": "drift_budget", "share": share, "budget": round(budget, 5),
                                  "quality_gate": "not run: no judge in this path (see prompt-fragments bench batch)",
@@ -213,6 +233,7 @@ def candidate_fragment(
     step_changes: Sequence[float | None] | None = None,
     step_timesteps: Sequence[float] | None = None,
     activation_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    reuse_depths: Mapping[int, ReuseDepth] | None = None,
 ) -> Fragment:
     """The (unsaved) fragment of one calibration candidate: its levers, its step reuse and its CFG cut-off.
 
@@ -221,7 +242,7 @@ def candidate_fragment(
     fragment, _ = extract_fragment(profile, model, base=base, name=name, settings=candidate.settings(settings),
                                    kv_context=kv_context if candidate.kv_fold else None, ff_scores=ff_scores,
                                    step_changes=step_changes, step_timesteps=step_timesteps,
-                                   activation_stats=activation_stats)
+                                   activation_stats=activation_stats, reuse_depths=reuse_depths)
     if candidate.cfg_cutoff is not None:
         fragment = with_schedule(fragment, dataclasses.replace(fragment_schedule(fragment), cfg_cutoff=candidate.cfg_cutoff))
     return fragment
@@ -238,6 +259,7 @@ def profile_predictors(
     precision: bool = True,
     low_bit: bool = True,
     activation_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    reuse_depths: Mapping[int, ReuseDepth] | None = None,
 ) -> Predictors:
     """What the calibration predicts from: the profile's scores, and the precision format's and the low-bit
     weights' error on ``model`` (the latter on the sampled layer inputs of ``activation_stats`` when given).
@@ -254,7 +276,7 @@ def profile_predictors(
         heads[path] = values
     return Predictors(head_scores=heads, ff_scores=ff_scores, step_changes=step_changes,
                       precision_errors=precision_errors(retained_linears(model), settings.precision) if precision else None,
-                      kv_fold=kv_context is not None,
+                      kv_fold=kv_context is not None, reuse_depths=reuse_depths,
                       low_bit_errors=low_bit_errors(model, activation_stats, bits=settings.low_bit_bits,
                                                     group=settings.low_bit_group) if low_bit else None)
 
@@ -279,6 +301,7 @@ def calibrated_fragment(
     holdout_reference_images: int | None = None,
     images_per_seed: int = 1,
     activation_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    reuse_depths: Mapping[int, ReuseDepth] | None = None,
 ) -> tuple[Fragment | None, Calibration]:
     """Score, predict, and judge candidates until the strongest that passes both seed sets is found.
 
@@ -294,13 +317,14 @@ def calibrated_fragment(
     # the precision and low-bit predictors quantize every layer once: only worth it when the goal moves them
     predictors = profile_predictors(scores, model, settings=settings, ff_scores=ff_scores, step_changes=step_changes,
                                     kv_context=kv_context, precision="precision_ratio" in goal_levers(goal),
-                                    low_bit="low_bit_ratio" in goal_levers(goal), activation_stats=activation_stats)
+                                    low_bit="low_bit_ratio" in goal_levers(goal), activation_stats=activation_stats,
+                                    reuse_depths=reuse_depths)
     ladder = candidate_ladder(predictors, goal)
 
     def build(candidate: Candidate) -> Fragment:
         return candidate_fragment(profile, model, candidate, base=base, name=name, settings=settings, kv_context=kv_context,
                                   ff_scores=ff_scores, step_changes=step_changes, step_timesteps=step_timesteps,
-                                  activation_stats=activation_stats)
+                                  activation_stats=activation_stats, reuse_depths=reuse_depths)
 
     passed: dict[Candidate, Fragment] = {}  # what the judge passed: the chosen fragment is among them, built once
 

@@ -52,6 +52,7 @@ class ExtractionSettings:
     low_bit_bits: int = 4  # 4 (int4) or 3 (int3)
     low_bit_group: int = 64  # input columns per fp16 scale and zero: 4.5 bits per weight at int4, group 64
     step_reuse: float = 0.0  # share of the profiled steps on which the deep blocks replay their last output
+    reuse_skips: int | None = None  # replay below this many skip connections (None: the block depth, shallow=1)
 
     def __post_init__(self) -> None:
         checks = (
@@ -67,6 +68,9 @@ class ExtractionSettings:
             ("low_bit_group", self.low_bit_group in LOW_BIT_GROUPS and not isinstance(self.low_bit_group, bool),
              f"one of {', '.join(map(str, LOW_BIT_GROUPS))} input columns per scale"),
             ("step_reuse", _finite(self.step_reuse) and 0.0 <= self.step_reuse < 1.0, "a share of steps in [0, 1)"),
+            ("reuse_skips", self.reuse_skips is None or (isinstance(self.reuse_skips, int)
+                                                         and not isinstance(self.reuse_skips, bool) and self.reuse_skips >= 1),
+             "None or an integer >= 1 (skip connections kept computed)"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -96,7 +100,8 @@ class ExtractionSettings:
         parts += [f"int{self.low_bit_bits}{group} {self.low_bit_ratio:.0%}"] if self.low_bit_on else []
         parts += [f"{self.precision} {self.precision_ratio:.0%}"] if self.precision_on else []
         parts += [f"low-rank {len(self.low_rank)}"] if self.low_rank else []
-        parts += [f"step reuse {self.step_reuse:.0%}"] if self.step_reuse else []
+        depth = f" below skip {self.reuse_skips}" if self.reuse_skips is not None else ""
+        parts += [f"step reuse {self.step_reuse:.0%}{depth}"] if self.step_reuse else []
         return " + ".join(parts) or "base"
 
     def selection_kwargs(self) -> dict[str, Any]:

@@ -193,7 +193,7 @@ def calibrated_judged_fragment(profile: ProfileHandle, judge: ComfyJudge, *, bas
     session, model, seed = profile.session, profile.diffusion_model, judge.settings.seed
     data = dict(base=base, name=name, settings=settings, kv_context=kv_context, ff_scores=session.ff_scores(),
                 step_changes=session.step_changes(), step_timesteps=session.step_timesteps(),
-                activation_stats=session.activation_stats())
+                activation_stats=session.activation_stats(), reuse_depths=session.reuse_depths())
     fragment, cal = calibrated_fragment(
         session.result(), model, judge, calibration_seeds=[seed],
         holdout_seeds=[(seed + i) % SEED_SPACE for i in range(1, holdout + 1)], goal=goal,

@@ -147,12 +147,23 @@ def find_attention(model: nn.Module) -> list[AttentionSite]:
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """Where a UNet's down, middle and up blocks are, in the order its forward runs them."""
+    """Where a UNet's down, middle and up blocks are, in the order its forward runs them.
+
+    ``down_units`` and ``up_units`` cut the same path finer, at its skip
+    connections: a down unit is one producer of a skip (the stem, a resnet with
+    its attention, a downsampler) and an up unit one consumer (a resnet with its
+    attention, and the upsampler after the block's last).  In ComfyUI's UNet the
+    units are its blocks; in diffusers' they are paths inside the blocks.  Both
+    hosts of one architecture get the same units, so a reuse depth counted in
+    skips (DeepCache's "branch") means the same on both.
+    """
 
     kind: str  # "diffusers" or "comfy"
     down: tuple[str, ...]
     mid: str
     up: tuple[str, ...]
+    down_units: tuple[tuple[str, ...], ...] = ()
+    up_units: tuple[tuple[str, ...], ...] = ()
 
     def deep(self, shallow: int) -> list[str]:
         """Paths of the blocks a reuse step replays: all but ``shallow`` down and up blocks at the outside.
@@ -174,6 +185,105 @@ class BlockLayout:
         self.deep(shallow)  # validates shallow
         return self.up[len(self.up) - shallow - 1]
 
+    @property
+    def max_skips(self) -> int:
+        """The largest reuse depth in skips (0: this layout has no units, so only block depths work)."""
+        return max(0, min(len(self.down_units), len(self.up_units)) - 1)
+
+    def replay_units(self, skips: int) -> list[tuple[str, ...]]:
+        """The units a reuse step at depth ``skips`` replays, the middle block among them, in forward order.
+
+        >>> lay = BlockLayout("comfy", ("i0", "i1", "i2"), "m", ("o0", "o1", "o2"),
+        ...                   (("i0",), ("i1",), ("i2",)), (("o0",), ("o1",), ("o2",)))
+        >>> lay.replay_units(1)
+        [('i1',), ('i2',), ('m',), ('o0',), ('o1',)]
+        """
+        if not self.max_skips:
+            raise FragmentError(f"step reuse: this {self.kind} UNet has no skip units to cut at (a block without "
+                                f"resnets, or not one consumer per skip); found skips={skips}, expected none")
+        if not 1 <= skips <= self.max_skips:
+            raise FragmentError(f"step reuse: expected 1 <= skips <= {self.max_skips} for this {self.kind} UNet "
+                                f"({len(self.down_units)} skip producers, {len(self.up_units)} consumers), found {skips}")
+        return [*self.down_units[skips:], (self.mid,), *self.up_units[: len(self.up_units) - skips]]
+
+    def replay_paths(self, skips: int) -> list[str]:
+        """Module paths a reuse step at depth ``skips`` replays: a whole block where all its units replay.
+
+        The ``skips`` outermost skip connections stay computed: the stem and the
+        first ``skips - 1`` down units, and the ``skips`` last up units that
+        consume them.  ``skips=1`` is DeepCache's branch 0: all but the stem and
+        the last up layer replay.
+
+        >>> lay = BlockLayout("diffusers", ("d0",), "m", ("u0",), (("conv_in",), ("d0.r0",), ("d0.s",)),
+        ...                   (("u0.r0",), ("u0.r1",), ("u0.r2",)))
+        >>> lay.replay_paths(1), lay.replay_paths(2)
+        (['d0', 'm', 'u0.r0', 'u0.r1'], ['d0.s', 'm', 'u0.r0'])
+        """
+        deep = {path for unit in self.replay_units(skips) for path in unit}
+        paths: list[str] = []
+        for block in (*self.down, self.mid, *self.up):
+            inner = [p for unit in (*self.down_units, *self.up_units) for p in unit if p.startswith(block + ".")]
+            if block in deep or (inner and all(p in deep for p in inner)):
+                paths.append(block)
+            else:
+                paths.extend(p for p in inner if p in deep)
+        return paths
+
+    def skips_for_shallow(self, shallow: int) -> int | None:
+        """The depth in skips that replays what the block depth ``shallow`` replays (``None``: no units).
+
+        The outputs are the same; the skips cut also leaves out the last kept
+        level's downsampler, whose output only replayed blocks read.
+
+        >>> lay = BlockLayout("diffusers", ("d0", "d1"), "m", ("u0", "u1"), (("conv_in",), ("d0.r0",),
+        ...                   ("d0.downsamplers.0",), ("d1.r0",)), (("u0.r0",), ("u0.r1",), ("u1.r0",), ("u1.r1",)))
+        >>> lay.skips_for_shallow(1)
+        2
+        """
+        self.deep(shallow)  # validates shallow
+        if not self.max_skips:
+            return None
+        if self.kind == "comfy":
+            return shallow
+        deep = tuple(f"{block}." for block in self.down[shallow:])
+        kept = [unit for unit in self.down_units if not unit[0].startswith(deep)]
+        return len(kept) - (1 if ".downsamplers." in kept[-1][0] else 0)
+
+    def skips_cache_point(self, skips: int) -> str:
+        """The module whose output enters the first computed up unit at depth ``skips`` (for the step-change probe).
+
+        >>> lay = BlockLayout("comfy", ("i0", "i1", "i2"), "m", ("o0", "o1", "o2"),
+        ...                   (("i0",), ("i1",), ("i2",)), (("o0",), ("o1",), ("o2",)))
+        >>> lay.skips_cache_point(1)
+        'o1'
+        """
+        return self.replay_units(skips)[-1][-1]
+
+
+def _diffusers_units(model: nn.Module) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]]:
+    """Skip producers and consumers of a diffusers UNet, or empty when a block has no ``resnets`` to cut at."""
+    down: list[tuple[str, ...]] = [("conv_in",)]
+    up: list[tuple[str, ...]] = []
+    for side, blocks, out in (("down_blocks", model.down_blocks, down), ("up_blocks", model.up_blocks, up)):
+        for i, block in enumerate(blocks):
+            resnets = getattr(block, "resnets", None)
+            if not isinstance(resnets, nn.ModuleList) or not len(resnets):
+                return (), ()
+            attentions = getattr(block, "attentions", None) or []
+            for j in range(len(resnets)):
+                unit = (f"{side}.{i}.resnets.{j}",) + ((f"{side}.{i}.attentions.{j}",) if j < len(attentions) else ())
+                out.append(unit)
+            samplers = getattr(block, "downsamplers" if side == "down_blocks" else "upsamplers", None) or []
+            paths = tuple(f"{side}.{i}.{'downsamplers' if side == 'down_blocks' else 'upsamplers'}.{k}"
+                          for k in range(len(samplers)))
+            if paths and side == "down_blocks":
+                out.append(paths)  # a downsampler's output is a skip of its own
+            elif paths:
+                out[-1] = out[-1] + paths  # the upsampler runs after the block's last consumer, in the same step
+    if not isinstance(getattr(model, "conv_in", None), nn.Module) or len(down) != len(up):
+        return (), ()  # not the SD skip pattern (one consumer per producer): no finer cut is safe to offer
+    return tuple(down), tuple(up)
+
 
 def block_layout(model: nn.Module) -> BlockLayout:
     """The block layout of a diffusers or ComfyUI UNet.
@@ -187,9 +297,10 @@ def block_layout(model: nn.Module) -> BlockLayout:
     names = dict(model.named_children())
     if {"down_blocks", "mid_block", "up_blocks"} <= names.keys():
         return BlockLayout("diffusers", tuple(f"down_blocks.{i}" for i in range(len(model.down_blocks))), "mid_block",
-                           tuple(f"up_blocks.{i}" for i in range(len(model.up_blocks))))
+                           tuple(f"up_blocks.{i}" for i in range(len(model.up_blocks))), *_diffusers_units(model))
     if {"input_blocks", "middle_block", "output_blocks"} <= names.keys():
-        return BlockLayout("comfy", tuple(f"input_blocks.{i}" for i in range(len(model.input_blocks))), "middle_block",
-                           tuple(f"output_blocks.{i}" for i in range(len(model.output_blocks))))
+        down = tuple(f"input_blocks.{i}" for i in range(len(model.input_blocks)))
+        up = tuple(f"output_blocks.{i}" for i in range(len(model.output_blocks)))
+        return BlockLayout("comfy", down, "middle_block", up, tuple((p,) for p in down), tuple((p,) for p in up))
     raise FragmentError(f"step reuse: {type(model).__name__} has neither down_blocks/mid_block/up_blocks (diffusers) "
                         "nor input_blocks/middle_block/output_blocks (ComfyUI)")

@@ -23,7 +23,7 @@ from .dataset import ProfileData
 from .ff_profiler import DEFAULT_FF_TOKEN_SAMPLE, FFProfiler
 from .hooks import HookContext
 from .profiler import DEFAULT_ENTROPY_TOKENS, HeadProfiler
-from .step_change import StepChangeProbe
+from .step_change import ReuseDepth, StepChangeProbe
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,10 @@ class ProfileSession:
     def step_changes(self) -> list[float | None] | None:
         """Mean relative change of the deep features per sampler step (None when this UNet layout has no probe)."""
         return self._steps.changes() if self._steps is not None else None
+
+    def reuse_depths(self) -> dict[int, ReuseDepth] | None:
+        """The finer reuse depths (``StepChangeProbe.depths()``), or None without a probe."""
+        return self._steps.depths() if self._steps is not None else None
 
     def step_timesteps(self) -> list[float] | None:
         """The timestep of each of those steps (from the first profiled run), or None without a probe."""

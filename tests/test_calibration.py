@@ -101,6 +101,20 @@ def test_cfg_cutoff_is_tried_only_for_time_goals_and_must_pass_both_sets() -> No
     assert memory.chosen.cfg_cutoff is None
 
 
+def test_cfg_cutoff_is_not_tried_when_the_budget_cannot_also_confirm_it() -> None:
+    def judge(c: Candidate, seeds: list[int]) -> Judgement:
+        return Judgement(c.heads <= 0.2 + 1e-9, slack=0.1 if c.heads <= 0.2 + 1e-9 else -0.1)
+
+    roomy = calibrate(LADDER, judge, calibration_seeds=[0], holdout_seeds=[9], goal="speed", budget=Budget(100))
+    spent = roomy.images - 2  # what the levers and their confirmation cost, before the first cut-off's two tries
+    assert roomy.chosen.cfg_cutoff == 500.0
+    for room, tried in ((spent + 1, False), (spent + 2, True)):
+        cal = calibrate(LADDER, judge, calibration_seeds=[0], holdout_seeds=[9], goal="speed", budget=Budget(room))
+        cut_tries = [t for t in cal.tries if t["candidate"]["cfg_cutoff"] is not None]
+        assert bool(cut_tries) == tried and cal.chosen.heads == roomy.chosen.heads
+        assert (cal.chosen.cfg_cutoff == 500.0) == tried
+
+
 def test_bad_calibration_inputs_say_what_was_expected() -> None:
     with pytest.raises(FragmentError, match="held-out seeds must differ"):
         calibrate(LADDER, lambda c, s: Judgement(True), calibration_seeds=[0, 1], holdout_seeds=[1])

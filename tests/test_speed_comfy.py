@@ -48,6 +48,28 @@ def test_comfy_layout_reuse_step_equals_replaying_by_hand(comfyui) -> None:
     assert (got1 - plain).abs().max() > 1e-4  # replaying really differs from computing
 
 
+def test_comfy_units_are_its_blocks_and_the_probe_times_every_depth(comfyui) -> None:
+    """ComfyUI's blocks are the skip units: a depth in skips replays the same blocks as the block depth, and the
+    probe's hooks on each block's layers (ComfyUI calls the layers, not the block) see every unit of a call."""
+    import comfyui_support as cs
+    from prompt_fragments.profiling.step_change import StepChangeProbe
+
+    unet, make_inputs = cs.make_small_comfy_unet("sd15")
+    layout = block_layout(unet)
+    assert layout.max_skips == len(layout.down) - 1
+    for k in range(1, layout.max_skips + 1):
+        assert layout.replay_paths(k) == layout.deep(k)
+        assert layout.skips_for_shallow(k) == k
+    probe = StepChangeProbe(unet, skips=(1, 2))
+    with probe, torch.no_grad():
+        for t in (900.0, 700.0, 500.0):
+            unet(**{**make_inputs(seed=1), "timesteps": torch.full((2,), t)})
+    depths = probe.depths()
+    assert all(0.0 < depths[k].cost < 1.0 for k in (1, 2))  # every unit of a timed call was seen (else None)
+    assert depths[1].changes[0] is None and all(c > 0 for c in depths[1].changes[1:])
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
+
+
 @pytest.fixture(scope="module")
 def scheduled(comfyui, comfyui_pack, sd15_checkpoint) -> ScheduledEnv:
     """One profiled 4-step run, a fragment with a step-reuse schedule, and a copy with per-bucket heads and CFG truncation."""

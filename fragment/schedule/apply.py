@@ -46,7 +46,7 @@ def schedule_replacements(model: nn.Module, fragment: Fragment, replacements: Ma
             else:
                 out[path] = mask
     if schedule.reuse_steps and reuse_on is not None:
-        out.update(reuse_replacements(reuse_on, schedule.shallow, state))
+        out.update(_reuse_replacements(reuse_on, fragment, schedule, state))
     return out
 
 
@@ -67,8 +67,17 @@ def apply_schedule(model: nn.Module, fragment: Fragment, schedule: Schedule | No
         return apply_fragment(model, fragment), state
     small = replace_modules(model, schedule_replacements(model, fragment, fragment_replacements(model, fragment), schedule, state))
     if schedule.reuse_steps:
-        small = replace_modules(small, reuse_replacements(small, schedule.shallow, state))
+        small = replace_modules(small, _reuse_replacements(small, fragment, schedule, state))
     return small, state
+
+
+def _reuse_replacements(model: nn.Module, fragment: Fragment, schedule: Schedule,
+                        state: ScheduleState) -> dict[str, nn.Module]:
+    try:
+        return reuse_replacements(model, schedule.shallow, state, schedule.skips)
+    except FragmentError as exc:  # a depth this UNet lacks: say which fragment and which field asked for it
+        field = "skips" if schedule.skips is not None else "shallow"
+        raise FragmentError(f"fragment {fragment.name!r}: schedule.step_reuse.{field}: {exc}") from None
 
 
 def fragment_schedule(fragment: Fragment) -> Schedule:

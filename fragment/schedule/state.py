@@ -8,7 +8,8 @@ schedule says what changes *during* sampling, and is stored in the manifest's
   are pruned to the union over buckets; the rest is masked per bucket, so
   switching costs no weight upload (``fragment.timestep_heads``);
 * ``step_reuse``: the denoising steps on which the deep blocks replay their last
-  outputs (``fragment.schedule.step_reuse``), calibrated for ``total_steps`` steps whose
+  outputs (``fragment.schedule.step_reuse``) below ``shallow`` blocks, or below
+  ``skips`` skip connections when the schedule says so, calibrated for ``total_steps`` steps whose
   training timesteps are ``timesteps``.  At run time a call is matched to the
   calibrated step of the nearest timestep, so a run with another step count,
   a denoise below 1 or a later start still reuses at the same noise levels;
@@ -38,7 +39,7 @@ HISTORY_LIMIT = 10_000
 class Schedule:
     """Plain data for the manifest's ``schedule`` block; every part optional.
 
-    >>> s = Schedule(reuse_steps=(2, 4), total_steps=6, shallow=1, cfg_cutoff=200.0,
+    >>> s = Schedule(reuse_steps=(2, 4), total_steps=6, shallow=1, skips=2, cfg_cutoff=200.0,
     ...              step_timesteps=(999.0, 799.0, 599.0, 399.0, 199.0, 0.0))
     >>> Schedule.from_manifest(s.to_manifest()) == s
     True
@@ -49,6 +50,7 @@ class Schedule:
     total_steps: int = 0
     reuse_steps: tuple[int, ...] = ()
     shallow: int = 1
+    skips: int | None = None  # the depth in skip connections (overrides ``shallow``, counted in blocks)
     step_timesteps: tuple[float, ...] = ()  # the calibrated run's timestep per step (empty: match by step index)
     cfg_cutoff: float | None = None
     calibration: Mapping[str, Any] = field(default_factory=dict)
@@ -66,6 +68,8 @@ class Schedule:
         if self.reuse_steps:
             out["step_reuse"] = {"total_steps": self.total_steps, "reuse_steps": sorted(self.reuse_steps),
                                  "shallow": self.shallow}
+            if self.skips is not None:
+                out["step_reuse"]["skips"] = self.skips
             if self.step_timesteps:
                 out["step_reuse"]["timesteps"] = [round(float(t), 4) for t in self.step_timesteps]
         if self.cfg_cutoff is not None:
@@ -105,6 +109,8 @@ class Schedule:
                                     "(step 0 always computes)")
             kwargs.update(total_steps=total, reuse_steps=steps,
                           shallow=_int(reuse.get("shallow", 1), f"{source}.step_reuse.shallow", low=1))
+            if reuse.get("skips") is not None:
+                kwargs["skips"] = _int(reuse["skips"], f"{source}.step_reuse.skips", low=1)
             timesteps = reuse.get("timesteps")
             if timesteps is not None:
                 if (not isinstance(timesteps, list) or len(timesteps) != total
@@ -142,7 +148,16 @@ def _take_rows(value: Any, rows: slice, batch: int) -> Any:
     return value
 
 
+def _copied(value: Any) -> Any:
+    """``value`` with every tensor in it (tuples and lists too) cloned."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copied(v) for v in value)
+    return value.clone() if hasattr(value, "clone") else value
+
+
 def _int(value: Any, where: str, low: int) -> int:
+    if isinstance(value, bool):  # int(True) is 1: a flag where a count belongs is a mistake, not a count
+        raise FragmentError(f"{where}: expected an integer >= {low}, found {value!r}")
     try:
         number = int(value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
@@ -205,6 +220,7 @@ class ScheduleState:
         self.cfg_enabled = True  # hosts that truncate CFG check this (the reference sampler takes a cut-off)
         self.run_total_steps: int | None = None  # the running sampler's step count, when the host knows it
         self._keys: frozenset[str] = frozenset()
+        self._protected: frozenset[str] = frozenset()
         self._cache: dict[int, dict[str, Any]] = {}
         self._signatures: dict[int, Any] = {}
         self._last_t: float | None = None
@@ -229,6 +245,16 @@ class ScheduleState:
     def expect_keys(self, keys: Iterable[str]) -> None:
         """The blocks that must all be cached before a slot can replay."""
         self._keys = self._keys | frozenset(keys)
+
+    def protect(self, keys: Iterable[str]) -> None:
+        """Blocks whose output the computed path reads: stored and replayed as copies.
+
+        The first computed block after the cut may change its input in place
+        (ComfyUI's FreeU scales ``h[:, :C // 2]`` in an ``output_block_patch``,
+        diffusers' ``apply_freeu`` likewise); on the cached tensor itself that
+        would compound on every reuse step.
+        """
+        self._protected = self._protected | frozenset(keys)
 
     def reset(self) -> None:
         """Forget the position and the cache (a new sampling run)."""
@@ -276,10 +302,15 @@ class ScheduleState:
     def store(self, key: str, value: Any) -> None:
         # Nothing is kept when no step can replay it: the deep outputs of a whole batch are large on a GPU.
         if not self.replaying and self.reuse_enabled and self.reuse_steps:
-            self._cache.setdefault(self.call, {})[key] = value
+            self._cache.setdefault(self.call, {})[key] = _copied(value) if key in self._protected else value
 
     def cached(self, key: str) -> Any:
         return self._cache.get(self.call, {}).get(key)
+
+    def replay(self, key: str) -> Any:
+        """What block ``key`` returns on this reuse step (a copy for protected blocks; ``None``: nothing cached)."""
+        value = self.cached(key)
+        return _copied(value) if value is not None and key in self._protected else value
 
     def reused_steps(self) -> list[int]:
         """Steps on which every call replayed (from the log; for checks and reports)."""

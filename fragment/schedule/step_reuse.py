@@ -4,8 +4,11 @@ Between neighbouring denoising steps the deep, low-resolution features of a
 UNet change little, while the shallow full-resolution blocks carry the detail
 that moves (DeepCache, Ma et al. 2023).  On a *reuse* step every block except
 the ``shallow`` outermost ones on each side returns what it returned on the
-last *computed* step, so only the stem, the first down level and the last up
-level run.  Which steps reuse is a per-prompt schedule calibrated from how much
+last *computed* step, so at ``shallow=1`` only the stem, the first down level
+and the last up level run.  A schedule may instead count its depth in skip
+connections (``skips``, after DeepCache's cached *branch*): the cut then falls
+inside a level, and at ``skips=1`` a reuse step runs only the stem and the
+last up layer.  Which steps reuse is a per-prompt schedule calibrated from how much
 the deep features really change (``profiling.step_change``) and gated on
 quality (``fragment.schedule.calibrate``).
 
@@ -62,7 +65,7 @@ class ReplayCall(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.state.replaying:
-            cached = self.state.cached(self.key)
+            cached = self.state.replay(self.key)
             if cached is not None:
                 return cached
         out = self.inner(*args, **kwargs)
@@ -88,7 +91,7 @@ class _Replayer:
         self.key, self.state = key, state
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        cached = self.state.cached(self.key)
+        cached = self.state.replay(self.key)
         if cached is None:  # ScheduleState only replays when every block has an entry; this is a bug guard
             raise FragmentError(f"step reuse: no cached output for {self.key} at step {self.state.step}")
         return cached
@@ -116,13 +119,20 @@ class ReplaySequence(nn.Sequential):
         return iter([*self._modules.values(), self._recorder])
 
 
-def reuse_replacements(model: nn.Module, shallow: int, state: ScheduleState) -> dict[str, nn.Module]:
+def reuse_replacements(model: nn.Module, shallow: int, state: ScheduleState, skips: int | None = None) -> dict[str, nn.Module]:
     """Path -> wrapper for every deep block of ``model`` (for diffusers: the fragment model, already pruned).
+
+    ``skips`` (when given) counts the depth in skip connections instead of
+    blocks (``BlockLayout.replay_paths``): ``skips=1`` replays all but the stem
+    and the last up layer, DeepCache's shallowest branch.  Inside a diffusers
+    block the wrappers sit on the resnets and attentions, which the block calls
+    one by one; ComfyUI's blocks already are single skip units.
 
     >>> # small = replace_modules(small, reuse_replacements(small, 1, ScheduleState(reuse_steps=[2, 4], total_steps=6)))
     """
     layout = block_layout(model)
-    deep = layout.deep(shallow)
+    deep = layout.deep(shallow) if skips is None else layout.replay_paths(skips)
     state.expect_keys(deep)
+    state.protect(deep[-1:])  # the last replayed block (forward order) feeds the first computed one
     wrap = ReplaySequence if layout.kind == "comfy" else ReplayCall
     return {path: wrap(model.get_submodule(path), path, state) for path in deep}
