@@ -59,6 +59,9 @@ PRECISION_GRID = tuple(round(0.1 * i, 1) for i in range(0, 11))  # 0 .. 100 % of
 LOW_BIT_GRID = tuple(round(0.1 * i, 1) for i in range(0, 11))  # 0 .. 100 % of Linear and Conv2d parameters
 REUSE_GRID = tuple(round(0.05 * i, 2) for i in range(0, 17))  # 0 .. 80 % of steps
 CFG_CUTOFFS = (500.0, 350.0, 200.0)
+# Least share of a run's measured time a step-reuse candidate must save: the demo's `both` ladder otherwise
+# added 15 % of the steps below skip 3, which bought 1.00x and cost 1 % of peak memory for the cache.
+MIN_REUSE_SAVING = 0.1
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,8 @@ def candidate_ladder(predictors: Predictors, goal: str = "both", levels: Sequenc
             # one whose reuse within this level saves the most measured time (ties: the depth that computes more).
             share, skips = max(((_amount_at(d, level), k) for k, d in depth_damages.items()),
                                key=lambda option: (depths[option[1]].saving(option[0]), option[1]))
+            if depths[skips].saving(share) < MIN_REUSE_SAVING:
+                share = 0.0  # the cache costs memory on every step: a reuse that saves this little is not worth it
             amounts["step_reuse"] = share
             skips = skips if share else None
         candidate = Candidate(kv_fold=predictors.kv_fold, level=float(level), reuse_skips=skips, **amounts)

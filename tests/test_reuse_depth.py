@@ -17,7 +17,8 @@ pytest.importorskip("diffusers")
 
 from prompt_fragments.errors import FragmentError
 from prompt_fragments.fragment.build import apply_fragment, build_fragment, describe_base
-from prompt_fragments.fragment.calibration import Candidate, Predictors, candidate_ladder, lever_ladder
+from prompt_fragments.fragment.calibration import (MIN_REUSE_SAVING, Candidate, Predictors, candidate_ladder,
+                                                   lever_ladder)
 from prompt_fragments.fragment.format.store import load_fragment, save_fragment
 from prompt_fragments.fragment.schedule.apply import apply_schedule, fragment_schedule, with_schedule
 from prompt_fragments.fragment.schedule.state import Schedule, ScheduleState
@@ -270,6 +271,10 @@ def test_ladder_picks_the_depth_that_saves_the_most_time() -> None:
     ladder = candidate_ladder(Predictors(reuse_depths={1: drifty, 3: dear}), "speed", levels=(0.35,))
     assert [(c.step_reuse, c.reuse_skips) for c in ladder] == [(0.6, 3)]
     assert drifty.saving(0.4) < dear.saving(0.6)
+    # a reuse that saves under MIN_REUSE_SAVING of the run is not offered: its cache costs memory for little time
+    costly = ReuseDepth(3, "b", changes, cost=0.85)
+    assert costly.saving(0.6) < MIN_REUSE_SAVING
+    assert candidate_ladder(Predictors(reuse_depths={3: costly}), "speed", levels=(0.35,)) == []
     # a depth without a timed cost is not offered; the block depth's changes are then the lever
     untimed = ReuseDepth(1, "a", changes, cost=None)
     ladder = candidate_ladder(Predictors(step_changes=list(changes), reuse_depths={1: untimed}), "speed", levels=(0.35,))
