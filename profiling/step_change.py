@@ -214,30 +214,40 @@ class StepChangeProbe(HookContext):
         log.warning("step-change probe: run %d has other timesteps than the first run (another step count, scheduler "
                     "or denoise); its changes are left out of the step-reuse calibration", self.runs)
 
-    def _watch(self, key: int | None) -> Any:
+    def _watch(self, keys: list[int | None]) -> Any:
+        """One hook per watched module: keys that share it (skips 2 and the block depth on diffusers, skips 1 and
+        the block depth on ComfyUI) share its float copy and its change, which are computed once per call."""
+        first = keys[0]
+
         def on_output(_module: nn.Module, _inp: Any, out: Any) -> None:
             h = out[0] if isinstance(out, (tuple, list)) else out
             h = h.detach().to(torch.float32)
-            self._current[key, self._call] = h
-            before = self._previous.get((key, self._call))
-            sums, counts = self._sums[key], self._counts[key]
-            while len(sums) <= self._step:
-                sums.append(0.0)
-                counts.append(0)
+            self._current[first, self._call] = h
+            before = self._previous.get((first, self._call))
+            change = None
             if before is not None and before.shape == h.shape and self._counting:
                 # A device scalar: turning it into a float here would wait for the device on every call.
                 diff = h - before
                 change = (diff * diff).sum().sqrt() / (before * before).sum().sqrt().clamp_min(1e-12)
-                sums[self._step] += change
-                counts[self._step] += 1
-                self._run_changes.append((key, self._step, change))
+            for key in keys:
+                sums, counts = self._sums[key], self._counts[key]
+                while len(sums) <= self._step:
+                    sums.append(0.0)
+                    counts.append(0)
+                if change is not None:
+                    sums[self._step] += change
+                    counts[self._step] += 1
+                    self._run_changes.append((key, self._step, change))
         return on_output
 
     def _install(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._on_model_output))
+        shared: dict[int, tuple[nn.Module, list[int | None]]] = {}
         for key, module in self._modules.items():
-            self._handles.append(module.register_forward_hook(self._watch(key)))
+            shared.setdefault(id(module), (module, []))[1].append(key)
+        for module, keys in shared.values():
+            self._handles.append(module.register_forward_hook(self._watch(keys)))
 
     def _on_remove(self) -> None:
         self._stop_timing(finished=False)
