@@ -27,7 +27,8 @@ data out:
   the full model.
 * A CFG cut-off is not predicted by the profile (no profiled quantity measures
   what the unconditional pass adds), so for ``speed`` and ``both`` it is tried
-  after the levers, latest cut-off first, with what is left of the budget.
+  after the levers, latest cut-off first, with what is left of the budget: on
+  top of the confirmed candidate, or on the full model when none was.
 
 Every try (candidate, phase, seeds, metrics, verdict, seconds, images) is kept
 for the manifest's ``quality.refinement`` block.  The judge is a callable, so
@@ -499,14 +500,20 @@ def calibrate(
             cal.reason = "no weaker candidate passed both seed sets within the budget"
             break
     if cal.chosen is None and not cal.reason:
-        cal.reason = ("no candidate passed the calibration seeds" if passing is None or not order
+        cal.reason = ("no lever candidate to try: none saves enough within a damage level" if not order
+                      else "no candidate passed the calibration seeds" if passing is None
                       else "budget spent before a candidate was confirmed")
-    if cal.chosen is not None and goal in ("speed", "both"):
+    if goal in ("speed", "both"):
         def confirmable() -> bool:  # a cut-off is only worth its calibration try if its held-out try fits too
             both = (len(calibration_seeds) + len(holdout_seeds)) * images_per_seed
             return budget.allows(cal.images, both + (0 if references_paid else reference_cost), time.perf_counter() - started)
 
-        cal.chosen = _cfg_cutoff(cal.chosen, cfg_cutoffs, attempt, confirmable)
+        # With no lever chosen (none passed, or none saves enough to offer) the cut-off is tried on the full
+        # model: CFG truncation alone is a speed-up a user would otherwise get from a peer.
+        base = cal.chosen or Candidate()
+        truncated = _cfg_cutoff(base, cfg_cutoffs, attempt, confirmable)
+        if truncated is not base:
+            cal.chosen, cal.status, cal.reason = truncated, "passed", ""
     cal.seconds = time.perf_counter() - started
     log.info("calibration (%s): %s after %d tries, %d images, %.1f s", goal,
              cal.chosen.label if cal.chosen else f"full model ({cal.reason})", len(cal.tries), cal.images, cal.seconds)

@@ -115,6 +115,24 @@ def test_cfg_cutoff_is_not_tried_when_the_budget_cannot_also_confirm_it() -> Non
         assert (cal.chosen.cfg_cutoff == 500.0) == tried
 
 
+def test_with_no_lever_chosen_the_cutoff_is_tried_on_the_full_model() -> None:
+    def judge(c: Candidate, seeds: list[int]) -> Judgement:  # no lever passes; only a late CFG cut-off does
+        ok = not c.heads and c.cfg_cutoff is not None and c.cfg_cutoff <= 350
+        return Judgement(ok, reasons=() if ok else ("too far",), slack=0.1 if ok else -0.1)
+
+    for ladder in (LADDER, []):  # every lever fails, or none was offered at all
+        cal = calibrate(ladder, judge, calibration_seeds=[0], holdout_seeds=[9], goal="speed", budget=Budget(100))
+        assert cal.status == "passed" and cal.chosen == Candidate(cfg_cutoff=350.0) and not cal.reason
+        assert cal.record()["fallback_full_model"] is False
+        assert [t["candidate"]["cfg_cutoff"] for t in cal.tries if not t["candidate"]["heads"]] == [500.0, 350.0, 350.0]
+        assert cal.confirmed is not None and cal.confirmed["candidate"]["label"] == "CFG off below t=350"
+    memory = calibrate([], judge, calibration_seeds=[0], holdout_seeds=[9], goal="memory", budget=Budget(100))
+    assert memory.chosen is None and not memory.tries and "none saves enough" in memory.reason
+    failing = calibrate([], lambda c, s: Judgement(False, reasons=("no",)), calibration_seeds=[0], holdout_seeds=[9],
+                        goal="speed", budget=Budget(100))
+    assert failing.chosen is None and failing.status == "fallback_full_model" and len(failing.tries) == 3
+
+
 def test_bad_calibration_inputs_say_what_was_expected() -> None:
     with pytest.raises(FragmentError, match="held-out seeds must differ"):
         calibrate(LADDER, lambda c, s: Judgement(True), calibration_seeds=[0, 1], holdout_seeds=[1])
