@@ -159,8 +159,7 @@ class Predictors:
         """Predicted damage of reusing ``amount`` of the steps at depth ``skips`` (its drift budget)."""
         if amount <= 0:
             return 0.0
-        changes = list(self.depths[skips].changes)
-        return float(reuse_steps_for_count(changes, int(amount * len(changes)))[1])
+        return _reuse_damage(list(self.depths[skips].changes), amount)
 
     def damage(self, lever: str, amount: float) -> float:
         """Predicted share of ``lever``'s measured importance removed at ``amount``."""
@@ -173,10 +172,8 @@ class Predictors:
         if lever == "ff_ratio":  # the FF lever cuts the same share from every block
             shares = [_removed_share(s.flatten().float(), amount) for s in self.ff_scores.values()]
             return math.sqrt(sum(shares) / len(shares))
-        if lever == "step_reuse":  # the drift budget: the relative change the reused steps replay over
-            changes = list(self.step_changes)
-            _steps, budget = reuse_steps_for_count(changes, int(amount * len(changes)))
-            return float(budget)
+        if lever == "step_reuse":
+            return _reuse_damage(list(self.step_changes), amount)
         if lever in ("precision_ratio", "low_bit_ratio"):  # the least-error layers first, as those levers pick them
             rows = sorted(self.precision_errors if lever == "precision_ratio" else self.low_bit_errors, key=lambda r: r[1])
             total = sum(n for n, _ in rows)
@@ -193,6 +190,16 @@ class Predictors:
             return err / total if total else 0.0
         raise FragmentError(f"calibration: unknown lever {lever!r}; expected heads, ff_ratio, step_reuse, "
                             "low_bit_ratio or precision_ratio")
+
+
+def _reuse_damage(changes: list[float | None], amount: float) -> float:
+    """The drift budget (the relative change the reused steps replay over) of reusing ``amount`` of the steps.
+
+    A share that reuses no step (it rounds to none, or no run of steps fits) is no candidate: infinite damage,
+    where a budget of 0 made it look free at every level (a "step reuse 5 %" fragment that was the full model).
+    """
+    steps, budget = reuse_steps_for_count(changes, int(amount * len(changes)))
+    return float(budget) if steps else math.inf
 
 
 def _removed_share(scores: torch.Tensor, share: float) -> float:

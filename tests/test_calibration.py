@@ -17,6 +17,7 @@ from prompt_fragments.fragment.calibration import (
 )
 from prompt_fragments.metrics.limits import Limit, slack
 from prompt_fragments.metrics.performance import amortized_costs
+from prompt_fragments.profiling.step_change import ReuseDepth
 
 LADDER = [Candidate(heads=round(0.05 * i, 2), level=0.05 * i) for i in range(12, 0, -1)]  # 60 % .. 5 %, strongest first
 
@@ -131,6 +132,19 @@ def test_with_no_lever_chosen_the_cutoff_is_tried_on_the_full_model() -> None:
     failing = calibrate([], lambda c, s: Judgement(False, reasons=("no",)), calibration_seeds=[0], holdout_seeds=[9],
                         goal="speed", budget=Budget(100))
     assert failing.chosen is None and failing.status == "fallback_full_model" and len(failing.tries) == 3
+
+
+def test_a_share_that_reuses_no_step_is_never_a_candidate() -> None:
+    few = [None, 0.1, 0.1, 0.1]  # 4 steps: 5-20 % of them rounds to no step
+    for predictors in (Predictors(step_changes=few),
+                       Predictors(reuse_depths={1: ReuseDepth(1, "up.2", tuple(few), cost=0.2)})):
+        ladder = candidate_ladder(predictors, "speed")
+        assert ladder and all(int(c.step_reuse * len(few)) >= 1 for c in ladder), [c.label for c in ladder]
+    drifting = [None, 5.0, 6.0, 7.0, 8.0]  # every step moves the features by more than any level: nothing fits
+    assert candidate_ladder(Predictors(step_changes=drifting), "speed") == []
+    assert candidate_ladder(Predictors(reuse_depths={1: ReuseDepth(1, "up.2", tuple(drifting), cost=0.2)}), "speed") == []
+    assert Predictors(step_changes=few).damage("step_reuse", 0.2) == math.inf  # 0.8 of a step: none reused
+    assert Predictors(step_changes=few).damage("step_reuse", 0.25) == pytest.approx(0.1)
 
 
 def test_bad_calibration_inputs_say_what_was_expected() -> None:
