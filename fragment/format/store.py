@@ -126,6 +126,11 @@ def install(directory: Path, manifest: Mapping[str, Any], write_tensors: Any) ->
     # steps 2 and 3 the new tensors file is named by no manifest yet (a dead writer's marker is swept).
     marker = directory / f".{name}.install.tmp-{os.getpid()}"
     try:
+        # Our own pid's names: whatever is there is a dead namesake's leftover or a planted symlink, which
+        # touch, save_file and open would follow out of the folder (issue #29).  Unlinking removes the link only.
+        for own in (marker, directory / f".{name}.safetensors.tmp-{os.getpid()}", directory / f".{name}.json.tmp-{os.getpid()}"):
+            if own.is_symlink() or own.exists():
+                own.unlink()
         marker.touch()
         return _install_steps(directory, name, manifest_path, manifest, write_tensors, old_file, old_sha)
     except OSError as exc:

@@ -37,11 +37,13 @@ from ...errors import BaseModelMismatchError, FragmentError, IntegrityError, Man
 from ..build import fragment_replacements
 from ..format.hashing import sha256_file, sha256_state_dict
 from ..format.manifest import Fragment, seal, validate_manifest
-from ..format.store import MAX_MANIFEST_BYTES, check_name, check_tensors, ensure_folder, install, load_fragment
+from ..format.store import (
+    MAX_MANIFEST_BYTES, OWN_TENSORS, check_name, check_tensors, ensure_folder, install, load_fragment, named_by
+)
 from ..format.untrusted import (
     check_base, check_plain_name, check_safetensors_bytes, confined, parse_json, read_safetensors_header
 )
-from .index import forget_locked, locked, register
+from .index import forget_locked, locked, register_locked
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,10 @@ def pack(manifest_path: str | os.PathLike, out: str | os.PathLike, *, library_ro
     for source in (manifest_path, tensors_path):  # an output that is also an input would destroy the fragment
         if out.resolve() == source.resolve() or (out.exists() and os.path.samefile(out, source)):
             raise FragmentError(f"{out}: expected an output path other than the fragment's own files, found {source.name}")
+    owner = fragment_owning(out)
+    if owner is not None:  # issue #29: another fragment's tensors file was overwritten silently
+        raise FragmentError(f"{out}: expected an output path that is no fragment's file, found a file of "
+                            f"fragment {owner.name}; nothing was written")
     if not out.parent.is_dir():
         raise FragmentError(f"{out}: expected an existing folder {out.parent} for the pack, found none")
     if out.is_dir():
@@ -98,6 +104,33 @@ def pack(manifest_path: str | os.PathLike, out: str | os.PathLike, *, library_ro
         tmp.unlink(missing_ok=True)
     log.info("packed %s into %s (%d bytes)", manifest_path.name, out, out.stat().st_size)
     return out
+
+
+def fragment_owning(path: str | os.PathLike) -> Path | None:
+    """The manifest of the fragment whose file ``path`` is (or would be), else None: a manifest itself, the
+    tensors file a manifest in that folder names, or ``<stem>.safetensors`` / ``<stem>.<16 hex>.safetensors``
+    beside ``<stem>.json`` (a replaced entry's next name).  Symlinks are resolved first.
+
+    >>> import tempfile; fragment_owning(Path(tempfile.mkdtemp()) / "x.fragment.safetensors") is None
+    True
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    folder = resolved.parent
+    for candidate in {path, resolved}:
+        if candidate.name.endswith(".json") and named_by(candidate)[0] is not None:
+            return candidate
+    if not resolved.name.endswith(".safetensors"):  # a manifest names only *.safetensors files
+        return None
+    match = OWN_TENSORS.fullmatch(resolved.name)
+    if match is not None:
+        for stem in (match["stem"], resolved.name[: -len(".safetensors")]):
+            if named_by(folder / f"{stem}.json")[0] is not None:
+                return folder / f"{stem}.json"
+    for manifest in folder.glob("*.json"):
+        if named_by(manifest)[0] == resolved.name:
+            return manifest
+    return None
 
 
 def _finite_number(x: Any) -> bool:
@@ -261,10 +294,13 @@ def unpack(pack_path: str | os.PathLike, folder: str | os.PathLike, *, overwrite
             forget_locked(folder, name)
         # Atomic replace (store.install): the tensors go to a name the old manifest does not use, the manifest
         # is renamed last, so a kill leaves the old fragment or the new one, each complete (issue #16).
-        manifest_path, _ = install(folder, content.fragment.manifest, lambda tmp: tmp.write_bytes(content.tensors_bytes))
+        manifest_path, sealed = install(folder, content.fragment.manifest, lambda tmp: tmp.write_bytes(content.tensors_bytes))
+        if add_to_library and content.library is not None:
+            # Under the same lock as the files (issue #29): registered after it, a concurrent add of the same
+            # key saw the name taken, saved under another name, and then lost its row to this one.
+            row = content.library
+            register_locked(folder, manifest_path, sealed, embedding=torch.tensor(row["embedding"]),
+                            prompt=row["prompt"], params=row["params"])
     load_fragment(manifest_path)  # what is on disk now verifies as a fragment
-    if add_to_library and content.library is not None:
-        row = content.library
-        register(folder, manifest_path, embedding=torch.tensor(row["embedding"]), prompt=row["prompt"], params=row["params"])
     log.info("unpacked %s into %s", Path(pack_path).name, manifest_path)
     return manifest_path
