@@ -84,11 +84,11 @@ _KEY = re.compile(r"[0-9a-f]{32}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_EMBEDDING = 65536  # floats; sharing.MAX_EMBEDDING, the largest row a pack may carry
 _MAX_SIZE = 1 << 62
-# Files sqlite itself opens beside the index: a symlink planted under one of these names would send its
-# writes outside the library folder as surely as a symlinked index.
+# The index, the files sqlite itself opens beside it, and the lock: a symlink planted under one of these
+# names would send writes outside the library folder as surely as a symlinked index.
 _COUNTERS = ("hits", "misses", "evictions", "quarantined", "adds")
 _EVICT = ".evict"  # marker stem suffix: .<name>.evict.tmp-<pid>, written by an eviction before it removes anything
-_INDEX_FILES = ("index.sqlite3", "index.sqlite3-journal", "index.sqlite3-wal", "index.sqlite3-shm")
+_INDEX_FILES = ("index.sqlite3", "index.sqlite3-journal", "index.sqlite3-wal", "index.sqlite3-shm", "lock")
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,7 @@ def _checked_library_dir(folder: str | os.PathLike, *, create: bool) -> Path:
     for name in _INDEX_FILES:
         path = directory / name
         if path.is_symlink():
-            raise FragmentError(f"{path}: expected the library's own {'index' if name == _INDEX_FILES[0] else 'journal'} "
-                                f"file (or none), found a symlink to {os.readlink(path)!r}; nothing was read or written through it")
+            raise FragmentError(f"{path}: expected the library's own {name} file (or none), found a symlink to {os.readlink(path)!r}; nothing was read or written through it")
     return directory
 
 
