@@ -163,3 +163,57 @@ def test_a_tensors_file_without_manifest_or_marker_is_never_swept(tmp_path: Path
     (tmp_path / "lib" / "copied.safetensors").write_bytes((tmp_path / "src" / "copied.safetensors").read_bytes())
     library.add(tmp_path / "lib", synthetic("cow", {"mid.attn1": [2]}), embedding=emb(8), prompt="cow")
     assert (tmp_path / "lib" / "copied.safetensors").exists()
+
+
+def _evict_dog(folder: Path) -> Callable[[], None]:
+    return lambda: library.evict(folder, library.stats(folder)["bytes"] - 1)  # dog is least recently used
+
+
+@pytest.mark.parametrize("scenario", ["evict", "unpack-fresh-with-row"])
+def test_an_eviction_or_a_first_unpack_killed_at_every_step_leaves_old_or_new_and_the_sweep_finishes(
+        tmp_path: Path, scenario: str) -> None:
+    """Issue #29: eviction and a first unpack under the same harness.  After each kill and the next writer's
+    sweep: dog is there, complete and indexed (old for eviction, new for unpack), or gone with no file of its
+    left (a killed eviction used to leave dog.safetensors that no sweep removed); cat is untouched."""
+    ctx = mp.get_context("fork")
+    states: list[str] = []
+    for k in range(1, 200):
+        folder = tmp_path / f"k{k}" / "lib"
+        if scenario == "evict":
+            library.add(folder, synthetic("dog", OLD), embedding=emb(1), prompt="dog", params=PARAMS)
+            library.add(folder, synthetic("cat", {"mid.attn1": [0]}), embedding=emb(7), prompt="cat")
+            action = _evict_dog(folder)
+        else:
+            library.add(folder, synthetic("cat", {"mid.attn1": [0]}), embedding=emb(7), prompt="cat")
+            src = save_fragment(synthetic("dog", NEW), tmp_path / f"k{k}" / "src")
+            row = {"prompt": "dog", "embedding": emb(1).tolist(), "params": PARAMS}
+            packed = pack(src, tmp_path / f"k{k}" / "dog.fragment.safetensors", library_row=row)
+            action = _unpack_new(folder, packed)
+        proc = ctx.Process(target=_kill_at, args=(k, action))
+        proc.start()
+        proc.join(120)
+        assert proc.exitcode in (KILLED, 0), proc.exitcode
+        library.evict(folder, 1 << 40)  # the next writer sweeps (and evicts nothing)
+        assert load_fragment(folder / "cat.json").kept == {"mid.attn1": [0]}
+        named = {load_fragment(m).manifest["artifacts"]["tensors"]["file"] for m in folder.glob("*.json")}
+        assert {p.name for p in folder.glob("*.safetensors")} == named, k
+        assert not list(folder.glob(".*.tmp-*"))
+        indexed = {e["name"] for e in library.entries(folder)}
+        if (folder / "dog.json").exists():
+            kept = load_fragment(folder / "dog.json").kept
+            assert kept == (OLD if scenario == "evict" else NEW)
+            # eviction: dog is still indexed; unpack: a kill before its row leaves it unindexed (step 5), never
+            # indexed under another fragment's row
+            assert "dog" in indexed or scenario != "evict", k
+            hit = library.lookup(folder, BASE, emb(1), PARAMS, threshold=0.999, record=False)
+            if hit.hit:
+                assert library.load_entry(folder, hit.manifest_path).kept == kept
+            states.append("old" if scenario == "evict" else "new")
+        else:
+            assert "dog" not in indexed
+            states.append("new" if scenario == "evict" else "old")
+        if proc.exitcode == 0:
+            break
+    else:
+        pytest.fail("the writer never finished")
+    assert states[0] == "old" and states[-1] == "new" and len(states) >= 4, states

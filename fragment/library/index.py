@@ -276,7 +276,9 @@ def _bump(con: sqlite3.Connection, name: str, by: int = 1) -> None:
 
 
 def _next_seq(con: sqlite3.Connection) -> int:
-    return int(con.execute("SELECT COALESCE(MAX(access_seq), 0) + 1 FROM entries").fetchone()[0])
+    # Only well-formed counts: an edited row's 2**63 - 1 or text must not overflow the next one.
+    return int(con.execute("SELECT COALESCE(MAX(access_seq), 0) + 1 FROM entries WHERE typeof(access_seq) = 'integer' "
+                           "AND access_seq BETWEEN 0 AND ?", (_MAX_SIZE - 1,)).fetchone()[0])
 
 
 def entries(folder: str | os.PathLike) -> list[dict[str, Any]]:
