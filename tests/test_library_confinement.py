@@ -14,11 +14,14 @@ index, the row and the field; eviction deletes the row and touches no file.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
+import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -208,14 +211,23 @@ index_values = (st.none() | st.integers(-(2 ** 63), 2 ** 63 - 1) | st.floats(all
 columns = st.sampled_from(library._COLUMNS)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@functools.lru_cache(maxsize=1)
+def _fuzz_template() -> Path:
+    """One library of dog and cat and an outside victim, copied for each example (saving them is the slow part)."""
+    root = Path(tempfile.mkdtemp(prefix="rows-"))
+    _library_with(root, "dog", "cat")
+    _victim(root)
+    return root
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(columns, index_values, st.sampled_from(["dog", "cat"])), min_size=1, max_size=4))
 def test_fuzzed_index_rows_raise_nothing_and_what_is_accepted_is_well_typed(tmp_path_factory, edits) -> None:
     """Every function that reads rows, on rows with any SQLite value in any column: no exception at all
     (bad rows are skipped or dropped), and every row it accepts loads as well-typed values."""
     tmp_path = tmp_path_factory.mktemp("fuzz")
-    folder = _library_with(tmp_path, "dog", "cat")
-    outside = _victim(tmp_path)
+    shutil.copytree(_fuzz_template(), tmp_path, dirs_exist_ok=True)
+    folder, outside = tmp_path / "lib", tmp_path / "outside"
     for column, value, prompt in edits:
         try:
             _set_column(folder, column, value, f"WHERE prompt = '{prompt}'" if column != "prompt" else f"WHERE rowid = {1 + (prompt == 'cat')}")
@@ -248,7 +260,7 @@ packed_rows = st.fixed_dictionaries({"prompt": st.text(max_size=30)}, optional={
     "embedding": st.lists(st.floats(-1e6, 1e6, allow_nan=False) | hostile_leaves, min_size=1, max_size=6) | any_values})
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(row=packed_rows)
 def test_a_packed_row_that_is_accepted_indexes_exactly_what_it_says(tmp_path_factory, row) -> None:
     """Extends test_untrusted_fuzz's row fuzz (which asserted nothing about accepted rows): an accepted row is

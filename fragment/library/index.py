@@ -32,6 +32,21 @@ kill (even ``kill -9``) at each step of adding or replacing an entry leaves:
    When a replace comes with no row (``unpack`` of a pack without one), the old
    row is deleted before step 1, so no row ever answers with the wrong fragment.
 
+Eviction writes ``.<name>.evict.tmp-<pid>`` (the digests of the two files) before
+it deletes the row, then removes the manifest, then the tensors file: a kill
+after the row delete leaves files the next writer's sweep removes, and only
+if their bytes are still the recorded ones.
+
+A row records the tensors digest it was made for; ``lookup`` does not serve a
+row whose manifest now names other tensors (a ``save_fragment(overwrite=True)``
+or a copy by hand replaced the fragment without a new row) and drops it.
+
+Untrusted paths (issue #29): the index is a file in the user's folder and may
+be edited.  Every row is checked before use (a row's name becomes a path, so
+it must be a plain fragment name); readers skip a bad row with a warning,
+eviction deletes it and touches no file.  A symlinked ``.library``, index,
+journal or lock file is refused, never followed.
+
 A reader therefore sees the old entry or the new one, never a mix; sqlite's
 journal makes each row change atomic.  Only files the index names, and
 orphans of this naming beside a manifest that names another file, are ever
@@ -765,10 +780,6 @@ def quarantine(folder: str | os.PathLike, manifest_path: str | os.PathLike, reas
     []
     """
     folder = Path(folder)
-    if Path(manifest_path).parent.resolve() != folder.resolve():
-        # A path elsewhere says nothing about this folder's entry of the same name: never move that one.
-        raise IntegrityError(f"{manifest_path}: expected a manifest directly inside {folder}, found it elsewhere; "
-                             "nothing was quarantined")
     name = Path(manifest_path).name[: -len(".json")] if str(manifest_path).endswith(".json") else Path(manifest_path).stem
     target = library_dir(folder) / "quarantine"
     moved: list[Path] = []
