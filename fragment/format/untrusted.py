@@ -61,7 +61,7 @@ def json_depth(value: Any) -> int:
 
     >>> json_depth({"a": [1, {"b": "[[["}]})
     3
-    >>> json_depth("[[[") , json_depth([])
+    >>> json_depth("[[["), json_depth([])
     (0, 1)
     """
     return _measure(value)[0]
@@ -234,7 +234,7 @@ def _check_header(fh: BinaryIO, size: int, path: str, allowed_dtypes: frozenset[
         raise IntegrityError(f"{path}: expected a header of at most {min(MAX_HEADER_BYTES, size - 8)} bytes, found {header_len}")
     raw = fh.read(header_len)
     header = parse_json(raw, path, IntegrityError, what="safetensors header", max_string=MAX_METADATA_STRING)
-    del raw  # the parsed header is what is kept; the text is not needed twice
+    del raw  # up to 64 MiB that the tensor checks below do not need
     if not isinstance(header, dict):
         raise IntegrityError(f"{path}: expected a JSON object header, found {type(header).__name__}")
     meta = header.pop("__metadata__", {})
