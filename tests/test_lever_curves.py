@@ -40,8 +40,11 @@ def test_each_lever_is_a_real_fragment_measured_against_the_full_model() -> None
                           prompt=PROMPT, full_images=full, lpips=None, points=points)
     assert sorted(curves) == ["ff", "fp8", "heads", "kv_fold"]
     (kv,) = curves["kv_fold"]
-    # folding K/V for the sampled contexts is exact: same images, same adherence
-    assert kv["ssim_mean"] == 1.0 and kv["adherence_delta"] == 0.0 and kv["bytes_saved"] > 0
+    # Folding K/V for the sampled contexts is exact up to rounding: the table is to_k/to_v of the 2 context rows, the
+    # full model projects all 2 x 3 rows of the batch, another matrix size and so other CPU kernels (issue #29).  Every
+    # pixel off by 1 still has SSIM 0.99994; at most one of the 9 attribute decisions (3 images x colour, shape,
+    # place) may sit on a class boundary and flip.
+    assert kv["ssim_mean"] >= 0.999 and abs(kv["adherence_delta"]) <= 1 / 9 + 1e-9 and kv["bytes_saved"] > 0
     low, high = curves["heads"]
     assert 0 < low["bytes_saved"] < high["bytes_saved"] < 0.2
     assert high["ssim_mean"] < 1.0  # removing half the heads changes the images, so the measurement can see it

@@ -87,8 +87,11 @@ def test_a_peer_that_cannot_be_imported_is_an_error_row(bench, monkeypatch) -> N
 def test_deepcache_leaves_the_unet_as_it_found_it(bench) -> None:
     target, _report, run, _rows = bench
     seeds = run.variants[:1]
+    # Compared bit for bit only with a run of the same batch (same seeds, same size): the first image of the bench's
+    # stock batch is another batch size, so other CPU kernels, and differs by rounding on some machines (issue #29).
+    before = target.run(target.unet, seeds)
     run_deepcache(target, target.unet, seeds, 2, 0)
-    np.testing.assert_array_equal(target.run(target.unet, seeds), run.stock[:1])  # every wrapped forward restored
+    np.testing.assert_array_equal(target.run(target.unet, seeds), before)  # every wrapped forward restored
     # and no module keeps an instance-level forward: a fragment copied from it would run the original modules
     assert [name for name, m in target.unet.named_modules() if "forward" in m.__dict__] == []
 

@@ -22,11 +22,10 @@ from ...errors import FragmentError, IntegrityError, ManifestError, ReadError
 from ..build import check_lever_tensors
 from .hashing import sha256_file
 from .manifest import Fragment, seal, validate_manifest
-from .untrusted import parse_json, read_safetensors_header
+from .untrusted import MAX_MANIFEST_BYTES, parse_json, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
-MAX_MANIFEST_BYTES = 16 << 20
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 

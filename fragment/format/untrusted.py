@@ -17,7 +17,8 @@ used before it passes these checks (issue #6):
   recursive walk (hashing, schema), integers longer than
   ``MAX_INT_DIGITS`` digits, ``NaN``, ``Infinity`` and floats that overflow
   are refused (issue #16), so no ``RecursionError`` or ``OverflowError``
-  can come out of a later step.
+  can come out of a later step.  Parsing costs memory linear in the text
+  with a small constant, and each string's length is capped (issue #29).
 
 Each check raises a ``FragmentError`` subclass naming the file with
 expected versus found.  This module imports no other part of the pack
@@ -26,11 +27,9 @@ except ``errors`` so ``manifest.py`` and ``store.py`` can both use it.
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import math
 import os
-import re
 import struct
 from functools import lru_cache
 from pathlib import Path
@@ -48,24 +47,63 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_JSON_DEPTH = 64
 # 2**64 has 20 digits; nothing a fragment records needs more, and int -> float of 400 digits overflows.
 MAX_INT_DIGITS = 24
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+# A manifest's strings are names, hashes, dtypes and prompts: kilobytes.  A megabyte is far above any of them
+# and keeps one string from being most of a 16 MiB manifest.
+MAX_JSON_STRING = 1 << 20
+# The one container of whole documents: a pack's safetensors metadata holds the sealed manifest (at most
+# MAX_MANIFEST_BYTES characters, as ``sharing.read_pack`` requires) and the library row as single strings.
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_METADATA_STRING = MAX_MANIFEST_BYTES
 
 
-def json_depth(text: str) -> int:
-    """The deepest bracket nesting of a JSON text, brackets inside strings not counted (no recursion).
+def json_depth(value: Any) -> int:
+    """The deepest nesting of lists and objects in a parsed JSON value, walked level by level (no recursion).
 
-    >>> json_depth('{"a": [1, {"b": "[[["}]}')
+    >>> json_depth({"a": [1, {"b": "[[["}]})
     3
+    >>> json_depth("[[["), json_depth([])
+    (0, 1)
     """
-    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
-    return max(itertools.accumulate(_DEPTH_STEP[c] for c in brackets), default=0)
+    return _measure(value)[0]
+
+
+def _measure(value: Any, max_string: int | None = None) -> tuple[int, str | None]:
+    """``(depth, first string longer than max_string or None)``; keys count as strings.
+
+    Breadth first with one list per level: the memory is a pointer per container, never a frame.
+    """
+    level = [value] if isinstance(value, (list, dict)) else []
+    if isinstance(value, str) and max_string is not None and len(value) > max_string:
+        return 0, value
+    depth = 0
+    while level:
+        depth += 1
+        below: list[Any] = []
+        for node in level:
+            if isinstance(node, dict):
+                if max_string is not None:
+                    for key in node:
+                        if len(key) > max_string:
+                            return depth, key
+                children = node.values()
+            else:
+                children = node
+            for child in children:
+                if isinstance(child, (list, dict)):
+                    below.append(child)
+                elif max_string is not None and isinstance(child, str) and len(child) > max_string:
+                    return depth, child
+        level = below
+    return depth, None
 
 
 def parse_json(text: str | bytes, source: str, error: type[FragmentError] = ManifestError,
-               max_depth: int = MAX_JSON_DEPTH, what: str = "document") -> Any:
-    """Parse untrusted JSON: bounded depth, no NaN / Infinity, no huge numbers; ``error`` names ``source``.
+               max_depth: int = MAX_JSON_DEPTH, what: str = "document", max_string: int = MAX_JSON_STRING) -> Any:
+    """Parse untrusted JSON: bounded depth and string length, no NaN / Infinity, no huge numbers; ``error`` names ``source``.
+
+    Memory is linear in the text: ``json.loads`` (C; it raises ``RecursionError`` on nesting past the
+    interpreter's limit instead of overflowing the stack) parses first, then the value is measured without
+    recursion.  Nothing recursive of ours sees the value before its depth is checked.
 
     >>> parse_json('{"a": [1, 2.5]}', "m.json")
     {'a': [1, 2.5]}
@@ -73,15 +111,16 @@ def parse_json(text: str | bytes, source: str, error: type[FragmentError] = Mani
     Traceback (most recent call last):
     ...
     prompt_fragments.errors.ManifestError: m.json: expected JSON numbers to be finite, found NaN
+    >>> parse_json('["abcdef"]', "m.json", max_string=4)
+    Traceback (most recent call last):
+    ...
+    prompt_fragments.errors.ManifestError: m.json: expected JSON strings of at most 4 characters, found one of 6 characters starting 'abcdef'
     """
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise error(f"{source}: expected UTF-8 JSON text, found undecodable bytes at offset {exc.start}") from None
-    depth = json_depth(text)
-    if depth > max_depth:
-        raise error(f"{source}: expected JSON nested at most {max_depth} levels deep, found {depth}")
 
     def parse_int(digits: str) -> int:
         if len(digits.lstrip("-")) > MAX_INT_DIGITS:
@@ -98,11 +137,19 @@ def parse_json(text: str | bytes, source: str, error: type[FragmentError] = Mani
         raise error(f"{source}: expected JSON numbers to be finite, found {name}")
 
     try:
-        return json.loads(text, parse_int=parse_int, parse_float=parse_float, parse_constant=parse_constant)
+        value = json.loads(text, parse_int=parse_int, parse_float=parse_float, parse_constant=parse_constant)
     except ValueError as exc:  # JSONDecodeError; the hooks raise FragmentErrors, which are not ValueErrors
         raise error(f"{source}: not a readable JSON {what}: expected JSON, found unreadable text ({exc})") from None
-    except RecursionError:  # cannot happen below max_depth; kept so a lowered stack limit still gives our error
-        raise error(f"{source}: expected JSON nested at most {max_depth} levels deep, found deeper") from None
+    except RecursionError:  # the C scanner's guard: far deeper than max_depth, too deep to count
+        raise error(f"{source}: expected JSON nested at most {max_depth} levels deep, "
+                    "found deeper nesting than the JSON parser can read") from None
+    depth, long_string = _measure(value, max_string)
+    if long_string is not None:
+        raise error(f"{source}: expected JSON strings of at most {max_string} characters, "
+                    f"found one of {len(long_string)} characters starting {long_string[:40]!r}")
+    if depth > max_depth:
+        raise error(f"{source}: expected JSON nested at most {max_depth} levels deep, found {depth}")
+    return value
 
 # dtype name in a safetensors header -> bytes per element
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -186,7 +233,8 @@ def _check_header(fh: BinaryIO, size: int, path: str, allowed_dtypes: frozenset[
     if header_len > min(MAX_HEADER_BYTES, size - 8):
         raise IntegrityError(f"{path}: expected a header of at most {min(MAX_HEADER_BYTES, size - 8)} bytes, found {header_len}")
     raw = fh.read(header_len)
-    header = parse_json(raw, path, IntegrityError, what="safetensors header")
+    header = parse_json(raw, path, IntegrityError, what="safetensors header", max_string=MAX_METADATA_STRING)
+    del raw  # up to 64 MiB that the tensor checks below do not need
     if not isinstance(header, dict):
         raise IntegrityError(f"{path}: expected a JSON object header, found {type(header).__name__}")
     meta = header.pop("__metadata__", {})
