@@ -40,7 +40,7 @@ from prompt_fragments.fragment.surgery.selection import Selection
 from prompt_fragments.profiling.discovery import find_attention
 from prompt_fragments.reference.model import load_reference, predict
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                       HealthCheck.function_scoped_fixture])
 
 
@@ -107,13 +107,14 @@ def _write_entry(folder: Path, manifest: dict[str, Any], raw: bytes) -> Path:
     return path
 
 
-def _probe(model) -> Callable:
+def _probe(model, timesteps: tuple[int, ...] = (999, 600, 200)) -> Callable:
+    """What ``verify --base demo`` runs: calls across the noise range, so bucket masks switch and a step replays."""
     context = model.encode([""])
 
     def probe(small, state):
         x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         outs = []
-        for t in (999, 600, 200):
+        for t in timesteps:
             state.begin_call(float(t), tuple(x.shape))
             outs.append(predict(small, x, t, context))
         state.reset()
@@ -126,7 +127,9 @@ def _set_schedule(*keys: str, value: Any) -> Callable[[dict], None]:
     def edit(m: dict) -> None:
         block = m["schedule"]
         for k in keys[:-1]:
-            block = block.setdefault(k, {})
+            if not isinstance(block.get(k), dict):  # an earlier edit put a non-object here: make the way again
+                block[k] = {}
+            block = block[k]
         block[keys[-1]] = value
     return edit
 
@@ -327,12 +330,13 @@ schedule_fields = st.sampled_from([
 ])
 
 
-def _accepted_loads_and_runs(demo, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def _accepted_loads_and_runs(demo, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
+                             timesteps: tuple[int, ...] = (999, 600, 200)) -> None:
     """Refused: only FragmentErrors.  Accepted statically: the loader builds it or says it does not fit this
     base; accepted against the base: it applies and a forward through its schedule is finite."""
     model = demo[0]
     try:
-        validate_manifest(seal({k: v for k, v in manifest.items() if k != "integrity"}), "fuzz")  # what reads do first
+        validate_manifest(_sealed(_body(manifest), b""), "fuzz")  # what every read does first
         check_loadable(manifest, tensors, "fuzz")
     except FragmentError:
         return
@@ -345,7 +349,7 @@ def _accepted_loads_and_runs(demo, manifest: dict[str, Any], tensors: dict[str, 
         return
     small, state = apply_schedule(model.unet, fragment)
     with torch.no_grad():
-        outs = _probe(model)(small, state)
+        outs = _probe(model, timesteps)(small, state)
     assert all(bool(torch.isfinite(o).all()) for o in outs)
 
 
@@ -400,4 +404,4 @@ def test_fuzzed_low_bit_and_precision_records_are_refused_or_load_and_run(demo, 
         manifest["compression"]["quantization"]["layers"][fp8]["dtype"] = "int8"
     else:
         del manifest["compression"]["quantization"]["layers"]
-    _accepted_loads_and_runs(demo, manifest, tensors)
+    _accepted_loads_and_runs(demo, manifest, tensors, timesteps=(500,))  # stored values, not the schedule, are fuzzed
