@@ -220,9 +220,10 @@ def _copied(value: Any) -> Any:
 
 def _int(value: Any, where: str, low: int, high: int | None = None) -> int:
     """A JSON integer in ``low..high``: a bool, a float (``2.0``, ``1e20``) or a digit string is refused, not coerced."""
-    bound = f">= {low}" if high is None else f">= {low} and <= {high}"
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
-        raise FragmentError(f"{where}: expected an integer {bound}, found {repr(value)[:100]}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise FragmentError(f"{where}: expected an integer >= {low}, found {repr(value)[:100]}")
+    if high is not None and value > high:
+        raise FragmentError(f"{where}: expected an integer <= {high}, found {repr(value)[:100]}")
     return value
 
 
