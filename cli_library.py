@@ -61,12 +61,34 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         if args.base == "demo":
             from .reference.model import load_reference
 
-            print("OK " + check_against_base(content.fragment, load_reference().unet, label="demo"))
+            model = load_reference()
+            print("OK " + check_against_base(content.fragment, model.unet, label="demo", probe=_demo_probe(model)))
         else:
             print("OK " + check_against_base(content.fragment, args.base))
     else:
         print("base model not checked (pass --base PATH or --base demo)")
     return 0
+
+
+def _demo_probe(model: Any) -> Any:
+    """A tiny forward for ``verify --base demo``: one image, three calls across the noise range (so bucket
+    masks switch and a reuse step replays), through the schedule state as a sampler drives it."""
+    import torch
+
+    from .reference.model import predict
+
+    context = model.encode([""])
+
+    def probe(small: Any, state: Any) -> list:
+        x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        outs = []
+        for t in (999, 600, 200):
+            state.begin_call(float(t), tuple(x.shape))
+            outs.append(predict(small, x, t, context))
+        state.reset()
+        return outs
+
+    return probe
 
 
 def _cmd_unpack(args: argparse.Namespace) -> int:

@@ -13,12 +13,12 @@ Levers are built and applied in the order of ``LEVERS`` (see
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..errors import BaseModelMismatchError, FragmentError, IntegrityError
+from ..errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError
 from ..profiling.discovery import find_attention, iter_attention
 from ..version import __version__
 from .format.hashing import sha256_state_dict
@@ -26,12 +26,15 @@ from .format.manifest import Fragment, new_manifest
 from .surgery.feed_forward import FeedForwardLever
 from .surgery.heads import HeadLever
 from .surgery.kv_fold import KVFoldLever
-from .surgery.lever import Lever
+from .surgery.lever import Lever, compression_record
 from .surgery.low_bit import LowBitLever
 from .surgery.lowrank import LowRankLever
 from .surgery.precision import PrecisionLever
 from .surgery.selection import Selection
 from .surgery.tree import replace_modules
+
+if TYPE_CHECKING:
+    from .schedule.state import Schedule
 
 LEVERS: tuple[type[Lever], ...] = (HeadLever, KVFoldLever, FeedForwardLever, LowRankLever, LowBitLever, PrecisionLever)
 _ORDER = {cls.kind: i for i, cls in enumerate(LEVERS)}
@@ -131,6 +134,7 @@ def fragment_replacements(
             f"fragment {fragment.name!r}: built for base model {manifest['base_model'].get('name')!r} "
             f"sha256 {str(expected)[:16]}…, found sha256 {base_sha256[:16]}…"
         )
+    check_loadable(manifest, fragment.tensors, f"fragment {fragment.name!r}", base=model)
     replacements: dict[str, nn.Module] = {}
     for cls in LEVERS:
         record = cls.record_in(manifest)
@@ -174,3 +178,109 @@ def lever_weight_keys(manifest: Mapping[str, Any], prefix: str = "") -> set[str]
         if record is not None:
             keys |= cls.weight_keys(record, prefix)
     return keys
+
+
+# Levers that give a weight its storage format: a layer stored by two of them would be built twice over
+# (a low-bit layer then quantized to fp8 held an fp8 Parameter and a uint8 buffer, both named weight).
+_FORMATS = ("low_rank", "low_bit", "quantization")
+
+
+def _format_layers(manifest: Mapping[str, Any], kind: str) -> list[str]:
+    if kind == "low_rank":
+        return [r["layer"] for r in (manifest.get("compression") or {}).get("low_rank") or []]
+    record = compression_record(manifest, kind)
+    return list(record.get("layers") or {}) if isinstance(record, Mapping) else []
+
+
+def check_one_format(manifest: Mapping[str, Any], source: str) -> None:
+    """No layer (nor a module inside it) is stored by two of low rank, low-bit and precision.
+
+    >>> check_one_format({"compression": {"low_rank": [{"layer": "a.b"}],
+    ...                   "quantization": {"applied": True, "layers": {"a.b": {}}}}}, "x.json")
+    Traceback (most recent call last):
+    ...
+    prompt_fragments.errors.ManifestError: x.json: layer 'a.b' is stored as low_rank and as quantization; expected one format per layer
+    """
+    owner: dict[str, str] = {}
+    for kind in _FORMATS:
+        for layer in _format_layers(manifest, kind):
+            if layer in owner and owner[layer] != kind:
+                raise ManifestError(f"{source}: layer {layer!r} is stored as {owner[layer]} and as {kind}; "
+                                    "expected one format per layer")
+            owner.setdefault(layer, kind)
+    for layer, kind in owner.items():
+        parts = layer.split(".")
+        for i in range(1, len(parts)):
+            outer = ".".join(parts[:i])
+            if owner.get(outer, kind) != kind:
+                raise ManifestError(f"{source}: layer {layer!r} ({kind}) lies inside {outer!r} ({owner[outer]}); "
+                                    "expected one format per layer")
+
+
+def check_loadable(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str, *,
+                   base: nn.Module | None = None) -> "Schedule":
+    """Whether a fragment loads: the one check that reading (``store.load_fragment``, ``sharing.read_pack``),
+    ``verify`` and applying (``fragment_replacements``) all call; returns its parsed schedule.
+
+    Always: every lever's tensors (dtypes, shapes, values each format can hold: finite scales, no NaN fp8
+    bytes, dequantized weights inside the float16 range), one storage format per layer, and the schedule
+    by type and range (bucket counts, steps and depths capped; bucket head sets inside what the fragment
+    kept).  With ``base`` (the model it goes on), the schedule against that model's layout too: the reuse
+    depth (``shallow`` / ``skips``) must exist in it and every bucket's module and heads must be among its
+    attention modules and heads; a misfit is a ``BaseModelMismatchError`` (a fallback, not corruption).
+
+    >>> check_loadable({"pruning": {"modules": {}}, "compression": {}}, {}, "x.safetensors")
+    Schedule(buckets=0, bucket_heads={}, total_steps=0, reuse_steps=(), shallow=1, skips=None, step_timesteps=(), cfg_cutoff=None, calibration={})
+    """
+    from .schedule.state import Schedule  # schedule imports the profiler: loaded when a fragment is, not with build
+
+    check_lever_tensors(manifest, tensors, source)
+    check_one_format(manifest, source)
+    where_ = f"{source}: schedule"
+    try:
+        schedule = Schedule.from_manifest(manifest.get("schedule"), source=where_)
+    except ManifestError:
+        raise
+    except FragmentError as exc:  # the parser's own family member: here it is a manifest's bad field
+        raise ManifestError(str(exc)) from None
+    modules = manifest["pruning"]["modules"]
+    for bucket, heads in schedule.bucket_heads.items():
+        for path, kept in heads.items():
+            # A module the fragment does not prune may be masked to any of the model's heads (checked against
+            # the base below); a pruned one only within what it kept, else the masks could never be built.
+            if path in modules:
+                pruned = sorted(set(kept) - set(modules[path]["kept"]))
+                if pruned:
+                    raise ManifestError(f"{where_}: bucket {bucket}: {path}: expected heads within the kept "
+                                        f"{modules[path]['kept']}, found pruned heads {pruned[:20]}")
+    if base is not None:
+        _check_schedule_on(base, schedule, where_)
+    return schedule
+
+
+def _check_schedule_on(base: nn.Module, schedule: "Schedule", where_: str) -> None:
+    from ..profiling.discovery import block_layout
+
+    if schedule.reuse_steps:
+        field = "skips" if schedule.skips is not None else "shallow"
+        try:
+            layout = block_layout(base)
+            if schedule.skips is not None:
+                layout.replay_paths(schedule.skips)
+            else:
+                layout.deep(schedule.shallow)
+        except FragmentError as exc:
+            raise BaseModelMismatchError(f"{where_}.step_reuse.{field}: {exc}") from None
+    if schedule.bucket_heads:
+        attention = dict(iter_attention(base))
+        for bucket, heads in schedule.bucket_heads.items():
+            for path, kept in heads.items():
+                module = attention.get(path)
+                if module is None:
+                    raise BaseModelMismatchError(f"{where_}: bucket {bucket}: {path}: expected an attention module "
+                                                 f"of {type(base).__name__}, found none")
+                total = int(module.heads)
+                stray = sorted(h for h in set(kept) if h >= total)
+                if stray:
+                    raise BaseModelMismatchError(f"{where_}: bucket {bucket}: {path}: expected heads below the "
+                                                 f"model's {total}, found {stray[:20]}")

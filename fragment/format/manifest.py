@@ -241,7 +241,7 @@ def _is_int(value: Any, minimum: int = 1) -> bool:
 
 
 def _validate_levers(compression: Mapping[str, Any], source: str) -> None:
-    """Structure of the issue-#7 blocks: ``kv_fold``, ``ff_channels`` and an applied ``quantization``."""
+    """Structure of the lever blocks: ``kv_fold``, ``ff_channels``, an applied ``low_bit`` and ``quantization``."""
     kv = compression.get("kv_fold")
     if kv is not None:
         _expect(isinstance(kv, dict) and all(_is_int(kv.get(k)) for k in ("rows", "tokens", "context_dim"))
@@ -262,6 +262,19 @@ def _validate_levers(compression: Mapping[str, Any], source: str) -> None:
             kept = entry.get("kept")
             _expect(isinstance(kept, list) and bool(kept) and all(_is_int(i, 0) and i < entry["hidden"] for i in kept), source,
                     f"{where}.kept: expected a non-empty list of channel indices below {entry['hidden']}, found {str(kept)[:200]}")
+    low_bit = compression.get("low_bit")
+    if low_bit is not None:
+        _expect(isinstance(low_bit, dict) and isinstance(low_bit.get("applied", True), bool), source,
+                f"compression.low_bit: expected an object with boolean 'applied', found {str(low_bit)[:200]}")
+        if low_bit and low_bit.get("applied", True):  # what compression_record treats as on
+            _expect(_is_int(low_bit.get("bits")) and _is_int(low_bit.get("group")) and isinstance(low_bit.get("layers"), dict),
+                    source, f"compression.low_bit: expected integer bits and group and a layers object, found keys "
+                            f"{sorted(low_bit)[:10]}")
+            for layer, entry in low_bit["layers"].items():
+                _expect(isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+                        and isinstance(entry.get("channel_scale", False), bool), source,
+                        f"compression.low_bit.layers[{layer!r}]: expected an object with a shape list and boolean "
+                        f"channel_scale, found {str(entry)[:200]}")
     quant = compression.get("quantization")
     if quant is not None:
         _expect(isinstance(quant, dict) and isinstance(quant.get("applied"), bool), source,

@@ -3,7 +3,7 @@
 A fragment on disk is ``<name>.json`` (the manifest) beside one safetensors
 file of the tensors its levers store (``fragment.build`` makes them).  Every
 read checks the manifest's schema and self-hash, the tensors file's hash and
-header, every lever's tensors and the run-time schedule before anything is used.
+header, every lever's tensors and the run-time schedule before anything is used (``build.check_loadable``).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ...errors import FragmentError, IntegrityError, ManifestError, ReadError
-from ..build import check_lever_tensors
+from ..build import check_loadable
 from .hashing import sha256_file
 from .manifest import Fragment, seal, validate_manifest
 from .untrusted import MAX_MANIFEST_BYTES, parse_json, read_safetensors_header
@@ -256,33 +256,6 @@ def load_fragment(manifest_path: str | os.PathLike) -> Fragment:
     return Fragment(manifest=manifest, tensors=tensors)
 
 
-def check_schedule(manifest: Mapping[str, Any], source: Path | str) -> None:
-    """The manifest's run-time schedule, parsed exactly as the loader node parses it, and its head sets
-    inside what the fragment kept (else the node refuses it later, after ``verify`` said OK: issue #16).
-
-    >>> check_schedule({"pruning": {"modules": {}}}, "x.json")
-    """
-    from ..schedule.state import Schedule  # schedule imports the profiler; keep store's import time small
-
-    block = manifest.get("schedule")
-    where_ = f"{source}: schedule"
-    try:
-        schedule = Schedule.from_manifest(block, source=where_)
-    except (TypeError, AttributeError, OverflowError) as exc:  # a wrong JSON type where the parser expects another
-        raise ManifestError(f"{where_}: expected the schema-v1 schedule layout, found {str(block)[:200]} ({exc})") from None
-    modules = manifest["pruning"]["modules"]
-    for bucket, heads in schedule.bucket_heads.items():
-        for path, kept in heads.items():
-            # The rule of speed.with_schedule: a module the fragment does not prune may be masked to any heads
-            # (its head count is the model's, checked when the masks are built); a pruned one only within kept.
-            if path not in modules:
-                continue
-            pruned = sorted(set(kept) - set(modules[path]["kept"]))
-            if pruned:
-                raise ManifestError(f"{where_}: bucket {bucket}: {path}: expected heads within the kept "
-                                    f"{modules[path]['kept']}, found pruned heads {pruned}")
-
-
 def ensure_folder(folder: str | os.PathLike) -> Path:
     """``folder``, created if missing; a ``FragmentError`` naming it when it is a file or cannot be made.
 
@@ -304,5 +277,4 @@ def check_tensors(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tenso
 
     >>> check_tensors({"pruning": {"modules": {}}, "compression": {}}, {}, "x.safetensors")
     """
-    check_lever_tensors(manifest, tensors, str(source))
-    check_schedule(manifest, source)
+    check_loadable(manifest, tensors, str(source))  # the one definition of loadable: verify calls it too

@@ -26,7 +26,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_bytes, save_file
 
 from ...errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError
-from ..build import fragment_replacements
+from ..schedule.apply import apply_schedule
+from ..schedule.state import ScheduleState
 from ..format.hashing import sha256_file, sha256_state_dict
 from ..format.manifest import Fragment, seal, validate_manifest
 from ..format.store import (
@@ -224,11 +225,16 @@ class _LazySafetensors(Mapping):
         return list(self._fh.get_slice(self._prefix + key).get_shape()) if key in set(self._keys) else None
 
 
-def check_against_base(fragment: Fragment, base: str | os.PathLike | nn.Module, *, label: str = "the given model") -> str:
+def check_against_base(fragment: Fragment, base: str | os.PathLike | nn.Module, *, label: str = "the given model",
+                       probe: Callable[[nn.Module, ScheduleState], Any] | None = None) -> str:
     """Check a fragment fits a base model: a loaded UNet (``label`` names it) or a safetensors UNet/checkpoint.
 
     For a module (the CLI's ``--base demo`` passes the embedded reference model's
-    UNet): its weight hash must equal the manifest's and every pruned copy must build.
+    UNet): its weight hash must equal the manifest's, and the fragment model is built
+    with its schedule exactly as a loader builds it (``schedule.apply.apply_schedule``,
+    which runs ``build.check_loadable`` against the module).  ``probe(model, state)``,
+    when given, runs a tiny forward on that model and returns its output tensor(s):
+    anything not finite is an ``IntegrityError``.
 
     For a file: the fp16-canonical weight hash of its UNet (keys under
     ``model.diffusion_model.`` when present) must equal the manifest's, and
@@ -242,8 +248,18 @@ def check_against_base(fragment: Fragment, base: str | os.PathLike | nn.Module, 
     if isinstance(base, nn.Module):
         digest = sha256_state_dict(base)
         check_base(manifest, digest, label)
-        fragment_replacements(base, fragment, base_sha256=digest)  # builds every pruned copy: the full check
-        return f"compatible with {label}: base sha256 {digest[:16]}…, {len(manifest['pruning']['modules'])} modules checked"
+        small, state = apply_schedule(base, fragment)  # every pruned copy and schedule wrapper: what loaders build
+        checked = ""
+        if probe is not None:
+            with torch.no_grad():
+                outputs = probe(small, state)
+            for out in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
+                if not bool(torch.isfinite(out).all()):
+                    raise IntegrityError(f"fragment {fragment.name!r}: a forward on {label} with the fragment applied "
+                                         f"gives non-finite outputs (NaN or inf): its stored values break the model")
+            checked = ", forward finite"
+        return (f"compatible with {label}: base sha256 {digest[:16]}…, "
+                f"{len(manifest['pruning']['modules'])} modules checked{checked}")
     path = Path(base)
     read_safetensors_header(path, allowed_dtypes=frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "U8", "I8", "BOOL", "F8_E4M3", "F8_E5M2"}),
                             max_bytes=64 << 30)

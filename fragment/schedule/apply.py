@@ -82,7 +82,7 @@ def _reuse_replacements(model: nn.Module, fragment: Fragment, schedule: Schedule
 
 def fragment_schedule(fragment: Fragment) -> Schedule:
     """The schedule stored in a fragment's manifest (the empty schedule if it has none)."""
-    return Schedule.from_manifest(fragment.manifest.get("schedule"), source=f"fragment {fragment.name!r} schedule")
+    return Schedule.from_manifest(fragment.manifest.get("schedule"), source=f"fragment {fragment.name!r}: schedule")
 
 
 def with_schedule(fragment: Fragment, schedule: Schedule) -> Fragment:

@@ -24,6 +24,7 @@ tests can check a schedule ran exactly as stored.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -80,51 +81,113 @@ class Schedule:
 
     @classmethod
     def from_manifest(cls, block: Mapping[str, Any] | None, source: str = "manifest schedule") -> "Schedule":
-        """Parse and check a manifest ``schedule`` block (``None`` or ``{}``: the empty schedule)."""
-        if not block:
+        """Parse and check a manifest ``schedule`` block (``None`` or ``{}``: the empty schedule).
+
+        Every field is type-checked before use and nothing is coerced (a string is never read as a list of
+        heads, nor a list of pairs as an object); counts are bounded (``MAX_BUCKETS``, ``MAX_STEPS``,
+        ``MAX_DEPTH``).  Only ``FragmentError`` leaves it.
+
+        >>> Schedule.from_manifest({"timestep_heads": {"buckets": 2, "kept": {"0": {"m": "01"}}}}, "x")
+        Traceback (most recent call last):
+        ...
+        prompt_fragments.errors.FragmentError: x.timestep_heads.kept.0.m: expected a list of head indices, found '01'
+        """
+        if block is None:
             return cls()
         if not isinstance(block, Mapping):
             raise FragmentError(f"{source}: expected an object, found {type(block).__name__}")
-        kwargs: dict[str, Any] = {"calibration": dict(block.get("calibration") or {})}
-        heads = block.get("timestep_heads")
+        if not block:
+            return cls()
+        calibration = block.get("calibration")
+        if calibration is not None and not isinstance(calibration, Mapping):
+            raise FragmentError(f"{source}.calibration: expected an object, found {type(calibration).__name__}")
+        kwargs: dict[str, Any] = {"calibration": dict(calibration or {})}
+        heads = _block(block, "timestep_heads", source)
         if heads:
-            buckets = _int(heads.get("buckets"), f"{source}.timestep_heads.buckets", low=1)
+            buckets = _int(heads.get("buckets"), f"{source}.timestep_heads.buckets", low=1, high=MAX_BUCKETS)
             kept = heads.get("kept")
             if not isinstance(kept, Mapping) or not kept:
-                raise FragmentError(f"{source}.timestep_heads.kept: expected bucket -> {{module: [heads]}}, found {kept!r}")
+                raise FragmentError(f"{source}.timestep_heads.kept: expected bucket -> {{module: [heads]}}, found {str(kept)[:200]}")
             parsed: dict[int, dict[str, list[int]]] = {}
             for b, modules in kept.items():
-                index = _int(b, f"{source}.timestep_heads.kept key", low=0)
+                index = _bucket_key(b, f"{source}.timestep_heads.kept key")
                 if index >= buckets:
                     raise FragmentError(f"{source}.timestep_heads.kept: bucket {index} >= buckets {buckets}")
-                parsed[index] = {str(p): [_int(h, f"{source}.timestep_heads.kept.{b}.{p}", low=0) for h in hs]
-                                 for p, hs in dict(modules).items()}
+                if not isinstance(modules, Mapping):
+                    raise FragmentError(f"{source}.timestep_heads.kept.{b}: expected an object module -> [heads], "
+                                        f"found {str(modules)[:200]}")
+                parsed[index] = {}
+                for p, hs in modules.items():
+                    where = f"{source}.timestep_heads.kept.{b}.{p}"
+                    if not isinstance(p, str) or not isinstance(hs, list):
+                        raise FragmentError(f"{where}: expected a list of head indices, found {str(hs)[:200]!r}"
+                                            if isinstance(p, str) else f"{where}: expected a module path string")
+                    if len(hs) > MAX_HEADS:
+                        raise FragmentError(f"{where}: expected at most {MAX_HEADS} head indices, found {len(hs)}")
+                    parsed[index][p] = [_int(h, where, low=0, high=MAX_HEADS - 1) for h in hs]
             kwargs.update(buckets=buckets, bucket_heads=parsed)
-        reuse = block.get("step_reuse")
+        reuse = _block(block, "step_reuse", source)
         if reuse:
-            total = _int(reuse.get("total_steps"), f"{source}.step_reuse.total_steps", low=2)
-            steps = tuple(sorted(_int(s, f"{source}.step_reuse.reuse_steps", low=1) for s in reuse.get("reuse_steps", ())))
+            total = _int(reuse.get("total_steps"), f"{source}.step_reuse.total_steps", low=2, high=MAX_STEPS)
+            listed = reuse.get("reuse_steps", [])
+            if not isinstance(listed, list):
+                raise FragmentError(f"{source}.step_reuse.reuse_steps: expected a list of step numbers, found {str(listed)[:200]!r}")
+            steps = tuple(sorted(_int(s, f"{source}.step_reuse.reuse_steps", low=1, high=MAX_STEPS) for s in listed))
             if any(s >= total for s in steps):
-                raise FragmentError(f"{source}.step_reuse: reuse steps {list(steps)} must lie in 1..{total - 1} "
+                raise FragmentError(f"{source}.step_reuse: reuse steps {list(steps)[:20]} must lie in 1..{total - 1} "
                                     "(step 0 always computes)")
             kwargs.update(total_steps=total, reuse_steps=steps,
-                          shallow=_int(reuse.get("shallow", 1), f"{source}.step_reuse.shallow", low=1))
+                          shallow=_int(reuse.get("shallow", 1), f"{source}.step_reuse.shallow", low=1, high=MAX_DEPTH))
             if reuse.get("skips") is not None:
-                kwargs["skips"] = _int(reuse["skips"], f"{source}.step_reuse.skips", low=1)
+                kwargs["skips"] = _int(reuse["skips"], f"{source}.step_reuse.skips", low=1, high=MAX_DEPTH)
             timesteps = reuse.get("timesteps")
             if timesteps is not None:
                 if (not isinstance(timesteps, list) or len(timesteps) != total
-                        or not all(isinstance(t, (int, float)) and 0 <= t <= 1000 for t in timesteps)):
+                        or not all(_number(t) and 0 <= t <= 1000 for t in timesteps)):
                     raise FragmentError(f"{source}.step_reuse.timesteps: expected {total} numbers in 0..1000 "
-                                        f"(one per calibrated step), found {timesteps!r}")
+                                        f"(one per calibrated step), found {str(timesteps)[:200]}")
                 kwargs["step_timesteps"] = tuple(float(t) for t in timesteps)
-        cfg = block.get("cfg_truncation")
+        cfg = _block(block, "cfg_truncation", source)
         if cfg:
             t = cfg.get("timestep")
-            if not isinstance(t, (int, float)) or not 0 <= t <= 1000:
-                raise FragmentError(f"{source}.cfg_truncation.timestep: expected a number in 0..1000, found {t!r}")
+            if not _number(t) or not 0 <= t <= 1000:
+                raise FragmentError(f"{source}.cfg_truncation.timestep: expected a number in 0..1000, found {str(t)[:200]!r}")
             kwargs["cfg_cutoff"] = float(t)
         return cls(**kwargs)
+
+
+# Bounds on what a schedule may ask for, checked before anything is allocated from it.  A bucket's mask row
+# costs 4 bytes per channel of each masked module (SDXL: about 0.6 MB per bucket over all its attention
+# modules); the profiler node offers at most 16 buckets, so 64 leaves room and bounds the masks to tens of MB
+# (10**9 buckets ran out of memory: issue #29).  ComfyUI's samplers take at most 10000 steps.  No UNet has
+# 64 levels or skip connections, the depths ``shallow`` and ``skips`` count (the base model's layout bounds
+# them exactly: ``fragment.loadable``); head indices are below the schema's 1024 heads per module.
+MAX_BUCKETS = 64
+MAX_STEPS = 10_000
+MAX_DEPTH = 64
+MAX_HEADS = 1024
+
+
+def _block(block: Mapping[str, Any], key: str, source: str) -> Mapping[str, Any] | None:
+    """``block[key]``: absent, ``None`` or empty means off; anything but an object is refused."""
+    value = block.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise FragmentError(f"{source}.{key}: expected an object, found {type(value).__name__}")
+    return value
+
+
+def _bucket_key(value: Any, where: str) -> int:
+    """A bucket index as JSON writes object keys (decimal digits) or as an ``int`` from code."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 6:
+        return int(value)
+    return _int(value, where, low=0, high=MAX_BUCKETS - 1)
+
+
+def _number(value: Any) -> bool:
+    """A JSON number (never a bool, never NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _narrows(cached: Any, signature: Any, rows: slice | None) -> bool:
@@ -155,16 +218,13 @@ def _copied(value: Any) -> Any:
     return value.clone() if hasattr(value, "clone") else value
 
 
-def _int(value: Any, where: str, low: int) -> int:
-    if isinstance(value, bool):  # int(True) is 1: a flag where a count belongs is a mistake, not a count
-        raise FragmentError(f"{where}: expected an integer >= {low}, found {value!r}")
-    try:
-        number = int(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
-        raise FragmentError(f"{where}: expected an integer >= {low}, found {value!r}") from None
-    if number < low or (isinstance(value, float) and value != number):
-        raise FragmentError(f"{where}: expected an integer >= {low}, found {value!r}")
-    return number
+def _int(value: Any, where: str, low: int, high: int | None = None) -> int:
+    """A JSON integer in ``low..high``: a bool, a float (``2.0``, ``1e20``) or a digit string is refused, not coerced."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise FragmentError(f"{where}: expected an integer >= {low}, found {repr(value)[:100]}")
+    if high is not None and value > high:
+        raise FragmentError(f"{where}: expected an integer <= {high}, found {repr(value)[:100]}")
+    return value
 
 
 def nearest_step(t: float, timesteps: Sequence[float]) -> int:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from ...errors import BaseModelMismatchError, IntegrityError, PruningError, where
 from .lever import Built, InCompression, tensor
+from .precision import MAX_WEIGHT
 from .tree import fresh_copy, install, module_at, replace_modules
 
 log = logging.getLogger(__name__)
@@ -288,6 +289,34 @@ def dequantize_groups(q: GroupQuantized, dtype: torch.dtype = torch.float32, dev
     if q.channel_scale is not None:
         w = w / _column_scale(q.channel_scale, q.shape).to(device)
     return w.reshape(q.shape).to(dtype)
+
+
+def dequantized_bound(scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, shape: Sequence[int],
+                      channel_scale: torch.Tensor | None = None) -> float:
+    """An upper bound on ``|w|`` over the dequantized weight, from the group parameters alone (no unpacking).
+
+    A code lies in ``0 .. 2**bits - 1``, so a group's weights lie between ``zero`` and ``zero + levels * scale``;
+    a channel scale divides each column, so the group's smallest one bounds it.  ``inf`` or ``nan``
+    (a channel scale of 1e-45 divides a weight to infinity) is returned as ``inf``.
+
+    >>> dequantized_bound(torch.tensor([[1.0]]), torch.tensor([[-2.0]]), 4, 16, (1, 16))
+    13.0
+    >>> dequantized_bound(torch.tensor([[1.0]]), torch.tensor([[0.0]]), 4, 16, (1, 16), torch.full((16,), 1e-45))
+    inf
+    """
+    lo = zero.to(torch.float32)
+    hi = lo + (2 ** bits - 1) * scale.to(torch.float32)
+    per_group = torch.maximum(lo.abs(), hi.abs())  # [out, groups]
+    if channel_scale is not None and per_group.numel():
+        cols = _column_scale(channel_scale, shape)
+        groups = per_group.shape[1]
+        padded = F.pad(cols, (0, groups * group - cols.numel()), value=float("inf"))
+        smallest = padded.reshape(groups, group).amin(dim=1)  # [groups]
+        per_group = per_group / smallest
+    if not per_group.numel():
+        return 0.0
+    largest = float(per_group.max())
+    return largest if math.isfinite(largest) else math.inf
 
 
 # ---- activation-aware scaling ----------------------------------------------------------------------------------
@@ -602,12 +631,18 @@ class LowBitLever(InCompression):
 
     @classmethod
     def check(cls, record: Any, tensors: Mapping[str, torch.Tensor], source: str) -> set[str]:
-        bits, group = record.get("bits"), record.get("group")
-        if bits not in BITS or group not in GROUPS:
+        if not isinstance(record, Mapping):
+            raise IntegrityError(f"{source}: compression.low_bit: expected an object, found {type(record).__name__}")
+        bits, group, layers = record.get("bits"), record.get("group"), record.get("layers")
+        if (bits not in BITS or group not in GROUPS or isinstance(bits, bool) or isinstance(group, bool)
+                or not isinstance(bits, int) or not isinstance(group, int)):
             raise IntegrityError(f"{source}: compression.low_bit: expected bits in {BITS} and group in {GROUPS}, "
                                  f"found {bits!r} and {group!r}")
+        if not isinstance(layers, Mapping):
+            raise IntegrityError(f"{source}: compression.low_bit.layers: expected an object layer -> record, "
+                                 f"found {str(layers)[:100]}")
         keys: set[str] = set()
-        for layer, entry in record["layers"].items():
+        for layer, entry in layers.items():
             shape = entry.get("shape") if isinstance(entry, Mapping) else None
             if (not isinstance(shape, list) or len(shape) not in (2, 4)
                     or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20 for d in shape)):
@@ -629,6 +664,14 @@ class LowBitLever(InCompression):
                     raise IntegrityError(f"{source}: {key}: expected finite values, found inf or nan")
             if entry.get("channel_scale") and not bool((tensors[xk] > 0).all()):
                 raise IntegrityError(f"{source}: {xk}: expected a positive channel scale, found values <= 0")
+            if bool((tensors[sk] < 0).any()):
+                raise IntegrityError(f"{source}: {sk}: expected group scales >= 0, found negative values")
+            largest = dequantized_bound(tensors[sk], tensors[zk], bits, group, shape,
+                                        tensors[xk] if entry.get("channel_scale") else None)
+            if largest > MAX_WEIGHT:
+                key = xk if entry.get("channel_scale") else sk
+                raise IntegrityError(f"{source}: {key}: expected weights within ±{MAX_WEIGHT:g} (float16) after "
+                                     f"dequantization, found up to {largest:g}")
             # every byte is a valid code (nibbles 0..15, 3-bit fields 0..7): dtype and shape bound the codes
             keys.update(expected)
         return keys

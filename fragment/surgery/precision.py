@@ -33,6 +33,9 @@ FP8 = "fp8"
 INT8 = "int8"
 STORAGE_DTYPES: dict[str, torch.dtype] = {FP8: torch.float8_e4m3fn, INT8: torch.int8}
 _QMAX = {FP8: 448.0, INT8: 127.0}
+# The quantizer clamps scales to at least MIN_SCALE; a dequantized weight must fit float16, the dtype hosts run.
+MIN_SCALE = 1e-12
+MAX_WEIGHT = 65504.0
 PER_CHANNEL = "per_channel"
 PER_TENSOR = "per_tensor"
 
@@ -50,10 +53,39 @@ def quantize_weight(weight: torch.Tensor, fmt: str, granularity: str = PER_CHANN
         raise PruningError(f"quantize_weight: expected granularity 'per_channel' or 'per_tensor', found {granularity!r}")
     w = weight.detach().to(torch.float32)
     amax = w.abs().amax(dim=1, keepdim=True) if granularity == PER_CHANNEL else w.abs().amax().reshape(1, 1)
-    scale = (amax / _QMAX[fmt]).clamp_min(1e-12)
+    scale = (amax / _QMAX[fmt]).clamp_min(MIN_SCALE)
     x = w / scale
     q = x.round().clamp(-127, 127).to(torch.int8) if fmt == INT8 else x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     return q, scale
+
+
+def check_quantized_values(q: torch.Tensor, scale: torch.Tensor, weight_key: str, scale_key: str, source: str) -> None:
+    """Stored values that dequantize to finite weights in every dtype a host runs (float16 included).
+
+    Refused: an fp8 e4m3fn byte that decodes to NaN (``0x7F``/``0xFF``; the format has no infinity), a
+    scale that is not finite or below ``MIN_SCALE`` (the quantizer never writes less), and a scale whose
+    largest code (448 in fp8, 128 in int8) would give a weight beyond ``MAX_WEIGHT`` (the float16 range:
+    beyond it a float16 model computes inf, then NaN).
+
+    >>> check_quantized_values(torch.tensor([[2, -3]], dtype=torch.int8), torch.tensor([[float("inf")]]), "w", "s", "f")
+    Traceback (most recent call last):
+    ...
+    prompt_fragments.errors.IntegrityError: f: s: expected finite scales >= 1e-12, found inf
+    """
+    if q.dtype == torch.float8_e4m3fn:
+        nan = (q.view(torch.uint8) & 0x7F) == 0x7F
+        if bool(nan.any()):
+            raise IntegrityError(f"{source}: {weight_key}: expected float8_e4m3fn numbers, found {int(nan.sum())} NaN "
+                                 f"bytes (0x7F/0xFF)")
+    bad = ~torch.isfinite(scale) | (scale < MIN_SCALE)
+    if bool(bad.any()):
+        raise IntegrityError(f"{source}: {scale_key}: expected finite scales >= {MIN_SCALE:g}, "
+                             f"found {float(scale[bad][0]):g}")
+    # bounded by the format's largest code, not the stored ones: no float copy of a large weight is made
+    largest = float(scale.max()) * (448.0 if q.dtype == torch.float8_e4m3fn else 128.0) if scale.numel() else 0.0
+    if largest > MAX_WEIGHT:
+        raise IntegrityError(f"{source}: {scale_key}: expected weights within ±{MAX_WEIGHT:g} (float16) after "
+                             f"scaling, found scales up to {float(scale.max()):g} (weights up to {largest:g})")
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -234,8 +266,18 @@ class PrecisionLever(InCompression):
             lin = module_at(model, replacements, layer)
             if not isinstance(lin, nn.Linear):
                 raise BaseModelMismatchError(f"{layer}: expected an nn.Linear to take quantized weights, found {type(lin).__name__}")
+            if isinstance(lin, QuantizedLinearMixin) or not isinstance(lin._parameters.get("weight"), nn.Parameter):
+                # a layer another lever already stores (low-bit codes are a buffer named weight): one weight, one
+                # format, else a module with an fp8 Parameter and a uint8 buffer both named weight (issue #29)
+                raise IntegrityError(f"{layer}: {source} stores this Linear in two formats (quantization and "
+                                     f"another lever), expected one")
             wk, sk = quant_keys(layer)
-            quantized[layer] = quantized_linear(lin, tensors[wk], tensors[sk], layer)
+            q = tensors[wk]
+            if tuple(q.shape) != (lin.out_features, lin.in_features) or tensors[sk].shape[0] not in (1, lin.out_features):
+                # the tensors agree with each other (``check``): a Linear of another shape is another base model
+                raise BaseModelMismatchError(f"{layer}: {source} stores a quantized weight {list(q.shape)}, expected the "
+                                             f"model's [{lin.out_features}, {lin.in_features}]")
+            quantized[layer] = quantized_linear(lin, q, tensors[sk], layer)
         install(replacements, quantized)
 
     @classmethod
@@ -249,6 +291,7 @@ class PrecisionLever(InCompression):
                 raise IntegrityError(f"{source}: {wk}: expected a 2-D {entry['dtype']} tensor, found {w.dtype} {list(w.shape)}")
             if s.dtype != torch.float32 or s.ndim != 2 or s.shape[1] != 1 or s.shape[0] not in (1, w.shape[0]):
                 raise IntegrityError(f"{source}: {sk}: expected float32 [{w.shape[0]} or 1, 1], found {s.dtype} {list(s.shape)}")
+            check_quantized_values(w, s, wk, sk, source)
         return keys
 
     @classmethod

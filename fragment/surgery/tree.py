@@ -135,7 +135,10 @@ def module_at(model: nn.Module, replacements: Mapping[str, nn.Module], path: str
         if path == root:
             return module
         if path.startswith(root + "."):
-            return module.get_submodule(path[len(root) + 1 :])
+            try:
+                return module.get_submodule(path[len(root) + 1 :])
+            except AttributeError:  # a path under a pruned copy that lacks that child (issue #29)
+                raise BaseModelMismatchError(f"{path}: no such module in {type(module).__name__} at {root}") from None
     try:
         return model.get_submodule(path)
     except AttributeError:
