@@ -9,22 +9,17 @@ from typing import Sequence
 
 from .bench import BENCH_BUDGET_IMAGES
 from .cli_library import add_library_commands
-from .cli_options import (MAX_SEED, choice_list, device, existing_file, existing_folder, float_list, float_range, folder_path,
-                          fraction, int_choice, int_list, int_range, out_file)
+from .cli_options import (BUDGET, LATENT_SIZE, SEED, SEEDS, STEPS, VARIANTS, choice_list, device, existing_file, existing_folder,
+                          float_list, float_range, folder_path, fraction, int_choice, int_list, int_range, out_file)
 from .errors import FragmentError
 
 log = logging.getLogger(__name__)
 
-# The ranges the options share.  Steps: DDIM over the 1000 training timesteps of SD and the reference model.
-STEPS = int_range(1, 1000)
-SEEDS = int_range(1, 256)  # a count of profiled / held-out / timed seeds (held-out seeds start at 500: no overlap)
-VARIANTS = int_range(1, 10_000)
-BUDGET = int_range(1, 100_000)  # judged images
-SEED = int_range(0, MAX_SEED)
-LATENT_SIZE = int_range(8, 256, multiple_of=8)  # SD1.5 latents: three 2x downsamplings
 CACHE_INTERVALS = int_list(1, 100)
+# fragment.settings.LOW_BIT_BITS and LOW_BIT_GROUPS, bench.quant.FORMATS and SCOPES, spelled out so that parsing
+# imports no torch (tests/test_cli_options.py checks they agree)
+LOW_BIT_BITS = (3, 4)
 LOW_BIT_GROUPS = (16, 32, 64, 128, 256)
-# bench.quant.FORMATS and SCOPES, spelled out so that parsing imports no torch (tests/test_cli_options.py checks they agree)
 QUANT_FORMATS = ("fp8", "int8", "Q8_0", "Q4_0", "int4", "int4-aw")
 QUANT_SCOPES = ("all", "linear")
 
@@ -257,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision-ratio", type=fraction(), default=1.0, help="share of retained Linear parameters to quantize")
     p.add_argument("--low-bit-ratio", type=fraction(), default=0.0,
                    help="share of quantizable Linear and Conv2d parameters stored in low-bit groups (0: off)")
-    p.add_argument("--low-bit-bits", type=int_choice([3, 4]), default=4, help="bits per low-bit code")
+    p.add_argument("--low-bit-bits", type=int_choice(LOW_BIT_BITS), default=4, help="bits per low-bit code")
     p.add_argument("--low-bit-group", type=int_choice(LOW_BIT_GROUPS), default=64,
                    help="input columns per low-bit scale and zero")
     p.add_argument("--sweep", action="store_true", help="also measure each lever alone (one UNet build)")

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .cli_options import MAX_BYTES, existing_file, folder_path, int_range, out_file
+from .cli_options import MAX_BYTES, SEEDS, STEPS, existing_file, folder_path, int_range, out_file
 
 
 def _cmd_reuse(args: argparse.Namespace) -> int:
@@ -97,8 +97,8 @@ def add_library_commands(sub: Any) -> None:
     p.add_argument("manifest", type=existing_file(), help="the fragment's .json manifest (made from the reference model, e.g. by `demo`)")
     p.add_argument("--paraphrase", action="append", help="a paraphrase (repeat)")
     p.add_argument("--paraphrases-file", type=existing_file(), help="one paraphrase per line")
-    p.add_argument("--seeds", type=int_range(1, 256), default=4, help="seeds per paraphrase (0, 1, ...)")
-    p.add_argument("--steps", type=int_range(1, 1000), default=25, help="DDIM steps per image")
+    p.add_argument("--seeds", type=SEEDS, default=4, help="seeds per paraphrase (0, 1, ...)")
+    p.add_argument("--steps", type=STEPS, default=25, help="DDIM steps per image")
     p.add_argument("--no-record", action="store_true", help="print only; leave the manifest unchanged")
     p.set_defaults(func=_cmd_reuse)
 

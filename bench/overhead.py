@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 
-from ..cli_options import int_range
+from ..cli_options import SEEDS, STEPS, int_range
 from ..profiling.profiler import FULL_FIDELITY, HeadProfiler, measure_overhead
 from ..profiling.session import profiling_stack
 
@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m prompt_fragments.bench.overhead", description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="full-fidelity statistics (every step, every token)")
     parser.add_argument("--layout", choices=("demo", "bench", "both"), default="both")
-    parser.add_argument("--seeds", type=int_range(1, 256), default=8, help="seeds profiled")
-    parser.add_argument("--steps", type=int_range(1, 1000), default=25, help="DDIM steps per image")
+    parser.add_argument("--seeds", type=SEEDS, default=8, help="seeds profiled")
+    parser.add_argument("--steps", type=STEPS, default=25, help="DDIM steps per image")
     parser.add_argument("--repeats", type=int_range(1, 100), default=3, help="timed runs of each (the median is kept)")
     return parser
 
