@@ -9,7 +9,7 @@ from typing import Sequence
 
 from .bench import BENCH_BUDGET_IMAGES
 from .cli_library import add_library_commands
-from .cli_options import (BUDGET, LATENT_SIZE, SEED, SEEDS, STEPS, VARIANTS, choice_list, device, existing_file, existing_folder,
+from .cli_options import (BUDGET, LATENT_SIZE, SEED, SEEDS, STEPS, VARIANTS, OneLineParser, choice_list, device, existing_file, existing_folder,
                           float_list, float_range, folder_path, fraction, int_choice, int_list, int_range, out_file)
 from .errors import FragmentError
 
@@ -198,7 +198,7 @@ def add_judge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prompt-fragments", description=__doc__)
+    parser = OneLineParser(prog="prompt-fragments", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
 

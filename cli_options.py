@@ -1,9 +1,10 @@
 """Checked option types for the ``prompt-fragments`` command line (issue #29): every number in a range, every path looked at.
 
 argparse calls an option's ``type`` on its text and turns an ``ArgumentTypeError`` into one line
-naming the option, ``prompt-fragments bench memory: error: argument --size: expected an integer
-in 8..8192, a multiple of 8, found '0'``, and exit status 2, before any command runs: no figure is
-ever computed, printed or recorded from an option outside its range.
+naming the option (``OneLineParser``), ``prompt-fragments: error: bench memory: argument --size:
+expected an integer in 8..8192, a multiple of 8, found '0' (see prompt-fragments bench memory --help)``,
+and exit status 2, before any command runs: no figure is ever computed, printed or recorded from an
+option outside its range.
 
 Each factory returns a callable object that also carries what it expects (``expected``) and, for
 numbers, its bounds (``lo``, ``hi``), so the tests can check every option of every subcommand
@@ -20,11 +21,12 @@ against its own declared range.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 # Large enough for any real use of a byte count, small enough for SQLite's signed 64-bit integers.
 MAX_BYTES = 2 ** 63 - 1
@@ -193,6 +195,33 @@ class Device(OptionType):
         if not isinstance(text, str) or not self._PATTERN.fullmatch(text):
             raise self.fail(text)
         return text
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr and exit status 2, like the commands' own errors.
+
+    ``prompt-fragments: error: bench memory: argument --size: expected an integer in 8..8192, a multiple
+    of 8, found '0' (see --help)``: the program, the subcommand, the option, what it expects and what it
+    found.  Its subparsers are OneLineParsers that know the program's name.
+
+    >>> parser = OneLineParser(prog="tool")
+    >>> _ = parser.add_subparsers().add_parser("run").add_argument("--n", type=int_range(1, 9))
+    >>> parser.parse_args(["run", "--n", "0"])
+    Traceback (most recent call last):
+    SystemExit: 2
+    """
+
+    def __init__(self, *args: Any, program: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.program = program or self.prog
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("parser_class", functools.partial(OneLineParser, program=self.program))
+        return super().add_subparsers(**kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog[len(self.program):].strip() if self.prog.startswith(self.program) else ""
+        self.exit(2, f"{self.program}: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
 
 
 def int_range(lo: int, hi: int, *, multiple_of: int = 1) -> IntRange:

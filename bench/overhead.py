@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 
-from ..cli_options import SEEDS, STEPS, int_range
+from ..cli_options import SEEDS, STEPS, OneLineParser, int_range
 from ..profiling.profiler import FULL_FIDELITY, HeadProfiler, measure_overhead
 from ..profiling.session import profiling_stack
 
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     >>> build_parser().parse_args(["--seeds", "2"]).seeds
     2
     """
-    parser = argparse.ArgumentParser(prog="python -m prompt_fragments.bench.overhead", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m prompt_fragments.bench.overhead", description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="full-fidelity statistics (every step, every token)")
     parser.add_argument("--layout", choices=("demo", "bench", "both"), default="both")
     parser.add_argument("--seeds", type=SEEDS, default=8, help="seeds profiled")
