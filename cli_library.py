@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .cli_options import MAX_BYTES, SEEDS, STEPS, existing_file, folder_path, int_range, out_file
+
 
 def _cmd_reuse(args: argparse.Namespace) -> int:
     from .reference.reuse import reference_reuse
@@ -114,32 +116,33 @@ def _cmd_library(args: argparse.Namespace) -> int:
 def add_library_commands(sub: Any) -> None:
     """Register reuse / pack / verify / unpack / library on the ``prompt-fragments`` subparsers."""
     p = sub.add_parser("reuse", help="H3: reuse pass rate of a fragment over paraphrases (reference model), recorded in its manifest")
-    p.add_argument("manifest", help="the fragment's .json manifest (made from the reference model, e.g. by `demo`)")
+    p.add_argument("manifest", type=existing_file(), help="the fragment's .json manifest (made from the reference model, e.g. by `demo`)")
     p.add_argument("--paraphrase", action="append", help="a paraphrase (repeat)")
-    p.add_argument("--paraphrases-file", help="one paraphrase per line")
-    p.add_argument("--seeds", type=int, default=4)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--paraphrases-file", type=existing_file(), help="one paraphrase per line")
+    p.add_argument("--seeds", type=SEEDS, default=4, help="seeds per paraphrase (0, 1, ...)")
+    p.add_argument("--steps", type=STEPS, default=25, help="DDIM steps per image")
     p.add_argument("--no-record", action="store_true", help="print only; leave the manifest unchanged")
     p.set_defaults(func=_cmd_reuse)
 
     p = sub.add_parser("pack", help="write a fragment (manifest + tensors, library row if indexed) as one safetensors file")
-    p.add_argument("manifest")
-    p.add_argument("--out", help="default: <name>.fragment.safetensors beside the manifest")
+    p.add_argument("manifest", type=existing_file())
+    p.add_argument("--out", type=out_file(), help="default: <name>.fragment.safetensors beside the manifest")
     p.set_defaults(func=_cmd_pack)
 
     p = sub.add_parser("verify", help="check a packed fragment: format and integrity, and with --base compatibility")
-    p.add_argument("pack")
-    p.add_argument("--base", help="a safetensors UNet/checkpoint, or 'demo' for the embedded default model")
+    p.add_argument("pack", type=existing_file())
+    p.add_argument("--base", type=existing_file(keywords=["demo"]),
+                   help="a safetensors UNet/checkpoint, or 'demo' for the embedded default model")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("unpack", help="verify a packed fragment and write it into a fragments folder (and its library)")
-    p.add_argument("pack")
-    p.add_argument("folder", help="the fragments folder, e.g. ComfyUI/models/fragments")
+    p.add_argument("pack", type=existing_file())
+    p.add_argument("folder", type=folder_path(), help="the fragments folder, e.g. ComfyUI/models/fragments")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-library", action="store_true", help="do not index it for auto mode")
     p.set_defaults(func=_cmd_unpack)
 
     p = sub.add_parser("library", help="list a fragments folder's library entries and statistics")
-    p.add_argument("folder")
-    p.add_argument("--evict-to", type=int, default=None, metavar="BYTES", help="evict LRU entries down to BYTES first")
+    p.add_argument("folder", type=folder_path())
+    p.add_argument("--evict-to", type=int_range(0, MAX_BYTES), default=None, metavar="BYTES", help="evict LRU entries down to BYTES first")
     p.set_defaults(func=_cmd_library)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 
+from ..cli_options import SEEDS, STEPS, OneLineParser, int_range
 from ..profiling.profiler import FULL_FIDELITY, HeadProfiler, measure_overhead
 from ..profiling.session import profiling_stack
 
@@ -93,15 +94,24 @@ def format_overhead(result: dict[str, Any]) -> str:
             f"+{result['overhead_pct']:.1f} % (ratio {ratio:.2f}x)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print the overhead of the cheap (default) or the full-fidelity profile on the reference model."""
-    parser = argparse.ArgumentParser(prog="python -m prompt_fragments.bench.overhead", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m prompt_fragments.bench.overhead``, each checked for its range.
+
+    >>> build_parser().parse_args(["--seeds", "2"]).seeds
+    2
+    """
+    parser = OneLineParser(prog="python -m prompt_fragments.bench.overhead", description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="full-fidelity statistics (every step, every token)")
     parser.add_argument("--layout", choices=("demo", "bench", "both"), default="both")
-    parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
+    parser.add_argument("--seeds", type=SEEDS, default=8, help="seeds profiled")
+    parser.add_argument("--steps", type=STEPS, default=25, help="DDIM steps per image")
+    parser.add_argument("--repeats", type=int_range(1, 100), default=3, help="timed runs of each (the median is kept)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the overhead of the cheap (default) or the full-fidelity profile on the reference model."""
+    args = build_parser().parse_args(argv)
     kwargs = {**FULL_FIDELITY, "ff_token_sample": None} if args.full else {}
     layouts = ("demo", "bench") if args.layout == "both" else (args.layout,)
     for layout in layouts:

