@@ -21,6 +21,7 @@ import torch.nn as nn
 from ..errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError
 from ..profiling.discovery import find_attention, iter_attention
 from ..version import __version__
+from .base_facts import BaseFacts
 from .format.hashing import sha256_state_dict
 from .format.manifest import Fragment, new_manifest
 from .surgery.feed_forward import FeedForwardLever
@@ -218,7 +219,7 @@ def check_one_format(manifest: Mapping[str, Any], source: str) -> None:
 
 
 def check_loadable(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str, *,
-                   base: nn.Module | None = None) -> "Schedule":
+                   base: nn.Module | BaseFacts | None = None) -> "Schedule":
     """Whether a fragment loads: the one check that reading (``store.load_fragment``, ``sharing.read_pack``),
     ``verify`` and applying (``fragment_replacements``) all call; returns its parsed schedule.
 
@@ -253,34 +254,31 @@ def check_loadable(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tens
                 if pruned:
                     raise ManifestError(f"{where_}: bucket {bucket}: {path}: expected heads within the kept "
                                         f"{modules[path]['kept']}, found pruned heads {pruned[:20]}")
-    if base is not None:
-        _check_schedule_on(base, schedule, where_)
+    if base is not None and (schedule.reuse_steps or schedule.bucket_heads):  # a fragment without: no model walk
+        _check_schedule_on(base if isinstance(base, BaseFacts) else BaseFacts.of_module(base), schedule, where_)
     return schedule
 
 
-def _check_schedule_on(base: nn.Module, schedule: "Schedule", where_: str) -> None:
-    from ..profiling.discovery import block_layout
-
+def _check_schedule_on(base: BaseFacts, schedule: "Schedule", where_: str) -> None:
     if schedule.reuse_steps:
         field = "skips" if schedule.skips is not None else "shallow"
         try:
-            layout = block_layout(base)
+            if base.layout is None:
+                raise FragmentError(str(base.layout_error))
             if schedule.skips is not None:
-                layout.replay_paths(schedule.skips)
+                base.layout.replay_paths(schedule.skips)
             else:
-                layout.deep(schedule.shallow)
+                base.layout.deep(schedule.shallow)
         except FragmentError as exc:
-            raise BaseModelMismatchError(f"{where_}.step_reuse.{field}: {exc}") from None
-    if schedule.bucket_heads:
-        attention = dict(iter_attention(base))
-        for bucket, heads in schedule.bucket_heads.items():
-            for path, kept in heads.items():
-                module = attention.get(path)
-                if module is None:
-                    raise BaseModelMismatchError(f"{where_}: bucket {bucket}: {path}: expected an attention module "
-                                                 f"of {type(base).__name__}, found none")
-                total = int(module.heads)
-                stray = sorted(h for h in set(kept) if h >= total)
-                if stray:
-                    raise BaseModelMismatchError(f"{where_}: bucket {bucket}: {path}: expected heads below the "
-                                                 f"model's {total}, found {stray[:20]}")
+            raise BaseModelMismatchError(f"{where_}.step_reuse.{field}: {exc} (base {base.label})") from None
+    for bucket, heads in schedule.bucket_heads.items():
+        for path, kept in heads.items():
+            bound = base.head_bound(path)
+            if bound is None:
+                raise BaseModelMismatchError(f"{where_}: bucket {bucket}: {path}: expected an attention module "
+                                             f"of {base.label}, found none")
+            stray = sorted(h for h in set(kept) if h >= bound)
+            if stray:
+                what = "heads" if base.heads.get(path) is not None else "to_q rows (its head count is unknown)"
+                raise BaseModelMismatchError(f"{where_}: bucket {bucket}: {path}: expected heads below the "
+                                             f"model's {bound} {what} in {base.label}, found {stray[:20]}")

@@ -9,7 +9,7 @@ either design.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch.nn as nn
 
@@ -304,3 +304,69 @@ def block_layout(model: nn.Module) -> BlockLayout:
         return BlockLayout("comfy", down, "middle_block", up, tuple((p,) for p in down), tuple((p,) for p in up))
     raise FragmentError(f"step reuse: {type(model).__name__} has neither down_blocks/mid_block/up_blocks (diffusers) "
                         "nor input_blocks/middle_block/output_blocks (ComfyUI)")
+
+
+def _key_tree(keys: Iterable[str]) -> dict:
+    """Parameter names as nested dicts of their dotted parts (``a.0.w`` -> ``{"a": {"0": {"w": {}}}}``)."""
+    tree: dict = {}
+    for key in keys:
+        node = tree
+        for part in key.split("."):
+            node = node.setdefault(part, {})
+    return tree
+
+
+def _list_len(node: dict | None) -> int:
+    """A ModuleList's length as its weights show it: one past the highest index that holds a parameter."""
+    return 1 + max((int(k) for k in (node or {}) if k.isdigit()), default=-1)
+
+
+def block_layout_of_keys(keys: Iterable[str]) -> BlockLayout:
+    """``block_layout`` of the UNet whose state-dict names are ``keys``, without building it: what a loaded
+    model's layout would be, read from a checkpoint's header (names relative to the UNet).
+
+    The units are counted the way ``block_layout`` counts them (a list's length is one past its highest index
+    holding a weight; a parameter-free child leaves no key, which no SD block has), so a reuse depth refused
+    here is the one the loader refuses.
+
+    >>> block_layout_of_keys(["input_blocks.0.0.weight", "input_blocks.1.0.weight", "middle_block.0.weight",
+    ...                       "output_blocks.0.0.weight", "output_blocks.1.0.weight"]).max_skips
+    1
+    """
+    tree = _key_tree(keys)
+    if {"down_blocks", "mid_block", "up_blocks"} <= tree.keys():
+        n_down, n_up = _list_len(tree["down_blocks"]), _list_len(tree["up_blocks"])
+        down = tuple(f"down_blocks.{i}" for i in range(n_down))
+        up = tuple(f"up_blocks.{i}" for i in range(n_up))
+        return BlockLayout("diffusers", down, "mid_block", up, *_diffusers_units_of_keys(tree, n_down, n_up))
+    if {"input_blocks", "middle_block", "output_blocks"} <= tree.keys():
+        down = tuple(f"input_blocks.{i}" for i in range(_list_len(tree["input_blocks"])))
+        up = tuple(f"output_blocks.{i}" for i in range(_list_len(tree["output_blocks"])))
+        return BlockLayout("comfy", down, "middle_block", up, tuple((p,) for p in down), tuple((p,) for p in up))
+    raise FragmentError("step reuse: the checkpoint has neither down_blocks/mid_block/up_blocks (diffusers) "
+                        "nor input_blocks/middle_block/output_blocks (ComfyUI) weights")
+
+
+def _diffusers_units_of_keys(tree: dict, n_down: int,
+                             n_up: int) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]]:
+    """``_diffusers_units`` from weight names: the same producers and consumers, or empty where it gives none."""
+    down: list[tuple[str, ...]] = [("conv_in",)]
+    up: list[tuple[str, ...]] = []
+    for side, count, out in (("down_blocks", n_down, down), ("up_blocks", n_up, up)):
+        sampler = "downsamplers" if side == "down_blocks" else "upsamplers"
+        for i in range(count):
+            block = tree[side].get(str(i), {})
+            resnets = _list_len(block.get("resnets"))
+            if not resnets:
+                return (), ()
+            attentions = _list_len(block.get("attentions"))
+            for j in range(resnets):
+                out.append((f"{side}.{i}.resnets.{j}",) + ((f"{side}.{i}.attentions.{j}",) if j < attentions else ()))
+            paths = tuple(f"{side}.{i}.{sampler}.{k}" for k in range(_list_len(block.get(sampler))))
+            if paths and side == "down_blocks":
+                out.append(paths)
+            elif paths:
+                out[-1] = out[-1] + paths
+    if "conv_in" not in tree or len(down) != len(up):
+        return (), ()
+    return tuple(down), tuple(up)

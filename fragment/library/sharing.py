@@ -34,6 +34,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_bytes, save_file
 
 from ...errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError
+from ..base_facts import BaseFacts
+from ..build import check_loadable
 from ..schedule.apply import apply_schedule
 from ..schedule.state import ScheduleState
 from ..format.hashing import sha256_file, sha256_state_dict
@@ -261,7 +263,7 @@ def check_against_base(fragment: Fragment, base: str | os.PathLike | nn.Module, 
         return (f"compatible with {label}: base sha256 {digest[:16]}…, "
                 f"{len(manifest['pruning']['modules'])} modules checked{checked}")
     path = Path(base)
-    read_safetensors_header(path, allowed_dtypes=frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "U8", "I8", "BOOL", "F8_E4M3", "F8_E5M2"}),
+    header = read_safetensors_header(path, allowed_dtypes=frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "U8", "I8", "BOOL", "F8_E4M3", "F8_E5M2"}),
                             max_bytes=64 << 30)
     if manifest["base_model"].get("hash_kind") == "file":
         digest = sha256_file(path)
@@ -274,7 +276,32 @@ def check_against_base(fragment: Fragment, base: str | os.PathLike | nn.Module, 
         shape = weights.shape(f"{module}.to_q.weight")
         if shape is None or shape[0] != entry["heads"] * entry["dim_head"]:
             raise BaseModelMismatchError(f"{path}: {module}.to_q.weight: expected {entry['heads'] * entry['dim_head']} rows, found {shape}")
-    return f"compatible with {path.name}: base sha256 {digest[:16]}…, {len(manifest['pruning']['modules'])} modules checked"
+    # The loader's schedule checks, on what the header says of the model (issue #29: skips 999 or a bucket on a
+    # missing module was "compatible" here); a lever or bucket on a module the file lacks is a mismatch too.
+    facts = BaseFacts.of_checkpoint({k: shape for k, (_, shape) in header.items()}, str(path), manifest)
+    schedule = check_loadable(manifest, fragment.tensors, f"fragment {fragment.name!r}", base=facts)
+    check_lever_layers(manifest, set(weights), path)  # names only: nothing is read
+    unknown = sorted({p for heads in schedule.bucket_heads.values() for p in heads if facts.heads.get(p) is None})
+    skipped = (f"; not checked: heads of {len(unknown)} bucket module(s) (bounded by to_q rows only): "
+               f"{facts.notes[0]}" if unknown and facts.notes else "")
+    return (f"compatible with {path.name}: base sha256 {digest[:16]}…, {len(manifest['pruning']['modules'])} modules "
+            f"checked, schedule checked against its layout{skipped}")
+
+
+def check_lever_layers(manifest: Mapping[str, Any], names: set[str] | frozenset[str], source: str | os.PathLike) -> None:
+    """Every layer a low-bit or fp8 record names must be a weight of the base (``<layer>.weight``): on a module
+    the loader would find no such module and fall back.
+
+    >>> check_lever_layers({"compression": {"quantization": {"layers": {"a": {}}}}}, {"a.weight"}, "u")
+    """
+    compression = manifest.get("compression", {})
+    for kind in ("low_bit", "quantization"):
+        record = compression.get(kind) if isinstance(compression, Mapping) else None
+        layers = record.get("layers", {}) if isinstance(record, Mapping) else {}
+        for layer in (layers if isinstance(layers, Mapping) else ()):
+            if f"{layer}.weight" not in names:
+                raise BaseModelMismatchError(f"{source}: compression.{kind}.layers: {layer}: expected a layer "
+                                             f"{layer}.weight in the checkpoint, found none")
 
 
 def unpack(pack_path: str | os.PathLike, folder: str | os.PathLike, *, overwrite: bool = False,
