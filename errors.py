@@ -7,6 +7,8 @@ message without reading a traceback.
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 
 class FragmentError(Exception):
     """Base class: catch this to catch everything the pack raises on purpose."""
@@ -47,3 +49,18 @@ def where(path: str, message: str) -> str:
     'mid_block.attentions.0: expected 8 heads, found 5'
     """
     return f"{path}: {message}"
+
+
+def base_mismatch_remedy(base_model: Any) -> str:
+    """The "what to do" clause of a base-model mismatch, naming the checkpoint as the manifest stores it.
+
+    >>> base_mismatch_remedy({"name": "sd15.safetensors", "sha256": "ab"})
+    "to fix, load the checkpoint 'sd15.safetensors' the fragment was made from, or rebuild the fragment from this checkpoint with FragmentExtractor"
+    """
+    name = base_model.get("name") if isinstance(base_model, Mapping) else None
+    # The manifest may be hostile: a name is only shown as a short quoted string, never as a path to act on.
+    if isinstance(name, str) and name:
+        checkpoint = f"the checkpoint {name[:120]!r} the fragment was made from"
+    else:
+        checkpoint = "the checkpoint the fragment was made from (its manifest names none)"
+    return f"to fix, load {checkpoint}, or rebuild the fragment from this checkpoint with FragmentExtractor"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError
+from ..errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError, base_mismatch_remedy
 from ..profiling.discovery import find_attention, iter_attention
 from ..version import __version__
 from .base_facts import BaseFacts
@@ -133,7 +133,7 @@ def fragment_replacements(
     if base_sha256 is not None and base_sha256 != expected:
         raise BaseModelMismatchError(
             f"fragment {fragment.name!r}: built for base model {manifest['base_model'].get('name')!r} "
-            f"sha256 {str(expected)[:16]}…, found sha256 {base_sha256[:16]}…"
+            f"sha256 {str(expected)[:16]}…, found sha256 {base_sha256[:16]}…; {base_mismatch_remedy(manifest['base_model'])}"
         )
     check_loadable(manifest, fragment.tensors, f"fragment {fragment.name!r}", base=model)
     replacements: dict[str, nn.Module] = {}

@@ -142,7 +142,8 @@ class ComfyJudge:
                  lpips: Callable[[Any, Any], list[float]] | None = None, limits: Mapping[str, float] | None = None) -> None:
         if positive is None or negative is None:
             raise FragmentError("FragmentExtractor: calibration needs the positive and negative CONDITIONING inputs "
-                                "(the profiled prompt), found none")
+                                "(the profiled prompt), found none; connect the profiled KSampler's positive and "
+                                "negative, or set calibrate to off")
         self.patcher, self.settings, self.positive, self.negative = patcher, settings, positive, negative
         self.vae, self.digest, self.originals = vae, digest, originals
         self.lpips = lpips if vae is not None else None

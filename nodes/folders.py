@@ -44,7 +44,10 @@ def fragment_choices() -> list[str]:
 def fragment_path(name: str) -> Path:
     path = folder_paths.get_full_path(FOLDER, name)
     if path is None:
-        raise FragmentError(f"{name}: no such fragment in the fragments folders {folder_paths.get_folder_paths(FOLDER)}")
+        folders = folder_paths.get_folder_paths(FOLDER)
+        raise FragmentError(f"{name}: no such fragment in the fragments folders {folders}; choose another fragment_name, "
+                            f"or put its .json and .safetensors back in {folders[0]} (FragmentLoader moves a corrupt "
+                            f"fragment to {Path(folders[0]) / '.library' / 'quarantine'})")
     return Path(path)
 
 

@@ -110,7 +110,8 @@ class FragmentExtractor:
             step_reuse=step_reuse, low_bit_ratio=low_bit_ratio, low_bit_bits=3 if low_bit_bits == "int3" else 4,
         )
         if kv_fold and (positive is None or negative is None):
-            raise FragmentError("FragmentExtractor: kv_fold needs both the positive and negative CONDITIONING inputs connected")
+            raise FragmentError("FragmentExtractor: kv_fold needs both the positive and negative CONDITIONING inputs "
+                                "connected; connect the profiled KSampler's positive and negative, or turn kv_fold off")
         sampler = sampler_settings(calibrate, seed, steps, cfg, sampler_name, scheduler, positive, negative)
         model = profile.diffusion_model
         if sampler is not None:
@@ -136,8 +137,8 @@ class FragmentExtractor:
             check_steps(sampler, len(profile.session.step_timesteps() or []))
             existing = fragments_dir() / f"{name}.json"
             if not overwrite and existing.exists():  # before minutes of judging, not after
-                raise FragmentError(f"FragmentExtractor: {existing}: a fragment named {name!r} already exists "
-                                    "(choose another name or overwrite)")
+                raise FragmentError(f"FragmentExtractor: {existing}: a fragment named {name!r} already exists; "
+                                    "choose another name, or set overwrite to true")
             lpips, lpips_note = optional_lpips() if vae is not None else (None, "")
             judge = ComfyJudge(profile.patcher, sampler, positive, negative, trigger, vae=vae, digest=digest,
                                originals=originals, lpips=lpips)
@@ -168,7 +169,8 @@ def sampler_settings(calibrate: str, seed: int | None, steps: int | None, cfg: f
     4
     """
     if calibrate not in CALIBRATE:
-        raise FragmentError(f"FragmentExtractor: calibrate: expected one of {', '.join(CALIBRATE)}, found {calibrate!r}")
+        raise FragmentError(f"FragmentExtractor: calibrate: expected one of {', '.join(CALIBRATE)}, found {calibrate!r}; "
+                            "choose one of them")
     given = {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler_name, "scheduler": scheduler,
              "positive": positive, "negative": negative}
     missing = [k for k, v in given.items() if v is None]

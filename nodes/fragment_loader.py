@@ -20,7 +20,7 @@ import logging
 from typing import Any
 
 from ..errors import BaseModelMismatchError, FragmentError
-from ..fragment.library.auto_mode import auto_select, load_or_fallback
+from ..fragment.library.auto_mode import FALLBACK, auto_select, load_or_fallback
 from ..fragment.library.fingerprint import pool_conditioning
 from ..fragment.format.manifest import Fragment
 from ..fragment.patching import PatchPlan, base_sha256, plan_patches
@@ -45,7 +45,7 @@ class FragmentLoader:
             "required": {
                 "model": ("MODEL", tip("The base model the fragment was extracted from.")),
                 "fragment_name": ([AUTO] + fragment_choices(), tip("A fragment manifest from models/fragments; (auto) picks the cached fragment nearest to the positive prompt; (none) uses the fragment input.")),
-                "on_mismatch": (["fallback", "raise"], tip("Wrong base model: fallback returns the full model with a warning; raise stops the queue.")),
+                "on_mismatch": (["fallback", "raise"], tip("Wrong base model, or an unreadable or corrupt fragment: fallback returns the full model with a WARNING status (a corrupt fragment is moved to .library/quarantine, and the status says how to restore it); raise stops the queue and moves nothing.")),
             },
             "optional": {
                 "fragment": ("FRAGMENT", tip("A fragment straight from FragmentExtractor (takes precedence over fragment_name).")),
@@ -73,30 +73,36 @@ class FragmentLoader:
             frag = fragment.fragment
         elif fragment_name == AUTO:
             if positive is None:
-                raise FragmentError("FragmentLoader (auto): expected the positive CONDITIONING input, found none")
+                raise FragmentError("FragmentLoader (auto): expected the positive CONDITIONING input, found none; "
+                                    "connect the prompt's positive CONDITIONING, or choose a fragment_name")
             digest = base_sha256(model.model.diffusion_model, originals)
-            outcome = auto_select(fragments_dir(), digest, pool_conditioning(positive), threshold=threshold)
+            outcome = auto_select(fragments_dir(), digest, pool_conditioning(positive), threshold=threshold,
+                                  on_error=on_mismatch)
             if outcome.fragment is None:
-                log.warning("FragmentLoader: %s", outcome.status)
-                return (without_profiling(model.clone()), outcome.status)
+                status = warned(outcome.status)
+                log.warning("FragmentLoader: %s", status)
+                return (without_profiling(model.clone()), status)
             frag, prefix_status = outcome.fragment, outcome.status + "; "
         elif fragment_name and fragment_name != NONE:
             path = fragment_path(fragment_name)
-            # A corrupt file is quarantined and the full model used, so one bad download never stops a queue.
-            outcome = load_or_fallback(path.parent, path)
+            # fallback: a corrupt file is quarantined and the full model used, so one bad download never stops a
+            # queue; raise: it raises and nothing moves (the user asked to stop, not to have files moved).
+            outcome = load_or_fallback(path.parent, path, on_error=on_mismatch)
             if outcome.fragment is None:
-                log.warning("FragmentLoader: %s", outcome.status)
-                return (without_profiling(model.clone()), outcome.status)
+                status = warned(outcome.status)
+                log.warning("FragmentLoader: %s", status)
+                return (without_profiling(model.clone()), status)
             frag = outcome.fragment
         else:
-            raise FragmentError("FragmentLoader: expected a fragment_name or a connected fragment input, found neither")
+            raise FragmentError("FragmentLoader: expected a fragment_name or a connected fragment input, found neither; "
+                                "choose a fragment in fragment_name, or connect FragmentExtractor's FRAGMENT output")
         try:
             patched, plan, plan_schedule = fragment_model(model, frag, originals=originals, digest=digest,
                                                           schedule=schedule != "off")
         except BaseModelMismatchError as exc:
             if on_mismatch == "raise":
                 raise
-            status = f"FALLBACK to the full model: {exc}"
+            status = warned(f"{FALLBACK}: {exc}")
             log.warning("FragmentLoader: %s", status)
             return (without_profiling(model.clone()), status)
         status = prefix_status + (f"applied fragment {frag.name!r}: {len(plan.replacements)} modules replaced, "
@@ -105,6 +111,17 @@ class FragmentLoader:
             status += "; " + (describe_schedule(plan_schedule) if schedule != "off" else "schedule off")
         log.info("FragmentLoader: %s", status)
         return (patched, status)
+
+
+def warned(status: str) -> str:
+    """``status`` with a WARNING marker when the full model is used in place of a fragment that was asked for.
+
+    A miss in auto mode is the cache working, not a warning; a fallback (wrong base, corrupt or unreadable file) is.
+
+    >>> warned("FALLBACK to the full model: x"), warned("MISS (full model): library is empty")
+    ('WARNING: FALLBACK to the full model: x', 'MISS (full model): library is empty')
+    """
+    return f"WARNING: {status}" if status.startswith(FALLBACK) else status
 
 
 def fragment_model(model: Any, frag: Fragment, *, originals: dict[str, Any] | None = None, digest: str | None = None,

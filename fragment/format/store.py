@@ -37,7 +37,8 @@ def check_name(name: str) -> str:
     """
     # fullmatch, not match with '$': '$' also matches before a final newline, so 'evil\n' passed (issue #16).
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
-        raise ManifestError(f"fragment name {name!r}: expected 1-128 characters of letters, digits, '.', '_', '-' (no path)")
+        raise ManifestError(f"fragment name {name!r}: expected 1-128 characters of letters, digits, '.', '_', '-' (no path); "
+                            "choose a name like 'dog_on_jet_ski'")
     return name
 
 
@@ -54,7 +55,7 @@ def save_fragment(fragment: Fragment, directory: str | os.PathLike, *, overwrite
     directory = ensure_folder(directory)
     manifest_path = directory / f"{name}.json"
     if not overwrite and (manifest_path.exists() or (directory / f"{name}.safetensors").exists()):
-        raise FragmentError(f"{manifest_path}: a fragment named {name!r} already exists (choose another name or overwrite)")
+        raise FragmentError(f"{manifest_path}: a fragment named {name!r} already exists; choose another name, or overwrite it")
 
     def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in fragment.tensors.items()}, str(tmp), metadata={"prompt_fragments.schema": "1"})

@@ -35,7 +35,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
-from ...errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError, ReadError
+from ...errors import BaseModelMismatchError, FragmentError, IntegrityError, ManifestError, ReadError, base_mismatch_remedy
 
 SCHEMA_FILE = Path(__file__).with_name("manifest_schema.json")
 MAX_HEADER_BYTES = 64 << 20  # safetensors' own limit is 100 MB; a fragment's header is kilobytes
@@ -328,8 +328,10 @@ def check_base(manifest: Mapping[str, Any], base_sha256: str | None, source: str
     """
     if base_sha256 is None:
         return
-    expected = str(manifest.get("base_model", {}).get("sha256"))
+    block = manifest.get("base_model", {})
+    expected = str(block.get("sha256"))
     if expected != base_sha256:
         raise BaseModelMismatchError(
-            f"{source}: fragment built for base model sha256 {expected[:16]}…, found sha256 {base_sha256[:16]}…"
+            f"{source}: fragment built for base model sha256 {expected[:16]}…, found sha256 {base_sha256[:16]}…; "
+            f"{base_mismatch_remedy(block)}"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,8 +35,47 @@ class LoadOutcome:
 
 
 
+FALLBACK = "FALLBACK to the full model"
+ON_ERROR = ("fallback", "raise")
+_QUARANTINED = re.compile(r"\d{8}-\d{6}-\d+-(?P<name>.+)\.quarantined")
+
+
+def quarantine_report(folder: str | os.PathLike, moved: list[Path]) -> str:
+    """Where ``quarantine`` put an entry's files and how to get them back, for a status line.
+
+    A user who finds a fragment gone from the dropdown must learn from the run that moved it
+    where it went and how to undo that, not from the next run's validation error.
+
+    >>> quarantine_report("frags", [Path("frags/.library/quarantine/20260101-120000-7-dog.json.quarantined")])
+    'quarantined: moved dog.json to frags/.library/quarantine (as 20260101-120000-7-dog.json.quarantined); to restore, fix or replace the files and move them back to frags under their old names (dog.json), or delete them'
+    """
+    if not moved:
+        return ""
+    names = [m["name"] if (m := _QUARANTINED.fullmatch(p.name)) else p.name for p in moved]
+    return (f"quarantined: moved {' and '.join(names)} to {moved[0].parent} (as {', '.join(p.name for p in moved)}); "
+            f"to restore, fix or replace the files and move them back to {Path(folder)} under their old names "
+            f"({', '.join(names)}), or delete them")
+
+
+def unusable_error(manifest_path: str | os.PathLike, exc: FragmentError) -> FragmentError:
+    """``exc`` (same class) with what the user can do about an entry that cannot be loaded; nothing was moved.
+
+    >>> print(unusable_error("frags/dog.json", FragmentError("frags/dog.safetensors: expected sha256 ab…, found cd…")))
+    frags/dog.json is unusable (frags/dog.safetensors: expected sha256 ab…, found cd…); nothing was moved. To fix, replace the fragment's files (download them again, or rebuild the fragment with FragmentExtractor) or delete them, or set on_mismatch to fallback to run the full model and quarantine them
+    """
+    if isinstance(exc, BaseModelMismatchError):
+        return exc  # its message already names the checkpoint and the two ways out
+    if isinstance(exc, ReadError):
+        return ReadError(f"{manifest_path} could not be read right now ({exc}); nothing was moved. To fix, check the "
+                         "disk and the file permissions, then run again")
+    return type(exc)(f"{manifest_path} is unusable ({exc}); nothing was moved. To fix, replace the fragment's files "
+                     "(download them again, or rebuild the fragment with FragmentExtractor) or delete them, or set "
+                     "on_mismatch to fallback to run the full model and quarantine them")
+
+
 def load_or_fallback(
-    folder: str | os.PathLike, manifest_path: str | os.PathLike, base_sha256: str | None = None
+    folder: str | os.PathLike, manifest_path: str | os.PathLike, base_sha256: str | None = None, *,
+    on_error: str = "fallback",
 ) -> LoadOutcome:
     """Load an entry for use; a corrupt one is quarantined and the caller is told to use the full model.
 
@@ -46,20 +86,28 @@ def load_or_fallback(
     back without quarantine.  A quarantine that itself fails (a read-only
     folder) is reported in the status; the caller still gets the full model.
 
+    ``on_error="raise"`` (FragmentLoader's ``on_mismatch = raise``) raises
+    instead, for every cause, and moves nothing: the user asked to stop, so the
+    files stay where the user put them and the error says what to do.
+
     >>> import tempfile; d = tempfile.mkdtemp(); load_or_fallback(d, Path(d) / "gone.json").fragment is None
     True
     """
+    if on_error not in ON_ERROR:
+        raise FragmentError(f"on_mismatch: expected one of {', '.join(ON_ERROR)}, found {on_error!r}; choose one of them")
     try:
         fragment = load_entry(folder, manifest_path, base_sha256)
-    except (BaseModelMismatchError, ReadError) as exc:
-        return LoadOutcome(None, f"FALLBACK to the full model: {exc}")
     except FragmentError as exc:
+        if on_error == "raise":
+            raise unusable_error(manifest_path, exc) from exc
+        if isinstance(exc, (BaseModelMismatchError, ReadError)):
+            return LoadOutcome(None, f"{FALLBACK}: {exc}")
         try:
             moved = quarantine(folder, manifest_path, str(exc))
-            note = f"; moved to {moved[0].parent}" if moved else ""
+            note = f"; {quarantine_report(folder, moved)}" if moved else ""
         except (FragmentError, OSError) as q_exc:  # the fallback must still happen; say why it stays in place
             moved, note = [], f"; could not quarantine it: {q_exc}"
-        status = f"FALLBACK to the full model: {Path(manifest_path).name} is unusable ({exc}){note}"
+        status = f"{FALLBACK}: {Path(manifest_path).name} is unusable ({exc}){note}"
         log.warning("library: %s", status)
         return LoadOutcome(None, status, quarantined=moved)
     return LoadOutcome(fragment, f"loaded fragment {fragment.name!r}")
@@ -72,11 +120,13 @@ def auto_select(
     params: Mapping[str, Any] | None = None,
     *,
     threshold: float = DEFAULT_THRESHOLD,
+    on_error: str = "fallback",
 ) -> LoadOutcome:
     """FragmentLoader's auto mode: the best cached fragment for this base and prompt, or the full model.
 
     ``fragment`` is None on a miss or when the chosen entry is corrupt (then
     quarantined); ``status`` is one line for the node's STRING output.
+    ``on_error="raise"``: a corrupt chosen entry raises (see ``load_or_fallback``).
 
     >>> import tempfile; auto_select(tempfile.mkdtemp(), "ab", torch.ones(4)).status
     'MISS (full model): library is empty'
@@ -88,7 +138,7 @@ def auto_select(
         return LoadOutcome(None, f"MISS (full model): library unusable: {exc}")
     if not result.hit or result.manifest_path is None:
         return LoadOutcome(None, f"MISS (full model): {result.reason}", lookup=result)
-    outcome = load_or_fallback(folder, result.manifest_path, base_sha256)
+    outcome = load_or_fallback(folder, result.manifest_path, base_sha256, on_error=on_error)
     outcome.lookup = result
     if outcome.fragment is not None:
         outcome.status = f"HIT {outcome.fragment.name!r} ({result.reason})"
