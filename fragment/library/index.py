@@ -347,8 +347,8 @@ def _sweep_temporaries(folder: Path) -> None:
     died: set[str] = set()  # names a writer was installing when it died: their unnamed tensors files are its own
     for path in folder.glob(".*.tmp-*"):
         stem, _, pid = path.name.rpartition(".tmp-")
-        if not pid.isdigit():
-            continue
+        if not pid.isdigit() or (path.is_dir() and not path.is_symlink()):
+            continue  # writers leave files (or links planted under their names), never folders: not ours
         if _alive(int(pid)):
             if stem.endswith(".install"):
                 live.add(stem[1 : -len(".install")])
@@ -614,6 +614,9 @@ def _remove_files(folder: Path, name: str) -> None:
     # in the last component, so nothing outside the folder can be removed here.
     tensors = _named_tensors(folder, name)  # read before the manifest goes: a replaced entry's file is content-named
     for path in (folder / f"{check_name(name)}.json", tensors):  # manifest first: without it nothing loads the tensors
+        if path.is_dir() and not path.is_symlink():  # a folder put there since: not the file the row was made for
+            log.warning("library: %s: expected the evicted entry's file, found a folder; left in place", path)
+            continue
         path.unlink(missing_ok=True)
 
 

@@ -1,0 +1,60 @@
+"""Issue #29, review of the merged fixes: what still got through a second hostile pass.
+
+Each test here failed on the merged main (a733f40) before its fix: a foreign exception (not a
+``FragmentError``) from the library or the command line on a file or folder a stranger or a typo can put
+in the fragments folder.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from prompt_fragments.cli import main
+from prompt_fragments.fragment.library import index as library
+
+from test_library import BASE, emb, synthetic
+
+
+def _library(tmp_path: Path) -> Path:
+    folder = tmp_path / "frags"
+    library.add(folder, synthetic("dog"), embedding=emb(0), prompt="a dog")
+    return folder
+
+
+# ---- folders where the library expects files -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [".x.tmp-999999999", ".dog.evict.tmp-999999999", ".dog.install.tmp-999999999"])
+def test_a_folder_named_like_a_dead_writers_temporary_is_left_alone(tmp_path: Path, name: str) -> None:
+    # the sweep unlinked every '.*.tmp-<dead pid>': a folder raised IsADirectoryError out of add and evict
+    folder = _library(tmp_path)
+    (folder / name).mkdir()
+    (folder / name / "inside").write_text("a user's file")
+    library.add(folder, synthetic("cat"), embedding=emb(1), prompt="a cat")
+    assert sorted(library.evict(folder, 0)) == ["cat", "dog"]
+    assert (folder / name / "inside").read_text() == "a user's file"
+
+
+@pytest.mark.parametrize("which", ["manifest", "tensors"])
+def test_evicting_an_entry_whose_file_is_now_a_folder_raises_no_foreign_error(tmp_path: Path, which: str) -> None:
+    folder = _library(tmp_path)
+    target = folder / "dog.json" if which == "manifest" else next(folder.glob("dog*.safetensors"))
+    target.unlink()
+    target.mkdir()
+    (target / "inside").write_text("kept")
+    assert library.evict(folder, 0) == ["dog"]
+    assert (target / "inside").read_text() == "kept"
+    assert library.entries(folder) == []
+
+
+# ---- the command line ------------------------------------------------------------------------------------------
+
+def test_reuse_with_an_undecodable_paraphrases_file_is_one_line_error(tmp_path: Path, capsys) -> None:
+    manifest = tmp_path / "x.json"
+    manifest.write_text("{}")
+    paraphrases = tmp_path / "p.txt"
+    paraphrases.write_bytes(b"\xff\xfe\x00 not utf-8")
+    assert main(["reuse", str(manifest), "--paraphrases-file", str(paraphrases)]) == 2
+    err = capsys.readouterr().err
+    assert str(paraphrases) in err and "UTF-8" in err and "Traceback" not in err
