@@ -58,3 +58,43 @@ def test_reuse_with_an_undecodable_paraphrases_file_is_one_line_error(tmp_path: 
     assert main(["reuse", str(manifest), "--paraphrases-file", str(paraphrases)]) == 2
     err = capsys.readouterr().err
     assert str(paraphrases) in err and "UTF-8" in err and "Traceback" not in err
+
+
+# ---- verify: every lever's stored floats are finite and fit float16 -----------------------------------------------
+
+def _low_rank_fragment():
+    import torch
+    import torch.nn as nn
+
+    from prompt_fragments.fragment.build import build_fragment, describe_base
+    from prompt_fragments.fragment.surgery.lowrank import LowRankLever
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 16))
+    return model, build_fragment(model, [LowRankLever({"0": 0.9})], base=describe_base(model, "tiny"), name="tiny")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30])
+@pytest.mark.parametrize("key", ["lowrank.0.down", "lowrank.0.up"])
+def test_a_low_rank_factor_that_is_not_finite_in_float16_is_refused_by_read_and_verify(tmp_path: Path, key: str,
+                                                                                        value: float) -> None:
+    # Only low-bit and fp8/int8 values were checked: a NaN factor loaded and `verify` said OK (1e30 passes a float32
+    # forward and overflows in the float16 a host runs).
+    from test_loadable import _variant, _write_entry, _write_pack
+
+    from prompt_fragments.errors import IntegrityError
+    from prompt_fragments.fragment.build import fragment_replacements
+    from prompt_fragments.fragment.format.store import load_fragment
+    from prompt_fragments.fragment.library.sharing import read_pack
+
+    model, frag = _low_rank_fragment()
+    assert key in frag.tensors
+    manifest, tensors, raw = _variant(frag, tensors=lambda t: t[key].view(-1).__setitem__(3, value))
+    pack = _write_pack(tmp_path / "tiny.fragment.safetensors", manifest, raw)
+    with pytest.raises(IntegrityError, match=rf"tiny\.fragment\.safetensors\[tensors\]: {key}: expected finite values within ±65504 \(float16\), found (nan|inf|1e\+30)$"):
+        read_pack(pack)
+    with pytest.raises(IntegrityError, match=key):
+        load_fragment(_write_entry(tmp_path / "lib", manifest, raw))
+    with pytest.raises(IntegrityError, match=key):
+        fragment_replacements(model, type(frag)(manifest, tensors))
+    assert main(["verify", str(pack)]) == 2
