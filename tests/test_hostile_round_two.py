@@ -98,3 +98,18 @@ def test_a_low_rank_factor_that_is_not_finite_in_float16_is_refused_by_read_and_
     with pytest.raises(IntegrityError, match=key):
         fragment_replacements(model, type(frag)(manifest, tensors))
     assert main(["verify", str(pack)]) == 2
+
+
+@pytest.mark.parametrize("target", ["index.sqlite3", "lock", "quarantine/x.fragment.safetensors"])
+def test_pack_out_into_the_library_folder_is_refused(tmp_path: Path, target: str, capsys) -> None:
+    # pack --out refused other fragments' files but wrote over the library index: every row was lost
+    import sqlite3
+
+    folder = _library(tmp_path)
+    (folder / ".library" / "quarantine").mkdir(exist_ok=True)
+    before = {p: p.read_bytes() for p in (folder / ".library").rglob("*") if p.is_file()}
+    assert main(["pack", str(folder / "dog.json"), "--out", str(folder / ".library" / target)]) == 2
+    assert ".library folder" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (folder / ".library").rglob("*") if p.is_file()} == before
+    assert sqlite3.connect(folder / ".library" / "index.sqlite3").execute("SELECT name FROM entries").fetchall() == [("dog",)]
+    assert library.lookup(folder, BASE, emb(0)).hit

@@ -44,7 +44,7 @@ from ..format.store import (
 from ..format.untrusted import (
     check_base, check_plain_name, check_safetensors_bytes, confined, parse_json, read_safetensors_header
 )
-from .index import forget_locked, locked, register_locked
+from .index import LIBRARY_DIR, forget_locked, locked, register_locked
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ def pack(manifest_path: str | os.PathLike, out: str | os.PathLike, *, library_ro
     if owner is not None:  # issue #29: another fragment's tensors file was overwritten silently
         raise FragmentError(f"{out}: expected an output path that is no fragment's file, found a file of "
                             f"fragment {owner.name}; nothing was written")
+    if LIBRARY_DIR in out.resolve().parts[:-1]:  # the index, lock and quarantine: a pack there loses the library
+        raise FragmentError(f"{out}: expected an output path outside a library's {LIBRARY_DIR} folder, found one "
+                            "inside it; nothing was written")
     if not out.parent.is_dir():
         raise FragmentError(f"{out}: expected an existing folder {out.parent} for the pack, found none")
     if out.is_dir():
