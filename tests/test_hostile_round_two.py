@@ -113,3 +113,49 @@ def test_pack_out_into_the_library_folder_is_refused(tmp_path: Path, target: str
     assert {p: p.read_bytes() for p in (folder / ".library").rglob("*") if p.is_file()} == before
     assert sqlite3.connect(folder / ".library" / "index.sqlite3").execute("SELECT name FROM entries").fetchall() == [("dog",)]
     assert library.lookup(folder, BASE, emb(0)).hit
+
+
+# ---- another entry's content-named tensors file -------------------------------------------------------------------
+
+def _dog_naming_victims_file(tmp_path: Path) -> tuple[Path, str]:
+    """``victim`` replaced once (its tensors file is content-named ``victim.<16 hex>.safetensors``) and a hand-made,
+    valid entry ``dog`` whose manifest names that same file."""
+    import json
+
+    from prompt_fragments.fragment.format.manifest import seal
+
+    folder = tmp_path / "frags"
+    library.add(folder, synthetic("victim"), embedding=emb(0), prompt="victim")
+    library.add(folder, synthetic("victim", kept={"down.0.attn1": [0, 1]}), embedding=emb(0), prompt="victim")
+    manifest = json.loads((folder / "victim.json").read_text())
+    shared = manifest["artifacts"]["tensors"]["file"]
+    assert shared.startswith("victim.") and shared != "victim.safetensors"
+    (folder / "dog.json").write_text(json.dumps(seal({**{k: v for k, v in manifest.items() if k != "integrity"}, "name": "dog"})))
+    library.register(folder, folder / "dog.json", embedding=emb(5), prompt="dog")
+    return folder, shared
+
+
+def test_evicting_an_entry_never_deletes_another_entrys_content_named_tensors(tmp_path: Path) -> None:
+    from prompt_fragments.fragment.format.store import load_fragment
+
+    folder, shared = _dog_naming_victims_file(tmp_path)
+    assert library.lookup(folder, BASE, emb(0)).manifest_path.name == "victim.json"  # victim most recently used
+    size = next(e["size"] for e in library.entries(folder) if e["name"] == "victim")
+    assert library.evict(folder, size) == ["dog"]
+    assert (folder / shared).is_file()
+    load_fragment(folder / "victim.json")
+
+
+def test_quarantining_an_entry_never_moves_another_entrys_content_named_tensors(tmp_path: Path) -> None:
+    from prompt_fragments.fragment.format.store import load_fragment
+
+    import json
+
+    folder, shared = _dog_naming_victims_file(tmp_path)
+    manifest = json.loads((folder / "dog.json").read_text())
+    manifest["profiling"] = {"edited": True}  # no longer matches its seal: dog fails to load, still names the file
+    (folder / "dog.json").write_text(json.dumps(manifest))
+    moved = library.quarantine(folder, folder / "dog.json", "test")
+    assert [p.name.endswith("-dog.json.quarantined") for p in moved] == [True]
+    assert (folder / shared).is_file()
+    load_fragment(folder / "victim.json")

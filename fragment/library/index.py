@@ -406,8 +406,7 @@ def _finish_eviction(folder: Path, name: str, marker: Path) -> None:
         log.info("library: removing %s, evicted by a writer that died before removing it", manifest)
         manifest.unlink(missing_ok=True)
     tensors = folder / tensors_name
-    stem = tensors_name[: -len(".safetensors")]
-    if (named_by(manifest)[0] != tensors_name and not (stem != name and (folder / f"{stem}.json").exists())
+    if (named_by(manifest)[0] != tensors_name and not _owned_by_other(folder, name, tensors_name)
             and _file_sha256(tensors) == tensors_sha):
         log.info("library: removing %s, evicted by a writer that died before removing it", tensors)
         tensors.unlink(missing_ok=True)
@@ -770,10 +769,20 @@ def _named_tensors(folder: Path, name: str) -> Path:
         path = confined(folder, file_name, f"{folder / name}.json")
     except (FragmentError, OSError, KeyError, TypeError, IndexError):  # unreadable or odd: the conventional name
         return fallback
-    stem = file_name[: -len(".safetensors")]
-    if stem != name and (folder / f"{stem}.json").exists():
+    if _owned_by_other(folder, name, file_name):
         return fallback
     return path
+
+
+def _owned_by_other(folder: Path, name: str, file_name: str) -> bool:
+    """Whether ``file_name`` is the tensors file of another entry than ``name``: ``<stem>.safetensors`` beside
+    ``<stem>.json``, or a replaced entry's content-named ``<stem>.<16 hex>.safetensors`` that ``<stem>.json``
+    names (a hand-made manifest naming it got it deleted with its own eviction: issue #29 review)."""
+    stem = file_name[: -len(".safetensors")]
+    if stem != name and (folder / f"{stem}.json").exists():
+        return True
+    match = OWN_TENSORS.fullmatch(file_name)
+    return match is not None and match["stem"] != name and named_by(folder / f"{match['stem']}.json")[0] == file_name
 
 
 def quarantine(folder: str | os.PathLike, manifest_path: str | os.PathLike, reason: str) -> list[Path]:
