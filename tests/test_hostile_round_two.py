@@ -159,3 +159,51 @@ def test_quarantining_an_entry_never_moves_another_entrys_content_named_tensors(
     assert [p.name.endswith("-dog.json.quarantined") for p in moved] == [True]
     assert (folder / shared).is_file()
     load_fragment(folder / "victim.json")
+
+
+# ---- a packed library row ----------------------------------------------------------------------------------------
+
+def _pack_with_row(tmp_path: Path, row_text: str) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from prompt_fragments.fragment.format.store import save_fragment
+    from prompt_fragments.fragment.library.sharing import META_LIBRARY, TENSOR, pack
+
+    manifest = save_fragment(synthetic("dog"), tmp_path / "src")
+    good = pack(manifest, tmp_path / "good.fragment.safetensors")
+    with safe_open(str(good), "pt") as fh:
+        metadata, tensor = fh.metadata(), fh.get_tensor(TENSOR)
+    out = tmp_path / "dog.fragment.safetensors"
+    save_file({TENSOR: tensor}, str(out), metadata={**metadata, META_LIBRARY: row_text})
+    return out
+
+
+@pytest.mark.parametrize("row_text", [
+    '{"prompt": "dog", "embedding": [1e300, 1.0], "params": {}}',  # float32 inf once indexed: FragmentError after the write
+    '{"prompt": "\\ud800", "embedding": [1.0, 2.0], "params": {}}',  # lone surrogate: UnicodeEncodeError in sqlite
+])
+def test_a_packed_row_the_index_cannot_hold_is_refused_before_anything_is_written(tmp_path: Path, row_text: str,
+                                                                                   capsys) -> None:
+    from prompt_fragments.errors import ManifestError
+    from prompt_fragments.fragment.library.sharing import read_pack
+
+    pack_path = _pack_with_row(tmp_path, row_text)
+    with pytest.raises(ManifestError, match=r"dog\.fragment\.safetensors: library row: expected a UTF-8 prompt string"):
+        read_pack(pack_path)
+    folder = tmp_path / "lib"
+    assert main(["unpack", str(pack_path), str(folder)]) == 2
+    assert "library row" in capsys.readouterr().err
+    assert not (folder / "dog.json").exists() and library.entries(folder) == []
+
+
+def test_a_packed_row_with_large_integer_embedding_values_is_indexed_as_float32(tmp_path: Path) -> None:
+    # JSON integers went to torch.tensor as int64: 10**19 raised ValueError out of unpack, after the files were written
+    import torch
+
+    pack_path = _pack_with_row(tmp_path, '{"prompt": "dog", "embedding": [10000000000000000000, 3, 4], "params": {}}')
+    folder = tmp_path / "lib"
+    assert main(["unpack", str(pack_path), str(folder)]) == 0
+    (entry,) = library.entries(folder)
+    assert entry["embedding"].dtype == torch.float32 and bool(torch.isfinite(entry["embedding"]).all())
+    assert library.lookup(folder, BASE, torch.tensor([1.0, 0.0, 0.0])).hit
