@@ -207,3 +207,23 @@ def test_a_packed_row_with_large_integer_embedding_values_is_indexed_as_float32(
     (entry,) = library.entries(folder)
     assert entry["embedding"].dtype == torch.float32 and bool(torch.isfinite(entry["embedding"]).all())
     assert library.lookup(folder, BASE, torch.tensor([1.0, 0.0, 0.0])).hit
+
+
+# ---- an index row edited to hold text that is not UTF-8 ----------------------------------------------------------
+
+@pytest.mark.parametrize("column", ["prompt", "name", "params", "key"])
+def test_a_row_with_undecodable_text_is_skipped_and_dropped_not_the_whole_library(tmp_path: Path, column: str) -> None:
+    # sqlite3 failed the whole query on it: every reader and `library --evict-to` (the repair) raised
+    import sqlite3
+
+    folder = _library(tmp_path)
+    library.add(folder, synthetic("cat"), embedding=emb(1), prompt="a cat")
+    con = sqlite3.connect(folder / ".library" / "index.sqlite3")
+    con.execute(f"UPDATE entries SET {column} = CAST(X'FF61' AS TEXT) WHERE name = 'dog'")
+    con.commit()
+    con.close()
+    assert [e["name"] for e in library.entries(folder)] == ["cat"]
+    assert library.lookup(folder, BASE, emb(1)).manifest_path.name == "cat.json"
+    assert main(["library", str(folder), "--evict-to", str(10 ** 9)]) == 0
+    assert sqlite3.connect(folder / ".library" / "index.sqlite3").execute("SELECT COUNT(*) FROM entries").fetchone() == (1,)
+    assert (folder / "dog.json").is_file()  # the row goes, its files stay

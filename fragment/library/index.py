@@ -178,6 +178,9 @@ def _db(folder: str | os.PathLike) -> Iterator[sqlite3.Connection]:
         con = sqlite3.connect(index, timeout=30.0, isolation_level=None)
     except sqlite3.Error as exc:
         raise FragmentError(f"{index}: expected a readable library index, found: {exc}") from exc
+    # An edited row's text that is not UTF-8 comes back as bytes, which _checked_row refuses for that row alone;
+    # sqlite3's default decoding failed the whole query, so no reader, nor the eviction that drops bad rows, ran.
+    con.text_factory = _text
     try:
         con.executescript(_SCHEMA)
         _migrate(con)
@@ -186,6 +189,13 @@ def _db(folder: str | os.PathLike) -> Iterator[sqlite3.Connection]:
         raise FragmentError(f"{index}: library index unreadable: {exc}") from exc
     finally:
         con.close()
+
+
+def _text(raw: bytes) -> str | bytes:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
 
 
 def _migrate(con: sqlite3.Connection) -> None:
