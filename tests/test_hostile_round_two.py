@@ -227,3 +227,12 @@ def test_a_row_with_undecodable_text_is_skipped_and_dropped_not_the_whole_librar
     assert main(["library", str(folder), "--evict-to", str(10 ** 9)]) == 0
     assert sqlite3.connect(folder / ".library" / "index.sqlite3").execute("SELECT COUNT(*) FROM entries").fetchone() == (1,)
     assert (folder / "dog.json").is_file()  # the row goes, its files stay
+
+
+@pytest.mark.parametrize("pid", ["99999999999999999999", "4294967296"])
+def test_a_temporary_named_with_a_pid_no_process_can_have_is_swept(tmp_path: Path, pid: str) -> None:
+    # os.kill raised OverflowError out of every writer's sweep
+    folder = _library(tmp_path)
+    (folder / f".x.tmp-{pid}").write_text("left over")
+    assert library.evict(folder, 0) == ["dog"]
+    assert not (folder / f".x.tmp-{pid}").exists()

@@ -425,7 +425,7 @@ def _finish_eviction(folder: Path, name: str, marker: Path) -> None:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a pid no process can have ('.x.tmp-99999999999999999999')
         return False
     except PermissionError:
         return True
