@@ -19,7 +19,7 @@ def _cmd_reuse(args: argparse.Namespace) -> int:
 
     paraphrases = list(args.paraphrase or [])
     if args.paraphrases_file:
-        paraphrases += [line.strip() for line in Path(args.paraphrases_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        paraphrases += [line.strip() for line in _read_lines(args.paraphrases_file) if line.strip()]
     report = reference_reuse(args.manifest, paraphrases, seeds=list(range(args.seeds)), steps=args.steps,
                              record=not args.no_record)
     for r in report.results:
@@ -30,6 +30,19 @@ def _cmd_reuse(args: argparse.Namespace) -> int:
     if not args.no_record:
         print(f"recorded in {args.manifest} (reuse.h3, re-sealed)")
     return 0
+
+
+def _read_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file; a ``FragmentError`` naming it otherwise (a binary file raised UnicodeDecodeError)."""
+    from .errors import FragmentError
+
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise FragmentError(f"{path}: expected UTF-8 text, one paraphrase per line, found undecodable bytes at "
+                            f"offset {exc.start}") from None
+    except OSError as exc:
+        raise FragmentError(f"{path}: expected a readable text file, found: {exc}") from None
 
 
 def _library_row(manifest: Path) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ Levers are built and applied in the order of ``LEVERS`` (see
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
@@ -37,6 +38,7 @@ from .surgery.tree import replace_modules
 if TYPE_CHECKING:
     from .schedule.state import Schedule
 
+MAX_FLOAT16 = 65504.0
 LEVERS: tuple[type[Lever], ...] = (HeadLever, KVFoldLever, FeedForwardLever, LowRankLever, LowBitLever, PrecisionLever)
 _ORDER = {cls.kind: i for i, cls in enumerate(LEVERS)}
 
@@ -152,6 +154,29 @@ def apply_fragment(model: nn.Module, fragment: Fragment, *, base_sha256: str | N
     return replace_modules(model, fragment_replacements(model, fragment, base_sha256=base_sha256))
 
 
+# Levers whose check bounds the weights it builds itself (dequantized low-bit and fp8/int8 weights).
+_BOUNDED = ("low_bit", "quantization")
+
+
+def check_float_values(tensor: torch.Tensor, where_: str) -> None:
+    """A stored float tensor's values are finite and inside the float16 range (hosts run UNets in float16).
+
+    A NaN in a low-rank factor or a folded K/V table loaded and gave NaN images; 1e30 in float32 passed a
+    float32 probe and overflows in float16 (issue #29).  ``aminmax`` makes no copy of the tensor.
+
+    >>> check_float_values(torch.tensor([1.0, float("nan")]), "x: lowrank.a.up")
+    Traceback (most recent call last):
+    ...
+    prompt_fragments.errors.IntegrityError: x: lowrank.a.up: expected finite values within ±65504 (float16), found nan
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return
+    lo, hi = (float(v) for v in torch.aminmax(tensor))
+    worst = max(-lo, hi) if not (math.isnan(lo) or math.isnan(hi)) else math.nan
+    if not worst <= MAX_FLOAT16:  # NaN fails this too
+        raise IntegrityError(f"{where_}: expected finite values within ±{MAX_FLOAT16:g} (float16), found {worst:g}")
+
+
 def check_lever_tensors(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str) -> None:
     """Every tensor each lever's record promises (dtype, shape, agreement with the manifest), and no other.
 
@@ -161,7 +186,11 @@ def check_lever_tensors(manifest: Mapping[str, Any], tensors: Mapping[str, torch
     for cls in LEVERS:
         record = cls.record_in(manifest)
         if record is not None:
-            expected |= cls.check(record, tensors, source)
+            keys = cls.check(record, tensors, source)
+            expected |= keys
+            if cls.kind not in _BOUNDED:
+                for key in sorted(keys):
+                    check_float_values(tensors[key], f"{source}: {key}")
     extra = sorted(set(tensors) - expected)
     if extra:
         raise IntegrityError(f"{source}: unexpected tensors not named by the manifest: {extra[:5]}")

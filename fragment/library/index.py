@@ -178,6 +178,9 @@ def _db(folder: str | os.PathLike) -> Iterator[sqlite3.Connection]:
         con = sqlite3.connect(index, timeout=30.0, isolation_level=None)
     except sqlite3.Error as exc:
         raise FragmentError(f"{index}: expected a readable library index, found: {exc}") from exc
+    # An edited row's text that is not UTF-8 comes back as bytes, which _checked_row refuses for that row alone;
+    # sqlite3's default decoding failed the whole query, so no reader, nor the eviction that drops bad rows, ran.
+    con.text_factory = _text
     try:
         con.executescript(_SCHEMA)
         _migrate(con)
@@ -186,6 +189,13 @@ def _db(folder: str | os.PathLike) -> Iterator[sqlite3.Connection]:
         raise FragmentError(f"{index}: library index unreadable: {exc}") from exc
     finally:
         con.close()
+
+
+def _text(raw: bytes) -> str | bytes:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
 
 
 def _migrate(con: sqlite3.Connection) -> None:
@@ -347,8 +357,8 @@ def _sweep_temporaries(folder: Path) -> None:
     died: set[str] = set()  # names a writer was installing when it died: their unnamed tensors files are its own
     for path in folder.glob(".*.tmp-*"):
         stem, _, pid = path.name.rpartition(".tmp-")
-        if not pid.isdigit():
-            continue
+        if not pid.isdigit() or (path.is_dir() and not path.is_symlink()):
+            continue  # writers leave files (or links planted under their names), never folders: not ours
         if _alive(int(pid)):
             if stem.endswith(".install"):
                 live.add(stem[1 : -len(".install")])
@@ -406,8 +416,7 @@ def _finish_eviction(folder: Path, name: str, marker: Path) -> None:
         log.info("library: removing %s, evicted by a writer that died before removing it", manifest)
         manifest.unlink(missing_ok=True)
     tensors = folder / tensors_name
-    stem = tensors_name[: -len(".safetensors")]
-    if (named_by(manifest)[0] != tensors_name and not (stem != name and (folder / f"{stem}.json").exists())
+    if (named_by(manifest)[0] != tensors_name and not _owned_by_other(folder, name, tensors_name)
             and _file_sha256(tensors) == tensors_sha):
         log.info("library: removing %s, evicted by a writer that died before removing it", tensors)
         tensors.unlink(missing_ok=True)
@@ -416,7 +425,7 @@ def _finish_eviction(folder: Path, name: str, marker: Path) -> None:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a pid no process can have ('.x.tmp-99999999999999999999')
         return False
     except PermissionError:
         return True
@@ -614,6 +623,9 @@ def _remove_files(folder: Path, name: str) -> None:
     # in the last component, so nothing outside the folder can be removed here.
     tensors = _named_tensors(folder, name)  # read before the manifest goes: a replaced entry's file is content-named
     for path in (folder / f"{check_name(name)}.json", tensors):  # manifest first: without it nothing loads the tensors
+        if path.is_dir() and not path.is_symlink():  # a folder put there since: not the file the row was made for
+            log.warning("library: %s: expected the evicted entry's file, found a folder; left in place", path)
+            continue
         path.unlink(missing_ok=True)
 
 
@@ -767,10 +779,20 @@ def _named_tensors(folder: Path, name: str) -> Path:
         path = confined(folder, file_name, f"{folder / name}.json")
     except (FragmentError, OSError, KeyError, TypeError, IndexError):  # unreadable or odd: the conventional name
         return fallback
-    stem = file_name[: -len(".safetensors")]
-    if stem != name and (folder / f"{stem}.json").exists():
+    if _owned_by_other(folder, name, file_name):
         return fallback
     return path
+
+
+def _owned_by_other(folder: Path, name: str, file_name: str) -> bool:
+    """Whether ``file_name`` is the tensors file of another entry than ``name``: ``<stem>.safetensors`` beside
+    ``<stem>.json``, or a replaced entry's content-named ``<stem>.<16 hex>.safetensors`` that ``<stem>.json``
+    names (a hand-made manifest naming it got it deleted with its own eviction: issue #29 review)."""
+    stem = file_name[: -len(".safetensors")]
+    if stem != name and (folder / f"{stem}.json").exists():
+        return True
+    match = OWN_TENSORS.fullmatch(file_name)
+    return match is not None and match["stem"] != name and named_by(folder / f"{match['stem']}.json")[0] == file_name
 
 
 def quarantine(folder: str | os.PathLike, manifest_path: str | os.PathLike, reason: str) -> list[Path]:

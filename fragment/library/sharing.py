@@ -46,7 +46,7 @@ from ..format.store import (
 from ..format.untrusted import (
     check_base, check_plain_name, check_safetensors_bytes, confined, parse_json, read_safetensors_header
 )
-from .index import forget_locked, locked, register_locked
+from .index import LIBRARY_DIR, forget_locked, locked, register_locked
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,9 @@ def pack(manifest_path: str | os.PathLike, out: str | os.PathLike, *, library_ro
     if owner is not None:  # issue #29: another fragment's tensors file was overwritten silently
         raise FragmentError(f"{out}: expected an output path that is no fragment's file, found a file of "
                             f"fragment {owner.name}; nothing was written")
+    if LIBRARY_DIR in out.resolve().parts[:-1]:  # the index, lock and quarantine: a pack there loses the library
+        raise FragmentError(f"{out}: expected an output path outside a library's {LIBRARY_DIR} folder, found one "
+                            "inside it; nothing was written")
     if not out.parent.is_dir():
         raise FragmentError(f"{out}: expected an existing folder {out.parent} for the pack, found none")
     if out.is_dir():
@@ -151,13 +154,28 @@ def check_row(row: Any, source: str) -> dict[str, Any]:
     emb = row.get("embedding")
     if isinstance(emb, torch.Tensor):
         emb = row["embedding"] = [float(x) for x in emb.reshape(-1)]
-    ok = (isinstance(row.get("prompt"), str) and len(row["prompt"]) <= 10000 and isinstance(row.get("params", {}), dict)
+    ok = (isinstance(row.get("prompt"), str) and len(row["prompt"]) <= 10000 and _utf8(row["prompt"])
+          and isinstance(row.get("params", {}), dict)
           and isinstance(emb, list) and 0 < len(emb) <= MAX_EMBEDDING
-          and all(_finite_number(x) for x in emb))
+          # the embedding is indexed as float32: 1e300 or 10**20 (an int64 overflow in torch.tensor) went through
+          and all(_finite_number(x) and abs(x) <= _FLOAT32_MAX for x in emb))
     if not ok:
-        raise ManifestError(f"{source}: library row: expected prompt string, params object and a finite embedding list "
-                            f"of at most {MAX_EMBEDDING} numbers, found keys {sorted(row)[:8]}")
-    return {"prompt": row["prompt"], "embedding": emb, "params": row.get("params", {})}
+        raise ManifestError(f"{source}: library row: expected a UTF-8 prompt string, params object and an embedding "
+                            f"list of at most {MAX_EMBEDDING} numbers within float32's ±{_FLOAT32_MAX:.4g}, "
+                            f"found keys {sorted(row)[:8]}")
+    return {"prompt": row["prompt"], "embedding": [float(x) for x in emb], "params": row.get("params", {})}
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be stored as UTF-8 (a lone surrogate such as '\\ud800' raised UnicodeEncodeError in sqlite)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_pack(pack_path: str | os.PathLike) -> Unpacked:
