@@ -137,7 +137,8 @@ def fragment_replacements(
             f"fragment {fragment.name!r}: built for base model {manifest['base_model'].get('name')!r} "
             f"sha256 {str(expected)[:16]}…, found sha256 {base_sha256[:16]}…; {base_mismatch_remedy(manifest['base_model'])}"
         )
-    check_loadable(manifest, fragment.tensors, f"fragment {fragment.name!r}", base=model)
+    check_loadable(manifest, fragment.tensors, f"fragment {fragment.name!r}", base=model,
+                   values_checked=fragment.values_checked)
     replacements: dict[str, nn.Module] = {}
     for cls in LEVERS:
         record = cls.record_in(manifest)
@@ -248,7 +249,7 @@ def check_one_format(manifest: Mapping[str, Any], source: str) -> None:
 
 
 def check_loadable(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str, *,
-                   base: nn.Module | BaseFacts | None = None) -> "Schedule":
+                   base: nn.Module | BaseFacts | None = None, values_checked: bool = False) -> "Schedule":
     """Whether a fragment loads: the one check that reading (``store.load_fragment``, ``sharing.read_pack``),
     ``verify`` and applying (``fragment_replacements``) all call; returns its parsed schedule.
 
@@ -264,7 +265,8 @@ def check_loadable(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tens
     """
     from .schedule.state import Schedule  # schedule imports the profiler: loaded when a fragment is, not with build
 
-    check_lever_tensors(manifest, tensors, source)
+    if not values_checked:  # a reader's Fragment (``Fragment.values_checked``) passed this scan when it was read
+        check_lever_tensors(manifest, tensors, source)
     check_one_format(manifest, source)
     where_ = f"{source}: schedule"
     try:

@@ -144,6 +144,30 @@ def test_the_demo_fragment_is_loadable_and_verifies_with_a_finite_forward(demo, 
     assert "forward finite" in capsys.readouterr().out
 
 
+def test_applying_a_read_fragment_scans_its_values_once_and_a_hand_made_one_always(demo, tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """The value scan (seconds for an fp8 SD1.5 fragment) runs when a file is read, not again on apply; a
+    Fragment made in memory (``values_checked`` False) is still scanned when it is applied."""
+    import prompt_fragments.fragment.build as build
+
+    model, frag, *_ = demo
+    manifest, tensors, raw = _variant(frag)
+    scans: list[str] = []
+    real = build.check_lever_tensors
+    monkeypatch.setattr(build, "check_lever_tensors", lambda m, t, s: (scans.append(s), real(m, t, s))[1])
+    loaded = load_fragment(_write_entry(tmp_path / "lib", manifest, raw))
+    assert loaded.values_checked and len(scans) == 1
+    fragment_replacements(model.unet, loaded)
+    assert len(scans) == 1
+    hostile = dict(tensors)
+    key = next(k for k, v in hostile.items() if v.is_floating_point() and v.dtype.itemsize >= 2 and v.numel())
+    hostile[key] = hostile[key].clone()
+    hostile[key].view(-1)[0] = math.nan
+    with pytest.raises(IntegrityError, match="expected finite"):
+        fragment_replacements(model.unet, Fragment(manifest, hostile))
+    assert len(scans) == 2
+
+
 # ---- item 3: verify --base says "compatible" only for what the loader loads ---------------------------------------
 
 # Each of these was "compatible" under `verify --base demo` on e89ab0b.  ``static``: refused by every read (no base

@@ -12,7 +12,7 @@ an edited manifest is caught even when its tensors file is intact.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, TypedDict, cast
 
 import torch
@@ -128,6 +128,10 @@ class Fragment:
 
     manifest: Manifest
     tensors: dict[str, torch.Tensor]
+    # Set by the readers (``store.load_fragment``, ``sharing.read_pack``) once ``build.check_loadable`` has
+    # scanned the tensors' values: applying the fragment then checks only what depends on the base, instead
+    # of scanning every stored value a second time (seconds for an fp8 SD1.5 fragment).
+    values_checked: bool = field(default=False, compare=False, repr=False)
 
     @property
     def name(self) -> str:

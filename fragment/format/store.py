@@ -254,7 +254,7 @@ def load_fragment(manifest_path: str | os.PathLike) -> Fragment:
             raise IntegrityError(f"{tensors_path}: tensors file named by {manifest_path.name} is missing") from None
         raise IntegrityError(f"{tensors_path}: not a readable safetensors file: {exc}") from exc
     check_tensors(manifest, tensors, tensors_path)
-    return Fragment(manifest=manifest, tensors=tensors)
+    return Fragment(manifest=manifest, tensors=tensors, values_checked=True)
 
 
 def ensure_folder(folder: str | os.PathLike) -> Path:

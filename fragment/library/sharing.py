@@ -219,7 +219,7 @@ def read_pack(pack_path: str | os.PathLike) -> Unpacked:
     row = None
     if META_LIBRARY in metadata:
         row = check_row(parse_json(metadata[META_LIBRARY], f"{path}: library row"), str(path))
-    return Unpacked(Fragment(manifest=manifest, tensors=tensors), raw, row)
+    return Unpacked(Fragment(manifest=manifest, tensors=tensors, values_checked=True), raw, row)
 
 
 class _LazySafetensors(Mapping):
@@ -297,7 +297,8 @@ def check_against_base(fragment: Fragment, base: str | os.PathLike | nn.Module, 
     # The loader's schedule checks, on what the header says of the model (issue #29: skips 999 or a bucket on a
     # missing module was "compatible" here); a lever or bucket on a module the file lacks is a mismatch too.
     facts = BaseFacts.of_checkpoint({k: shape for k, (_, shape) in header.items()}, str(path), manifest)
-    schedule = check_loadable(manifest, fragment.tensors, f"fragment {fragment.name!r}", base=facts)
+    schedule = check_loadable(manifest, fragment.tensors, f"fragment {fragment.name!r}", base=facts,
+                              values_checked=fragment.values_checked)
     check_lever_layers(manifest, set(weights), path)  # names only: nothing is read
     unknown = sorted({p for heads in schedule.bucket_heads.values() for p in heads if facts.heads.get(p) is None})
     skipped = (f"; not checked: heads of {len(unknown)} bucket module(s) (bounded by to_q rows only): "
