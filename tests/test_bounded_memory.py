@@ -24,7 +24,8 @@ from prompt_fragments.errors import FragmentError, IntegrityError, ManifestError
 from prompt_fragments.fragment.format.manifest import seal
 from prompt_fragments.fragment.format.store import MAX_MANIFEST_BYTES, load_fragment, save_fragment
 from prompt_fragments.fragment.format.untrusted import (
-    MAX_JSON_STRING, MAX_METADATA_STRING, json_depth, parse_json, read_safetensors_header
+    MAX_JSON_CONTAINERS, MAX_JSON_ITEMS, MAX_JSON_STRING, MAX_METADATA_STRING, json_depth, parse_json,
+    read_safetensors_header
 )
 from prompt_fragments.fragment.library.sharing import META_LIBRARY, META_MANIFEST, TENSOR, pack, read_pack
 
@@ -160,3 +161,19 @@ def test_parse_json_reads_what_json_reads_and_measures_depth_like_a_recursive_wa
     assert parse_json(text, "src") == json.loads(text)
     assert json_depth(json.loads(text)) == _reference_depth(value)
     assert parse_json(text.encode(), "src", max_depth=_reference_depth(value)) == json.loads(text)
+
+
+@pytest.mark.parametrize("unit, count", [("[[]],", MAX_JSON_CONTAINERS // 2 + 1), ('{"a":0},', MAX_JSON_CONTAINERS + 1),
+                                         ('"ab",', MAX_JSON_ITEMS + 1), ("1.5,", MAX_JSON_ITEMS + 1)])
+def test_millions_of_tiny_values_are_refused_before_they_are_built(unit: str, count: int) -> None:
+    """Linear was not enough: each tiny container or item is a Python object of 24-64 bytes, so a header of
+    ``[[]],`` repeated peaked near 34 bytes per character (2 GB for a 64 MiB header).  Counted first now."""
+    text = "[" + unit * count + "0]"
+    result, peak = _peak(lambda: parse_json(text, "big.json"))
+    assert isinstance(result, ManifestError) and "big.json: expected at most" in str(result)
+    assert peak <= 2 * len(text) + MB, f"{peak / MB:.0f} MiB traced for {len(text) / MB:.0f} MiB of text"
+
+
+def test_a_document_just_under_the_counts_still_parses() -> None:
+    text = "[" + "[]," * (MAX_JSON_CONTAINERS - 2) + "0]"
+    assert len(parse_json(text, "ok.json")) == MAX_JSON_CONTAINERS - 1

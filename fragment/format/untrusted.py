@@ -54,6 +54,12 @@ MAX_JSON_STRING = 1 << 20
 # MAX_MANIFEST_BYTES characters, as ``sharing.read_pack`` requires) and the library row as single strings.
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_METADATA_STRING = MAX_MANIFEST_BYTES
+# Each parsed value is a Python object of 24 to 64 bytes plus a pointer: millions of tiny containers or items
+# made a 13 MB text peak near 26x its size.  A fragment's largest legal document (a safetensors header of
+# MAX_TENSORS tensors: three containers each) stays far below these, and ``str.count`` checks them before
+# anything is built.  Brackets and commas inside strings are counted too, which only errs towards refusing.
+MAX_JSON_CONTAINERS = 1_000_000
+MAX_JSON_ITEMS = 4_000_000
 
 
 def json_depth(value: Any) -> int:
@@ -121,6 +127,13 @@ def parse_json(text: str | bytes, source: str, error: type[FragmentError] = Mani
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise error(f"{source}: expected UTF-8 JSON text, found undecodable bytes at offset {exc.start}") from None
+    containers = text.count("[") + text.count("{")
+    if containers > MAX_JSON_CONTAINERS:
+        raise error(f"{source}: expected at most {MAX_JSON_CONTAINERS} JSON arrays and objects, "
+                    f"found {containers} opening brackets")
+    items = text.count(",")
+    if items > MAX_JSON_ITEMS:
+        raise error(f"{source}: expected at most {MAX_JSON_ITEMS} JSON items, found {items} commas")
 
     def parse_int(digits: str) -> int:
         if len(digits.lstrip("-")) > MAX_INT_DIGITS:
