@@ -161,7 +161,7 @@ class Schedule:
 # modules); the profiler node offers at most 16 buckets, so 64 leaves room and bounds the masks to tens of MB
 # (10**9 buckets ran out of memory: issue #29).  ComfyUI's samplers take at most 10000 steps.  No UNet has
 # 64 levels or skip connections, the depths ``shallow`` and ``skips`` count (the base model's layout bounds
-# them exactly: ``fragment.loadable``); head indices are below the schema's 1024 heads per module.
+# them exactly: ``build.check_loadable``); head indices are below the schema's 1024 heads per module.
 MAX_BUCKETS = 64
 MAX_STEPS = 10_000
 MAX_DEPTH = 64
