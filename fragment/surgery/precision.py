@@ -72,6 +72,8 @@ def check_quantized_values(q: torch.Tensor, scale: torch.Tensor, weight_key: str
     ...
     prompt_fragments.errors.IntegrityError: f: s: expected finite scales >= 1e-12, found inf
     """
+    if q.is_meta or scale.is_meta:  # a fragment built on the meta device (bench memory) has shapes, no values
+        return
     if q.dtype == torch.float8_e4m3fn:
         nan = (q.view(torch.uint8) & 0x7F) == 0x7F
         if bool(nan.any()):
