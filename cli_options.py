@@ -20,6 +20,7 @@ against its own declared range.
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import functools
 import math
@@ -39,8 +40,8 @@ def _found(text: Any, limit: int = 200) -> str:
     return shown if len(shown) <= limit else shown[: limit // 2] + "..." + shown[-(limit // 2):]
 
 
-class OptionType:
-    """Base of the checked types: ``expected`` says in words what the option takes."""
+class OptionType(abc.ABC):
+    """Base of the checked types: ``expected`` says in words what the option takes; each subclass parses."""
 
     expected = "a value"
     __name__ = "value"  # argparse names the type in some messages; keep it readable
@@ -48,8 +49,9 @@ class OptionType:
     def fail(self, text: Any, why: str = "") -> argparse.ArgumentTypeError:
         return argparse.ArgumentTypeError(f"expected {self.expected}, found {_found(text)}{f' ({why})' if why else ''}")
 
-    def __call__(self, text: str) -> Any:  # pragma: no cover - every subclass overrides it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, text: str) -> Any:
+        """The parsed value of ``text``, or ``self.fail(text)`` raised."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.expected})"
