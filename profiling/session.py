@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..errors import FragmentError, ProfilingError
 from .activation_stats import ActivationStats
 from .dataset import ProfileData
+from .evidence import ProfileEvidence
 from .ff_profiler import DEFAULT_FF_TOKEN_SAMPLE, FFProfiler
 from .hooks import HookContext
 from .profiler import DEFAULT_ENTROPY_TOKENS, HeadProfiler
@@ -136,3 +137,13 @@ class ProfileSession:
         data = self._profiler.result()
         data.info.update({"runs": self.runs, "calls": self.calls})
         return data
+
+    def evidence(self, kv_context: Any = None) -> ProfileEvidence:
+        """Everything the session measured so far, as the one object the extraction takes.
+
+        >>> session.evidence().profile.total_calls  # doctest: +SKIP
+        20
+        """
+        return ProfileEvidence(self.result(), ff_scores=self.ff_scores(), step_changes=self.step_changes(),
+                               step_timesteps=self.step_timesteps(), activation_stats=self.activation_stats(),
+                               reuse_depths=self.reuse_depths(), kv_context=kv_context)
