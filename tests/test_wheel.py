@@ -28,13 +28,15 @@ from test_library import synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = "prompt_fragments"
-# Not part of the installed package: tests, developer tools and scripts run by path (none has an __init__.py).
-NOT_INSTALLED = {"tests", "tools", "scripts"}
+# Not part of the installed package: tests, developer tools and scripts run by path, and the documentation
+# (none has an __init__.py).
+NOT_INSTALLED = {"tests", "tools", "scripts", "docs"}
 # Build and run-time leftovers a working tree may hold; never copied into the build.
 LEFTOVERS = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis", "outputs", "reports",
              ".cache", ".whl", ".gl"}
 # Root files that belong to the repository, not the installed package (LICENSE goes into the wheel's dist-info).
-REPO_ONLY_ROOT_FILES = {"README.md", "LICENSE", "pyproject.toml", "requirements.txt", "requirements-test.txt", ".gitignore"}
+REPO_ONLY_ROOT_FILES = {"README.md", "CHANGELOG.md", "LICENSE", "pyproject.toml", "requirements.txt", "requirements-test.txt",
+                        ".gitignore"}
 # Import needs ComfyUI (nodes: its __init__ imports comfy) or runs the CLI on import (__main__: run below instead).
 NOT_IMPORTED = {f"{PKG}.nodes", f"{PKG}.__main__"}
 
