@@ -83,6 +83,9 @@ def test_readme_has_exactly_the_two_setup_commands() -> None:
 @pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_relative_link_leads_somewhere(page: Path) -> None:
     assert page.is_file(), f"{page} is missing"
+    # an unclosed code fence would hide the rest of the page from the link check (and from the reader)
+    fences = [line for line in page.read_text(encoding="utf-8").splitlines() if line.startswith("```")]
+    assert len(fences) % 2 == 0, f"{page.relative_to(ROOT)}: a code block is not closed"
     assert broken_links(page) == []
 
 
