@@ -27,11 +27,7 @@ def pages() -> list[Path]:
 
 
 def slug(heading: str) -> str:
-    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens.
-
-    >>> slug("Speed for batches: `bench batch`"), slug("H1–H5"), slug("Nodes (category `fragments`)")
-    ('speed-for-batches-bench-batch', 'h1h5', 'nodes-category-fragments')
-    """
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens (see the test below)."""
     text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
     return text.replace(" ", "-")
 
@@ -62,6 +58,13 @@ def broken_links(page: Path, root: Path = ROOT) -> list[str]:
         elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
             broken.append(f"{where} names heading #{anchor}, which {resolved.name} does not have")
     return broken
+
+
+def test_slug_follows_github() -> None:
+    # GitHub's rule: lower case, punctuation other than "-" and "_" dropped (the en dash too), spaces to hyphens
+    assert slug("Speed for batches: `bench batch`") == "speed-for-batches-bench-batch"
+    assert slug("H1–H5") == "h1h5"
+    assert slug("Nodes (category `fragments`)") == "nodes-category-fragments"
 
 
 def test_readme_is_short() -> None:
