@@ -20,8 +20,10 @@ Each tier-3 test saves a screenshot under its ``tmp_path``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,7 +31,6 @@ from typing import Any
 import pytest
 import torch
 
-import comfyui_server as harness
 from prompt_fragments.fragment.format.store import save_fragment
 from test_node_messages import ToyBase, corrupt, made_for
 from test_web_ui import ACTION_TIMEOUT_MS, NEXT_FRAMES, UI, ui  # noqa: F401  (ui: the module-scoped browser fixture)
@@ -64,6 +65,7 @@ NODE_TEXTS = """(name) => {
                 dom: widget.inputEl ? {value: widget.inputEl.value, readOnly: widget.inputEl.readOnly,
                                        warning: widget.inputEl.dataset.fragmentsWarning || null,
                                        attached: document.body.contains(widget.inputEl)} : null,
+                node_height: node.size[1],
             };
         }
     }
@@ -77,6 +79,21 @@ SHOWN_OR_FAILED = """([name, ids, dialog]) => document.querySelector(dialog) !==
         const widget = node && (node.widgets || []).find(w => w.name === name);
         return !!(widget && widget.value);
     })"""
+
+
+# Centres the canvas on some nodes at the largest zoom (at most 100 %) that shows them whole.
+SHOW_NODES = """(ids) => {
+    const canvas = window.app.canvas, title = window.LiteGraph.NODE_TITLE_HEIGHT;
+    const nodes = ids.map(id => window.app.graph.getNodeById(Number(id)));
+    const left = Math.min(...nodes.map(n => n.pos[0])), top = Math.min(...nodes.map(n => n.pos[1] - title));
+    const right = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), bottom = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+    const width = canvas.canvas.clientWidth, height = canvas.canvas.clientHeight;
+    const scale = Math.min(1, 0.9 * width / (right - left), 0.9 * height / (bottom - top));
+    canvas.ds.scale = scale;
+    canvas.ds.offset = [width / (2 * scale) - (left + right) / 2, height / (2 * scale) - (top + bottom) / 2];
+    canvas.setDirty(true, true);
+    return scale;
+}"""
 
 
 # --------------------------------------------------------------------------- tier 2: the nodes' return values
@@ -138,9 +155,11 @@ def test_batch_entry_point_reports_images_seconds_and_rate(toy, monkeypatch: pyt
 # --------------------------------------------------------------------------- tier 3: the browser
 
 
-def _queue_in_browser(ui: UI, prompt: dict[str, Any], name: str, wait_for: list[str]) -> dict[str, Any]:
-    """Load ``prompt`` into the page, press Run, wait (bounded) until ``wait_for`` show text or an error dialog opens."""
+def _queue_in_browser(ui: UI, prompt: dict[str, Any], name: str, wait_for: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load ``prompt`` into the page and press Run; wait (bounded) until ``wait_for`` show text or an error dialog opens,
+    and for the prompt's /history entry.  Returns (the status boxes by node id, the history entry)."""
     page = ui.page
+    before = set(ui.server.get_json("/history"))
     for _ in range(5):  # start from the bare canvas: no dialog or toast left by an earlier test
         if page.locator(ERROR_DIALOG).count() == 0:
             break
@@ -155,24 +174,37 @@ def _queue_in_browser(ui: UI, prompt: dict[str, Any], name: str, wait_for: list[
     except Exception as exc:  # playwright's TimeoutError: say what the server did meanwhile
         raise AssertionError(f"{name}: no status on nodes {wait_for} and no error dialog: {exc}\n"
                              f"{ui.server.log_tail()}") from exc
+    deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000
+    while not (new := set(ui.server.get_json("/history")) - before):  # the page queued it: one new entry comes
+        assert time.monotonic() < deadline, f"{name}: no /history entry\n{ui.server.log_tail()}"
+        time.sleep(0.5)
+    (prompt_id,) = new
+    history = ui.server.wait_for_history(prompt_id, timeout=RUN_TIMEOUT_MS / 1000)
     page.wait_for_function(NEXT_FRAMES)
-    return page.evaluate(NODE_TEXTS, TEXT_WIDGET)
+    return page.evaluate(NODE_TEXTS, TEXT_WIDGET), history
 
 
-def _screenshot(ui: UI, path: Path, fit: bool = True) -> None:
-    if fit:
-        ui.page.evaluate("async () => await window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+# For each status box on screen: [its content height, its visible height] (the node is sized so that the text fits).
+BOX_FILL = """(name) => Object.fromEntries(window.app.graph._nodes
+    .map(n => [String(n.id), (n.widgets || []).find(w => w.name === name)])
+    .filter(([, w]) => w && w.inputEl && w.inputEl.offsetParent !== null)
+    .map(([id, w]) => [id, [w.inputEl.scrollHeight, w.inputEl.clientHeight]]))"""
+
+
+def _assert_text_fits(ui: UI, node_ids: list[str]) -> None:
+    fill = ui.page.evaluate(BOX_FILL, TEXT_WIDGET)
+    assert set(node_ids) <= set(fill), f"status boxes on screen: {fill}"
+    assert all(content <= visible + 2 for content, visible in fill.values()), f"text cut off: {fill}"
+
+
+def _screenshot(ui: UI, path: Path, node_ids: list[str] | None = None) -> None:
+    """Screenshot the page, first centred on ``node_ids`` at a zoom where titles and text are drawn (up to 100 %)."""
+    if node_ids:
+        ui.page.evaluate(SHOW_NODES, node_ids)
         ui.page.wait_for_function(NEXT_FRAMES)
     ui.page.screenshot(path=str(path))
     log.info("screenshot: %s", path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def _history_texts(server: harness.ComfyUIServer, node_ids: list[str]) -> dict[str, list[str]]:
-    """ui text of ``node_ids`` in the newest /history entry: what the server sent the page."""
-    history = server.get_json("/history?max_items=1")
-    (entry,) = history.values()
-    return {k: entry["outputs"].get(k, {}).get("text") for k in node_ids}
 
 
 def test_after_a_run_the_extractor_loader_and_batch_show_their_text(ui: UI, tmp_path: Path) -> None:
@@ -186,12 +218,12 @@ def test_after_a_run_the_extractor_loader_and_batch_show_their_text(ui: UI, tmp_
     del prompt["7"], prompt["8"]  # the profiled sample's decode and save: not needed for the text
     prompt["12"] = {"class_type": "PreviewImage", "inputs": {"images": ["11", 0]}}  # temp folder, not output
 
-    shown = _queue_in_browser(ui, prompt, "node_text.json", [extractor, loader, batch])
+    shown, history = _queue_in_browser(ui, prompt, "node_text.json", [extractor, loader, batch])
     assert ui.page.locator(ERROR_DIALOG).count() == 0, ui.page.locator(ERROR_DIALOG).first.inner_text()
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
     assert sorted(shown) == sorted([extractor, loader, batch]), shown
-    sent = _history_texts(server, [extractor, loader, batch])
     for node_id, box in shown.items():
-        assert [box["value"]] == sent[node_id], node_id  # the text the server sent, whole
+        assert [box["value"]] == history["outputs"][node_id]["text"], node_id  # the text the server sent, whole
         assert box["dom"] == {"value": box["value"], "readOnly": True, "warning": None, "attached": True}, box
         assert box["serialize"] is False and box["prompt_serialize"] is False and box["bgcolor"] != WARNING_BGCOLOR
     assert shown[extractor]["value"].startswith("fixed settings, not judged (calibrate off)")
@@ -201,7 +233,9 @@ def test_after_a_run_the_extractor_loader_and_batch_show_their_text(ui: UI, tmp_
     # The box is output, not input: the prompt the frontend would queue next is unchanged.
     queued = ui.page.evaluate("async () => (await window.app.graphToPrompt()).output")
     assert all(TEXT_WIDGET not in entry["inputs"] for entry in queued.values())
-    _screenshot(ui, tmp_path / "after_run.png")
+    _screenshot(ui, tmp_path / "after_run_extractor.png", [extractor])
+    _screenshot(ui, tmp_path / "after_run_loader_and_batch.png", [loader, batch])
+    _assert_text_fits(ui, [loader, batch])
 
 
 def _loader_only(ckpt_name: str, fragment_name: str, on_mismatch: str) -> dict[str, Any]:
@@ -217,28 +251,32 @@ def _loader_only(ckpt_name: str, fragment_name: str, on_mismatch: str) -> dict[s
 def test_a_fallback_turns_the_loader_amber_and_raises_a_toast(ui: UI, tmp_path: Path) -> None:
     server = ui.server
     save_fragment(made_for("nt_browser_other_base"), server.fragments_dir, overwrite=True)
-    shown = _queue_in_browser(ui, _loader_only(server.checkpoints[0], "nt_browser_other_base.json", "fallback"),
-                              "fallback.json", ["2"])
+    shown, history = _queue_in_browser(ui, _loader_only(server.checkpoints[0], "nt_browser_other_base.json", "fallback"),
+                                       "fallback.json", ["2"])
     assert ui.page.locator(ERROR_DIALOG).count() == 0, ui.page.locator(ERROR_DIALOG).first.inner_text()
     box = shown["2"]
+    assert history["outputs"]["2"] == {"text": [box["value"]], "warning": [box["value"]]}
     assert box["value"].startswith("WARNING: FALLBACK to the full model: ") and "sd15_made_from.safetensors" in box["value"]
     assert box["bgcolor"] == WARNING_BGCOLOR and box["dom"]["warning"] == "true" and box["dom"]["value"] == box["value"]
     toast = ui.page.locator(TOAST).filter(has_text="fallback to the full model")
     toast.first.wait_for(state="visible", timeout=ACTION_TIMEOUT_MS)
     text = toast.first.inner_text()
     assert "Fragment Loader" in text and "WARNING: FALLBACK" in text, text
-    _screenshot(ui, tmp_path / "fallback.png")
+    _screenshot(ui, tmp_path / "fallback.png", ["1", "2", "3"])
+    _assert_text_fits(ui, ["2"])
 
 
 def test_a_corrupt_fragment_with_raise_opens_the_error_dialog_naming_the_file(ui: UI, tmp_path: Path) -> None:
     server = ui.server
     manifest, tensors = corrupt(server.fragments_dir, "nt_browser_corrupt")
-    shown = _queue_in_browser(ui, _loader_only(server.checkpoints[0], manifest.name, "raise"), "corrupt.json", ["2"])
+    shown, history = _queue_in_browser(ui, _loader_only(server.checkpoints[0], manifest.name, "raise"), "corrupt.json",
+                                       ["2"])
+    assert history["status"]["status_str"] == "error" and "2" not in history["outputs"]
     dialog = ui.page.locator(ERROR_DIALOG)
     assert dialog.count() == 1, f"no error dialog; the loader showed {shown}"
     text = dialog.first.inner_text()
     assert "FragmentLoader" in text and tensors.name in text, text
     assert "2" not in shown  # it raised: no status, no fallback
     assert manifest.exists() and tensors.exists()  # raise moves nothing
-    _screenshot(ui, tmp_path / "corrupt_raise.png", fit=False)  # the dialog as the user sees it
+    _screenshot(ui, tmp_path / "corrupt_raise.png")  # the dialog as the user sees it
     ui.page.keyboard.press("Escape")

@@ -17,6 +17,11 @@ const WARNING_COLOR = "#7a5a00";
 const WARNING_BGCOLOR = "#4d3800";
 const WARNING_TEXT = "#ffd27a";
 const TOAST_LIFE_MS = 20000;
+// The box's font (ComfyUI's textarea: monospace, about 10 px) and the most lines it grows to before it scrolls.
+const CHAR_WIDTH = 7;
+const LINE_HEIGHT = 14;
+const MAX_LINES = 24;
+const MIN_WIDTH_FOR_LONG_TEXT = 360;
 
 function joined(lines) {
     return Array.isArray(lines) ? lines.map(String).join("\n") : lines == null ? "" : String(lines);
@@ -75,7 +80,22 @@ function toast(node, text) {
     }
 }
 
-function fitToText(node) {
+// Lines the text takes wrapped at the node's width: the box is sized from this, not from the DOM, because the
+// frontend hides DOM widgets when zoomed out and a hidden textarea measures 0.
+function wrappedLines(text, width) {
+    const perLine = Math.max(16, Math.floor((width - 40) / CHAR_WIDTH));
+    return text.split("\n").reduce((n, line) => n + Math.max(1, Math.ceil(line.length / perLine)), 0);
+}
+
+function fitToText(node, widget, text) {
+    if (text.length > 120 && node.size[0] < MIN_WIDTH_FOR_LONG_TEXT) {
+        node.size[0] = MIN_WIDTH_FOR_LONG_TEXT; // a warning is read, not scrolled through
+    }
+    const height = Math.min(MAX_LINES, wrappedLines(text, node.size[0])) * LINE_HEIGHT + 18;
+    widget.options.getMinHeight = () => height; // the current frontend's DOM widget layout (the box may grow more)
+    if (typeof widget.computeLayoutSize !== "function") {
+        widget.computeSize = (width) => [width, height]; // the 2024 frontend's
+    }
     requestAnimationFrame(() => {
         const size = node.computeSize();
         size[0] = Math.max(size[0], node.size[0]);
@@ -105,7 +125,7 @@ app.registerExtension({
             if (warning) {
                 toast(this, warning);
             }
-            fitToText(this);
+            fitToText(this, widget, widget.value);
         };
     },
 });
