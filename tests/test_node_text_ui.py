@@ -122,6 +122,18 @@ def test_loader_entry_point_sends_a_fallback_as_text_and_warning(toy) -> None:
     assert out["ui"] == {"text": [status], "warning": [status]}
 
 
+def test_loader_entry_point_sends_a_quarantined_fragment_as_a_warning(toy, comfyui) -> None:
+    folder = Path(comfyui.folder_paths.get_folder_paths("fragments")[0])
+    manifest, tensors = corrupt(folder, "nt_corrupt")
+    comfyui.folder_paths.filename_list_cache.clear()
+    cls = toy.loader_cls
+    out = getattr(cls(), cls.FUNCTION)(model=toy.base, fragment_name=manifest.name, on_mismatch="fallback")
+    _model, status = out["result"]
+    assert status.startswith("WARNING: FALLBACK to the full model: nt_corrupt.json is unusable")
+    assert f"{tensors.name} to {folder / '.library' / 'quarantine'}" in status
+    assert out["ui"] == {"text": [status], "warning": [status]}
+
+
 def test_loader_entry_point_sends_a_miss_as_text_only(toy) -> None:
     cls = toy.loader_cls
     positive = [[torch.ones(1, 3, 4), {"pooled_output": None}]]
