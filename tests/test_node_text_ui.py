@@ -245,6 +245,9 @@ def test_after_a_run_the_extractor_loader_and_batch_show_their_text(ui: UI, tmp_
     # The box is output, not input: the prompt the frontend would queue next is unchanged.
     queued = ui.page.evaluate("async () => (await window.app.graphToPrompt()).output")
     assert all(TEXT_WIDGET not in entry["inputs"] for entry in queued.values())
+    saved = ui.page.evaluate("() => window.app.graph.serialize().nodes.map(n => n.widgets_values || [])")
+    texts = {box["value"] for box in shown.values()}
+    assert not [v for values in saved for v in values if v in texts], "the status went into the saved workflow"
     _screenshot(ui, tmp_path / "after_run_extractor.png", [extractor])
     _screenshot(ui, tmp_path / "after_run_loader_and_batch.png", [loader, batch])
     _assert_text_fits(ui, [loader, batch])

@@ -92,10 +92,7 @@ function fitToText(node, widget, text) {
         node.size[0] = MIN_WIDTH_FOR_LONG_TEXT; // a warning is read, not scrolled through
     }
     const height = Math.min(MAX_LINES, wrappedLines(text, node.size[0])) * LINE_HEIGHT + 18;
-    widget.options.getMinHeight = () => height; // the current frontend's DOM widget layout (the box may grow more)
-    if (typeof widget.computeLayoutSize !== "function") {
-        widget.computeSize = (width) => [width, height]; // the 2024 frontend's
-    }
+    widget.options.getMinHeight = () => height; // both frontends' DOM widget layout reads it (the box may grow more)
     requestAnimationFrame(() => {
         const size = node.computeSize();
         size[0] = Math.max(size[0], node.size[0]);
@@ -111,6 +108,16 @@ app.registerExtension({
         if (!NODE_TYPES.has(nodeData.name)) {
             return;
         }
+        // The current frontend leaves a widget with serialize === false out of widgets_values; the 2024 one does
+        // not, so the box's text is taken out here (it would be an extra value in the saved workflow).
+        const onSerialize = nodeType.prototype.onSerialize;
+        nodeType.prototype.onSerialize = function (data) {
+            onSerialize?.apply(this, arguments);
+            const index = this.widgets?.findIndex((w) => w.name === WIDGET_NAME) ?? -1;
+            if (index >= 0 && Array.isArray(data.widgets_values) && data.widgets_values.length > index) {
+                data.widgets_values.splice(index, 1);
+            }
+        };
         const onExecuted = nodeType.prototype.onExecuted;
         nodeType.prototype.onExecuted = function (message) {
             onExecuted?.apply(this, arguments);
