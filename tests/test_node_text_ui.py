@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -65,7 +66,6 @@ NODE_TEXTS = """(name) => {
                 dom: widget.inputEl ? {value: widget.inputEl.value, readOnly: widget.inputEl.readOnly,
                                        warning: widget.inputEl.dataset.fragmentsWarning || null,
                                        attached: document.body.contains(widget.inputEl)} : null,
-                node_height: node.size[1],
             };
         }
     }
@@ -263,9 +263,19 @@ def _loader_only(ckpt_name: str, fragment_name: str, on_mismatch: str) -> dict[s
     }
 
 
-def test_a_fallback_turns_the_loader_amber_and_raises_a_toast(ui: UI, tmp_path: Path) -> None:
+@pytest.fixture
+def in_fragments_folder(ui: UI) -> Iterator[list[Path]]:
+    """Files a test puts into the session server's fragments folder; removed afterwards, so no later graph meets them."""
+    paths: list[Path] = []
+    yield paths
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def test_a_fallback_turns_the_loader_amber_and_raises_a_toast(ui: UI, tmp_path: Path, in_fragments_folder: list[Path]) -> None:
     server = ui.server
-    save_fragment(made_for("nt_browser_other_base"), server.fragments_dir, overwrite=True)
+    manifest = save_fragment(made_for("nt_browser_other_base"), server.fragments_dir, overwrite=True)
+    in_fragments_folder.extend([manifest, manifest.with_suffix(".safetensors")])
     shown, history = _queue_in_browser(ui, _loader_only(server.checkpoints[0], "nt_browser_other_base.json", "fallback"),
                                        "fallback.json", ["2"])
     assert ui.page.locator(ERROR_DIALOG).count() == 0, ui.page.locator(ERROR_DIALOG).first.inner_text()
@@ -281,9 +291,11 @@ def test_a_fallback_turns_the_loader_amber_and_raises_a_toast(ui: UI, tmp_path: 
     _assert_text_fits(ui, ["2"])
 
 
-def test_a_corrupt_fragment_with_raise_opens_the_error_dialog_naming_the_file(ui: UI, tmp_path: Path) -> None:
+def test_a_corrupt_fragment_with_raise_opens_the_error_dialog_naming_the_file(ui: UI, tmp_path: Path,
+                                                                              in_fragments_folder: list[Path]) -> None:
     server = ui.server
     manifest, tensors = corrupt(server.fragments_dir, "nt_browser_corrupt")
+    in_fragments_folder.extend([manifest, tensors])
     shown, history = _queue_in_browser(ui, _loader_only(server.checkpoints[0], manifest.name, "raise"), "corrupt.json",
                                        ["2"])
     assert history["status"]["status_str"] == "error" and "2" not in history["outputs"]
