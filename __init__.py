@@ -13,6 +13,8 @@ from .version import __version__
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+#: The frontend extension ComfyUI serves and loads (web/*.js): it shows each node's status text on the node.
+WEB_DIRECTORY = "./web"
 
 try:  # ComfyUI present: register the nodes.
     import comfy.model_patcher  # noqa: F401
@@ -24,4 +26,4 @@ else:
     except ImportError as exc:  # nodes not written yet or broken install: say so, keep the core usable
         logging.getLogger(__name__).warning("prompt_fragments: nodes not loaded: %s", exc)
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "__version__"]

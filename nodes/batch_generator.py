@@ -23,6 +23,7 @@ import torch
 from ..fragment.batching import chunk, plan_sub_batches, variant_seeds
 from ..fragment.schedule.state import ScheduleState
 from .folders import CATEGORY, tip
+from .node_text import with_text
 from .schedule_patch import find_schedule_state
 
 log = logging.getLogger(__name__)
@@ -100,22 +101,34 @@ class BatchGenerator:
         }
 
     RETURN_TYPES = ("LATENT",)
-    FUNCTION = "generate"
+    FUNCTION = "run"
     CATEGORY = CATEGORY
     DESCRIPTION = "Generates many seeds of one prompt in sub-batches that fit in memory, with progress and cancel."
 
-    def generate(self, model: Any, positive: Any, negative: Any, latent_image: dict, seed: int, count: int, batch_size: int,
-                 steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float, seed_list: str = "",
-                 schedule: str = "as stored") -> tuple:
+    def run(self, **inputs: Any) -> dict[str, Any]:
+        """The node's entry point: ``generate``'s LATENT, with the report (images, seconds, images/s) on the node."""
+        result, report = self.generate_and_report(**inputs)
+        return with_text(result, report)
+
+    def generate(self, *args: Any, **kwargs: Any) -> tuple:
+        """``(LATENT,)`` of ``generate_and_report`` (same arguments), without the report."""
+        return self.generate_and_report(*args, **kwargs)[0]
+
+    def generate_and_report(self, model: Any, positive: Any, negative: Any, latent_image: dict, seed: int, count: int,
+                            batch_size: int, steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
+                            seed_list: str = "", schedule: str = "as stored") -> tuple[tuple, str]:
         seeds = variant_seeds(seed, count, seed_list)
         state = find_schedule_state(model)
         with schedule_settings(state, steps, schedule):
-            return self._generate(model, positive, negative, latent_image, seeds, batch_size, steps, cfg, sampler_name,
-                                  scheduler, denoise, state)
+            result, report = self._generate(model, positive, negative, latent_image, seeds, batch_size, steps, cfg,
+                                            sampler_name, scheduler, denoise, state)
+        if state is not None:
+            report += f"; fragment schedule {schedule}"
+        return result, report
 
     def _generate(self, model: Any, positive: Any, negative: Any, latent_image: dict, seeds: list[int], batch_size: int,
                   steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
-                  state: ScheduleState | None = None) -> tuple:
+                  state: ScheduleState | None = None) -> tuple[tuple, str]:
         base = latent_image["samples"][:1]
         free = comfy.model_management.get_free_memory(model.load_device)
         sizes = plan_sub_batches(len(seeds), batch_size, _per_image_bytes(model, base), free)
@@ -136,8 +149,9 @@ class BatchGenerator:
             outputs.append(samples.cpu())
             progress.finished(len(group))
         elapsed = time.perf_counter() - started
-        log.info("BatchGenerator: %d images in %.1fs (%.2f images/s, sub-batches %s)", len(seeds), elapsed,
-                 len(seeds) / elapsed if elapsed > 0 else float("inf"), sizes)
+        report = (f"{len(seeds)} images in {elapsed:.1f} s ({len(seeds) / elapsed if elapsed > 0 else float('inf'):.2f} "
+                  f"images/s), sub-batches {sizes}")
+        log.info("BatchGenerator: %s", report)
         out = {k: v for k, v in latent_image.items() if k not in ("samples", "batch_index", "noise_mask")}
         out["samples"] = torch.cat(outputs)
-        return (out,)
+        return (out,), report

@@ -30,6 +30,7 @@ from .comfy_versions import unload_clones
 from .folders import (
     CATEGORY, NONE, FragmentHandle, fragment_choices, fragment_path, fragments_dir, tip, unpatched_originals
 )
+from .node_text import with_text
 from .profiler_loader import without_profiling
 from .schedule_patch import describe_schedule, install_schedule
 
@@ -57,9 +58,14 @@ class FragmentLoader:
 
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("MODEL", "status")
-    FUNCTION = "apply"
+    FUNCTION = "run"
     CATEGORY = CATEGORY
     DESCRIPTION = "Applies a fragment to a model: pruned attention heads, verified against the base model."
+
+    def run(self, **inputs: Any) -> dict[str, Any]:
+        """The node's entry point: ``apply``'s (MODEL, status), with the status on the node (a fallback as a warning)."""
+        result = self.apply(**inputs)
+        return with_text(result, result[1])
 
     def apply(self, model: Any, fragment_name: str, on_mismatch: str, fragment: FragmentHandle | None = None,
               positive: Any = None, threshold: float = 0.9, schedule: str = "as stored") -> tuple:

@@ -122,7 +122,7 @@ def test_the_wheel_holds_every_module_and_data_file(wheel: Path) -> None:
     # what e89ab0b's wheel left out, by name, in case the source listing above ever came back empty
     for data in ("fragment/format/manifest_schema.json", "fragment/format/__init__.py", "fragment/library/__init__.py",
                  "fragment/surgery/__init__.py", "fragment/schedule/__init__.py", "bench/__init__.py", "thresholds.yaml",
-                 "reference/weights/reference.safetensors", "workflows/full_pipeline.json", "workflows/api/full_pipeline.json"):
+                 "reference/weights/reference.safetensors", "workflows/full_pipeline.json", "workflows/api/full_pipeline.json", "web/fragments_text.js"):
         assert f"{PKG}/{data}" in names, data
     assert not any(n.split("/")[0] in NOT_INSTALLED for n in names)
 
