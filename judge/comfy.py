@@ -104,15 +104,15 @@ def render(patcher: Any, settings: SamplerSettings, positive: Any, negative: Any
     return samples.detach().float().cpu()
 
 
-def gate_limits(vae: bool, lpips: bool, path: str | Path | None = None) -> dict[str, float]:
+def judge_limits(vae: bool, lpips: bool, path: str | Path | None = None) -> dict[str, float]:
     """The ``quality_gate`` limits this judge can measure: SSIM (and LPIPS) on images, else the latent proxy.
 
     Adherence needs the reference model's analyzer, which ComfyUI's prompts have not, so its limit is
     always dropped; an image judge drops the latent proxy, a latent judge the image limits.
 
-    >>> sorted(gate_limits(vae=True, lpips=False))
+    >>> sorted(judge_limits(vae=True, lpips=False))
     ['ssim_min', 'variants']
-    >>> sorted(gate_limits(vae=False, lpips=False))
+    >>> sorted(judge_limits(vae=False, lpips=False))
     ['latent_rel_error_max', 'variants']
     """
     limits = load_thresholds(DEFAULT_THRESHOLDS if path is None else path)["quality_gate"]
@@ -160,7 +160,7 @@ class ComfyJudge:
         self.models = models
         self.vae, self.digest, self.originals = vae, digest, originals
         self.lpips = lpips if vae is not None else None
-        self.limits = dict(limits) if limits is not None else gate_limits(vae is not None, self.lpips is not None)
+        self.limits = dict(limits) if limits is not None else judge_limits(vae is not None, self.lpips is not None)
         samples = trigger["samples"]
         # The profiled run started from an empty latent (txt2img): the same shape, all zeros, and its batch indices.
         self.latent = {"samples": torch.zeros_like(samples)}
