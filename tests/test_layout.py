@@ -9,7 +9,8 @@
 * the outer folders (the demo, ``bench``, ``nodes``, the command line) import
   the core and the judge, never one another, except the command line, which
   runs the demo and the benches;
-* ``judge`` imports none of the outer folders;
+* ``judge`` imports none of the outer folders, and only ``nodes`` imports
+  ``judge.comfy`` (the judge inside ComfyUI, which imports ComfyUI);
 * the default prompt and the ``thresholds.yaml`` path are defined only in
   ``defaults.py``;
 * no private name (``_x``) is imported from another module.
@@ -40,6 +41,7 @@ ALLOWED_OUTER = {("cli", "demo"), ("cli", "bench")}  # the command line runs the
 DEFAULTS_MODULE = f"{PKG}.defaults"
 DEFAULT_NAMES = ("DEFAULT_PROMPT", "DEFAULT_THRESHOLDS")
 THRESHOLDS_FILE = "thresholds.yaml"
+COMFY_JUDGE = f"{PKG}.judge.comfy"
 
 Graph = dict[str, list[tuple[str, list[str]]]]
 
@@ -178,6 +180,12 @@ def judge_imports_outward(graph: Graph) -> list[str]:
             if _top(m) == "judge" for target, _ in imps if _top(target) in OUTER]
 
 
+def comfy_judge_outside_nodes(graph: Graph) -> list[str]:
+    """Only ``nodes`` imports the judge inside ComfyUI (``judge.comfy`` imports ComfyUI; nothing else may need it)."""
+    return [f"{m} imports {target} (only nodes import the ComfyUI judge)" for m, imps in graph.items()
+            if _top(m) != "nodes" and m != COMFY_JUDGE for target, _ in imps if target == COMFY_JUDGE]
+
+
 def private_names_across_modules(graph: Graph) -> list[str]:
     """No ``_private`` name is imported from another module."""
     return [f"{m} imports {n} from {t}" for m, imps in graph.items() for t, names in imps for n in names
@@ -195,6 +203,7 @@ GRAPH_RULES: dict[str, Callable[[Graph], list[str]]] = {
     "core_imports_upward": core_imports_upward,
     "outer_cross_imports": outer_cross_imports,
     "judge_imports_outward": judge_imports_outward,
+    "comfy_judge_outside_nodes": comfy_judge_outside_nodes,
     "private_names_across_modules": private_names_across_modules,
 }
 
@@ -240,6 +249,7 @@ PLANTED = {
                             ["demo", "nodes.fragment_loader"]),
     "judge_imports_outward": ("judge.planted", "from ..nodes.fragment_loader import x\ndef f():\n    from ..bench import y\n"
                               "    from ..demo import run_demo\n", ["nodes.fragment_loader", "bench", "demo"]),
+    "comfy_judge_outside_nodes": ("demo", "def f():\n    from .judge.comfy import ComfyJudge\n", ["judge.comfy"]),
 }
 
 
