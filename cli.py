@@ -107,9 +107,9 @@ def _cmd_bench_batch(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model == "reference":
-        from .bench.reference_target import ReferenceTarget
-        from .demo import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
-        from .metrics.hypotheses import load_thresholds
+        from .defaults import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
+        from .judge.reference_target import ReferenceTarget
+        from .judge.thresholds import load_thresholds
         from .reference.model import load_reference
 
         limits = load_thresholds(args.thresholds or DEFAULT_THRESHOLDS)["quality_gate"]
@@ -141,9 +141,9 @@ def _cmd_bench_peers(args: argparse.Namespace) -> int:
     from .bench.batch import BenchConfig
     from .bench.peers import (EXTRA_PROMPTS, PeerConfig, bench_peers, format_peer_report, format_prompts_headline,
                               prompts_headline, write_peer_report)
-    from .bench.reference_target import ReferenceTarget
-    from .demo import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
-    from .metrics.hypotheses import load_thresholds
+    from .defaults import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
+    from .judge.reference_target import ReferenceTarget
+    from .judge.thresholds import load_thresholds
     from .reference.model import load_reference
 
     if args.prompt and args.prompts:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .defaults import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
 from .fragment.build import apply_fragment, describe_base
 from .fragment.calibration import Budget, lever_ladder
 from .fragment.extract import calibrated_fragment, candidate_fragment, extract_fragment, score_profile
@@ -37,10 +38,8 @@ from .profiling.step_change import StepChangeProbe
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = "a red circle in the top left and a blue triangle in the bottom right on a white background"
 BASE_NAME = "prompt-fragments-reference-v1"
 CURVE_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
-DEFAULT_THRESHOLDS = Path(__file__).resolve().parent / "thresholds.yaml"
 
 
 class _Progress:
@@ -71,16 +70,6 @@ class _Progress:
             self.bar.close()
 
 
-def optional_lpips(weights: str | None) -> tuple[Any, str]:
-    try:
-        from .metrics.image_similarity import load_lpips, lpips_scorer
-
-        return lpips_scorer(load_lpips("alex", weights=weights)), "LPIPS: AlexNet v0.1 (offline weights), images upsampled to 64 px"
-    except Exception as exc:  # offline and no weights: LPIPS is then missing, and the summary says why
-        log.warning("LPIPS unavailable: %s", exc)
-        return None, f"LPIPS not measured: {exc}"
-
-
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / a.norm().clamp_min(1e-12))
 
@@ -103,9 +92,9 @@ def run_demo(
     >>> run_demo("outputs/demo", seeds=2, variants=4, steps=5)["calibration"]["status"]  # doctest: +SKIP
     'passed'
     """
-    from .bench.judging import fragment_judge
-    from .bench.reference_target import ReferenceTarget
-    from .metrics.hypotheses import load_thresholds
+    from .judge.fragment_judge import fragment_judge
+    from .judge.reference_target import ReferenceTarget
+    from .judge.thresholds import load_thresholds
     from .metrics.memory import peak_memory, peak_memory_metrics, reduction, resident_weight_mb
     from .metrics.performance import amortized_costs, speedup
     from .metrics.report import build_summary

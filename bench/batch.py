@@ -36,6 +36,7 @@ from ..fragment.calibration import GOALS, Budget, lever_ladder
 from ..fragment.extract import calibrated_fragment, candidate_fragment
 from ..fragment.schedule.apply import apply_schedule, fragment_schedule
 from ..fragment.schedule.state import ScheduleState
+from ..judge.fragment_judge import fragment_judge, render
 from ..metrics.memory import peak_memory, peak_memory_metrics
 from ..metrics.performance import amortized_costs, synchronize
 from ..profiling.activation_stats import ActivationStats
@@ -43,7 +44,6 @@ from ..profiling.ff_profiler import FFProfiler
 from ..profiling.profiler import HeadProfiler
 from ..profiling.step_change import StepChangeProbe
 from . import BENCH_BUDGET_IMAGES
-from .judging import fragment_judge, render
 from .overhead import profiling_overhead
 from .weights import resident_bytes
 

@@ -48,10 +48,9 @@ ROW_KEYS = ("section", "method", "setting", "label", "s_per_image", "speedup", "
 AMORTIZED_VARIANTS = 32
 #: EasyCache's and LazyCache's ``reuse_threshold`` default in ComfyUI 0.3.64, then one stricter and one looser.
 CACHE_THRESHOLDS = (0.2, 0.1, 0.5)
-DEFAULT_PROMPT = "A dog on a jet ski"
+COMFY_PROMPT = "A dog on a jet ski"  # this bench's SD1.5 prompt; the reference model's is defaults.DEFAULT_PROMPT
 DEFAULT_NEGATIVE = "blurry"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-THRESHOLDS = REPO_ROOT / "thresholds.yaml"
 
 
 def empty_row(method: str, setting: str, label: str, *, note: str = NOTE) -> dict[str, Any]:
@@ -84,7 +83,7 @@ def finish_row(row: dict[str, Any], *, s_per_image: float, stock_s: float, setup
 
 def comfy_peer_rows(comfyui_path: str, *, size: int = 8, steps: int = 4, seeds: Sequence[int] = (0, 1),
                     checkpoint: str | os.PathLike | None = None, cfg: float = 7.0, sampler_name: str = "euler",
-                    scheduler: str = "normal", prompt: str = DEFAULT_PROMPT, negative: str = DEFAULT_NEGATIVE,
+                    scheduler: str = "normal", prompt: str = COMFY_PROMPT, negative: str = DEFAULT_NEGATIVE,
                     cache_thresholds: Sequence[float] = CACHE_THRESHOLDS, tome_ratio: float = 0.3,
                     fragment_goal: str = "speed", budget_images: int = 8, profile_seed: int = 1000,
                     base_dir: str | os.PathLike | None = None, warmup: bool = True, calibrate: bool = True,
@@ -109,14 +108,15 @@ def comfy_peer_rows(comfyui_path: str, *, size: int = 8, steps: int = 4, seeds: 
     >>> [r["method"] for r in rows]  # doctest: +SKIP
     ['stock', 'easycache', 'easycache', 'easycache', 'lazycache', 'lazycache', 'lazycache', 'tome_patch_model', 'fragment']
     """
-    from ..metrics.hypotheses import load_thresholds
-    from ..metrics.latent_distance import latent_rel_error
+    from ..defaults import DEFAULT_THRESHOLDS
+    from ..judge.latent_distance import latent_rel_error
+    from ..judge.thresholds import load_thresholds
 
     if not seeds:
         raise FragmentError("bench/comfy_peers.py: seeds: expected at least one seed, found none")
     if size < 1 or steps < 1:
         raise FragmentError(f"bench/comfy_peers.py: size and steps must be >= 1, found size={size}, steps={steps}")
-    gate = float(load_thresholds(THRESHOLDS)["quality_gate"]["latent_rel_error_max"])
+    gate = float(load_thresholds(DEFAULT_THRESHOLDS)["quality_gate"]["latent_rel_error_max"])
     runtime = _runtime(Path(comfyui_path), base_dir)
     mapping = _pack_nodes(runtime)
     ckpt_name = _install_checkpoint(runtime, checkpoint)

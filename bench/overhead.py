@@ -54,7 +54,7 @@ def reference_overhead(*, layout: str = "demo", seeds: int = 8, steps: int = 25,
     >>> reference_overhead(layout="bench", seeds=2, steps=5, repeats=1)["overhead_pct"]  # doctest: +SKIP
     31.2
     """
-    from ..demo import DEFAULT_PROMPT
+    from ..defaults import DEFAULT_PROMPT
     from ..reference.model import load_reference
     from ..reference.sampling import sample
 

@@ -19,7 +19,7 @@ Bytes are those the quantized model holds (``bench.weights.resident_bytes``:
 every distinct parameter and buffer, packed payloads as they are stored); bits per
 weight count the quantized layers' weight storage (scales included, biases not)
 over their weight count, so rows at equal bytes line up.  Quality is the
-reference target's judge (``bench.reference_target``: the quality gate of
+reference target's judge (``judge.reference_target``: the quality gate of
 ``thresholds.yaml``) against the full model's same-seed images; seconds per
 image are wall-clock on whatever else the machine was running.
 """
@@ -339,10 +339,10 @@ def bench_reference_quant(*, prompt: str | None = None, seeds: int = 32, profile
 
     >>> report = bench_reference_quant(seeds=2, profile_seeds=1, steps=2, formats=["Q4_0"], scopes=["linear"])  # doctest: +SKIP
     """
-    from ..demo import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
-    from ..metrics.hypotheses import load_thresholds
+    from ..defaults import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
+    from ..judge.reference_target import ReferenceTarget
+    from ..judge.thresholds import load_thresholds
     from ..reference.model import load_reference
-    from .reference_target import ReferenceTarget
 
     limits = load_thresholds(thresholds or DEFAULT_THRESHOLDS)["quality_gate"]
     note = "given scorer" if lpips_scorer is not None else "off (--no-lpips)"

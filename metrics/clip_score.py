@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import FragmentError
-from .image_similarity import as_batch
+from ..judge.image_similarity import as_batch
 
 log = logging.getLogger(__name__)
 

@@ -17,37 +17,24 @@ Each hypothesis is a list of checks on those keys (seed 002 "Success Metrics"):
 A check meeting its target is PASS; missing it by at most ``warn_margin``
 (relative to the target) is WARN; worse is FAIL.  A value that was not
 measured (absent, ``None``, NaN or ±inf) is MISSING, never guessed, and makes
-the run INVALID.  Every check here, and the quality gate, is ``limits.judge``:
-the one rule for missing values lives there.
+the run INVALID.  Every check here, and the quality gate, is ``judge.limits.judge``:
+the one rule for missing values lives there.  The limits come from
+``judge.thresholds.load_thresholds``; the quality gate itself is ``judge.gate``.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
-from ..errors import FragmentError
-from .limits import Limit, failures, judge, slack
+from ..judge.limits import Limit, judge
+from ..judge.thresholds import HYPOTHESES
 
 ORDER = {"PASS": 0, "WARN": 1, "FAIL": 2, "MISSING": 3}
-HYPOTHESES = {
-    "H1": [("pruned_head_pct", "pruned_head_pct_min", "min"), ("clip_drop_rel", "clip_drop_rel_max", "max"),
-           ("lpips_mean", "lpips_max", "max"), ("adherence_delta", "adherence_delta_max", "max")],
-    "H2": [("peak_memory_reduction", "peak_memory_reduction_min", "min"), ("lpips_mean", "lpips_max", "max"),
-           ("ssim_mean", "ssim_min", "min")],
-    "H3": [("reuse_pass_rate", "reuse_pass_rate_min", "min")],
-    "H4": [("batch_speedup", "batch_speedup_min", "min"), ("batch_variants", "variants", "min")],
-    "H5": [("break_even_variants", "break_even_max_variants", "max")],
-}
-
-
 # H2's memory figure, best first: the CUDA allocator's peak when there is one, else the CPU-measurable peak
 # of live tensor bytes.  Never the other way round, and never silently: the summary says which was used.
 H2_MEMORY_SOURCES: tuple[tuple[str, str], ...] = (
     ("vram_reduction", "peak VRAM (CUDA, torch.cuda.max_memory_allocated)"),
     ("peak_tensor_reduction", "peak_tensor_bytes (CPU, live tensors incl. activations), not VRAM"),
 )
-LEGACY_LIMITS = {"vram_reduction_min": "peak_memory_reduction_min"}  # thresholds files written before the CPU figure
 
 
 def measured(value: Any) -> bool:
@@ -88,72 +75,6 @@ def memory_judged_on(source: str | None) -> str:
     return f"H2 judged on {dict(H2_MEMORY_SOURCES)[source]}"
 
 
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FragmentError(f"{where}: expected a number, found {value!r}")
-    return float(value)
-
-
-def validate_thresholds(data: Any, source: str = "thresholds") -> dict[str, Any]:
-    """Check a parsed thresholds document; return it with defaults filled in.
-
-    >>> validate_thresholds({"hypotheses": {"H5": {"break_even_max_variants": "ten"}}}, "t.yaml")
-    Traceback (most recent call last):
-    ...
-    prompt_fragments.errors.FragmentError: t.yaml: hypotheses.H5.break_even_max_variants: expected a number, found 'ten'
-    """
-    if not isinstance(data, dict):
-        raise FragmentError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
-    out = {"warn_margin": _number(data.get("warn_margin", 0.1), f"{source}: warn_margin"),
-           "hypotheses": {}, "regression": {}}
-    hyps = data.get("hypotheses", {}) or {}
-    if not isinstance(hyps, dict):
-        raise FragmentError(f"{source}: hypotheses: expected a mapping, found {type(hyps).__name__}")
-    for name, limits in hyps.items():
-        if name not in HYPOTHESES:
-            raise FragmentError(f"{source}: hypotheses: expected one of {sorted(HYPOTHESES)}, found {name!r}")
-        if not isinstance(limits, dict):
-            raise FragmentError(f"{source}: hypotheses.{name}: expected a mapping, found {type(limits).__name__}")
-        out["hypotheses"][name] = {LEGACY_LIMITS.get(k, k): _number(v, f"{source}: hypotheses.{name}.{k}")
-                                   for k, v in limits.items()}
-    gate = data.get("quality_gate", {}) or {}
-    if not isinstance(gate, dict):
-        raise FragmentError(f"{source}: quality_gate: expected a mapping, found {type(gate).__name__}")
-    out["quality_gate"] = {k: _number(v, f"{source}: quality_gate.{k}") for k, v in gate.items()}
-    reg = data.get("regression", {}) or {}
-    if not isinstance(reg, dict):
-        raise FragmentError(f"{source}: regression: expected a mapping, found {type(reg).__name__}")
-    allowed = {"max_increase", "max_decrease", "max_increase_rel", "max_decrease_rel"}
-    for metric, rule in reg.items():
-        if not isinstance(rule, dict) or len(rule) != 1 or next(iter(rule)) not in allowed:
-            raise FragmentError(f"{source}: regression.{metric}: expected one of {sorted(allowed)} with a number, found {rule!r}")
-        kind, limit = next(iter(rule.items()))
-        out["regression"][metric] = {kind: _number(limit, f"{source}: regression.{metric}.{kind}")}
-    return out
-
-
-def load_thresholds(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a ``thresholds.yaml``.
-
-    >>> load_thresholds("/nonexistent.yaml")
-    Traceback (most recent call last):
-    ...
-    prompt_fragments.errors.FragmentError: /nonexistent.yaml: thresholds file not found
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FragmentError(f"{path}: thresholds file not found")
-    try:
-        import yaml
-    except ImportError as exc:
-        raise FragmentError("thresholds need pyyaml; run `pip install prompt-fragments[metrics]`") from exc
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise FragmentError(f"{path}: not valid YAML: {exc}") from exc
-    return validate_thresholds(data, str(path))
-
-
 def check(value: float | None, limit: float, kind: str, margin: float) -> str:
     """One check's status; ``kind`` is ``"min"`` (value must reach limit) or ``"max"``; unmeasured is MISSING.
 
@@ -168,12 +89,12 @@ def check(value: float | None, limit: float, kind: str, margin: float) -> str:
 def evaluate_hypotheses(metrics: Mapping[str, Any], thresholds: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """H1–H5 records: each measured value, its limit, per-check status and the hypothesis status (worst check).
 
-    >>> t = validate_thresholds({"hypotheses": {"H5": {"break_even_max_variants": 10}}})
+    >>> t = {"hypotheses": {"H5": {"break_even_max_variants": 10}}}  # as judge.thresholds.validate_thresholds returns it
     >>> evaluate_hypotheses({"break_even_variants": 9.2}, t)["H5"]["status"]
     'PASS'
     >>> evaluate_hypotheses({"break_even_variants": None, "break_even_never": True}, t)["H5"]["status"]
     'FAIL'
-    >>> h2 = validate_thresholds({"hypotheses": {"H2": {"peak_memory_reduction_min": 0.25}}})
+    >>> h2 = {"hypotheses": {"H2": {"peak_memory_reduction_min": 0.25}}}
     >>> r = evaluate_hypotheses({"peak_tensor_reduction": 0.3}, h2)["H2"]
     >>> r["status"], r["memory_source"]
     ('PASS', 'peak_tensor_reduction')
@@ -219,52 +140,3 @@ def missing_metrics(hypotheses: Mapping[str, Mapping[str, Any]]) -> list[str]:
     ['H2.peak_memory_reduction']
     """
     return [f"{h}.{k}" for h, rec in hypotheses.items() for k, c in rec.get("checks", {}).items() if c["status"] == "MISSING"]
-
-
-GATE_CHECKS = (("adherence_delta", "adherence_drop_max", "max"), ("ssim_mean", "ssim_min", "min"),
-               ("lpips_mean", "lpips_max", "max"), ("latent_rel_error", "latent_rel_error_max", "max"))
-
-
-def gate_limits(limits: Mapping[str, float]) -> list[Limit]:
-    """The ``quality_gate`` limits as ``Limit`` objects, for the gated metrics ``limits`` names (no margin: a gate has no WARN).
-
-    >>> gate_limits({"variants": 16, "ssim_min": 0.9})
-    [Limit(metric='ssim_mean', bound=0.9, kind='min', margin=0.0)]
-    """
-    return [Limit(key, limits[name], kind) for key, name, kind in GATE_CHECKS if name in limits]
-
-
-def measurable_limits(limits: Mapping[str, float], unmeasured: Iterable[str]) -> dict[str, float]:
-    """``limits`` less the gate limits of metrics this run cannot measure at all (``unmeasured`` metric names).
-
-    The gate fails a missing value; a caller without an LPIPS scorer, or with a
-    prompt the analyzer cannot read, drops those limits here, by name, instead.
-
-    >>> measurable_limits({"variants": 16, "ssim_min": 0.9, "lpips_max": 0.035}, ["lpips_mean"])
-    {'variants': 16, 'ssim_min': 0.9}
-    """
-    dropped = {name for key, name, _ in GATE_CHECKS if key in set(unmeasured)}
-    return {k: v for k, v in limits.items() if k not in dropped}
-
-
-def gate_failures(measured: Mapping[str, Any], limits: Mapping[str, float]) -> list[str]:
-    """Why ``measured`` fails the ``quality_gate`` ``limits`` (empty: it passes; an unmeasured gated value fails).
-
-    A caller that cannot measure a metric (no LPIPS weights) leaves its limit
-    out of ``limits``; a gated value that is simply absent is never a pass.
-
-    >>> gate_failures({"adherence_delta": 0.01, "ssim_mean": 0.85}, {"adherence_drop_max": 0.02, "ssim_min": 0.9})
-    ['ssim_mean 0.85 < 0.9']
-    >>> gate_failures({"ssim_mean": 0.95, "lpips_mean": None}, {"ssim_min": 0.9, "lpips_max": 0.035})
-    ['lpips_mean missing']
-    """
-    return failures(measured, gate_limits(limits))
-
-
-def gate_slack(measured: Mapping[str, Any], limits: Mapping[str, float]) -> float | None:
-    """How far inside (> 0) or outside (< 0) the ``quality_gate`` ``limits`` ``measured`` lies (``limits.slack``).
-
-    >>> gate_slack({"ssim_mean": 0.99, "lpips_mean": 0.07}, {"ssim_min": 0.9, "lpips_max": 0.035})
-    -1.0
-    """
-    return slack(measured, gate_limits(limits))

@@ -3,7 +3,7 @@
 Pluggable scorers, all plain callables:
 
 - ``clip(images, captions) -> [similarity]`` (see ``clip_score.clip_scorer``);
-- ``lpips(a, b) -> [distance]`` (see ``image_similarity.lpips_scorer``);
+- ``lpips(a, b) -> [distance]`` (see ``judge.image_similarity.lpips_scorer``);
 - ``adherence(images, captions) -> [score in 0..1]``: how well each image
   follows its caption, judged by a reference model.  That analyzer is another
   issue; until it is plugged in, adherence is *missing*, and a missing metric
@@ -17,8 +17,8 @@ import logging
 import statistics
 from typing import Any, Callable, Protocol, Sequence
 
-from .image_similarity import as_batch, phash_distance, ssim
-from .limits import Limit, failures
+from ..judge.image_similarity import as_batch, phash_distance, ssim
+from ..judge.limits import Limit, failures
 
 log = logging.getLogger(__name__)
 

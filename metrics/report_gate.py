@@ -15,14 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 
-from .hypotheses import load_thresholds
+from ..defaults import DEFAULT_THRESHOLDS
+from ..judge.thresholds import load_thresholds
 from .regression import format_regressions, read_summary, regression_diff, resolve_report
 
 log = logging.getLogger(__name__)
-
-DEFAULT_THRESHOLDS = Path(__file__).resolve().parent.parent / "thresholds.yaml"
 
 
 def run_gate(

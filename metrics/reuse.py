@@ -27,7 +27,7 @@ import torch
 
 from ..errors import FragmentError
 from ..fragment.library.fingerprint import cosine, normalise, pool_conditioning
-from .limits import KINDS, Limit, check_limits
+from ..judge.limits import KINDS, Limit, check_limits
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Two modes (``calibrate``):
 * calibration (``auto`` when the profiled KSampler's settings and prompts are
   connected, or ``on``): ``fragment.extract.calibrated_fragment`` picks the
   strongest lever combination for ``goal`` that passes the quality gate of
-  thresholds.yaml, judged by ``comfy_judge.ComfyJudge`` on the profiled seed
+  thresholds.yaml, judged by ``judge.comfy.ComfyJudge`` on the profiled seed
   (its reference is the ``trigger`` LATENT) and confirmed on held-out seeds
   (``seed+1``...), within ``budget_images`` rendered images.  The user's lever
   amounts (ratio, ff_ratio, precision_ratio, low_bit_ratio, step_reuse) are then not used:
@@ -24,6 +24,7 @@ from typing import Any
 import comfy.samplers
 import torch
 
+from ..defaults import optional_lpips
 from ..errors import FragmentError
 from ..fragment.build import describe_base
 from ..fragment.calibration import GOALS, Budget, Calibration, Candidate
@@ -35,9 +36,10 @@ from ..fragment.library.fingerprint import pool_conditioning
 from ..fragment.library.index import register
 from ..fragment.patching import base_sha256
 from ..fragment.settings import ExtractionSettings
-from .comfy_judge import ComfyJudge, SamplerSettings, check_steps, optional_lpips
+from ..judge.comfy import ComfyJudge, SamplerSettings, check_steps
 from .comfy_versions import unload_clones
 from .folders import CATEGORY, FragmentHandle, ProfileHandle, fragments_dir, tip, unpatched_originals
+from .fragment_loader import JUDGE_MODELS
 
 log = logging.getLogger(__name__)
 CALIBRATE = ["auto", "on", "off"]
@@ -140,8 +142,8 @@ class FragmentExtractor:
                 raise FragmentError(f"FragmentExtractor: {existing}: a fragment named {name!r} already exists; "
                                     "choose another name, or set overwrite to true")
             lpips, lpips_note = optional_lpips() if vae is not None else (None, "")
-            judge = ComfyJudge(profile.patcher, sampler, positive, negative, trigger, vae=vae, digest=digest,
-                               originals=originals, lpips=lpips)
+            judge = ComfyJudge(profile.patcher, sampler, positive, negative, trigger, models=JUDGE_MODELS, vae=vae,
+                               digest=digest, originals=originals, lpips=lpips)
             judge.check_reference()
             fragment, cal = calibrated_judged_fragment(
                 profile, judge, base=base, name=name, settings=settings, kv_context=kv_context, goal=goal,

@@ -26,6 +26,7 @@ from ..fragment.format.manifest import Fragment
 from ..fragment.patching import PatchPlan, base_sha256, plan_patches
 from ..fragment.schedule.apply import fragment_schedule, schedule_replacements
 from ..fragment.schedule.state import Schedule, ScheduleState
+from ..judge.comfy import ComfyModels
 from .comfy_versions import unload_clones
 from .folders import (
     CATEGORY, NONE, FragmentHandle, fragment_choices, fragment_path, fragments_dir, tip, unpatched_originals
@@ -167,3 +168,16 @@ def fragment_model(model: Any, frag: Fragment, *, originals: dict[str, Any] | No
         patched.add_object_patch(PREFIX + path, module)
     patched.size = max(1, model.model_size() - plan.bytes_saved)
     return patched, plan, plan_schedule
+
+
+def _judged_fragment_model(model: Any, frag: Fragment, originals: dict[str, Any] | None, digest: str | None) -> Any:
+    return fragment_model(model, frag, originals=originals, digest=digest)[0]
+
+
+def _unprofiled_clone(model: Any) -> Any:
+    return without_profiling(model.clone())
+
+
+#: How FragmentExtractor's judge (``judge.comfy.ComfyJudge``) gets its models: the full model unprofiled, and a
+#: fragment put on exactly as FragmentLoader puts it, so judging never adds to the profile or patches the shared model.
+JUDGE_MODELS = ComfyModels(full=_unprofiled_clone, with_fragment=_judged_fragment_model, release=unload_clones)

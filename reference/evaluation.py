@@ -97,7 +97,7 @@ def adherence_scorer():
     Captions are parsed with the grammar (``parse_caption``); a caption that names
     no shape or colour scores ``nan`` (nothing to check).
     """
-    from ..metrics.image_similarity import as_batch
+    from ..judge.image_similarity import as_batch
 
     def scorer(images: Any, captions: str | Sequence[str]) -> list[float]:
         batch = (as_batch(images).clamp(0, 1) * 255).round().byte().numpy()

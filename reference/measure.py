@@ -19,7 +19,7 @@ import torch.nn as nn
 from ..fragment.schedule.state import ScheduleState
 from ..fragment.surgery.masking import mask_heads
 from ..fragment.surgery.selection import select_heads
-from ..metrics.image_similarity import ssim
+from ..judge.image_similarity import ssim
 from ..metrics.reuse import ReuseReport, measure_reuse
 from .captions import caption, parse_caption
 from .evaluation import tally

@@ -16,7 +16,7 @@ from ..fragment.format.measurements import update_fragment_file
 from ..fragment.format.store import load_fragment
 from ..fragment.library.index import locked
 from ..fragment.patching import base_sha256
-from ..metrics.image_similarity import load_lpips, lpips_scorer
+from ..judge.image_similarity import load_lpips, lpips_scorer
 from ..metrics.reuse import H2_BOUNDS, Bounds, ReuseReport, reuse_block
 from .measure import paraphrase_reuse
 from .model import load_reference

@@ -17,13 +17,13 @@ import sys
 from typing import Sequence
 
 from prompt_fragments.bench.batch import BenchConfig, run_batch, timed
-from prompt_fragments.bench.judging import render
-from prompt_fragments.bench.reference_target import ReferenceTarget
-from prompt_fragments.demo import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
+from prompt_fragments.defaults import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
+from prompt_fragments.judge.fragment_judge import render
+from prompt_fragments.judge.reference_target import ReferenceTarget
 from prompt_fragments.fragment.calibration import Candidate
 from prompt_fragments.fragment.extract import candidate_fragment
 from prompt_fragments.fragment.schedule.apply import fragment_schedule, with_schedule
-from prompt_fragments.metrics.hypotheses import load_thresholds
+from prompt_fragments.judge.thresholds import load_thresholds
 from prompt_fragments.profiling.step_change import reuse_steps_for_count
 
 log = logging.getLogger("peer_reuse_ideas")

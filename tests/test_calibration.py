@@ -15,7 +15,7 @@ from prompt_fragments.errors import FragmentError
 from prompt_fragments.fragment.calibration import (
     Budget, Candidate, Judgement, Predictors, calibrate, candidate_ladder, goal_levers,
 )
-from prompt_fragments.metrics.limits import Limit, slack
+from prompt_fragments.judge.limits import Limit, slack
 from prompt_fragments.metrics.performance import amortized_costs
 from prompt_fragments.profiling.step_change import ReuseDepth
 
@@ -197,12 +197,12 @@ def test_amortized_costs_count_the_profiled_images_as_output() -> None:
 
 def test_the_calibrated_reference_fragment_passes_fresh_seeds_and_records_its_judge() -> None:
     pytest.importorskip("diffusers")
-    from prompt_fragments.bench.judging import fragment_judge, render
-    from prompt_fragments.bench.reference_target import ReferenceTarget
-    from prompt_fragments.demo import DEFAULT_PROMPT, DEFAULT_THRESHOLDS
+    from prompt_fragments.defaults import DEFAULT_PROMPT, DEFAULT_THRESHOLDS
     from prompt_fragments.fragment.build import describe_base
     from prompt_fragments.fragment.extract import calibrated_fragment
-    from prompt_fragments.metrics.hypotheses import load_thresholds
+    from prompt_fragments.judge.fragment_judge import fragment_judge, render
+    from prompt_fragments.judge.reference_target import ReferenceTarget
+    from prompt_fragments.judge.thresholds import load_thresholds
     from prompt_fragments.profiling.ff_profiler import FFProfiler
     from prompt_fragments.profiling.profiler import HeadProfiler
     from prompt_fragments.profiling.step_change import StepChangeProbe

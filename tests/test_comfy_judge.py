@@ -94,7 +94,7 @@ def test_a_gate_that_cannot_pass_stores_the_full_model_and_says_so(env, tmp_path
     impossible = tmp_path / "thresholds.yaml"
     # A latent error below zero is unreachable: every candidate fails, whatever it is.
     impossible.write_text("quality_gate:\n  variants: 1\n  latent_rel_error_max: -1.0\n")
-    monkeypatch.setattr(env.pack.nodes.comfy_judge, "THRESHOLDS", impossible)
+    monkeypatch.setattr(env.pack.judge.comfy, "DEFAULT_THRESHOLDS", impossible)
     handle, status = _calibrate(env, "judged_impossible", budget_images=3)
     assert status.startswith("FULL MODEL used: no lever combination passed the quality gate"), status
     assert "last failures" in status and "latent_rel_error" in status and "> -1" in status
@@ -110,7 +110,7 @@ def test_a_gate_that_cannot_pass_stores_the_full_model_and_says_so(env, tmp_path
 
 
 def test_the_judged_numbers_follow_the_fragment(env) -> None:
-    judge_module = env.pack.nodes.comfy_judge
+    judge_module, models = env.pack.judge.comfy, env.pack.nodes.fragment_loader.JUDGE_MODELS
     settings = judge_module.SamplerSettings(SEED, STEPS, CFG, "euler", "normal")
     data = env.profile.session.result()
     model = env.profile.diffusion_model
@@ -119,7 +119,7 @@ def test_the_judged_numbers_follow_the_fragment(env) -> None:
 
     def judged(candidate: Candidate, vae=None) -> dict:
         judge = judge_module.ComfyJudge(env.profile.patcher, settings, env.positive, env.negative, env.sampled,
-                                        vae=vae, digest=digest)
+                                        models=models, vae=vae, digest=digest)
         with torch.inference_mode():  # as ComfyUI runs a node
             fragment = candidate_fragment(data, model, candidate, base=base, name="judge_test")
             return dict(judge(fragment, [SEED]).metrics)
@@ -132,7 +132,7 @@ def test_the_judged_numbers_follow_the_fragment(env) -> None:
     # attention, so its fragments move the latents by less than SSIM resolves (both read 1.0 here); that the
     # image metric follows the latents is shown on a latent moved by a known amount instead.
     image_judge = judge_module.ComfyJudge(env.profile.patcher, settings, env.positive, env.negative, env.sampled,
-                                          vae=env.vae, digest=digest)
+                                          models=models, vae=env.vae, digest=digest)
     reference = env.sampled["samples"]
     with torch.inference_mode():
         same, moved = image_judge.measure(reference, reference), image_judge.measure(reference, reference * 0.8 + 1.0)

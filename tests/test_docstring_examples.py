@@ -18,6 +18,8 @@ import prompt_fragments
 # - ``nodes`` (top level): its ``__init__`` imports ComfyUI's ``comfy`` and ``folder_paths``,
 #   so no module under it imports without ComfyUI; test_node_docstring_examples runs
 #   those examples inside a booted ComfyUI instead.
+# - ``judge.comfy``: the judge inside ComfyUI imports ``comfy``; test_node_docstring_examples
+#   runs its examples in the booted ComfyUI with the node modules.
 # - ``__main__`` (any level): an entry point that runs the command line when imported.
 # - ``tests``, ``tools``, ``scripts``: not part of the package (scripts run by path);
 #   they have no ``__init__.py``, so the walk would not enter them anyway, but naming
@@ -25,6 +27,7 @@ import prompt_fragments
 # Any other module that fails to import fails its test: an import error is never a skip.
 SKIP_TOP_LEVEL = frozenset({"nodes", "tests", "tools", "scripts"})
 SKIP_ANY_LEVEL = frozenset({"__main__"})
+NEEDS_COMFYUI = ("judge.comfy",)  # module paths under the package, besides ``nodes``
 
 # Modules that are not expected to move while fragment/ and profiling/ are reorganised.
 SENTINELS = ("prompt_fragments.cli", "prompt_fragments.metrics.quality")
@@ -38,6 +41,8 @@ def _walk(folder: Path, prefix: str, top_level: bool) -> Iterator[str]:
         if info.name in SKIP_ANY_LEVEL or (top_level and info.name in SKIP_TOP_LEVEL):
             continue
         name = prefix + info.name
+        if name.split(".", 1)[-1] in NEEDS_COMFYUI:
+            continue
         yield name
         if info.ispkg:
             yield from _walk(folder / info.name, name + ".", top_level=False)
@@ -60,6 +65,7 @@ def test_the_walk_finds_the_package() -> None:
     # By its last name only, so it holds wherever the fragment/ reorganisation puts it.
     assert any(m.rsplit(".", 1)[-1] == "patching" for m in MODULES), "no *.patching module found"
     assert not any(m == "prompt_fragments.nodes" or m.startswith("prompt_fragments.nodes.") for m in MODULES)
+    assert "prompt_fragments.judge.comfy" not in MODULES and "prompt_fragments.judge.gate" in MODULES
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -75,6 +81,7 @@ def test_node_docstring_examples(comfyui_pack: ModuleType) -> None:
     package = comfyui_pack.nodes
     names = list(_walk(Path(package.__file__).parent, package.__name__ + ".", top_level=False))
     assert f"{package.__name__}.profiler_loader" in names
+    names += [f"{comfyui_pack.__name__}.{name}" for name in NEEDS_COMFYUI]
     failed = {}
     for name in names:
         result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)

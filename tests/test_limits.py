@@ -1,6 +1,6 @@
 """The one limit checker (issue #14): bounds, margins, and one rule for a missing value everywhere.
 
-Rule under test (``metrics.limits``): a value that is absent, ``None``, NaN or
+Rule under test (``judge.limits``): a value that is absent, ``None``, NaN or
 ±inf was not measured; it is MISSING, never a pass.  Every former checker
 (hypotheses ``check`` / ``gate_failures``, ``passes_quality``, reuse
 ``within_bounds``, the CI gate test) must agree on it.
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from prompt_fragments.errors import FragmentError
-from prompt_fragments.metrics import hypotheses, limits as lim, quality, reuse
-from prompt_fragments.metrics.limits import Limit, check_limits, failures, judge
+from prompt_fragments.judge import gate as quality_gate, limits as lim, thresholds
+from prompt_fragments.judge.limits import Limit, check_limits, failures, judge
+from prompt_fragments.metrics import hypotheses, quality, reuse
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_MEASURED = [None, math.nan, math.inf, -math.inf]
@@ -65,7 +66,7 @@ def test_bad_limits_and_non_numbers_are_errors_not_verdicts() -> None:
 
 
 def test_present_values_keep_every_callers_messages() -> None:
-    assert hypotheses.gate_failures({"adherence_delta": 0.05, "ssim_mean": 0.85, "lpips_mean": 0.01},
+    assert quality_gate.gate_failures({"adherence_delta": 0.05, "ssim_mean": 0.85, "lpips_mean": 0.01},
                                     {"adherence_drop_max": 0.02, "ssim_min": 0.9, "lpips_max": 0.035}) == [
         "adherence_delta 0.05 > 0.02", "ssim_mean 0.85 < 0.9"]
     assert quality.passes_quality({"clip_drop_rel": 0.03, "lpips_mean": 0.01, "ssim_mean": 0.8}, ssim_min=0.9) == (
@@ -97,21 +98,21 @@ def test_every_former_checker_agrees_a_missing_value_fails(value: float | None) 
     bad = {**good, "lpips_mean": value}
 
     # hypotheses: the H2 record reports MISSING and the run is INVALID
-    t = hypotheses.validate_thresholds({"hypotheses": {"H2": {"lpips_max": 0.035, "ssim_min": 0.9}}})
+    t = thresholds.validate_thresholds({"hypotheses": {"H2": {"lpips_max": 0.035, "ssim_min": 0.9}}})
     h = hypotheses.evaluate_hypotheses(bad, t)
     assert hypotheses.check(value, 0.035, "max", 0.1) == "MISSING"
     assert h["H2"]["checks"]["lpips_mean"]["status"] == "MISSING" and hypotheses.run_status(h) == "INVALID"
     assert hypotheses.missing_metrics(h) == ["H2.lpips_mean"]
 
     # every gate: fails, and names the metric; the same inputs pass when the value is there
-    gate_reasons = hypotheses.gate_failures(bad, gate)
+    gate_reasons = quality_gate.gate_failures(bad, gate)
     ok, quality_reasons = quality.passes_quality(bad, lpips_max=0.035, ssim_min=0.9)
     reuse_reasons = reuse.within_bounds(bad, reuse.H2_BOUNDS)
     for reasons in (gate_reasons, quality_reasons, reuse_reasons):
         assert len(reasons) == 1 and reasons[0].startswith("lpips_mean")
     assert not ok and reuse_reasons == [f"lpips_mean: expected a measured value, found {value!r}"]
     assert gate_reasons == quality_reasons == lim.failures(bad, [Limit("lpips_mean", 0.035, "max")])
-    assert hypotheses.gate_failures(good, gate) == [] and quality.passes_quality(good, lpips_max=0.035)[0]
+    assert quality_gate.gate_failures(good, gate) == [] and quality.passes_quality(good, lpips_max=0.035)[0]
     assert reuse.within_bounds(good, reuse.H2_BOUNDS) == []
 
 
@@ -119,19 +120,19 @@ def test_gate_failures_no_longer_passes_an_unmeasured_value() -> None:
     # before issue #14 gate_failures skipped None ("unmeasured values are not judged") and NaN slipped
     # through both comparisons, so a run without LPIPS scores passed the quality gate on LPIPS
     gate = {"ssim_min": 0.9, "lpips_max": 0.035}
-    assert hypotheses.gate_failures({"ssim_mean": 0.95, "lpips_mean": None}, gate) == ["lpips_mean missing"]
-    assert hypotheses.gate_failures({"ssim_mean": 0.95}, gate) == ["lpips_mean missing"]
-    assert hypotheses.gate_failures({"ssim_mean": math.nan, "lpips_mean": 0.01}, gate) == ["ssim_mean missing (found nan)"]
+    assert quality_gate.gate_failures({"ssim_mean": 0.95, "lpips_mean": None}, gate) == ["lpips_mean missing"]
+    assert quality_gate.gate_failures({"ssim_mean": 0.95}, gate) == ["lpips_mean missing"]
+    assert quality_gate.gate_failures({"ssim_mean": math.nan, "lpips_mean": 0.01}, gate) == ["ssim_mean missing (found nan)"]
     # passes_quality already failed None, but passed NaN
     assert quality.passes_quality({"clip_drop_rel": 0.0, "lpips_mean": math.nan}) == (False, ["lpips_mean missing (found nan)"])
 
 
 def test_a_caller_that_cannot_measure_a_metric_drops_its_limit_by_name() -> None:
     gate = {"variants": 16, "adherence_drop_max": 0.02, "ssim_min": 0.9, "lpips_max": 0.035}
-    no_lpips = hypotheses.measurable_limits(gate, ["lpips_mean"])
+    no_lpips = quality_gate.measurable_limits(gate, ["lpips_mean"])
     assert no_lpips == {"variants": 16, "adherence_drop_max": 0.02, "ssim_min": 0.9}
-    assert hypotheses.gate_failures({"adherence_delta": 0.0, "ssim_mean": 0.95, "lpips_mean": None}, no_lpips) == []
-    assert hypotheses.measurable_limits(gate, []) == gate
+    assert quality_gate.gate_failures({"adherence_delta": 0.0, "ssim_mean": 0.95, "lpips_mean": None}, no_lpips) == []
+    assert quality_gate.measurable_limits(gate, []) == gate
 
 
 def test_reuse_bounds_reject_an_unknown_kind_before_judging() -> None:

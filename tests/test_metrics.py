@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from prompt_fragments.errors import FragmentError, IntegrityError
-from prompt_fragments.metrics import clip_score, image_similarity as sim, lpips_weights as lw
+from prompt_fragments.judge import image_similarity as sim, lpips_weights as lw
+from prompt_fragments.metrics import clip_score
 from prompt_fragments.metrics.memory import memory_snapshot, nvml_memory, reduction, resident_weight_mb, torch_peak_mb
 from prompt_fragments.metrics.performance import break_even_block, break_even_variants, measure_throughput, time_call
 

@@ -226,12 +226,13 @@ def _extract(nodes: SimpleNamespace, **overrides: Any) -> Any:
 
 
 def _judge_without_prompts(nodes: SimpleNamespace) -> Any:
-    from_judge = nodes.pack.nodes.comfy_judge
-    return from_judge.ComfyJudge(nodes.base, from_judge.SamplerSettings(1, 4, 7.0, "euler", "normal"), None, None, {})
+    from_judge = nodes.pack.judge.comfy
+    return from_judge.ComfyJudge(nodes.base, from_judge.SamplerSettings(1, 4, 7.0, "euler", "normal"), None, None, {},
+                                 models=nodes.pack.nodes.fragment_loader.JUDGE_MODELS)
 
 
 def _steps_disagree(nodes: SimpleNamespace) -> Any:
-    from_judge = nodes.pack.nodes.comfy_judge
+    from_judge = nodes.pack.judge.comfy
     return from_judge.check_steps(from_judge.SamplerSettings(1, 20, 7.0, "euler", "normal"), 4)
 
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from prompt_fragments.cli import main
-from prompt_fragments.metrics.hypotheses import evaluate_hypotheses, missing_metrics, run_status, validate_thresholds
+from prompt_fragments.judge.thresholds import validate_thresholds
+from prompt_fragments.metrics.hypotheses import evaluate_hypotheses, missing_metrics, run_status
 from prompt_fragments.metrics.memory import peak_memory, peak_memory_metrics
 from prompt_fragments.metrics.report import build_summary
 from prompt_fragments.metrics.tensor_memory import fake_module_peak, measure_peak_tensor_bytes, storage_bytes

@@ -11,14 +11,14 @@ import pytest
 pytest.importorskip("diffusers")
 
 from prompt_fragments.bench.batch import BenchConfig, run_batch
-from prompt_fragments.bench.judging import render
 from prompt_fragments.bench.peers import (REFERENCE_METHODS, ROW_KEYS, PeerConfig, comfy_rows, format_peer_report,
                                           headline, reference_rows, run_deepcache, write_peer_report)
-from prompt_fragments.bench.reference_target import ReferenceTarget
-from prompt_fragments.demo import DEFAULT_PROMPT, DEFAULT_THRESHOLDS
+from prompt_fragments.defaults import DEFAULT_PROMPT, DEFAULT_THRESHOLDS
 from prompt_fragments.fragment.calibration import Candidate
 from prompt_fragments.fragment.extract import candidate_fragment
-from prompt_fragments.metrics.hypotheses import load_thresholds
+from prompt_fragments.judge.fragment_judge import render
+from prompt_fragments.judge.reference_target import ReferenceTarget
+from prompt_fragments.judge.thresholds import load_thresholds
 from prompt_fragments.metrics.performance import amortized_costs
 
 PEERS = PeerConfig(deepcache_intervals=(2,), deepcache_branches=(0, 9), tome_ratios=(0.5,), cfg_cutoffs=(350.0,),

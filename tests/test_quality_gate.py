@@ -10,7 +10,7 @@ fresh seeds at 0.888).  The chosen fragment is then judged on fresh seeds
 model's images for the same seeds: adherence drop (analyzer) and SSIM / LPIPS
 fidelity.  The limits come from ``thresholds.yaml`` (``quality_gate``), never
 from this file, and are checked by the product's own gate
-(``metrics.hypotheses.gate_failures`` on ``metrics.limits``), so a value the run
+(``judge.gate.gate_failures`` on ``judge.limits``), so a value the run
 failed to measure fails here too.  Whether 30 % of heads alone passes is H1,
 reported by the demo's ``metrics_summary.json`` with its curve.
 """
@@ -24,14 +24,15 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from prompt_fragments.bench.judging import fragment_judge, render  # noqa: E402
-from prompt_fragments.bench.reference_target import ReferenceTarget  # noqa: E402
-from prompt_fragments.demo import DEFAULT_PROMPT  # noqa: E402
+from prompt_fragments.defaults import DEFAULT_PROMPT  # noqa: E402
 from prompt_fragments.fragment.build import describe_base  # noqa: E402
 from prompt_fragments.fragment.calibration import Budget  # noqa: E402
 from prompt_fragments.fragment.extract import calibrated_fragment  # noqa: E402
-from prompt_fragments.metrics.hypotheses import gate_failures, load_thresholds, measurable_limits  # noqa: E402
-from prompt_fragments.metrics.image_similarity import load_lpips, lpips_scorer  # noqa: E402
+from prompt_fragments.judge.fragment_judge import fragment_judge, render  # noqa: E402
+from prompt_fragments.judge.gate import gate_failures, measurable_limits  # noqa: E402
+from prompt_fragments.judge.image_similarity import load_lpips, lpips_scorer  # noqa: E402
+from prompt_fragments.judge.reference_target import ReferenceTarget  # noqa: E402
+from prompt_fragments.judge.thresholds import load_thresholds  # noqa: E402
 from prompt_fragments.profiling.ff_profiler import FFProfiler  # noqa: E402
 from prompt_fragments.profiling.profiler import HeadProfiler  # noqa: E402
 from prompt_fragments.profiling.step_change import StepChangeProbe  # noqa: E402

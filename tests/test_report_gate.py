@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from prompt_fragments.cli import main
-from prompt_fragments.metrics.hypotheses import load_thresholds
+from prompt_fragments.judge.thresholds import load_thresholds
 from prompt_fragments.metrics.regression import read_summary
 from prompt_fragments.metrics.report import write_report
 

@@ -37,8 +37,8 @@ LEFTOVERS = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", "
 # Root files that belong to the repository, not the installed package (LICENSE goes into the wheel's dist-info).
 REPO_ONLY_ROOT_FILES = {"README.md", "CHANGELOG.md", "LICENSE", "pyproject.toml", "requirements.txt", "requirements-test.txt",
                         ".gitignore"}
-# Import needs ComfyUI (nodes: its __init__ imports comfy) or runs the CLI on import (__main__: run below instead).
-NOT_IMPORTED = {f"{PKG}.nodes", f"{PKG}.__main__"}
+# Import needs ComfyUI (nodes: its __init__ imports comfy; judge.comfy, the judge inside ComfyUI) or runs the CLI on import (__main__: run below instead).
+NOT_IMPORTED = {f"{PKG}.nodes", f"{PKG}.judge.comfy", f"{PKG}.__main__"}
 
 
 def source_files() -> list[Path]:
@@ -150,7 +150,7 @@ for name in modules:
     except Exception as exc:
         failed[name] = repr(exc)
 from prompt_fragments.fragment.format.untrusted import SCHEMA_FILE
-from prompt_fragments.demo import DEFAULT_THRESHOLDS
+from prompt_fragments.defaults import DEFAULT_THRESHOLDS
 from prompt_fragments.reference.model import load_reference
 unet = load_reference().unet
 print(json.dumps({{"file": prompt_fragments.__file__, "prefix": sys.prefix, "modules": modules, "failed": failed,

@@ -1,17 +1,20 @@
 """The calibration's judge inside ComfyUI: render seeds with a candidate fragment, compare with the full model.
 
-``ComfyJudge`` is the ComfyUI twin of ``bench.judging.fragment_judge``: the
+``ComfyJudge`` is the ComfyUI twin of ``judge.fragment_judge.fragment_judge``: the
 ``judge_fragment(fragment, seeds)`` callable that
 ``fragment.extract.calibrated_fragment`` takes.  It renders on clones of the
 profiled ModelPatcher with the fragment put on exactly as FragmentLoader puts it
-(``fragment_loader.fragment_model``) and with the profiling hooks off, so judging
-never adds to the profile and never changes the shared model.
+and with the profiling hooks off (the node pack passes those ways in as
+``ComfyModels``: ``nodes.fragment_loader.JUDGE_MODELS``), so judging never adds
+to the profile and never changes the shared model.
 
 The full model's output for the profiled seed is the profiled sampler's LATENT
 (the extractor's ``trigger``); held-out seeds are rendered with the full model
 once, on first use, so their cost lands in the calibration's time.  With a VAE
 the judge decodes and measures SSIM (and LPIPS when its weights are there);
 without one it measures the latents' mean relative L2 error, a proxy, and says so.
+
+This module imports ComfyUI (``comfy.sample``): only ``nodes/`` imports it.
 """
 from __future__ import annotations
 
@@ -23,20 +26,17 @@ from typing import Any, Callable, Mapping, Sequence
 import comfy.sample
 import torch
 
+from ..defaults import DEFAULT_THRESHOLDS
 from ..errors import FragmentError
 from ..fragment.calibration import Judgement
 from ..fragment.format.manifest import Fragment
-from ..metrics.hypotheses import gate_failures, gate_slack, load_thresholds, measurable_limits
-from ..metrics.image_similarity import ssim
-from ..metrics.latent_distance import latent_rel_error
-from .comfy_versions import unload_clones
-from .fragment_loader import fragment_model
-from .profiler_loader import without_profiling
+from .gate import gate_failures, gate_slack, measurable_limits
+from .image_similarity import ssim
+from .latent_distance import latent_rel_error
+from .thresholds import load_thresholds
 
 log = logging.getLogger(__name__)
 
-# The shipped thresholds.yaml (demo.DEFAULT_THRESHOLDS; named here so the node needs no demo import to start).
-THRESHOLDS = Path(__file__).resolve().parent.parent / "thresholds.yaml"
 # Samplers that call the model twice per step (heun's last step once): their profiled calls are not their steps.
 # Re-rendering the profiled run on another device order (GPU kernels) moves a latent by far less than this;
 # another seed or sampler setting moves it by about 1 (two independent latents of equal norm: 1.4).
@@ -104,50 +104,63 @@ def render(patcher: Any, settings: SamplerSettings, positive: Any, negative: Any
     return samples.detach().float().cpu()
 
 
-def gate_limits(vae: bool, lpips: bool, path: str | Path | None = None) -> dict[str, float]:
+def judge_limits(vae: bool, lpips: bool, path: str | Path | None = None) -> dict[str, float]:
     """The ``quality_gate`` limits this judge can measure: SSIM (and LPIPS) on images, else the latent proxy.
 
     Adherence needs the reference model's analyzer, which ComfyUI's prompts have not, so its limit is
     always dropped; an image judge drops the latent proxy, a latent judge the image limits.
 
-    >>> sorted(gate_limits(vae=True, lpips=False))
+    >>> sorted(judge_limits(vae=True, lpips=False))
     ['ssim_min', 'variants']
-    >>> sorted(gate_limits(vae=False, lpips=False))
+    >>> sorted(judge_limits(vae=False, lpips=False))
     ['latent_rel_error_max', 'variants']
     """
-    limits = load_thresholds(THRESHOLDS if path is None else path)["quality_gate"]
+    limits = load_thresholds(DEFAULT_THRESHOLDS if path is None else path)["quality_gate"]
     unmeasured = ["adherence_delta"] + (["latent_rel_error"] if vae else ["ssim_mean", "lpips_mean"])
     if vae and not lpips:
         unmeasured.append("lpips_mean")
     return measurable_limits(limits, unmeasured)
 
 
-def optional_lpips() -> tuple[Callable[[Any, Any], list[float]] | None, str]:
-    """The LPIPS scorer (AlexNet, offline weights) and a note; ``(None, why)`` without weights."""
-    from ..demo import optional_lpips as load  # the demo's loader: one place decides where the weights come from
+@dataclass(frozen=True)
+class ComfyModels:
+    """The node pack's ways to get the models the judge renders with (passed in: the judge imports no node module).
 
-    return load(None)
+    ``full(patcher)``: an unprofiled clone of the full model; ``with_fragment(patcher, fragment, originals, digest)``:
+    a clone with ``fragment`` put on as FragmentLoader puts it, never profiling; ``release(patcher)``: unload the
+    clones ComfyUI keeps loaded, so the shared modules carry no object patch.
+
+    >>> models = ComfyModels(full=lambda p: p, with_fragment=lambda p, f, originals, digest: p, release=lambda p: None)
+    >>> models.full("patcher")
+    'patcher'
+    """
+
+    full: Callable[[Any], Any]
+    with_fragment: Callable[[Any, Fragment, "dict[str, Any] | None", "str | None"], Any]
+    release: Callable[[Any], None]
 
 
 class ComfyJudge:
     """``judge(fragment, seeds) -> Judgement`` on a clone of the profiled MODEL; see the module docstring.
 
-    >>> judge = ComfyJudge(profile.patcher, settings, positive, negative, trigger, vae=vae, digest=digest)  # doctest: +SKIP
+    >>> judge = ComfyJudge(profile.patcher, settings, positive, negative, trigger, models=JUDGE_MODELS, vae=vae,  # doctest: +SKIP
+    ...                    digest=digest)
     >>> judge(fragment, [settings.seed]).metrics["ssim_mean"]  # doctest: +SKIP
     0.97
     """
 
     def __init__(self, patcher: Any, settings: SamplerSettings, positive: Any, negative: Any, trigger: Mapping[str, Any],
-                 *, vae: Any = None, digest: str | None = None, originals: dict[str, Any] | None = None,
+                 *, models: ComfyModels, vae: Any = None, digest: str | None = None, originals: dict[str, Any] | None = None,
                  lpips: Callable[[Any, Any], list[float]] | None = None, limits: Mapping[str, float] | None = None) -> None:
         if positive is None or negative is None:
             raise FragmentError("FragmentExtractor: calibration needs the positive and negative CONDITIONING inputs "
                                 "(the profiled prompt), found none; connect the profiled KSampler's positive and "
                                 "negative, or set calibrate to off")
         self.patcher, self.settings, self.positive, self.negative = patcher, settings, positive, negative
+        self.models = models
         self.vae, self.digest, self.originals = vae, digest, originals
         self.lpips = lpips if vae is not None else None
-        self.limits = dict(limits) if limits is not None else gate_limits(vae is not None, self.lpips is not None)
+        self.limits = dict(limits) if limits is not None else judge_limits(vae is not None, self.lpips is not None)
         samples = trigger["samples"]
         # The profiled run started from an empty latent (txt2img): the same shape, all zeros, and its batch indices.
         self.latent = {"samples": torch.zeros_like(samples)}
@@ -174,12 +187,12 @@ class ComfyJudge:
         finally:
             # ComfyUI may keep the clone loaded, its object patches on the shared modules: put the originals
             # back, so the next candidate is built from (and the profile keeps describing) the full model.
-            unload_clones(self.patcher)
+            self.models.release(self.patcher)
 
     def reference(self, seed: int) -> torch.Tensor:
         """The full model's latents for ``seed``: the profiled run's, or rendered once, unprofiled."""
         if seed not in self.references:
-            self.references[seed] = self._run(without_profiling(self.patcher.clone()), seed)
+            self.references[seed] = self._run(self.models.full(self.patcher), seed)
         return self.references[seed]
 
     def check_reference(self, tolerance: float = REFERENCE_TOLERANCE) -> float:
@@ -190,7 +203,7 @@ class ComfyJudge:
         Returns the relative error found (0 on a deterministic device).
         """
         seed = self.settings.seed
-        error = latent_rel_error(self.references[seed], self._run(without_profiling(self.patcher.clone()), seed))
+        error = latent_rel_error(self.references[seed], self._run(self.models.full(self.patcher), seed))
         if error > tolerance:
             raise FragmentError(
                 f"FragmentExtractor: the trigger LATENT is not the full model's output for seed {seed}, "
@@ -219,7 +232,7 @@ class ComfyJudge:
 
     def __call__(self, fragment: Fragment, seeds: Sequence[int]) -> Judgement:
         references = [self.reference(s) for s in seeds]  # first: a held-out reference renders on the full model
-        patched, _plan, _schedule = fragment_model(self.patcher, fragment, originals=self.originals, digest=self.digest)
+        patched = self.models.with_fragment(self.patcher, fragment, self.originals, self.digest)
         outputs = [self._run(patched, s) for s in seeds]
         if self.vae is not None:
             decoded = []

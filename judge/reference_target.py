@@ -12,10 +12,10 @@ import numpy as np
 import torch.nn as nn
 
 from ..fragment.schedule.state import ScheduleState
-from ..metrics.hypotheses import gate_failures, gate_slack, measurable_limits
 from ..reference import measure
 from ..reference.model import ReferenceModel, load_reference
 from ..reference.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, sample
+from .gate import gate_failures, gate_slack, measurable_limits
 
 
 class ReferenceTarget:
