@@ -41,9 +41,9 @@ def test_session_counts_runs_from_rising_sigma_and_leaves_no_hooks() -> None:
 
 def test_extract_fragment_writes_a_verifiable_fragment(tmp_path: Path) -> None:
     unet, make_inputs = cs.make_small_diffusers_unet("sd15")
-    profile = _session_profile(unet, make_inputs).result()
-    settings = ExtractionSettings(amount=0.25, scope="per_layer", keep_unstable_heads=False)
-    frag, path = extract_fragment(profile, unet, base=describe_base(unet, "tiny"), name="tiny", settings=settings, directory=tmp_path)
+    evidence = _session_profile(unet, make_inputs).evidence()
+    settings = ExtractionSettings(levers={"heads": 0.25}, scope="per_layer", keep_unstable_heads=False)
+    frag, path = extract_fragment(evidence, unet, base=describe_base(unet, "tiny"), name="tiny", settings=settings, directory=tmp_path)
     loaded = load_fragment(path)
     manifest = loaded.manifest
     assert manifest["pruning"]["selection"]["scope"] == "per_layer"
@@ -54,7 +54,7 @@ def test_extract_fragment_writes_a_verifiable_fragment(tmp_path: Path) -> None:
 
 def test_empty_profile_is_refused(tmp_path: Path) -> None:
     unet, _ = cs.make_small_diffusers_unet("sd15")
-    empty = ProfileSession(unet).result()
+    empty = ProfileSession(unet).evidence()
     with pytest.raises(FragmentError, match="the profile is empty"):
         extract_fragment(empty, unet, base=describe_base(unet, "tiny"), name="tiny", directory=tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -62,8 +62,8 @@ def test_empty_profile_is_refused(tmp_path: Path) -> None:
 
 def test_plan_patches_sizes_and_hash_check(tmp_path: Path) -> None:
     unet, make_inputs = cs.make_small_diffusers_unet("sd15")
-    profile = _session_profile(unet, make_inputs).result()
-    frag, _ = extract_fragment(profile, unet, base=describe_base(unet, "tiny", sha256=base_sha256(unet)), name="tiny")
+    evidence = _session_profile(unet, make_inputs).evidence()
+    frag, _ = extract_fragment(evidence, unet, base=describe_base(unet, "tiny", sha256=base_sha256(unet)), name="tiny")
     plan = plan_patches(unet, frag)
     patched = replace_modules(unet, plan.replacements)
     assert plan.bytes_saved == module_bytes(unet) - module_bytes(patched) > 0

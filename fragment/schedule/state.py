@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from ...errors import FragmentError
+from ..format.manifest import Fragment
 from ...profiling.profiler import timestep_bucket
 
 log = logging.getLogger(__name__)
@@ -378,3 +379,24 @@ class ScheduleState:
         for entry in self.history:
             steps[entry["step"]] = steps.get(entry["step"], True) and entry["reused"]
         return sorted(s for s, reused in steps.items() if reused)
+
+
+def fragment_schedule(fragment: Fragment) -> Schedule:
+    """The schedule stored in a fragment's manifest (the empty schedule if it has none)."""
+    return Schedule.from_manifest(fragment.manifest.get("schedule"), source=f"fragment {fragment.name!r}: schedule")
+
+
+def with_schedule(fragment: Fragment, schedule: Schedule) -> Fragment:
+    """A copy of ``fragment`` whose manifest carries ``schedule`` (the tensors are shared).
+
+    The bucket head sets must lie inside what the fragment kept, else the
+    loader could never switch to them.
+    """
+    for bucket, heads in schedule.bucket_heads.items():
+        for path, kept in heads.items():
+            allowed = set(fragment.kept.get(path, kept))
+            if not set(kept) <= allowed:
+                raise FragmentError(f"{path}: schedule bucket {bucket} keeps heads {sorted(set(kept) - allowed)} "
+                                    f"that fragment {fragment.name!r} pruned")
+    manifest = {**fragment.manifest, "schedule": schedule.to_manifest()}
+    return Fragment(manifest=manifest, tensors=fragment.tensors)
