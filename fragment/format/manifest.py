@@ -210,12 +210,12 @@ def validate_manifest(manifest: Any, source: str = "manifest") -> Manifest:
     version = manifest.get("schema_version")
     _expect(type(version) is int and version in (1, SCHEMA_VERSION), source,
             f"expected schema_version {SCHEMA_VERSION} (or 1), found {version!r}")
-    if version == 1:
-        _check_integrity(manifest, source)  # as written, before any name is mapped
-        manifest = upgrade_manifest(manifest, source)
     for key, typ in _REQUIRED.items():
         _expect(key in manifest, source, f"missing required field {key!r}")
         _expect(isinstance(manifest[key], typ), source, f"field {key!r}: expected {typ.__name__}, found {type(manifest[key]).__name__}")
+    if version == 1:
+        _check_integrity(manifest, source)  # as written, before any name is mapped
+        manifest = upgrade_manifest(manifest, source)
     _expect(manifest["kind"] == KIND, source, f"expected kind {KIND!r}, found {manifest['kind']!r}")
     base = manifest["base_model"]
     for key in ("sha256", "hash_kind"):
