@@ -203,7 +203,7 @@ def measure(model: nn.Module, config: Config, *, arch: str, before: int | None =
     ff = next((lv.selection for lv in levers if isinstance(lv, FeedForwardLever)), None)
     small = apply_fragment(model, fragment)
     after = resident_bytes(small)
-    quant = fragment.manifest["compression"].get("quantization", {})
+    quant = fragment.manifest["compression"].get("precision", {})
     low = fragment.manifest["compression"].get("low_bit", {})
     result = {
         "config": wc.label, "levers": wc.to_dict(),

@@ -48,8 +48,7 @@ class CfgCutoffLever(LeverBase):
 
     @classmethod
     def plan(cls, evidence: Any, settings: Any, model: nn.Module, name: str) -> "CfgCutoffLever | None":
-        amount = settings.amount(cls.name)
-        return cls(float(amount)) if amount is not None else None
+        return cls(float(settings.amount(cls.name))) if settings.on(cls.name) else None
 
     def extend(self, schedule: Schedule) -> Schedule:
         return dataclasses.replace(schedule, cfg_cutoff=self.timestep)

@@ -79,7 +79,8 @@ class LeverBase:
     the manifest's ``schedule`` block, set after the weights).  ``grid``: the amounts the calibration
     ladder tries (empty: not predicted); ``goals``: the calibration goals that move it; ``ladder``:
     ``"predicted"`` (its amount follows its predicted damage), ``"always"`` (on wherever offered: exact
-    levers) or ``"after"`` (tried after the ladder, not predicted).  ``off``: the amount that turns it off.
+    levers) or ``"after"`` (tried after the ladder, not predicted).  ``off``: the amount that turns it off;
+    ``whole``: whether the amount may be 1 (all of what the lever cuts; not for heads or channels).
 
     >>> class Toy(LeverBase):
     ...     name = "toy"
@@ -93,6 +94,7 @@ class LeverBase:
     goals: ClassVar[tuple[str, ...]] = ()
     ladder: ClassVar[str] = "predicted"
     off: ClassVar[Any] = 0.0
+    whole: ClassVar[bool] = False
 
     @classmethod
     def is_on(cls, amount: Any) -> bool:
@@ -101,8 +103,8 @@ class LeverBase:
     @classmethod
     def check_amount(cls, amount: Any, settings: Any = None) -> str | None:
         """What was expected, when ``amount`` is not a valid amount of this lever (``None``: valid)."""
-        ok = finite(amount) and 0.0 <= amount < 1.0
-        return None if ok else "a fraction in [0, 1)"
+        ok = finite(amount) and 0.0 <= amount and (amount <= 1.0 if cls.whole else amount < 1.0)
+        return None if ok else f"a fraction in [0, 1{']' if cls.whole else ')'}"
 
     @classmethod
     def label(cls, amount: Any, settings: Any = None) -> str:

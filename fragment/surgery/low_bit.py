@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import BaseModelMismatchError, IntegrityError, PruningError, where
-from .lever import Built, InCompression, LeverBase, finite, least_error_damage, tensor
+from .lever import Built, InCompression, LeverBase, least_error_damage, tensor
 from .precision import MAX_WEIGHT
 from .tree import fresh_copy, install, module_at, replace_modules
 
@@ -570,10 +570,7 @@ class LowBitLever(InCompression, LeverBase):
     name: ClassVar[str] = "low_bit"
     grid: ClassVar[tuple[Any, ...]] = LOW_BIT_GRID
     goals: ClassVar[tuple[str, ...]] = ("memory", "both")
-
-    @classmethod
-    def check_amount(cls, amount: Any, settings: Any = None) -> str | None:
-        return None if finite(amount) and 0.0 <= amount <= 1.0 else "a fraction in [0, 1]"
+    whole: ClassVar[bool] = True  # every layer (amount 1) is a valid cut
 
     @classmethod
     def label(cls, amount: Any, settings: Any = None) -> str:

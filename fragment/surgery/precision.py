@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import BaseModelMismatchError, IntegrityError, PruningError, where
-from .lever import Built, InCompression, LeverBase, finite, least_error_damage, tensor
+from .lever import Built, InCompression, LeverBase, least_error_damage, tensor
 from .tree import fresh_copy, install, module_at, replace_modules
 
 log = logging.getLogger(__name__)
@@ -241,10 +241,7 @@ class PrecisionLever(InCompression, LeverBase):
     name: ClassVar[str] = "precision"
     grid: ClassVar[tuple[Any, ...]] = PRECISION_GRID
     goals: ClassVar[tuple[str, ...]] = ("memory", "both")
-
-    @classmethod
-    def check_amount(cls, amount: Any, settings: Any = None) -> str | None:
-        return None if finite(amount) and 0.0 <= amount <= 1.0 else "a fraction in [0, 1]"
+    whole: ClassVar[bool] = True  # every retained Linear (amount 1) is a valid cut
 
     @classmethod
     def label(cls, amount: Any, settings: Any = None) -> str:
