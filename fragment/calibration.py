@@ -76,6 +76,8 @@ class Candidate:
     levers: Mapping[str, Any] = field(default_factory=dict)
     reuse_skips: int | None = None  # the reuse depth in skip connections (None: the block depth)
     level: float = 0.0  # the predicted damage level the ladder built it at (0: not from the ladder)
+    # the settings it is built with (format, bits...), for its label only: not part of what the candidate is
+    how: ExtractionSettings | None = field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levers", LeverAmounts(self.levers, where="calibration candidate"))
@@ -98,7 +100,12 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return label(self.levers, self.settings(), empty="full model")
+        """The one label of settings and candidates (``levers.label``), in the format it is built with.
+
+        >>> Candidate({"precision": 0.5}, how=ExtractionSettings(precision_format="int8")).label
+        'int8 50%'
+        """
+        return label(self.levers, self.settings(self.how or ExtractionSettings()), empty="full model")
 
     def settings(self, base: ExtractionSettings = ExtractionSettings()) -> ExtractionSettings:
         """``base`` (strategy, scope, format, ...) with this candidate's amounts.
@@ -173,7 +180,7 @@ def lever_ladder(chosen: Candidate) -> list[tuple[str, Candidate]]:
     ['fragment: heads 20%', '+ step reuse 30%', '+ CFG off below t=350 (final)']
     """
     steps: list[tuple[str, Candidate]] = []
-    current = Candidate()
+    current = Candidate(how=chosen.how)
     for name, value in chosen.levers.items():
         before = current.label
         depth = {"reuse_skips": chosen.reuse_skips} if name == StepReuseLever.name else {}

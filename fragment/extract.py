@@ -7,6 +7,7 @@ The pipeline is plain functions over plain data: ``score_profile`` (score),
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -163,7 +164,8 @@ def calibrated_fragment(
     >>> frag, cal = calibrated_fragment(evidence, unet, judge, base=base, name="dog",  # doctest: +SKIP
     ...                                 calibration_seeds=range(8), holdout_seeds=[100, 101], goal="speed")
     """
-    ladder = candidate_ladder(profile_predictors(evidence, model, settings, goal), goal)
+    ladder = [dataclasses.replace(c, how=settings)  # labelled in the settings' formats (int8, int3...)
+              for c in candidate_ladder(profile_predictors(evidence, model, settings, goal), goal)]
 
     def build(candidate: Candidate) -> Fragment:
         return candidate_fragment(evidence, model, candidate, base=base, name=name, settings=settings)

@@ -21,6 +21,7 @@ from prompt_fragments.fragment.extract import plan_levers
 from prompt_fragments.fragment.format.hashing import sha256_json
 from prompt_fragments.fragment.format.manifest import V1_NAMES, seal
 from prompt_fragments.fragment.format.store import load_fragment, save_fragment
+from prompt_fragments.fragment.schedule.state import Schedule, fragment_schedule, with_schedule
 from prompt_fragments.fragment.settings import ExtractionSettings, lever_settings
 from prompt_fragments.fragment.surgery.lever import Built, InCompression, LeverBase, tensor
 from prompt_fragments.fragment.surgery.tree import install, linear_like, module_at
@@ -139,9 +140,11 @@ def test_unknown_levers_and_bad_amounts_say_where_and_what() -> None:
 
 def _as_v1(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """What the old code wrote: schema 1 and the v1 names (``V1_NAMES`` backwards), sealed as it sealed."""
-    old = {new: stored for block in V1_NAMES.values() for stored, new in block.items()}
     body = {k: v for k, v in manifest.items() if k != "integrity"}
-    body["compression"] = {old.get(k, k): v for k, v in body["compression"].items()}
+    for block, names in V1_NAMES.items():
+        old = {new: stored for stored, new in names.items()}
+        if block in body:
+            body[block] = {old.get(k, k): v for k, v in body[block].items()}
     body["schema_version"] = 1
     return seal(body)
 
@@ -151,13 +154,16 @@ def test_a_v1_manifest_loads_and_applies_identically(tmp_path: Path) -> None:
     heads = ProfileEvidence.from_scores({})
     planned = plan_levers(heads, lever_settings(ff=0.0, precision="int8", precision_ratio=1.0), model=model)
     fragment = build_fragment(model, planned, base=describe_base(model, "toy"), name="old")
+    fragment = with_schedule(fragment, Schedule(cfg_cutoff=350.0))
     assert fragment.manifest["compression"]["precision"]["applied"] and fragment.manifest["schema_version"] == 2
     path = save_fragment(fragment, tmp_path)
     v1 = _as_v1(json.loads(path.read_text()))
     assert "quantization" in v1["compression"] and "precision" not in v1["compression"]
+    assert v1["schedule"] == {"cfg_truncation": {"timestep": 350.0}}
     path.write_text(json.dumps(v1))
     old = load_fragment(path)
     assert old.manifest["schema_version"] == 2 and "precision" in old.manifest["compression"]
+    assert fragment_schedule(old).cfg_cutoff == 350.0
     assert old.manifest["integrity"]["manifest_sha256"] == sha256_json({k: v for k, v in old.manifest.items() if k != "integrity"})
     with torch.no_grad():
         assert_close(apply_fragment(model, old)(x), apply_fragment(model, fragment)(x), rtol=0, atol=0)

@@ -272,7 +272,7 @@ def test_schedule_head_sets_are_type_checked_never_coerced(demo, tmp_path: Path,
     (("step_reuse", "total_steps"), 6.0),
     (("step_reuse", "shallow"), True),
     (("step_reuse", "timesteps"), [True] * 6),
-    (("cfg_truncation", "timestep"), True),
+    (("cfg_cutoff", "timestep"), True),
     (("calibration",), "ab"),                       # dict("ab") raised ValueError
     (("calibration",), [["a", 1]]),                 # a pair list was coerced into an object
     (("step_reuse",), [1, 2]),
@@ -349,7 +349,7 @@ values = st.one_of(
 schedule_fields = st.sampled_from([
     ("timestep_heads", "buckets"), ("timestep_heads", "kept"), ("timestep_heads", "kept", "0"),
     ("timestep_heads", "kept", "1"), ("step_reuse", "total_steps"), ("step_reuse", "reuse_steps"),
-    ("step_reuse", "shallow"), ("step_reuse", "skips"), ("step_reuse", "timesteps"), ("cfg_truncation", "timestep"),
+    ("step_reuse", "shallow"), ("step_reuse", "skips"), ("step_reuse", "timesteps"), ("cfg_cutoff", "timestep"),
     ("calibration",), ("timestep_heads",), ("step_reuse",),
 ])
 

@@ -58,7 +58,7 @@ targets = st.sampled_from([
     ("schedule", "timestep_heads", "kept", "0", "down.0.attn1"), ("schedule", "step_reuse"),
     ("schedule", "step_reuse", "total_steps"), ("schedule", "step_reuse", "reuse_steps"),
     ("schedule", "step_reuse", "shallow"), ("schedule", "step_reuse", "timesteps"),
-    ("schedule", "cfg_truncation"), ("schedule", "cfg_truncation", "timestep"), ("schedule", "calibration"),
+    ("schedule", "cfg_cutoff"), ("schedule", "cfg_cutoff", "timestep"), ("schedule", "calibration"),
 ])
 
 

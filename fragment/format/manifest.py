@@ -11,7 +11,8 @@ an edited manifest is caught even when its tensors file is intact.
 
 Schema v2 stores each lever under its one name (``fragment.levers``): the
 feed-forward cut as ``compression.ff`` (v1: ``ff_channels``) and precision as
-``compression.precision`` (v1: ``quantization``).  A v1 manifest still loads:
+``compression.precision`` (v1: ``quantization``), the CFG cut-off as
+``schedule.cfg_cutoff`` (v1: ``cfg_truncation``).  A v1 manifest still loads:
 its integrity is checked as written, then its names are mapped through
 :data:`V1_NAMES`, the one table of old spellings (``upgrade_manifest``).
 """
@@ -30,7 +31,8 @@ from .untrusted import check_schema
 
 SCHEMA_VERSION = 2
 # The v1 spelling of each renamed key, per manifest block: read through this one table (``upgrade_manifest``).
-V1_NAMES: dict[str, dict[str, str]] = {"compression": {"ff_channels": "ff", "quantization": "precision"}}
+V1_NAMES: dict[str, dict[str, str]] = {"compression": {"ff_channels": "ff", "quantization": "precision"},
+                                      "schedule": {"cfg_truncation": "cfg_cutoff"}}
 KIND = "prompt-fragment"
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {

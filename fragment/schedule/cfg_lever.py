@@ -1,6 +1,6 @@
 """The CFG cut-off lever: below a timestep the sampler skips the unconditional pass.
 
-Its record is the manifest's ``schedule.cfg_truncation`` block; it stores no
+Its record is the manifest's ``schedule.cfg_cutoff`` block (``cfg_truncation`` in schema v1); it stores no
 tensors.  No profiled quantity measures what the unconditional pass adds, so
 it is not predicted: the calibration tries it after the ladder, latest cut-off first.
 """
@@ -55,7 +55,7 @@ class CfgCutoffLever(LeverBase):
 
     @classmethod
     def record_in(cls, manifest: Mapping[str, Any]) -> Any | None:
-        return (manifest.get("schedule") or {}).get("cfg_truncation") or None
+        return (manifest.get("schedule") or {}).get("cfg_cutoff") or None
 
     @classmethod
     def predictor(cls, evidence: Any, model: nn.Module, settings: Any) -> bool:
