@@ -1,8 +1,9 @@
 """Extraction: profile in, fragment on disk out.
 
-The pipeline is plain functions over plain data: ``score_profile`` (score),
-``plan_levers`` (select), ``build.build_fragment`` (build), then the caller's judge
-(``refine``, the bench's quality gate) and ``save_fragment`` (record).
+The pipeline is plain functions over one object, the profile's evidence
+(``ProfileEvidence``): ``score_profile`` (score, kept by the evidence),
+``plan_levers`` (select: each registered lever plans itself), ``build.build_fragment``
+(build), then the caller's judge (``calibrated_fragment``) and ``save_fragment`` (record).
 ``extract_fragment`` runs score, select, build and record; the node and the demo call it.
 """
 from __future__ import annotations
@@ -25,7 +26,6 @@ from .format.manifest import Fragment
 from .format.measurements import record_measurements
 from .format.store import save_fragment
 from .levers import stage
-from .schedule.reuse_lever import reuse_schedule
 from .schedule.state import fragment_schedule, with_schedule
 from .settings import ExtractionSettings
 from .surgery.lever import Lever
@@ -33,7 +33,7 @@ from .surgery.lever import Lever
 log = logging.getLogger(__name__)
 
 __all__ = ["Scores", "calibrated_fragment", "candidate_fragment", "extract_fragment", "plan_levers", "record_calibration",
-           "reuse_schedule", "score_profile"]
+           "score_profile"]
 
 
 def score_profile(profile: ProfileData | ProfileEvidence, settings: ExtractionSettings = ExtractionSettings()) -> Scores:
