@@ -44,7 +44,8 @@ def score_profile(profile: ProfileData | ProfileEvidence, settings: ExtractionSe
     >>> sorted(scores.heads)[:1]  # doctest: +SKIP
     ['down_blocks.1.attentions.0.transformer_blocks.0.attn1']
     """
-    evidence = profile if isinstance(profile, ProfileEvidence) else ProfileEvidence(profile)
+    # by what it does, not its class: ComfyUI may load this package a second time under the pack's folder name
+    evidence = profile if hasattr(profile, "scores") else ProfileEvidence(profile)
     return evidence.scores(settings.weights, max_rank_std=settings.max_rank_std,
                            keep_unstable_heads=settings.keep_unstable_heads)
 
