@@ -4,10 +4,11 @@ The judge step of the pipeline (profile, score, select, build, **judge**, record
 shared by FragmentExtractor, the demo and ``bench batch``.  Plain data in, plain
 data out:
 
-* :class:`Predictors` hold what the profile already measured: head scores,
-  feed-forward channel scores, the per-step change of the deep features, and
-  the weight error of the precision format and the low-bit weights' error
-  (on the prompt's sampled layer inputs when the profile has them).  Each turns a lever amount into a
+* :class:`Predictors` hold what the profile already measured, one entry per
+  registered lever (``fragment.levers``), each computed once by the lever's own
+  ``predictor`` (head scores, feed-forward channel scores, the per-step change
+  of the deep features, the precision format's and the low-bit weights' error,
+  on the prompt's sampled layer inputs when the profile has them).  Each lever's ``predict`` turns an amount into a
   *predicted damage*: the share of that lever's measured importance it removes.
 * :func:`candidate_ladder` lists candidates from strongest to weakest: at each
   damage level, every lever the ``goal`` allows goes as far as its prediction
