@@ -20,7 +20,6 @@ from typing import Any, Mapping
 from ..errors import FragmentError
 from ..profiling.scoring import ScoreWeights
 from .levers import LeverAmounts, label
-from .surgery.lever import finite
 
 PRECISION_FORMATS = ("fp8", "int8")
 LOW_BIT_BITS = (3, 4)  # fragment.surgery.low_bit.BITS and GROUPS
