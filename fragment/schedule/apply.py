@@ -18,12 +18,12 @@ from ..build import apply_fragment, fragment_replacements
 from ..format.manifest import Fragment
 from ..surgery.tree import replace_modules
 from .state import Schedule, ScheduleState, fragment_schedule, with_schedule
+from .step_reuse import reuse_replacements
+from .timestep_heads import bucket_mask_replacements
 
 # fragment_schedule and with_schedule live with the schedule (the schedule levers use them without this module's
 # import of build); they are kept importable from here, where their callers have always found them.
 __all__ = ["apply_schedule", "fragment_schedule", "schedule_replacements", "with_schedule"]
-from .step_reuse import reuse_replacements
-from .timestep_heads import bucket_mask_replacements
 
 log = logging.getLogger(__name__)
 
