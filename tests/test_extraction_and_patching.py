@@ -124,3 +124,26 @@ def test_copying_a_module_whose_forward_another_tool_patched() -> None:
     lin.forward = lambda *a, **k: wrapped(*a, **k)  # a live wrapper closes over the original: no copy can be right
     with pytest.raises(PruningError, match="patched on the instance by another tool"):
         fresh_copy(lin)
+
+
+def test_a_calibration_scores_the_profile_once_however_many_candidates_it_builds(monkeypatch) -> None:
+    from prompt_fragments.fragment.calibration import Budget, Judgement
+    from prompt_fragments.fragment.extract import calibrated_fragment
+    from prompt_fragments.profiling import evidence as evidence_module
+
+    unet, make_inputs = cs.make_small_diffusers_unet("sd15")
+    evidence = _session_profile(unet, make_inputs).evidence()
+    calls = []
+    real = evidence_module.rank_stability
+    monkeypatch.setattr(evidence_module, "rank_stability", lambda profile: calls.append(1) or real(profile))
+    built = []
+
+    def judge(fragment, seeds):  # passes the weaker half of the ladder: several candidates are built
+        built.append(fragment.manifest["pruning"]["heads_removed"])
+        ok = fragment.manifest["pruning"]["heads_removed"] <= 2
+        return Judgement(ok, slack=0.1 if ok else -0.1)
+
+    _, cal = calibrated_fragment(evidence, unet, judge, base=describe_base(unet, "tiny"), name="once",
+                                 calibration_seeds=[0], holdout_seeds=[1], goal="memory", budget=Budget(images=40))
+    assert len(built) >= 3 and len(cal.tries) == len(built)
+    assert len(calls) == 1  # one scoring for the predictors and every candidate
