@@ -25,13 +25,14 @@ import torch
 from .defaults import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
 from .fragment.build import apply_fragment, describe_base
 from .fragment.calibration import Budget, lever_ladder
-from .fragment.extract import calibrated_fragment, candidate_fragment, extract_fragment, score_profile
+from .fragment.extract import calibrated_fragment, candidate_fragment, extract_fragment
 from .fragment.format.measurements import update_fragment_file
 from .fragment.format.store import load_fragment, save_fragment
 from .fragment.schedule.apply import apply_schedule, fragment_schedule
 from .fragment.settings import ExtractionSettings
 from .fragment.surgery.masking import mask_heads
 from .profiling.activation_stats import ActivationStats
+from .profiling.evidence import ProfileEvidence
 from .profiling.ff_profiler import FFProfiler
 from .profiling.profiler import HeadProfiler
 from .profiling.step_change import StepChangeProbe
@@ -146,26 +147,25 @@ def run_demo(
     profile = prof.result()
     profile_s = time.perf_counter() - started
     started = time.perf_counter()
-    scored = score_profile(profile)  # the extractor's score step, for the curves below
+    evidence = ProfileEvidence.from_probes(profile, [ff_prof, probe, acts])
+    scored = evidence.scores()  # the extractor's score step (kept by the evidence), for the curves below
     scores, protected = scored.heads, scored.protected
     base = describe_base(unet, BASE_NAME)
     name = "demo-" + hashlib.sha256(prompt.encode()).hexdigest()[:8]
-    sources = {"ff_scores": ff_prof.scores(), "step_changes": probe.changes(), "step_timesteps": probe.timesteps(),
-               "activation_stats": acts.stats(), "reuse_depths": probe.depths()}
     build_s = time.perf_counter() - started
     calibrate_s, cal = 0.0, None
     if calibrating:
         started = time.perf_counter()
         judge = fragment_judge(unet, run, target.judge, list(range(seeds)), np.concatenate(profile_images))
-        fragment, cal = calibrated_fragment(profile, unet, judge, base=base, name=name, calibration_seeds=list(range(seeds)),
+        fragment, cal = calibrated_fragment(evidence, unet, judge, base=base, name=name, calibration_seeds=list(range(seeds)),
                                             holdout_seeds=holdout_seeds, goal=goal, budget=Budget(images=budget_images),
-                                            judge_name=target.describe()["judge"], **sources)
+                                            judge_name=target.describe()["judge"])
         calibrate_s = time.perf_counter() - started
         bar.shrink(steps * (budget_images - cal.images))
-        chosen_heads = cal.chosen.heads if cal.chosen else 0.0
+        chosen_heads = cal.chosen.amount("heads") if cal.chosen else 0.0
     else:
         started = time.perf_counter()
-        fragment = extract_fragment(profile, unet, base=base, name=name, settings=ExtractionSettings(amount=ratio))[0]
+        fragment = extract_fragment(evidence, unet, base=base, name=name, settings=ExtractionSettings(levers={"heads": ratio}))[0]
         build_s += time.perf_counter() - started
         chosen_heads = ratio
     manifest_path = save_fragment(fragment, out / "fragments", overwrite=True) if fragment is not None else None
@@ -175,7 +175,8 @@ def run_demo(
     else:  # nothing passed: the full model is the answer, and nothing claims otherwise
         small, state, cfg_cutoff = unet, None, None
     # exactness of the head surgery: the physical heads-only fragment against the same heads masked
-    heads_only = extract_fragment(profile, unet, base=base, name=name, settings=ExtractionSettings(amount=chosen_heads))[0]
+    heads_only = extract_fragment(evidence, unet, base=base, name=name,
+                                  settings=ExtractionSettings(levers={"heads": chosen_heads}))[0]
     kept = {p: list(range(int(v.numel()))) for p, v in scores.items()} | heads_only.kept  # every module, pruned or not
     probe_x = unet_input(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(123)))
     with torch.no_grad(), mask_heads(unet, kept):
@@ -216,8 +217,8 @@ def run_demo(
     if levers:
         from .reference.lever_curves import lever_curves
 
-        lever_results = lever_curves(unet, base=base, head_scores=scores, protected=protected, ff_scores=sources["ff_scores"],
-                                     kv_context=torch.cat([uncond, context]), seeds=variant_seeds, sampler=run,
+        lever_results = lever_curves(unet, evidence.with_context(torch.cat([uncond, context])), base=base,
+                                     seeds=variant_seeds, sampler=run,
                                      prompt=prompt, full_images=full_images, lpips=lpips)
     bar.close()
     grid = measure.grid_png(full_images, frag_images, out / "grid.png")
@@ -299,7 +300,7 @@ def run_demo(
         "pruning": {k: pruning[k] for k in ("heads_total", "heads_removed", "head_retention_ratio")},
         "calibration": ({"status": cal.status, "chosen": cal.chosen.label if cal.chosen else None, "reason": cal.reason,
                          "tries": len(cal.tries), "images": cal.images, "seconds": cal.seconds} if cal else None),
-        "levers": _lever_bytes(unet, profile, cal.chosen if cal else None, base=base, name=name, sources=sources),
+        "levers": _lever_bytes(unet, evidence, cal.chosen if cal else None, base=base, name=name),
         "exactness_masked_vs_physical_rel_err": _relative_error(masked, physical),
         "params": {"full": params(unet), "fragment": params(small)},
         "weights_mb": {"full": w_full, "fragment": w_frag},
@@ -355,14 +356,14 @@ def _h1_at_30(curve: list[dict[str, Any]], h1: dict[str, Any]) -> str:
             f"{lpips if lpips is None else round(lpips, 4)}: {'within' if ok else 'outside'} H1's bounds on this model.")
 
 
-def _lever_bytes(unet: torch.nn.Module, profile: Any, chosen: Any, *, base: dict[str, Any], name: str,
-                 sources: dict[str, Any]) -> list[dict[str, Any]]:
+def _lever_bytes(unet: torch.nn.Module, evidence: ProfileEvidence, chosen: Any, *, base: dict[str, Any],
+                 name: str) -> list[dict[str, Any]]:
     """Resident weight MB with each lever of the chosen candidate added in turn (schedule levers save time, not bytes)."""
     from .metrics.memory import resident_weight_mb
 
     rows, before = [], resident_weight_mb(unet)
     for label, candidate in lever_ladder(chosen) if chosen is not None else []:
-        fragment = candidate_fragment(profile, unet, candidate, base=base, name=name, **sources)
+        fragment = candidate_fragment(evidence, unet, candidate, base=base, name=name)
         mb = resident_weight_mb(apply_fragment(unet, fragment))
         rows.append({"lever": label, "weights_mb": mb, "saved_mb": before - mb})
         before = mb

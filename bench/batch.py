@@ -40,6 +40,7 @@ from ..judge.fragment_judge import fragment_judge, render
 from ..metrics.memory import peak_memory, peak_memory_metrics
 from ..metrics.performance import amortized_costs, synchronize
 from ..profiling.activation_stats import ActivationStats
+from ..profiling.evidence import ProfileEvidence
 from ..profiling.ff_profiler import FFProfiler
 from ..profiling.profiler import HeadProfiler
 from ..profiling.step_change import StepChangeProbe
@@ -96,17 +97,16 @@ class BatchRun:
     """What a batch run leaves besides its JSON report, for benches that compare more methods on the same run.
 
     ``stock`` are the full model's images of ``variants`` (the reference every row is judged against);
-    ``judge_fragment``, ``profile``, ``base`` and ``sources`` let a caller build and judge other fragments
-    of the same profile, as the calibration did.
+    ``judge_fragment``, ``evidence`` (the profile and what the probes measured) and ``base`` let a caller
+    build and judge other fragments of the same profile, as the calibration did.
     """
 
     stock: Any
     variants: list[int]
     profile_seeds: list[int]
     holdout_seeds: list[int]
-    profile: Any
+    evidence: ProfileEvidence
     base: dict[str, Any]
-    sources: dict[str, Any]
     judge_fragment: Callable[..., Any]
     chosen: Any  # the calibration's Candidate, or None when the full model was chosen
 
@@ -151,24 +151,23 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple
     started = time.perf_counter()
     profile = prof.result()
     base = describe_base(unet, target.name, sha256="0" * 64, hash_kind="none")
-    sources = {"ff_scores": ff_prof.scores(), "step_changes": probe.changes(), "step_timesteps": probe.timesteps(),
-               "activation_stats": acts.stats(), "reuse_depths": probe.depths()}
+    evidence = ProfileEvidence.from_probes(profile, [ff_prof, probe, acts])
     build_s = time.perf_counter() - started
 
     judge_fragment = fragment_judge(unet, target.run, target.judge, profile_seeds, reference)
 
     started = time.perf_counter()
     chosen_fragment, cal = calibrated_fragment(
-        profile, unet, judge_fragment, base=base, name=f"bench-{target.name}", calibration_seeds=profile_seeds,
+        evidence, unet, judge_fragment, base=base, name=f"bench-{target.name}", calibration_seeds=profile_seeds,
         holdout_seeds=holdout, goal=config.goal, budget=Budget(images=config.budget_images),
-        judge_name=target.describe().get("judge", "target judge"), **sources)
+        judge_name=target.describe().get("judge", "target judge"))
     calibrate_s = time.perf_counter() - started
 
     rows = [{"label": "stock (full model)", "seconds": stock_s, "s_per_image": stock_s / len(variants), "speedup": 1.0,
              "quality": None, "resident_unet_bytes": resident_bytes(unet)}]
     applied: list[int] = []
     for label, candidate in lever_ladder(cal.chosen) if cal.chosen else []:
-        fragment = candidate_fragment(profile, unet, candidate, base=base, name="row", **sources)
+        fragment = candidate_fragment(evidence, unet, candidate, base=base, name="row")
         (images, applied), seconds = timed(lambda: render(unet, fragment, variants, target.run), device)
         ok, quality = target.judge(stock, images)
         rows.append({"label": label, "candidate": candidate.to_dict(), "seconds": seconds,
@@ -196,7 +195,7 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple
         "profiling_overhead": overhead, "peak_memory": memory,
     }
     return report, BatchRun(stock=stock, variants=variants, profile_seeds=profile_seeds, holdout_seeds=holdout,
-                            profile=profile, base=base, sources=sources, judge_fragment=judge_fragment, chosen=cal.chosen)
+                            evidence=evidence, base=base, judge_fragment=judge_fragment, chosen=cal.chosen)
 
 
 def batch_peak_memory(target: BenchTarget, seeds: Sequence[int], fragment: Any, device: torch.device) -> dict[str, Any]:

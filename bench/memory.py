@@ -32,6 +32,7 @@ from ..fragment.settings import ExtractionSettings, lever_settings
 from ..fragment.surgery.kv_fold import FoldedProjection
 from ..metrics.tensor_memory import fake_module_peak, storage_bytes
 from ..profiling.discovery import iter_attention
+from ..profiling.evidence import ProfileEvidence
 from ..profiling.ff_profiler import iter_feed_forward
 from .weights import CONTEXT_TOKENS, unet_config
 
@@ -126,8 +127,8 @@ def measure_row(unet: nn.Module, config: ExtractionSettings | None, size: int, b
     model, keep_real = unet, []
     if config is not None:
         heads, ff = random_scores(unet, seed)
-        levers = plan_levers(config, heads, model=unet, ff_scores=ff, kv_context=rows if config.kv_fold else None,
-                             name="bench-memory")
+        evidence = ProfileEvidence.from_scores(heads, ff_scores=ff, kv_context=rows if config.on("kv_fold") else None)
+        levers = plan_levers(evidence, config, model=unet, name="bench-memory")
         fragment = build_fragment(unet, levers, base=describe_base(unet, "random", sha256="random", hash_kind="none"),
                                   name="bench-memory")
         model = apply_fragment(unet, fragment)

@@ -193,14 +193,14 @@ def memory_fragment(target: BenchTarget, run: BatchRun, config: BenchConfig) -> 
     """
     unet = target.unet
     if run.chosen is not None:
-        candidate = dataclasses.replace(run.chosen, step_reuse=0.0, cfg_cutoff=None)
+        candidate = run.chosen.with_levers(step_reuse=0.0, cfg_cutoff=None)
         if not candidate.is_full_model:
-            fragment = candidate_fragment(run.profile, unet, candidate, base=run.base, name="memory", **run.sources)
+            fragment = candidate_fragment(run.evidence, unet, candidate, base=run.base, name="memory")
             return fragment, candidate, 0.0, "the chosen fragment's byte levers, no step reuse or CFG cut-off"
     started = time.perf_counter()
     fragment, cal = calibrated_fragment(
-        run.profile, unet, run.judge_fragment, base=run.base, name="memory", calibration_seeds=run.profile_seeds,
-        holdout_seeds=run.holdout_seeds, goal="memory", budget=Budget(images=config.budget_images), **run.sources)
+        run.evidence, unet, run.judge_fragment, base=run.base, name="memory", calibration_seeds=run.profile_seeds,
+        holdout_seeds=run.holdout_seeds, goal="memory", budget=Budget(images=config.budget_images))
     extra = time.perf_counter() - started
     if fragment is None:
         raise RuntimeError(f"no memory-only fragment: the chosen fragment has no byte lever and a memory "

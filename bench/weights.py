@@ -29,6 +29,7 @@ from ..fragment.settings import ExtractionSettings, lever_settings
 from ..fragment.surgery.feed_forward import FeedForwardLever
 from ..fragment.surgery.kv_fold import FoldedProjection
 from ..profiling.anatomy import UNET_CONFIGS, build_meta_unet
+from ..profiling.evidence import ProfileEvidence
 from ..profiling.discovery import iter_attention, out_linear
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class WeightsConfig:
     parameters in ``low_bit_bits``-bit groups of ``low_bit_group``), labelled the bench table's way.
 
     >>> WeightsConfig(lever_settings(heads=0.3), low_bit_ratio=1.0).label
-    'heads 30% + int4 g64 100%'
+    'heads 30% + int4 100%'
     """
 
     settings: ExtractionSettings
@@ -61,17 +62,14 @@ class WeightsConfig:
 
     @property
     def label(self) -> str:
-        if not self.low_bit_ratio:
-            return self.settings.label
-        low = f"int{self.low_bit_bits} g{self.low_bit_group} {self.low_bit_ratio:.0%}"
-        return low if self.settings.label == "base" else f"{self.settings.label} + {low}"
+        return self.extraction_settings().label
 
     def extraction_settings(self) -> ExtractionSettings:
         """The settings with the low-bit fields set: what ``plan_levers`` reads."""
         if not self.low_bit_ratio:
             return self.settings
-        return dataclasses.replace(self.settings, low_bit_ratio=self.low_bit_ratio, low_bit_bits=self.low_bit_bits,
-                                   low_bit_group=self.low_bit_group)
+        return dataclasses.replace(self.settings, levers={**self.settings.levers, "low_bit": self.low_bit_ratio},
+                                   low_bit_bits=self.low_bit_bits, low_bit_group=self.low_bit_group)
 
     def to_dict(self) -> dict[str, Any]:
         return self.extraction_settings().to_dict()
@@ -196,15 +194,16 @@ def measure(model: nn.Module, config: Config, *, arch: str, before: int | None =
     wc = as_weights_config(config)
     config = wc.extraction_settings()
     before = resident_bytes(model) if before is None else before
-    levers = plan_levers(config, head_weight_scores(model), model=model,
-                         kv_context=random_context(model) if config.kv_fold else None, name=f"bench-{arch}")
+    evidence = ProfileEvidence.from_scores(head_weight_scores(model),
+                                           kv_context=random_context(model) if config.on("kv_fold") else None)
+    levers = plan_levers(evidence, config, model=model, name=f"bench-{arch}")
     fragment = build_fragment(model, levers, base=describe_base(model, f"random-{arch}", sha256="random-weights", hash_kind="none"),
                               name=f"bench-{arch}")
     selection = levers[0].selection
     ff = next((lv.selection for lv in levers if isinstance(lv, FeedForwardLever)), None)
     small = apply_fragment(model, fragment)
     after = resident_bytes(small)
-    quant = fragment.manifest["compression"].get("quantization", {})
+    quant = fragment.manifest["compression"].get("precision", {})
     low = fragment.manifest["compression"].get("low_bit", {})
     result = {
         "config": wc.label, "levers": wc.to_dict(),
@@ -232,7 +231,7 @@ def sweep_configs(heads: float, kv_fold: bool, ff: float, precision: str | None,
     >>> [c.label for c in sweep_configs(0.3, True, 0.3, None, 1.0)]
     ['heads 30%', 'kv-fold', 'ff 30%', 'heads 30% + kv-fold + ff 30%']
     >>> [c.label for c in sweep_configs(0.3, False, 0.0, "fp8", 1.0, 1.0)][-3:]
-    ['heads 30% + fp8 100%', 'heads 30% + int4 g64 100%', 'heads 30% + fp8 100% + int4 g64 100%']
+    ['heads 30% + fp8 100%', 'heads 30% + int4 100%', 'heads 30% + int4 100% + fp8 100%']
     """
     low = {"low_bit_bits": low_bit_bits, "low_bit_group": low_bit_group}
     alone: list[Config] = []

@@ -8,7 +8,7 @@ copies of the touched modules.  ComfyUI's checkpoint detection reads head
 counts from the config, so shipping a pruned checkpoint instead would not load
 there.
 
-Levers are built and applied in the order of ``LEVERS`` (see
+Weight levers are built and applied in registry order (``levers.LEVERS``, see
 ``surgery.lever``): each one sees the replacements of those before it.
 """
 from __future__ import annotations
@@ -25,13 +25,9 @@ from ..version import __version__
 from .base_facts import BaseFacts
 from .format.hashing import sha256_state_dict
 from .format.manifest import Fragment, new_manifest
-from .surgery.feed_forward import FeedForwardLever
+from .levers import stage
 from .surgery.heads import HeadLever
-from .surgery.kv_fold import KVFoldLever
 from .surgery.lever import Lever, compression_record
-from .surgery.low_bit import LowBitLever
-from .surgery.lowrank import LowRankLever
-from .surgery.precision import PrecisionLever
 from .surgery.selection import Selection
 from .surgery.tree import replace_modules
 
@@ -39,8 +35,6 @@ if TYPE_CHECKING:
     from .schedule.state import Schedule
 
 MAX_FLOAT16 = 65504.0
-LEVERS: tuple[type[Lever], ...] = (HeadLever, KVFoldLever, FeedForwardLever, LowRankLever, LowBitLever, PrecisionLever)
-_ORDER = {cls.kind: i for i, cls in enumerate(LEVERS)}
 
 
 def describe_base(model: nn.Module, name: str, sha256: str | None = None, hash_kind: str = "file") -> dict[str, Any]:
@@ -85,31 +79,32 @@ def build_fragment(
 ) -> Fragment:
     """Build ``levers`` on ``model`` (which is not changed) and record them as a fragment.
 
-    At most one lever of each kind; they are built in ``LEVERS`` order whatever order they come in.
+    At most one lever of each name; they are built in registry order whatever order they come in.
     Without a ``HeadLever`` every head is kept.
 
-    >>> frag = build_fragment(unet, [HeadLever.plan(score_heads(profile), ratio=0.3),  # doctest: +SKIP
-    ...                              FeedForwardLever.plan(weight_norm_scores(unet), ratio=0.3)],
+    >>> frag = build_fragment(unet, [HeadLever.select(score_heads(profile), ratio=0.3),  # doctest: +SKIP
+    ...                              FeedForwardLever.select(weight_norm_scores(unet), ratio=0.3)],
     ...                       base=describe_base(unet, "toy-sd15"), name="dog-on-jet-ski")
     >>> small = apply_fragment(unet, frag)  # doctest: +SKIP
     """
-    kinds = [lever.kind for lever in levers]
-    if len(set(kinds)) != len(kinds) or not set(kinds) <= set(_ORDER):
-        raise FragmentError(f"fragment {name!r}: expected at most one lever of each kind {sorted(_ORDER, key=_ORDER.get)}, "
+    order = {cls.name: i for i, cls in enumerate(stage("weights"))}
+    kinds = [lever.name for lever in levers]
+    if len(set(kinds)) != len(kinds) or not set(kinds) <= set(order):
+        raise FragmentError(f"fragment {name!r}: expected at most one lever of each kind {list(order)}, "
                             f"found {kinds}")
     if "heads" not in kinds:
         levers = [HeadLever(keep_all_heads(model)), *levers]
     replacements: dict[str, nn.Module] = {}
     tensors: dict[str, torch.Tensor] = {}
     records: dict[str, Any] = {}
-    for lever in sorted(levers, key=lambda lv: _ORDER[lv.kind]):
+    for lever in sorted(levers, key=lambda lv: order[lv.name]):
         built = lever.build(model, replacements, records)
         overlap = set(built.tensors) & set(tensors)
         if overlap:  # cannot happen with distinct key prefixes; a new lever that breaks the rule is caught here
-            raise FragmentError(f"fragment {name!r}: lever {lever.kind} reuses tensor keys {sorted(overlap)[:3]}")
+            raise FragmentError(f"fragment {name!r}: lever {lever.name} reuses tensor keys {sorted(overlap)[:3]}")
         tensors.update(built.tensors)
-        records[lever.kind] = built.record
-    compression = {"low_rank": records.get("low_rank", []), "quantization": {"applied": False}}
+        records[lever.name] = built.record
+    compression = {"low_rank": records.get("low_rank", []), "precision": {"applied": False}}
     compression.update({kind: record for kind, record in records.items() if kind not in ("heads", "low_rank")})
     manifest = new_manifest(
         name=name,
@@ -140,7 +135,7 @@ def fragment_replacements(
     check_loadable(manifest, fragment.tensors, f"fragment {fragment.name!r}", base=model,
                    values_checked=fragment.values_checked)
     replacements: dict[str, nn.Module] = {}
-    for cls in LEVERS:
+    for cls in stage("weights"):
         record = cls.record_in(manifest)
         if record is not None:
             cls.apply(model, record, fragment.tensors, replacements, source=f"fragment {fragment.name!r}")
@@ -156,7 +151,7 @@ def apply_fragment(model: nn.Module, fragment: Fragment, *, base_sha256: str | N
 
 
 # Levers whose check bounds the weights it builds itself (dequantized low-bit and fp8/int8 weights).
-_BOUNDED = ("low_bit", "quantization")
+_BOUNDED = ("low_bit", "precision")
 
 
 def check_float_values(tensor: torch.Tensor, where_: str) -> None:
@@ -185,12 +180,12 @@ def check_lever_tensors(manifest: Mapping[str, Any], tensors: Mapping[str, torch
     >>> check_lever_tensors({"pruning": {"modules": {}}, "compression": {}}, {}, "x.safetensors")
     """
     expected: set[str] = set()
-    for cls in LEVERS:
+    for cls in stage("weights"):
         record = cls.record_in(manifest)
         if record is not None:
             keys = cls.check(record, tensors, source)
             expected |= keys
-            if cls.kind not in _BOUNDED:
+            if cls.name not in _BOUNDED:
                 for key in sorted(keys):
                     check_float_values(tensors[key], f"{source}: {key}")
     extra = sorted(set(tensors) - expected)
@@ -205,7 +200,7 @@ def lever_weight_keys(manifest: Mapping[str, Any], prefix: str = "") -> set[str]
     ['mid.ff.bias', 'mid.ff.weight']
     """
     keys: set[str] = set()
-    for cls in LEVERS:
+    for cls in stage("weights"):
         record = cls.record_in(manifest)
         if record is not None:
             keys |= cls.weight_keys(record, prefix)
@@ -214,7 +209,7 @@ def lever_weight_keys(manifest: Mapping[str, Any], prefix: str = "") -> set[str]
 
 # Levers that give a weight its storage format: a layer stored by two of them would be built twice over
 # (a low-bit layer then quantized to fp8 held an fp8 Parameter and a uint8 buffer, both named weight).
-_FORMATS = ("low_rank", "low_bit", "quantization")
+_FORMATS = ("low_rank", "low_bit", "precision")
 
 
 def _format_layers(manifest: Mapping[str, Any], kind: str) -> list[str]:
@@ -228,10 +223,10 @@ def check_one_format(manifest: Mapping[str, Any], source: str) -> None:
     """No layer (nor a module inside it) is stored by two of low rank, low-bit and precision.
 
     >>> check_one_format({"compression": {"low_rank": [{"layer": "a.b"}],
-    ...                   "quantization": {"applied": True, "layers": {"a.b": {}}}}}, "x.json")
+    ...                   "precision": {"applied": True, "layers": {"a.b": {}}}}}, "x.json")
     Traceback (most recent call last):
     ...
-    prompt_fragments.errors.ManifestError: x.json: layer 'a.b' is stored as low_rank and as quantization; expected one format per layer
+    prompt_fragments.errors.ManifestError: x.json: layer 'a.b' is stored as low_rank and as precision; expected one format per layer
     """
     owner: dict[str, str] = {}
     for kind in _FORMATS:

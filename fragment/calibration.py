@@ -4,10 +4,11 @@ The judge step of the pipeline (profile, score, select, build, **judge**, record
 shared by FragmentExtractor, the demo and ``bench batch``.  Plain data in, plain
 data out:
 
-* :class:`Predictors` hold what the profile already measured: head scores,
-  feed-forward channel scores, the per-step change of the deep features, and
-  the weight error of the precision format and the low-bit weights' error
-  (on the prompt's sampled layer inputs when the profile has them).  Each turns a lever amount into a
+* :class:`Predictors` hold what the profile already measured, one entry per
+  registered lever (``fragment.levers``), each computed once by the lever's own
+  ``predictor`` (head scores, feed-forward channel scores, the per-step change
+  of the deep features, the precision format's and the low-bit weights' error,
+  on the prompt's sampled layer inputs when the profile has them).  Each lever's ``predict`` turns an amount into a
   *predicted damage*: the share of that lever's measured importance it removes.
 * :func:`candidate_ladder` lists candidates from strongest to weakest: at each
   damage level, every lever the ``goal`` allows goes as far as its prediction
@@ -46,20 +47,17 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..errors import FragmentError
-from ..profiling.step_change import ReuseDepth, reuse_steps_for_count
+from ..profiling.evidence import ProfileEvidence
+from ..profiling.step_change import ReuseDepth
+from .levers import GOALS, LEVERS, LeverAmounts, goal_levers, label, lever
+from .schedule.cfg_lever import CFG_CUTOFFS
+from .schedule.reuse_lever import StepReuseLever
 from .settings import ExtractionSettings
 
 log = logging.getLogger(__name__)
 
-GOALS = ("memory", "speed", "both")
 # Damage levels of the ladder, strongest first: a lever at level d removes at most d of its measured importance.
 DEFAULT_LEVELS = (0.6, 0.45, 0.35, 0.27, 0.2, 0.15, 0.11, 0.08, 0.06, 0.045, 0.03, 0.02)
-HEAD_GRID = tuple(round(0.05 * i, 2) for i in range(0, 13))  # 0 .. 60 % of heads
-FF_GRID = tuple(round(0.05 * i, 2) for i in range(0, 13))  # 0 .. 60 % of feed-forward channels
-PRECISION_GRID = tuple(round(0.1 * i, 1) for i in range(0, 11))  # 0 .. 100 % of retained Linear parameters
-LOW_BIT_GRID = tuple(round(0.1 * i, 1) for i in range(0, 11))  # 0 .. 100 % of Linear and Conv2d parameters
-REUSE_GRID = tuple(round(0.05 * i, 2) for i in range(0, 17))  # 0 .. 80 % of steps
-CFG_CUTOFFS = (500.0, 350.0, 200.0)
 # Least share of a run's measured time a step-reuse candidate must save: the demo's `both` ladder otherwise
 # added 15 % of the steps below skip 3, which bought 1.00x and cost 1 % of peak memory for the cache.
 MIN_REUSE_SAVING = 0.1
@@ -67,216 +65,127 @@ MIN_REUSE_SAVING = 0.1
 
 @dataclass(frozen=True)
 class Candidate:
-    """One combination of levers: shares of heads, FF channels, low-bit and precision weights and steps, K/V fold
-    and CFG cut-off.
+    """One combination of levers: ``levers`` (lever name -> amount, as in ``ExtractionSettings``), the reuse
+    depth, and the damage level the ladder built it at.  Hashable: the calibration keys its tries by it.
 
-    >>> Candidate(heads=0.2, ff_ratio=0.1, step_reuse=0.3).label
+    >>> Candidate({"heads": 0.2, "ff": 0.1, "step_reuse": 0.3}).label
     'heads 20% + ff 10% + step reuse 30%'
-    >>> Candidate().is_full_model
-    True
+    >>> Candidate().is_full_model, Candidate({"heads": 0.2}) == Candidate({"heads": 0.2, "ff": 0.0})
+    (True, True)
     """
 
-    heads: float = 0.0
-    ff_ratio: float = 0.0
-    kv_fold: bool = False
-    precision_ratio: float = 0.0
-    step_reuse: float = 0.0
-    cfg_cutoff: float | None = None
-    low_bit_ratio: float = 0.0
+    levers: Mapping[str, Any] = field(default_factory=dict)
     reuse_skips: int | None = None  # the reuse depth in skip connections (None: the block depth)
     level: float = 0.0  # the predicted damage level the ladder built it at (0: not from the ladder)
+    # the settings it is built with (format, bits...), for its label only: not part of what the candidate is
+    how: ExtractionSettings | None = field(default=None, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levers", LeverAmounts(self.levers, where="calibration candidate"))
+
+    def amount(self, name: str) -> Any:
+        """The amount of lever ``name`` (its off value when it is off)."""
+        return self.levers.amount(name)
+
+    def with_levers(self, **amounts: Any) -> "Candidate":
+        """This candidate with some amounts changed.
+
+        >>> Candidate({"heads": 0.2}).with_levers(cfg_cutoff=350.0).label
+        'heads 20% + CFG off below t=350'
+        """
+        return dataclasses.replace(self, levers={**self.levers, **amounts})
 
     @property
     def is_full_model(self) -> bool:
-        return not (self.heads or self.ff_ratio or self.kv_fold or self.low_bit_ratio or self.precision_ratio
-                    or self.step_reuse or self.cfg_cutoff is not None)
+        return not self.levers
 
     @property
     def label(self) -> str:
-        parts = [f"heads {self.heads:.0%}"] if self.heads else []
-        parts += ["kv-fold"] if self.kv_fold else []
-        parts += [f"ff {self.ff_ratio:.0%}"] if self.ff_ratio else []
-        parts += [f"low-bit {self.low_bit_ratio:.0%}"] if self.low_bit_ratio else []
-        parts += [f"precision {self.precision_ratio:.0%}"] if self.precision_ratio else []
-        depth = f" below skip {self.reuse_skips}" if self.reuse_skips is not None else ""
-        parts += [f"step reuse {self.step_reuse:.0%}{depth}"] if self.step_reuse else []
-        parts += [f"CFG off below t={self.cfg_cutoff:g}"] if self.cfg_cutoff is not None else []
-        return " + ".join(parts) or "full model"
+        """The one label of settings and candidates (``levers.label``), in the format it is built with.
+
+        >>> Candidate({"precision": 0.5}, how=ExtractionSettings(precision_format="int8")).label
+        'int8 50%'
+        """
+        return label(self.levers, self.settings(self.how or ExtractionSettings()), empty="full model")
 
     def settings(self, base: ExtractionSettings = ExtractionSettings()) -> ExtractionSettings:
-        """``base`` (strategy, scope, format, ...) with this candidate's amounts; the CFG cut-off is the schedule's.
+        """``base`` (strategy, scope, format, ...) with this candidate's amounts.
 
-        >>> Candidate(heads=0.1, precision_ratio=0.5).settings().label
+        >>> Candidate({"heads": 0.1, "precision": 0.5}).settings().label
         'heads 10% + fp8 50%'
         """
-        return dataclasses.replace(base, strategy="ratio", amount=self.heads, ff_ratio=self.ff_ratio,
-                                   kv_fold=self.kv_fold, precision_ratio=self.precision_ratio, step_reuse=self.step_reuse,
-                                   low_bit_ratio=self.low_bit_ratio,
-                                   reuse_skips=self.reuse_skips if self.step_reuse else None)
+        return dataclasses.replace(base, strategy="ratio", levers=self.levers,
+                                   reuse_skips=self.reuse_skips if "step_reuse" in self.levers else None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "label": self.label}
+        amounts = {cls.name: self.amount(cls.name) for cls in LEVERS if cls.ladder}
+        return {**amounts, "reuse_skips": self.reuse_skips, "level": self.level, "label": self.label}
 
 
 @dataclass(frozen=True)
 class Predictors:
-    """What the profile measured, as the predicted damage of each lever amount (the share of importance removed).
+    """What the profile measured, per lever, as its ``predictor`` data (``data``: lever name -> data); each lever
+    turns an amount into a *predicted damage*: the share of its measured importance removed, as a relative
+    error.  A lever without its data is not offered.
 
-    ``head_scores``: ``score_profile(...).heads``; ``ff_scores``: ``FFProfiler.scores()``;
-    ``step_changes``: ``StepChangeProbe.changes()``; ``precision_errors``: ``(parameters,
-    relative error)`` per retained Linear (:func:`precision_errors`); ``low_bit_errors``: ``(parameters,
-    relative error)`` per Linear and Conv2d (:func:`low_bit_errors`); ``kv_fold``: whether a
-    context to fold is available; ``reuse_depths``: ``StepChangeProbe.depths()``, the finer
-    cuts step reuse may choose among by what a reuse step still costs (with them,
-    ``step_changes`` is not used).  A lever without its data is not offered.
-
-    >>> p = Predictors(head_scores={"a": torch.tensor([1.0, 1.0, 2.0, 4.0])})
+    >>> p = Predictors({"heads": {"a": torch.tensor([1.0, 1.0, 2.0, 4.0])}})
     >>> p.damage("heads", 0.25), p.damage("heads", 0.5)  # sqrt of 1/8 and 2/8 of the score mass
     (0.3535533905932738, 0.5)
     """
 
-    head_scores: Mapping[str, torch.Tensor] | None = None
-    ff_scores: Mapping[str, torch.Tensor] | None = None
-    step_changes: Sequence[float | None] | None = None
-    precision_errors: Sequence[tuple[int, float]] | None = None
-    kv_fold: bool = False
-    low_bit_errors: Sequence[tuple[int, float]] | None = None
-    reuse_depths: Mapping[int, ReuseDepth] | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    def offers(self, name: str) -> bool:
+        return self.data.get(name) is not None and lever(name).offers(self.data[name])
 
     @property
     def depths(self) -> dict[int, ReuseDepth]:
-        """The reuse depths with enough profiled steps and a counted cost."""
-        return {k: d for k, d in (self.reuse_depths or {}).items() if d.cost is not None and len(d.changes) >= 3}
-
-    def offers(self, lever: str) -> bool:
-        data = {"heads": self.head_scores, "ff_ratio": self.ff_scores, "step_reuse": self.step_changes,
-                "precision_ratio": self.precision_errors, "low_bit_ratio": self.low_bit_errors}
-        if lever == "step_reuse":
-            return bool(self.depths) or (bool(self.step_changes) and len(self.step_changes) >= 3)
-        return bool(data.get(lever))
+        """The profiled reuse depths with enough steps and a counted cost."""
+        data = self.data.get(StepReuseLever.name)
+        return data.depths if data is not None else {}
 
     def reuse_damage(self, skips: int, amount: float) -> float:
         """Predicted damage of reusing ``amount`` of the steps at depth ``skips`` (its drift budget)."""
+        return StepReuseLever.depth_damage(self.data[StepReuseLever.name], skips, amount)
+
+    def damage(self, name: str, amount: float) -> float:
+        """Predicted share of lever ``name``'s measured importance removed at ``amount``."""
+        cls = lever(name)
+        if cls.ladder != "predicted" or not cls.grid:
+            raise FragmentError(f"calibration: lever {name!r} has no predicted damage; expected one of "
+                                f"{', '.join(c.name for c in LEVERS if c.ladder == 'predicted' and c.grid)}")
         if amount <= 0:
             return 0.0
-        return _reuse_damage(list(self.depths[skips].changes), amount)
-
-    def damage(self, lever: str, amount: float) -> float:
-        """Predicted share of ``lever``'s measured importance removed at ``amount``."""
-        if amount <= 0:
-            return 0.0
-        # Every damage is a relative error: a removed share m of the output energy is an error of
-        # norm sqrt(m); a replayed drift budget and a weight round-trip error already are relative errors.
-        if lever == "heads":
-            return math.sqrt(_removed_share(torch.cat([s.flatten().float() for s in self.head_scores.values()]), amount))
-        if lever == "ff_ratio":  # the FF lever cuts the same share from every block
-            shares = [_removed_share(s.flatten().float(), amount) for s in self.ff_scores.values()]
-            return math.sqrt(sum(shares) / len(shares))
-        if lever == "step_reuse":
-            return _reuse_damage(list(self.step_changes), amount)
-        if lever in ("precision_ratio", "low_bit_ratio"):  # the least-error layers first, as those levers pick them
-            rows = sorted(self.precision_errors if lever == "precision_ratio" else self.low_bit_errors, key=lambda r: r[1])
-            total = sum(n for n, _ in rows)
-            budget, used, err, energy = amount * total + 1e-9, 0, 0.0, 0.0
-            for n, e in rows:
-                if used + n > budget:
-                    continue
-                used, err, energy = used + n, err + n * e, energy + e * e
-            if lever == "low_bit_ratio":
-                # int4 errors (~5 % per layer) compound through the network: independent errors of the
-                # quantized layers add in energy.  The parameter-weighted mean (precision's model) put int4 on
-                # every layer at damage 0.05 on the reference model, where the judge measured SSIM 0.54.
-                return math.sqrt(energy)
-            return err / total if total else 0.0
-        raise FragmentError(f"calibration: unknown lever {lever!r}; expected heads, ff_ratio, step_reuse, "
-                            "low_bit_ratio or precision_ratio")
+        return cls.predict(self.data[name], amount)
 
 
-def _reuse_damage(changes: list[float | None], amount: float) -> float:
-    """The drift budget (the relative change the reused steps replay over) of reusing ``amount`` of the steps.
+def profile_predictors(evidence: ProfileEvidence, model: torch.nn.Module, settings: ExtractionSettings = ExtractionSettings(),
+               goal: str | None = None) -> Predictors:
+    """Each lever's predictor data from the evidence and the model, once; with ``goal``, only the levers it
+    moves (the precision and low-bit predictors quantize every layer: only worth it when the goal moves them).
 
-    A share that reuses no step (it rounds to none, or no run of steps fits) is no candidate: infinite damage,
-    where a budget of 0 made it look free at every level (a "step reuse 5 %" fragment that was the full model).
+    >>> p = profile_predictors(evidence, unet, goal="memory")  # doctest: +SKIP
     """
-    steps, budget = reuse_steps_for_count(changes, int(amount * len(changes)))
-    return float(budget) if steps else math.inf
-
-
-def _removed_share(scores: torch.Tensor, share: float) -> float:
-    """Share of the (non-negative) score mass in the lowest ``share`` of entries."""
-    values = scores.clamp_min(0).sort().values
-    count = int(share * values.numel())
-    total = float(values.sum())
-    return float(values[:count].sum()) / total if total > 0 else 0.0
-
-
-def precision_errors(linears: Mapping[str, torch.nn.Linear], fmt: str) -> list[tuple[int, float]]:
-    """``(parameters, relative round-trip error in fmt)`` per Linear: the precision lever's damage data.
-
-    >>> precision_errors({"a": torch.nn.Linear(4, 4)}, "int8")[0][0]
-    16
-    """
-    from .surgery.precision import relative_error
-
-    return [(lin.weight.numel(), relative_error(lin.weight, fmt)) for lin in linears.values()]
-
-
-def low_bit_errors(model: torch.nn.Module, stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None, *,
-                   bits: int = 4, group: int = 64) -> list[tuple[int, float]]:
-    """``(parameters, relative low-bit error)`` per Linear and Conv2d: the low-bit lever's damage data.
-
-    The error is the one the lever ranks by: the output error on the layer's sampled inputs when
-    ``stats`` (``ActivationStats.stats()``) have them, else the round-trip weight error.
-
-    >>> low_bit_errors(torch.nn.Sequential(torch.nn.Linear(64, 4)))[0][0]
-    256
-    """
-    from .surgery.low_bit import quantizable_layers, quantization_error
-
-    rows = []
-    for path, layer in quantizable_layers(model).items():
-        entry = (stats or {}).get(path) or {}
-        a, x = entry.get("abs_mean"), entry.get("inputs")
-        usable = a is not None and a.numel() == layer.weight.shape[1]
-        rows.append((layer.weight.numel(), quantization_error(layer.weight, bits=bits, group=group,
-                                                              act_abs_mean=a if usable else None,
-                                                              inputs=x if usable else None)))
-    return rows
-
-
-def goal_levers(goal: str) -> tuple[str, ...]:
-    """The levers a goal moves: ``memory`` (bytes), ``speed`` (time) or ``both``.
-
-    Pruned heads and FF channels save bytes but little time (attention and feed-forward are a small
-    share of a step: FF 10 % measured 0.97x on the reference model), and in a joint ladder they
-    would spend the quality budget that step reuse turns into time, so ``speed`` leaves them out.
-
-    >>> goal_levers("speed")
-    ('step_reuse',)
-    """
-    if goal not in GOALS:
-        raise FragmentError(f"calibration goal: expected one of {', '.join(GOALS)}, found {goal!r}")
-    return {"memory": ("heads", "ff_ratio", "low_bit_ratio", "precision_ratio"), "speed": ("step_reuse",),
-            "both": ("heads", "ff_ratio", "low_bit_ratio", "precision_ratio", "step_reuse")}[goal]
+    moved = set(goal_levers(goal)) | {cls.name for cls in LEVERS if cls.ladder == "always"} if goal else None
+    data = {}
+    for cls in LEVERS:
+        if cls.ladder and (moved is None or cls.name in moved):
+            data[cls.name] = cls.predictor(evidence, model, settings)
+    return Predictors(data)
 
 
 def lever_ladder(chosen: Candidate) -> list[tuple[str, Candidate]]:
     """The chosen candidate's levers added one at a time, for the bench's rows (the last row is ``chosen``).
 
-    >>> [label for label, _ in lever_ladder(Candidate(heads=0.2, step_reuse=0.3, cfg_cutoff=350.0))]
+    >>> [label for label, _ in lever_ladder(Candidate({"heads": 0.2, "step_reuse": 0.3, "cfg_cutoff": 350.0}))]
     ['fragment: heads 20%', '+ step reuse 30%', '+ CFG off below t=350 (final)']
     """
     steps: list[tuple[str, Candidate]] = []
-    current = Candidate()
-    for name, value in (("heads", chosen.heads), ("kv_fold", chosen.kv_fold), ("ff_ratio", chosen.ff_ratio),
-                        ("low_bit_ratio", chosen.low_bit_ratio), ("precision_ratio", chosen.precision_ratio),
-                        ("step_reuse", chosen.step_reuse),
-                        ("cfg_cutoff", chosen.cfg_cutoff)):
-        if not value:
-            continue
+    current = Candidate(how=chosen.how)
+    for name, value in chosen.levers.items():
         before = current.label
-        depth = {"reuse_skips": chosen.reuse_skips} if name == "step_reuse" else {}
-        current = dataclasses.replace(current, **{name: value}, **depth)
+        depth = {"reuse_skips": chosen.reuse_skips} if name == StepReuseLever.name else {}
+        current = dataclasses.replace(current.with_levers(**{name: value}), **depth)
         part = current.label if before == "full model" else current.label[len(before) + 3:]
         steps.append(((("fragment: " if not steps else "+ ") + part), current))
     if steps:
@@ -284,28 +193,25 @@ def lever_ladder(chosen: Candidate) -> list[tuple[str, Candidate]]:
     return steps
 
 
-GRIDS = {"heads": HEAD_GRID, "ff_ratio": FF_GRID, "precision_ratio": PRECISION_GRID, "step_reuse": REUSE_GRID,
-         "low_bit_ratio": LOW_BIT_GRID}
-
-
 def candidate_ladder(predictors: Predictors, goal: str = "both", levels: Sequence[float] = DEFAULT_LEVELS,
                      grids: Mapping[str, Sequence[float]] | None = None) -> list[Candidate]:
     """Candidates from strongest to weakest: each lever goes as far as its predicted damage stays within a level.
 
     Duplicates (levels where no lever moves) are dropped; the full model is not listed (it is the fallback).
-    The K/V fold is exact for the folded prompt, so it is on at every level where it is offered and
-    the goal counts bytes or time.
+    A lever that is exact (``ladder == "always"``, the K/V fold) is on at every level where it is offered.
 
-    >>> p = Predictors(head_scores={"a": torch.arange(1.0, 11.0)})
-    >>> [c.heads for c in candidate_ladder(p, "memory", levels=(0.5, 0.3, 0.1))]
+    >>> p = Predictors({"heads": {"a": torch.arange(1.0, 11.0)}})
+    >>> [c.amount("heads") for c in candidate_ladder(p, "memory", levels=(0.5, 0.3, 0.1))]
     [0.4, 0.2]
     """
-    grids = {**GRIDS, **(grids or {})}
-    levers = [lv for lv in goal_levers(goal) if predictors.offers(lv)]
-    depths = predictors.depths if "step_reuse" in levers else {}
+    grids = {**{cls.name: cls.grid for cls in LEVERS}, **(grids or {})}
+    levers = [name for name in goal_levers(goal) if predictors.offers(name)]
+    always = {cls.name: True for cls in LEVERS if cls.ladder == "always" and goal in cls.goals and predictors.offers(cls.name)}
+    reuse = StepReuseLever.name
+    depths = predictors.depths if reuse in levers else {}
     # the damage of a grid amount does not depend on the level: predicted once per lever, read at every level
-    damages = {lv: {a: predictors.damage(lv, a) for a in grids[lv]} for lv in levers if not (lv == "step_reuse" and depths)}
-    depth_damages = {k: {a: predictors.reuse_damage(k, a) for a in grids["step_reuse"]} for k in depths}
+    damages = {lv: {a: predictors.damage(lv, a) for a in grids[lv]} for lv in levers if not (lv == reuse and depths)}
+    depth_damages = {k: {a: predictors.reuse_damage(k, a) for a in grids[reuse]} for k in depths}
     ladder: list[Candidate] = []
     seen: set[tuple] = set()
     for level in sorted(levels, reverse=True):
@@ -318,10 +224,10 @@ def candidate_ladder(predictors: Predictors, goal: str = "both", levels: Sequenc
                                key=lambda option: (depths[option[1]].saving(option[0]), option[1]))
             if depths[skips].saving(share) < MIN_REUSE_SAVING:
                 share = 0.0  # the cache costs memory on every step: a reuse that saves this little is not worth it
-            amounts["step_reuse"] = share
+            amounts[reuse] = share
             skips = skips if share else None
-        candidate = Candidate(kv_fold=predictors.kv_fold, level=float(level), reuse_skips=skips, **amounts)
-        key = (*(amounts.get(lv, 0.0) for lv in GRIDS), skips)
+        candidate = Candidate({**always, **amounts}, level=float(level), reuse_skips=skips)
+        key = (*(amounts.get(lv, 0.0) for lv in grids), skips)
         if candidate.is_full_model or not any(amounts.values()) or key in seen:
             continue
         seen.add(key)
@@ -440,8 +346,8 @@ def calibrate(
     their full-model references (``holdout_reference_images``, default the same count), paid once,
     before the first confirmation.
 
-    >>> ladder = [Candidate(heads=h, level=h) for h in (0.5, 0.4, 0.3, 0.2, 0.1)]
-    >>> fair = lambda c, seeds: Judgement(c.heads <= 0.3, slack=(0.3 - c.heads) / 0.3)
+    >>> ladder = [Candidate({"heads": h}, level=h) for h in (0.5, 0.4, 0.3, 0.2, 0.1)]
+    >>> fair = lambda c, seeds: Judgement(c.amount("heads") <= 0.3, slack=(0.3 - c.amount("heads")) / 0.3)
     >>> cal = calibrate(ladder, fair, calibration_seeds=[0, 1], holdout_seeds=[7], goal="memory")
     >>> cal.status, cal.chosen.label, [(t["phase"], t["candidate"]["heads"]) for t in cal.tries]
     ('passed', 'heads 30%', [('calibration', 0.2), ('calibration', 0.4), ('calibration', 0.3), ('holdout', 0.3)])
@@ -579,7 +485,7 @@ def _cfg_cutoff(chosen: Candidate, cutoffs: Sequence[float],
     for cutoff in sorted(cutoffs, reverse=True):
         if not confirmable():
             break
-        candidate = dataclasses.replace(chosen, cfg_cutoff=float(cutoff))
+        candidate = chosen.with_levers(cfg_cutoff=float(cutoff))
         first = attempt(candidate, "calibration")
         if first is None:
             break

@@ -37,6 +37,7 @@ from ..fragment.library.index import register
 from ..fragment.patching import base_sha256
 from ..fragment.settings import ExtractionSettings
 from ..judge.comfy import ComfyJudge, SamplerSettings, check_steps
+from ..profiling.evidence import ProfileEvidence
 from .comfy_versions import unload_clones
 from .folders import CATEGORY, FragmentHandle, ProfileHandle, fragments_dir, tip, unpatched_originals
 from .fragment_loader import JUDGE_MODELS
@@ -103,13 +104,14 @@ class FragmentExtractor:
                 cfg: float | None = None, sampler_name: str | None = None, scheduler: str | None = None,
                 goal: str = "both", budget_images: int = 16, holdout_seeds: int = 1, low_bit_ratio: float = 0.0,
                 low_bit_bits: str = "int4") -> dict[str, Any]:
+        amounts = {"heads": ratio if strategy == "ratio" else percentile, "kv_fold": kv_fold, "ff": ff_ratio,
+                   # The node's "none" is the precision lever off: one spelling of off in the core.
+                   "precision": 0.0 if precision == "none" else precision_ratio, "step_reuse": step_reuse,
+                   "low_bit": low_bit_ratio}
         settings = ExtractionSettings(
-            strategy=strategy, amount=ratio if strategy == "ratio" else percentile, scope=scope, min_keep=min_keep,
-            safety_margin_heads=safety_margin_heads, keep_unstable_heads=keep_unstable_heads, kv_fold=kv_fold,
-            kv_fold_keep_weights=kv_fold_keep_weights, ff_ratio=ff_ratio,
-            # The node's "none" is the settings' precision_ratio 0: one spelling of off in the core.
-            precision="fp8" if precision == "none" else precision, precision_ratio=0.0 if precision == "none" else precision_ratio,
-            step_reuse=step_reuse, low_bit_ratio=low_bit_ratio, low_bit_bits=3 if low_bit_bits == "int3" else 4,
+            levers=amounts, strategy=strategy, scope=scope, min_keep=min_keep, safety_margin_heads=safety_margin_heads,
+            keep_unstable_heads=keep_unstable_heads, kv_fold_keep_weights=kv_fold_keep_weights,
+            precision_format="fp8" if precision == "none" else precision, low_bit_bits=3 if low_bit_bits == "int3" else 4,
         )
         if kv_fold and (positive is None or negative is None):
             raise FragmentError("FragmentExtractor: kv_fold needs both the positive and negative CONDITIONING inputs "
@@ -123,16 +125,11 @@ class FragmentExtractor:
         digest = base_sha256(model, originals)
         base = describe_base(model, profile.checkpoint, sha256=digest, hash_kind="state_dict_fp16")
         kv_context = fold_context(positive, negative, context_dtype(profile.patcher)) if kv_fold else None
-        params = {"strategy": strategy, "ratio": settings.amount, "scope": scope}
+        params = {"strategy": strategy, "ratio": settings.amount("heads"), "scope": scope}
+        evidence = profile.session.evidence(kv_context)
         if sampler is None:
-            fragment, path = extract_fragment(
-                profile.session.result(), model, base=base, name=name, settings=settings, directory=fragments_dir(),
-                overwrite=overwrite, kv_context=kv_context,
-                ff_scores=profile.session.ff_scores() if ff_ratio > 0 else None,
-                step_changes=profile.session.step_changes() if step_reuse > 0 else None,
-                step_timesteps=profile.session.step_timesteps() if step_reuse > 0 else None,
-                activation_stats=profile.session.activation_stats() if settings.low_bit_on else None,
-            )
+            fragment, path = extract_fragment(evidence, model, base=base, name=name, settings=settings,
+                                              directory=fragments_dir(), overwrite=overwrite)
             why = "calibrate off" if calibrate == "off" else "calibrate auto: the sampler settings or prompts are not connected"
             status = f"fixed settings, not judged ({why}): {settings.label}"
         else:
@@ -146,11 +143,11 @@ class FragmentExtractor:
                                digest=digest, originals=originals, lpips=lpips)
             judge.check_reference()
             fragment, cal = calibrated_judged_fragment(
-                profile, judge, base=base, name=name, settings=settings, kv_context=kv_context, goal=goal,
+                evidence, model, judge, base=base, name=name, settings=settings, goal=goal,
                 holdout=holdout_seeds, budget_images=budget_images)
             path = save_fragment(fragment, fragments_dir(), overwrite=overwrite)
             status = calibration_status(cal, judge, lpips_note)
-            params = {"strategy": "ratio", "ratio": cal.chosen.heads if cal.chosen else 0.0, "scope": scope,
+            params = {"strategy": "ratio", "ratio": cal.chosen.amount("heads") if cal.chosen else 0.0, "scope": scope,
                       "calibration": cal.status, "levers": cal.chosen.label if cal.chosen else "full model"}
         # Indexed for FragmentLoader's (auto) mode, unless it is the no-lever fallback: auto would pick the full model.
         if positive is not None and params.get("levers") != "full model":
@@ -186,25 +183,23 @@ def sampler_settings(calibrate: str, seed: int | None, steps: int | None, cfg: f
                            scheduler=str(scheduler))
 
 
-def calibrated_judged_fragment(profile: ProfileHandle, judge: ComfyJudge, *, base: dict[str, Any], name: str,
-                               settings: ExtractionSettings, kv_context: torch.Tensor | None, goal: str, holdout: int,
+def calibrated_judged_fragment(evidence: ProfileEvidence, model: torch.nn.Module, judge: ComfyJudge, *,
+                               base: dict[str, Any], name: str, settings: ExtractionSettings, goal: str, holdout: int,
                                budget_images: int) -> tuple[Fragment, Calibration]:
     """The calibrated fragment, or the full model (no levers) marked ``fallback_full_model``; its cost in ``performance``.
 
-    >>> frag, cal = calibrated_judged_fragment(profile, judge, base=base, name="dog", settings=ExtractionSettings(),  # doctest: +SKIP
-    ...                                        kv_context=None, goal="both", holdout=1, budget_images=16)
+    >>> frag, cal = calibrated_judged_fragment(session.evidence(), unet, judge, base=base, name="dog",  # doctest: +SKIP
+    ...                                        settings=ExtractionSettings(), goal="both", holdout=1, budget_images=16)
     """
-    session, model, seed = profile.session, profile.diffusion_model, judge.settings.seed
-    data = dict(base=base, name=name, settings=settings, kv_context=kv_context, ff_scores=session.ff_scores(),
-                step_changes=session.step_changes(), step_timesteps=session.step_timesteps(),
-                activation_stats=session.activation_stats(), reuse_depths=session.reuse_depths())
+    seed = judge.settings.seed
+    data = dict(base=base, name=name, settings=settings)
     fragment, cal = calibrated_fragment(
-        session.result(), model, judge, calibration_seeds=[seed],
+        evidence, model, judge, calibration_seeds=[seed],
         holdout_seeds=[(seed + i) % SEED_SPACE for i in range(1, holdout + 1)], goal=goal,
         budget=Budget(images=budget_images), judge_name=judge.name, images_per_seed=judge.batch, **data)
     if fragment is None:
         # Nothing passed: the stored fragment is the full model, so it claims no quality it lacks.
-        fragment = record_calibration(candidate_fragment(session.result(), model, Candidate(), **data), cal)
+        fragment = record_calibration(candidate_fragment(evidence, model, Candidate(), **data), cal)
     # The reference check (one full-model render of the profiled seed, before calibrating) is counted apart:
     # it is not a judged try, but it is what the user paid.
     cost = {"images": cal.images, "seconds": round(cal.seconds, 3), "tries": len(cal.tries), "budget_images": budget_images,

@@ -52,6 +52,7 @@ class ProfileEvidence:
     activation_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None
     reuse_depths: Mapping[int, ReuseDepth] | None = None
     kv_context: torch.Tensor | None = None
+    fixed_scores: Scores | None = None  # scores given, not computed (``from_scores``)
     _scored: dict[tuple, Scores] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -78,6 +79,19 @@ class ProfileEvidence:
                 found["activation_stats"] = probe.stats()
         return cls(profile, kv_context=kv_context, **found)
 
+    @classmethod
+    def from_scores(cls, heads: Mapping[str, torch.Tensor], protected: Mapping[str, Sequence[int]] | None = None,
+                    **measurements: Any) -> "ProfileEvidence":
+        """Evidence whose head scores are given (e.g. weight-norm scores of a model never profiled), with
+        whatever else was measured (``ff_scores=``, ``kv_context=``, ...); ``scores()`` returns them as given.
+
+        >>> e = ProfileEvidence.from_scores({"a": torch.tensor([1.0, 2.0])}, {"a": [1]})
+        >>> e.scores().protected, e.profile.total_calls
+        ({'a': [1]}, 0)
+        """
+        scores = Scores(dict(heads), {}, {k: list(v) for k, v in (protected or {}).items()})
+        return cls(ProfileData({}, 1), fixed_scores=scores, **measurements)
+
     def with_context(self, kv_context: torch.Tensor | None) -> "ProfileEvidence":
         """The same evidence with the conditioning rows to fold (the scores already computed are kept).
 
@@ -96,6 +110,8 @@ class ProfileEvidence:
         >>> e = ProfileEvidence(ProfileData({}, 4)); e.scores() is e.scores()
         True
         """
+        if self.fixed_scores is not None:
+            return self.fixed_scores
         key = (weights, float(max_rank_std), bool(keep_unstable_heads))
         if key not in self._scored:
             stability = rank_stability(self.profile)

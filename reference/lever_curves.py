@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 import torch.nn as nn
 
 from ..fragment.build import apply_fragment, build_fragment
 from ..fragment.extract import plan_levers
 from ..fragment.settings import ExtractionSettings, lever_settings
+from ..profiling.evidence import ProfileEvidence
 from ..metrics.memory import resident_weight_mb
 from .measure import adherence, compare
 
@@ -40,12 +40,10 @@ class LeverPoint:
         >>> LeverPoint("ff", lever_settings(ff=0.3)).x
         0.3
         """
-        if self.lever == "heads":
-            return self.settings.amount
-        if self.lever == "ff":
-            return self.settings.ff_ratio
+        if self.lever in ("heads", "ff"):
+            return self.settings.amount(self.lever)
         if self.lever in ("fp8", "int8"):
-            return self.settings.precision_ratio
+            return self.settings.amount("precision")
         return 1.0
 
 
@@ -67,12 +65,9 @@ def default_points(ratios: Sequence[float] = (0.1, 0.3, 0.5)) -> list[LeverPoint
 
 def lever_curves(
     unet: nn.Module,
+    evidence: ProfileEvidence,
     *,
     base: Mapping[str, Any],
-    head_scores: Mapping[str, torch.Tensor],
-    protected: Any,
-    ff_scores: Mapping[str, torch.Tensor],
-    kv_context: torch.Tensor,
     seeds: Sequence[int],
     sampler: Callable[[nn.Module, Sequence[int]], np.ndarray],
     prompt: str,
@@ -82,7 +77,7 @@ def lever_curves(
 ) -> dict[str, list[dict[str, Any]]]:
     """``{lever: [{x, bytes_saved, adherence_delta, ssim_mean, lpips_mean, ...}, ...]}`` for every point.
 
-    ``kv_context`` is the ``[rows, tokens, dim]`` context the sampler feeds (uncond
+    ``evidence.kv_context`` is the ``[rows, tokens, dim]`` context the sampler feeds (uncond
     and cond rows); ``full_images`` are the full model's images for ``seeds``.
     """
     base_adh = adherence(full_images, prompt)
@@ -90,14 +85,14 @@ def lever_curves(
     out: dict[str, list[dict[str, Any]]] = {}
     for point in points or default_points():
         settings = point.settings
-        levers = plan_levers(settings, head_scores, model=unet, protected=protected, ff_scores=ff_scores, kv_context=kv_context,
-                             name=f"curve-{point.lever}")
+        levers = plan_levers(evidence, settings, model=unet, name=f"curve-{point.lever}")
         fragment = build_fragment(unet, levers, base=base, name=f"curve-{point.lever}")
         small = apply_fragment(unet, fragment, base_sha256=base["sha256"])
         record = {
-            "x": point.x, "heads": settings.amount, "ff": settings.ff_ratio or None, "kv_fold": settings.kv_fold,
-            "precision": settings.precision if settings.precision_on else None,
-            "precision_ratio": settings.precision_ratio if settings.precision_on else None,
+            "x": point.x, "heads": settings.amount("heads"), "ff": settings.amount("ff") or None,
+            "kv_fold": settings.amount("kv_fold"),
+            "precision": settings.precision_format if settings.on("precision") else None,
+            "precision_ratio": settings.amount("precision") if settings.on("precision") else None,
             "bytes_saved": 1.0 - resident_weight_mb(small) / full_mb,
             **compare(full_images, sampler(small, seeds), prompt, lpips, base_adh),
         }

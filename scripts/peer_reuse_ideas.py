@@ -37,9 +37,9 @@ def main(argv: Sequence[str]) -> None:
     report, run = run_batch(target, BenchConfig())
     stock_s = report["rows"][0]["s_per_image"]
     log.info("chosen %s, stock %.4f s/image", run.chosen.label if run.chosen else None, stock_s)
-    base = candidate_fragment(run.profile, target.unet, Candidate(step_reuse=0.5), base=run.base, name="x", **run.sources)
+    base = candidate_fragment(run.evidence, target.unet, Candidate({"step_reuse": 0.5}), base=run.base, name="x")
     sched = fragment_schedule(base)
-    changes = run.sources["step_changes"]
+    changes = run.evidence.step_changes
 
     def trial(name: str, steps: Sequence[int], shallow: int) -> None:
         frag = with_schedule(base, dataclasses.replace(sched, reuse_steps=tuple(steps), shallow=shallow))

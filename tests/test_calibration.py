@@ -17,9 +17,10 @@ from prompt_fragments.fragment.calibration import (
 )
 from prompt_fragments.judge.limits import Limit, slack
 from prompt_fragments.metrics.performance import amortized_costs
+from prompt_fragments.fragment.schedule.reuse_lever import ReuseEvidence
 from prompt_fragments.profiling.step_change import ReuseDepth
 
-LADDER = [Candidate(heads=round(0.05 * i, 2), level=0.05 * i) for i in range(12, 0, -1)]  # 60 % .. 5 %, strongest first
+LADDER = [Candidate({"heads": round(0.05 * i, 2)}, level=0.05 * i) for i in range(12, 0, -1)]  # 60 % .. 5 %, strongest first
 
 
 class CountingJudge:
@@ -33,8 +34,8 @@ class CountingJudge:
         held_out = bool(set(seeds) & self.holdout)
         limit = self.limits[held_out]
         self.calls.append((candidate.label, list(seeds)))
-        room = (limit - candidate.heads) / max(limit, 1e-9)
-        return Judgement(candidate.heads <= limit + 1e-9, {"heads": candidate.heads}, [] if room >= 0 else ["too many heads"],
+        room = (limit - candidate.amount("heads")) / max(limit, 1e-9)
+        return Judgement(candidate.amount("heads") <= limit + 1e-9, {"heads": candidate.amount("heads")}, [] if room >= 0 else ["too many heads"],
                          slack=room)
 
 
@@ -43,7 +44,7 @@ def test_the_choice_passes_the_held_out_seeds_not_only_the_calibration_seeds() -
     judge = CountingJudge(0.4, 0.25, holdout={100, 101})
     cal = calibrate(LADDER, judge, calibration_seeds=[0, 1, 2], holdout_seeds=[100, 101], goal="memory",
                     budget=Budget(images=200))
-    assert cal.status == "passed" and cal.chosen.heads == pytest.approx(0.25)
+    assert cal.status == "passed" and cal.chosen.amount("heads") == pytest.approx(0.25)
     holdout = [t for t in cal.tries if t["phase"] == "holdout"]
     assert holdout[-1]["passed"] and holdout[-1]["candidate"]["heads"] == pytest.approx(0.25)
     assert all(not t["passed"] for t in holdout[:-1]) and len(holdout) >= 2  # the stronger calibration pass was refused
@@ -78,7 +79,7 @@ def test_a_judge_that_fails_everything_yields_the_full_model() -> None:
 def test_the_slack_moves_the_search_faster_than_halving() -> None:
     # slack is linear in the level: the fit lands on the answer's rung instead of walking to it one halving at a time
     with_slack = CountingJudge(0.15, 0.15, holdout={9})
-    without = lambda c, s: Judgement(c.heads <= 0.15 + 1e-9)  # noqa: E731 - a judge with no slack
+    without = lambda c, s: Judgement(c.amount("heads") <= 0.15 + 1e-9)  # noqa: E731 - a judge with no slack
     cal_a = calibrate(LADDER, with_slack, calibration_seeds=[0], holdout_seeds=[9], goal="memory", budget=Budget(100))
     calls: list[str] = []
 
@@ -87,43 +88,43 @@ def test_the_slack_moves_the_search_faster_than_halving() -> None:
         return without(c, s)
 
     cal_b = calibrate(LADDER, counting, calibration_seeds=[0], holdout_seeds=[9], goal="memory", budget=Budget(100))
-    assert cal_a.chosen.heads == cal_b.chosen.heads == pytest.approx(0.15)
+    assert cal_a.chosen.amount("heads") == cal_b.chosen.amount("heads") == pytest.approx(0.15)
     assert len(cal_a.tries) <= len(cal_b.tries)
 
 
 def test_cfg_cutoff_is_tried_only_for_time_goals_and_must_pass_both_sets() -> None:
     def judge(c: Candidate, seeds: list[int]) -> Judgement:
-        ok = c.heads <= 0.2 + 1e-9 and (c.cfg_cutoff is None or c.cfg_cutoff <= 350 or 9 not in seeds)
+        ok = c.amount("heads") <= 0.2 + 1e-9 and (c.amount("cfg_cutoff") is None or c.amount("cfg_cutoff") <= 350 or 9 not in seeds)
         return Judgement(ok, slack=0.1 if ok else -0.1)
 
     speed = calibrate(LADDER, judge, calibration_seeds=[0], holdout_seeds=[9], goal="speed", budget=Budget(100))
-    assert speed.chosen.cfg_cutoff == 350.0  # 500 passed the calibration seed and failed the held-out one
+    assert speed.chosen.amount("cfg_cutoff") == 350.0  # 500 passed the calibration seed and failed the held-out one
     memory = calibrate(LADDER, judge, calibration_seeds=[0], holdout_seeds=[9], goal="memory", budget=Budget(100))
-    assert memory.chosen.cfg_cutoff is None
+    assert memory.chosen.amount("cfg_cutoff") is None
 
 
 def test_cfg_cutoff_is_not_tried_when_the_budget_cannot_also_confirm_it() -> None:
     def judge(c: Candidate, seeds: list[int]) -> Judgement:
-        return Judgement(c.heads <= 0.2 + 1e-9, slack=0.1 if c.heads <= 0.2 + 1e-9 else -0.1)
+        return Judgement(c.amount("heads") <= 0.2 + 1e-9, slack=0.1 if c.amount("heads") <= 0.2 + 1e-9 else -0.1)
 
     roomy = calibrate(LADDER, judge, calibration_seeds=[0], holdout_seeds=[9], goal="speed", budget=Budget(100))
     spent = roomy.images - 2  # what the levers and their confirmation cost, before the first cut-off's two tries
-    assert roomy.chosen.cfg_cutoff == 500.0
+    assert roomy.chosen.amount("cfg_cutoff") == 500.0
     for room, tried in ((spent + 1, False), (spent + 2, True)):
         cal = calibrate(LADDER, judge, calibration_seeds=[0], holdout_seeds=[9], goal="speed", budget=Budget(room))
         cut_tries = [t for t in cal.tries if t["candidate"]["cfg_cutoff"] is not None]
-        assert bool(cut_tries) == tried and cal.chosen.heads == roomy.chosen.heads
-        assert (cal.chosen.cfg_cutoff == 500.0) == tried
+        assert bool(cut_tries) == tried and cal.chosen.amount("heads") == roomy.chosen.amount("heads")
+        assert (cal.chosen.amount("cfg_cutoff") == 500.0) == tried
 
 
 def test_with_no_lever_chosen_the_cutoff_is_tried_on_the_full_model() -> None:
     def judge(c: Candidate, seeds: list[int]) -> Judgement:  # no lever passes; only a late CFG cut-off does
-        ok = not c.heads and c.cfg_cutoff is not None and c.cfg_cutoff <= 350
+        ok = not c.amount("heads") and c.amount("cfg_cutoff") is not None and c.amount("cfg_cutoff") <= 350
         return Judgement(ok, reasons=() if ok else ("too far",), slack=0.1 if ok else -0.1)
 
     for ladder in (LADDER, []):  # every lever fails, or none was offered at all
         cal = calibrate(ladder, judge, calibration_seeds=[0], holdout_seeds=[9], goal="speed", budget=Budget(100))
-        assert cal.status == "passed" and cal.chosen == Candidate(cfg_cutoff=350.0) and not cal.reason
+        assert cal.status == "passed" and cal.chosen == Candidate({"cfg_cutoff": 350.0}) and not cal.reason
         assert cal.record()["fallback_full_model"] is False
         assert [t["candidate"]["cfg_cutoff"] for t in cal.tries if not t["candidate"]["heads"]] == [500.0, 350.0, 350.0]
         assert cal.confirmed is not None and cal.confirmed["candidate"]["label"] == "CFG off below t=350"
@@ -136,15 +137,15 @@ def test_with_no_lever_chosen_the_cutoff_is_tried_on_the_full_model() -> None:
 
 def test_a_share_that_reuses_no_step_is_never_a_candidate() -> None:
     few = [None, 0.1, 0.1, 0.1]  # 4 steps: 5-20 % of them rounds to no step
-    for predictors in (Predictors(step_changes=few),
-                       Predictors(reuse_depths={1: ReuseDepth(1, "up.2", tuple(few), cost=0.2)})):
+    for predictors in (Predictors({"step_reuse": ReuseEvidence(few)}),
+                       Predictors({"step_reuse": ReuseEvidence(reuse_depths={1: ReuseDepth(1, "up.2", tuple(few), cost=0.2)})})):
         ladder = candidate_ladder(predictors, "speed")
-        assert ladder and all(int(c.step_reuse * len(few)) >= 1 for c in ladder), [c.label for c in ladder]
+        assert ladder and all(int(c.amount("step_reuse") * len(few)) >= 1 for c in ladder), [c.label for c in ladder]
     drifting = [None, 5.0, 6.0, 7.0, 8.0]  # every step moves the features by more than any level: nothing fits
-    assert candidate_ladder(Predictors(step_changes=drifting), "speed") == []
-    assert candidate_ladder(Predictors(reuse_depths={1: ReuseDepth(1, "up.2", tuple(drifting), cost=0.2)}), "speed") == []
-    assert Predictors(step_changes=few).damage("step_reuse", 0.2) == math.inf  # 0.8 of a step: none reused
-    assert Predictors(step_changes=few).damage("step_reuse", 0.25) == pytest.approx(0.1)
+    assert candidate_ladder(Predictors({"step_reuse": ReuseEvidence(drifting)}), "speed") == []
+    assert candidate_ladder(Predictors({"step_reuse": ReuseEvidence(reuse_depths={1: ReuseDepth(1, "up.2", tuple(drifting), cost=0.2)})}), "speed") == []
+    assert Predictors({"step_reuse": ReuseEvidence(few)}).damage("step_reuse", 0.2) == math.inf  # 0.8 of a step: none reused
+    assert Predictors({"step_reuse": ReuseEvidence(few)}).damage("step_reuse", 0.25) == pytest.approx(0.1)
 
 
 def test_bad_calibration_inputs_say_what_was_expected() -> None:
@@ -158,15 +159,15 @@ def test_bad_calibration_inputs_say_what_was_expected() -> None:
 
 def test_the_ladder_follows_the_profile_scores() -> None:
     # heads whose scores carry little mass go first; FF channels likewise; a lever without data is not offered
-    predictors = Predictors(head_scores={"a": torch.tensor([0.01, 0.01, 1.0, 1.0])},
-                            ff_scores={"f": torch.tensor([5.0, 5.0, 5.0, 5.0])})
+    predictors = Predictors({"heads": {"a": torch.tensor([0.01, 0.01, 1.0, 1.0])},
+                             "ff": {"f": torch.tensor([5.0, 5.0, 5.0, 5.0])}})
     ladder = candidate_ladder(predictors, "memory", levels=(0.2, 0.1))
-    assert ladder[0].heads == pytest.approx(0.5) and ladder[0].step_reuse == 0.0 and ladder[0].precision_ratio == 0.0
+    assert ladder[0].amount("heads") == pytest.approx(0.5) and ladder[0].amount("step_reuse") == 0.0 and ladder[0].amount("precision") == 0.0
     assert candidate_ladder(predictors, "speed") == []  # speed moves step reuse, which these predictors lack
     assert predictors.damage("heads", 0.5) == pytest.approx(math.sqrt(0.02 / 2.02))
-    assert predictors.damage("ff_ratio", 0.25) == pytest.approx(0.5)  # uniform channels: a quarter of the energy
-    assert all(c.ff_ratio == 0.0 for c in ladder)
-    damages = [predictors.damage("heads", c.heads) for c in ladder]
+    assert predictors.damage("ff", 0.25) == pytest.approx(0.5)  # uniform channels: a quarter of the energy
+    assert all(c.amount("ff") == 0.0 for c in ladder)
+    damages = [predictors.damage("heads", c.amount("heads")) for c in ladder]
     assert damages == sorted(damages, reverse=True)
 
 
@@ -203,6 +204,7 @@ def test_the_calibrated_reference_fragment_passes_fresh_seeds_and_records_its_ju
     from prompt_fragments.judge.fragment_judge import fragment_judge, render
     from prompt_fragments.judge.reference_target import ReferenceTarget
     from prompt_fragments.judge.thresholds import load_thresholds
+    from prompt_fragments.profiling.evidence import ProfileEvidence
     from prompt_fragments.profiling.ff_profiler import FFProfiler
     from prompt_fragments.profiling.profiler import HeadProfiler
     from prompt_fragments.profiling.step_change import StepChangeProbe
@@ -214,9 +216,10 @@ def test_the_calibrated_reference_fragment_passes_fresh_seeds_and_records_its_ju
         full = target.run(unet, seeds)
     judge = fragment_judge(unet, target.run, target.judge, seeds, full)
     fragment, cal = calibrated_fragment(
-        prof.result(), unet, judge, base=describe_base(unet, "reference"), name="cal", calibration_seeds=seeds,
-        holdout_seeds=[40, 41], goal="both", budget=Budget(images=30), judge_name="quality gate",
-        ff_scores=ff.scores(), step_changes=probe.changes(), step_timesteps=probe.timesteps())
+        ProfileEvidence(prof.result(), ff_scores=ff.scores(), step_changes=probe.changes(),
+                        step_timesteps=probe.timesteps()), unet, judge, base=describe_base(unet, "reference"),
+        name="cal", calibration_seeds=seeds, holdout_seeds=[40, 41], goal="both", budget=Budget(images=30),
+        judge_name="quality gate")
     assert cal.images <= 30 and cal.tries
     refinement = fragment.manifest["quality"]["refinement"] if fragment is not None else cal.record()
     assert refinement["judge"] == "quality gate" and refinement["holdout_seeds"] == [40, 41]

@@ -112,7 +112,7 @@ def test_a_gate_that_cannot_pass_stores_the_full_model_and_says_so(env, tmp_path
 def test_the_judged_numbers_follow_the_fragment(env) -> None:
     judge_module, models = env.pack.judge.comfy, env.pack.nodes.fragment_loader.JUDGE_MODELS
     settings = judge_module.SamplerSettings(SEED, STEPS, CFG, "euler", "normal")
-    data = env.profile.session.result()
+    data = env.profile.session.evidence()
     model = env.profile.diffusion_model
     digest = base_sha256(model, {})
     base = describe_base(model, "judge_test", sha256=digest, hash_kind="state_dict_fp16")
@@ -124,7 +124,7 @@ def test_the_judged_numbers_follow_the_fragment(env) -> None:
             fragment = candidate_fragment(data, model, candidate, base=base, name="judge_test")
             return dict(judge(fragment, [SEED]).metrics)
 
-    full, mild, strong = (judged(c) for c in (Candidate(), Candidate(heads=0.1), Candidate(heads=0.6, ff_ratio=0.6)))
+    full, mild, strong = (judged(c) for c in (Candidate(), Candidate({"heads": 0.1}), Candidate({"heads": 0.6, "ff": 0.6})))
     # The full model, rendered unprofiled on a clone, reproduces the profiled run: the reference is the right one.
     assert full["latent_rel_error"] < 1e-6 and not full["gate_failures"]
     assert 0 < mild["latent_rel_error"] < strong["latent_rel_error"], (mild, strong)

@@ -41,9 +41,9 @@ def test_session_counts_runs_from_rising_sigma_and_leaves_no_hooks() -> None:
 
 def test_extract_fragment_writes_a_verifiable_fragment(tmp_path: Path) -> None:
     unet, make_inputs = cs.make_small_diffusers_unet("sd15")
-    profile = _session_profile(unet, make_inputs).result()
-    settings = ExtractionSettings(amount=0.25, scope="per_layer", keep_unstable_heads=False)
-    frag, path = extract_fragment(profile, unet, base=describe_base(unet, "tiny"), name="tiny", settings=settings, directory=tmp_path)
+    evidence = _session_profile(unet, make_inputs).evidence()
+    settings = ExtractionSettings(levers={"heads": 0.25}, scope="per_layer", keep_unstable_heads=False)
+    frag, path = extract_fragment(evidence, unet, base=describe_base(unet, "tiny"), name="tiny", settings=settings, directory=tmp_path)
     loaded = load_fragment(path)
     manifest = loaded.manifest
     assert manifest["pruning"]["selection"]["scope"] == "per_layer"
@@ -54,7 +54,7 @@ def test_extract_fragment_writes_a_verifiable_fragment(tmp_path: Path) -> None:
 
 def test_empty_profile_is_refused(tmp_path: Path) -> None:
     unet, _ = cs.make_small_diffusers_unet("sd15")
-    empty = ProfileSession(unet).result()
+    empty = ProfileSession(unet).evidence()
     with pytest.raises(FragmentError, match="the profile is empty"):
         extract_fragment(empty, unet, base=describe_base(unet, "tiny"), name="tiny", directory=tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -62,8 +62,8 @@ def test_empty_profile_is_refused(tmp_path: Path) -> None:
 
 def test_plan_patches_sizes_and_hash_check(tmp_path: Path) -> None:
     unet, make_inputs = cs.make_small_diffusers_unet("sd15")
-    profile = _session_profile(unet, make_inputs).result()
-    frag, _ = extract_fragment(profile, unet, base=describe_base(unet, "tiny", sha256=base_sha256(unet)), name="tiny")
+    evidence = _session_profile(unet, make_inputs).evidence()
+    frag, _ = extract_fragment(evidence, unet, base=describe_base(unet, "tiny", sha256=base_sha256(unet)), name="tiny")
     plan = plan_patches(unet, frag)
     patched = replace_modules(unet, plan.replacements)
     assert plan.bytes_saved == module_bytes(unet) - module_bytes(patched) > 0
@@ -124,3 +124,26 @@ def test_copying_a_module_whose_forward_another_tool_patched() -> None:
     lin.forward = lambda *a, **k: wrapped(*a, **k)  # a live wrapper closes over the original: no copy can be right
     with pytest.raises(PruningError, match="patched on the instance by another tool"):
         fresh_copy(lin)
+
+
+def test_a_calibration_scores_the_profile_once_however_many_candidates_it_builds(monkeypatch) -> None:
+    from prompt_fragments.fragment.calibration import Budget, Judgement
+    from prompt_fragments.fragment.extract import calibrated_fragment
+    from prompt_fragments.profiling import evidence as evidence_module
+
+    unet, make_inputs = cs.make_small_diffusers_unet("sd15")
+    evidence = _session_profile(unet, make_inputs).evidence()
+    calls = []
+    real = evidence_module.rank_stability
+    monkeypatch.setattr(evidence_module, "rank_stability", lambda profile: calls.append(1) or real(profile))
+    built = []
+
+    def judge(fragment, seeds):  # passes the weaker half of the ladder: several candidates are built
+        built.append(fragment.manifest["pruning"]["heads_removed"])
+        ok = fragment.manifest["pruning"]["heads_removed"] <= 2
+        return Judgement(ok, slack=0.1 if ok else -0.1)
+
+    _, cal = calibrated_fragment(evidence, unet, judge, base=describe_base(unet, "tiny"), name="once",
+                                 calibration_seeds=[0], holdout_seeds=[1], goal="memory", budget=Budget(images=40))
+    assert len(built) >= 3 and len(cal.tries) == len(built)
+    assert len(calls) == 1  # one scoring for the predictors and every candidate

@@ -92,7 +92,7 @@ def test_fragment_records_kept_channels_and_round_trips(tmp_path) -> None:
     heads = select_heads({s.path: torch.ones(s.heads) for s in find_attention(unet)}, ratio=0.0)
     fragment = build_fragment(unet, [HeadLever(heads), FeedForwardLever(ff, {"method": "weight_norm"})],
                               base=describe_base(unet, "toy"), name="ff")
-    block = fragment.manifest["compression"]["ff_channels"]
+    block = fragment.manifest["compression"]["ff"]
     assert block["channels_removed"] == ff.removed_heads > 0
     assert {p: e["kept"] for p, e in block["modules"].items()} == ff.pruned_only()
     manifest_path = save_fragment(fragment, tmp_path)
@@ -104,7 +104,7 @@ def test_fragment_records_kept_channels_and_round_trips(tmp_path) -> None:
     assert _relative_error(masked, out) <= 1e-5
     # A manifest whose kept list disagrees with the stored indices is refused.
     data = json.loads(manifest_path.read_text())
-    first = next(iter(data["compression"]["ff_channels"]["modules"].values()))
+    first = next(iter(data["compression"]["ff"]["modules"].values()))
     first["kept"] = first["kept"][1:]
     manifest_path.write_text(json.dumps(seal({k: v for k, v in data.items() if k != "integrity"})))
     with pytest.raises(IntegrityError, match="feed-forward channels"):

@@ -72,7 +72,7 @@ def test_round_trip_on_a_fresh_base_is_bit_identical(kind: str, tmp_path: Path) 
 def test_manifest_records_original_indices_and_compression(saved) -> None:
     unet, _, frag, in_memory, manifest_path = saved
     manifest = json.loads(manifest_path.read_text())
-    assert manifest["schema_version"] == 1 and manifest["base_model"]["sha256"] == sha256_state_dict(unet)
+    assert manifest["schema_version"] == 2 and manifest["base_model"]["sha256"] == sha256_state_dict(unet)
     modules = manifest["pruning"]["modules"]
     assert modules and all(sorted(e["kept"] + e["removed"]) == list(range(e["heads"])) for e in modules.values())
     for path, entry in modules.items():

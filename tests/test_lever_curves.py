@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from prompt_fragments.fragment.build import describe_base # noqa: E402
+from prompt_fragments.profiling.evidence import ProfileEvidence  # noqa: E402
 from prompt_fragments.profiling.ff_profiler import FFProfiler  # noqa: E402
 from prompt_fragments.profiling.profiler import HeadProfiler  # noqa: E402
 from prompt_fragments.profiling.scoring import score_heads  # noqa: E402
@@ -35,8 +36,9 @@ def test_each_lever_is_a_real_fragment_measured_against_the_full_model() -> None
     points = [LeverPoint("heads", lever_settings(heads=0.3)), LeverPoint("heads", lever_settings(heads=0.5)),
               LeverPoint("kv_fold", lever_settings(kv_fold=True)), LeverPoint("ff", lever_settings(ff=0.3)),
               LeverPoint("fp8", lever_settings(precision="fp8", precision_ratio=1.0))]
-    curves = lever_curves(unet, base=describe_base(unet, "ref"), head_scores=score_heads(prof.result()), protected=set(),
-                          ff_scores=ff.scores(), kv_context=torch.cat([uncond, context]), seeds=seeds, sampler=run,
+    evidence = ProfileEvidence.from_scores(score_heads(prof.result()), ff_scores=ff.scores(),
+                                           kv_context=torch.cat([uncond, context]))
+    curves = lever_curves(unet, evidence, base=describe_base(unet, "ref"), seeds=seeds, sampler=run,
                           prompt=PROMPT, full_images=full, lpips=None, points=points)
     assert sorted(curves) == ["ff", "fp8", "heads", "kv_fold"]
     (kv,) = curves["kv_fold"]

@@ -34,7 +34,7 @@ def synthetic(name: str, kept: dict[str, list[int]] | None = None, base: str = B
                    "removed": [h for h in range(heads) if h not in k]} for p, k in kept.items()}
     manifest = new_manifest(name=name, base_model={"name": "toy", "sha256": base, "hash_kind": "state_dict_fp16"},
                             profiling={}, pruning={"heads_total": heads * len(PATHS), "modules": modules},
-                            compression={"low_rank": [], "quantization": {"applied": False}}, producer_version="test")
+                            compression={"low_rank": [], "precision": {"applied": False}}, producer_version="test")
     return Fragment(manifest, {kept_key(p): torch.tensor(k, dtype=torch.int64) for p, k in kept.items()})
 
 

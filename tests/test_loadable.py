@@ -59,7 +59,7 @@ def demo():
     frag = build_fragment(unet, [HeadLever(selection), LowBitLever(ratio=0.2, group=16), PrecisionLever("fp8", ratio=0.3)],
                           base=describe_base(unet, "demo"), name="hostile")
     low_bit = frag.manifest["compression"]["low_bit"]["layers"]
-    fp8 = sorted(frag.manifest["compression"]["quantization"]["layers"])[0]
+    fp8 = sorted(frag.manifest["compression"]["precision"]["layers"])[0]
     # One low-bit layer gets a channel scale of ones (the same weights): the field a hostile file sets to 1e-45.
     scaled = next(p for p, e in sorted(low_bit.items()) if e["kind"] == "linear")
     low_bit[scaled]["channel_scale"] = True
@@ -230,14 +230,14 @@ def test_a_layer_in_two_formats_is_refused_not_built_as_a_hybrid(demo, tmp_path:
     lin = model.unet.get_submodule(low_bit_layer)
 
     def both(m: dict) -> None:
-        m["compression"]["quantization"]["layers"][low_bit_layer] = {"dtype": "float8_e4m3fn"}
+        m["compression"]["precision"]["layers"][low_bit_layer] = {"dtype": "float8_e4m3fn"}
 
     def tensors(t: dict) -> None:
         t[quant_keys(low_bit_layer)[0]] = torch.zeros(lin.out_features, lin.in_features).to(torch.float8_e4m3fn)
         t[quant_keys(low_bit_layer)[1]] = torch.ones(lin.out_features, 1)
 
     manifest, t, raw = _variant(frag, both, tensors)
-    with pytest.raises(ManifestError, match=rf"layer '{low_bit_layer}' is stored as low_bit and as quantization"):
+    with pytest.raises(ManifestError, match=rf"layer '{low_bit_layer}' is stored as low_bit and as precision"):
         load_fragment(_write_entry(tmp_path, manifest, raw))
     # and the lever itself never builds the hybrid (an fp8 Parameter and a uint8 buffer, both named weight)
     replacements: dict = {}
@@ -272,7 +272,7 @@ def test_schedule_head_sets_are_type_checked_never_coerced(demo, tmp_path: Path,
     (("step_reuse", "total_steps"), 6.0),
     (("step_reuse", "shallow"), True),
     (("step_reuse", "timesteps"), [True] * 6),
-    (("cfg_truncation", "timestep"), True),
+    (("cfg_cutoff", "timestep"), True),
     (("calibration",), "ab"),                       # dict("ab") raised ValueError
     (("calibration",), [["a", 1]]),                 # a pair list was coerced into an object
     (("step_reuse",), [1, 2]),
@@ -290,7 +290,7 @@ def test_a_lever_path_under_a_pruned_module_that_lacks_it_is_a_base_mismatch(dem
     layer = f"{pruned}.no_such_child"
 
     def edit(m: dict) -> None:
-        m["compression"]["quantization"]["layers"][layer] = {"dtype": "float8_e4m3fn"}
+        m["compression"]["precision"]["layers"][layer] = {"dtype": "float8_e4m3fn"}
 
     def tensors(t: dict) -> None:
         t[quant_keys(layer)[0]] = torch.zeros(lin.out_features, lin.in_features).to(torch.float8_e4m3fn)
@@ -349,7 +349,7 @@ values = st.one_of(
 schedule_fields = st.sampled_from([
     ("timestep_heads", "buckets"), ("timestep_heads", "kept"), ("timestep_heads", "kept", "0"),
     ("timestep_heads", "kept", "1"), ("step_reuse", "total_steps"), ("step_reuse", "reuse_steps"),
-    ("step_reuse", "shallow"), ("step_reuse", "skips"), ("step_reuse", "timesteps"), ("cfg_truncation", "timestep"),
+    ("step_reuse", "shallow"), ("step_reuse", "skips"), ("step_reuse", "timesteps"), ("cfg_cutoff", "timestep"),
     ("calibration",), ("timestep_heads",), ("step_reuse",),
 ])
 
@@ -425,7 +425,7 @@ def test_fuzzed_low_bit_and_precision_records_are_refused_or_load_and_run(demo, 
     elif which == "lb_flag":
         low_bit["layers"][lb_layer]["channel_scale"] = not low_bit["layers"][lb_layer].get("channel_scale", False)
     elif which == "q_dtype":
-        manifest["compression"]["quantization"]["layers"][fp8]["dtype"] = "int8"
+        manifest["compression"]["precision"]["layers"][fp8]["dtype"] = "int8"
     else:
-        del manifest["compression"]["quantization"]["layers"]
+        del manifest["compression"]["precision"]["layers"]
     _accepted_loads_and_runs(demo, manifest, tensors, timesteps=(500,))  # stored values, not the schedule, are fuzzed

@@ -11,12 +11,12 @@ from torch.testing import assert_close
 
 from prompt_fragments.errors import IntegrityError, ManifestError
 from prompt_fragments.fragment.build import apply_fragment, build_fragment, check_lever_tensors, describe_base
-from prompt_fragments.fragment.calibration import Predictors, candidate_ladder, goal_levers, low_bit_errors
+from prompt_fragments.fragment.calibration import Predictors, candidate_ladder, goal_levers
 from prompt_fragments.fragment.format.manifest import seal, validate_manifest
 from prompt_fragments.fragment.format.store import load_fragment, save_fragment
 from prompt_fragments.fragment.settings import ExtractionSettings
 from prompt_fragments.fragment.surgery.low_bit import (
-    LowBitLever, LowBitMixin, awq_channel_scale, dequantize_groups, low_bit_keys, low_bit_module, pack_int3, pack_int4,
+    LowBitLever, LowBitMixin, awq_channel_scale, dequantize_groups, low_bit_errors, low_bit_keys, low_bit_module, pack_int3, pack_int4,
     quantization_error, quantize_groups, unpack_int3, unpack_int4,
 )
 from prompt_fragments.fragment.surgery.precision import PrecisionLever
@@ -182,7 +182,7 @@ def test_fragment_with_low_bit_round_trips_and_precision_skips_its_layers(tmp_pa
     assert block["applied"] and block["method"] == "activation_aware" and block["bits_per_weight"] == 4.5
     assert 0 < block["params_quantized"] <= 0.6 * block["params_quantizable"]
     assert {e["kind"] for e in block["layers"].values()} == {"conv2d", "linear"}
-    precision = fragment.manifest["compression"]["quantization"]["layers"]
+    precision = fragment.manifest["compression"]["precision"]["layers"]
     assert precision and not set(block["layers"]) & set(precision)
     live = apply_fragment(model, fragment)
     loaded = load_fragment(save_fragment(fragment, tmp_path))
@@ -255,21 +255,21 @@ def test_hostile_low_bit_record_is_refused_by_schema_and_check() -> None:
 def test_settings_and_calibration_offer_the_lever() -> None:
     from prompt_fragments.errors import FragmentError
 
-    assert ExtractionSettings(amount=0.0, low_bit_ratio=0.5, low_bit_bits=3).label == "int3 50%"
+    assert ExtractionSettings(levers={"heads": 0.0, "low_bit": 0.5}, low_bit_bits=3).label == "int3 50%"
     with pytest.raises(FragmentError, match="low_bit_bits"):
         ExtractionSettings(low_bit_bits=2)
     with pytest.raises(FragmentError, match="low_bit_group"):
         ExtractionSettings(low_bit_group=100)
-    assert "low_bit_ratio" in goal_levers("memory") and "low_bit_ratio" in goal_levers("both")
-    assert "low_bit_ratio" not in goal_levers("speed")
+    assert "low_bit" in goal_levers("memory") and "low_bit" in goal_levers("both")
+    assert "low_bit" not in goal_levers("speed")
     rows = low_bit_errors(nn.Sequential(nn.Linear(64, 8), nn.Conv2d(4, 4, 3)))
     assert [n for n, _ in rows] == [512, 144] and all(e > 0 for _, e in rows)
-    p = Predictors(low_bit_errors=[(100, 0.01), (100, 0.2)])
+    p = Predictors({"low_bit": [(100, 0.01), (100, 0.2)]})
     # errors of the quantized layers add in energy: sqrt(0.01^2) and sqrt(0.01^2 + 0.2^2)
-    assert p.damage("low_bit_ratio", 0.5) == pytest.approx(0.01) and p.damage("low_bit_ratio", 1.0) == pytest.approx(math.hypot(0.01, 0.2))
+    assert p.damage("low_bit", 0.5) == pytest.approx(0.01) and p.damage("low_bit", 1.0) == pytest.approx(math.hypot(0.01, 0.2))
     ladder = candidate_ladder(p, "memory", levels=(0.25, 0.05))
-    assert [c.low_bit_ratio for c in ladder] == [1.0, 0.5] and ladder[0].label == "low-bit 100%"
-    assert ladder[1].settings().low_bit_ratio == 0.5
+    assert [c.amount("low_bit") for c in ladder] == [1.0, 0.5] and ladder[0].label == "int4 100%"
+    assert ladder[1].settings().amount("low_bit") == 0.5
 
 
 # ---- ComfyUI's manual-cast path (tier 2) -------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def made_for(name: str, base_sha: str = "ab" * 32, checkpoint: str = CHECKPOINT)
                for p, k in kept.items()}
     manifest = new_manifest(name=name, base_model={"name": checkpoint, "sha256": base_sha, "hash_kind": "state_dict_fp16"},
                             profiling={}, pruning={"heads_total": 8 * len(PATHS), "modules": modules},
-                            compression={"low_rank": [], "quantization": {"applied": False}}, producer_version="test")
+                            compression={"low_rank": [], "precision": {"applied": False}}, producer_version="test")
     return Fragment(manifest, {kept_key(p): torch.tensor(k, dtype=torch.int64) for p, k in kept.items()})
 
 

@@ -228,8 +228,8 @@ def test_levers_beyond_heads_run_in_a_real_sampler(graph) -> None:
     handle = _extract(graph, "levers_test", positive=graph.positive, negative=graph.negative, kv_fold=True,
                       ff_ratio=0.3, precision="fp8", precision_ratio=0.5)
     compression = handle.fragment.manifest["compression"]
-    assert compression["kv_fold"]["modules"] and compression["ff_channels"]["modules"]
-    assert compression["ff_channels"].get("method", "activation_energy") == "activation_energy" or compression["ff_channels"]
+    assert compression["kv_fold"]["modules"] and compression["ff"]["modules"]
+    assert compression["ff"].get("method", "activation_energy") == "activation_energy" or compression["ff"]
     with torch.inference_mode():
         patched, status = graph.mapping["FragmentLoader"]().apply(graph.base, "(none)", "raise", handle)
         assert status.startswith("applied fragment 'levers_test'")

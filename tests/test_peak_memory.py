@@ -92,6 +92,7 @@ def test_the_fake_tensor_peak_equals_the_real_run_on_the_reference_model() -> No
     from prompt_fragments.fragment.extract import plan_levers
     from prompt_fragments.fragment.settings import lever_settings
     from prompt_fragments.fragment.surgery.kv_fold import FoldedProjection
+    from prompt_fragments.profiling.evidence import ProfileEvidence
 
     unet = _reference_unet()
     g = torch.Generator().manual_seed(0)
@@ -100,7 +101,8 @@ def test_the_fake_tensor_peak_equals_the_real_run_on_the_reference_model() -> No
     context = rows.repeat_interleave(2, 0)
     t = torch.tensor(500.0)
     heads, ff = random_scores(unet)
-    levers = plan_levers(lever_settings(0.3, True, 0.3), heads, model=unet, ff_scores=ff, kv_context=rows)
+    evidence = ProfileEvidence.from_scores(heads, ff_scores=ff, kv_context=rows)
+    levers = plan_levers(evidence, lever_settings(0.3, True, 0.3), model=unet)
     small = apply_fragment(unet, build_fragment(unet, levers, base=describe_base(unet, "ref", sha256="x", hash_kind="none"),
                                                 name="t"))
     next(m for m in small.modules() if isinstance(m, FoldedProjection)).contexts.match(context)  # warm the fold's match

@@ -99,10 +99,10 @@ def test_deepcache_leaves_the_unet_as_it_found_it(bench) -> None:
 def test_a_fragment_built_after_deepcache_is_the_fragment_not_the_stock_model(bench) -> None:
     target, _report, run, _rows = bench
     seeds = run.variants[:1]
-    fragment = candidate_fragment(run.profile, target.unet, Candidate(heads=0.5), base=run.base, name="after", **run.sources)
+    fragment = candidate_fragment(run.evidence, target.unet, Candidate({"heads": 0.5}), base=run.base, name="after")
     before, _ = render(target.unet, fragment, seeds, target.run)
     run_deepcache(target, target.unet, seeds, 2, 0)
-    fragment = candidate_fragment(run.profile, target.unet, Candidate(heads=0.5), base=run.base, name="after", **run.sources)
+    fragment = candidate_fragment(run.evidence, target.unet, Candidate({"heads": 0.5}), base=run.base, name="after")
     after, _ = render(target.unet, fragment, seeds, target.run)
     np.testing.assert_array_equal(after, before)
     assert np.abs(after.astype(float) - run.stock[:1].astype(float)).mean() > 1.0  # half the heads gone: not stock

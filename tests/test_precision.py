@@ -75,7 +75,7 @@ def test_fragment_with_precision_round_trips(tmp_path) -> None:
     inputs = make_inputs(batch=2, seed=3)
     selection = select_heads({s.path: torch.ones(s.heads) for s in find_attention(unet)}, ratio=0.0)
     fragment = build_fragment(unet, [HeadLever(selection), PrecisionLever("int8", ratio=0.5)], base=describe_base(unet, "toy"), name="q")
-    block = fragment.manifest["compression"]["quantization"]
+    block = fragment.manifest["compression"]["precision"]
     assert block["applied"] and 0 < block["params_quantized"] <= 0.5 * block["params_linear"]
     loaded = load_fragment(save_fragment(fragment, tmp_path))
     small = apply_fragment(unet, loaded)

@@ -33,6 +33,7 @@ from prompt_fragments.judge.gate import gate_failures, measurable_limits  # noqa
 from prompt_fragments.judge.image_similarity import load_lpips, lpips_scorer  # noqa: E402
 from prompt_fragments.judge.reference_target import ReferenceTarget  # noqa: E402
 from prompt_fragments.judge.thresholds import load_thresholds  # noqa: E402
+from prompt_fragments.profiling.evidence import ProfileEvidence  # noqa: E402
 from prompt_fragments.profiling.ff_profiler import FFProfiler  # noqa: E402
 from prompt_fragments.profiling.profiler import HeadProfiler  # noqa: E402
 from prompt_fragments.profiling.step_change import StepChangeProbe  # noqa: E402
@@ -58,10 +59,11 @@ def test_reference_fragment_meets_the_quality_gate_on_fresh_seeds() -> None:
             prof.begin_sample(seed)
             images.append(target.run(unet, [seed]))
     judge = fragment_judge(unet, target.run, target.judge, list(range(8)), np.concatenate(images))
+    evidence = ProfileEvidence(prof.result(), ff_scores=ff.scores(), step_changes=probe.changes(),
+                               step_timesteps=probe.timesteps())
     fragment, cal = calibrated_fragment(
-        prof.result(), unet, judge, base=describe_base(unet, "ref"), name="gate", calibration_seeds=list(range(8)),
-        holdout_seeds=[3000, 3001, 3002, 3003], goal="both", budget=Budget(images=48), judge_name="quality_gate",
-        ff_scores=ff.scores(), step_changes=probe.changes(), step_timesteps=probe.timesteps())
+        evidence, unet, judge, base=describe_base(unet, "ref"), name="gate", calibration_seeds=list(range(8)),
+        holdout_seeds=[3000, 3001, 3002, 3003], goal="both", budget=Budget(images=48), judge_name="quality_gate")
     assert fragment is not None, f"no lever combination passes the gate: {cal.reason}; tries {cal.tries}"
     assert cal.images <= 48
 

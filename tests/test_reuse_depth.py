@@ -21,6 +21,7 @@ from prompt_fragments.fragment.calibration import (MIN_REUSE_SAVING, Candidate, 
                                                    lever_ladder)
 from prompt_fragments.fragment.format.store import load_fragment, save_fragment
 from prompt_fragments.fragment.schedule.apply import apply_schedule, fragment_schedule, with_schedule
+from prompt_fragments.fragment.schedule.reuse_lever import ReuseEvidence
 from prompt_fragments.fragment.schedule.state import Schedule, ScheduleState
 from prompt_fragments.fragment.schedule.step_reuse import reuse_replacements
 from prompt_fragments.fragment.settings import ExtractionSettings
@@ -263,28 +264,28 @@ def test_ladder_picks_the_depth_that_saves_the_most_time() -> None:
     changes = (None, *[0.1] * 9)
     cheap = ReuseDepth(1, "a", changes, cost=0.2)
     dear = ReuseDepth(3, "b", changes, cost=0.4)
-    ladder = candidate_ladder(Predictors(reuse_depths={1: cheap, 3: dear}), "speed", levels=(0.35,))
+    ladder = candidate_ladder(Predictors({"step_reuse": ReuseEvidence(reuse_depths={1: cheap, 3: dear})}), "speed", levels=(0.35,))
     # the same drift at both cuts: the same steps fit, and the cut that still computes less wins
-    assert [(c.step_reuse, c.reuse_skips) for c in ladder] == [(0.6, 1)]
+    assert [(c.amount("step_reuse"), c.reuse_skips) for c in ladder] == [(0.6, 1)]
     # the shallow cut drifts twice as fast: every other step fits (4 of 10), against 6 at the deeper cut
     drifty = ReuseDepth(1, "a", (None, *[0.2] * 9), cost=0.2)
-    ladder = candidate_ladder(Predictors(reuse_depths={1: drifty, 3: dear}), "speed", levels=(0.35,))
-    assert [(c.step_reuse, c.reuse_skips) for c in ladder] == [(0.6, 3)]
+    ladder = candidate_ladder(Predictors({"step_reuse": ReuseEvidence(reuse_depths={1: drifty, 3: dear})}), "speed", levels=(0.35,))
+    assert [(c.amount("step_reuse"), c.reuse_skips) for c in ladder] == [(0.6, 3)]
     assert drifty.saving(0.4) < dear.saving(0.6)
     # a reuse that saves under MIN_REUSE_SAVING of the run is not offered: its cache costs memory for little time
     costly = ReuseDepth(3, "b", changes, cost=0.85)
     assert costly.saving(0.6) < MIN_REUSE_SAVING
-    assert candidate_ladder(Predictors(reuse_depths={3: costly}), "speed", levels=(0.35,)) == []
+    assert candidate_ladder(Predictors({"step_reuse": ReuseEvidence(reuse_depths={3: costly})}), "speed", levels=(0.35,)) == []
     # a depth without a timed cost is not offered; the block depth's changes are then the lever
     untimed = ReuseDepth(1, "a", changes, cost=None)
-    ladder = candidate_ladder(Predictors(step_changes=list(changes), reuse_depths={1: untimed}), "speed", levels=(0.35,))
-    assert [(c.step_reuse, c.reuse_skips) for c in ladder] == [(0.6, None)]
+    ladder = candidate_ladder(Predictors({"step_reuse": ReuseEvidence(list(changes), {1: untimed})}), "speed", levels=(0.35,))
+    assert [(c.amount("step_reuse"), c.reuse_skips) for c in ladder] == [(0.6, None)]
 
 
 def test_candidate_carries_its_depth_into_settings_rows_and_label() -> None:
-    chosen = Candidate(heads=0.1, step_reuse=0.4, reuse_skips=1)
+    chosen = Candidate({"heads": 0.1, "step_reuse": 0.4}, reuse_skips=1)
     assert chosen.settings().reuse_skips == 1 and "below skip 1" in chosen.label
-    assert Candidate(heads=0.1, reuse_skips=1).settings().reuse_skips is None  # no reuse: no depth
+    assert Candidate({"heads": 0.1}, reuse_skips=1).settings().reuse_skips is None  # no reuse: no depth
     rows = lever_ladder(chosen)
     assert rows[-1][1] == chosen and rows[0][1].reuse_skips is None
     with pytest.raises(FragmentError, match=r"extraction settings: reuse_skips: expected None or an integer >= 1 .*, found 0"):

@@ -35,7 +35,7 @@ def demo_fragment(tmp_path_factory):
         prof.begin_sample(0)
         x = unet_input(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
         unet(x, 500, model.encode([PROMPT]))
-    frag = build_fragment(unet, [HeadLever.plan(score_heads(prof.result()), ratio=0.25)], base=describe_base(unet, "demo"),
+    frag = build_fragment(unet, [HeadLever.select(score_heads(prof.result()), ratio=0.25)], base=describe_base(unet, "demo"),
                           name="demo-dog", profiling={"prompt": PROMPT})
     folder = tmp_path_factory.mktemp("fragments")
     return unet, save_fragment(frag, folder)

@@ -152,8 +152,8 @@ def test_bad_schedules_are_refused_with_where_and_what(setup) -> None:
         Schedule.from_manifest({"step_reuse": {"total_steps": 4, "reuse_steps": [0]}})
     with pytest.raises(FragmentError, match=r"must lie in 1\.\.3"):
         Schedule.from_manifest({"step_reuse": {"total_steps": 4, "reuse_steps": [4]}})
-    with pytest.raises(FragmentError, match="cfg_truncation.timestep: expected a number"):
-        Schedule.from_manifest({"cfg_truncation": {"timestep": "late"}})
+    with pytest.raises(FragmentError, match="cfg_cutoff.timestep: expected a number"):
+        Schedule.from_manifest({"cfg_cutoff": {"timestep": "late"}})
     pruned_path, kept = next(iter(plain.kept.items()))
     removed = next(h for h in range(16) if h not in kept)
     with pytest.raises(FragmentError, match=f"{pruned_path}: schedule bucket 0 keeps heads"):

@@ -49,7 +49,7 @@ targets = st.sampled_from([
     ("pruning", "modules"), ("pruning", "modules", "down.0.attn1"), ("pruning", "modules", "down.0.attn1", "kept"),
     ("pruning", "modules", "down.0.attn1", "heads"), ("pruning", "modules", "down.0.attn1", "dim_head"),
     ("pruning", "modules", "../../x"), ("compression",), ("compression", "low_rank"), ("compression", "kv_fold"),
-    ("compression", "ff_channels"), ("compression", "quantization"), ("artifacts",), ("artifacts", "tensors"),
+    ("compression", "ff"), ("compression", "precision"), ("artifacts",), ("artifacts", "tensors"),
     ("artifacts", "tensors", "file"), ("artifacts", "tensors", "sha256"), ("reuse",), ("reuse", "h3"),
     ("profiling", "x"), ("quality", "ssim"), ("integrity",), ("integrity", "manifest_sha256"), ("created",),
     ("compression", "low_rank", 0), ("pruning", "modules", "down.0.attn1", "removed"), ("base_model", "hash_kind"),
@@ -58,7 +58,7 @@ targets = st.sampled_from([
     ("schedule", "timestep_heads", "kept", "0", "down.0.attn1"), ("schedule", "step_reuse"),
     ("schedule", "step_reuse", "total_steps"), ("schedule", "step_reuse", "reuse_steps"),
     ("schedule", "step_reuse", "shallow"), ("schedule", "step_reuse", "timesteps"),
-    ("schedule", "cfg_truncation"), ("schedule", "cfg_truncation", "timestep"), ("schedule", "calibration"),
+    ("schedule", "cfg_cutoff"), ("schedule", "cfg_cutoff", "timestep"), ("schedule", "calibration"),
 ])
 
 

@@ -154,9 +154,9 @@ def test_sd_conventions_name_the_head_rule_when_the_records_leave_two_open() -> 
 
 
 def test_a_lever_layer_the_checkpoint_lacks_is_a_base_mismatch() -> None:
-    manifest = {"compression": {"low_bit": {"layers": {"a.to_k": {}}}, "quantization": {"layers": {"a.to_v": {}}}}}
+    manifest = {"compression": {"low_bit": {"layers": {"a.to_k": {}}}, "precision": {"layers": {"a.to_v": {}}}}}
     check_lever_layers(manifest, {"a.to_k.weight", "a.to_v.weight"}, "u.safetensors")
-    with pytest.raises(BaseModelMismatchError, match=r"u\.safetensors: compression\.quantization\.layers: a\.to_v"):
+    with pytest.raises(BaseModelMismatchError, match=r"u\.safetensors: compression\.precision\.layers: a\.to_v"):
         check_lever_layers(manifest, {"a.to_k.weight"}, "u.safetensors")
 
 

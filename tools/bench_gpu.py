@@ -31,6 +31,7 @@ from prompt_fragments.bench.weights import build_random_unet, head_weight_scores
 from prompt_fragments.fragment.build import apply_fragment, build_fragment, describe_base
 from prompt_fragments.fragment.extract import plan_levers
 from prompt_fragments.fragment.settings import ExtractionSettings, lever_settings
+from prompt_fragments.profiling.evidence import ProfileEvidence
 
 log = logging.getLogger("bench_gpu")
 
@@ -47,7 +48,8 @@ def fragment_model(arch: str, config: ExtractionSettings, dtype: torch.dtype, se
     context = random_context(base)
     if config == lever_settings():
         return base, context
-    levers = plan_levers(config, head_weight_scores(base), model=base, kv_context=context, name="bench")
+    evidence = ProfileEvidence.from_scores(head_weight_scores(base), kv_context=context)
+    levers = plan_levers(evidence, config, model=base, name="bench")
     fragment = build_fragment(base, levers, base=describe_base(base, arch, sha256="random-weights", hash_kind="none"),
                               name="bench")
     return apply_fragment(base, fragment), context

@@ -1,4 +1,4 @@
-"""The fragment manifest, schema v1: what a fragment is, how it was made, and how to check it.
+"""The fragment manifest, schema v2: what a fragment is, how it was made, and how to check it.
 
 Layers follow the design seeds (002 "Fragment Manifest Schema (v0)", 003
 "Fragment Manifest & Packaging"): base model, profiling context, pruning
@@ -8,6 +8,13 @@ and are filled by measurements; nothing in them is guessed.
 
 The manifest carries a SHA-256 of its own canonical JSON (``integrity``), so
 an edited manifest is caught even when its tensors file is intact.
+
+Schema v2 stores each lever under its one name (``fragment.levers``): the
+feed-forward cut as ``compression.ff`` (v1: ``ff_channels``) and precision as
+``compression.precision`` (v1: ``quantization``), the CFG cut-off as
+``schedule.cfg_cutoff`` (v1: ``cfg_truncation``).  A v1 manifest still loads:
+its integrity is checked as written, then its names are mapped through
+:data:`V1_NAMES`, the one table of old spellings (``upgrade_manifest``).
 """
 from __future__ import annotations
 
@@ -22,7 +29,10 @@ from ..surgery.heads import kept_key
 from .hashing import sha256_json
 from .untrusted import check_schema
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# The v1 spelling of each renamed key, per manifest block: read through this one table (``upgrade_manifest``).
+V1_NAMES: dict[str, dict[str, str]] = {"compression": {"ff_channels": "ff", "quantization": "precision"},
+                                      "schedule": {"cfg_truncation": "cfg_cutoff"}}
 KIND = "prompt-fragment"
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -80,8 +90,8 @@ class CompressionBlock(TypedDict, total=False):
 
     low_rank: list[dict[str, Any]]
     kv_fold: dict[str, Any]
-    ff_channels: dict[str, Any]
-    quantization: dict[str, Any]
+    ff: dict[str, Any]
+    precision: dict[str, Any]
 
 
 class TensorsArtifact(TypedDict):
@@ -95,7 +105,7 @@ class ArtifactsBlock(TypedDict, total=False):
 
 
 class Manifest(TypedDict, total=False):
-    """A schema-v1 manifest as ``validate_manifest`` returns it: every field below it has checked.
+    """A schema-v2 manifest as ``validate_manifest`` returns it: every field below it has checked.
 
     Readers index it directly (``manifest["pruning"]["modules"]``) and a type checker follows the keys;
     ``schedule`` is the one optional block (``schedule.state.Schedule.from_manifest`` parses it).
@@ -156,7 +166,7 @@ def new_manifest(
     >>> m = new_manifest(name="dog", base_model={"name": "sd15", "sha256": "ab", "hash_kind": "file", "dtype": "fp16"},
     ...                  profiling={}, pruning={"modules": {}}, compression={"low_rank": []}, producer_version="0.1.0")
     >>> m["schema_version"], m["quality"], m["artifacts"]
-    (1, {}, {})
+    (2, {}, {})
     """
     return cast(Manifest, {
         "schema_version": SCHEMA_VERSION,
@@ -191,17 +201,23 @@ def validate_manifest(manifest: Any, source: str = "manifest") -> Manifest:
 
     ``source`` (usually the file path) starts every error message.
 
-    >>> validate_manifest({"schema_version": 2}, "x.json")
+    A v1 manifest is returned upgraded (``upgrade_manifest``): the lever names of v2, sealed again.
+
+    >>> validate_manifest({"schema_version": 3}, "x.json")
     Traceback (most recent call last):
     ...
-    prompt_fragments.errors.ManifestError: x.json: expected schema_version 1, found 2
+    prompt_fragments.errors.ManifestError: x.json: expected schema_version 2 (or 1), found 3
     """
     _expect(isinstance(manifest, dict), source, f"expected a JSON object, found {type(manifest).__name__}")
     version = manifest.get("schema_version")
-    _expect(version == SCHEMA_VERSION, source, f"expected schema_version {SCHEMA_VERSION}, found {version!r}")
+    _expect(type(version) is int and version in (1, SCHEMA_VERSION), source,
+            f"expected schema_version {SCHEMA_VERSION} (or 1), found {version!r}")
     for key, typ in _REQUIRED.items():
         _expect(key in manifest, source, f"missing required field {key!r}")
         _expect(isinstance(manifest[key], typ), source, f"field {key!r}: expected {typ.__name__}, found {type(manifest[key]).__name__}")
+    if version == 1:
+        _check_integrity(manifest, source)  # as written, before any name is mapped
+        manifest = upgrade_manifest(manifest, source)
     _expect(manifest["kind"] == KIND, source, f"expected kind {KIND!r}, found {manifest['kind']!r}")
     base = manifest["base_model"]
     for key in ("sha256", "hash_kind"):
@@ -226,6 +242,13 @@ def validate_manifest(manifest: Any, source: str = "manifest") -> Manifest:
     tensors = manifest["artifacts"].get("tensors")
     _expect(isinstance(tensors, dict) and isinstance(tensors.get("file"), str) and isinstance(tensors.get("sha256"), str),
             source, f"artifacts.tensors: expected an object with 'file' and 'sha256' strings, found {tensors!r}")
+    _check_integrity(manifest, source)
+    # Last, so the hand-written checks above keep their messages; the schema bounds what they do not (issue #6).
+    check_schema(manifest, source)
+    return cast(Manifest, manifest)
+
+
+def _check_integrity(manifest: Mapping[str, Any], source: str) -> None:
     integrity = manifest.get("integrity")
     _expect(isinstance(integrity, dict) and isinstance(integrity.get("manifest_sha256"), str), source,
             "missing integrity.manifest_sha256 (was the manifest written by prompt-fragments?)")
@@ -235,9 +258,27 @@ def validate_manifest(manifest: Any, source: str = "manifest") -> Manifest:
         raise IntegrityError(
             f"{source}: manifest was modified after it was written: expected sha256 {integrity['manifest_sha256'][:16]}…, found {found[:16]}…"
         )
-    # Last, so the hand-written checks above keep their messages; the schema bounds what they do not (issue #6).
-    check_schema(manifest, source)
-    return cast(Manifest, manifest)
+
+
+def upgrade_manifest(manifest: Mapping[str, Any], source: str = "manifest") -> dict[str, Any]:
+    """A v1 manifest with the v2 names (:data:`V1_NAMES`) and schema version, sealed again; a v2 one unchanged.
+
+    >>> m = upgrade_manifest({"schema_version": 1, "compression": {"ff_channels": {"modules": {}}}})
+    >>> m["schema_version"], sorted(m["compression"])
+    (2, ['ff'])
+    """
+    if manifest.get("schema_version") != 1:
+        return dict(manifest)
+    out = dict(manifest)
+    for block, names in V1_NAMES.items():
+        old = out.get(block)
+        if not isinstance(old, dict):
+            continue
+        both = sorted(k for k in old if k in names and names[k] in old)
+        _expect(not both, source, f"{block}: expected the v1 name or the v2 name of a lever, found both for {both}")
+        out[block] = {names.get(k, k): v for k, v in old.items()}
+    out["schema_version"] = SCHEMA_VERSION
+    return seal(out)
 
 
 def _is_int(value: Any, minimum: int = 1) -> bool:
@@ -245,7 +286,7 @@ def _is_int(value: Any, minimum: int = 1) -> bool:
 
 
 def _validate_levers(compression: Mapping[str, Any], source: str) -> None:
-    """Structure of the lever blocks: ``kv_fold``, ``ff_channels``, an applied ``low_bit`` and ``quantization``."""
+    """Structure of the lever blocks: ``kv_fold``, ``ff``, an applied ``low_bit`` and ``precision``."""
     kv = compression.get("kv_fold")
     if kv is not None:
         _expect(isinstance(kv, dict) and all(_is_int(kv.get(k)) for k in ("rows", "tokens", "context_dim"))
@@ -254,12 +295,12 @@ def _validate_levers(compression: Mapping[str, Any], source: str) -> None:
         for path, entry in kv["modules"].items():
             _expect(isinstance(entry, dict) and _is_int(entry.get("width")), source,
                     f"compression.kv_fold.modules[{path!r}]: expected an object with a positive integer width, found {entry!r}")
-    ff = compression.get("ff_channels")
+    ff = compression.get("ff")
     if ff is not None:
         _expect(isinstance(ff, dict) and isinstance(ff.get("modules"), dict), source,
-                f"compression.ff_channels: expected an object with a modules object, found {str(ff)[:200]}")
+                f"compression.ff: expected an object with a modules object, found {str(ff)[:200]}")
         for path, entry in ff["modules"].items():
-            where = f"compression.ff_channels.modules[{path!r}]"
+            where = f"compression.ff.modules[{path!r}]"
             _expect(isinstance(entry, dict) and _is_int(entry.get("hidden")) and isinstance(entry.get("gated"), bool)
                     and all(isinstance(entry.get(k), str) for k in ("in_proj", "out_proj")), source,
                     f"{where}: expected integer hidden, boolean gated and string in_proj/out_proj, found {str(entry)[:200]}")
@@ -279,13 +320,13 @@ def _validate_levers(compression: Mapping[str, Any], source: str) -> None:
                         and isinstance(entry.get("channel_scale", False), bool), source,
                         f"compression.low_bit.layers[{layer!r}]: expected an object with a shape list and boolean "
                         f"channel_scale, found {str(entry)[:200]}")
-    quant = compression.get("quantization")
+    quant = compression.get("precision")
     if quant is not None:
         _expect(isinstance(quant, dict) and isinstance(quant.get("applied"), bool), source,
-                f"compression.quantization: expected an object with boolean 'applied', found {quant!r}")
+                f"compression.precision: expected an object with boolean 'applied', found {quant!r}")
         if quant["applied"]:
             _expect(quant.get("format") in ("fp8", "int8") and isinstance(quant.get("layers"), dict), source,
-                    f"compression.quantization: expected format 'fp8' or 'int8' and a layers object, found format {quant.get('format')!r}")
+                    f"compression.precision: expected format 'fp8' or 'int8' and a layers object, found format {quant.get('format')!r}")
             for layer, entry in quant["layers"].items():
                 _expect(isinstance(entry, dict) and entry.get("dtype") in ("float8_e4m3fn", "int8"), source,
-                        f"compression.quantization.layers[{layer!r}]: expected dtype float8_e4m3fn or int8, found {entry!r}")
+                        f"compression.precision.layers[{layer!r}]: expected dtype float8_e4m3fn or int8, found {entry!r}")

@@ -201,7 +201,7 @@ def read_pack(pack_path: str | os.PathLike) -> Unpacked:
         raise ManifestError(f"{path}: expected a manifest of 1 to {MAX_MANIFEST_BYTES} bytes in the metadata, found {len(text)}")
     source = f"{path}[manifest]"
     manifest = parse_json(text, source)
-    validate_manifest(manifest, source)
+    manifest = validate_manifest(manifest, source)
     name = check_name(manifest["name"])
     if manifest["artifacts"]["tensors"]["file"] != f"{name}.safetensors":
         raise IntegrityError(f"{source}: expected artifacts.tensors.file {name + '.safetensors'!r}, "
@@ -311,10 +311,10 @@ def check_lever_layers(manifest: Mapping[str, Any], names: set[str] | frozenset[
     """Every layer a low-bit or fp8 record names must be a weight of the base (``<layer>.weight``): on a module
     the loader would find no such module and fall back.
 
-    >>> check_lever_layers({"compression": {"quantization": {"layers": {"a": {}}}}}, {"a.weight"}, "u")
+    >>> check_lever_layers({"compression": {"precision": {"layers": {"a": {}}}}}, {"a.weight"}, "u")
     """
     compression = manifest.get("compression", {})
-    for kind in ("low_bit", "quantization"):
+    for kind in ("low_bit", "precision"):
         record = compression.get(kind) if isinstance(compression, Mapping) else None
         layers = record.get("layers", {}) if isinstance(record, Mapping) else {}
         for layer in (layers if isinstance(layers, Mapping) else ()):

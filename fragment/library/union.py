@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 def _heads_only(fragment: Fragment) -> None:
     comp = fragment.manifest["compression"]
-    extra = [k for k in ("low_rank", "kv_fold", "ff_channels") if comp.get(k)]
-    if (comp.get("quantization") or {}).get("applied"):
-        extra.append("quantization")
+    extra = [k for k in ("low_rank", "kv_fold", "ff") if comp.get(k)]
+    if (comp.get("precision") or {}).get("applied"):
+        extra.append("precision")
     if extra:
         raise FragmentError(f"fragment {fragment.name!r}: expected head pruning only for a union, found {extra}")
 
@@ -102,7 +102,7 @@ def union_fragment(fragments: Sequence[Fragment], name: str) -> Fragment:
     }
     manifest = new_manifest(
         name=name, base_model=base, profiling={"union_of": [f.name for f in fragments]}, pruning=pruning,
-        compression={"low_rank": [], "quantization": {"applied": False}}, producer_version=__version__,
+        compression={"low_rank": [], "precision": {"applied": False}}, producer_version=__version__,
     )
     tensors = {kept_key(p): torch.tensor(ks, dtype=torch.int64) for p, ks in kept.items()}
     log.info("union %s of %d fragments: %d of %d heads removed", name, len(fragments), removed, total)

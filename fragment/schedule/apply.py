@@ -17,9 +17,13 @@ from ...errors import FragmentError
 from ..build import apply_fragment, fragment_replacements
 from ..format.manifest import Fragment
 from ..surgery.tree import replace_modules
-from .state import Schedule, ScheduleState
+from .state import Schedule, ScheduleState, fragment_schedule, with_schedule
 from .step_reuse import reuse_replacements
 from .timestep_heads import bucket_mask_replacements
+
+# fragment_schedule and with_schedule live with the schedule (the schedule levers use them without this module's
+# import of build); they are kept importable from here, where their callers have always found them.
+__all__ = ["apply_schedule", "fragment_schedule", "schedule_replacements", "with_schedule"]
 
 log = logging.getLogger(__name__)
 
@@ -78,26 +82,5 @@ def _reuse_replacements(model: nn.Module, fragment: Fragment, schedule: Schedule
     except FragmentError as exc:  # a depth this UNet lacks: say which fragment and which field asked for it
         field = "skips" if schedule.skips is not None else "shallow"
         raise FragmentError(f"fragment {fragment.name!r}: schedule.step_reuse.{field}: {exc}") from None
-
-
-def fragment_schedule(fragment: Fragment) -> Schedule:
-    """The schedule stored in a fragment's manifest (the empty schedule if it has none)."""
-    return Schedule.from_manifest(fragment.manifest.get("schedule"), source=f"fragment {fragment.name!r}: schedule")
-
-
-def with_schedule(fragment: Fragment, schedule: Schedule) -> Fragment:
-    """A copy of ``fragment`` whose manifest carries ``schedule`` (the tensors are shared).
-
-    The bucket head sets must lie inside what the fragment kept, else the
-    loader could never switch to them.
-    """
-    for bucket, heads in schedule.bucket_heads.items():
-        for path, kept in heads.items():
-            allowed = set(fragment.kept.get(path, kept))
-            if not set(kept) <= allowed:
-                raise FragmentError(f"{path}: schedule bucket {bucket} keeps heads {sorted(set(kept) - allowed)} "
-                                    f"that fragment {fragment.name!r} pruned")
-    manifest = {**fragment.manifest, "schedule": schedule.to_manifest()}
-    return Fragment(manifest=manifest, tensors=fragment.tensors)
 
 

@@ -13,7 +13,7 @@ schedule says what changes *during* sampling, and is stored in the manifest's
   training timesteps are ``timesteps``.  At run time a call is matched to the
   calibrated step of the nearest timestep, so a run with another step count,
   a denoise below 1 or a later start still reuses at the same noise levels;
-* ``cfg_truncation``: below this training timestep (0..999, low = little noise)
+* ``cfg_cutoff`` (schema v1: ``cfg_truncation``): below this training timestep (0..999, low = little noise)
   the unconditional pass is skipped and the conditional prediction used alone.
 
 ``ScheduleState`` is what the run-time wrappers share: the host calls
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from ...errors import FragmentError
+from ..format.manifest import Fragment
 from ...profiling.profiler import timestep_bucket
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class Schedule:
             if self.step_timesteps:
                 out["step_reuse"]["timesteps"] = [round(float(t), 4) for t in self.step_timesteps]
         if self.cfg_cutoff is not None:
-            out["cfg_truncation"] = {"timestep": float(self.cfg_cutoff)}
+            out["cfg_cutoff"] = {"timestep": float(self.cfg_cutoff)}
         if self.calibration:
             out["calibration"] = dict(self.calibration)
         return out
@@ -147,11 +148,11 @@ class Schedule:
                     raise FragmentError(f"{source}.step_reuse.timesteps: expected {total} numbers in 0..1000 "
                                         f"(one per calibrated step), found {str(timesteps)[:200]}")
                 kwargs["step_timesteps"] = tuple(float(t) for t in timesteps)
-        cfg = _block(block, "cfg_truncation", source)
+        cfg = _block(block, "cfg_cutoff", source)
         if cfg:
             t = cfg.get("timestep")
             if not _number(t) or not 0 <= t <= 1000:
-                raise FragmentError(f"{source}.cfg_truncation.timestep: expected a number in 0..1000, found {str(t)[:200]!r}")
+                raise FragmentError(f"{source}.cfg_cutoff.timestep: expected a number in 0..1000, found {str(t)[:200]!r}")
             kwargs["cfg_cutoff"] = float(t)
         return cls(**kwargs)
 
@@ -378,3 +379,24 @@ class ScheduleState:
         for entry in self.history:
             steps[entry["step"]] = steps.get(entry["step"], True) and entry["reused"]
         return sorted(s for s, reused in steps.items() if reused)
+
+
+def fragment_schedule(fragment: Fragment) -> Schedule:
+    """The schedule stored in a fragment's manifest (the empty schedule if it has none)."""
+    return Schedule.from_manifest(fragment.manifest.get("schedule"), source=f"fragment {fragment.name!r}: schedule")
+
+
+def with_schedule(fragment: Fragment, schedule: Schedule) -> Fragment:
+    """A copy of ``fragment`` whose manifest carries ``schedule`` (the tensors are shared).
+
+    The bucket head sets must lie inside what the fragment kept, else the
+    loader could never switch to them.
+    """
+    for bucket, heads in schedule.bucket_heads.items():
+        for path, kept in heads.items():
+            allowed = set(fragment.kept.get(path, kept))
+            if not set(kept) <= allowed:
+                raise FragmentError(f"{path}: schedule bucket {bucket} keeps heads {sorted(set(kept) - allowed)} "
+                                    f"that fragment {fragment.name!r} pruned")
+    manifest = {**fragment.manifest, "schedule": schedule.to_manifest()}
+    return Fragment(manifest=manifest, tensors=fragment.tensors)

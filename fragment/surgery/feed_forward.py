@@ -13,6 +13,7 @@ new tensors); the input model is never changed.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
@@ -22,7 +23,7 @@ import torch.nn as nn
 
 from ...errors import BaseModelMismatchError, IntegrityError, PruningError, where
 from ...profiling.ff_profiler import FFSite, ff_site, iter_feed_forward
-from .lever import Built, InCompression, index_tensor
+from .lever import Built, InCompression, LeverBase, index_tensor, removed_share
 from .masking import input_mask_hook
 from .selection import Selection, select_heads, validate_plan
 from .tree import install, replace_modules, slice_linear
@@ -140,25 +141,58 @@ def ff_key(path: str) -> str:
     return f"ff.{path}.kept"
 
 
+FF_GRID = tuple(round(0.05 * i, 2) for i in range(0, 13))  # 0 .. 60 % of feed-forward channels
+
+
 @dataclass(frozen=True)
-class FeedForwardLever(InCompression):
+class FeedForwardLever(InCompression, LeverBase):
     """Cut feed-forward hidden channels: ``selection`` keeps these original channel indices per block.
 
-    Record: ``compression.ff_channels``; ``info`` says how the channels were scored.
+    Record: ``compression.ff`` (``ff_channels`` in schema v1); ``info`` says how the channels were scored.
     Tensors: ``ff.<block>.kept`` (int64).
 
-    >>> lever = FeedForwardLever.plan({"ff": torch.tensor([3., 1., 2., 4.])}, ratio=0.5, info={"method": "weight_norm"})
-    >>> lever.selection.kept, lever.kind
-    ({'ff': [0, 3]}, 'ff_channels')
+    >>> lever = FeedForwardLever.select({"ff": torch.tensor([3., 1., 2., 4.])}, ratio=0.5, info={"method": "weight_norm"})
+    >>> lever.selection.kept, lever.name
+    ({'ff': [0, 3]}, 'ff')
     """
 
     selection: Selection
     info: Mapping[str, Any] | None = None
-    kind: ClassVar[str] = "ff_channels"
+    name: ClassVar[str] = "ff"
+    grid: ClassVar[tuple[Any, ...]] = FF_GRID
+    goals: ClassVar[tuple[str, ...]] = ("memory", "both")
 
     @classmethod
-    def plan(cls, scores: Mapping[str, torch.Tensor], *, ratio: float, info: Mapping[str, Any] | None = None) -> "FeedForwardLever":
+    def select(cls, scores: Mapping[str, torch.Tensor], *, ratio: float, info: Mapping[str, Any] | None = None) -> "FeedForwardLever":
         return cls(select_ff_channels(scores, ratio=ratio), info)
+
+    @classmethod
+    def plan(cls, evidence: Any, settings: Any, model: nn.Module, name: str) -> "FeedForwardLever | None":
+        """Without profiled ``ff_scores`` the channels are ranked by weight norms, and the manifest says so."""
+        from ...profiling.ff_profiler import weight_norm_scores
+
+        if not settings.amount(cls.name) > 0:
+            return None
+        scores = evidence.ff_scores
+        info = {"method": "activation_energy" if scores is not None else "weight_norm"}
+        return cls.select(scores if scores is not None else weight_norm_scores(model), ratio=settings.amount(cls.name),
+                          info=info)
+
+    @classmethod
+    def predictor(cls, evidence: Any, model: nn.Module, settings: Any) -> Mapping[str, torch.Tensor] | None:
+        return evidence.ff_scores
+
+    @classmethod
+    def predict(cls, data: Mapping[str, torch.Tensor], amount: float) -> float:
+        """The lever cuts the same share from every block: the root of the blocks' mean removed share.
+
+        >>> FeedForwardLever.predict({"a": torch.tensor([1.0, 3.0])}, 0.5)
+        0.5
+        """
+        if amount <= 0:
+            return 0.0
+        shares = [removed_share(s.flatten().float(), amount) for s in data.values()]
+        return math.sqrt(sum(shares) / len(shares))
 
     def build(self, model: nn.Module, replacements: dict[str, nn.Module], built: Mapping[str, Any]) -> Built:
         tensors: dict[str, torch.Tensor] = {}

@@ -15,6 +15,7 @@ and every changed module is a fresh copy of the same class.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -23,7 +24,7 @@ import torch.nn as nn
 
 from ...errors import BaseModelMismatchError, IntegrityError, PruningError, where
 from ...profiling.discovery import describe, iter_attention
-from .lever import Built, index_tensor
+from .lever import Built, LeverBase, finite, index_tensor, removed_share
 from .selection import Selection, select_heads, validate_plan
 from .tree import fresh_copy, install, replace_modules, slice_linear
 
@@ -106,28 +107,80 @@ def kept_key(path: str) -> str:
 _SLICED = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+HEAD_GRID = tuple(round(0.05 * i, 2) for i in range(0, 13))  # 0 .. 60 % of heads
+
+
 @dataclass(frozen=True)
-class HeadLever:
+class HeadLever(LeverBase):
     """Remove attention heads: ``selection`` keeps these head indices per module.
 
     Its record is the manifest's ``pruning`` block; its tensors are ``heads.<path>.kept`` (int64).
 
     >>> lever = HeadLever(Selection(kept={"a": [0]}, heads={"a": 2}))
-    >>> lever.kind, lever.selection.removed_heads
+    >>> lever.name, lever.selection.removed_heads
     ('heads', 1)
     """
 
     selection: Selection
-    kind: ClassVar[str] = "heads"
+    name: ClassVar[str] = "heads"
+    grid: ClassVar[tuple[Any, ...]] = HEAD_GRID
+    goals: ClassVar[tuple[str, ...]] = ("memory", "both")
 
     @classmethod
-    def plan(cls, scores: Mapping[str, torch.Tensor], **select: Any) -> "HeadLever":
+    def select(cls, scores: Mapping[str, torch.Tensor], **select: Any) -> "HeadLever":
         """Heads chosen from per-head ``scores`` by ``select_heads(scores, **select)``.
 
-        >>> HeadLever.plan({"a": torch.tensor([0.1, 0.9])}, ratio=0.5).selection.kept
+        >>> HeadLever.select({"a": torch.tensor([0.1, 0.9])}, ratio=0.5).selection.kept
         {'a': [1]}
         """
         return cls(select_heads(scores, **select))
+
+    @classmethod
+    def check_amount(cls, amount: Any, settings: Any = None) -> str | None:
+        percentile = getattr(settings, "strategy", "ratio") == "percentile"
+        ok = finite(amount) and 0.0 <= amount <= (100.0 if percentile else 1.0)
+        return None if ok else "a fraction in [0, 1] (a percentile in [0, 100] with strategy 'percentile')"
+
+    @classmethod
+    def label(cls, amount: Any, settings: Any = None) -> str:
+        if getattr(settings, "strategy", "ratio") == "percentile":
+            return f"heads below percentile {amount:g}"
+        return f"heads {amount:.0%}"
+
+    @classmethod
+    def plan(cls, evidence: Any, settings: Any, model: nn.Module, name: str) -> "HeadLever":
+        """Always planned (a fragment records its heads even when none is removed); protected heads stay."""
+        scores = evidence.scores(settings.weights, max_rank_std=settings.max_rank_std,
+                                 keep_unstable_heads=settings.keep_unstable_heads)
+        amount = settings.amount("heads")
+        budget = {"ratio": amount} if settings.strategy == "ratio" else {"percentile": amount}
+        return cls.select(scores.heads, scope=settings.scope, min_keep=settings.min_keep,
+                          safety_margin_heads=settings.safety_margin_heads, protected=scores.protected, **budget)
+
+    @classmethod
+    def predictor(cls, evidence: Any, model: nn.Module, settings: Any) -> dict[str, torch.Tensor]:
+        """The head scores; protected (rank-unstable) heads score as the most important, since the lever
+        never removes them."""
+        scores = evidence.scores(settings.weights, max_rank_std=settings.max_rank_std,
+                                 keep_unstable_heads=settings.keep_unstable_heads)
+        top = max((float(v.max()) for v in scores.heads.values() if v.numel()), default=1.0)
+        heads = {}
+        for path, values in scores.heads.items():
+            values = values.clone().float()
+            values[list(scores.protected.get(path, ()))] = top  # never removed, so ranked with the most important
+            heads[path] = values
+        return heads
+
+    @classmethod
+    def predict(cls, data: Mapping[str, torch.Tensor], amount: float) -> float:
+        """A removed share m of the score mass is an output error of norm sqrt(m).
+
+        >>> HeadLever.predict({"a": torch.tensor([1.0, 1.0, 2.0, 4.0])}, 0.5)
+        0.5
+        """
+        if amount <= 0:
+            return 0.0
+        return math.sqrt(removed_share(torch.cat([s.flatten().float() for s in data.values()]), amount))
 
     def build(self, model: nn.Module, replacements: dict[str, nn.Module], built: Mapping[str, Any]) -> Built:
         modules = dict(iter_attention(model))

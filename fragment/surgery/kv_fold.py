@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from ...errors import BaseModelMismatchError, FragmentError, IntegrityError, PruningError, where
 from ...profiling.discovery import CROSS, describe, iter_attention
-from .lever import Built, InCompression, tensor
+from .lever import Built, GOALS, InCompression, LeverBase, tensor
 from .tree import fresh_copy, install, module_at, replace_modules
 
 log = logging.getLogger(__name__)
@@ -271,20 +271,44 @@ def kv_keys(path: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class KVFoldLever(InCompression):
+class KVFoldLever(InCompression, LeverBase):
     """Fold every attn2's K/V for ``context`` (``[B, T, C]``: the cond and uncond rows the sampler passes).
 
     Record: ``compression.kv_fold``.  Tensors: ``kv_fold.context`` (the distinct rows) and
     ``kv_fold.<attn2>.k`` / ``.v`` ``[rows, tokens, kept width]``.  The weights are dropped unless
     ``keep_weights`` (then other contexts still work, and no bytes are saved).
 
-    >>> KVFoldLever(torch.zeros(2, 3, 4)).kind
+    >>> KVFoldLever(torch.zeros(2, 3, 4)).name
     'kv_fold'
     """
 
     context: torch.Tensor
     keep_weights: bool = False
-    kind: ClassVar[str] = "kv_fold"
+    name: ClassVar[str] = "kv_fold"
+    goals: ClassVar[tuple[str, ...]] = GOALS
+    ladder: ClassVar[str] = "always"  # exact for the folded prompt: on at every level where a context is given
+    off: ClassVar[Any] = False
+
+    @classmethod
+    def check_amount(cls, amount: Any, settings: Any = None) -> str | None:
+        return None if isinstance(amount, bool) else "True or False (a switch)"
+
+    @classmethod
+    def label(cls, amount: Any, settings: Any = None) -> str:
+        return "kv-fold"
+
+    @classmethod
+    def plan(cls, evidence: Any, settings: Any, model: nn.Module, name: str) -> "KVFoldLever | None":
+        """Folds the evidence's ``kv_context`` (``[B, T, C]``: the cond and uncond rows the sampler will pass)."""
+        if not settings.amount(cls.name):
+            return None
+        if evidence.kv_context is None:
+            raise FragmentError(f"fragment {name!r}: kv_fold needs the conditioning context (cond and uncond) to fold, found none")
+        return cls(evidence.kv_context, keep_weights=settings.kv_fold_keep_weights)
+
+    @classmethod
+    def predictor(cls, evidence: Any, model: nn.Module, settings: Any) -> bool:
+        return evidence.kv_context is not None
 
     def build(self, model: nn.Module, replacements: dict[str, nn.Module], built: Mapping[str, Any]) -> Built:
         contexts = FoldedContexts(unique_rows(self.context.detach()))

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import BaseModelMismatchError, IntegrityError, PruningError, where
-from .lever import Built, InCompression, tensor
+from .lever import Built, InCompression, LeverBase, least_error_damage, tensor
 from .precision import MAX_WEIGHT
 from .tree import fresh_copy, install, module_at, replace_modules
 
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 BITS = (3, 4)
 GROUPS = (16, 32, 64, 128, 256)
+LOW_BIT_GRID = tuple(round(0.1 * i, 1) for i in range(0, 11))  # 0 .. 100 % of Linear and Conv2d parameters
 DEFAULT_GRID = 10  # alpha steps of 0.1: AWQ searches 20; the error curve is flat enough near its minimum
 
 
@@ -473,6 +474,27 @@ def low_bit_module(module: nn.Module, q: GroupQuantized, path: str = "<layer>") 
     return new
 
 
+def low_bit_errors(model: nn.Module, stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None, *,
+                   bits: int = 4, group: int = 64) -> list[tuple[int, float]]:
+    """``(parameters, relative low-bit error)`` per Linear and Conv2d: the low-bit lever's damage data.
+
+    The error is the one the lever ranks by: the output error on the layer's sampled inputs when
+    ``stats`` (``ActivationStats.stats()``) have them, else the round-trip weight error.
+
+    >>> low_bit_errors(nn.Sequential(nn.Linear(64, 4)))[0][0]
+    256
+    """
+    rows = []
+    for path, layer in quantizable_layers(model).items():
+        entry = (stats or {}).get(path) or {}
+        a, x = entry.get("abs_mean"), entry.get("inputs")
+        usable = a is not None and a.numel() == layer.weight.shape[1]
+        rows.append((layer.weight.numel(), quantization_error(layer.weight, bits=bits, group=group,
+                                                              act_abs_mean=a if usable else None,
+                                                              inputs=x if usable else None)))
+    return rows
+
+
 def quantizable_layers(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, nn.Module]:
     """Every quantizable layer (:func:`quantizable`) by path, except those at or under an ``exclude`` path and
     K/V fold fallbacks (kept for other contexts, not resident work).
@@ -518,14 +540,14 @@ def _kept_input_channels(path: str, built: Mapping[str, Any]) -> list[int] | Non
         if path == f"{attn}.to_out.0" and len(entry["kept"]) < entry["heads"]:
             d = entry["dim_head"]
             return [h * d + i for h in entry["kept"] for i in range(d)]
-    for ff, entry in ((built.get("ff_channels") or {}).get("modules") or {}).items():
+    for ff, entry in ((built.get("ff") or {}).get("modules") or {}).items():
         if path == f"{ff}.{entry['out_proj']}":
             return list(entry["kept"])
     return None
 
 
 @dataclass(frozen=True)
-class LowBitLever(InCompression):
+class LowBitLever(InCompression, LeverBase):
     """Store the least sensitive ``ratio`` of the quantizable parameters (Linears and Conv2d) in ``bits`` bits.
 
     Built after the levers that cut (it stores what they left) and before precision, which skips these
@@ -536,7 +558,7 @@ class LowBitLever(InCompression):
     and the manifest says so.  Record: ``compression.low_bit``.  Tensors: ``lowbit.<layer>.codes``
     (uint8), ``.scale`` and ``.zero`` (float16 ``[out, groups]``), ``.channel_scale`` (float32 ``[in]``).
 
-    >>> LowBitLever(ratio=0.5).kind
+    >>> LowBitLever(ratio=0.5).name
     'low_bit'
     """
 
@@ -544,8 +566,44 @@ class LowBitLever(InCompression):
     bits: int = 4
     group: int = 64
     stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None
-    grid: int = DEFAULT_GRID
-    kind: ClassVar[str] = "low_bit"
+    alpha_grid: int = DEFAULT_GRID  # AWQ alpha steps (``grid`` is the calibration ladder's amounts)
+    name: ClassVar[str] = "low_bit"
+    grid: ClassVar[tuple[Any, ...]] = LOW_BIT_GRID
+    goals: ClassVar[tuple[str, ...]] = ("memory", "both")
+    whole: ClassVar[bool] = True  # every layer (amount 1) is a valid cut
+
+    @classmethod
+    def label(cls, amount: Any, settings: Any = None) -> str:
+        """``int<bits>[/g<group>] <share>``: the format is part of the name (int4 and int3 are different cuts).
+
+        >>> LowBitLever.label(0.5), LowBitLever.label(1.0, LowBitLever(bits=3, group=128))
+        ('int4 50%', 'int3/g128 100%')
+        """
+        bits, group = getattr(settings, "low_bit_bits", 4), getattr(settings, "low_bit_group", 64)
+        bits, group = getattr(settings, "bits", bits), getattr(settings, "group", group)
+        return f"int{bits}{'' if group == 64 else f'/g{group}'} {amount:.0%}"
+
+    @classmethod
+    def plan(cls, evidence: Any, settings: Any, model: nn.Module, name: str) -> "LowBitLever | None":
+        """Activation-aware with the evidence's ``activation_stats``, else round to nearest (the manifest says so)."""
+        if not settings.amount(cls.name) > 0:
+            return None
+        return cls(ratio=settings.amount(cls.name), bits=settings.low_bit_bits, group=settings.low_bit_group,
+                   stats=evidence.activation_stats)
+
+    @classmethod
+    def predictor(cls, evidence: Any, model: nn.Module, settings: Any) -> list[tuple[int, float]]:
+        """Quantizes every layer once: computed only when the calibration's goal moves the lever."""
+        return low_bit_errors(model, evidence.activation_stats, bits=settings.low_bit_bits, group=settings.low_bit_group)
+
+    @classmethod
+    def predict(cls, data: Sequence[tuple[int, float]], amount: float) -> float:
+        """The least-error layers first, as the lever picks them; int4 errors compound in energy.
+
+        >>> LowBitLever.predict([(1, 0.3), (1, 0.4)], 1.0)
+        0.5
+        """
+        return least_error_damage(data, amount, compound=True) if amount > 0 else 0.0
 
     def layer_stats(self, path: str, module: nn.Module, built: Mapping[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(abs_mean, inputs)`` of ``path`` matched to its current input channels (``None``s: no usable stats)."""
@@ -582,7 +640,7 @@ class LowBitLever(InCompression):
         for path in chosen:
             module = layers[path]
             a, x = stats[path]
-            s = awq_channel_scale(module.weight, a, x, bits=self.bits, group=self.group, grid=self.grid) if a is not None else None
+            s = awq_channel_scale(module.weight, a, x, bits=self.bits, group=self.group, grid=self.alpha_grid) if a is not None else None
             if s is not None and bool((s == 1).all()):
                 s = None  # alpha = 0 won: RTN, no scale to store
             q = quantize_groups(module.weight, bits=self.bits, group=self.group, channel_scale=s)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ...errors import BaseModelMismatchError, IntegrityError, PruningError, where
-from .lever import Built, tensor
+from .lever import Built, LeverBase, tensor
 from .tree import install, linear_like, module_at
 
 log = logging.getLogger(__name__)
@@ -128,18 +128,34 @@ def lowrank_keys(layer: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class LowRankLever:
+class LowRankLever(LeverBase):
     """Replace Linears by two thin ones: ``energies`` maps a layer path to the share of ``sum(S**2)`` to keep.
 
     Record: the list ``compression.low_rank`` (one ``LowRankRecord`` each).  Tensors:
     ``lowrank.<layer>.down`` ``[rank, in]`` and ``.up`` ``[out, rank]``.
 
-    >>> LowRankLever({"mid.proj": 0.9}).kind
+    >>> LowRankLever({"mid.proj": 0.9}).name
     'low_rank'
     """
 
     energies: Mapping[str, float] = field(default_factory=dict)
-    kind: ClassVar[str] = "low_rank"
+    name: ClassVar[str] = "low_rank"
+    ladder: ClassVar[str] = ""  # chosen by layer, not by the calibration
+    off: ClassVar[Any] = {}
+
+    @classmethod
+    def check_amount(cls, amount: Any, settings: Any = None) -> str | None:
+        # the energies themselves are checked where they are used (``choose_rank``), with the layer named
+        return None if isinstance(amount, Mapping) else "an object of layer path -> energy to keep"
+
+    @classmethod
+    def label(cls, amount: Any, settings: Any = None) -> str:
+        return f"low-rank {len(amount)}"
+
+    @classmethod
+    def plan(cls, evidence: Any, settings: Any, model: nn.Module, name: str) -> "LowRankLever | None":
+        energies = settings.amount(cls.name)
+        return cls(dict(energies)) if energies else None
 
     def build(self, model: nn.Module, replacements: dict[str, nn.Module], built: Mapping[str, Any]) -> Built:
         tensors: dict[str, torch.Tensor] = {}

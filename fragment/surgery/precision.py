@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import BaseModelMismatchError, IntegrityError, PruningError, where
-from .lever import Built, InCompression, tensor
+from .lever import Built, InCompression, LeverBase, least_error_damage, tensor
 from .tree import fresh_copy, install, module_at, replace_modules
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,15 @@ def quantized_linear(lin: nn.Linear, q: torch.Tensor, scale: torch.Tensor, path:
     return new
 
 
+def precision_errors(linears: Mapping[str, nn.Linear], fmt: str) -> list[tuple[int, float]]:
+    """``(parameters, relative round-trip error in fmt)`` per Linear: the precision lever's damage data.
+
+    >>> precision_errors({"a": nn.Linear(4, 4)}, "int8")[0][0]
+    16
+    """
+    return [(lin.weight.numel(), relative_error(lin.weight, fmt)) for lin in linears.values()]
+
+
 def retained_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every plain (not yet quantized) Linear of ``model`` with a 2-D weight, by path.
 
@@ -209,24 +218,60 @@ def quant_keys(layer: str) -> tuple[str, str]:
     return f"quant.{layer}.weight", f"quant.{layer}.scale"
 
 
+PRECISION_GRID = tuple(round(0.1 * i, 1) for i in range(0, 11))  # 0 .. 100 % of retained Linear parameters
+
+
 @dataclass(frozen=True)
-class PrecisionLever(InCompression):
+class PrecisionLever(InCompression, LeverBase):
     """Store the least sensitive ``ratio`` of the retained Linear parameters as ``fmt`` (``"fp8"``/``"int8"``).
 
     Built last: it quantizes the weights the other levers left.  Linears factorised by the low-rank lever,
     Linears the low-bit lever stored, and Linears kept only as a K/V fold fallback are left alone (the latter are not resident work).
-    Record: ``compression.quantization``.  Tensors: ``quant.<linear>.weight`` (fp8/int8) and ``.scale``
+    Record: ``compression.precision`` (``quantization`` in schema v1).  Tensors: ``quant.<linear>.weight`` (fp8/int8) and ``.scale``
     (float32 ``[out or 1, 1]``).
 
-    >>> PrecisionLever("int8", ratio=0.5).kind
-    'quantization'
+    >>> PrecisionLever("int8", ratio=0.5).name
+    'precision'
     """
 
     fmt: str
     ratio: float = 1.0
     granularity: str = PER_CHANNEL
     scores: Mapping[str, float] | None = None
-    kind: ClassVar[str] = "quantization"
+    name: ClassVar[str] = "precision"
+    grid: ClassVar[tuple[Any, ...]] = PRECISION_GRID
+    goals: ClassVar[tuple[str, ...]] = ("memory", "both")
+    whole: ClassVar[bool] = True  # every retained Linear (amount 1) is a valid cut
+
+    @classmethod
+    def label(cls, amount: Any, settings: Any = None) -> str:
+        """``<format> <share>``.
+
+        >>> PrecisionLever.label(0.5), PrecisionLever.label(1.0, PrecisionLever("int8"))
+        ('fp8 50%', 'int8 100%')
+        """
+        fmt = getattr(settings, "fmt", None) or getattr(settings, "precision_format", "fp8")
+        return f"{fmt} {amount:.0%}"
+
+    @classmethod
+    def plan(cls, evidence: Any, settings: Any, model: nn.Module, name: str) -> "PrecisionLever | None":
+        if not settings.amount(cls.name) > 0:
+            return None
+        return cls(settings.precision_format, ratio=settings.amount(cls.name))
+
+    @classmethod
+    def predictor(cls, evidence: Any, model: nn.Module, settings: Any) -> list[tuple[int, float]]:
+        """Quantizes every layer once: computed only when the calibration's goal moves the lever."""
+        return precision_errors(retained_linears(model), settings.precision_format)
+
+    @classmethod
+    def predict(cls, data: Sequence[tuple[int, float]], amount: float) -> float:
+        """The least-error layers first, as the lever picks them: their parameter-weighted mean error.
+
+        >>> PrecisionLever.predict([(1, 0.1), (1, 0.3)], 0.5)
+        0.05
+        """
+        return least_error_damage(data, amount, compound=False) if amount > 0 else 0.0
 
     def build(self, model: nn.Module, replacements: dict[str, nn.Module], built: Mapping[str, Any]) -> Built:
         # low-rank factors and low-bit layers already have their storage format
