@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-from types import SimpleNamespace  # noqa: F401 - the docstring examples build judges from it
 from typing import Any
 
 import comfy.samplers
@@ -27,20 +26,16 @@ import torch
 from ..defaults import optional_lpips
 from ..errors import FragmentError
 from ..fragment.build import describe_base
-from ..fragment.calibration import GOALS, Budget, Calibration, Candidate
-from ..fragment.extract import calibrated_fragment, candidate_fragment, extract_fragment, record_calibration
-from ..fragment.format.manifest import Fragment
-from ..fragment.format.measurements import record_measurements
-from ..fragment.format.store import save_fragment
+from ..fragment.calibration import GOALS, Budget
 from ..fragment.library.fingerprint import pool_conditioning
-from ..fragment.library.index import register
 from ..fragment.patching import base_sha256
+from ..fragment.pipeline import Judging, make_fragment
 from ..fragment.settings import ExtractionSettings
 from ..judge.comfy import ComfyJudge, SamplerSettings, check_steps
-from ..profiling.evidence import ProfileEvidence
 from .comfy_versions import unload_clones
 from .folders import CATEGORY, FragmentHandle, ProfileHandle, fragments_dir, tip, unpatched_originals
 from .fragment_loader import JUDGE_MODELS
+from .node_text import with_text
 
 log = logging.getLogger(__name__)
 CALIBRATE = ["auto", "on", "off"]
@@ -125,35 +120,37 @@ class FragmentExtractor:
         digest = base_sha256(model, originals)
         base = describe_base(model, profile.checkpoint, sha256=digest, hash_kind="state_dict_fp16")
         kv_context = fold_context(positive, negative, context_dtype(profile.patcher)) if kv_fold else None
-        params = {"strategy": strategy, "ratio": settings.amount("heads"), "scope": scope}
-        evidence = profile.session.evidence(kv_context)
-        if sampler is None:
-            fragment, path = extract_fragment(evidence, model, base=base, name=name, settings=settings,
-                                              directory=fragments_dir(), overwrite=overwrite)
-            why = "calibrate off" if calibrate == "off" else "calibrate auto: the sampler settings or prompts are not connected"
-            status = f"fixed settings, not judged ({why}): {settings.label}"
-        else:
+        judging = None
+        if sampler is not None:
             check_steps(sampler, len(profile.session.step_timesteps() or []))
-            existing = fragments_dir() / f"{name}.json"
-            if not overwrite and existing.exists():  # before minutes of judging, not after
-                raise FragmentError(f"FragmentExtractor: {existing}: a fragment named {name!r} already exists; "
-                                    "choose another name, or set overwrite to true")
-            lpips, lpips_note = optional_lpips() if vae is not None else (None, "")
-            judge = ComfyJudge(profile.patcher, sampler, positive, negative, trigger, models=JUDGE_MODELS, vae=vae,
-                               digest=digest, originals=originals, lpips=lpips)
-            judge.check_reference()
-            fragment, cal = calibrated_judged_fragment(
-                evidence, model, judge, base=base, name=name, settings=settings, goal=goal,
-                holdout=holdout_seeds, budget_images=budget_images)
-            path = save_fragment(fragment, fragments_dir(), overwrite=overwrite)
-            status = calibration_status(cal, judge, lpips_note)
-            params = {"strategy": "ratio", "ratio": cal.chosen.amount("heads") if cal.chosen else 0.0, "scope": scope,
-                      "calibration": cal.status, "levers": cal.chosen.label if cal.chosen else "full model"}
-        # Indexed for FragmentLoader's (auto) mode, unless it is the no-lever fallback: auto would pick the full model.
-        if positive is not None and params.get("levers") != "full model":
-            register(fragments_dir(), path, embedding=pool_conditioning(positive), prompt=name, params=params)
-        log.info("FragmentExtractor: %s", status)
-        return {"ui": {"text": [status]}, "result": (FragmentHandle(fragment=fragment, manifest_path=path), status)}
+            judging = comfy_judging(profile, sampler, positive, negative, trigger, vae, digest, originals,
+                                    goal=goal, holdout=holdout_seeds, budget_images=budget_images)
+        why = "calibrate off" if calibrate == "off" else "calibrate auto: the sampler settings or prompts are not connected"
+        made = make_fragment(profile.session.evidence(kv_context), model, base=base, name=name, directory=fragments_dir(),
+                             settings=settings, judging=judging, overwrite=overwrite, unjudged_reason=why,
+                             embedding=pool_conditioning(positive) if positive is not None else None)
+        log.info("FragmentExtractor: %s", made.status)
+        return with_text((FragmentHandle(fragment=made.fragment, manifest_path=made.path), made.status), made.status)
+
+
+def comfy_judging(profile: ProfileHandle, sampler: SamplerSettings, positive: Any, negative: Any, trigger: Any,
+                  vae: Any, digest: str, originals: Any, *, goal: str, holdout: int, budget_images: int) -> Judging:
+    """The calibration's judging in ComfyUI: the profiled seed, then ``holdout`` seeds after it, rendered on clones
+    of the profiled model and compared with its output (the ``trigger`` LATENT).
+
+    >>> judging = comfy_judging(profile, sampler, pos, neg, latent, None, digest, originals,  # doctest: +SKIP
+    ...                         goal="both", holdout=1, budget_images=16)
+    """
+    lpips, lpips_note = optional_lpips() if vae is not None else (None, "")
+    judge = ComfyJudge(profile.patcher, sampler, positive, negative, trigger, models=JUDGE_MODELS, vae=vae,
+                       digest=digest, originals=originals, lpips=lpips)
+    space = "judged in latent space (no VAE connected)" if vae is None else "judged on decoded images"
+    if vae is not None and "not measured" in lpips_note:
+        space += "; LPIPS not measured (no weights installed), its limit dropped"
+    seed = sampler.seed
+    return Judging(judge, judge.name, [seed], [(seed + i) % SEED_SPACE for i in range(1, holdout + 1)], goal=goal,
+                   budget=Budget(images=budget_images), images_per_seed=judge.batch, space=space,
+                   reference_images=judge.batch, prepare=judge.check_reference)
 
 
 def sampler_settings(calibrate: str, seed: int | None, steps: int | None, cfg: float | None, sampler_name: str | None,
@@ -181,54 +178,6 @@ def sampler_settings(calibrate: str, seed: int | None, steps: int | None, cfg: f
                             "settings and prompts, or set calibrate to off")
     return SamplerSettings(seed=int(seed), steps=int(steps), cfg=float(cfg), sampler_name=str(sampler_name),
                            scheduler=str(scheduler))
-
-
-def calibrated_judged_fragment(evidence: ProfileEvidence, model: torch.nn.Module, judge: ComfyJudge, *,
-                               base: dict[str, Any], name: str, settings: ExtractionSettings, goal: str, holdout: int,
-                               budget_images: int) -> tuple[Fragment, Calibration]:
-    """The calibrated fragment, or the full model (no levers) marked ``fallback_full_model``; its cost in ``performance``.
-
-    >>> frag, cal = calibrated_judged_fragment(session.evidence(), unet, judge, base=base, name="dog",  # doctest: +SKIP
-    ...                                        settings=ExtractionSettings(), goal="both", holdout=1, budget_images=16)
-    """
-    seed = judge.settings.seed
-    data = dict(base=base, name=name, settings=settings)
-    fragment, cal = calibrated_fragment(
-        evidence, model, judge, calibration_seeds=[seed],
-        holdout_seeds=[(seed + i) % SEED_SPACE for i in range(1, holdout + 1)], goal=goal,
-        budget=Budget(images=budget_images), judge_name=judge.name, images_per_seed=judge.batch, **data)
-    if fragment is None:
-        # Nothing passed: the stored fragment is the full model, so it claims no quality it lacks.
-        fragment = record_calibration(candidate_fragment(evidence, model, Candidate(), **data), cal)
-    # The reference check (one full-model render of the profiled seed, before calibrating) is counted apart:
-    # it is not a judged try, but it is what the user paid.
-    cost = {"images": cal.images, "seconds": round(cal.seconds, 3), "tries": len(cal.tries), "budget_images": budget_images,
-            "reference_check_images": judge.batch}
-    return Fragment(manifest=record_measurements(fragment.manifest, performance={"calibration": cost}),
-                    tensors=fragment.tensors), cal
-
-
-def calibration_status(cal: Calibration, judge: Any, lpips_note: str = "") -> str:
-    """The line the user reads: the chosen levers, the held-out figures, the cost and the judge (on a fallback: why).
-
-    >>> cal = Calibration("both", None, "fallback_full_model", [1], [2], Budget(4), "toy", reason="nothing passed")
-    >>> calibration_status(cal, SimpleNamespace(vae=None, name="toy"))  # doctest: +ELLIPSIS
-    'FULL MODEL used: no lever combination passed the quality gate (nothing passed); ...; judged in latent space (no VAE connected); judge: toy'
-    """
-    cost = f"{len(cal.tries)} tries, {cal.images} images, {cal.seconds:.1f} s"
-    space = "judged in latent space (no VAE connected)" if judge.vae is None else "judged on decoded images"
-    if judge.vae is not None and "not measured" in lpips_note:
-        space += "; LPIPS not measured (no weights installed), its limit dropped"
-    if cal.chosen is None:
-        last = next((t for t in reversed(cal.tries) if t["reasons"]), None)
-        why = f"; last failures ({last['candidate']['label']}): {'; '.join(last['reasons'])}" if last else ""
-        return (f"FULL MODEL used: no lever combination passed the quality gate ({cal.reason}){why}; the stored "
-                f"fragment has no levers (quality_gate fallback_full_model); {cost}; {space}; judge: {judge.name}")
-    metrics = (cal.confirmed or {}).get("metrics", {})
-    figures = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("ssim_mean", "lpips_mean", "latent_rel_error")
-                        if isinstance(metrics.get(k), (int, float)))
-    return (f"calibrated ({cal.goal}): {cal.chosen.label}; held-out seeds {cal.holdout_seeds}: {figures}; {cost}; "
-            f"{space}; judge: {judge.name}")
 
 
 def context_dtype(patcher: Any) -> torch.dtype:

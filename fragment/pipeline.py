@@ -1,0 +1,161 @@
+"""The whole extraction as one call: evidence in, a saved (and indexed) fragment and the line the user reads out.
+
+FragmentExtractor parses its inputs and calls :func:`make_fragment`; this is
+the one place that decides between the two paths and the one place that saves:
+
+* fixed settings (no judge): score, select, build (``extract.extract_fragment``);
+* calibrated (a judge is given): ``extract.calibrated_fragment`` picks the
+  strongest candidate that passes the judge on the calibration and held-out
+  seeds; when none does, the stored fragment is the full model (no levers)
+  marked ``fallback_full_model``, so it claims no quality it lacks.
+
+Then the fragment is saved once, and indexed for FragmentLoader's ``(auto)``
+mode when the prompt's embedding is given (never the no-lever fallback: auto
+would pick the full model).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import FragmentError
+from ..profiling.evidence import ProfileEvidence
+from .calibration import Budget, Calibration, Candidate, Judgement
+from .extract import calibrated_fragment, candidate_fragment, extract_fragment, record_calibration
+from .format.manifest import Fragment
+from .format.measurements import record_measurements
+from .format.store import save_fragment
+from .library.index import register
+from .settings import ExtractionSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Judging:
+    """How the calibration judges: the judge, its seeds, its budget and what the user is told about it.
+
+    ``judge(fragment, seeds)`` renders ``seeds`` with the fragment and compares them with the full model's;
+    ``space`` says what it compares ("judged on decoded images"); ``reference_images`` is what ``prepare``
+    renders to check the reference (counted in the cost, not a judged try).
+
+    >>> Judging(lambda f, s: Judgement(True), name="toy", seeds=[1], holdout_seeds=[2]).budget.images
+    16
+    """
+
+    judge: Callable[[Fragment, Sequence[int]], Judgement]
+    name: str
+    seeds: Sequence[int]
+    holdout_seeds: Sequence[int]
+    goal: str = "both"
+    budget: Budget = field(default_factory=lambda: Budget(images=16))
+    images_per_seed: int = 1
+    space: str = ""
+    reference_images: int = 0
+    prepare: Callable[[], None] | None = None  # run before judging, e.g. the host's check of its reference render
+
+
+@dataclass(frozen=True)
+class Made:
+    """What :func:`make_fragment` made: the fragment, where it was saved, the status line, the calibration
+    (``None`` on the fixed-settings path) and the library key (``None`` when not indexed)."""
+
+    fragment: Fragment
+    path: Path
+    status: str
+    calibration: Calibration | None = None
+    key: str | None = None
+
+
+def make_fragment(
+    evidence: ProfileEvidence,
+    model: nn.Module,
+    *,
+    base: Mapping[str, Any],
+    name: str,
+    directory: str | os.PathLike,
+    settings: ExtractionSettings = ExtractionSettings(),
+    judging: Judging | None = None,
+    overwrite: bool = False,
+    embedding: torch.Tensor | None = None,
+    unjudged_reason: str = "no judge given",
+) -> Made:
+    """Build the fragment (judged when ``judging`` is given), save it in ``directory`` and index it.
+
+    >>> made = make_fragment(evidence, unet, base=base, name="dog", directory="models/fragments",  # doctest: +SKIP
+    ...                      settings=ExtractionSettings(), embedding=pooled)
+    >>> made.status  # doctest: +SKIP
+    'fixed settings, not judged (no judge given): heads 30%'
+    """
+    directory = Path(directory)
+    existing = directory / f"{name}.json"
+    if not overwrite and existing.exists():  # before minutes of judging, not after
+        raise FragmentError(f"{existing}: a fragment named {name!r} already exists; choose another name, "
+                            "or set overwrite to true")
+    cal = None
+    if judging is None:
+        fragment, _ = extract_fragment(evidence, model, base=base, name=name, settings=settings)
+        status = f"fixed settings, not judged ({unjudged_reason}): {settings.label}"
+        params = {"strategy": settings.strategy, "ratio": settings.amount("heads"), "scope": settings.scope}
+    else:
+        if judging.prepare is not None:
+            judging.prepare()
+        fragment, cal = judged_fragment(evidence, model, judging, base=base, name=name, settings=settings)
+        status = calibration_status(cal, judging)
+        params = {"strategy": "ratio", "ratio": cal.chosen.amount("heads") if cal.chosen else 0.0, "scope": settings.scope,
+                  "calibration": cal.status, "levers": cal.chosen.label if cal.chosen else "full model"}
+    path = save_fragment(fragment, directory, overwrite=overwrite)
+    key = None
+    if embedding is not None and (cal is None or cal.chosen is not None):
+        key = register(directory, path, embedding=embedding, prompt=name, params=params)
+    log.info("fragment %s: %s", name, status)
+    return Made(fragment, path, status, cal, key)
+
+
+def judged_fragment(evidence: ProfileEvidence, model: nn.Module, judging: Judging, *, base: Mapping[str, Any],
+                    name: str, settings: ExtractionSettings) -> tuple[Fragment, Calibration]:
+    """The calibrated fragment, or the full model (no levers) marked ``fallback_full_model``; its cost in
+    the manifest's ``performance.calibration``.
+
+    >>> frag, cal = judged_fragment(evidence, unet, judging, base=base, name="dog",  # doctest: +SKIP
+    ...                             settings=ExtractionSettings())
+    """
+    fragment, cal = calibrated_fragment(
+        evidence, model, judging.judge, base=base, name=name, calibration_seeds=list(judging.seeds),
+        holdout_seeds=list(judging.holdout_seeds), goal=judging.goal, budget=judging.budget, judge_name=judging.name,
+        settings=settings, images_per_seed=judging.images_per_seed)
+    if fragment is None:
+        fragment = record_calibration(candidate_fragment(evidence, model, Candidate(), base=base, name=name,
+                                                         settings=settings), cal)
+    # The reference check is counted apart: it is not a judged try, but it is what the user paid.
+    cost = {"images": cal.images, "seconds": round(cal.seconds, 3), "tries": len(cal.tries),
+            "budget_images": judging.budget.images, "reference_check_images": judging.reference_images}
+    return Fragment(manifest=record_measurements(fragment.manifest, performance={"calibration": cost}),
+                    tensors=fragment.tensors), cal
+
+
+def calibration_status(cal: Calibration, judging: Judging) -> str:
+    """The line the user reads: the chosen levers, the held-out figures, the cost and the judge (on a fallback: why).
+
+    >>> cal = Calibration("both", None, "fallback_full_model", [1], [2], Budget(4), "toy", reason="nothing passed")
+    >>> calibration_status(cal, Judging(None, "toy", [1], [2], space="judged in latent space"))  # doctest: +ELLIPSIS
+    'FULL MODEL used: no lever combination passed the quality gate (nothing passed); ...; judged in latent space; judge: toy'
+    """
+    cost = f"{len(cal.tries)} tries, {cal.images} images, {cal.seconds:.1f} s"
+    if cal.chosen is None:
+        last = next((t for t in reversed(cal.tries) if t["reasons"]), None)
+        why = f"; last failures ({last['candidate']['label']}): {'; '.join(last['reasons'])}" if last else ""
+        return (f"FULL MODEL used: no lever combination passed the quality gate ({cal.reason}){why}; the stored "
+                f"fragment has no levers (quality_gate fallback_full_model); {cost}; {judging.space}; "
+                f"judge: {judging.name}")
+    metrics = (cal.confirmed or {}).get("metrics", {})
+    figures = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("ssim_mean", "lpips_mean", "latent_rel_error")
+                        if isinstance(metrics.get(k), (int, float)))
+    return (f"calibrated ({cal.goal}): {cal.chosen.label}; held-out seeds {cal.holdout_seeds}: {figures}; {cost}; "
+            f"{judging.space}; judge: {judging.name}")
