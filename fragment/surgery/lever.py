@@ -141,10 +141,6 @@ def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def percent(value: float) -> str:
-    return f"{value:.0%}"
-
-
 def removed_share(scores: torch.Tensor, share: float) -> float:
     """Share of the (non-negative) score mass in the lowest ``share`` of entries.
 
