@@ -93,14 +93,13 @@ class ProfileEvidence:
         return cls(ProfileData({}, 1), fixed_scores=scores, **measurements)
 
     def with_context(self, kv_context: torch.Tensor | None) -> "ProfileEvidence":
-        """The same evidence with the conditioning rows to fold (the scores already computed are kept).
+        """The same evidence with the conditioning rows to fold; it shares the score cache (the rows do not
+        change the head scores).
 
         >>> e = ProfileEvidence(ProfileData({}, 4)); e.with_context(torch.zeros(2, 3, 4)).kv_context.shape
         torch.Size([2, 3, 4])
         """
-        other = dataclasses.replace(self, kv_context=kv_context)
-        other._scored.update(self._scored)
-        return other
+        return dataclasses.replace(self, kv_context=kv_context)  # replace passes the same _scored dict on
 
     def scores(self, weights: ScoreWeights = ScoreWeights(), *, max_rank_std: float = 0.25,
                keep_unstable_heads: bool = True) -> Scores:
