@@ -24,13 +24,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import FragmentError
 from ..profiling.evidence import ProfileEvidence
 from .calibration import Budget, Calibration, Candidate, Judgement
 from .extract import calibrated_fragment, candidate_fragment, extract_fragment, record_calibration
 from .format.manifest import Fragment
 from .format.measurements import record_measurements
-from .format.store import save_fragment
+from .format.store import check_free, save_fragment
 from .library.index import register
 from .settings import ExtractionSettings
 
@@ -93,11 +92,7 @@ def make_fragment(
     >>> made.status  # doctest: +SKIP
     'fixed settings, not judged (no judge given): heads 30%'
     """
-    directory = Path(directory)
-    existing = directory / f"{name}.json"
-    if not overwrite and existing.exists():  # before minutes of judging, not after
-        raise FragmentError(f"{existing}: a fragment named {name!r} already exists; choose another name, "
-                            "or set overwrite to true")
+    check_free(directory, name, overwrite=overwrite)  # before minutes of judging, not after
     cal = None
     if judging is None:
         fragment, _ = extract_fragment(evidence, model, base=base, name=name, settings=settings)

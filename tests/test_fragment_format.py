@@ -191,6 +191,21 @@ def test_existing_fragment_is_never_overwritten_by_default(saved, tmp_path: Path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary files left behind"
 
 
+def test_make_fragment_refuses_a_taken_or_bad_name_before_it_judges(saved, tmp_path: Path) -> None:
+    from prompt_fragments.fragment.pipeline import Judging, make_fragment
+
+    _, _, frag, _, manifest_path = saved
+    _copy_fragment(manifest_path, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    calls: list[str] = []
+    judging = Judging(lambda f, s: calls.append("judge"), "toy", [0], [1], prepare=lambda: calls.append("prepare"))
+    with pytest.raises(FragmentError, match="already exists"):
+        make_fragment(None, None, base={}, name=frag.name, directory=tmp_path, judging=judging)
+    with pytest.raises(ManifestError, match="no path"):
+        make_fragment(None, None, base={}, name="../outside", directory=tmp_path, judging=judging)
+    assert calls == [] and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_fragment_names_cannot_escape_the_folder(saved, tmp_path: Path) -> None:
     frag = saved[2]
     for name in ("../evil", "/abs", "a/b", ".hidden", ""):

@@ -42,6 +42,20 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_free(directory: str | os.PathLike, name: str, *, overwrite: bool = False) -> Path:
+    """The manifest path ``name`` would be saved at in ``directory``; refused for a bad name, or a taken one
+    unless ``overwrite`` (a caller about to spend minutes building asks before, not after).
+
+    >>> check_free("/nonexistent", "dog").name
+    'dog.json'
+    """
+    name = check_name(name)
+    manifest_path = Path(directory) / f"{name}.json"
+    if not overwrite and (manifest_path.exists() or (Path(directory) / f"{name}.safetensors").exists()):
+        raise FragmentError(f"{manifest_path}: a fragment named {name!r} already exists; choose another name, or overwrite it")
+    return manifest_path
+
+
 def save_fragment(fragment: Fragment, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write the tensors file then ``<name>.json`` into ``directory``; return the manifest path.
 
@@ -51,11 +65,8 @@ def save_fragment(fragment: Fragment, directory: str | os.PathLike, *, overwrite
     >>> save_fragment(frag, "ComfyUI/models/fragments")  # doctest: +SKIP
     PosixPath('ComfyUI/models/fragments/dog-on-jet-ski.json')
     """
-    name = check_name(fragment.name)
     directory = ensure_folder(directory)
-    manifest_path = directory / f"{name}.json"
-    if not overwrite and (manifest_path.exists() or (directory / f"{name}.safetensors").exists()):
-        raise FragmentError(f"{manifest_path}: a fragment named {name!r} already exists; choose another name, or overwrite it")
+    name = check_free(directory, fragment.name, overwrite=overwrite).stem
 
     def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in fragment.tensors.items()}, str(tmp), metadata={"prompt_fragments.schema": "1"})
