@@ -47,6 +47,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..errors import FragmentError
+from ..metrics.costs import repayable_units
 from ..profiling.evidence import ProfileEvidence
 from ..profiling.step_change import ReuseDepth
 from .levers import GOALS, LEVERS, LeverAmounts, goal_levers, label, lever
@@ -255,6 +256,8 @@ class Judgement:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     reasons: Sequence[str] = ()
     slack: float | None = None
+    images: int | None = None  # images actually rendered for this try (a sequential stop renders fewer than all seeds)
+    seconds: float | None = None  # what the try cost when the judge measured it, full-model references included
 
 
 Judge = Callable[[Candidate, Sequence[int]], Judgement]
@@ -263,23 +266,109 @@ Judge = Callable[[Candidate, Sequence[int]], Judgement]
 @dataclass(frozen=True)
 class Budget:
     """How much the calibration may spend: judged images (every seed of every try, plus the held-out
-    full-model references) and, optionally, seconds.
+    full-model references), optionally seconds, and optionally a cost in ``u`` (one stock image).
+
+    The cost limit follows from the batch (:meth:`for_batch`): a batch of ``batch`` images at ``raw_ratio``
+    can repay ``metrics.costs.repayable_units`` u, less what was spent before the calibration (``spent_u``,
+    the profile hooks and the build).  A try is not started when its estimated cost (from the tries so far,
+    else ``image_u`` per image) would go past it.
 
     >>> Budget(images=40).allows(spent=32, more=8), Budget(images=40).allows(spent=33, more=8)
     (True, False)
+    >>> b = Budget.for_batch(32, 2.0, delivered=12, spent_u=2.0); b.units, b.allows(0, 8, spent_u=3.0, more_u=5.0)
+    (8.0, True)
     """
 
     images: int = 48
     seconds: float | None = None
+    batch: int | None = None  # the batch the user is about to make (None: no cost limit)
+    raw_ratio: float | None = None  # its expected raw ratio (None with a batch: estimated from the ladder)
+    delivered: int = 0  # full-model images of the batch the pack makes anyway (profiled and confirmation seeds)
+    spent_u: float = 0.0  # overhead already spent before the calibration, in u
+    unit_s: float | None = None  # seconds of one stock image, when measured beside stock
+    # a judged image's cost before any try is measured (and when no unit is known): a candidate's image costs at
+    # most about one stock image; the first try's estimate, so the limit holds only if this is an upper bound
+    image_u: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, int) or self.images < 1:
             raise FragmentError(f"calibration budget images: expected an integer >= 1, found {self.images!r}")
         if self.seconds is not None and not (math.isfinite(self.seconds) and self.seconds > 0):
             raise FragmentError(f"calibration budget seconds: expected a number > 0 or None, found {self.seconds!r}")
+        if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
+            raise FragmentError(f"calibration budget batch: expected an integer >= 1 or None, found {self.batch!r}")
+        for name in ("raw_ratio", "unit_s"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise FragmentError(f"calibration budget {name}: expected a number > 0 or None, found {value!r}")
+        if not (math.isfinite(self.spent_u) and self.spent_u >= 0) or not (math.isfinite(self.image_u) and self.image_u > 0):
+            raise FragmentError(f"calibration budget spent_u / image_u: expected finite numbers >= 0 / > 0, found "
+                                f"{self.spent_u!r} / {self.image_u!r}")
+        if not isinstance(self.delivered, int) or self.delivered < 0:
+            raise FragmentError(f"calibration budget delivered: expected an integer >= 0, found {self.delivered!r}")
 
-    def allows(self, spent: int, more: int, elapsed: float = 0.0) -> bool:
-        return spent + more <= self.images and (self.seconds is None or elapsed < self.seconds)
+    @classmethod
+    def for_batch(cls, n: int = 32, raw_ratio: float | None = None, *, delivered: int = 0, spent_u: float = 0.0,
+                  unit_s: float | None = None, images: int = 48) -> "Budget":
+        """The budget a batch of ``n`` can repay (``raw_ratio`` None: estimated from the ladder by the caller of
+        :func:`calibrate`, see :func:`estimated_raw_ratio`).
+
+        >>> Budget.for_batch(32, 1.5).units, Budget.for_batch(32).units is None
+        (10.666666666666668, True)
+        """
+        return cls(images=images, batch=n, raw_ratio=raw_ratio, delivered=delivered, spent_u=spent_u, unit_s=unit_s)
+
+    def with_raw_ratio(self, raw_ratio: float | None) -> "Budget":
+        """This budget with the raw ratio filled in (kept when it is already set; None: no cost limit)."""
+        if self.raw_ratio is not None or raw_ratio is None:
+            return self
+        return dataclasses.replace(self, raw_ratio=raw_ratio)
+
+    @property
+    def units(self) -> float | None:
+        """The most the calibration may spend, in u (``None``: no cost limit)."""
+        if self.batch is None or self.raw_ratio is None:
+            return None
+        return max(repayable_units(self.batch, self.raw_ratio, self.delivered) - self.spent_u, 0.0)
+
+    def allows(self, spent: int, more: int, elapsed: float = 0.0, *, spent_u: float = 0.0, more_u: float = 0.0) -> bool:
+        limit = self.units
+        return (spent + more <= self.images and (self.seconds is None or elapsed < self.seconds)
+                and (limit is None or spent_u + more_u <= limit + 1e-9))
+
+    def record(self) -> dict[str, Any]:
+        return {"images": self.images, "seconds": self.seconds, "batch": self.batch, "raw_ratio": self.raw_ratio,
+                "delivered": self.delivered, "spent_u": self.spent_u, "units": self.units, "unit_s": self.unit_s}
+
+
+def estimated_raw_ratio(ladder: Sequence[Candidate], predictors: Predictors, goal: str = "speed",
+                        cfg_cutoffs: Sequence[float] = CFG_CUTOFFS) -> float | None:
+    """The raw ratio to budget with before any fragment exists, from what the ladder predicts (``None`` for
+    ``memory``: that goal is repaid in bytes, not time, so no time limit applies).
+
+    Deliberately low: an estimate too high lets the calibration spend what the batch cannot repay, one too low
+    only stops it early (the full model, or a weaker rung, is still a safe answer).  So it takes the step-reuse
+    saving the profile measured at the rung where the search starts (below the middle, likelier to pass than
+    the strongest), and for the CFG cut-off only the weakest one's share of the unconditional passes: steps
+    below t = cutoff (of 1000) skip the unconditional half of their call.
+
+    >>> estimated_raw_ratio([], Predictors(), "speed", cfg_cutoffs=(200.0,))  # no reuse: the weakest cut-off only
+    1.1111111111111112
+    >>> estimated_raw_ratio([], Predictors(), "memory") is None
+    True
+    """
+    if goal not in ("speed", "both"):
+        return None
+    saving = 0.0
+    if ladder:
+        rung = ladder[min((3 * len(ladder)) // 5, len(ladder) - 1)]
+        share, skips = rung.amount(StepReuseLever.name), rung.reuse_skips
+        if share and skips in predictors.depths:
+            saving = predictors.depths[skips].saving(float(share))
+    remaining = 1.0 - min(max(saving, 0.0), 0.9)
+    if cfg_cutoffs:
+        remaining *= 1.0 - min(cfg_cutoffs) / 1000.0 / 2.0
+    return 1.0 / remaining
 
 
 @dataclass
@@ -297,6 +386,8 @@ class Calibration:
     images: int = 0
     seconds: float = 0.0
     reason: str = ""
+    units: float = 0.0  # the overhead spent, in u (the held-out references are delivered: output, not overhead)
+    delivered: int = 0  # full-model images rendered as references that the user keeps
 
     @property
     def confirmed(self) -> dict[str, Any] | None:
@@ -319,8 +410,9 @@ class Calibration:
             "fallback_full_model": self.chosen is None, "reason": self.reason,
             "chosen": self.chosen.to_dict() if self.chosen else None,
             "calibration_seeds": list(self.calibration_seeds), "holdout_seeds": list(self.holdout_seeds),
-            "budget": {"images": self.budget.images, "seconds": self.budget.seconds},
-            "cost": {"images": self.images, "seconds": round(self.seconds, 4)},
+            "budget": self.budget.record(),
+            "cost": {"images": self.images, "seconds": round(self.seconds, 4), "units": round(self.units, 4),
+                     "delivered": self.delivered},
             "tries": [dict(t) for t in self.tries],
         }
 
@@ -369,25 +461,43 @@ def calibrate(
     cal = Calibration(goal, None, "fallback_full_model", calibration_seeds, holdout_seeds, budget, judge_name)
     results: dict[tuple[str, str], Judgement] = {}
     references_paid = False
+    per_image_u: list[float] = []  # each try's cost per candidate image, in u
+    refused = False  # a try was refused by the budget: the search ended on cost, not on the verdicts
+
+    def estimate_u(images: int) -> float:
+        """The next try's cost in u: the dearest image of the tries so far (a held-out try that also rendered
+        references would pull a mean down), else ``budget.image_u``."""
+        return images * (max(per_image_u) if per_image_u else budget.image_u)
 
     def attempt(candidate: Candidate, phase: str) -> Judgement | None:
-        nonlocal references_paid
+        nonlocal references_paid, refused
         seeds = calibration_seeds if phase == "calibration" else holdout_seeds
-        cost = len(seeds) * images_per_seed + (reference_cost if phase == "holdout" and not references_paid else 0)
+        references = reference_cost if phase == "holdout" and not references_paid else 0
+        cost = len(seeds) * images_per_seed + references
         if (phase, candidate.label) in results:
             return results[(phase, candidate.label)]
-        if not budget.allows(cal.images, cost, time.perf_counter() - started):
+        if not budget.allows(cal.images, cost, time.perf_counter() - started, spent_u=cal.units,
+                             more_u=estimate_u(len(seeds) * images_per_seed)):
+            refused = True
             return None
         t0 = time.perf_counter()
         verdict = judge(candidate, seeds)
-        seconds = time.perf_counter() - t0
-        cal.images += cost
+        seconds = time.perf_counter() - t0 if verdict.seconds is None else float(verdict.seconds)
+        rendered = len(seeds) * images_per_seed if verdict.images is None else int(verdict.images)
+        # The references are full-model images of seeds the user keeps: output, not overhead (one u each).
+        units = (max(seconds - references * budget.unit_s, 0.0) / budget.unit_s if budget.unit_s
+                 else rendered * budget.image_u)
+        cal.images += rendered + references
+        cal.units += units
+        cal.delivered += references
+        if rendered:
+            per_image_u.append(units / rendered)
         references_paid = references_paid or phase == "holdout"
         results[(phase, candidate.label)] = verdict
         cal.tries.append({"phase": phase, "candidate": candidate.to_dict(), "seeds": list(seeds),
                           "passed": bool(verdict.passed), "reasons": list(verdict.reasons),
                           "slack": verdict.slack, "metrics": dict(verdict.metrics),
-                          "images": cost, "seconds": round(seconds, 4)})
+                          "images": rendered + references, "seconds": round(seconds, 4), "units": round(units, 4)})
         log.info("calibration %s try %d: %s: %s%s", phase, len(cal.tries), candidate.label,
                  "pass" if verdict.passed else "fail", "" if verdict.passed else f" ({'; '.join(verdict.reasons)})")
         return verdict
@@ -414,12 +524,15 @@ def calibrate(
             break
     if cal.chosen is None and not cal.reason:
         cal.reason = ("no lever candidate to try: none saves enough within a damage level" if not order
+                      else "budget spent before the first try" if not cal.tries
+                      else "budget spent before a candidate passed the calibration seeds" if passing is None and refused
                       else "no candidate passed the calibration seeds" if passing is None
                       else "budget spent before a candidate was confirmed")
     if goal in ("speed", "both"):
         def confirmable() -> bool:  # a cut-off is only worth its calibration try if its held-out try fits too
             both = (len(calibration_seeds) + len(holdout_seeds)) * images_per_seed
-            return budget.allows(cal.images, both + (0 if references_paid else reference_cost), time.perf_counter() - started)
+            return budget.allows(cal.images, both + (0 if references_paid else reference_cost), time.perf_counter() - started,
+                                 spent_u=cal.units, more_u=estimate_u(both))
 
         # With no lever chosen (none passed, or none saves enough to offer) the cut-off is tried on the full
         # model: CFG truncation alone is a speed-up a user would otherwise get from a peer.
@@ -428,8 +541,11 @@ def calibrate(
         if truncated is not base:
             cal.chosen, cal.status, cal.reason = truncated, "passed", ""
     cal.seconds = time.perf_counter() - started
-    log.info("calibration (%s): %s after %d tries, %d images, %.1f s", goal,
-             cal.chosen.label if cal.chosen else f"full model ({cal.reason})", len(cal.tries), cal.images, cal.seconds)
+    if cal.chosen is None and budget.units is not None and cal.reason.startswith("budget"):
+        cal.reason += f" (the batch of {budget.batch} repays {budget.units:.1f} u at {budget.raw_ratio:.2f}x raw)"
+    log.info("calibration (%s): %s after %d tries, %d images, %.2f u, %.1f s", goal,
+             cal.chosen.label if cal.chosen else f"full model ({cal.reason})", len(cal.tries), cal.images, cal.units,
+             cal.seconds)
     return cal
 
 

@@ -21,7 +21,8 @@ from ..errors import FragmentError
 from ..profiling.dataset import ProfileData
 from ..profiling.evidence import ProfileEvidence, Scores
 from .build import build_fragment
-from .calibration import Budget, Calibration, Candidate, Judgement, calibrate, candidate_ladder, profile_predictors
+from .calibration import (Budget, Calibration, Candidate, Judgement, calibrate, candidate_ladder, estimated_raw_ratio,
+                          profile_predictors)
 from .format.manifest import Fragment
 from .format.measurements import record_measurements
 from .format.store import save_fragment
@@ -165,8 +166,11 @@ def calibrated_fragment(
     >>> frag, cal = calibrated_fragment(evidence, unet, judge, base=base, name="dog",  # doctest: +SKIP
     ...                                 calibration_seeds=range(8), holdout_seeds=[100, 101], goal="speed")
     """
+    predictors = profile_predictors(evidence, model, settings, goal)
     ladder = [dataclasses.replace(c, how=settings)  # labelled in the settings' formats (int8, int3...)
-              for c in candidate_ladder(profile_predictors(evidence, model, settings, goal), goal)]
+              for c in candidate_ladder(predictors, goal)]
+    # a batch-sized budget with no raw ratio yet: what the ladder predicts, before any fragment exists
+    budget = budget.with_raw_ratio(estimated_raw_ratio(ladder, predictors, goal) if budget.batch else None)
 
     def build(candidate: Candidate) -> Fragment:
         return candidate_fragment(evidence, model, candidate, base=base, name=name, settings=settings)

@@ -1,0 +1,158 @@
+"""One cost model for the pack's own work, in ``u`` and in seconds (issue #26).
+
+``u`` is the cost of one stock image: the seconds of one full-model image,
+measured beside stock in the same run.  Seconds move with the machine's load;
+a count in ``u`` does not, because both sides of the ratio move together.
+
+What counts (``CostLedger.add`` kinds):
+
+* ``profile_hooks``: the profiled run's seconds minus the stock seconds of the
+  images it made (those images are the user's, so only the hooks are overhead);
+* ``judged``: the candidates' renders and the judge's own work;
+* ``decode``: VAE decodes done only to judge (when there are any);
+* ``build``: turning the profile into fragments;
+* ``audit``: the running audit's extra work;
+* ``reference``: full-model renders made for the judge (delivered when the user keeps them).
+
+A full-model image the user keeps is output, not overhead: an entry's overhead
+is its seconds minus one stock image for each image it delivered (never below
+zero).  What a batch can repay follows from the raw ratio ``r`` (stock time
+over fragment time): each fragment image saves ``1 - 1/r`` u, and only the
+images the pack still has to render (``n - delivered``) save anything.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..errors import FragmentError
+
+COST_KINDS = ("profile_hooks", "judged", "decode", "build", "audit", "reference")
+
+
+def _check_ratio(raw_ratio: float, where: str) -> float:
+    if raw_ratio is None or not math.isfinite(raw_ratio) or raw_ratio <= 0:
+        raise FragmentError(f"{where} raw_ratio: expected a finite number > 0, found {raw_ratio!r}")
+    return float(raw_ratio)
+
+
+class CostLedger:
+    """The pack's own costs in one run, in seconds and in ``u`` (``unit_s`` seconds = one stock image).
+
+    >>> ledger = CostLedger(unit_s=0.5)
+    >>> ledger.add("profile_hooks", 5.0, images=8, delivered=8)   # 8 images kept: only 1 s of hooks is overhead
+    >>> ledger.add("judged", 2.0, images=8)
+    >>> ledger.overhead_s, ledger.overhead_u, ledger.delivered
+    (3.0, 6.0, 8)
+    """
+
+    def __init__(self, unit_s: float) -> None:
+        if unit_s is None or not math.isfinite(unit_s) or unit_s <= 0:
+            raise FragmentError(f"cost ledger unit_s (seconds of one stock image): expected a finite number > 0, "
+                                f"found {unit_s!r}")
+        self.unit_s = float(unit_s)
+        self.entries: list[dict[str, Any]] = []
+
+    def add(self, kind: str, seconds: float, *, images: int = 0, delivered: int = 0) -> None:
+        """Count ``seconds`` of work of ``kind``; ``delivered`` of its ``images`` are full-model images the user keeps."""
+        if kind not in COST_KINDS:
+            raise FragmentError(f"cost ledger kind: expected one of {', '.join(COST_KINDS)}, found {kind!r}")
+        if seconds is None or not math.isfinite(seconds) or seconds < 0:
+            raise FragmentError(f"cost ledger {kind} seconds: expected a finite number >= 0, found {seconds!r}")
+        for name, value in (("images", images), ("delivered", delivered)):
+            if not isinstance(value, int) or value < 0:
+                raise FragmentError(f"cost ledger {kind} {name}: expected an integer >= 0, found {value!r}")
+        if delivered > images:
+            raise FragmentError(f"cost ledger {kind}: delivered ({delivered}) exceeds the images rendered ({images})")
+        overhead = max(float(seconds) - delivered * self.unit_s, 0.0)
+        self.entries.append({"kind": kind, "seconds": float(seconds), "images": images, "delivered": delivered,
+                             "overhead_s": overhead})
+
+    @property
+    def overhead_s(self) -> float:
+        return sum(e["overhead_s"] for e in self.entries)
+
+    @property
+    def overhead_u(self) -> float:
+        return self.overhead_s / self.unit_s
+
+    @property
+    def delivered(self) -> int:
+        return sum(e["delivered"] for e in self.entries)
+
+    def record(self, raw_ratio: float | None = None, n: int | None = None) -> dict[str, Any]:
+        """Plain JSON data: the unit, the totals, per kind; with ``raw_ratio`` and ``n``, the break-even and the
+        amortized ratio at ``n``.
+
+        >>> ledger = CostLedger(2.0); ledger.add("judged", 4.0, images=4)
+        >>> r = ledger.record(raw_ratio=2.0, n=32); r["overhead_u"], r["break_even_images"], r["amortized_ratio"]
+        (2.0, 4, 1.7777777777777777)
+        """
+        kinds: dict[str, dict[str, Any]] = {}
+        for e in self.entries:
+            k = kinds.setdefault(e["kind"], {"seconds": 0.0, "overhead_s": 0.0, "images": 0, "delivered": 0})
+            for key in ("seconds", "overhead_s", "images", "delivered"):
+                k[key] += e[key]
+        for k in kinds.values():
+            k["overhead_u"] = k["overhead_s"] / self.unit_s
+        out: dict[str, Any] = {"unit_s": self.unit_s, "overhead_s": self.overhead_s, "overhead_u": self.overhead_u,
+                               "delivered": self.delivered, "by_kind": kinds}
+        if raw_ratio is not None:
+            out["raw_ratio"] = raw_ratio
+            out["break_even_images"] = break_even_images(self.overhead_u, raw_ratio, self.delivered)
+            if n is not None:
+                out["n"] = n
+                out["amortized_ratio"] = amortized_ratio(self.overhead_u, raw_ratio, n, self.delivered)
+        return out
+
+
+def repayable_units(n: int, raw_ratio: float, delivered: int = 0) -> float:
+    """The most overhead (in u) a batch of ``n`` images can repay: ``(n - delivered) * (1 - 1 / raw_ratio)``.
+
+    >>> repayable_units(32, 2.0), repayable_units(32, 2.0, delivered=12), repayable_units(32, 0.9)
+    (16.0, 10.0, 0.0)
+    """
+    raw_ratio = _check_ratio(raw_ratio, "repayable_units")
+    if raw_ratio <= 1:
+        return 0.0
+    return max(n - delivered, 0) * (1.0 - 1.0 / raw_ratio)
+
+
+def break_even_images(overhead_u: float, raw_ratio: float, delivered: int = 0) -> int | None:
+    """The smallest batch from which the pack is no slower than stock (``None``: never).
+
+    The pack's batch of N costs ``overhead_u + delivered + (N - delivered) / raw_ratio`` u, stock costs N.
+
+    >>> break_even_images(4.0, 2.0), break_even_images(4.0, 2.0, delivered=8), break_even_images(1.0, 1.0)
+    (8, 16, None)
+    """
+    raw_ratio = _check_ratio(raw_ratio, "break_even_images")
+    if overhead_u <= 0:
+        return max(delivered, 1)
+    if raw_ratio <= 1:
+        return None
+    return max(delivered, 1, math.ceil(delivered + overhead_u / (1.0 - 1.0 / raw_ratio) - 1e-9))
+
+
+def amortized_ratio(overhead_u: float, raw_ratio: float, n: int, delivered: int = 0) -> float:
+    """Stock time over the pack's time for a batch of ``n``: ``n / (overhead_u + delivered + (n - delivered) / r)``.
+
+    >>> amortized_ratio(0.0, 2.0, 32), amortized_ratio(4.0, 2.0, 32, delivered=8)
+    (2.0, 1.3333333333333333)
+    """
+    raw_ratio = _check_ratio(raw_ratio, "amortized_ratio")
+    kept = min(delivered, n)
+    return n / (max(overhead_u, 0.0) + kept + (n - kept) / raw_ratio)
+
+
+def cost_line(ledger: CostLedger, raw_ratio: float, n: int) -> str:
+    """The one line the node, the demo and the bench print.
+
+    >>> ledger = CostLedger(2.0); ledger.add("judged", 4.2, images=4)
+    >>> cost_line(ledger, 2.0, 32)
+    'spent 2.1 u (4.2 s), pays back from image 5 at 2.00x raw; amortized 1.77x at N=32'
+    """
+    even = break_even_images(ledger.overhead_u, raw_ratio, ledger.delivered)
+    pays = "never pays back (the fragment is not faster)" if even is None else f"pays back from image {even}"
+    return (f"spent {ledger.overhead_u:.1f} u ({ledger.overhead_s:.1f} s), {pays} at {raw_ratio:.2f}x raw; "
+            f"amortized {amortized_ratio(ledger.overhead_u, raw_ratio, n, ledger.delivered):.2f}x at N={n}")
