@@ -47,7 +47,6 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..errors import FragmentError
-from ..metrics.costs import repayable_units
 from ..profiling.evidence import ProfileEvidence
 from ..profiling.step_change import ReuseDepth
 from .levers import GOALS, LEVERS, LeverAmounts, goal_levers, label, lever
@@ -269,7 +268,7 @@ class Budget:
     full-model references), optionally seconds, and optionally a cost in ``u`` (one stock image).
 
     The cost limit follows from the batch (:meth:`for_batch`): a batch of ``batch`` images at ``raw_ratio``
-    can repay ``metrics.costs.repayable_units`` u, less what was spent before the calibration (``spent_u``,
+    can repay ``(batch - delivered) * (1 - 1 / raw_ratio)`` u (``metrics.costs.repayable_units``), less what was spent before the calibration (``spent_u``,
     the profile hooks and the build).  A try is not started when its estimated cost (from the tries so far,
     else ``image_u`` per image) would go past it.
 
@@ -329,7 +328,10 @@ class Budget:
         """The most the calibration may spend, in u (``None``: no cost limit)."""
         if self.batch is None or self.raw_ratio is None:
             return None
-        return max(repayable_units(self.batch, self.raw_ratio, self.delivered) - self.spent_u, 0.0)
+        # metrics.costs.repayable_units' arithmetic (the core imports nothing above it; tests/test_costs.py
+        # checks that the two agree): each image the fragment still renders saves 1 - 1/r of a stock image
+        saved = 1.0 - 1.0 / self.raw_ratio if self.raw_ratio > 1 else 0.0
+        return max(max(self.batch - self.delivered, 0) * saved - self.spent_u, 0.0)
 
     def allows(self, spent: int, more: int, elapsed: float = 0.0, *, spent_u: float = 0.0, more_u: float = 0.0) -> bool:
         limit = self.units

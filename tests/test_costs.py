@@ -41,6 +41,9 @@ def test_repayable_break_even_and_amortized_by_hand():
     # the repayable overhead is exactly what leaves the batch at break-even
     assert break_even_images(repayable_units(32, 2.0, 8), 2.0, 8) == 32
     assert amortized_ratio(repayable_units(32, 2.0, 8), 2.0, 32, 8) == pytest.approx(1.0)
+    # the calibration's budget (core, which cannot import metrics) does the same arithmetic
+    for n, r, d in ((32, 2.0, 8), (32, 1.3, 0), (8, 3.0, 12), (16, 0.8, 0)):
+        assert Budget.for_batch(n, r, delivered=d).units == pytest.approx(repayable_units(n, r, d))
 
 
 def test_cost_line_says_spent_and_pay_back():
