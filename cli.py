@@ -9,7 +9,7 @@ from typing import Sequence
 
 from .bench import BENCH_BUDGET_IMAGES
 from .cli_library import add_library_commands
-from .cli_options import (BUDGET, LATENT_SIZE, SEED, SEEDS, STEPS, VARIANTS, OneLineParser, choice_list, device, existing_file, existing_folder,
+from .cli_options import (BUDGET, FRESH_SEEDS, LATENT_SIZE, SEED, SEEDS, STEPS, VARIANTS, OneLineParser, choice_list, device, existing_file, existing_folder,
                           float_list, float_range, folder_path, fraction, int_choice, int_list, int_range, out_file)
 from .errors import FragmentError
 
@@ -123,7 +123,8 @@ def _cmd_bench_batch(args: argparse.Namespace) -> int:
         target = RandomSDTarget(size=args.size, steps=args.steps or 10, device=device,
                                 dtype=torch.float16 if device == "cuda" else torch.float32)
     report = bench_batch(target, BenchConfig(variants=args.variants, profile_seeds=args.profile_seeds, goal=args.goal,
-                                             budget_images=args.budget_images, holdout_seeds=args.holdout))
+                                             budget_images=args.budget_images, holdout_seeds=args.holdout,
+                                             fresh_seeds=args.fresh_seeds, budget_batch=args.budget_batch))
     if args.out:
         from pathlib import Path
 
@@ -292,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "seeds, with profile, build and calibration counted")
     p.add_argument("--model", choices=["reference", "sd15"], default="reference",
                    help="reference: the trained reference model; sd15: random-weight SD1.5 UNet at small size (timing only)")
-    p.add_argument("--variants", type=VARIANTS, default=32, help="variants per configuration")
+    p.add_argument("--variants", type=VARIANTS, default=32,
+                   help="the batch N: profiled and held-out seeds are among it (delivered), the fragment renders the rest")
     p.add_argument("--steps", type=STEPS, default=None, help="sampler steps (default: 25 reference, 10 sd15)")
     p.add_argument("--profile-seeds", type=SEEDS, default=8, help="seeds profiled; also the calibration set")
     p.add_argument("--holdout", type=SEEDS, default=4, help="held-out seeds the chosen fragment must also pass")
@@ -301,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images the calibration may judge (default {BENCH_BUDGET_IMAGES}: room to confirm a CFG cut-off)")
     p.add_argument("--size", type=LATENT_SIZE, default=8, help="sd15: latent size (multiple of 8; pixels = 8x)")
     p.add_argument("--prompt", default=None, help="reference: the prompt (default: the demo's)")
+    p.add_argument("--budget-batch", type=VARIANTS, default=None,
+                   help="the batch N whose savings must repay the calibration (default: --variants)")
+    p.add_argument("--fresh-seeds", type=FRESH_SEEDS, default=64,
+                   help="seeds of the fresh-seed check (the chosen setting vs stock on seeds nothing else saw; 0: off)")
     add_judge_arguments(p)
     p.add_argument("--device", type=device(), default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--out", type=out_file(), default=None, help="also write the JSON report here")

@@ -339,5 +339,6 @@ STEPS = int_range(1, 1000)
 SEEDS = int_range(1, 256)  # a count of profiled / held-out / timed seeds (the demo's held-out seeds start at 500)
 VARIANTS = int_range(1, 10_000)
 BUDGET = int_range(1, 100_000)  # judged images
+FRESH_SEEDS = int_range(0, 1024)  # the fresh-seed check's seeds (0: not run)
 SEED = int_range(0, MAX_SEED)
 LATENT_SIZE = int_range(8, 256, multiple_of=8)  # SD1.5 latents: three 2x downsamplings

@@ -1,24 +1,31 @@
 """The batch benchmark behind H4 and H5: stock sampling versus the calibrated fragment, in one run, costs counted.
 
 For a target (the trained reference model, or a random-weight SD1.5 UNet at
-small size) and the same sampler, steps, size and seeds:
+small size) and the same sampler, steps, size and seeds, the user's batch is
+``variants`` seeds: the profiled seeds, the held-out confirmation seeds, and
+the rest.
 
-1. stock: the full model generates the variants (timed);
+1. stock: the full model generates the whole batch (timed): one stock image's
+   seconds is the cost unit ``u`` (``metrics.costs``), measured in this run;
 2. profile: the full model runs the profile seeds with ``HeadProfiler``,
    ``FFProfiler`` and ``StepChangeProbe`` attached (timed; these images are the
-   user's first images and the calibration's reference);
+   user's first images and the calibration's reference: delivered, so only
+   the hooks' extra time is overhead);
 3. calibrate: ``fragment.extract.calibrated_fragment`` predicts a ladder of
-   lever combinations from the profile and judges them with the target's
-   quality judge on the profile seeds, then confirms the strongest pass on
-   held-out seeds (timed, held-out full-model references included);
-4. each lever of the chosen fragment added in turn generates the same variants
-   (timed), judged against the stock images of the same seeds, which neither
-   the profile nor the calibration saw.
+   lever combinations from the profile and judges them on the profile seeds,
+   then confirms the strongest pass on the held-out seeds, within what the
+   batch can repay (``Budget.for_batch``).  The held-out references are
+   full-model images of batch seeds: delivered too;
+4. batch: each lever of the chosen fragment added in turn renders the seeds no
+   full-model render delivered (:func:`batch_phase`, timed), judged against the
+   stock images of the same seeds, which neither the profile nor the
+   calibration saw;
+5. fresh check (verification, not a user cost): the chosen fragment against
+   stock on ``fresh_seeds`` seeds that nothing above saw.
 
-The raw ratio is stock time / fragment time.  The amortized figures
-(``metrics.performance.amortized_costs``) count everything the user waits for:
-N stock images against profile + build + calibration + fragment images for the
-N - P images the profile did not already make, for N = 8 .. 128.
+The raw ratio is stock time / fragment time per image.  The amortized figures
+come from the ``CostLedger``: N stock images against the pack's overhead (in u)
++ the delivered full-model images + the fragment's images for the rest.
 """
 from __future__ import annotations
 
@@ -37,8 +44,10 @@ from ..fragment.extract import calibrated_fragment, candidate_fragment
 from ..fragment.schedule.apply import apply_schedule, fragment_schedule
 from ..fragment.schedule.state import ScheduleState
 from ..judge.fragment_judge import fragment_judge, render
+from ..errors import FragmentError
+from ..metrics.costs import CostLedger, amortized_ratio, break_even_images, cost_line
 from ..metrics.memory import peak_memory, peak_memory_metrics
-from ..metrics.performance import amortized_costs, synchronize
+from ..metrics.performance import AMORTIZED_NS, synchronize
 from ..profiling.activation_stats import ActivationStats
 from ..profiling.evidence import ProfileEvidence
 from ..profiling.ff_profiler import FFProfiler
@@ -70,17 +79,26 @@ class BenchTarget(Protocol):
 class BenchConfig:
     variants: int = 32
     profile_seeds: int = 8
-    holdout_seeds: int = 4  # the calibration's confirmation seeds: neither profiled nor among the variants
+    holdout_seeds: int = 4  # the calibration's confirmation seeds: not profiled, but seeds of the batch (delivered)
     goal: str = "speed"
     budget_images: int = BENCH_BUDGET_IMAGES
     shallow: int = 1
-    first_variant_seed: int = 10_000  # never a profile seed: the quality shown is on the prompt's fresh seeds
+    first_variant_seed: int = 10_000  # the seeds only the fragment renders: the quality rows are on them
     first_holdout_seed: int = 20_000
+    budget_batch: int | None = None  # the batch whose savings must repay the calibration (None: variants)
+    fresh_seeds: int = 64  # the fresh-seed check: seeds neither the calibration nor the batch saw (0: not run)
+    first_fresh_seed: int = 30_000
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.goal not in GOALS:
             raise ValueError(f"bench config goal: expected one of {', '.join(GOALS)}, found {self.goal!r}")
+        if self.variants <= self.profile_seeds + self.holdout_seeds:
+            raise FragmentError(f"bench config variants: expected more than the profiled + held-out seeds "
+                                f"({self.profile_seeds} + {self.holdout_seeds}), which are seeds of the batch; "
+                                f"found {self.variants}")
+        if self.fresh_seeds < 0:
+            raise FragmentError(f"bench config fresh_seeds: expected an integer >= 0, found {self.fresh_seeds}")
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
@@ -96,7 +114,9 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
 class BatchRun:
     """What a batch run leaves besides its JSON report, for benches that compare more methods on the same run.
 
-    ``stock`` are the full model's images of ``variants`` (the reference every row is judged against);
+    ``stock`` are the full model's images of ``variants`` (the whole batch: profiled, held-out and
+    ``rendered`` seeds, in that order; the reference every row is judged against); ``rendered`` are
+    the seeds no full-model render delivered, which the fragment renders;
     ``judge_fragment``, ``evidence`` (the profile and what the probes measured) and ``base`` let a caller
     build and judge other fragments of the same profile, as the calibration did.
     """
@@ -109,6 +129,52 @@ class BatchRun:
     base: dict[str, Any]
     judge_fragment: Callable[..., Any]
     chosen: Any  # the calibration's Candidate, or None when the full model was chosen
+    rendered: list[int] = field(default_factory=list)
+    ledger: CostLedger | None = None
+
+
+def batch_phase(target: BenchTarget, fragment: Any, seeds: Sequence[int], device: torch.device) -> tuple[Any, list[int], float]:
+    """The batch's own images: ``fragment`` renders ``seeds`` (the batch less its delivered full-model seeds);
+    its images, the steps it reused, and the seconds.  One function, so that an audit can wrap it.
+
+    >>> images, reused, seconds = batch_phase(target, fragment, [10_012, 10_013], torch.device("cpu"))  # doctest: +SKIP
+    """
+    (images, applied), seconds = timed(lambda: render(target.unet, fragment, seeds, target.run), device)
+    return images, applied, seconds
+
+
+def fresh_check(target: BenchTarget, fragment: Any, seeds: Sequence[int]) -> dict[str, Any]:
+    """The chosen fragment judged against stock on ``seeds`` that neither the calibration nor the batch saw.
+    Verification, not a user cost: the ledger does not count it.
+
+    >>> fresh_check(target, fragment, range(30_000, 30_064))["passes_gate"]  # doctest: +SKIP
+    True
+    """
+    with torch.no_grad():
+        stock = target.run(target.unet, list(seeds))
+    images, _ = render(target.unet, fragment, seeds, target.run)
+    ok, quality = target.judge(stock, images)
+    return {"seeds": len(seeds), "first_seed": seeds[0], "passes_gate": ok, **quality}
+
+
+def ledger_amortized(ledger: CostLedger, raw_ratio: float, ns: Sequence[int] = AMORTIZED_NS) -> dict[str, Any]:
+    """The amortized table from the ledger: per N, stock u against the pack's u (overhead + delivered + the rest
+    at ``raw_ratio``), their seconds, the ratio; the break-even batch.
+
+    >>> ledger = CostLedger(0.5); ledger.add("judged", 2.0, images=8)
+    >>> r = ledger_amortized(ledger, 2.0, ns=(8, 32)); [row["amortized_ratio"] for row in r["rows"]], r["break_even_images"]
+    ([1.0, 1.6], 8)
+    """
+    u, d = ledger.overhead_u, ledger.delivered
+    rows = []
+    for n in ns:
+        pack_u = u + min(d, n) + max(n - d, 0) / raw_ratio
+        rows.append({"n": n, "stock_u": float(n), "pack_u": pack_u, "stock_s": n * ledger.unit_s,
+                     "pack_s": pack_u * ledger.unit_s, "amortized_ratio": amortized_ratio(u, raw_ratio, n, d)})
+    even = break_even_images(u, raw_ratio, d)
+    return {"rows": rows, "raw_ratio": raw_ratio, "overhead_u": u, "overhead_s": ledger.overhead_s, "delivered": d,
+            "unit_s": ledger.unit_s, "break_even_images": even, "profiled_images": None,
+            "verdict": "never: the fragment is not faster than stock" if even is None else f"pays back from image {even}"}
 
 
 def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dict[str, Any]:
@@ -130,12 +196,14 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple
     """
     unet = target.unet
     device = next(unet.parameters()).device
-    variants = list(range(config.first_variant_seed, config.first_variant_seed + config.variants))
     profile_seeds = list(range(config.profile_seeds))
     holdout = list(range(config.first_holdout_seed, config.first_holdout_seed + config.holdout_seeds))
+    rest = config.variants - len(profile_seeds) - len(holdout)
+    variants = profile_seeds + holdout + list(range(config.first_variant_seed, config.first_variant_seed + rest))
     target.run(unet, variants[:1])  # warm-up: the first call pays for allocation, not the model
 
     stock, stock_s = timed(lambda: target.run(unet, variants), device)
+    ledger = CostLedger(unit_s=stock_s / len(variants))  # u: one stock image, measured beside stock in this run
 
     started = time.perf_counter()
     with HeadProfiler(unet, buckets=4) as prof, FFProfiler(unet) as ff_prof, \
@@ -144,6 +212,7 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple
         with torch.no_grad():
             reference = target.run(unet, profile_seeds)
     profile_s = time.perf_counter() - started
+    ledger.add("profile_hooks", profile_s, images=len(profile_seeds), delivered=len(profile_seeds))
     # What the hooks cost on the profile seeds (issue #15: <= 50 %), timed apart so profile_s stays one run.
     overhead = profiling_overhead(unet, lambda head: target.run(unet, profile_seeds), buckets=4,
                                   shallow=config.shallow, warmup=False)
@@ -153,49 +222,67 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple
     base = describe_base(unet, target.name, sha256="0" * 64, hash_kind="none")
     evidence = ProfileEvidence.from_probes(profile, [ff_prof, probe, acts])
     build_s = time.perf_counter() - started
+    ledger.add("build", build_s)
 
     judge_fragment = fragment_judge(unet, target.run, target.judge, profile_seeds, reference)
 
+    # The budget is what the batch can repay, less what profiling and building already cost.
+    budget = Budget.for_batch(config.budget_batch or len(variants), delivered=len(profile_seeds) + len(holdout), spent_u=ledger.overhead_u,
+                              unit_s=ledger.unit_s, images=config.budget_images)
     started = time.perf_counter()
     chosen_fragment, cal = calibrated_fragment(
         evidence, unet, judge_fragment, base=base, name=f"bench-{target.name}", calibration_seeds=profile_seeds,
-        holdout_seeds=holdout, goal=config.goal, budget=Budget(images=config.budget_images),
+        holdout_seeds=holdout, goal=config.goal, budget=budget,
         judge_name=target.describe().get("judge", "target judge"))
     calibrate_s = time.perf_counter() - started
+    ledger.add("judged", calibrate_s, images=cal.images, delivered=cal.delivered)
+    # Held-out seeds that no confirmation rendered are not delivered: the batch renders them.
+    delivered = profile_seeds + (holdout if cal.delivered else [])
+    rendered = [s for s in variants if s not in delivered]
+    index = {s: i for i, s in enumerate(variants)}
+    stock_rendered = stock[[index[s] for s in rendered]]  # numpy images or latent tensors: both index by a list
 
     rows = [{"label": "stock (full model)", "seconds": stock_s, "s_per_image": stock_s / len(variants), "speedup": 1.0,
              "quality": None, "resident_unet_bytes": resident_bytes(unet)}]
     applied: list[int] = []
     for label, candidate in lever_ladder(cal.chosen) if cal.chosen else []:
         fragment = candidate_fragment(evidence, unet, candidate, base=base, name="row")
-        (images, applied), seconds = timed(lambda: render(unet, fragment, variants, target.run), device)
-        ok, quality = target.judge(stock, images)
-        rows.append({"label": label, "candidate": candidate.to_dict(), "seconds": seconds,
-                     "s_per_image": seconds / len(variants), "speedup": stock_s / seconds if seconds > 0 else None,
+        images, applied, seconds = batch_phase(target, fragment, rendered, device)
+        ok, quality = target.judge(stock_rendered, images)
+        rows.append({"label": label, "candidate": candidate.to_dict(), "seconds": seconds, "images": len(rendered),
+                     "s_per_image": seconds / len(rendered), "speedup": rows[0]["s_per_image"] * len(rendered) / seconds
+                     if seconds > 0 else None,
                      "quality": {**quality, "passes_gate": ok}, "schedule": fragment_schedule(fragment).to_manifest(),
                      "resident_unet_bytes": resident_bytes(apply_schedule(unet, fragment)[0])})
     if not cal.chosen:
         log.info("calibration chose the full model (%s): the bench has no fragment row", cal.reason)
     best = rows[-1]
+    raw = best["speedup"] or 1.0
+    fresh = None
+    if chosen_fragment is not None and config.fresh_seeds:
+        fresh = fresh_check(target, chosen_fragment, list(range(config.first_fresh_seed,
+                                                                config.first_fresh_seed + config.fresh_seeds)))
     memory = batch_peak_memory(target, variants, chosen_fragment, device)
-    costs = amortized_costs(stock_s_per_image=rows[0]["s_per_image"], fragment_s_per_image=best["s_per_image"],
-                            profile_s=profile_s, profiled_images=len(profile_seeds), build_s=build_s,
-                            calibrate_s=calibrate_s)
+    costs = ledger_amortized(ledger, raw)
     at = {row["n"]: row for row in costs["rows"]}
     report = {
         "target": target.describe(), "device": str(device), "variants": len(variants), "steps": target.steps,
-        "profile_seeds": len(profile_seeds), "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"},
+        "profile_seeds": len(profile_seeds), "delivered_seeds": delivered, "rendered_seeds": len(rendered),
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"},
         "timing_s": {"stock": stock_s, "profile": profile_s, "build": build_s, "calibrate": calibrate_s},
         "rows": rows, "throughput_ratio": best["speedup"], "amortized": costs,
         "amortized_ratio_32": at.get(32, {}).get("amortized_ratio"), "break_even_images": costs["break_even_images"],
+        "costs": ledger.record(raw_ratio=raw, n=32), "cost_line": cost_line(ledger, raw, 32),
         "calibration": cal.record(), "chosen": cal.chosen.to_dict() if cal.chosen else None,
         "schedule": best.get("schedule"), "reused_steps_applied": applied,
         "fragment_passes_gate_on_fresh_seeds": best["quality"]["passes_gate"] if best["quality"] else None,
+        "fresh_check": fresh,
         "manifest_quality": chosen_fragment.manifest["quality"] if chosen_fragment else None,
         "profiling_overhead": overhead, "peak_memory": memory,
     }
     return report, BatchRun(stock=stock, variants=variants, profile_seeds=profile_seeds, holdout_seeds=holdout,
-                            evidence=evidence, base=base, judge_fragment=judge_fragment, chosen=cal.chosen)
+                            evidence=evidence, base=base, judge_fragment=judge_fragment, chosen=cal.chosen,
+                            rendered=rendered, ledger=ledger)
 
 
 def batch_peak_memory(target: BenchTarget, seeds: Sequence[int], fragment: Any, device: torch.device) -> dict[str, Any]:
@@ -224,8 +311,10 @@ def format_batch_report(report: dict[str, Any]) -> str:
 
     >>> r = {"target": {"name": "x"}, "device": "cpu", "variants": 2, "steps": 4, "rows": [
     ...     {"label": "stock", "s_per_image": 2.0, "speedup": 1.0, "quality": None}], "throughput_ratio": 1.0,
-    ...     "amortized": {"rows": [{"n": 8, "stock_s": 16.0, "pack_s": 20.0, "amortized_ratio": 0.8}],
-    ...                   "verdict": "never: the fragment is not faster than stock", "profiled_images": 1},
+    ...     "amortized": {"rows": [{"n": 8, "stock_u": 8.0, "pack_u": 10.0, "stock_s": 16.0, "pack_s": 20.0,
+    ...                             "amortized_ratio": 0.8}], "verdict": "never: the fragment is not faster than stock",
+    ...                   "unit_s": 2.0, "delivered": 1, "overhead_u": 2.0},
+    ...     "cost_line": "spent 2.0 u (4.0 s), never pays back (the fragment is not faster) at 1.00x raw; ...",
     ...     "calibration": {"status": "fallback_full_model", "reason": "nothing passed", "chosen": None,
     ...                     "cost": {"images": 8, "seconds": 1.0}, "tries": []},
     ...     "timing_s": {"profile": 1, "build": 0, "calibrate": 1}}
@@ -250,11 +339,20 @@ def format_batch_report(report: dict[str, Any]) -> str:
     lines.append(f"raw throughput ratio {report['throughput_ratio']:.2f}x; profile {t['profile']:.1f} s + build "
                  f"{t['build']:.1f} s + calibrate {t['calibrate']:.1f} s")
     amortized = report["amortized"]
-    lines.append(f"amortized (the {amortized['profiled_images']} profiled images count as output):")
+    lines.append(f"costs: {report['cost_line']}")
+    lines.append(f"amortized (u = {amortized['unit_s']:.3f} s, one stock image; {amortized['delivered']} full-model "
+                 f"images delivered as batch images count as output; overhead {amortized['overhead_u']:.2f} u):")
     for row in amortized["rows"]:
         ratio = "n/a" if row["amortized_ratio"] is None else f"{row['amortized_ratio']:.2f}x"
-        lines.append(f"  N={row['n']:<4} stock {row['stock_s']:8.2f} s  pack {row['pack_s']:8.2f} s  amortized ratio {ratio}")
+        lines.append(f"  N={row['n']:<4} stock {row['stock_u']:6.1f} u {row['stock_s']:8.2f} s  pack {row['pack_u']:6.1f} u "
+                     f"{row['pack_s']:8.2f} s  amortized ratio {ratio}")
     lines.append(f"break-even: {amortized['verdict']}")
+    fresh = report.get("fresh_check")
+    if fresh:
+        figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fresh.items()
+                            if k not in ("seeds", "first_seed", "passes_gate") and (k != "gate_failures" or v))
+        lines.append(f"fresh-seed check ({fresh['seeds']} seeds from {fresh['first_seed']}, seen by neither the "
+                     f"calibration nor the batch; not a user cost): {'PASS' if fresh['passes_gate'] else 'FAIL'}; {figures}")
     pm = report.get("peak_memory")
     if pm:
         m = pm["metrics"]

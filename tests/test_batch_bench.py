@@ -30,17 +30,30 @@ def _check(report: dict, printed: str) -> None:
     assert all(r["seconds"] > 0 and r["speedup"] > 0 for r in rows)
     assert all(r["quality"] is not None and "passes_gate" in r["quality"] for r in rows[1:])
     assert report["throughput_ratio"] == rows[-1]["speedup"]
-    amortized, t = report["amortized"], report["timing_s"]
+    amortized, t, costs = report["amortized"], report["timing_s"], report["costs"]
     assert [r["n"] for r in amortized["rows"]] == [8, 16, 32, 64, 128]
-    setup = t["profile"] + t["build"] + t["calibrate"]
-    for row in amortized["rows"]:  # the profiled images are output; the fragment makes the rest
-        expected = setup + rows[-1]["s_per_image"] * max(row["n"] - report["profile_seeds"], 0)
-        assert row["pack_s"] == pytest.approx(expected)
-        assert row["amortized_ratio"] == pytest.approx(rows[0]["s_per_image"] * row["n"] / expected)
+    unit = t["stock"] / report["variants"]  # u: one stock image of this run
+    assert amortized["unit_s"] == pytest.approx(unit)
+    # the profiled images and the confirmed held-out references are delivered batch images: output, not overhead
+    delivered = report["profile_seeds"] + cal["cost"]["delivered"]
+    assert amortized["delivered"] == delivered == len(report["delivered_seeds"])
+    assert report["rendered_seeds"] == report["variants"] - delivered
+    overhead_s = (max(t["profile"] - report["profile_seeds"] * unit, 0) + t["build"]
+                  + max(t["calibrate"] - cal["cost"]["delivered"] * unit, 0))
+    assert costs["overhead_s"] == pytest.approx(overhead_s) and costs["overhead_u"] == pytest.approx(overhead_s / unit)
+    raw = report["throughput_ratio"]
+    for row in amortized["rows"]:
+        expected = overhead_s / unit + min(delivered, row["n"]) + max(row["n"] - delivered, 0) / raw
+        assert row["pack_u"] == pytest.approx(expected)
+        assert row["amortized_ratio"] == pytest.approx(row["n"] / expected)
+    # the calibration spent no more than the batch can repay (its own estimate of each next try)
+    budget = cal["budget"]
+    assert budget["units"] is not None and cal["cost"]["units"] <= budget["units"] + 1e-9
+    assert report["cost_line"].startswith(f"spent {costs['overhead_u']:.1f} u")
     final = Schedule.from_manifest(report["schedule"]) if report["schedule"] else Schedule()
     assert report["reused_steps_applied"] == list(final.reuse_steps)  # timed exactly as calibrated
     for text in ("raw throughput ratio", "break-even", "s/image", "amortized", "calibration (", "N=32",
-                 "profiling overhead"):
+                 "profiling overhead", "costs: spent"):
         assert text in printed
     pm = report["peak_memory"]  # peak live tensor bytes of one batch and of its largest step, stock and fragment
     full = pm["full"]
@@ -54,12 +67,15 @@ def _check(report: dict, printed: str) -> None:
 
 def test_bench_batch_on_the_reference_model(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
-    code = main(["bench", "batch", "--model", "reference", "--variants", "4", "--steps", "10", "--profile-seeds", "4",
-                 "--no-lpips", "--out", str(out)])
+    # a batch of 6 cannot repay a try: the budget is sized for the 32 a user would make (--budget-batch)
+    code = main(["bench", "batch", "--model", "reference", "--variants", "6", "--steps", "10", "--profile-seeds", "2",
+                 "--holdout", "2", "--budget-batch", "32", "--fresh-seeds", "2", "--no-lpips", "--out", str(out)])
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert code == 0
     _check(report, printed)
+    fresh = report["fresh_check"]  # verification on seeds nothing else saw, printed, not counted
+    assert fresh["seeds"] == 2 and "ssim_mean" in fresh and "fresh-seed check (2 seeds" in printed
     assert report["target"]["limits"]["adherence_drop_max"] == 0.02  # the committed quality gate judges it
     # On the trained model the gate lets some lever through, judged on the variants' fresh seeds
     assert report["chosen"] is not None and "adherence_delta" in report["rows"][1]["quality"]
@@ -67,8 +83,8 @@ def test_bench_batch_on_the_reference_model(tmp_path, capsys) -> None:
 
 def test_bench_batch_on_a_random_sd15_unet(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
-    code = main(["bench", "batch", "--model", "sd15", "--variants", "2", "--steps", "4", "--profile-seeds", "1",
-                 "--size", "8", "--out", str(out)])
+    code = main(["bench", "batch", "--model", "sd15", "--variants", "3", "--steps", "4", "--profile-seeds", "1",
+                 "--holdout", "1", "--budget-batch", "32", "--fresh-seeds", "1", "--size", "8", "--out", str(out)])
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert code == 0
