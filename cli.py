@@ -40,6 +40,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     summary = run_demo(args.out, **({"prompt": args.prompt} if args.prompt else {}), seeds=args.seeds, variants=args.variants, steps=args.steps,
                        ratio=args.ratio, goal=args.goal, budget_images=args.budget_images, holdout=args.holdout,
+                       batch=args.batch,
                        guidance=args.guidance, weights=args.weights, thresholds=args.thresholds,
                        lpips_weights=args.lpips_weights, reuse_paraphrases=args.paraphrases, curve=not args.no_curve, levers=args.levers,
                        progress=not args.no_progress, report=args.reports_dir if args.report else None)
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--goal", choices=["memory", "speed", "both"], default="speed",
                    help="what the calibration maximises: resident bytes, time (default: what fast batches need), or both")
     p.add_argument("--budget-images", type=BUDGET, default=48, help="images the calibration may judge (default 48)")
+    p.add_argument("--batch", type=VARIANTS, default=32,
+                   help="the batch N you are about to make: the calibration spends only what it can repay (default 32)")
     p.add_argument("--holdout", type=SEEDS, default=4, help="held-out seeds the chosen fragment must also pass (default 4)")
     p.add_argument("--guidance", type=float_range(0, 50), default=None, help="classifier-free guidance scale (default: the model card's)")
     p.add_argument("--weights", type=existing_file(), default=None, help="reference model safetensors (default: the committed one)")

@@ -77,7 +77,7 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run_demo(
     out: str | Path, *, prompt: str = DEFAULT_PROMPT, seeds: int = 8, variants: int = 32, steps: int = 25,
-    ratio: float | None = None, goal: str = "speed", budget_images: int = 48, holdout: int = 4,
+    ratio: float | None = None, goal: str = "speed", budget_images: int = 48, holdout: int = 4, batch: int = 32,
     guidance: float | None = None, weights: str | Path | None = None, thresholds: str | Path | None = None,
     lpips_weights: str | None = None, reuse_paraphrases: int = 8, curve: bool = True, levers: bool = False,
     progress: bool = True, report: str | Path | None = None,
@@ -87,7 +87,7 @@ def run_demo(
     By default the fragment is the calibrated one (``fragment.extract.calibrated_fragment``): the
     strongest lever combination for ``goal`` that passes the quality gate on the profiled seeds and
     on ``holdout`` held-out seeds, within ``budget_images`` judged images and within what a batch of
-    ``variants`` images can repay (``Budget.for_batch``; the profiled and held-out seeds are among the
+    ``batch`` images can repay (``Budget.for_batch``; the profiled and held-out seeds are among the
     batch, delivered).  The costs are counted in u (one stock image) by ``metrics.costs.CostLedger``,
     and H4/H5 are judged on its amortized ratio and break-even.  ``ratio`` instead forces a
     fixed heads-only fragment (that fraction of heads removed), for study.  ``levers`` adds
@@ -164,7 +164,7 @@ def run_demo(
         fragment, cal = calibrated_fragment(evidence, unet, judge, base=base, name=name, calibration_seeds=list(range(seeds)),
                                             holdout_seeds=holdout_seeds, goal=goal,
                                             # no stock image is timed yet: each judged image is estimated at 1 u
-                                            budget=Budget.for_batch(variants, delivered=seeds + len(holdout_seeds),
+                                            budget=Budget.for_batch(batch, delivered=seeds + len(holdout_seeds),
                                                                     images=budget_images),
                                             judge_name=target.describe()["judge"])
         calibrate_s = time.perf_counter() - started

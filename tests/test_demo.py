@@ -47,12 +47,18 @@ def test_the_default_demo_builds_the_calibrated_fragment_and_counts_its_cost(tmp
     assert cal["cost"]["images"] <= 20 and cal["calibration_seeds"] == [0, 1, 2] and cal["holdout_seeds"] == [500, 501]
     assert metrics["metrics"]["calibration_images"] == cal["cost"]["images"]
     printed = capsys.readouterr().out
-    amortized = metrics["amortized"]
-    assert amortized["profiled_images"] == 3 and [r["n"] for r in amortized["rows"]] == [8, 16, 32, 64, 128]
-    # H4 is the amortized ratio at the batch size (profile + build + calibration + the N - P fragment images)
-    row = amortized["rows"][0]
-    assert row["n"] == 8 and metrics["metrics"]["batch_speedup"] == amortized_ratio_at(amortized, 4)
+    amortized = metrics["amortized"]  # the CostLedger's record, in u (one stock image) and seconds
+    assert [r["n"] for r in amortized["rows"]] == [8, 16, 32, 64, 128]
+    # the 3 profiled images and the confirmed held-out references are delivered: output, not overhead
+    assert amortized["delivered"] == 3 + cal["cost"]["delivered"]
+    assert amortized["by_kind"]["profile_hooks"]["delivered"] == 3
+    # H4 is the ledger's amortized ratio at the batch size; H5 its break-even
+    assert metrics["metrics"]["batch_speedup"] == amortized_ratio_at(amortized, 4)
+    assert metrics["metrics"]["break_even_variants"] == amortized["break_even_images"]
+    # the calibration spent no more than the batch of 32 (the default --batch) can repay
+    assert cal["budget"]["batch"] == 32 and cal["cost"]["units"] <= cal["budget"]["units"] + 1e-9
     assert "amortized ratio" in printed and "break-even" in printed and "calibration cost" in printed
+    assert "costs" in printed and "spent " in printed and "peak batch tensors" in printed
     if cal["chosen"] is None:  # nothing passed: no fragment claims quality it does not have
         assert summary["fragment_manifest"] is None and "the full model" in printed
         return
@@ -66,9 +72,9 @@ def test_the_default_demo_builds_the_calibrated_fragment_and_counts_its_cost(tmp
 
 
 def amortized_ratio_at(amortized: dict, n: int) -> float:
-    """The amortized ratio at ``n`` images, recomputed from the block's own inputs."""
-    pack = amortized["setup_s"] + amortized["fragment_s_per_image"] * max(n - amortized["profiled_images"], 0)
-    return pytest.approx(amortized["stock_s_per_image"] * n / pack)
+    """The amortized ratio at ``n`` images, recomputed from the ledger's own figures (in u)."""
+    kept = min(amortized["delivered"], n)
+    return pytest.approx(n / (amortized["overhead_u"] + kept + (n - kept) / amortized["raw_ratio"]))
 
 
 def test_demo_accepts_a_prompt_outside_the_grammar(tmp_path: Path) -> None:
