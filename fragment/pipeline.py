@@ -135,14 +135,27 @@ def judged_fragment(evidence: ProfileEvidence, model: nn.Module, judging: Judgin
                     tensors=fragment.tensors), cal
 
 
-def calibration_status(cal: Calibration, judging: Judging) -> str:
+def calibration_status(cal: Calibration, judging: Judging, cost_line: str | None = None) -> str:
     """The line the user reads: the chosen levers, the held-out figures, the cost and the judge (on a fallback: why).
+
+    With a batch-sized budget (``Budget.for_batch``) the cost says what judging spent in u of what the batch
+    repays; ``cost_line`` (``metrics.costs.cost_line`` of the caller's ledger, which the core cannot import)
+    is appended as written.
 
     >>> cal = Calibration("both", None, "fallback_full_model", [1], [2], Budget(4), "toy", reason="nothing passed")
     >>> calibration_status(cal, Judging(None, "toy", [1], [2], space="judged in latent space"))  # doctest: +ELLIPSIS
     'FULL MODEL used: no lever combination passed the quality gate (nothing passed); ...; judged in latent space; judge: toy'
+    >>> cal = Calibration("speed", None, "fallback_full_model", [1], [2], Budget.for_batch(32, 2.0, delivered=2), "toy",
+    ...                   units=3.0)
+    >>> calibration_status(cal, Judging(None, "toy", [1], [2]), "spent 4.0 u (2.0 s), ...").split("; ")[2:4]
+    ['0 tries, 0 images, 0.0 s, 3.0 u of the 15.0 u a batch of 32 repays at 2.00x raw (estimated)', 'spent 4.0 u (2.0 s), ...']
     """
     cost = f"{len(cal.tries)} tries, {cal.images} images, {cal.seconds:.1f} s"
+    if cal.budget.units is not None:
+        cost += (f", {cal.units:.1f} u of the {cal.budget.units + cal.budget.spent_u:.1f} u a batch of {cal.budget.batch} "
+                 f"repays at {cal.budget.raw_ratio:.2f}x raw (estimated)")
+    if cost_line:
+        cost += f"; {cost_line}"
     if cal.chosen is None:
         last = next((t for t in reversed(cal.tries) if t["reasons"]), None)
         why = f"; last failures ({last['candidate']['label']}): {'; '.join(last['reasons'])}" if last else ""
