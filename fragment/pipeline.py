@@ -130,7 +130,9 @@ def judged_fragment(evidence: ProfileEvidence, model: nn.Module, judging: Judgin
                                                          settings=settings), cal)
     # The reference check is counted apart: it is not a judged try, but it is what the user paid.
     cost = {"images": cal.images, "seconds": round(cal.seconds, 3), "tries": len(cal.tries),
-            "budget_images": judging.budget.images, "reference_check_images": judging.reference_images}
+            "budget_images": judging.budget.images, "reference_check_images": judging.reference_images,
+            # in u (one stock image) when the budget was sized for a batch: what judging spent, what it may spend
+            "units": round(cal.units, 4), "delivered": cal.delivered, "budget_units": judging.budget.units}
     return Fragment(manifest=record_measurements(fragment.manifest, performance={"calibration": cost}),
                     tensors=fragment.tensors), cal
 
