@@ -248,13 +248,16 @@ class Judgement:
     """A judge's answer: passed or not, the metrics, the reasons, and the slack (> 0 inside the gate, < 0 outside).
 
     ``slack`` is the smallest relative distance to a limit (``metrics.limits.slack``); ``None`` when unknown,
-    in which case the search halves instead of interpolating.
+    in which case the search halves instead of interpolating.  ``images`` and ``seconds``: what the try
+    really cost, when the judge knows (``None``: the calibration counts every seed).
     """
 
     passed: bool
     metrics: Mapping[str, Any] = field(default_factory=dict)
     reasons: Sequence[str] = ()
     slack: float | None = None
+    images: int | None = None  # images actually rendered for this try (a sequential stop renders fewer than all seeds)
+    seconds: float | None = None  # the try's own time, when the judge measured it
 
 
 Judge = Callable[[Candidate, Sequence[int]], Judgement]

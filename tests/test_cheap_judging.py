@@ -1,0 +1,120 @@
+"""Cheap candidate renders (issue #26 item 2): branching from the full model's trajectory, a sequential stop,
+and the latent judge's agreement with the decoded gate."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from prompt_fragments.fragment.calibration import Candidate, Judgement
+
+
+@pytest.fixture(scope="module")
+def reference_setup():
+    pytest.importorskip("diffusers")
+    from prompt_fragments.defaults import DEFAULT_PROMPT
+    from prompt_fragments.fragment.build import describe_base
+    from prompt_fragments.judge.reference_target import ReferenceTarget
+    from prompt_fragments.profiling.evidence import ProfileEvidence
+    from prompt_fragments.profiling.ff_profiler import FFProfiler
+    from prompt_fragments.profiling.profiler import HeadProfiler
+    from prompt_fragments.profiling.step_change import StepChangeProbe
+
+    target = ReferenceTarget(DEFAULT_PROMPT, limits={"ssim_min": 0.9}, steps=6)
+    unet, seeds = target.unet, [0, 1]
+    target.watch(seeds)
+    with HeadProfiler(unet) as prof, FFProfiler(unet) as ff, StepChangeProbe(unet) as probe, torch.no_grad():
+        full = target.run(unet, seeds)
+    evidence = ProfileEvidence(prof.result(), ff_scores=ff.scores(), step_changes=probe.changes(),
+                               step_timesteps=probe.timesteps())
+    return target, evidence, describe_base(unet, "reference"), seeds, full
+
+
+def test_a_branched_render_equals_the_full_render_and_a_weight_lever_branches_at_0(reference_setup) -> None:
+    from prompt_fragments.fragment.extract import candidate_fragment
+    from prompt_fragments.judge.fragment_judge import fragment_branch, render
+
+    target, evidence, base, seeds, full = reference_setup
+    assert target.trajectory.seeds == seeds  # the watched seeds' states were recorded by the profiled run
+    raw = lambda *a, **kw: target.run(*a, raw=True, **kw)  # noqa: E731
+    branched_any = False
+    for candidate in (Candidate({"cfg_cutoff": 500.0}), Candidate({"step_reuse": 0.4}),
+                      Candidate({"step_reuse": 0.4, "cfg_cutoff": 300.0})):
+        fragment = candidate_fragment(evidence, target.unet, candidate, base=base, name="b")
+        step = fragment_branch(target.unet, fragment, target.timesteps)
+        branched_any = branched_any or step > 0
+        whole, reused = render(target.unet, fragment, seeds, raw)
+        branched, reused_branched = render(target.unet, fragment, seeds, raw, branch=(step, target.trajectory))
+        torch.testing.assert_close(branched, whole, rtol=0, atol=0)  # bit for bit
+        assert reused_branched == [s for s in reused if s >= step] or not reused
+    assert branched_any
+    weights = candidate_fragment(evidence, target.unet, Candidate({"heads": 0.2}), base=base, name="w")
+    assert fragment_branch(target.unet, weights, target.timesteps) == 0
+
+
+def test_the_judge_renders_fewer_steps_when_it_branches(reference_setup) -> None:
+    from prompt_fragments.fragment.extract import candidate_fragment
+    from prompt_fragments.judge.fragment_judge import fragment_judge
+
+    target, evidence, base, seeds, full = reference_setup
+    calls: list[int] = []
+
+    def run(unet, seed_list, **kw):
+        calls.append(kw.get("branch", (0, None))[0])
+        return target.run(unet, seed_list, **kw)
+
+    fragment = candidate_fragment(evidence, target.unet, Candidate({"cfg_cutoff": 500.0}), base=base, name="c")
+    plain = fragment_judge(target.unet, run, target.judge, seeds, full)(fragment, seeds)
+    fast = fragment_judge(target.unet, run, target.judge, seeds, full, trajectory=target.trajectory,
+                          timesteps=target.timesteps)(fragment, seeds)
+    assert calls[0] == 0 and calls[-1] > 0
+    assert fast.metrics["ssim_mean"] == plain.metrics["ssim_mean"] and fast.passed == plain.passed
+    assert fast.metrics["branch_step"] == calls[-1] and fast.images == len(seeds)
+
+
+def test_a_sequential_stop_fires_on_a_clear_failure_and_not_on_a_pass() -> None:
+    from prompt_fragments.fragment.format.manifest import Fragment
+    from prompt_fragments.judge.fragment_judge import SequentialStop, fragment_judge
+
+    pytest.importorskip("diffusers")
+    from prompt_fragments.fragment.build import describe_base
+    from prompt_fragments.fragment.extract import candidate_fragment
+    from prompt_fragments.profiling.evidence import ProfileEvidence
+
+    unet = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    rendered: list[int] = []
+
+    def run(model, seed_list, **kw):
+        rendered.extend(seed_list)
+        return np.zeros((len(seed_list), 2, 2, 3), np.uint8)
+
+    quality = {"ssim": 0.5}
+
+    def compare(full, images):
+        s = quality["ssim"]
+        return s >= 0.9, {"ssim_mean": s, "gate_failures": [] if s >= 0.9 else [f"ssim_mean {s} < 0.9"],
+                          "gate_slack": s / 0.9 - 1}
+
+    seeds = list(range(8))
+    fragment = Fragment(manifest={"name": "toy", "schedule": {}}, tensors={})
+    judge = fragment_judge(unet, run, compare, seeds, np.zeros((8, 2, 2, 3), np.uint8),
+                           sequential=SequentialStop({"ssim_min": 0.9}, group=2))
+    import prompt_fragments.judge.fragment_judge as fj
+
+    original = fj.apply_schedule
+    fj.apply_schedule = lambda model, frag: (model, _State())
+    try:
+        failed = judge(fragment, seeds)
+        assert not failed.passed and failed.images == 2 < len(seeds) and rendered == [0, 1]
+        assert any("sequential stop after 2 of 8" in r for r in failed.reasons)
+        rendered.clear()
+        quality["ssim"] = 0.95
+        passed = judge(fragment, seeds)
+        assert passed.passed and passed.images == 8 and rendered == seeds and "sequential_stop" not in passed.metrics
+    finally:
+        fj.apply_schedule = original
+
+
+class _State:
+    def reused_steps(self) -> list[int]:
+        return []
