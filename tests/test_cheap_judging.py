@@ -38,15 +38,14 @@ def test_a_branched_render_equals_the_full_render_and_a_weight_lever_branches_at
     assert target.trajectory.seeds == seeds  # the watched seeds' states were recorded by the profiled run
     raw = lambda *a, **kw: target.run(*a, raw=True, **kw)  # noqa: E731
     branched_any = False
-    for candidate in (Candidate({"cfg_cutoff": 500.0}), Candidate({"step_reuse": 0.4}),
-                      Candidate({"step_reuse": 0.4, "cfg_cutoff": 300.0})):
+    for candidate in (Candidate({"cfg_cutoff": 500.0}), Candidate({"step_reuse": 0.4, "cfg_cutoff": 300.0})):
         fragment = candidate_fragment(evidence, target.unet, candidate, base=base, name="b")
         step = fragment_branch(target.unet, fragment, target.timesteps)
         branched_any = branched_any or step > 0
         whole, reused = render(target.unet, fragment, seeds, raw)
         branched, reused_branched = render(target.unet, fragment, seeds, raw, branch=(step, target.trajectory))
         torch.testing.assert_close(branched, whole, rtol=0, atol=0)  # bit for bit
-        assert reused_branched == [s for s in reused if s >= step] or not reused
+        assert reused_branched == [s - step for s in reused]  # the state counts steps from the branch
     assert branched_any
     weights = candidate_fragment(evidence, target.unet, Candidate({"heads": 0.2}), base=base, name="w")
     assert fragment_branch(target.unet, weights, target.timesteps) == 0
@@ -72,14 +71,9 @@ def test_the_judge_renders_fewer_steps_when_it_branches(reference_setup) -> None
     assert fast.metrics["branch_step"] == calls[-1] and fast.images == len(seeds)
 
 
-def test_a_sequential_stop_fires_on_a_clear_failure_and_not_on_a_pass() -> None:
+def test_a_sequential_stop_fires_on_a_clear_failure_and_not_on_a_pass(monkeypatch) -> None:
+    import prompt_fragments.judge.fragment_judge as fj
     from prompt_fragments.fragment.format.manifest import Fragment
-    from prompt_fragments.judge.fragment_judge import SequentialStop, fragment_judge
-
-    pytest.importorskip("diffusers")
-    from prompt_fragments.fragment.build import describe_base
-    from prompt_fragments.fragment.extract import candidate_fragment
-    from prompt_fragments.profiling.evidence import ProfileEvidence
 
     unet = torch.nn.Sequential(torch.nn.Linear(2, 2))
     rendered: list[int] = []
@@ -97,22 +91,17 @@ def test_a_sequential_stop_fires_on_a_clear_failure_and_not_on_a_pass() -> None:
 
     seeds = list(range(8))
     fragment = Fragment(manifest={"name": "toy", "schedule": {}}, tensors={})
-    judge = fragment_judge(unet, run, compare, seeds, np.zeros((8, 2, 2, 3), np.uint8),
-                           sequential=SequentialStop({"ssim_min": 0.9}, group=2))
-    import prompt_fragments.judge.fragment_judge as fj
-
-    original = fj.apply_schedule
-    fj.apply_schedule = lambda model, frag: (model, _State())
-    try:
-        failed = judge(fragment, seeds)
-        assert not failed.passed and failed.images == 2 < len(seeds) and rendered == [0, 1]
-        assert any("sequential stop after 2 of 8" in r for r in failed.reasons)
-        rendered.clear()
-        quality["ssim"] = 0.95
-        passed = judge(fragment, seeds)
-        assert passed.passed and passed.images == 8 and rendered == seeds and "sequential_stop" not in passed.metrics
-    finally:
-        fj.apply_schedule = original
+    judge = fj.fragment_judge(unet, run, compare, seeds, np.zeros((8, 2, 2, 3), np.uint8),
+                              sequential=fj.SequentialStop({"ssim_min": 0.9}, group=2))
+    monkeypatch.setattr(fj, "apply_schedule", lambda model, frag: (model, _State()))  # no UNet: a toy run
+    failed = judge(fragment, seeds)
+    assert not failed.passed and failed.images == 2 < len(seeds) and rendered == [0, 1]
+    assert any("sequential stop after 2 of 8" in r for r in failed.reasons)
+    rendered.clear()
+    quality["ssim"] = 0.95
+    passed = judge(fragment, seeds)
+    assert passed.passed and passed.images == 8 and rendered == seeds and "sequential_stop" not in passed.metrics
+    assert isinstance(passed, Judgement) and passed.seconds is not None and passed.seconds >= 0
 
 
 class _State:
