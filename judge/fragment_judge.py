@@ -131,7 +131,7 @@ class SequentialStop:
 
     >>> stop = SequentialStop({"ssim_min": 0.9}, group=1)
     >>> stop.clear_failure([(1, {"ssim_mean": 0.6}), (1, {"ssim_mean": 0.7})], 8)
-    'ssim_mean 0.6750 even if the remaining 6 seeds match the best so far (0.7000): < 0.9'
+    'ssim_mean 0.6875 even if the remaining 6 seeds match the best so far (0.7000): < 0.9'
     >>> stop.clear_failure([(1, {"ssim_mean": 0.85}), (1, {"ssim_mean": 0.95})], 8) is None
     True
     """

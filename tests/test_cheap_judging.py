@@ -107,3 +107,29 @@ def test_a_sequential_stop_fires_on_a_clear_failure_and_not_on_a_pass(monkeypatc
 class _State:
     def reused_steps(self) -> list[int]:
         return []
+
+
+def test_the_printed_agreement_is_computed_from_the_renders_not_constant() -> None:
+    from prompt_fragments.judge.agreement import format_agreement, latent_agreement
+    from prompt_fragments.reference.sampling import to_uint8
+
+    g = torch.Generator().manual_seed(0)
+    full = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(4, 3, 8, 8, generator=g)
+
+    def gate(a, b):
+        err = float(np.abs(a.astype(float) - b.astype(float)).mean())
+        return err < 6.0, {"ssim_mean": None, "lpips_mean": None}
+
+    def line(scales):
+        cands = {f"s{s}": full + s * noise for s in scales}
+        return latent_agreement(full, cands, gate=gate, to_images=to_uint8), cands
+
+    d1, cands = line([0.01, 0.03, 0.1, 0.3])
+    d2, _ = line([0.3, 0.2, 0.01, 0.02, 0.5])
+    assert format_agreement(d1) != format_agreement(d2)
+    assert d1["candidates"] == 4 and d1["images"] == 16 and d2["images"] == 20
+    # the fitted limit separates what the gate passed from what it failed on these renders
+    passed = [r["latent_rel_error"] for r in d1["per_candidate"] if r["gate_passed"]]
+    assert d1["screen_limit"] == max(passed) and 0 < d1["gate_passes"] < 4
+    assert d1["spearman_latent_vs_1_minus_ssim"] > 0.5  # more noise: both larger latent error and lower SSIM
