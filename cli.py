@@ -191,13 +191,15 @@ def _cmd_bench_peers(args: argparse.Namespace) -> int:
 
 def _cmd_bench_judging(args: argparse.Namespace) -> int:
     from .bench.judging import bench_judging, format_judging
+    from .reference.model import load_reference
     from .defaults import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
     from .judge.reference_target import ReferenceTarget
     from .judge.thresholds import load_thresholds
 
     limits = load_thresholds(args.thresholds or DEFAULT_THRESHOLDS)["quality_gate"]
     lpips = None if args.no_lpips else optional_lpips(args.lpips_weights)[0]
-    target = ReferenceTarget(args.prompt or DEFAULT_PROMPT, limits=limits, steps=args.steps, lpips=lpips)
+    target = ReferenceTarget(args.prompt or DEFAULT_PROMPT, limits=limits, steps=args.steps, lpips=lpips,
+                             model=load_reference(args.weights))
     report = bench_judging(target, profile_seeds=args.profile_seeds, goal=args.goal, budget_images=args.budget_images,
                            savings=not args.no_savings)
     print(json.dumps(report, indent=2, default=str) if args.json else format_judging(report))

@@ -137,6 +137,8 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple
 
     stock, stock_s = timed(lambda: target.run(unet, variants), device)
 
+    if hasattr(target, "watch"):  # record the full model's per-step states of the judged seeds (branched renders)
+        target.watch(profile_seeds + holdout)
     started = time.perf_counter()
     with HeadProfiler(unet, buckets=4) as prof, FFProfiler(unet) as ff_prof, \
             StepChangeProbe(unet, config.shallow) as probe, ActivationStats(unet) as acts:
@@ -154,7 +156,8 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple
     evidence = ProfileEvidence.from_probes(profile, [ff_prof, probe, acts])
     build_s = time.perf_counter() - started
 
-    judge_fragment = fragment_judge(unet, target.run, target.judge, profile_seeds, reference)
+    judge_fragment = (target.fragment_judge(profile_seeds, reference) if hasattr(target, "fragment_judge")  # branch + stop
+                      else fragment_judge(unet, target.run, target.judge, profile_seeds, reference))
 
     started = time.perf_counter()
     chosen_fragment, cal = calibrated_fragment(
