@@ -12,7 +12,6 @@ Two measurements of issue #26 item 2, on one profile of one prompt:
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Mapping
 
@@ -30,7 +29,6 @@ from ..profiling.profiler import HeadProfiler
 from ..profiling.step_change import StepChangeProbe
 from ..reference.sampling import to_uint8
 
-log = logging.getLogger(__name__)
 
 
 def bench_judging(target: ReferenceTarget, *, profile_seeds: int = 8, holdout_seeds: int = 4, goal: str = "speed",

@@ -51,7 +51,7 @@ def test_a_branched_render_equals_the_full_render_and_a_weight_lever_branches_at
     assert fragment_branch(target.unet, weights, target.timesteps) == 0
 
 
-def test_the_judge_renders_fewer_steps_when_it_branches(reference_setup) -> None:
+def test_the_judge_branches_a_schedule_only_candidate_and_keeps_its_verdict(reference_setup) -> None:
     from prompt_fragments.fragment.extract import candidate_fragment
     from prompt_fragments.judge.fragment_judge import fragment_judge
 
