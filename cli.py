@@ -191,6 +191,23 @@ def _cmd_bench_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_judging(args: argparse.Namespace) -> int:
+    from .bench.judging import bench_judging, format_judging
+    from .reference.model import load_reference
+    from .defaults import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
+    from .judge.reference_target import ReferenceTarget
+    from .judge.thresholds import load_thresholds
+
+    limits = load_thresholds(args.thresholds or DEFAULT_THRESHOLDS)["quality_gate"]
+    lpips = None if args.no_lpips else optional_lpips(args.lpips_weights)[0]
+    target = ReferenceTarget(args.prompt or DEFAULT_PROMPT, limits=limits, steps=args.steps, lpips=lpips,
+                             model=load_reference(args.weights))
+    report = bench_judging(target, profile_seeds=args.profile_seeds, goal=args.goal, budget_images=args.budget_images,
+                           savings=not args.no_savings)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_judging(report))
+    return 0
+
+
 def add_judge_arguments(p: argparse.ArgumentParser) -> None:
     """The reference model and its quality-gate judge, as the benches on it take them."""
     p.add_argument("--weights", type=existing_file(), default=None, help="reference model safetensors (default: the committed one)")
@@ -315,6 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=out_file(), default=None, help="also write the JSON report here")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=_cmd_bench_batch)
+    p = bench.add_parser("judging", help="the latent judge's agreement with the decoded gate, and one calibration with "
+                         "branching and the sequential stop against one without, on the reference model")
+    p.add_argument("--prompt", default=None, help="the prompt (default: the demo's)")
+    p.add_argument("--steps", type=STEPS, default=25, help="DDIM steps")
+    p.add_argument("--profile-seeds", type=SEEDS, default=8, help="seeds profiled; also the calibration set")
+    p.add_argument("--goal", choices=["memory", "speed", "both"], default="speed", help="the calibrations' goal")
+    p.add_argument("--budget-images", type=BUDGET, default=BENCH_BUDGET_IMAGES, help="images each calibration may judge")
+    p.add_argument("--no-savings", action="store_true", help="measure the agreement only")
+    add_judge_arguments(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of the lines")
+    p.set_defaults(func=_cmd_bench_judging)
     p = bench.add_parser("peers", help="the fragment vs DeepCache, ToMe and CFG truncation (and ComfyUI's EasyCache, "
                          "LazyCache, TomePatchModel with --comfyui) on the same run, at equal quality")
     p.add_argument("--prompt", action="append", default=None, help="a prompt in the reference grammar (repeatable)")

@@ -205,6 +205,8 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple
     stock, stock_s = timed(lambda: target.run(unet, variants), device)
     ledger = CostLedger(unit_s=stock_s / len(variants))  # u: one stock image, measured beside stock in this run
 
+    if hasattr(target, "watch"):  # record the full model's per-step states of the judged seeds (branched renders)
+        target.watch(profile_seeds + holdout)
     started = time.perf_counter()
     with HeadProfiler(unet, buckets=4) as prof, FFProfiler(unet) as ff_prof, \
             StepChangeProbe(unet, config.shallow) as probe, ActivationStats(unet) as acts:
@@ -224,7 +226,8 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple
     build_s = time.perf_counter() - started
     ledger.add("build", build_s)
 
-    judge_fragment = fragment_judge(unet, target.run, target.judge, profile_seeds, reference)
+    judge_fragment = (target.fragment_judge(profile_seeds, reference) if hasattr(target, "fragment_judge")  # branch + stop
+                      else fragment_judge(unet, target.run, target.judge, profile_seeds, reference))
 
     # The budget is what the batch can repay, less what profiling and building already cost.
     budget = Budget.for_batch(config.budget_batch or len(variants), delivered=len(profile_seeds) + len(holdout), spent_u=ledger.overhead_u,

@@ -248,7 +248,8 @@ class Judgement:
     """A judge's answer: passed or not, the metrics, the reasons, and the slack (> 0 inside the gate, < 0 outside).
 
     ``slack`` is the smallest relative distance to a limit (``metrics.limits.slack``); ``None`` when unknown,
-    in which case the search halves instead of interpolating.
+    in which case the search halves instead of interpolating.  ``images`` and ``seconds``: what the try
+    really cost, when the judge knows (``None``: the calibration counts every seed).
     """
 
     passed: bool

@@ -14,7 +14,8 @@ import torch.nn as nn
 from ..fragment.schedule.state import ScheduleState
 from ..reference import measure
 from ..reference.model import ReferenceModel, load_reference
-from ..reference.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, sample
+from ..reference.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, Trajectory, ddim_timesteps, sample
+from .fragment_judge import SequentialStop, fragment_judge
 from .gate import gate_failures, gate_slack, measurable_limits
 
 
@@ -35,11 +36,38 @@ class ReferenceTarget:
         self.limits, self.lpips, self.batch_size = dict(limits), lpips, batch_size
         self.context, self.uncond = self.model.encode([prompt]), self.model.encode([""])
         self.name = "reference"
+        # the full model's per-step states of the seeds being judged (``watch``), for branched candidate renders
+        self.trajectory = Trajectory()
+        self.watched: set[int] = set()
+        self.timesteps = ddim_timesteps(steps)
+
+    def watch(self, seeds: Sequence[int]) -> None:
+        """Record the full model's per-step states of ``seeds`` whenever it renders them (the judged seeds)."""
+        self.watched |= {int(s) for s in seeds}
 
     def run(self, unet: nn.Module, seeds: Sequence[int], *, state: ScheduleState | None = None,
-            cfg_cutoff: float | None = None) -> np.ndarray:
+            cfg_cutoff: float | None = None, record: Trajectory | None = None,
+            branch: tuple[int, Trajectory] | None = None, raw: bool = False) -> Any:
+        seeds = list(seeds)
+        if record is None and unet is self.unet and state is None and cfg_cutoff is None and branch is None \
+                and seeds and set(seeds) <= self.watched:
+            record = self.trajectory
         return sample(unet, self.context, self.uncond, seeds, steps=self.steps, guidance=self.guidance,
-                      batch_size=self.batch_size, state=state, cfg_cutoff=cfg_cutoff)
+                      batch_size=self.batch_size, state=state, cfg_cutoff=cfg_cutoff, record=record,
+                      branch=branch, raw=raw)
+
+    def fragment_judge(self, known_seeds: Sequence[int], known_images: Any, *, branching: bool = True,
+                       group: int | None = 2) -> Callable[..., Any]:
+        """``judge.fragment_judge`` on this target: candidates branch from the watched seeds' recorded states
+        (``branching``) and are judged ``group`` seeds at a time with a :class:`SequentialStop` (``None``: all at once).
+
+        >>> target.watch(range(8)); reference = target.run(target.unet, range(8))  # doctest: +SKIP
+        >>> judge = target.fragment_judge(range(8), reference)  # doctest: +SKIP
+        """
+        stop = SequentialStop(self.limits, group=group) if group else None
+        return fragment_judge(self.unet, self.run, self.judge, known_seeds, known_images,
+                              trajectory=self.trajectory if branching else None,
+                              timesteps=self.timesteps if branching else None, sequential=stop)
 
     def judge(self, full: np.ndarray, images: np.ndarray) -> tuple[bool, dict[str, Any]]:
         base = measure.adherence(full, self.prompt)
