@@ -192,10 +192,10 @@ class Prior:
             out.append(False if False in verdicts else None if None in verdicts else True)
         return out
 
-    def suggest(self, ladder: Sequence[Any], *, margin: float = MARGIN) -> int | None:
+    def suggest(self, ladder: Sequence[Any], *, margin: float = MARGIN, exclude: str | None = None) -> int | None:
         """The index of the strongest rung of ``ladder`` predicted to pass with ``margin`` (``predict``),
         or ``None`` when the prior predicts none (the caller then searches cold)."""
-        return next((i for i, ok in enumerate(self.predict(ladder, margin=margin)) if ok), None)
+        return next((i for i, ok in enumerate(self.predict(ladder, margin=margin, exclude=exclude)) if ok), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "key": self.key.to_dict(), "profiles": self.profiles,
