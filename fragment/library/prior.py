@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ...errors import FragmentError, ReadError
+from ..calibration import calibrate
 from ..format.store import ensure_folder
 from ..format.untrusted import parse_json
 from .index import library_dir, locked
@@ -490,3 +491,28 @@ def warm_start(directory: str | os.PathLike, key: PriorKey, ladder: Sequence[Any
         log.warning("prior %s not used: %s", key.name, exc)
         return None
     return prior.suggest(ladder) if prior is not None else None
+
+
+def calibrate_with_prior(ladder: Sequence[Any], judge: Any, *, directory: str | os.PathLike, key: PriorKey,
+                         prompt: str, evidence: Any = None, **calibrate_kwargs: Any) -> Any:
+    """``calibrate`` started from the prior of ``key`` (``warm_start``; cold when there is none), then the
+    profile and the judged tries recorded into it (``update_prior``): the one call the extractor, the demo
+    and ``bench batch`` make.  A prior that cannot be written is logged, not raised: the calibration stands.
+
+    >>> import tempfile; from prompt_fragments.fragment.calibration import Candidate, Judgement
+    >>> ladder = [Candidate({"heads": h}, level=h) for h in (0.5, 0.4, 0.3, 0.2)]
+    >>> judge = lambda c, seeds: Judgement(c.level <= 0.3, slack=(0.35 - c.level) / 0.35)
+    >>> d, key = tempfile.mkdtemp(), PriorKey("ab" * 32, "ddim", "trailing", 25, 32, 7.5)
+    >>> run = dict(directory=d, key=key, calibration_seeds=[0], holdout_seeds=[9], goal="memory")
+    >>> first = calibrate_with_prior(ladder, judge, prompt="a red circle", **run)
+    >>> second = calibrate_with_prior(ladder, judge, prompt="a blue square", **run)
+    >>> first.chosen.level, second.chosen.level, len(first.tries), len(second.tries)
+    (0.3, 0.3, 3, 2)
+    """
+    start = warm_start(directory, key, ladder)
+    cal = calibrate(ladder, judge, start=start, confirm_only=start is not None, **calibrate_kwargs)
+    try:
+        update_prior(directory, key, evidence=evidence, calibration=cal, prompt=prompt)
+    except FragmentError as exc:
+        log.warning("prior %s not updated: %s", key.name, exc)
+    return cal
