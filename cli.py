@@ -206,11 +206,22 @@ def _cmd_bench_prior(args: argparse.Namespace) -> int:
     model = load_reference(args.weights)
     model.unet.to(device)
     lpips = None if args.no_lpips else optional_lpips(args.lpips_weights)[0]
-    prompts = args.prompt or list(PRIOR_PROMPTS)
+    prompts = args.prompt or ([] if args.replay else list(PRIOR_PROMPTS))
     targets = [ReferenceTarget(p, limits=limits, steps=args.steps, model=model, lpips=lpips) for p in prompts]
     # the reference sampler is DDIM with trailing spacing on 32 x 32 images
     key = PriorKey(sha256_file(args.weights or WEIGHTS_FILE), "ddim", "trailing", args.steps, 32, DEFAULT_GUIDANCE)
-    report = bench_prior(targets, key, PriorBenchConfig(seeds=args.seeds, holdout=args.holdout, goal=args.goal))
+    config = PriorBenchConfig(seeds=args.seeds, holdout=args.holdout, goal=args.goal)
+    # --records: judge the prompts and save them (prompts can be judged in separate processes); --replay: combine
+    replayed = [json.loads(line) for path in args.replay or () for line in open(path, encoding="utf-8") if line.strip()]
+    if args.records:
+        from .bench.prior import prompt_record
+
+        with open(args.records, "a", encoding="utf-8") as fh:
+            for target in targets:
+                fh.write(json.dumps(prompt_record(target, config)) + "\n")
+                fh.flush()
+        return 0
+    report = bench_prior([] if args.replay else targets, key, config, records=replayed)
     if args.out:
         from pathlib import Path
 
@@ -374,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=SEEDS, default=4, help="seeds profiled; every rung is judged on them")
     p.add_argument("--holdout", type=SEEDS, default=2, help="held-out seeds the calibrations confirm on")
     p.add_argument("--goal", choices=["memory", "speed", "both"], default="speed", help="what the ladder moves")
+    p.add_argument("--records", type=out_file(), default=None, help="judge the prompts and append their records here (JSON lines), no report")
+    p.add_argument("--replay", type=existing_file(), action="append", default=None,
+                   help="records written by --records (repeatable): the report from them, nothing rendered")
     add_judge_arguments(p)
     p.add_argument("--device", type=device(), default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--out", type=out_file(), default=None, help="also write the JSON report here")

@@ -28,10 +28,11 @@ from ..fragment.extract import candidate_fragment
 from ..fragment.library.prior import PriorKey, load_prior, prompt_digest, update_prior
 from ..judge.fragment_judge import fragment_judge
 from ..profiling.activation_stats import ActivationStats
+from ..profiling.dataset import ProfileData
 from ..profiling.evidence import ProfileEvidence
 from ..profiling.ff_profiler import FFProfiler
 from ..profiling.profiler import HeadProfiler
-from ..profiling.step_change import StepChangeProbe
+from ..profiling.step_change import ReuseDepth, StepChangeProbe
 
 log = logging.getLogger(__name__)
 
@@ -54,44 +55,90 @@ class PriorBenchConfig:
 
 
 def bench_prior(targets: Sequence[Any], key: PriorKey, config: PriorBenchConfig = PriorBenchConfig(),
-                folder: str | None = None) -> dict[str, Any]:
-    """Leave-one-out prediction of pass/fail over ``targets`` (one ``ReferenceTarget`` per prompt, same model).
+                folder: str | None = None, records: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """Leave-one-out prediction of pass/fail over ``targets`` (one ``ReferenceTarget`` per prompt, same model),
+    plus ``records`` already judged (``prompt_record``, e.g. by other processes).
 
     >>> report = bench_prior([ReferenceTarget(p, limits=limits) for p in PRIOR_PROMPTS], key)  # doctest: +SKIP
     >>> report["summary"]["false_pass"]  # doctest: +SKIP
     0
     """
-    seeds = list(range(config.seeds))
-    holdout = list(range(config.first_holdout_seed, config.first_holdout_seed + config.holdout))
+    return replay_prior([*records, *(prompt_record(t, config) for t in targets)], key, config, folder)
+
+
+def prompt_record(target: Any, config: PriorBenchConfig = PriorBenchConfig()) -> dict[str, Any]:
+    """Profile ``target``'s prompt, build its ladder, and judge every rung on the calibration and the held-out
+    seeds: plain JSON data, so prompts can be judged in separate processes and replayed together."""
+    seeds, holdout = _seeds(config)
+    ladder, judge, evidence = _prompt_run(target, seeds, config.goal)
+    rungs = []
+    for c in ladder:
+        verdicts = {phase: judge(c, on) for phase, on in (("calibration", seeds), ("holdout", holdout))}
+        rungs.append({"candidate": c.to_dict(), **{p: {"passed": v.passed, "slack": v.slack, "reasons": list(v.reasons)}
+                                                  for p, v in verdicts.items()}})
+    log.info("prior bench: %s: %d rungs judged", target.prompt, len(ladder))
+    depths = {str(k): {"skips": d.skips, "cache_point": d.cache_point, "changes": list(d.changes), "cost": d.cost}
+              for k, d in (evidence.reuse_depths or {}).items()}
+    return {"prompt": target.prompt, "steps": target.steps, "rungs": rungs,
+            "step_changes": list(evidence.step_changes or []), "reuse_depths": depths}
+
+
+def _seeds(config: PriorBenchConfig) -> tuple[list[int], list[int]]:
+    return (list(range(config.seeds)),
+            list(range(config.first_holdout_seed, config.first_holdout_seed + config.holdout)))
+
+
+def _candidate(d: Mapping[str, Any]) -> Candidate:
+    levers = {k: v for k, v in d.items() if k not in ("reuse_skips", "level", "label") and v}
+    return Candidate(levers, reuse_skips=d["reuse_skips"], level=d["level"])
+
+
+def replay_prior(records: Sequence[Mapping[str, Any]], key: PriorKey, config: PriorBenchConfig = PriorBenchConfig(),
+                 folder: str | None = None) -> dict[str, Any]:
+    """The leave-one-out measurement over judged ``records``: no rendering, every verdict replayed.
+
+    Each prompt is calibrated cold (no CFG cut-off: it is tried the same way cold or warm) and its profile and
+    tries recorded into one prior (``update_prior``, in ``folder``); then each prompt's rungs are predicted by
+    the prior without its own tries, and a warm calibration starts at ``suggest`` and only confirms.
+    """
+    seeds, holdout = _seeds(config)
     folder = folder or tempfile.mkdtemp(prefix="prior-bench-")
     runs = []
-    for target in targets:
-        ladder, judge, evidence = _prompt_run(target, seeds, config.goal)
-        truth = [judge(c, seeds) for c in ladder]
+    for record in records:
+        ladder = [_candidate(r["candidate"]) for r in record["rungs"]]
+        verdicts = {(r["candidate"]["label"], phase): Judgement(r[phase]["passed"], {}, r[phase]["reasons"], r[phase]["slack"])
+                    for r in record["rungs"] for phase in ("calibration", "holdout")}
+
+        def judge(candidate: Candidate, on: Sequence[int], verdicts=verdicts) -> Judgement:
+            return verdicts[(candidate.label, "calibration" if list(on) == seeds else "holdout")]
+
         cold = calibrate(ladder, judge, calibration_seeds=seeds, holdout_seeds=holdout, goal=config.goal,
                          budget=Budget(images=config.budget_images), cfg_cutoffs=(), judge_name="quality gate")
-        update_prior(folder, key, evidence=evidence, calibration=cold, prompt=target.prompt)
-        runs.append((target, ladder, judge, truth, cold))
-        log.info("prior bench: %s: %d rungs judged, cold calibration %d tries", target.prompt, len(ladder), len(cold.tries))
+        depths = {int(k): ReuseDepth(d["skips"], d["cache_point"], tuple(d["changes"]), d["cost"])
+                  for k, d in record["reuse_depths"].items()}
+        evidence = ProfileEvidence(ProfileData({}, len(seeds)), step_changes=record["step_changes"], reuse_depths=depths)
+        update_prior(folder, key, evidence=evidence, calibration=cold, prompt=record["prompt"])
+        runs.append((record, ladder, judge, cold))
     prior = load_prior(folder, key)
     rows = []
-    for target, ladder, judge, truth, cold in runs:
-        digest = prompt_digest(target.prompt)
+    for record, ladder, judge, cold in runs:
+        digest = prompt_digest(record["prompt"])
         predicted = prior.predict(ladder, exclude=digest)
         start = prior.suggest(ladder, exclude=digest)
         warm = calibrate(ladder, judge, calibration_seeds=seeds, holdout_seeds=holdout, goal=config.goal,
                          budget=Budget(images=config.budget_images), cfg_cutoffs=(), judge_name="quality gate",
                          start=start, confirm_only=True)
         rows.append({
-            "prompt": target.prompt,
-            "rungs": [{"label": c.label, "level": c.level, "judged_pass": v.passed, "slack": v.slack, "predicted": p}
-                      for c, v, p in zip(ladder, truth, predicted)],
+            "prompt": record["prompt"],
+            "rungs": [{"label": c.label, "level": c.level, "judged_pass": r["calibration"]["passed"],
+                       "slack": r["calibration"]["slack"], "holdout_pass": r["holdout"]["passed"], "predicted": p}
+                      for c, r, p in zip(ladder, record["rungs"], predicted)],
             "start": start, "start_label": ladder[start].label if start is not None else None,
             "cold": _cal_row(cold), "warm": _cal_row(warm),
-            "strongest_judged_pass": next((c.label for c, v in zip(ladder, truth) if v.passed), None),
+            "strongest_judged_pass": next((c.label for c, r in zip(ladder, record["rungs"]) if r["calibration"]["passed"]), None),
         })
     return {"config": {"seeds": config.seeds, "holdout": config.holdout, "goal": config.goal,
-                       "budget_images": config.budget_images, "steps": targets[0].steps if targets else None},
+                       "budget_images": config.budget_images, "steps": records[0]["steps"] if records else None},
             "key": key.name, "rows": rows, "summary": summarize(rows)}
 
 

@@ -195,3 +195,29 @@ def test_read_prior_checks_the_key_it_is_asked_for(tmp_path: Path) -> None:
     with pytest.raises(FragmentError, match=f"{moved.name}.*expected the prior of .*30steps"):
         load_prior(tmp_path, other)
     assert read_prior(moved).key == KEY
+
+
+def _record(prompt: str, tolerance: float, holdout_tolerance: float | None = None) -> dict:
+    """A judged prompt as ``bench.prior.prompt_record`` writes it, from the toy judge."""
+    def verdict(tol: float, c: Candidate) -> dict:
+        v = toy_judge(tol)(c, [])
+        return {"passed": v.passed, "slack": v.slack, "reasons": list(v.reasons)}
+    return {"prompt": prompt, "steps": 25, "step_changes": [None, 0.3, 0.1], "reuse_depths": {},
+            "rungs": [{"candidate": c.to_dict(), "calibration": verdict(tolerance, c),
+                       "holdout": verdict(holdout_tolerance or tolerance, c)} for c in LADDER]}
+
+
+def test_the_prior_bench_counts_false_passes_and_warm_savings_from_the_judged_records(tmp_path: Path) -> None:
+    from prompt_fragments.bench.prior import PriorBenchConfig, format_prior_report, replay_prior
+
+    config = PriorBenchConfig(seeds=2, holdout=1, goal="speed")
+    alike = replay_prior([_record(f"p{i}", 0.3) for i in range(4)], KEY, config, str(tmp_path / "a"))
+    s = alike["summary"]
+    assert s["false_pass"] == 0 and s["accuracy"] == 1.0 and s["warm_images"] < s["cold_images"]
+    assert all(row["warm"]["chosen"] == row["cold"]["chosen"] for row in alike["rows"])
+    # one prompt tolerates less than the others: the prior from the others predicts passes it fails
+    odd = replay_prior([*(_record(f"p{i}", 0.3) for i in range(3)), _record("hard", 0.12)], KEY, config, str(tmp_path / "b"))
+    hard = next(row for row in odd["rows"] if row["prompt"] == "hard")
+    assert odd["summary"]["false_pass"] == sum(r["predicted"] is True and not r["judged_pass"] for r in hard["rungs"]) > 0
+    assert hard["warm"]["chosen"] == hard["cold"]["chosen"]  # the confirmation still finds its own rung
+    assert "false passes" in format_prior_report(odd)
