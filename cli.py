@@ -212,7 +212,7 @@ def _cmd_bench_prior(args: argparse.Namespace) -> int:
     key = PriorKey(sha256_file(args.weights or WEIGHTS_FILE), "ddim", "trailing", args.steps, 32, DEFAULT_GUIDANCE)
     config = PriorBenchConfig(seeds=args.seeds, holdout=args.holdout, goal=args.goal)
     # --records: judge the prompts and save them (prompts can be judged in separate processes); --replay: combine
-    replayed = [json.loads(line) for path in args.replay or () for line in open(path, encoding="utf-8") if line.strip()]
+    replayed = [json.loads(line) for path in ([args.replay] if args.replay else []) for line in open(path, encoding="utf-8") if line.strip()]
     if args.records:
         from .bench.prior import prompt_record
 
@@ -386,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=SEEDS, default=2, help="held-out seeds the calibrations confirm on")
     p.add_argument("--goal", choices=["memory", "speed", "both"], default="speed", help="what the ladder moves")
     p.add_argument("--records", type=out_file(), default=None, help="judge the prompts and append their records here (JSON lines), no report")
-    p.add_argument("--replay", type=existing_file(), action="append", default=None,
-                   help="records written by --records (repeatable): the report from them, nothing rendered")
+    p.add_argument("--replay", type=existing_file(), default=None,
+                   help="records written by --records (concatenate several processes' files): the report from them, nothing rendered")
     add_judge_arguments(p)
     p.add_argument("--device", type=device(), default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--out", type=out_file(), default=None, help="also write the JSON report here")
