@@ -208,6 +208,48 @@ def _cmd_bench_judging(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_prior(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench.prior import PRIOR_PROMPTS, PriorBenchConfig, bench_prior, format_prior_report
+    from .defaults import DEFAULT_THRESHOLDS, optional_lpips
+    from .fragment.format.hashing import sha256_file
+    from .fragment.library.prior import PriorKey
+    from .judge.reference_target import ReferenceTarget
+    from .judge.thresholds import load_thresholds
+    from .reference.model import WEIGHTS_FILE, load_reference
+    from .reference.sampling import DEFAULT_GUIDANCE
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    limits = load_thresholds(args.thresholds or DEFAULT_THRESHOLDS)["quality_gate"]
+    model = load_reference(args.weights)
+    model.unet.to(device)
+    lpips = None if args.no_lpips else optional_lpips(args.lpips_weights)[0]
+    prompts = args.prompt or ([] if args.replay else list(PRIOR_PROMPTS))
+    targets = [ReferenceTarget(p, limits=limits, steps=args.steps, model=model, lpips=lpips) for p in prompts]
+    # the reference sampler is DDIM with trailing spacing on 32 x 32 images
+    key = PriorKey(sha256_file(args.weights or WEIGHTS_FILE), "ddim", "trailing", args.steps, 32, DEFAULT_GUIDANCE)
+    config = PriorBenchConfig(seeds=args.seeds, holdout=args.holdout, goal=args.goal)
+    # --records: judge the prompts and save them (prompts can be judged in separate processes); --replay: combine
+    replayed = [json.loads(line) for path in ([args.replay] if args.replay else []) for line in open(path, encoding="utf-8") if line.strip()]
+    if args.records:
+        from .bench.prior import prompt_record
+
+        with open(args.records, "a", encoding="utf-8") as fh:
+            for target in targets:
+                fh.write(json.dumps(prompt_record(target, config)) + "\n")
+                fh.flush()
+        return 0
+    report = bench_prior([] if args.replay else targets, key, config, records=replayed)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report, indent=2, default=str) if args.json else format_prior_report(report))
+    return 0
+
+
 def add_judge_arguments(p: argparse.ArgumentParser) -> None:
     """The reference model and its quality-gate judge, as the benches on it take them."""
     p.add_argument("--weights", type=existing_file(), default=None, help="reference model safetensors (default: the committed one)")
@@ -373,6 +415,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=folder_path(), default=None, help="folder for peers.json and the LPIPS vs speed-up plot")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=_cmd_bench_peers)
+    p = bench.add_parser("prior", help="issue #26: how well a prior from other prompts predicts a new prompt's pass/fail "
+                         "(leave-one-out on the reference model), and what a warm start saves")
+    p.add_argument("--prompt", action="append", default=None, help="a prompt in the reference grammar (repeatable; default: six)")
+    p.add_argument("--steps", type=STEPS, default=25, help="DDIM steps")
+    p.add_argument("--seeds", type=SEEDS, default=4, help="seeds profiled; every rung is judged on them")
+    p.add_argument("--holdout", type=SEEDS, default=2, help="held-out seeds the calibrations confirm on")
+    p.add_argument("--goal", choices=["memory", "speed", "both"], default="speed", help="what the ladder moves")
+    p.add_argument("--records", type=out_file(), default=None, help="judge the prompts and append their records here (JSON lines), no report")
+    p.add_argument("--replay", type=existing_file(), default=None,
+                   help="records written by --records (concatenate several processes' files): the report from them, nothing rendered")
+    add_judge_arguments(p)
+    p.add_argument("--device", type=device(), default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--out", type=out_file(), default=None, help="also write the JSON report here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=_cmd_bench_prior)
     add_library_commands(sub)
     return parser
 

@@ -433,13 +433,16 @@ def calibrate(
     cfg_cutoffs: Sequence[float] = CFG_CUTOFFS,
     holdout_reference_images: int | None = None,
     images_per_seed: int = 1,
+    confirm_only: bool = False,
 ) -> Calibration:
     """The strongest candidate of ``ladder`` that passes ``judge`` on both seed sets, within ``budget``.
 
     ``ladder`` is strongest first (:func:`candidate_ladder`).  Each try costs ``images_per_seed``
     images per seed (a ComfyUI seed renders a whole latent batch); the held-out seeds also cost
     their full-model references (``holdout_reference_images``, default the same count), paid once,
-    before the first confirmation.
+    before the first confirmation.  With ``confirm_only`` (a warm ``start`` from a prior,
+    ``fragment.library.prior``), a pass at ``start`` goes straight to confirmation instead of probing
+    stronger rungs; a fail there searches weaker, and its first pass ends the search.
 
     >>> ladder = [Candidate({"heads": h}, level=h) for h in (0.5, 0.4, 0.3, 0.2, 0.1)]
     >>> fair = lambda c, seeds: Judgement(c.amount("heads") <= 0.3, slack=(0.3 - c.amount("heads")) / 0.3)
@@ -506,7 +509,7 @@ def calibrate(
         return verdict
 
     order = list(ladder)
-    passing = _search(order, lambda i: attempt(order[i], "calibration"), start)
+    passing = _search(order, lambda i: attempt(order[i], "calibration"), start, confirm_only=confirm_only and start is not None)
     # Confirm on held-out seeds, strongest calibration pass first; a failure there steps one rung weaker.
     index = passing
     while index is not None and index < len(order):
@@ -552,7 +555,8 @@ def calibrate(
     return cal
 
 
-def _search(order: Sequence[Candidate], attempt: Callable[[int], Judgement | None], start: int | None) -> int | None:
+def _search(order: Sequence[Candidate], attempt: Callable[[int], Judgement | None], start: int | None,
+            confirm_only: bool = False) -> int | None:
     """The index of the strongest rung known to pass (``None``: none), moving by fitted slack, else halving.
 
     Invariant: every rung weaker than a pass passes, every rung stronger than a fail fails (damage is
@@ -574,7 +578,7 @@ def _search(order: Sequence[Candidate], attempt: Callable[[int], Judgement | Non
             fail = max(fail, index)
         if verdict.slack is not None and order[index].level > 0:
             points.append((math.log(order[index].level), float(verdict.slack)))
-        if ok - fail <= 1:
+        if ok - fail <= 1 or (confirm_only and verdict.passed):
             break
         index = _next_index(order, fail, ok, points)
     return ok if ok < len(order) else None

@@ -28,6 +28,7 @@ from test_library import emb, synthetic
 # a run id or a keyword (metrics.report_gate resolves them and says what it could not find).
 FREE_TEXT = {
     ("demo", "--prompt"), ("bench quant", "--prompt"), ("bench batch", "--prompt"), ("bench peers", "--prompt"),
+    ("bench prior", "--prompt"),
     ("report", "--run"), ("report", "--compare"), ("reuse", "--paraphrase"),
 }
 OVERHEAD = "python -m prompt_fragments.bench.overhead"
@@ -135,7 +136,7 @@ def _id(cmd: str, a: argparse.Action) -> str:
 
 def test_the_walk_sees_every_subcommand() -> None:
     commands = {cmd for cmd, _ in PARSERS}
-    assert {"demo", "report", "anatomy", "bench weights", "bench quant", "bench memory", "bench batch", "bench peers",
+    assert {"demo", "report", "anatomy", "bench weights", "bench quant", "bench memory", "bench batch", "bench peers", "bench prior",
             "reuse", "pack", "verify", "unpack", "library", OVERHEAD} <= commands
     assert len(NUMERIC) > 40 and len(PATHS) > 20
 

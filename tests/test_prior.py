@@ -1,0 +1,223 @@
+"""The prior per model configuration (issue #26, item 3): exact keys, round trip, killed and hostile files, suggest.
+
+No model: calibrations come from ``calibrate`` over a toy judge whose pass/fail
+follows the damage level, as the calibration doctests do.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from prompt_fragments.errors import FragmentError
+from prompt_fragments.fragment.calibration import Candidate, Judgement, calibrate
+from prompt_fragments.fragment.library import prior as priors
+from prompt_fragments.fragment.library.prior import (
+    MAX_PRIOR_BYTES, Prior, PriorKey, load_prior, priors_dir, read_prior, update_prior, warm_start)
+from prompt_fragments.profiling.evidence import ProfileEvidence
+from prompt_fragments.profiling.dataset import ProfileData
+from prompt_fragments.profiling.step_change import ReuseDepth
+
+BASE = "ab" * 32
+KEY = PriorKey(BASE, "ddim", "trailing", 25, 32, 7.5)
+LEVELS = (0.6, 0.45, 0.35, 0.27, 0.2, 0.15, 0.11, 0.08)
+LADDER = [Candidate({"step_reuse": round(0.1 * (len(LEVELS) - i), 2)}, level=lv, reuse_skips=1) for i, lv in enumerate(LEVELS)]
+
+
+def toy_judge(tolerance: float):
+    """Passes a rung at or below ``tolerance``; the slack is the relative distance to it."""
+    def judge(candidate: Candidate, seeds) -> Judgement:
+        slack = (tolerance - candidate.level) / tolerance
+        return Judgement(slack >= 0, {"level": candidate.level}, [] if slack >= 0 else ["too strong"], slack)
+    return judge
+
+
+def cold(tolerance: float):
+    return calibrate(LADDER, toy_judge(tolerance), calibration_seeds=[0, 1], holdout_seeds=[9], goal="memory")
+
+
+def evidence(scale: float = 1.0) -> ProfileEvidence:
+    depths = {1: ReuseDepth(1, "up.2", (None, 0.2 * scale, 0.1 * scale), 0.3),
+              2: ReuseDepth(2, "up.1", (None, 0.4 * scale, 0.2 * scale), 0.5)}
+    return ProfileEvidence(ProfileData({}, 4), step_changes=[None, 0.3 * scale, 0.1 * scale], reuse_depths=depths)
+
+
+def test_the_prior_is_keyed_exactly(tmp_path: Path) -> None:
+    update_prior(tmp_path, KEY, calibration=cold(0.27), prompt="a red circle in the top left")
+    assert load_prior(tmp_path, KEY) is not None
+    misses = [PriorKey(BASE, "euler", "trailing", 25, 32, 7.5), PriorKey(BASE, "ddim", "karras", 25, 32, 7.5),
+              PriorKey(BASE, "ddim", "trailing", 20, 32, 7.5), PriorKey(BASE, "ddim", "trailing", 25, 32, 5.0),
+              PriorKey("cd" * 32, "ddim", "trailing", 25, 32, 7.5), PriorKey(BASE, "ddim", "trailing", 25, 72, 7.5),
+              PriorKey(BASE, "ddim", "trailing", 25, (32, 72), 7.5)]
+    for key in misses:
+        assert load_prior(tmp_path, key) is None, key.name
+        assert key.file_name != KEY.file_name
+    # the same 64-pixel bucket is the same configuration (the same deepest feature map)
+    same = PriorKey(BASE, "DDIM", "trailing", 25, (40, 64), 7.5)
+    assert same == KEY and load_prior(tmp_path, same).tries == load_prior(tmp_path, KEY).tries
+    with pytest.raises(FragmentError, match="steps"):
+        PriorKey(BASE, "ddim", "trailing", 0, 32, 7.5)
+    with pytest.raises(FragmentError, match="base_sha256"):
+        PriorKey("../x", "ddim", "trailing", 25, 32, 7.5)
+
+
+def test_round_trip_keeps_curves_costs_and_every_judged_try(tmp_path: Path) -> None:
+    cal = cold(0.27)
+    written = update_prior(tmp_path, KEY, evidence=evidence(), calibration=cal, prompt="a red circle in the top left")
+    loaded = load_prior(tmp_path, KEY)
+    assert loaded == written
+    assert loaded.step_changes == [None, 0.3, 0.1] and loaded.depths[1]["cost"] == 0.3 and loaded.profiles == 1
+    assert len(loaded.tries) == len(cal.tries)
+    assert [(t["phase"], t["level"], t["passed"], t["seeds"]) for t in loaded.tries] == \
+        [(t["phase"], t["candidate"]["level"], t["passed"], len(t["seeds"])) for t in cal.tries]
+    assert "red" not in json.dumps(loaded.to_dict())  # a digest of the prompt, never its words
+    # a second prompt: curves and costs become running means, tries accumulate
+    again = update_prior(tmp_path, KEY, evidence=evidence(3.0), calibration=cold(0.2), prompt="a blue square")
+    assert again.profiles == 2 and again.step_changes[1] == pytest.approx(0.6)
+    assert again.depths[2]["changes"][1] == pytest.approx(0.8) and len(again.prompts) == 2
+    assert load_prior(tmp_path, KEY) == again
+
+
+def _killed_writer(folder: str) -> None:
+    def die(*_args, **_kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.replace = die  # the kill lands after the temporary is written, before the rename
+    update_prior(folder, KEY, calibration=cold(0.6), prompt="another prompt")
+
+
+def test_a_killed_writer_loses_nothing_and_its_temporary_is_swept(tmp_path: Path) -> None:
+    before = update_prior(tmp_path, KEY, calibration=cold(0.27), prompt="first")
+    proc = mp.get_context("fork").Process(target=_killed_writer, args=(str(tmp_path),))
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == -signal.SIGKILL
+    assert list(priors_dir(tmp_path).glob(".prior.*.tmp-*")), "the writer died with its temporary written"
+    assert load_prior(tmp_path, KEY) == before
+    after = update_prior(tmp_path, KEY, calibration=cold(0.2), prompt="second")
+    assert not list(priors_dir(tmp_path).glob(".prior.*.tmp-*"))
+    assert after.tries[:len(before.tries)] == before.tries
+
+
+def _valid(tmp_path: Path) -> tuple[Path, dict]:
+    update_prior(tmp_path, KEY, calibration=cold(0.27), prompt="first")
+    path = priors_dir(tmp_path) / KEY.file_name
+    return path, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("case", ["truncated", "not an object", "tries a dict", "level a string", "slack NaN",
+                                  "extra try field", "another key", "huge", "deep", "symlink", "folder"])
+def test_a_hostile_or_partial_prior_is_refused_naming_the_file_and_kept(tmp_path: Path, case: str) -> None:
+    path, data = _valid(tmp_path)
+    if case == "truncated":
+        body = path.read_bytes()[: path.stat().st_size // 2]
+    elif case == "not an object":
+        body = b"[1, 2]"
+    elif case == "tries a dict":
+        body = json.dumps({**data, "tries": {"a": 1}}).encode()
+    elif case == "level a string":
+        data["tries"][0]["level"] = "0.3"
+        body = json.dumps(data).encode()
+    elif case == "slack NaN":
+        body = json.dumps(data).replace('"slack":', '"slack": NaN, "x":', 1).encode()
+    elif case == "extra try field":
+        data["tries"][0]["evil"] = 1
+        body = json.dumps(data).encode()
+    elif case == "another key":
+        data["key"]["steps"] = 30
+        body = json.dumps(data).encode()
+    elif case == "huge":
+        body = b'{"schema": "' + b"x" * (MAX_PRIOR_BYTES + 1) + b'"}'
+    elif case == "deep":
+        body = b"[" * 100 + b"]" * 100
+    if case == "symlink":
+        target = tmp_path / "elsewhere.json"
+        target.write_bytes(path.read_bytes())
+        path.unlink()
+        path.symlink_to(target)
+        body = target.read_bytes()
+    elif case == "folder":
+        path.unlink()
+        path.mkdir()
+        body = None
+    else:
+        path.write_bytes(body)
+    with pytest.raises(FragmentError, match=str(path.name)):
+        load_prior(tmp_path, KEY)
+    with pytest.raises(FragmentError, match=str(path.name)):
+        update_prior(tmp_path, KEY, calibration=cold(0.6), prompt="second")  # never starts over on the user's data
+    if body is not None:
+        assert (path.read_bytes() if not path.is_symlink() else path.resolve().read_bytes()) == body
+    assert warm_start(tmp_path, KEY, LADDER) is None  # the warm start falls back to a cold search
+
+
+def test_suggest_moves_with_planted_results(tmp_path: Path) -> None:
+    assert Prior(KEY).suggest(LADDER) is None  # nothing judged: search cold
+    update_prior(tmp_path, KEY, calibration=cold(0.35), prompt="easy prompt")
+    easy = load_prior(tmp_path, KEY).suggest(LADDER)
+    assert LADDER[easy].level <= 0.35
+    update_prior(tmp_path, KEY, calibration=cold(0.15), prompt="hard prompt")
+    hard = load_prior(tmp_path, KEY)
+    assert hard.suggest(LADDER) > easy and LADDER[hard.suggest(LADDER)].level <= 0.15  # the hardest prompt rules
+    assert hard.predict(LADDER)[0] is False  # stronger than what failed: predicted to fail
+    assert hard.suggest(LADDER, margin=2.0) is None or LADDER[hard.suggest(LADDER, margin=2.0)].level < 0.15
+    # a CFG cut-off try is off the damage axis: even a failing one moves nothing
+    cfg_fail = {**hard.tries[0], "cfg": True, "passed": False, "level": 0.02, "prompt": "f" * 16}
+    assert Prior(KEY, tries=[*hard.tries, cfg_fail]).suggest(LADDER) == hard.suggest(LADDER)
+    # leaving the hard prompt out gives back the easy prompt's answer
+    hard_digest = priors.prompt_digest("hard prompt")
+    assert hard.predict(LADDER, exclude=hard_digest) == Prior(KEY, tries=hard.tries[:len(cold(0.35).tries)]).predict(LADDER)
+
+
+def test_a_warm_start_only_confirms_and_never_keeps_a_failing_rung(tmp_path: Path) -> None:
+    for tolerance, prompt in ((0.3, "p1"), (0.4, "p2"), (0.3, "p3")):
+        update_prior(tmp_path, KEY, calibration=cold(tolerance), prompt=prompt)
+    start = warm_start(tmp_path, KEY, LADDER)
+    assert start is not None and LADDER[start].level == 0.27  # the hardest prompt's strongest pass with margin
+    base = dict(calibration_seeds=[0, 1], holdout_seeds=[9], goal="memory")
+    warm = calibrate(LADDER, toy_judge(0.3), start=start, confirm_only=True, **base)
+    assert warm.chosen.level == 0.27 and [t["phase"] for t in warm.tries] == ["calibration", "holdout"]
+    assert cold(0.3).chosen.level == 0.27 and warm.images < cold(0.3).images
+    # a new prompt harder than the prior said: the warm start fails and the search goes weaker, never keeping a fail
+    harder = calibrate(LADDER, toy_judge(0.15), start=start, confirm_only=True, **base)
+    assert harder.chosen is not None and harder.chosen.level <= 0.15
+    assert all(not t["passed"] for t in harder.tries if t["candidate"]["level"] > 0.15)
+
+
+def test_read_prior_checks_the_key_it_is_asked_for(tmp_path: Path) -> None:
+    update_prior(tmp_path, KEY, calibration=cold(0.27), prompt="first")
+    other = PriorKey(BASE, "ddim", "trailing", 30, 32, 7.5)
+    moved = priors_dir(tmp_path) / other.file_name
+    os.replace(priors_dir(tmp_path) / KEY.file_name, moved)  # a file copied under another configuration's name
+    with pytest.raises(FragmentError, match=f"{moved.name}.*expected the prior of .*30steps"):
+        load_prior(tmp_path, other)
+    assert read_prior(moved).key == KEY
+
+
+def _record(prompt: str, tolerance: float, holdout_tolerance: float | None = None) -> dict:
+    """A judged prompt as ``bench.prior.prompt_record`` writes it, from the toy judge."""
+    def verdict(tol: float, c: Candidate) -> dict:
+        v = toy_judge(tol)(c, [])
+        return {"passed": v.passed, "slack": v.slack, "reasons": list(v.reasons)}
+    return {"prompt": prompt, "steps": 25, "step_changes": [None, 0.3, 0.1], "reuse_depths": {},
+            "rungs": [{"candidate": c.to_dict(), "calibration": verdict(tolerance, c),
+                       "holdout": verdict(holdout_tolerance or tolerance, c)} for c in LADDER]}
+
+
+def test_the_prior_bench_counts_false_passes_and_warm_savings_from_the_judged_records(tmp_path: Path) -> None:
+    from prompt_fragments.bench.prior import PriorBenchConfig, format_prior_report, replay_prior
+
+    config = PriorBenchConfig(seeds=2, holdout=1, goal="speed")
+    alike = replay_prior([_record(f"p{i}", 0.3) for i in range(4)], KEY, config, str(tmp_path / "a"))
+    s = alike["summary"]
+    assert s["false_pass"] == 0 and s["accuracy"] == 1.0 and s["warm_images"] < s["cold_images"]
+    assert all(row["warm"]["chosen"] == row["cold"]["chosen"] for row in alike["rows"])
+    # one prompt tolerates less than the others: the prior from the others predicts passes it fails
+    odd = replay_prior([*(_record(f"p{i}", 0.3) for i in range(3)), _record("hard", 0.12)], KEY, config, str(tmp_path / "b"))
+    hard = next(row for row in odd["rows"] if row["prompt"] == "hard")
+    assert odd["summary"]["false_pass"] == sum(r["predicted"] is True and not r["judged_pass"] for r in hard["rungs"]) > 0
+    assert hard["warm"]["chosen"] == hard["cold"]["chosen"]  # the confirmation still finds its own rung
+    assert "false passes" in format_prior_report(odd)
