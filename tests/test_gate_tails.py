@@ -116,7 +116,7 @@ def test_fidelity_reports_tails_beside_the_means() -> None:
 
 def test_tail_limit_is_gated_where_written_and_only_where_measured() -> None:
     limits = {**GATE, "lpips_p90_max": 0.07}
-    measured = {"ssim_mean": 0.95, "lpips_mean": 0.02, "lpips_p90": 0.09}
+    measured = {"adherence_delta": 0.0, "ssim_mean": 0.95, "lpips_mean": 0.02, "lpips_p90": 0.09}
     assert gate_failures(measured, limits) == ["lpips_p90 0.09 > 0.07"]
     assert gate_failures({**measured, "lpips_p90": None}, limits) == ["lpips_p90 missing"]
     # the ComfyUI latent judge measures neither SSIM nor LPIPS: the tail limit goes with the mean's
