@@ -2,6 +2,7 @@
 
     nice -n 10 python tools/profile_seed_stability.py                 # default prompt, 2/4/8 seeds
     nice -n 10 python tools/profile_seed_stability.py --counts 1,2,4,8 --sets 3 --json out.json
+    nice -n 10 python tools/profile_seed_stability.py --counts 8 --sets 1 --reference 8   # two independent 8-seed profiles
 
 Each seed count is profiled on ``--sets`` disjoint seed sets, one batched run each (as ``bench batch``
 profiles), and compared with a reference profile of ``--reference`` other seeds:
