@@ -71,7 +71,7 @@ class ReferenceTarget:
 
     def judge(self, full: np.ndarray, images: np.ndarray) -> tuple[bool, dict[str, Any]]:
         base = measure.adherence(full, self.prompt)
-        result = measure.compare(full, images, self.prompt, self.lpips, base)
+        result = measure.compare(full, images, self.prompt, self.lpips, base, self.limits.get("ssim_min"))
         # the gate fails a missing value: no LPIPS scorer, or a prompt the analyzer cannot read, drops that limit
         # ... and the latent-space proxy is for judges without images (FragmentExtractor without a VAE): not this one
         unmeasured = [m for m, absent in (("lpips_mean", self.lpips is None), ("adherence_delta", base is None),

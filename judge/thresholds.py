@@ -39,6 +39,10 @@ def validate_thresholds(data: Any, source: str = "thresholds") -> dict[str, Any]
     Traceback (most recent call last):
     ...
     prompt_fragments.errors.FragmentError: t.yaml: hypotheses.H5.break_even_max_variants: expected a number, found 'ten'
+    >>> validate_thresholds({"quality_gate": {"lpips_max": 0.035, "lpips_p90_max": 0.01}}, "t.yaml")
+    Traceback (most recent call last):
+    ...
+    prompt_fragments.errors.FragmentError: t.yaml: quality_gate.lpips_p90_max: expected a number >= lpips_max (0.035), found 0.01
     """
     if not isinstance(data, dict):
         raise FragmentError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
@@ -58,6 +62,11 @@ def validate_thresholds(data: Any, source: str = "thresholds") -> dict[str, Any]
     if not isinstance(gate, dict):
         raise FragmentError(f"{source}: quality_gate: expected a mapping, found {type(gate).__name__}")
     out["quality_gate"] = {k: _number(v, f"{source}: quality_gate.{k}") for k, v in gate.items()}
+    tail = out["quality_gate"].get("lpips_p90_max")
+    # a 90th percentile is at least the typical image: a tail bound under the mean's bound would gate the mean twice
+    if tail is not None and not tail >= out["quality_gate"].get("lpips_max", 0.0):
+        raise FragmentError(f"{source}: quality_gate.lpips_p90_max: expected a number >= lpips_max "
+                            f"({out['quality_gate'].get('lpips_max', 0.0)!r}), found {tail!r}")
     reg = data.get("regression", {}) or {}
     if not isinstance(reg, dict):
         raise FragmentError(f"{source}: regression: expected a mapping, found {type(reg).__name__}")

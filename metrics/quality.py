@@ -17,6 +17,7 @@ import logging
 import statistics
 from typing import Any, Callable, Protocol, Sequence
 
+from ..judge.gate import image_tails
 from ..judge.image_similarity import as_batch, phash_distance, ssim
 from ..judge.limits import Limit, failures
 
@@ -48,8 +49,12 @@ def quality_block(
     lpips: PairScorer | None = None,
     adherence: AdherenceScorer | None = None,
     image_kind: str = "decoded images",
+    ssim_limit: float | None = None,
 ) -> dict[str, Any]:
     """Compare paired full/fragment images; metrics without a scorer are listed in ``missing``.
+
+    The per-image tails (``ssim_p10``, ``lpips_p90``, ``lpips_max``, and ``ssim_below_limit``: images under
+    ``ssim_limit``) stand beside the means (``judge.gate.image_tails``).
 
     ``clip_drop_rel`` is the relative CLIP drop ``(full - fragment) / full``
     (H1's "≤2 % CLIP drop"); ``clip_delta`` the absolute difference.
@@ -66,11 +71,12 @@ def quality_block(
     block["ssim_mean"], block["ssim_min"] = _mean(s), min(s)
     p = phash_distance(full, frag)
     block["phash_distance_mean"], block["phash_distance_max"] = _mean(p), max(p)
-    if lpips is not None:
-        d = list(lpips(full, frag))
-        block["lpips_mean"], block["lpips_max"] = _mean(d), max(d)
+    d = list(lpips(full, frag)) if lpips is not None else None
+    if d is not None:
+        block["lpips_mean"] = _mean(d)
     else:
         block["missing"].append("lpips")
+    block.update({k: v for k, v in image_tails(s, d, ssim_limit).items() if v is not None})
     if clip is not None:
         cf, cg = list(clip(full, captions)), list(clip(frag, captions))
         block["clip_mean_full"], block["clip_mean_fragment"] = _mean(cf), _mean(cg)

@@ -56,6 +56,7 @@ def tally(wanted: Sequence[Sequence[dict[str, Any]]], images: Sequence[np.ndarra
     total_asked = sum(asked.values())
     return {
         "images": len(per_image),
+        "attributes": total_asked,  # how many attributes were judged: the gate counts a drop in whole attributes
         "attribute_accuracy": sum(hits.values()) / total_asked if total_asked else None,
         "per_attribute": {a: (hits[a] / asked[a] if asked[a] else None) for a in ATTRIBUTES},
         "exact_rate": exact_count / len(per_image) if per_image else None,

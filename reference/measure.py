@@ -19,6 +19,7 @@ import torch.nn as nn
 from ..fragment.schedule.state import ScheduleState
 from ..fragment.surgery.masking import mask_heads
 from ..fragment.surgery.selection import select_heads
+from ..judge.gate import TAIL_KEYS, image_tails
 from ..judge.image_similarity import ssim
 from ..metrics.reuse import ReuseReport, measure_reuse
 from .captions import caption, parse_caption
@@ -53,37 +54,43 @@ def adherence(images: np.ndarray, prompt: str) -> dict[str, Any] | None:
     return result
 
 
-def fidelity(full: np.ndarray, fragment: np.ndarray, lpips: Callable[[Any, Any], Sequence[float]] | None) -> dict[str, Any]:
-    """Same-seed fidelity of fragment images to full-model images: SSIM (and LPIPS when given).
+def fidelity(full: np.ndarray, fragment: np.ndarray, lpips: Callable[[Any, Any], Sequence[float]] | None,
+             ssim_limit: float | None = None) -> dict[str, Any]:
+    """Same-seed fidelity of fragment images to full-model images: SSIM (and LPIPS when given), means and
+    per-image tails (``judge.gate.image_tails``; ``ssim_below_limit`` counts images under ``ssim_limit``).
 
     >>> img = np.zeros((2, 32, 32, 3), np.uint8)
-    >>> fidelity(img, img, None)
-    {'ssim_mean': 1.0, 'ssim_min': 1.0, 'lpips_mean': None, 'lpips_max': None}
+    >>> fidelity(img, img, None, 0.9)
+    {'ssim_mean': 1.0, 'ssim_min': 1.0, 'lpips_mean': None, 'ssim_p10': 1.0, 'lpips_p90': None, 'lpips_max': None, 'ssim_below_limit': 0}
     """
     a, b = as_float(full), as_float(fragment)
     s = ssim(a, b)
-    out: dict[str, Any] = {"ssim_mean": float(np.mean(s)), "ssim_min": float(np.min(s)), "lpips_mean": None, "lpips_max": None}
-    if lpips is not None:
-        d = list(lpips(a, b))
-        out["lpips_mean"], out["lpips_max"] = float(np.mean(d)), float(np.max(d))
-    return out
+    d = list(lpips(a, b)) if lpips is not None else None
+    return {"ssim_mean": float(np.mean(s)), "ssim_min": float(np.min(s)), "lpips_mean": float(np.mean(d)) if d else None,
+            **image_tails(s, d, ssim_limit)}
 
 
 def compare(full_images: np.ndarray, images: np.ndarray, prompt: str, lpips: Callable | None,
-            base: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Images of a changed model against the full model's (same seeds): adherence, its drop, SSIM, LPIPS.
+            base: Mapping[str, Any] | None, ssim_limit: float | None = None) -> dict[str, Any]:
+    """Images of a changed model against the full model's (same seeds): adherence, its drop, SSIM, LPIPS, and
+    the per-image tails beside the means (``fidelity``); ``ssim_limit`` is the gate's ``ssim_min``.
 
     ``base`` is ``adherence(full_images, prompt)``, passed in so a sweep computes it once.
+    ``adherence_attributes`` is how many attributes the drop was judged on: the gate counts it in whole
+    attributes (``judge.gate.adherence_allowance``).
 
     >>> img = np.zeros((1, 32, 32, 3), np.uint8)
     >>> compare(img, img, "a dog", None, None)
-    {'adherence': None, 'adherence_delta': None, 'ssim_mean': 1.0, 'lpips_mean': None}
+    {'adherence': None, 'adherence_delta': None, 'adherence_attributes': None, 'ssim_mean': 1.0, 'lpips_mean': None, 'ssim_p10': 1.0, 'lpips_p90': None, 'lpips_max': None, 'ssim_below_limit': None}
     """
     adh = adherence(images, prompt)
-    fid = fidelity(full_images, images, lpips)
+    fid = fidelity(full_images, images, lpips, ssim_limit)
+    judged = base and adh
     return {"adherence": adh and adh["attribute_accuracy"],
-            "adherence_delta": (base["attribute_accuracy"] - adh["attribute_accuracy"]) if base and adh else None,
-            "ssim_mean": fid["ssim_mean"], "lpips_mean": fid["lpips_mean"]}
+            "adherence_delta": (base["attribute_accuracy"] - adh["attribute_accuracy"]) if judged else None,
+            "adherence_attributes": adh["attributes"] if judged else None,
+            "ssim_mean": fid["ssim_mean"], "lpips_mean": fid["lpips_mean"],
+            **{k: fid[k] for k in TAIL_KEYS}}
 
 
 def masked_point(
