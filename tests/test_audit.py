@@ -150,3 +150,54 @@ def test_audit_interval_follows_the_cost_model():
     assert len(range(0, 32, audit_interval(2.0, 32, 0.0))) == 3
     # ... and a batch too small for 3, or a fragment not faster than the full model, is not audited.
     assert audit_interval(2.0, 2, 5.0) == 0 and audit_interval(0.9, 32, 5.0) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_host():
+    """A small diffusers UNet, a toy ``run`` (one denoiser call per seed), a broken fragment and a no-op fallback."""
+    pytest.importorskip("diffusers")
+    import comfyui_support as cs
+    from prompt_fragments.fragment.build import build_fragment, describe_base
+    from prompt_fragments.fragment.surgery.heads import HeadLever
+    from prompt_fragments.fragment.surgery.selection import select_heads
+    from prompt_fragments.profiling.profiler import HeadProfiler
+    from prompt_fragments.profiling.scoring import score_heads
+
+    unet, make_inputs = cs.make_small_diffusers_unet("sd15", seed=0)
+    with HeadProfiler(unet, buckets=2) as prof, torch.no_grad():
+        prof.begin_sample(1)
+        unet(**make_inputs(seed=1))
+    scores = score_heads(prof.result())
+    broken, keeps_all = (build_fragment(unet, [HeadLever(select_heads(scores, ratio=r))], base=describe_base(unet, "tiny"),
+                                        name=name) for r, name in ((0.75, "broken"), (0.0, "keeps_all")))
+
+    def run(u, seeds, *, state=None, cfg_cutoff=None):
+        return torch.stack([cs.unet_output(u(**make_inputs(batch=1, seed=s)))[0] for s in seeds])
+
+    return unet, run, broken, keeps_all
+
+
+def test_host_batch_switches_from_a_broken_fragment_to_its_fallback(tiny_host):
+    from prompt_fragments.judge.audited_run import render_audited
+
+    unet, run, broken, keeps_all = tiny_host
+
+    def judge(full, images):
+        error = latent_rel_error(full, images)
+        return error <= LIMIT, {"latent_rel_error": error}
+
+    counted: dict[str, int] = {}
+    seeds = list(range(40, 48))
+    batch = render_audited(unet, run, judge, [broken, keeps_all], seeds, every=2,
+                           on_render=lambda what, n: counted.__setitem__(what, counted.get(what, 0) + n))
+    with torch.no_grad():
+        full = run(unet, seeds)
+    assert batch.switches == [(4, "broken", "keeps_all")]  # audits 0, 2, 4 fail: the third switches
+    assert all(not r.passed for r in batch.records[:3]) and all(r.passed for r in batch.records[3:])
+    for i in (0, 2, 4, 6):  # the audited seeds are the full model's images
+        torch.testing.assert_close(batch.images[i], full[i])
+    for i in (5, 7):  # the fallback keeps every head: the full model's output, rendered as the fragment
+        torch.testing.assert_close(batch.images[i], full[i])
+        assert batch.setting[i] == "keeps_all"
+    assert latent_rel_error(full[1:2], batch.images[1][None]) > LIMIT  # the broken fragment's own image, delivered
+    assert counted == {"fragment": 8, "full": 4}
