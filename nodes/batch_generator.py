@@ -6,13 +6,25 @@ With a MODEL from FragmentLoader that carries a schedule, the batch runs it
 Each variant gets the noise ``comfy.sample.prepare_noise`` makes for its own
 seed with batch size 1, so variant ``i`` matches a plain KSampler run with
 seed ``seeds[i]``, whatever the sub-batch it lands in.
+
+The running audit (issue #26, ``audit_every``): the 1st and every k-th
+variant are also rendered with the full model (the fragment's MODEL with the
+fragment's object patches and schedule taken off a clone); the batch holds
+the full model's image for those seeds, and the fragment's is judged against
+it in latent space (``latent_rel_error`` against the gate's latent limit).
+When the audit's sequential rule (``fragment.audit.AuditRule``) fires, the
+rest of the batch runs on the full model and the report is a WARNING.
+
+``rendered`` (FragmentExtractor's ``full_model_latents``) holds full-model
+renders the calibration already made: those seeds are not rendered again,
+their rows take their places in the batch.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import comfy.model_management
 import comfy.sample
@@ -20,11 +32,17 @@ import comfy.samplers
 import comfy.utils
 import torch
 
+from ..errors import FragmentError
+from ..fragment.audit import FULL, AuditedBatch, AuditRule, run_audited
 from ..fragment.batching import chunk, plan_sub_batches, variant_seeds
 from ..fragment.schedule.state import ScheduleState
+from ..judge.comfy import judge_limits
+from ..judge.latent_distance import latent_rel_error
+from .comfy_versions import has_keyed_wrappers, remove_call_wrappers, unload_clones
 from .folders import CATEGORY, tip
-from .node_text import with_text
-from .schedule_patch import find_schedule_state
+from .fragment_loader import FRAGMENT_PATCHES
+from .node_text import WARNING, with_text
+from .schedule_patch import SCHEDULE_KEY, SCHEDULE_MARK, find_schedule_state
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +115,8 @@ class BatchGenerator:
             "optional": {
                 "seed_list": ("STRING", tip("Explicit seeds, e.g. '1, 5, 10-13'; overrides seed and count.", default="", multiline=False)),
                 "schedule": (["as stored", "off", "heads only"], tip("A fragment's run-time schedule for this batch: as stored (step reuse, head sets, CFG truncation), off (the plain fragment), or heads only (no step reuse or CFG truncation).")),
+                "audit_every": ("INT", tip("Running audit of a fragment MODEL: the 1st and every k-th variant are also rendered with the full model; you get the full model's image for those seeds, and the fragment's is judged against it (latent error vs thresholds.yaml's limit). If the audit fails (failures outnumber passes by 3), the rest of the batch runs on the full model and the report warns. Each audit costs one fragment render. 0 = off.", default=0, min=0, max=4096)),
+                "rendered": ("LATENT", tip("Full-model renders made already (FragmentExtractor's full_model_latents): the seeds it names are not rendered again, and its rows take their places in the batch.")),
             },
         }
 
@@ -116,42 +136,129 @@ class BatchGenerator:
 
     def generate_and_report(self, model: Any, positive: Any, negative: Any, latent_image: dict, seed: int, count: int,
                             batch_size: int, steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
-                            seed_list: str = "", schedule: str = "as stored") -> tuple[tuple, str]:
+                            seed_list: str = "", schedule: str = "as stored", audit_every: int = 0,
+                            rendered: dict | None = None) -> tuple[tuple, str]:
         seeds = variant_seeds(seed, count, seed_list)
         state = find_schedule_state(model)
         with schedule_settings(state, steps, schedule):
             result, report = self._generate(model, positive, negative, latent_image, seeds, batch_size, steps, cfg,
-                                            sampler_name, scheduler, denoise, state)
+                                            sampler_name, scheduler, denoise, state, audit_every, rendered)
         if state is not None:
             report += f"; fragment schedule {schedule}"
         return result, report
 
     def _generate(self, model: Any, positive: Any, negative: Any, latent_image: dict, seeds: list[int], batch_size: int,
                   steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
-                  state: ScheduleState | None = None) -> tuple[tuple, str]:
+                  state: ScheduleState | None = None, audit_every: int = 0,
+                  rendered: dict | None = None) -> tuple[tuple, str]:
         base = latent_image["samples"][:1]
-        free = comfy.model_management.get_free_memory(model.load_device)
-        sizes = plan_sub_batches(len(seeds), batch_size, _per_image_bytes(model, base), free)
-        progress = StepProgress(len(seeds), steps)
-        outputs = []
+        given = given_rows(rendered, seeds, tuple(base.shape[1:]))
+        full = full_model_of(model) if audit_every > 0 else None
+        audited = audit_every if full is not None else 0
+        todo = sum(1 for s in seeds if s not in given)
+        progress = StepProgress(todo + (-(-todo // audited) if audited else 0), steps)
+        sizes: list[int] = []
+
+        def render(patcher: Any, group_seeds: Sequence[int], fragment_state: ScheduleState | None) -> torch.Tensor:
+            free = comfy.model_management.get_free_memory(patcher.load_device)
+            plan = plan_sub_batches(len(group_seeds), batch_size, _per_image_bytes(patcher, base), free)
+            sizes.extend(plan)
+            outputs = []
+            for group in chunk(list(group_seeds), plan):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                noise = torch.cat([comfy.sample.prepare_noise(base, s) for s in group])
+                latent = base.repeat(len(group), 1, 1, 1)
+                if fragment_state is not None:  # each sub-batch is its own run: never replay another run's features
+                    fragment_state.reset()
+                samples = comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative,
+                                              latent, denoise=denoise, disable_pbar=True, seed=group[0],
+                                              callback=progress.callback(len(group)))
+                if fragment_state is not None:  # and the cached deep features are freed once the run is done
+                    fragment_state.reset()
+                outputs.append(samples.cpu())
+                progress.finished(len(group))
+            if audited:
+                # The other model may be loaded with its object patches on the shared modules: put them back.
+                unload_clones(model)
+            return torch.cat(outputs)
+
+        limit = judge_limits(vae=False, lpips=False)["latent_rel_error_max"] if audited else 0.0
+
+        def compare(reference: torch.Tensor, sample: torch.Tensor) -> tuple[bool, dict[str, Any]]:
+            error = latent_rel_error(reference[None], sample[None])
+            return error <= limit, {"latent_rel_error": error, "limit": limit}
+
         started = time.perf_counter()
-        for group in chunk(seeds, sizes):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            noise = torch.cat([comfy.sample.prepare_noise(base, s) for s in group])
-            latent = base.repeat(len(group), 1, 1, 1)
-            if state is not None:  # each sub-batch is its own run: never replay another run's features
-                state.reset()
-            samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                          denoise=denoise, disable_pbar=True, seed=group[0],
-                                          callback=progress.callback(len(group)))
-            if state is not None:  # and the cached deep features are freed once the run is done
-                state.reset()
-            outputs.append(samples.cpu())
-            progress.finished(len(group))
+        batch = run_audited(seeds, lambda _setting, group: render(model, group, state),
+                            lambda group: render(full, group, None), compare, AuditRule(), [], setting="fragment",
+                            every=audited, given=given)
         elapsed = time.perf_counter() - started
         report = (f"{len(seeds)} images in {elapsed:.1f} s ({len(seeds) / elapsed if elapsed > 0 else float('inf'):.2f} "
                   f"images/s), sub-batches {sizes}")
+        report += audit_clause(batch, audit_every, full is not None)
+        if batch.switches:  # the user asked for the fragment and got the full model for part of the batch: say so
+            report = WARNING + report
         log.info("BatchGenerator: %s", report)
         out = {k: v for k, v in latent_image.items() if k not in ("samples", "batch_index", "noise_mask")}
-        out["samples"] = torch.cat(outputs)
+        out["samples"] = torch.stack([image.to(base.dtype) for image in batch.images])
         return (out,), report
+
+
+def audit_clause(batch: AuditedBatch, audit_every: int, has_fragment: bool) -> str:
+    """What the report adds for the audit and the delivered rows; a switch makes the whole report a WARNING.
+
+    >>> audit_clause(AuditedBatch([1, 2], [0, 0], [FULL, "fragment"], every=2), 2, True)
+    '; full-model images delivered: 1; no audit of 2 images'
+    """
+    clause = ""
+    if batch.given:
+        clause += f"; {batch.given} rows from rendered (not rendered again)"
+    if batch.delivered:
+        clause += f"; full-model images delivered: {batch.delivered}"
+    if audit_every > 0 and not has_fragment:
+        return clause + "; audit off: the MODEL carries no fragment (it is the full model)"
+    if audit_every > 0:
+        clause += f"; {batch.summary()}"
+    return clause
+
+
+def given_rows(rendered: dict | None, seeds: Sequence[int], shape: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """The rows of ``rendered`` (``{"samples", "fragment_seeds"}``) for seeds of this batch, keyed by seed.
+
+    >>> rows = given_rows({"samples": torch.zeros(2, 4, 8, 8), "fragment_seeds": [7, 9]}, [5, 7], (4, 8, 8))
+    >>> sorted(rows)
+    [7]
+    """
+    if rendered is None:
+        return {}
+    samples, named = rendered.get("samples"), rendered.get("fragment_seeds")
+    if not isinstance(samples, torch.Tensor) or not isinstance(named, (list, tuple)) or len(named) != samples.shape[0]:
+        raise FragmentError(
+            "BatchGenerator rendered: expected FragmentExtractor's full_model_latents (a LATENT with one "
+            f"'fragment_seeds' entry per row), found {len(named) if isinstance(named, (list, tuple)) else 'no'} seeds for "
+            f"{samples.shape[0] if isinstance(samples, torch.Tensor) else 'no'} rows; connect the extractor's "
+            "full_model_latents output, or leave rendered unconnected")
+    if tuple(samples.shape[1:]) != shape:
+        raise FragmentError(f"BatchGenerator rendered: rows of shape {tuple(samples.shape[1:])} for a batch of latent "
+                            f"shape {shape}; render the batch at the extractor's size, or leave rendered unconnected")
+    wanted = set(seeds)
+    return {int(s): samples[i].cpu() for i, s in enumerate(named) if int(s) in wanted}
+
+
+def full_model_of(model: Any) -> Any | None:
+    """A clone of a fragment MODEL with the fragment taken off (its object patches, schedule wrappers); None for a MODEL
+    FragmentLoader did not patch.  The shared model and ``model`` are left as they are."""
+    marker = model.model_options.get(FRAGMENT_PATCHES)
+    if not marker:
+        return None
+    full = model.clone()
+    for key in marker["keys"]:
+        full.object_patches.pop(key, None)
+    del full.model_options[FRAGMENT_PATCHES]
+    remove_call_wrappers(full, SCHEDULE_KEY, SCHEDULE_MARK)
+    if has_keyed_wrappers(full):
+        from comfy.patcher_extension import WrappersMP
+
+        full.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, SCHEDULE_KEY)
+    full.size = marker["size"]
+    return full

@@ -38,6 +38,9 @@ from .schedule_patch import describe_schedule, install_schedule
 log = logging.getLogger(__name__)
 PREFIX = "diffusion_model."
 AUTO = "(auto)"
+#: model_options key naming the object patches a fragment put on a clone, and the base's size: BatchGenerator's
+#: audit takes exactly those off a clone to render the full model (model_options survive every clone).
+FRAGMENT_PATCHES = "prompt_fragments_fragment_patches"
 
 
 class FragmentLoader:
@@ -166,6 +169,8 @@ def fragment_model(model: Any, frag: Fragment, *, originals: dict[str, Any] | No
         install_schedule(patched, state, sampling, plan_schedule.cfg_cutoff)
     for path, module in replacements.items():
         patched.add_object_patch(PREFIX + path, module)
+    patched.model_options[FRAGMENT_PATCHES] = {"keys": sorted(PREFIX + p for p in replacements),
+                                               "size": model.model_size()}
     patched.size = max(1, model.model_size() - plan.bytes_saved)
     return patched, plan, plan_schedule
 

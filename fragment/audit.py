@@ -1,0 +1,267 @@
+"""The running audit (issue #26, item 4): the held-out confirmation, moved into the user's batch.
+
+Every ``k``-th variant of a batch is also rendered with the full model.  The
+user gets that full-model image for the seed (it is output, not overhead),
+and the fragment's image of the same seed is judged against it.  The only
+waste is the fragment's own render of the audited seeds, about
+``1 / raw_ratio`` u each (u = one stock image).
+
+The per-image verdicts feed a sequential rule (``AuditRule``).  When it
+fires, the rest of the batch switches to the next weaker confirmed setting
+(``fallbacks``, strongest first) and the audit starts over on that setting;
+past the last fallback the rest of the batch runs on the full model.
+
+The rule is a one-sided Wald sequential probability ratio test on the
+per-image failure rate: H0 "the setting fails at most ``p0`` of its images"
+(a setting that passes the gate on means still has images past the mean's
+limit: 16 of 64 on the default prompt, issue #26) against H1 "it fails
+``p1`` of them".  After ``f`` failures in ``n`` audits the log-likelihood ratio is
+``f ln(p1/p0) + (n - f) ln((1-p1)/(1-p0))``; the rule switches when it reaches
+``ln(1/alpha)``.  There is no acceptance boundary: the audit never stops
+watching, and under H0 the likelihood ratio is a martingale, so by Ville's
+inequality the chance that it *ever* reaches ``1/alpha``, however long the
+batch, is at most ``alpha``: a good setting is switched away from in at most
+5 % of batches, and a clearly bad one is caught after a few audits.
+
+Pure core: no ComfyUI.  ``nodes/batch_generator.py`` and
+``judge/audited_run.py`` (hosts with ``run(unet, seeds, ...)``) wire it up.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from ..errors import FragmentError
+
+log = logging.getLogger(__name__)
+
+#: The setting of an image the full model rendered (an audited seed, a seed rendered before, or after the last fallback).
+FULL = "full model"
+
+RenderFragment = Callable[[Any, Sequence[int]], Any]  # (setting, seeds) -> images, one per seed (indexable)
+RenderFull = Callable[[Sequence[int]], Any]  # seeds -> the full model's images
+Compare = Callable[[Any, Any], "tuple[bool, dict[str, Any]]"]  # (full, fragment) of one seed -> (passed, metrics)
+
+
+@dataclass(frozen=True)
+class AuditRule:
+    """One-sided SPRT on the per-image failure rate; see the module docstring for why.
+
+    The defaults (``p0 = 0.25``, ``p1 = 0.75``, ``alpha = 0.05``) make each failure
+    and each pass weigh ``ln 3`` either way, so the rule reads: switch when the
+    failures outnumber the passes by 3 (``3 ln 3 = 3.30 >= ln 20 = 3.00``).
+
+    >>> rule = AuditRule()
+    >>> rule.switch(3, 3), rule.switch(3, 4), rule.switch(4, 5), rule.min_audits
+    (True, False, True, 3)
+    """
+
+    p0: float = 0.25  # a good setting's share of images past the per-image limit
+    p1: float = 0.75  # a clearly bad setting's share
+    alpha: float = 0.05  # the most chance of switching away from a good setting, over a whole batch
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.p0 < self.p1 < 1.0) or not (0.0 < self.alpha < 1.0):
+            raise FragmentError(f"AuditRule: expected 0 < p0 < p1 < 1 and 0 < alpha < 1, found p0={self.p0}, "
+                                f"p1={self.p1}, alpha={self.alpha}")
+
+    def llr(self, failures: int, audits: int) -> float:
+        """Log-likelihood ratio of H1 (rate ``p1``) to H0 (rate ``p0``) after ``failures`` in ``audits``.
+
+        >>> round(AuditRule().llr(2, 2), 4)  # 2 ln 3
+        2.1972
+        """
+        passes = audits - failures
+        return failures * math.log(self.p1 / self.p0) + passes * math.log((1 - self.p1) / (1 - self.p0))
+
+    @property
+    def bound(self) -> float:
+        """The switching boundary ``ln(1/alpha)``."""
+        return math.log(1.0 / self.alpha)
+
+    def switch(self, failures: int, audits: int) -> bool:
+        """True when the setting is shown bad: the log-likelihood ratio reached ``ln(1/alpha)``."""
+        return self.llr(failures, audits) >= self.bound - 1e-12
+
+    @property
+    def min_audits(self) -> int:
+        """The fewest audits (all failing) that can make the rule switch: fewer audits are no audit at all."""
+        return max(1, math.ceil(self.bound / math.log(self.p1 / self.p0) - 1e-12))
+
+    def record(self) -> dict[str, Any]:
+        return {"test": "one-sided SPRT on the per-image failure rate", "p0": self.p0, "p1": self.p1,
+                "alpha": self.alpha}
+
+
+def audit_interval(raw_ratio: float, n: int, allowance_u: float, *, min_audits: int | None = None) -> int:
+    """Audit every k-th image: the k whose audits fit ``allowance_u`` (in u), or 0 for no audit.
+
+    An audit delivers the full model's image (output, not overhead) and wastes the
+    fragment's render of that seed, about ``1 / raw_ratio`` u; so the allowance pays
+    for ``floor(allowance_u * raw_ratio)`` audits.  Fewer than ``min_audits``
+    (``AuditRule().min_audits``, 3) could never make the rule switch, so that many are
+    audited whatever the allowance (their cost, ``min_audits / raw_ratio`` u, is the
+    held-out confirmation's, moved into the batch); a batch too small for that many
+    gets no audit (0).  At most every second image is audited: more would be the full
+    model with extra work.
+
+    Worked example: 32 images at 2x raw with 1.5 u to spare pays for 3 audits
+    (3 x 0.5 u), so every 15th image is audited (images 0, 15, 30; the first image
+    is always one); with 4 u, 8 audits fit: every 4th (0, 4, ..., 28); with nothing
+    to spare, the floor of 3 audits still holds.
+
+    >>> audit_interval(2.0, 32, 1.5), audit_interval(2.0, 32, 4.0), audit_interval(2.0, 32, 0.0)
+    (15, 4, 15)
+    >>> audit_interval(2.0, 2, 1.0), audit_interval(2.0, 32, 100.0), audit_interval(1.0, 32, 1.0)
+    (0, 2, 0)
+    """
+    floor = AuditRule().min_audits if min_audits is None else min_audits
+    if n < max(floor, 2) or raw_ratio <= 1.0:
+        return 0  # no batch to audit, or a fragment that saves nothing: the full model is the better batch
+    affordable = math.floor(max(0.0, allowance_u) * raw_ratio + 1e-9)
+    audits = min(max(affordable, floor), n // 2)
+    # Audited indices are 0, k, 2k, ...: ceil(n / k) of them; the largest k that still gives ``audits``.
+    return max(2, (n - 1) // max(1, audits - 1)) if audits > 1 else n
+
+
+@dataclass
+class AuditRecord:
+    """One audited seed: its place in the batch, the setting judged, and the comparison's verdict and metrics."""
+
+    seed: int
+    index: int
+    setting: str
+    passed: bool
+    metrics: dict[str, Any]
+
+    def record(self) -> dict[str, Any]:
+        return {"seed": self.seed, "index": self.index, "setting": self.setting, "passed": self.passed,
+                "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float, str, bool, list))}}
+
+
+@dataclass
+class AuditedBatch:
+    """What ``run_audited`` made: ``images`` (one per seed, in order), the audit's ``records``, and where it switched.
+
+    ``setting[i]`` names what rendered image ``i`` (``FULL`` for audited and given seeds);
+    ``switched_at`` is the index of the audited image whose failure made the first switch
+    (None when none did); ``switches`` lists every switch as ``(index, from, to)``.
+    """
+
+    seeds: list[int]
+    images: list[Any]
+    setting: list[str]
+    records: list[AuditRecord] = field(default_factory=list)
+    switches: list[tuple[int, str, str]] = field(default_factory=list)
+    given: int = 0  # full-model images handed in (rendered before), delivered as they are
+    every: int = 0
+
+    @property
+    def switched_at(self) -> int | None:
+        return self.switches[0][0] if self.switches else None
+
+    @property
+    def delivered(self) -> int:
+        """Full-model images in the batch: audited seeds, given seeds and seeds after a switch to the full model."""
+        return sum(1 for s in self.setting if s == FULL)
+
+    def summary(self) -> str:
+        """One line for a status, e.g. ``audited 4 of 32: 4 passed``.
+
+        >>> b = AuditedBatch([1, 2], [0, 0], [FULL, "a"], [AuditRecord(1, 0, "a", True, {})])
+        >>> b.summary()
+        'audited 1 of 2: 1 passed'
+        """
+        if not self.records:
+            return f"no audit of {len(self.seeds)} images"
+        passed = sum(r.passed for r in self.records)
+        line = f"audited {len(self.records)} of {len(self.seeds)}: {passed} passed"
+        if passed < len(self.records):
+            line += f", {len(self.records) - passed} failed"
+        for index, old, new in self.switches:
+            rest = "the full model" if new == FULL else new
+            line += f"; audit failed at image {index + 1} ({old}): rest on {rest}"
+        return line
+
+    def record(self) -> dict[str, Any]:
+        """Plain JSON for a manifest or a status: the rule's outcome, switches and every audited seed."""
+        return {"every": self.every, "images": len(self.seeds), "audited": len(self.records),
+                "passed": sum(r.passed for r in self.records), "given": self.given, "delivered_full": self.delivered,
+                "switched_at": self.switched_at,
+                "switches": [{"index": i, "from": a, "to": b} for i, a, b in self.switches],
+                "records": [r.record() for r in self.records], "summary": self.summary()}
+
+
+def _segments(todo: list[int], every: int) -> list[tuple[list[int], int | None]]:
+    """Positions to render, cut so each piece ends at its audited position (the 1st, then every ``every``-th)."""
+    if every <= 0:
+        return [(todo, None)] if todo else []
+    pieces, start = [], 0
+    for j in range(0, len(todo), every):
+        pieces.append((todo[start:j + 1], todo[j]))
+        start = j + 1
+    if start < len(todo):
+        pieces.append((todo[start:], None))
+    return pieces
+
+
+def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_full: RenderFull, compare: Compare,
+                rule: AuditRule | None = None, fallbacks: Sequence[Any] = (), *, setting: Any, every: int,
+                given: Mapping[int, Any] | None = None, label: Callable[[Any], str] = str) -> AuditedBatch:
+    """Render ``seeds`` with ``setting``, auditing the 1st and every ``every``-th rendered image; see the module docstring.
+
+    ``render_fragment(setting, seeds)`` and ``render_full(seeds)`` return one image per seed
+    (a batch tensor or array, or a list); ``compare(full, fragment)`` judges one seed's pair.
+    ``given`` maps seeds the full model already rendered to their images: they are
+    delivered as they are, never rendered again.  ``every = 0`` turns the audit off.
+
+    >>> frag = lambda s, seeds: [10 * x + (1 if s == "bad" else 0) for x in seeds]
+    >>> full = lambda seeds: [10 * x for x in seeds]
+    >>> same = lambda a, b: (a == b, {"error": abs(a - b)})
+    >>> b = run_audited(range(8), frag, full, same, AuditRule(), ["ok"], setting="bad", every=2)
+    >>> b.images, b.switched_at, b.setting[-1]
+    ([0, 11, 20, 31, 40, 50, 60, 70], 4, 'ok')
+    >>> b.summary()
+    'audited 4 of 8: 1 passed, 3 failed; audit failed at image 5 (bad): rest on ok'
+    """
+    rule = rule or AuditRule()
+    if every < 0:
+        raise FragmentError(f"audit: expected every >= 0 (0 turns the audit off), found {every}")
+    seeds, given = list(seeds), dict(given or {})
+    chain = [setting, *fallbacks]
+    images: list[Any] = [None] * len(seeds)
+    settings: list[str] = [FULL] * len(seeds)
+    for i, s in enumerate(seeds):
+        if s in given:
+            images[i] = given[s]
+    todo = [i for i, s in enumerate(seeds) if s not in given]
+    batch = AuditedBatch(seeds, images, settings, given=len(seeds) - len(todo), every=every)
+    step, failures, audits = 0, 0, 0  # the setting in use (chain index; len(chain) = the full model) and its tally
+    for positions, audited in _segments(todo, every):
+        if step >= len(chain):  # past the last fallback: the full model renders the rest
+            for i, image in zip(positions, render_full([seeds[i] for i in positions])):
+                images[i] = image
+            continue
+        current = chain[step]
+        rendered = render_fragment(current, [seeds[i] for i in positions])
+        for i, image in zip(positions, rendered):
+            images[i], settings[i] = image, label(current)
+        if audited is None:
+            continue
+        full_image = render_full([seeds[audited]])[0]
+        passed, metrics = compare(full_image, images[audited])
+        # The user keeps the full model's image of an audited seed; the fragment's is only judged.
+        images[audited], settings[audited] = full_image, FULL
+        batch.records.append(AuditRecord(seeds[audited], audited, label(current), bool(passed), dict(metrics)))
+        audits += 1
+        failures += not passed
+        if rule.switch(failures, audits):
+            step += 1
+            to = label(chain[step]) if step < len(chain) else FULL
+            batch.switches.append((audited, label(current), to))
+            log.warning("audit: %s failed %d of %d audits by image %d (seed %d): the rest of the batch runs on %s",
+                        label(current), failures, audits, audited + 1, seeds[audited], to)
+            failures = audits = 0  # a new setting starts its own tally
+    return batch
