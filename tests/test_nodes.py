@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 import comfyui_support as cs
 from prompt_fragments.fragment.format.store import load_fragment
 
-NODE_NAMES = ["ProfilerModelLoader", "FragmentExtractor", "FragmentLoader", "BatchGenerator", "UsageVisualizer"]
+NODE_NAMES = ["ProfilerModelLoader", "FragmentExtractor", "FragmentManualLevers", "FragmentLoader", "BatchGenerator",
+              "UsageVisualizer"]
 
 
 def _attention_heads(diffusion_model: torch.nn.Module) -> dict[str, int]:
