@@ -174,6 +174,8 @@ def test_an_override_that_agrees_is_accepted_and_one_that_disagrees_is_refused(e
     with pytest.raises(Exception, match=r"the sampler_name input is 'heun', but the profiled run was recorded with "
                                         r"sampler_name 'euler'"):
         _calibrate(env, "judged_wrong_sampler", sampler_name="heun")
+    with pytest.raises(Exception, match=r"the steps input is 5, but the profiled run was recorded with steps 4"):
+        _calibrate(env, "judged_wrong_steps", steps=5)
     assert env.profile.session.result().total_calls == calls
 
 
