@@ -354,13 +354,13 @@ class _Bench:
             negative = self.nodes.CLIPTextEncode().encode(clip, self.negative_prompt)[0]
             sampled = self.nodes.KSampler().sample(model, seed, self.steps, self.cfg, self.sampler_name, self.scheduler,
                                                    positive, negative, self.latent)[0]
+            (levers,) = mapping["FragmentManualLevers"]().levers(
+                ratio=heads, keep_unstable_heads=False, step_reuse=step_reuse if self.steps >= 3 else 0.0)
+            # The sampler settings come from the profiled run; budget_images replaces the batch-derived budget.
             out = mapping["FragmentExtractor"]().extract(
-                profile, sampled, name, "ratio", heads, 30.0, "global", 1, 0, False, True, positive=positive,
-                negative=negative, step_reuse=step_reuse if self.steps >= 3 else 0.0,
-                calibrate="on" if calibrate else "off", seed=seed, steps=self.steps, cfg=self.cfg,
-                sampler_name=self.sampler_name, scheduler=self.scheduler, goal=goal, budget_images=budget_images,
-                holdout_seeds=1)
-        handle, status = out["result"]
+                profile, sampled, name, calibrate="on" if calibrate else "off", goal=goal, overwrite=True,
+                positive=positive, negative=negative, levers=levers, budget_images=budget_images, holdout_seeds=1)
+        handle, status = out["result"][:2]
         self.fragment_files.append(Path(handle.manifest_path))
         return handle, status
 

@@ -70,7 +70,7 @@ def check_steps(settings: SamplerSettings, profiled_calls: int | None, where: st
     ...     check_steps(SamplerSettings(1, 20, 7.0, "euler", "normal"), 4)
     ... except FragmentError as exc:
     ...     print(exc)
-    FragmentExtractor: steps is 20, but the profiled sampler run made 4 model calls (euler: 4 steps); connect the profiled KSampler's steps (and sampler) to the extractor
+    FragmentExtractor: steps is 20, but the profiled sampler run made 4 model calls (euler: 4 steps); profile again with on_requeue reset (a profile's step statistics come from its first run, so its runs must share one step count), or set calibrate to off
     """
     if not profiled_calls:
         return
@@ -80,8 +80,9 @@ def check_steps(settings: SamplerSettings, profiled_calls: int | None, where: st
         per_step = 2 if settings.sampler_name in TWO_CALLS_PER_STEP else 1
         raise FragmentError(
             f"{where}: steps is {steps}, but the profiled sampler run made {profiled_calls} model calls "
-            f"({settings.sampler_name}: {-(-profiled_calls // per_step)} steps); connect the profiled KSampler's "
-            "steps (and sampler) to the extractor")
+            f"({settings.sampler_name}: {-(-profiled_calls // per_step)} steps); profile again with on_requeue reset "
+            "(a profile's step statistics come from its first run, so its runs must share one step count), or set "
+            "calibrate to off")
 
 
 def render(patcher: Any, settings: SamplerSettings, positive: Any, negative: Any, latent: Mapping[str, Any],

@@ -5,6 +5,7 @@ from .folders import register_fragments_folder
 from .batch_generator import BatchGenerator
 from .fragment_extractor import FragmentExtractor
 from .fragment_loader import FragmentLoader
+from .manual_levers import FragmentManualLevers
 from .profiler_loader import ProfilerModelLoader
 from .usage_visualizer import UsageVisualizer
 
@@ -13,6 +14,7 @@ register_fragments_folder()
 NODE_CLASS_MAPPINGS = {
     "ProfilerModelLoader": ProfilerModelLoader,
     "FragmentExtractor": FragmentExtractor,
+    "FragmentManualLevers": FragmentManualLevers,
     "FragmentLoader": FragmentLoader,
     "BatchGenerator": BatchGenerator,
     "UsageVisualizer": UsageVisualizer,
@@ -21,6 +23,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ProfilerModelLoader": "Profiler Model Loader",
     "FragmentExtractor": "Fragment Extractor",
+    "FragmentManualLevers": "Fragment Manual Levers",
     "FragmentLoader": "Fragment Loader",
     "BatchGenerator": "Batch Generator (many seeds)",
     "UsageVisualizer": "Head Usage Heatmap",

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class ProfileHandle:
     session: ProfileSession
     checkpoint: str
     patcher: Any  # the profiled ModelPatcher clone; its model's diffusion_model is what the session measures
+    runs: list[Any] = field(default_factory=list)  # profiler_loader.RecordedRun of each sampler run, oldest first
 
     @property
     def diffusion_model(self) -> Any:

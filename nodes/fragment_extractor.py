@@ -2,17 +2,24 @@
 
 Two modes (``calibrate``):
 
-* calibration (``auto`` when the profiled KSampler's settings and prompts are
-  connected, or ``on``): ``fragment.extract.calibrated_fragment`` picks the
-  strongest lever combination for ``goal`` that passes the quality gate of
-  thresholds.yaml, judged by ``judge.comfy.ComfyJudge`` on the profiled seed
-  (its reference is the ``trigger`` LATENT) and confirmed on held-out seeds
-  (``seed+1``...), within ``budget_images`` rendered images.  The user's lever
-  amounts (ratio, ff_ratio, precision_ratio, low_bit_ratio, step_reuse) are then not used:
-  the judge chooses them.  When nothing passes, the stored fragment is the full
-  model (no levers) marked ``fallback_full_model``, and the status says why.
-* fixed settings (``off``, or ``auto`` with the sampler settings missing): the
-  user's amounts, unjudged, as before calibration existed.
+* calibration (``auto`` when the profiled prompts are connected, or ``on``):
+  ``fragment.extract.calibrated_fragment`` picks the strongest lever combination
+  for ``goal`` that passes the quality gate of thresholds.yaml, judged by
+  ``judge.comfy.ComfyJudge`` on the profiled seed (its reference is the
+  ``trigger`` LATENT) and confirmed on held-out seeds (``seed+1``...).  The
+  sampler settings are the profiled run's, as ProfilerModelLoader recorded them
+  (``ProfileHandle.runs``); seed, steps, cfg, sampler_name and scheduler inputs
+  are optional overrides, refused when they disagree with the recorded run.
+  The budget follows the batch the user plans (``batch_images``): the judged
+  images that batch can repay at an assumed raw speed-up
+  (:func:`judged_image_budget`); a batch too small to confirm anything is refused
+  before anything renders.  Every full-model render (the profiled seed and the
+  held-out seeds) comes out as ``full_model_latents``, one row per seed, for the
+  batch to keep.  When nothing passes, the stored fragment is the full model (no
+  levers) marked ``fallback_full_model``, and the status says why.
+* fixed settings (``off``, or ``auto`` with the prompts missing): the amounts of
+  the optional ``levers`` input (FragmentManualLevers; its defaults when not
+  connected), unjudged.
 """
 from __future__ import annotations
 
@@ -35,83 +42,119 @@ from ..judge.comfy import ComfyJudge, SamplerSettings, check_steps
 from .comfy_versions import unload_clones
 from .folders import CATEGORY, FragmentHandle, ProfileHandle, fragments_dir, tip, unpatched_originals
 from .fragment_loader import JUDGE_MODELS
+from .manual_levers import LEVERS_TYPE, manual_settings
 from .node_text import with_text
 
 log = logging.getLogger(__name__)
 CALIBRATE = ["auto", "on", "off"]
 SEED_SPACE = 2**64  # KSampler's seed range: held-out seeds wrap around it
+#: The fragment's raw speed-up the budget assumes before anything is measured (about what the levers reach).
+ASSUMED_RAW_RATIO = 2.0
+SAMPLER_FIELDS = ("seed", "steps", "cfg", "sampler_name", "scheduler")
+
+
+def least_judged_images(holdout: int, per_seed: int = 1) -> int:
+    """The fewest images a calibration can confirm a choice with: one try on the profiled seed, the
+    held-out references, and the same candidate on the held-out seeds.
+
+    >>> least_judged_images(holdout=1)
+    3
+    """
+    return (1 + 2 * holdout) * per_seed
+
+
+def judged_image_budget(batch_images: int, holdout: int, per_seed: int = 1,
+                        raw_ratio: float = ASSUMED_RAW_RATIO) -> int:
+    """The images the calibration may render for a planned batch of ``batch_images``.
+
+    It is the overhead the batch can repay at ``raw_ratio`` (a fragment image costs ``1 / raw_ratio`` of a
+    full-model one): ``(n - delivered) * (1 - 1 / raw_ratio)`` full-model images, where the profiled and
+    held-out seeds' full-model images are delivered to the batch, not overhead.  The reference check (one
+    full-model render of the profiled seed) comes out of it; the held-out references are delivered, so they
+    are added on top.
+
+    >>> judged_image_budget(32, holdout=1)
+    15
+    >>> judged_image_budget(4, holdout=1)
+    1
+    """
+    delivered = 1 + holdout
+    repayable = max(0, batch_images - delivered) * max(0.0, 1.0 - 1.0 / raw_ratio) if raw_ratio > 1 else 0.0
+    judged = max(0, math.floor(repayable + 1e-9) - per_seed)
+    return judged + holdout * per_seed
+
+
+def least_batch_images(holdout: int, per_seed: int = 1, raw_ratio: float = ASSUMED_RAW_RATIO) -> int:
+    """The smallest planned batch whose budget can confirm a choice.
+
+    >>> least_batch_images(holdout=1)
+    8
+    """
+    n = 1
+    while judged_image_budget(n, holdout, per_seed, raw_ratio) < least_judged_images(holdout, per_seed):
+        n += 1
+    return n
 
 
 class FragmentExtractor:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
+        override = "Optional override (leave unconnected: the profiled run's recorded value is used); refused when it disagrees with the recorded run."
         return {
             "required": {
-                "profile": ("FRAGMENT_PROFILE", tip("From ProfilerModelLoader, after a sampler ran its MODEL.")),
-                "trigger": ("LATENT", tip("Connect the profiled sampler's LATENT so extraction runs after sampling.")),
+                "profile": ("FRAGMENT_PROFILE", tip("From ProfilerModelLoader, after a sampler ran its MODEL: it carries the run's recorded sampler settings.")),
+                "trigger": ("LATENT", tip("Connect the profiled sampler's LATENT so extraction runs after sampling (it is the full model's image of the profiled seed).")),
                 "name": ("STRING", tip("File name of the fragment (letters, digits, . _ -).", default="dog_on_jet_ski")),
-                "strategy": (["ratio", "percentile"], tip("ratio: remove that fraction of heads; percentile: remove heads scoring below that percentile.")),
-                "ratio": ("FLOAT", tip("Fraction of heads to remove (strategy=ratio).", default=0.3, min=0.0, max=0.95, step=0.05)),
-                "percentile": ("FLOAT", tip("Score percentile below which heads go (strategy=percentile).", default=30.0, min=0.0, max=95.0, step=1.0)),
-                "scope": (["global", "per_layer"], tip("global: one ranking across all modules; per_layer: the same share from each module.")),
-                "min_keep": ("INT", tip("Heads every attention module keeps at least.", default=1, min=1, max=64)),
-                "safety_margin_heads": ("INT", tip("Give back this many of the best-scored heads chosen for removal.", default=0, min=0, max=4096)),
-                "keep_unstable_heads": ("BOOLEAN", tip("Never remove heads whose rank changes a lot between sampler runs.", default=True)),
+                "calibrate": (CALIBRATE, tip("auto: judge candidates against the full model when the prompts are connected (the sampler settings come from the profile); on: require that; off: the levers input's fixed amounts, unjudged.")),
+                "goal": (list(GOALS), tip("What calibration maximises: memory (resident bytes: heads, FF, low-bit, precision), speed (time: heads, FF, step reuse, CFG cut-off) or both.", default="both")),
+                "batch_images": ("INT", tip("Images you plan to render with the fragment: the calibration spends only what that batch can repay (at an assumed 2x raw speed-up); too few to confirm anything is refused before rendering.", default=32, min=1, max=100000)),
                 "overwrite": ("BOOLEAN", tip("Replace an existing fragment of the same name.", default=False)),
             },
             "optional": {
-                "positive": ("CONDITIONING", tip("The profiled prompt: indexes the fragment for (auto) reuse, and is what K/V folding folds.")),
-                "negative": ("CONDITIONING", tip("The profiled negative prompt (needed for K/V folding).")),
-                "kv_fold": ("BOOLEAN", tip("Compute cross-attention keys/values once for this prompt and drop to_k/to_v.", default=False)),
-                "kv_fold_keep_weights": ("BOOLEAN", tip("Keep to_k/to_v so other prompts still work (saves no bytes).", default=False)),
-                "ff_ratio": ("FLOAT", tip("Share of feed-forward hidden channels to remove, ranked by profiled activations.", default=0.0, min=0.0, max=0.9, step=0.05)),
-                "precision": (["none", "fp8", "int8"], tip("Store the least important retained Linear weights in this precision.")),
-                "precision_ratio": ("FLOAT", tip("Share of retained Linear parameters stored in that precision.", default=1.0, min=0.0, max=1.0, step=0.05)),
-                "step_reuse": ("FLOAT", tip("Share of sampler steps on which the deep UNet blocks reuse their last output (0: off); the steps where the profile saw the deep features change least.", default=0.0, min=0.0, max=0.8, step=0.05)),
-                "calibrate": (CALIBRATE, tip("auto: judge candidates against the full model when seed, steps, cfg, sampler_name, scheduler and the prompts are connected (the lever amounts above are then chosen by the judge, not used); on: require them; off: the fixed settings above, unjudged.")),
+                "positive": ("CONDITIONING", tip("The profiled prompt: indexes the fragment for (auto) reuse, the judge renders with it, and K/V folding folds it.")),
+                "negative": ("CONDITIONING", tip("The profiled negative prompt.")),
                 "vae": ("VAE", tip("The checkpoint's VAE: the judge decodes and measures SSIM (+ LPIPS when its weights are installed). Without it the judge compares latents and says so.")),
-                "seed": ("INT", tip("The profiled KSampler's seed (set the same value, or convert both widgets to inputs and share one primitive): the trigger LATENT is the full model's output for it; checked before calibrating.", default=0, min=0, max=0xFFFFFFFFFFFFFFFF)),
-                "steps": ("INT", tip("The profiled KSampler's steps (must match the profiled run; checked).", default=20, min=1, max=10000)),
-                "cfg": ("FLOAT", tip("The profiled KSampler's cfg.", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01)),
-                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, tip("The profiled KSampler's sampler.")),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, tip("The profiled KSampler's scheduler.")),
-                "goal": (list(GOALS), tip("What calibration maximises: memory (resident bytes: heads, FF, low-bit, precision), speed (time: heads, FF, step reuse, CFG cut-off) or both.", default="both")),
-                "budget_images": ("INT", tip("Most images the calibration renders: every try's seeds times the latent batch, plus the held-out references.", default=16, min=2, max=1024)),
-                "holdout_seeds": ("INT", tip("Held-out seeds (seed+1, seed+2, ...) a choice must also pass; rendered with the full model for reference.", default=1, min=1, max=16)),
-                "low_bit_ratio": ("FLOAT", tip("Share of Linear and Conv2d parameters stored as group-wise low-bit codes (4.5 bits per weight at int4), scaled per input channel from the profiled activations; the least sensitive layers first (0: off).", default=0.0, min=0.0, max=1.0, step=0.05)),
-                "low_bit_bits": (["int4", "int3"], tip("The low-bit format: int4 or int3, asymmetric, 64 input channels per fp16 scale and zero.")),
+                "levers": (LEVERS_TYPE, tip("FragmentManualLevers: the fixed lever amounts used when calibrate is off (ignored when calibrating; its defaults when not connected).")),
+                "holdout_seeds": ("INT", tip("Held-out seeds (seed+1, seed+2, ...) a choice must also pass; rendered with the full model, delivered as full_model_latents.", default=1, min=1, max=16)),
+                "seed": ("INT", tip(override, default=0, min=0, max=0xFFFFFFFFFFFFFFFF, forceInput=True)),
+                "steps": ("INT", tip(override, default=20, min=1, max=10000, forceInput=True)),
+                "cfg": ("FLOAT", tip(override, default=8.0, min=0.0, max=100.0, step=0.1, round=0.01, forceInput=True)),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, tip(override, forceInput=True)),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, tip(override, forceInput=True)),
             },
         }
 
-    RETURN_TYPES = ("FRAGMENT", "STRING")
-    RETURN_NAMES = ("fragment", "status")
+    RETURN_TYPES = ("FRAGMENT", "STRING", "LATENT")
+    RETURN_NAMES = ("fragment", "status", "full_model_latents")
     FUNCTION = "extract"
     OUTPUT_NODE = True
     CATEGORY = CATEGORY
     DESCRIPTION = ("Scores the profiled heads and channels, chooses the strongest levers that pass the quality gate against the "
-                   "full model on the profiled and held-out seeds, and writes manifest + safetensors to models/fragments.")
+                   "full model on the profiled and held-out seeds (re-rendered with the profiled run's recorded sampler "
+                   "settings), and writes manifest + safetensors to models/fragments.")
 
-    def extract(self, profile: ProfileHandle, trigger: Any, name: str, strategy: str, ratio: float, percentile: float,
-                scope: str, min_keep: int, safety_margin_heads: int, keep_unstable_heads: bool, overwrite: bool,
-                positive: Any = None, negative: Any = None, kv_fold: bool = False, kv_fold_keep_weights: bool = False,
-                ff_ratio: float = 0.0, precision: str = "none", precision_ratio: float = 1.0, step_reuse: float = 0.0,
-                calibrate: str = "auto", vae: Any = None, seed: int | None = None, steps: int | None = None,
-                cfg: float | None = None, sampler_name: str | None = None, scheduler: str | None = None,
-                goal: str = "both", budget_images: int = 16, holdout_seeds: int = 1, low_bit_ratio: float = 0.0,
-                low_bit_bits: str = "int4") -> dict[str, Any]:
-        amounts = {"heads": ratio if strategy == "ratio" else percentile, "kv_fold": kv_fold, "ff": ff_ratio,
-                   # The node's "none" is the precision lever off: one spelling of off in the core.
-                   "precision": 0.0 if precision == "none" else precision_ratio, "step_reuse": step_reuse,
-                   "low_bit": low_bit_ratio}
-        settings = ExtractionSettings(
-            levers=amounts, strategy=strategy, scope=scope, min_keep=min_keep, safety_margin_heads=safety_margin_heads,
-            keep_unstable_heads=keep_unstable_heads, kv_fold_keep_weights=kv_fold_keep_weights,
-            precision_format="fp8" if precision == "none" else precision, low_bit_bits=3 if low_bit_bits == "int3" else 4,
-        )
+    def extract(self, profile: ProfileHandle, trigger: Any, name: str, calibrate: str = "auto", goal: str = "both",
+                batch_images: int = 32, overwrite: bool = False, positive: Any = None, negative: Any = None,
+                vae: Any = None, levers: ExtractionSettings | None = None, holdout_seeds: int = 1,
+                seed: int | None = None, steps: int | None = None, cfg: float | None = None,
+                sampler_name: str | None = None, scheduler: str | None = None,
+                budget_images: int | None = None) -> dict[str, Any]:
+        """``budget_images`` (Python callers and benches only, no widget) replaces the budget ``batch_images`` implies."""
+        calibrating = wants_calibration(calibrate, positive, negative)
+        settings = ExtractionSettings() if calibrating else (levers if levers is not None else manual_settings())
+        kv_fold = bool(settings.amount("kv_fold")) if not calibrating else False
         if kv_fold and (positive is None or negative is None):
-            raise FragmentError("FragmentExtractor: kv_fold needs both the positive and negative CONDITIONING inputs "
-                                "connected; connect the profiled KSampler's positive and negative, or turn kv_fold off")
-        sampler = sampler_settings(calibrate, seed, steps, cfg, sampler_name, scheduler, positive, negative)
+            raise FragmentError("FragmentExtractor: kv_fold (FragmentManualLevers) needs both the positive and negative "
+                                "CONDITIONING inputs connected; connect the profiled KSampler's positive and negative, "
+                                "or turn kv_fold off")
+        sampler = None
+        if calibrating:
+            sampler = profiled_settings(profile.runs[-1] if profile.runs else None,
+                                        dict(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler))
+            budget = budget_images if budget_images is not None else judged_image_budget(batch_images, holdout_seeds,
+                                                                                        batch_of(trigger))
+            check_budget(budget, batch_images, holdout_seeds, batch_of(trigger), explicit=budget_images is not None)
+            check_steps(sampler, len(profile.session.step_timesteps() or []))
         model = profile.diffusion_model
         if sampler is not None:
             # A clone kept loaded after an earlier queue has its object patches on the shared modules: read the base as it is.
@@ -122,15 +165,137 @@ class FragmentExtractor:
         kv_context = fold_context(positive, negative, context_dtype(profile.patcher)) if kv_fold else None
         judging = None
         if sampler is not None:
-            check_steps(sampler, len(profile.session.step_timesteps() or []))
             judging = comfy_judging(profile, sampler, positive, negative, trigger, vae, digest, originals,
-                                    goal=goal, holdout=holdout_seeds, budget_images=budget_images)
-        why = "calibrate off" if calibrate == "off" else "calibrate auto: the sampler settings or prompts are not connected"
+                                    goal=goal, holdout=holdout_seeds, budget_images=budget)
+        why = "calibrate off" if calibrate == "off" else "calibrate auto: the positive and negative prompts are not connected"
         made = make_fragment(profile.session.evidence(kv_context), model, base=base, name=name, directory=fragments_dir(),
                              settings=settings, judging=judging, overwrite=overwrite, unjudged_reason=why,
                              embedding=pool_conditioning(positive) if positive is not None else None)
+        latents = full_model_latents(judging.judge if judging is not None else None, trigger)
         log.info("FragmentExtractor: %s", made.status)
-        return with_text((FragmentHandle(fragment=made.fragment, manifest_path=made.path), made.status), made.status)
+        return with_text((FragmentHandle(fragment=made.fragment, manifest_path=made.path), made.status, latents), made.status)
+
+
+def wants_calibration(calibrate: str, positive: Any, negative: Any) -> bool:
+    """Whether the extractor judges: ``on`` always (naming what is missing), ``auto`` when the prompts are connected.
+
+    >>> wants_calibration("auto", None, None), wants_calibration("auto", [], []), wants_calibration("off", [], [])
+    (False, True, False)
+    """
+    if calibrate not in CALIBRATE:
+        raise FragmentError(f"FragmentExtractor: calibrate: expected one of {', '.join(CALIBRATE)}, found {calibrate!r}; "
+                            "choose one of them")
+    missing = [k for k, v in (("positive", positive), ("negative", negative)) if v is None]
+    if calibrate == "on" and missing:
+        raise FragmentError(f"FragmentExtractor: calibrate is on, but {' and '.join(missing)} "
+                            f"{'is' if len(missing) == 1 else 'are'} not connected; connect the profiled KSampler's "
+                            "prompts, or set calibrate to off")
+    return calibrate == "on" or (calibrate == "auto" and not missing)
+
+
+def batch_of(trigger: Any) -> int:
+    """Images one seed renders: the profiled sampler's latent batch."""
+    try:
+        return int(trigger["samples"].shape[0])
+    except (TypeError, KeyError, AttributeError, IndexError):
+        return 1
+
+
+def check_budget(budget: int, batch_images: int, holdout: int, per_seed: int, *, explicit: bool = False) -> None:
+    """Refuse, before anything renders, a budget too small to confirm any choice, with the least that could.
+
+    >>> check_budget(15, 32, holdout=1, per_seed=1)
+    >>> try:
+    ...     check_budget(1, 4, holdout=1, per_seed=1)
+    ... except FragmentError as exc:
+    ...     print(exc)
+    FragmentExtractor: batch_images 4 lets the calibration render 1 image, but confirming any choice takes 3 (one try on the profiled seed, 1 held-out reference and the same try on it); set batch_images to 8 or more, or set calibrate to off
+    """
+    need = least_judged_images(holdout, per_seed)
+    if budget >= need:
+        return
+    plural = "s" if holdout != 1 else ""
+    what = (f"one try on the profiled seed, {holdout} held-out reference{plural} and the same try on "
+            f"{'it' if holdout == 1 else 'them'}")
+    if explicit:
+        raise FragmentError(f"FragmentExtractor: budget_images {budget} is too small to confirm any choice: it takes "
+                            f"{need} ({what}); give budget_images {need} or more, or set calibrate to off")
+    raise FragmentError(f"FragmentExtractor: batch_images {batch_images} lets the calibration render {budget} "
+                        f"image{'s' if budget != 1 else ''}, but confirming any choice takes {need} ({what}); set "
+                        f"batch_images to {least_batch_images(holdout, per_seed)} or more, or set calibrate to off")
+
+
+def profiled_settings(run: Any, overrides: dict[str, Any]) -> SamplerSettings:
+    """The sampler settings to judge with: the recorded run's, each override checked against it.
+
+    ``run`` is the profiled run ProfilerModelLoader recorded (``RecordedRun``; ``None`` when no run was
+    recorded); an override fills what the run could not show and must otherwise agree with it.
+
+    >>> from types import SimpleNamespace as run
+    >>> rec = run(seed=3, steps=4, cfg=7.0, sampler_name="euler", scheduler="normal", noise_from_seed=True,
+    ...           empty_latent=True, denoise=1.0, describe=lambda: "seed 3, 4 steps, cfg 7, euler/normal")
+    >>> profiled_settings(rec, {"seed": None, "steps": 4}).seed
+    3
+    >>> try:
+    ...     profiled_settings(rec, {"seed": 5})
+    ... except FragmentError as exc:
+    ...     print(exc)
+    FragmentExtractor: the seed input is 5, but the profiled run was recorded with seed 3 (seed 3, 4 steps, cfg 7, euler/normal); use the recorded run (disconnect the seed input), or run the profiling sampler again with seed 5
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if run is None:
+        missing = [k for k in SAMPLER_FIELDS if k not in given]
+        if missing:
+            raise FragmentError("FragmentExtractor: the profile has no recorded sampler run (its MODEL has not been "
+                                "sampled since it loaded); connect the profiled sampler's LATENT to trigger so it runs "
+                                f"first, or connect {', '.join(missing)}, or set calibrate to off")
+        return SamplerSettings(**{k: kind(given[k]) for k, kind in zip(SAMPLER_FIELDS, (int, int, float, str, str))})
+    values: dict[str, Any] = {}
+    for key, kind in zip(SAMPLER_FIELDS, (int, int, float, str, str)):
+        recorded = getattr(run, key)
+        if key in given and recorded is not None and not agrees(recorded, given[key]):
+            raise FragmentError(
+                f"FragmentExtractor: the {key} input is {given[key]!r}, but the profiled run was recorded with {key} "
+                f"{recorded!r} ({run.describe()}); use the recorded run (disconnect the {key} input), or run the "
+                f"profiling sampler again with {key} {given[key]!r}")
+        value = recorded if recorded is not None else given.get(key)
+        if value is None:
+            raise FragmentError(f"FragmentExtractor: the profiled run did not show its {key} (a custom sampler node); "
+                                f"connect the {key} it used to the extractor's {key} input, or set calibrate to off")
+        values[key] = kind(value)
+    if not run.noise_from_seed:
+        raise FragmentError(f"FragmentExtractor: the profiled run ({run.describe()}) did not start from KSampler's noise "
+                            "for its seed (add_noise off, another noise node, or another sampler node), so no seed "
+                            "reproduces it; profile with a KSampler (add noise on), or set calibrate to off")
+    if not run.empty_latent or (run.denoise is not None and run.denoise < 1.0):
+        raise FragmentError(f"FragmentExtractor: the profiled run ({run.describe()}) started from a non-empty latent or "
+                            f"denoise {run.denoise if run.denoise is not None else 1:g}; profile with an Empty Latent Image "
+                            "and denoise 1 (calibration re-renders text-to-image runs only), or set calibrate to off")
+    return SamplerSettings(**values)
+
+
+def agrees(recorded: Any, given: Any) -> bool:
+    """Whether an override says the same as the recorded value (cfg to a float's rounding)."""
+    if isinstance(recorded, float) or isinstance(given, float):
+        try:
+            return math.isclose(float(recorded), float(given), rel_tol=1e-6, abs_tol=1e-9)
+        except (TypeError, ValueError):
+            return False
+    return str(recorded) == str(given)
+
+
+def full_model_latents(judge: ComfyJudge | None, trigger: Any) -> dict[str, Any]:
+    """Every full-model latent the calibration has, one row per seed (the profiled seed first), as
+    BatchGenerator renders that seed: row 0 of each seed's render (its noise is ``prepare_noise(base[:1], seed)``'s).
+
+    Without a judge (fixed settings) nothing was rendered: zero rows.
+    """
+    if judge is None:
+        samples = trigger["samples"] if isinstance(trigger, dict) and "samples" in trigger else torch.zeros(1, 4, 8, 8)
+        return {"samples": torch.zeros((0, *samples.shape[1:]), dtype=torch.float32), "fragment_seeds": []}
+    seeds = list(judge.references)  # insertion order: the profiled seed, then each held-out seed as rendered
+    rows = [judge.references[s][:1] for s in seeds]
+    return {"samples": torch.cat(rows), "fragment_seeds": seeds}
 
 
 def comfy_judging(profile: ProfileHandle, sampler: SamplerSettings, positive: Any, negative: Any, trigger: Any,
@@ -151,33 +316,6 @@ def comfy_judging(profile: ProfileHandle, sampler: SamplerSettings, positive: An
     return Judging(judge, judge.name, [seed], [(seed + i) % SEED_SPACE for i in range(1, holdout + 1)], goal=goal,
                    budget=Budget(images=budget_images), images_per_seed=judge.batch, space=space,
                    reference_images=judge.batch, prepare=judge.check_reference)
-
-
-def sampler_settings(calibrate: str, seed: int | None, steps: int | None, cfg: float | None, sampler_name: str | None,
-                     scheduler: str | None, positive: Any, negative: Any) -> SamplerSettings | None:
-    """The profiled sampler's settings when calibration runs (``None``: the fixed-settings path).
-
-    ``auto`` calibrates when everything the judge needs is connected; ``on`` names what is missing.
-
-    >>> sampler_settings("auto", 1, 4, 7.0, "euler", "normal", None, None) is None
-    True
-    >>> sampler_settings("auto", 1, 4, 7.0, "euler", "normal", [], []).steps
-    4
-    """
-    if calibrate not in CALIBRATE:
-        raise FragmentError(f"FragmentExtractor: calibrate: expected one of {', '.join(CALIBRATE)}, found {calibrate!r}; "
-                            "choose one of them")
-    given = {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler_name, "scheduler": scheduler,
-             "positive": positive, "negative": negative}
-    missing = [k for k, v in given.items() if v is None]
-    if calibrate == "off" or (calibrate == "auto" and missing):
-        return None
-    if missing:
-        raise FragmentError(f"FragmentExtractor: calibrate is on, but {', '.join(missing)} "
-                            f"{'is' if len(missing) == 1 else 'are'} not connected; connect the profiled KSampler's "
-                            "settings and prompts, or set calibrate to off")
-    return SamplerSettings(seed=int(seed), steps=int(steps), cfg=float(cfg), sampler_name=str(sampler_name),
-                           scheduler=str(scheduler))
 
 
 def context_dtype(patcher: Any) -> torch.dtype:

@@ -88,8 +88,9 @@ def build_scheduled_env(comfyui: Any, comfyui_pack: Any, ckpt_name: str) -> Sche
         negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
         latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
         sampled = nodes.KSampler().sample(model, 1, STEPS, 7.0, "euler", "normal", positive, negative, latent)[0]
-        handle, _status = mapping["FragmentExtractor"]().extract(
-            profile, sampled, "speed_test", "ratio", 0.2, 30.0, "global", 1, 0, False, True, step_reuse=0.5)["result"]
+        (levers,) = mapping["FragmentManualLevers"]().levers(ratio=0.2, step_reuse=0.5)
+        handle, _status, _latents = mapping["FragmentExtractor"]().extract(
+            profile, sampled, "speed_test", overwrite=True, levers=levers)["result"]
         base = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)[0]
     frag = handle.fragment
     union, per_bucket = select_bucket_heads(profile.session.result(), [0.4, 0.2])

@@ -46,26 +46,27 @@ def env(comfyui, comfyui_pack, sd15_checkpoint):
             forget(folder, entry["name"])
 
 
-def _calibrate(env, name: str, **inputs):
-    """The extractor in calibration mode, wired as the shipped workflows wire it; returns (handle, status).
+def _calibrate(env, name: str, trigger=None, **inputs):
+    """The extractor in calibration mode, wired as the shipped workflows wire it; returns (handle, status, latents).
 
-    The goal is ``speed``: building a precision candidate quantizes the whole UNet (tens of seconds on
-    a CI core), and the judging under test is the same for every goal.
+    No sampler setting is given: the extractor takes them from the profiled run.  The goal is ``speed``:
+    building a precision candidate quantizes the whole UNet (tens of seconds on a CI core), and the judging
+    under test is the same for every goal.  ``budget_images`` (a Python-only input) keeps the test short.
     """
-    wiring = dict(positive=env.positive, negative=env.negative, calibrate="on", seed=SEED, steps=STEPS, cfg=CFG,
-                  sampler_name="euler", scheduler="normal", goal="speed", budget_images=6, holdout_seeds=1)
+    wiring = dict(positive=env.positive, negative=env.negative, calibrate="on", goal="speed", budget_images=6,
+                  holdout_seeds=1, overwrite=True)
     wiring.update(inputs)
     with torch.inference_mode():
-        out = env.mapping["FragmentExtractor"]().extract(
-            env.profile, env.sampled, name, "ratio", 0.3, 30.0, "global", 1, 0, False, True, **wiring)
-    handle, status = out["result"]
-    assert out["ui"] == {"text": [status]}
-    return handle, status
+        out = env.mapping["FragmentExtractor"]().extract(env.profile, env.sampled if trigger is None else trigger, name,
+                                                         **wiring)
+    handle, status, latents = out["result"]
+    assert out["ui"]["text"] == [status]
+    return handle, status, latents
 
 
 def test_extractor_with_a_vae_records_judge_seeds_and_every_try(env) -> None:
     calls = env.profile.session.result().total_calls
-    handle, status = _calibrate(env, "judged_vae", vae=env.vae)
+    handle, status, _latents = _calibrate(env, "judged_vae", vae=env.vae)
     assert env.profile.session.result().total_calls == calls, "judging added to the profile"
     manifest = load_fragment(handle.manifest_path).manifest
     quality = manifest["quality"]
@@ -95,7 +96,7 @@ def test_a_gate_that_cannot_pass_stores_the_full_model_and_says_so(env, tmp_path
     # A latent error below zero is unreachable: every candidate fails, whatever it is.
     impossible.write_text("quality_gate:\n  variants: 1\n  latent_rel_error_max: -1.0\n")
     monkeypatch.setattr(env.pack.judge.comfy, "DEFAULT_THRESHOLDS", impossible)
-    handle, status = _calibrate(env, "judged_impossible", budget_images=3)
+    handle, status, _latents = _calibrate(env, "judged_impossible", budget_images=3)
     assert status.startswith("FULL MODEL used: no lever combination passed the quality gate"), status
     assert "last failures" in status and "latent_rel_error" in status and "> -1" in status
     assert "judged in latent space" in status
@@ -139,18 +140,64 @@ def test_the_judged_numbers_follow_the_fragment(env) -> None:
     assert same["ssim_mean"] == 1.0 and moved["ssim_mean"] < 1.0 and moved["space"] == "image", (same, moved)
 
 
-def test_a_reference_that_is_not_the_profiled_run_is_refused(env) -> None:
-    with pytest.raises(Exception, match=r"the trigger LATENT is not the full model's output for seed 8") as info:
+def test_the_profiler_records_the_profiled_run(env) -> None:
+    run = env.profile.runs[-1]
+    assert (run.seed, run.steps, run.cfg, run.sampler_name, run.scheduler) == (SEED, STEPS, CFG, "euler", "normal")
+    assert run.noise_from_seed and run.empty_latent and run.denoise == 1.0
+    assert len(run.sigmas) == STEPS + 1 and run.sigmas[-1] == 0.0
+
+
+def test_extractor_re_renders_the_recorded_run_and_delivers_its_full_model_latents(env) -> None:
+    handle, status, latents = _calibrate(env, "judged_recorded")
+    refinement = load_fragment(handle.manifest_path).manifest["quality"]["refinement"]
+    assert refinement["calibration_seeds"] == [SEED] and refinement["holdout_seeds"] == [SEED + 1], status
+    # Every full-model render, one row per seed, each BatchGenerator's image of that seed.
+    assert latents["fragment_seeds"] == [SEED, SEED + 1]
+    assert latents["samples"].shape == (2, *env.sampled["samples"].shape[1:])
+    full = env.pack.nodes.profiler_loader.without_profiling(env.model.clone())
+    calls = env.profile.session.result().total_calls
+    with torch.inference_mode():
+        (batch,) = env.mapping["BatchGenerator"]().generate(full, env.positive, env.negative,
+                                                            {"samples": torch.zeros_like(env.sampled["samples"])},
+                                                            SEED, 2, 2, STEPS, CFG, "euler", "normal", 1.0)
+    assert env.profile.session.result().total_calls == calls
+    torch.testing.assert_close(latents["samples"], batch["samples"].float().cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_an_override_that_agrees_is_accepted_and_one_that_disagrees_is_refused(env) -> None:
+    _calibrate(env, "judged_override", seed=SEED, steps=STEPS, cfg=CFG, sampler_name="euler", scheduler="normal",
+               budget_images=3)
+    calls = env.profile.session.result().total_calls
+    with pytest.raises(Exception, match=r"the seed input is 8, but the profiled run was recorded with seed 7") as info:
         _calibrate(env, "judged_wrong_seed", seed=SEED + 1)
     assert type(info.value).__name__ == "FragmentError"
-
-
-def test_steps_other_than_the_profiled_run_are_refused(env) -> None:
-    with pytest.raises(Exception, match=r"steps is 5, but the profiled sampler run made 4 model calls") as info:
+    with pytest.raises(Exception, match=r"the sampler_name input is 'heun', but the profiled run was recorded with "
+                                        r"sampler_name 'euler'"):
+        _calibrate(env, "judged_wrong_sampler", sampler_name="heun")
+    with pytest.raises(Exception, match=r"the steps input is 5, but the profiled run was recorded with steps 4"):
         _calibrate(env, "judged_wrong_steps", steps=5)
+    assert env.profile.session.result().total_calls == calls
+
+
+def test_a_trigger_that_is_not_the_profiled_run_is_refused(env) -> None:
+    other = {"samples": env.sampled["samples"] + 1.0}
+    with pytest.raises(Exception, match=r"the trigger LATENT is not the full model's output for seed 7") as info:
+        _calibrate(env, "judged_wrong_trigger", trigger=other)
     assert type(info.value).__name__ == "FragmentError"
+
+
+def test_a_batch_too_small_is_refused_before_rendering(env, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_render(*args, **kwargs):
+        raise AssertionError("the extractor rendered before refusing the budget")
+
+    monkeypatch.setattr(env.pack.judge.comfy, "render", no_render)
+    calls, runs = env.profile.session.result().total_calls, len(env.profile.runs)
+    with pytest.raises(Exception, match=r"batch_images 4 lets the calibration render 1 image.*set batch_images to 8 or more"):
+        _calibrate(env, "judged_small", budget_images=None, batch_images=4)
+    assert not (Path(env.comfyui.model_dir("fragments")) / "judged_small.json").exists()
+    assert (env.profile.session.result().total_calls, len(env.profile.runs)) == (calls, runs)
 
 
 def test_calibrate_on_names_what_is_missing(env) -> None:
-    with pytest.raises(Exception, match=r"calibrate is on, but seed, steps are not connected"):
-        _calibrate(env, "judged_missing", seed=None, steps=None)
+    with pytest.raises(Exception, match=r"calibrate is on, but negative is not connected"):
+        _calibrate(env, "judged_missing", negative=None)

@@ -12,6 +12,7 @@ from ``VERBS``.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -220,9 +221,39 @@ def _with_attn2_replacement(nodes: SimpleNamespace) -> Any:
 
 
 def _extract(nodes: SimpleNamespace, **overrides: Any) -> Any:
-    args = dict(profile=None, trigger=None, name="ne_x", strategy="ratio", ratio=0.3, percentile=30.0, scope="global",
-                min_keep=1, safety_margin_heads=0, keep_unstable_heads=False, overwrite=True)
+    args = dict(profile=SimpleNamespace(runs=[]), trigger={"samples": torch.zeros(1, 4, 8, 8)}, name="ne_x",
+                overwrite=True)
     return nodes.extractor.extract(**{**args, **overrides})
+
+
+def _kv_fold_without_prompts(nodes: SimpleNamespace) -> Any:
+    (levers,) = nodes.pack.nodes.manual_levers.FragmentManualLevers().levers(kv_fold=True)
+    return _extract(nodes, levers=levers)
+
+
+def _recorded(**fields: Any) -> SimpleNamespace:
+    """A profile whose recorded run is seed 3, 4 steps, cfg 7, euler/normal (``fields`` change it)."""
+    run = RecordedRunLike(**{"seed": 3, "steps": 4, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", **fields})
+    return SimpleNamespace(runs=[run])
+
+
+@dataclass(frozen=True)
+class RecordedRunLike:
+    seed: int | None
+    steps: int | None
+    cfg: float | None
+    sampler_name: str | None
+    scheduler: str | None
+    denoise: float | None = 1.0
+    noise_from_seed: bool = True
+    empty_latent: bool = True
+
+    def describe(self) -> str:
+        return f"seed {self.seed}, {self.steps} steps, cfg {self.cfg:g}, {self.sampler_name}/{self.scheduler}"
+
+
+def _calibrate_with(nodes: SimpleNamespace, profile: Any, **inputs: Any) -> Any:
+    return _extract(nodes, profile=profile, positive=[], negative=[], calibrate="on", **inputs)
 
 
 def _judge_without_prompts(nodes: SimpleNamespace) -> Any:
@@ -246,12 +277,43 @@ NODE_ERRORS: dict[str, Callable[[SimpleNamespace], Any]] = {
     "loader: other base with raise": lambda n: n.loader.apply(n.base, "ne_other_base.json", "raise"),
     "loader: LoRA on pruned weights": lambda n: n.loader.apply(_with_lora_on_pruned_weights(n), "ne_other_base.json", "raise"),
     "loader: attn2 replacement": lambda n: n.loader.apply(_with_attn2_replacement(n), "ne_other_base.json", "raise"),
-    "extractor: kv_fold without prompts": lambda n: _extract(n, kv_fold=True),
+    "extractor: kv_fold without prompts": _kv_fold_without_prompts,
     "extractor: unknown calibrate": lambda n: _extract(n, calibrate="sometimes"),
-    "extractor: calibrate on, settings missing": lambda n: _extract(n, calibrate="on"),
+    "extractor: calibrate on, prompts missing": lambda n: _extract(n, calibrate="on"),
+    "extractor: no recorded run": lambda n: _calibrate_with(n, SimpleNamespace(runs=[])),
+    "extractor: seed override disagrees": lambda n: _calibrate_with(n, _recorded(), seed=4),
+    "extractor: cfg override disagrees": lambda n: _calibrate_with(n, _recorded(), cfg=8.0),
+    "extractor: sampler not recorded": lambda n: _calibrate_with(n, _recorded(sampler_name=None)),
+    "extractor: noise not from the seed": lambda n: _calibrate_with(n, _recorded(noise_from_seed=False)),
+    "extractor: img2img profile": lambda n: _calibrate_with(n, _recorded(empty_latent=False, denoise=0.5)),
+    "extractor: batch too small": lambda n: _calibrate_with(n, _recorded(), batch_images=4),
+    "extractor: budget_images too small": lambda n: _calibrate_with(n, _recorded(), budget_images=2),
     "extractor: judge without prompts": _judge_without_prompts,
     "extractor: steps disagree with the profile": _steps_disagree,
 }
+
+
+def test_a_conflicting_override_names_what_was_recorded_and_given(nodes) -> None:
+    with pytest.raises(Exception) as info:
+        _calibrate_with(nodes, _recorded(), seed=4)
+    message = str(info.value)
+    assert "the seed input is 4, but the profiled run was recorded with seed 3" in message
+    assert "seed 3, 4 steps, cfg 7, euler/normal" in message
+    assert "disconnect the seed input" in message and "run the profiling sampler again with seed 4" in message
+
+
+def test_a_batch_too_small_is_refused_with_the_least_that_works(nodes) -> None:
+    extractor_module = nodes.pack.nodes.fragment_extractor
+    least = extractor_module.least_batch_images(holdout=1)
+    assert extractor_module.judged_image_budget(least, holdout=1) >= extractor_module.least_judged_images(1)
+    assert extractor_module.judged_image_budget(least - 1, holdout=1) < extractor_module.least_judged_images(1)
+    with pytest.raises(Exception) as info:
+        _calibrate_with(nodes, _recorded(), batch_images=least - 1)
+    assert f"set batch_images to {least} or more" in str(info.value), info.value
+    # The refusal comes before anything renders: the fake profile has no session, model or patcher to render with.
+    with pytest.raises(Exception) as info:
+        _calibrate_with(nodes, _recorded(), holdout_seeds=2, batch_images=8)
+    assert f"set batch_images to {extractor_module.least_batch_images(holdout=2)} or more" in str(info.value)
 
 
 @pytest.mark.parametrize("condition", sorted(NODE_ERRORS))

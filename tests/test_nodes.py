@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 import comfyui_support as cs
 from prompt_fragments.fragment.format.store import load_fragment
 
-NODE_NAMES = ["ProfilerModelLoader", "FragmentExtractor", "FragmentLoader", "BatchGenerator", "UsageVisualizer"]
+NODE_NAMES = ["ProfilerModelLoader", "FragmentExtractor", "FragmentManualLevers", "FragmentLoader", "BatchGenerator",
+              "UsageVisualizer"]
 
 
 def _attention_heads(diffusion_model: torch.nn.Module) -> dict[str, int]:
@@ -32,9 +33,8 @@ def graph(comfyui, comfyui_pack, sd15_checkpoint):
         latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
         for seed in (1, 2):
             sampled = nodes.KSampler().sample(model, seed, 2, 7.0, "euler", "normal", positive, negative, latent)[0]
-        fragment, _status = mapping["FragmentExtractor"]().extract(
-            profile, sampled, "node_test", "ratio", 0.3, 30.0, "global", 1, 0, False, True
-        )["result"]
+        fragment, _status, _latents = mapping["FragmentExtractor"]().extract(
+            profile, sampled, "node_test", overwrite=True)["result"]
         base = nodes.CheckpointLoaderSimple().load_checkpoint(sd15_checkpoint)[0]
     return SimpleNamespace(nodes=nodes, mapping=mapping, model=model, clip=clip, profile=profile, fragment=fragment,
                            positive=positive, negative=negative, latent=latent, base=base, ckpt=sd15_checkpoint)
@@ -216,11 +216,13 @@ def test_extra_fragments_folders_are_listed(comfyui, graph, tmp_path: Path) -> N
         comfyui.folder_paths.filename_list_cache.clear()
 
 
-def _extract(graph, name: str, **levers):
+def _extract(graph, name: str, positive=None, negative=None, calibrate: str = "off", **levers):
+    """The extractor at fixed settings: ``levers`` go to FragmentManualLevers (ratio 0.3 unless given)."""
+    (settings,) = graph.mapping["FragmentManualLevers"]().levers(**{"keep_unstable_heads": False, **levers})
     with torch.inference_mode():
-        handle, _status = graph.mapping["FragmentExtractor"]().extract(
-            graph.profile, graph.latent, name, "ratio", 0.3, 30.0, "global", 1, 0, False, True, **levers
-        )["result"]
+        handle, _status, _latents = graph.mapping["FragmentExtractor"]().extract(
+            graph.profile, graph.latent, name, calibrate=calibrate, overwrite=True,
+            positive=positive, negative=negative, levers=settings)["result"]
     return handle
 
 

@@ -43,7 +43,8 @@ MESSAGE_TIMEOUT_S = 120.0
 PACK_NODES = {
     # class name: (display name, output types) as README's node table describes them
     "ProfilerModelLoader": ("Profiler Model Loader", ["MODEL", "CLIP", "VAE", "FRAGMENT_PROFILE"]),
-    "FragmentExtractor": ("Fragment Extractor", ["FRAGMENT", "STRING"]),
+    "FragmentExtractor": ("Fragment Extractor", ["FRAGMENT", "STRING", "LATENT"]),
+    "FragmentManualLevers": ("Fragment Manual Levers", ["FRAGMENT_LEVERS"]),
     "FragmentLoader": ("Fragment Loader", ["MODEL", "STRING"]),
     "BatchGenerator": ("Batch Generator (many seeds)", ["LATENT"]),
     "UsageVisualizer": ("Head Usage Heatmap", ["IMAGE"]),

@@ -537,7 +537,7 @@ def test_the_shipped_extract_graph_runs_with_the_gate_on(comfyui: cs.ComfyUIRunt
             inputs["steps"] = 4
     extractor = prompt[extractor_id]["inputs"]
     assert extractor["calibrate"] == "auto" and _is_link(extractor["vae"])
-    extractor.update(steps=4, goal="speed", budget_images=8, name="gated_fragment", overwrite=True)
+    extractor.update(steps=4, goal="speed", batch_images=16, name="gated_fragment", overwrite=True)  # a budget of 7
     try:
         outputs = cs.run_prompt(comfyui, prompt, prompt_id="e2e-gate-on")
     finally:
