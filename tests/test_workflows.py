@@ -54,7 +54,7 @@ def test_the_three_workflows_ship_in_both_formats() -> None:
 def test_ui_twin_has_the_api_nodes_and_links(name: str) -> None:
     api = _load(API_DIR / f"{name}.json")
     ui = _load(UI_DIR / f"{name}.json")
-    assert ui["version"] == 0.4 and ui["groups"] == [] and isinstance(ui["config"], dict) and isinstance(ui["extra"], dict)
+    assert ui["version"] == 0.4 and isinstance(ui["config"], dict) and isinstance(ui["extra"], dict)
     nodes = {str(n["id"]): n for n in ui["nodes"]}
     assert len(nodes) == len(ui["nodes"]), "duplicate node ids"
     assert {k: n["type"] for k, n in nodes.items()} == {k: v["class_type"] for k, v in api.items()}
@@ -102,6 +102,29 @@ def test_ui_twin_reads_left_to_right_in_execution_order(name: str) -> None:
     for i, a in enumerate(boxes):
         for b in boxes[i + 1 :]:
             assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], f"nodes overlap: {a} {b}"
+
+
+@pytest.mark.parametrize("name", API_NAMES)
+def test_ui_twin_groups_its_stages_and_opens_at_a_readable_zoom(name: str) -> None:
+    """Issue #28 item 5: numbered, titled groups hold every node, and the saved view opens at 75 % or more."""
+    ui = _load(UI_DIR / f"{name}.json")
+    titles = [g["title"] for g in ui["groups"]]
+    assert titles and [t.split(". ", 1)[0] for t in titles] == [str(i) for i in range(1, len(titles) + 1)], titles
+    stages = {"full_pipeline": ["profile", "extract", "batch"], "profile_and_extract": ["profile", "extract"]}
+    if name in stages:
+        assert [t.split(". ", 1)[1] for t in titles] == stages[name]
+    for node in ui["nodes"]:  # each node (its title bar too) lies inside exactly one group
+        x, y = node["pos"]
+        w, h = node["size"]
+        inside = [g["title"] for g in ui["groups"] if g["bounding"][0] <= x and x + w <= g["bounding"][0] + g["bounding"][2]
+                  and g["bounding"][1] <= y - 30 and y + h <= g["bounding"][1] + g["bounding"][3]]
+        assert len(inside) == 1, f"node {node['id']} ({node['type']}) lies in groups {inside}"
+    ds = ui["extra"]["ds"]
+    assert 0.75 <= ds["scale"] <= 1.0 and len(ds["offset"]) == 2, ds
+    first = ui["groups"][0]["bounding"]  # the first stage's top-left corner is on a 1600x1000 screen
+    assert 0 <= (first[0] + ds["offset"][0]) * ds["scale"] < 400 and 0 <= (first[1] + ds["offset"][1]) * ds["scale"] < 300
+    info = ui["extra"]["info"]
+    assert info["title"] and len(info["description"]) > 40, info
 
 
 def _widget_inputs(cls: type) -> list[tuple[str, Any, dict[str, Any], bool]]:
