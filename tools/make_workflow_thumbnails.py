@@ -7,7 +7,8 @@ Each thumbnail is a real screenshot: ComfyUI 0.3.x's own server (started by
 pack loaded, its frontend in the system's headless Chromium (``chromium`` on
 PATH, driven by playwright) in a 1600x1000 window, the workflow dropped on
 the canvas and shown in the view it opens with (its saved ``extra.ds``).  The
-screenshot is scaled down to ``THUMB_SIZE`` and saved as JPEG, small enough
+left square of the canvas in the screenshot (where the workflow starts) is
+scaled down to ``THUMB_SIZE`` and saved as JPEG, small enough
 for the template browser's card (the frontend asks for
 ``/api/workflow_templates/<pack folder>/<name>.jpg``).
 
@@ -28,7 +29,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 UI_DIR = REPO_ROOT / "workflows"
 #: The window the workflow is opened in (issue #28's 1600x1000) and the thumbnail it becomes.
 VIEWPORT = {"width": 1600, "height": 1000}
-THUMB_SIZE = (640, 400)
+#: The canvas in that window (frontend 1.27: right of the 64 px side bar, below the 78 px tab bar); the
+#: thumbnail is its left square, where the workflow starts, since the template card is square.
+CANVAS_BOX = (64, 78, 1600, 1000)
+THUMB_SIZE = (480, 480)
 JPEG_QUALITY = 80
 MAX_BYTES = 100_000
 LOAD_TIMEOUT_MS = 120_000
@@ -44,11 +48,14 @@ OPEN_WORKFLOW = """async ([workflow, name]) => {
 
 
 def thumbnail(png: bytes, size: tuple[int, int] = THUMB_SIZE, quality: int = JPEG_QUALITY) -> bytes:
-    """The JPEG bytes of a screenshot scaled to ``size``; the quality steps down until it fits ``MAX_BYTES``."""
+    """The JPEG bytes of a screenshot's canvas (its left square) scaled to ``size``; the quality steps down until
+    the file fits ``MAX_BYTES``."""
     from PIL import Image
 
+    left, top, right, bottom = CANVAS_BOX
+    side = min(right - left, bottom - top)
     with Image.open(io.BytesIO(png)) as shot:
-        small = shot.convert("RGB").resize(size, Image.LANCZOS)
+        small = shot.convert("RGB").crop((left, top, left + side, top + side)).resize(size, Image.LANCZOS)
     for q in range(quality, 30, -10):
         out = io.BytesIO()
         small.save(out, "JPEG", quality=q, optimize=True)
