@@ -243,3 +243,37 @@ def test_api_workflow_validates_in_comfyui(
         k for k, e in prompt.items() if getattr(comfyui.nodes.NODE_CLASS_MAPPINGS[e["class_type"]], "OUTPUT_NODE", False)
     }
     assert set(outputs) == expected_outputs
+
+
+def _fake_node(inputs: dict[str, Any], outputs: tuple[str, ...]) -> type:
+    return type("Fake", (), {"INPUT_TYPES": classmethod(lambda cls: {"required": inputs}), "RETURN_TYPES": outputs})
+
+
+def test_builder_groups_a_settings_node_with_the_stage_that_reads_it() -> None:
+    """A node that reads no link (a manual-levers settings node, an empty latent) sits in the group of its first
+    reader, and the stages follow the order they run: so a new node needs no entry in the builder."""
+    builder = _builder()
+    classes = {
+        "ProfilerModelLoader": _fake_node({"ckpt_name": (["a.safetensors"],)}, ("MODEL", "FRAGMENT_PROFILE")),
+        "ManualLevers": _fake_node({"ratio": ("FLOAT", {"default": 0.5})}, ("FRAGMENT_LEVERS",)),
+        "FragmentExtractor": _fake_node({"profile": ("FRAGMENT_PROFILE",), "levers": ("FRAGMENT_LEVERS",)}, ("FRAGMENT",)),
+        "FragmentLoader": _fake_node({"model": ("MODEL",), "fragment": ("FRAGMENT",)}, ("MODEL", "STRING")),
+    }
+    api = {
+        "1": {"class_type": "ProfilerModelLoader", "inputs": {"ckpt_name": "a.safetensors"}},
+        "2": {"class_type": "ManualLevers", "inputs": {"ratio": 0.5}},
+        "3": {"class_type": "FragmentExtractor", "inputs": {"profile": ["1", 1], "levers": ["2", 0]}},
+        "4": {"class_type": "FragmentLoader", "inputs": {"model": ["1", 0], "fragment": ["3", 0]}},
+    }
+    ui = builder.build_ui_workflow(api, classes, "full_pipeline")
+    groups = ui["groups"]
+    assert [g["title"] for g in groups] == ["1. profile", "2. extract", "3. batch"]
+
+    def group_of(node_id: int) -> str:
+        node = next(n for n in ui["nodes"] if n["id"] == node_id)
+        (title,) = [g["title"] for g in groups if g["bounding"][0] <= node["pos"][0] < g["bounding"][0] + g["bounding"][2]]
+        return title
+
+    assert [group_of(i) for i in (1, 2, 3, 4)] == ["1. profile", "2. extract", "2. extract", "3. batch"]
+    assert [g["bounding"][0] for g in groups] == sorted(g["bounding"][0] for g in groups)
+    assert ui["extra"]["info"] == builder.TEMPLATES["full_pipeline"] and ui["extra"]["ds"]["scale"] >= 0.75
