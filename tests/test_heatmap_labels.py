@@ -25,7 +25,7 @@ def _is_red(image: torch.Tensor) -> torch.Tensor:
     return (image[..., 0] > 0.8) & (image[..., 1] < 0.2) & (image[..., 2] < 0.2)
 
 
-def _grid_origin(image: torch.Tensor, n_rows: int) -> tuple[int, int]:
+def _grid_origin(image: torch.Tensor) -> tuple[int, int]:
     """Top-left pixel of the cell grid: where the unlabelled grid's first cell row matches the figure."""
     grid = head_heatmap(_scores(), None, cell=CELL)[0]
     h, w = grid.shape[:2]
@@ -44,7 +44,7 @@ def test_the_figure_is_readable_size_and_has_labels_and_a_legend() -> None:
     height, width, _ = image.shape
     assert height >= len(PATHS) * CELL + 30 and width >= 8 * CELL + 250  # room for names, numbers, legend
     assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
-    y0, x0 = _grid_origin(image, len(PATHS))
+    y0, x0 = _grid_origin(image)
     light = image.min(dim=-1).values > 0.7  # text is light grey on the dark background
     # a module name left of every row, head numbers above the grid, and legend text right of it
     for row in range(len(PATHS)):
@@ -62,7 +62,7 @@ def test_pruned_heads_carry_a_cross_kept_heads_do_not() -> None:
     kept = {p: [0, 1, 2, 3, 4, 5] for p in PATHS}  # heads 6 and 7 pruned in every module
     plain = labelled_heatmap(_scores(), cell=CELL)[0]
     marked = labelled_heatmap(_scores(), kept, cell=CELL)[0]
-    y0, x0 = _grid_origin(plain, len(PATHS))
+    y0, x0 = _grid_origin(plain)
     red = _is_red(marked)
     for row in range(len(PATHS)):
         y = y0 + row * CELL
