@@ -1,7 +1,7 @@
 """UsageVisualizer: the head-importance heatmap as an IMAGE, for people who would rather look than read."""
 from __future__ import annotations
 
-from ..profiling.heatmap import head_heatmap
+from ..profiling.heatmap import labelled_heatmap
 from ..profiling.scoring import score_heads
 from .folders import CATEGORY, FragmentHandle, ProfileHandle, tip
 
@@ -20,8 +20,9 @@ class UsageVisualizer:
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "draw"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Rows are attention modules, columns heads; bright = important, red cross = pruned."
+    DESCRIPTION = ("Rows are attention modules (named on the left), columns heads (numbered on top); "
+                   "the legend maps colour to importance within the module; red cross = pruned.")
 
     def draw(self, profile: ProfileHandle, fragment: FragmentHandle | None = None, trigger: object = None) -> tuple:
         kept = fragment.fragment.kept if fragment is not None else None
-        return (head_heatmap(score_heads(profile.session.result()), kept),)
+        return (labelled_heatmap(score_heads(profile.session.result()), kept),)

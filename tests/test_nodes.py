@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 
 import comfyui_support as cs
 from prompt_fragments.fragment.format.store import load_fragment
+from prompt_fragments.profiling.heatmap import labelled_heatmap
+from prompt_fragments.profiling.scoring import score_heads
 
 NODE_NAMES = ["ProfilerModelLoader", "FragmentExtractor", "FragmentManualLevers", "FragmentLoader", "BatchGenerator",
               "UsageVisualizer"]
@@ -167,8 +169,13 @@ def test_batch_generator_matches_ksampler_per_seed(graph) -> None:
 def test_usage_visualizer_draws_the_heatmap(graph) -> None:
     (image,) = graph.mapping["UsageVisualizer"]().draw(graph.profile, graph.fragment)
     modules = len(graph.profile.session.result().modules)
-    assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] == modules * 12
+    # the labelled figure: a 22 px row per module under the column numbers, with names and legend beside the grid
+    assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] >= modules * 22
+    assert image.shape[2] >= 8 * 22 + 200  # the widest module name and the legend need room
     assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+    # what the node draws is the profile's scores with the fragment's kept heads, labelled
+    expected = labelled_heatmap(score_heads(graph.profile.session.result()), graph.fragment.fragment.kept)
+    assert torch.equal(image, expected)
 
 
 @pytest.mark.parametrize(("on_requeue", "loads_over_two_queues"), [("accumulate", 1), ("reset", 2)])

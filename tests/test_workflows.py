@@ -54,7 +54,7 @@ def test_the_three_workflows_ship_in_both_formats() -> None:
 def test_ui_twin_has_the_api_nodes_and_links(name: str) -> None:
     api = _load(API_DIR / f"{name}.json")
     ui = _load(UI_DIR / f"{name}.json")
-    assert ui["version"] == 0.4 and ui["groups"] == [] and isinstance(ui["config"], dict) and isinstance(ui["extra"], dict)
+    assert ui["version"] == 0.4 and isinstance(ui["config"], dict) and isinstance(ui["extra"], dict)
     nodes = {str(n["id"]): n for n in ui["nodes"]}
     assert len(nodes) == len(ui["nodes"]), "duplicate node ids"
     assert {k: n["type"] for k, n in nodes.items()} == {k: v["class_type"] for k, v in api.items()}
@@ -102,6 +102,29 @@ def test_ui_twin_reads_left_to_right_in_execution_order(name: str) -> None:
     for i, a in enumerate(boxes):
         for b in boxes[i + 1 :]:
             assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], f"nodes overlap: {a} {b}"
+
+
+@pytest.mark.parametrize("name", API_NAMES)
+def test_ui_twin_groups_its_stages_and_opens_at_a_readable_zoom(name: str) -> None:
+    """Issue #28 item 5: numbered, titled groups hold every node, and the saved view opens at 75 % or more."""
+    ui = _load(UI_DIR / f"{name}.json")
+    titles = [g["title"] for g in ui["groups"]]
+    assert titles and [t.split(". ", 1)[0] for t in titles] == [str(i) for i in range(1, len(titles) + 1)], titles
+    stages = {"full_pipeline": ["profile", "extract", "batch"], "profile_and_extract": ["profile", "extract"]}
+    if name in stages:
+        assert [t.split(". ", 1)[1] for t in titles] == stages[name]
+    for node in ui["nodes"]:  # each node (its title bar too) lies inside exactly one group
+        x, y = node["pos"]
+        w, h = node["size"]
+        inside = [g["title"] for g in ui["groups"] if g["bounding"][0] <= x and x + w <= g["bounding"][0] + g["bounding"][2]
+                  and g["bounding"][1] <= y - 30 and y + h <= g["bounding"][1] + g["bounding"][3]]
+        assert len(inside) == 1, f"node {node['id']} ({node['type']}) lies in groups {inside}"
+    ds = ui["extra"]["ds"]
+    assert 0.75 <= ds["scale"] <= 1.0 and len(ds["offset"]) == 2, ds
+    first = ui["groups"][0]["bounding"]  # the first stage's top-left corner is on a 1600x1000 screen
+    assert 0 <= (first[0] + ds["offset"][0]) * ds["scale"] < 400 and 0 <= (first[1] + ds["offset"][1]) * ds["scale"] < 300
+    info = ui["extra"]["info"]
+    assert info["title"] and len(info["description"]) > 40, info
 
 
 def _widget_inputs(cls: type) -> list[tuple[str, Any, dict[str, Any], bool]]:
@@ -220,3 +243,37 @@ def test_api_workflow_validates_in_comfyui(
         k for k, e in prompt.items() if getattr(comfyui.nodes.NODE_CLASS_MAPPINGS[e["class_type"]], "OUTPUT_NODE", False)
     }
     assert set(outputs) == expected_outputs
+
+
+def _fake_node(inputs: dict[str, Any], outputs: tuple[str, ...]) -> type:
+    return type("Fake", (), {"INPUT_TYPES": classmethod(lambda cls: {"required": inputs}), "RETURN_TYPES": outputs})
+
+
+def test_builder_groups_a_settings_node_with_the_stage_that_reads_it() -> None:
+    """A node that reads no link (a manual-levers settings node, an empty latent) sits in the group of its first
+    reader, and the stages follow the order they run: so a new node needs no entry in the builder."""
+    builder = _builder()
+    classes = {
+        "ProfilerModelLoader": _fake_node({"ckpt_name": (["a.safetensors"],)}, ("MODEL", "FRAGMENT_PROFILE")),
+        "ManualLevers": _fake_node({"ratio": ("FLOAT", {"default": 0.5})}, ("FRAGMENT_LEVERS",)),
+        "FragmentExtractor": _fake_node({"profile": ("FRAGMENT_PROFILE",), "levers": ("FRAGMENT_LEVERS",)}, ("FRAGMENT",)),
+        "FragmentLoader": _fake_node({"model": ("MODEL",), "fragment": ("FRAGMENT",)}, ("MODEL", "STRING")),
+    }
+    api = {
+        "1": {"class_type": "ProfilerModelLoader", "inputs": {"ckpt_name": "a.safetensors"}},
+        "2": {"class_type": "ManualLevers", "inputs": {"ratio": 0.5}},
+        "3": {"class_type": "FragmentExtractor", "inputs": {"profile": ["1", 1], "levers": ["2", 0]}},
+        "4": {"class_type": "FragmentLoader", "inputs": {"model": ["1", 0], "fragment": ["3", 0]}},
+    }
+    ui = builder.build_ui_workflow(api, classes, "full_pipeline")
+    groups = ui["groups"]
+    assert [g["title"] for g in groups] == ["1. profile", "2. extract", "3. batch"]
+
+    def group_of(node_id: int) -> str:
+        node = next(n for n in ui["nodes"] if n["id"] == node_id)
+        (title,) = [g["title"] for g in groups if g["bounding"][0] <= node["pos"][0] < g["bounding"][0] + g["bounding"][2]]
+        return title
+
+    assert [group_of(i) for i in (1, 2, 3, 4)] == ["1. profile", "2. extract", "2. extract", "3. batch"]
+    assert [g["bounding"][0] for g in groups] == sorted(g["bounding"][0] for g in groups)
+    assert ui["extra"]["info"] == builder.TEMPLATES["full_pipeline"] and ui["extra"]["ds"]["scale"] >= 0.75

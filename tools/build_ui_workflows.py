@@ -36,9 +36,42 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = {"seed", "noise_seed"}
 CONTROL_AFTER_GENERATE = "fixed"  # examples reproduce their images; "randomize" is the frontend's default
 
-# Layout: columns by topological depth, nodes stacked in a column.
-X0, Y0 = 50, 50
-COLUMN_GAP, ROW_GAP = 60, 50
+# Layout: one titled group per stage, left to right; inside a group, columns by topological depth.
+X0, Y0 = 0, 0
+COLUMN_GAP, ROW_GAP = 30, 30
+GROUP_PAD, GROUP_GAP, GROUP_TITLE_H = 10, 30, 34
+GROUP_FONT_SIZE, GROUP_COLOR = 24, "#3f789e"
+#: The stages a graph's nodes fall into, in the order they run (group titles "1. profile", ...).
+STAGES = ("profile", "extract", "batch")
+#: Nodes that start a stage; every other node joins the latest stage it reads from.
+STAGE_OF_CLASS = {
+    "ProfilerModelLoader": 0,
+    "FragmentExtractor": 1, "UsageVisualizer": 1,
+    "FragmentLoader": 2, "BatchGenerator": 2,
+}
+# The saved view: frontend 1.27 restores ``extra.ds`` on open.  Issue #28 asks for 75 % or more in a
+# 1600x1000 window, where 1.27's canvas is 1536x922 (right of the 64 px side bar, below the 78 px tab bar).
+VIEW, VIEW_MARGIN, VIEW_PAD = (1536, 922), (15, 15), 15
+MIN_SCALE, MAX_SCALE = 0.8, 1.0
+#: Title and description of each shipped workflow (``extra.info``: frontend 1.27 shows a custom node's
+#: template under its file name; later frontends and readers of the file get these).
+TEMPLATES = {
+    "full_pipeline": {
+        "title": "Prompt Fragments: profile, extract, batch",
+        "description": "Profile one render of your prompt, extract a fragment (the heads it uses), "
+                       "then render many seeds with it. Each node shows its status after a run.",
+    },
+    "profile_and_extract": {
+        "title": "Prompt Fragments: profile and extract",
+        "description": "Profile one render, save a fragment for the prompt, and see which heads it keeps "
+                       "on the labelled heatmap.",
+    },
+    "fragment_batch_32": {
+        "title": "Prompt Fragments: batch of 32 with a saved fragment",
+        "description": "Load a saved fragment (or fall back to the full model, with a warning on the node) "
+                       "and render 32 seeds.",
+    },
+}
 NODE_WIDTH, WIDE_NODE_WIDTH = 315, 400
 TITLE_H, SLOT_H, WIDGET_H, MULTILINE_H, IMAGE_H = 30, 22, 26, 120, 250
 IMAGE_NODES = {"SaveImage", "PreviewImage"}
@@ -125,7 +158,7 @@ def _node_size(class_type: str, n_slots: int, widgets: list[tuple[str, Any, dict
         height += MULTILINE_H
     if class_type in IMAGE_NODES:
         height += IMAGE_H
-    width = WIDE_NODE_WIDTH if multiline or class_type in IMAGE_NODES else NODE_WIDTH
+    width = WIDE_NODE_WIDTH if multiline else NODE_WIDTH
     return [width, height]
 
 
@@ -136,13 +169,14 @@ def _id_key(node_id: str) -> tuple[int, Any]:
 # --------------------------------------------------------------------------- conversion
 
 
-def build_ui_workflow(api: Mapping[str, Any], node_classes: Mapping[str, type]) -> dict[str, Any]:
+def build_ui_workflow(api: Mapping[str, Any], node_classes: Mapping[str, type], api_name: str = "") -> dict[str, Any]:
     """The UI-format graph (frontend format version 0.4) for the API-format graph ``api``.
 
     ``node_classes`` maps ``class_type`` to the node class (ComfyUI's
     ``nodes.NODE_CLASS_MAPPINGS`` with this pack loaded).  Node ids stay the
     API ids (which must be integers: the frontend's ids are).  Links are
-    numbered in order of (target id, target slot).
+    numbered in order of (target id, target slot).  ``api_name`` (the file's
+    stem) picks the title and description from ``TEMPLATES``.
     """
     ids = sorted(api, key=_id_key)
     for node_id in ids:
@@ -242,32 +276,109 @@ def build_ui_workflow(api: Mapping[str, Any], node_classes: Mapping[str, type]) 
         nodes[to_id]["inputs"][to_slot]["link"] = link_id
         links.append([link_id, int(from_id), from_slot, int(to_id), to_slot, kind])
 
-    # Positions: one column per depth; inside a column, nodes stacked by id.
-    columns: dict[int, list[str]] = {}
     for node_id in ids:
-        columns.setdefault(depth[node_id], []).append(node_id)
-    x = X0
-    for d in sorted(columns):
-        width = 0
-        y = Y0
-        for node_id in columns[d]:
-            node = nodes[node_id]
-            node["size"] = _node_size(node["type"], max(len(node["inputs"]), len(node["outputs"])), widgets_by_node[node_id])
-            node["pos"] = [x, y]
-            y += node["size"][1] + ROW_GAP
-            width = max(width, node["size"][0])
-        x += width + COLUMN_GAP
-
+        node = nodes[node_id]
+        node["size"] = _node_size(node["type"], max(len(node["inputs"]), len(node["outputs"])), widgets_by_node[node_id])
+    stages = _stages(api, ids)
+    groups = _place(nodes, ids, depth, stages)
+    info = TEMPLATES.get(api_name, {})
+    extra: dict[str, Any] = {"ds": _opening_view(groups)}
+    if info:
+        extra["info"] = dict(info)
     return {
         "last_node_id": max(int(i) for i in ids) if ids else 0,
         "last_link_id": len(links),
         "nodes": [nodes[i] for i in ids],
         "links": links,
-        "groups": [],
+        "groups": groups,
         "config": {},
-        "extra": {},
+        "extra": extra,
         "version": UI_VERSION,
     }
+
+
+def _stages(api: Mapping[str, Any], ids: list[str]) -> dict[str, int]:
+    """Each node's stage (index into ``STAGES``): its class's own stage, or the latest stage it reads from.
+
+    A node that reads no link and is not staged by class (an empty latent, a
+    settings node) joins the earliest stage that consumes it, so it sits next
+    to its reader instead of far left.
+    """
+    stage: dict[str, int] = {}
+
+    def visit(node_id: str) -> int:
+        if node_id not in stage:
+            sources = [v[0] for v in api[node_id]["inputs"].values() if _is_link(v)]
+            own = STAGE_OF_CLASS.get(api[node_id]["class_type"], 0)
+            stage[node_id] = max([own] + [visit(s) for s in sources])
+        return stage[node_id]
+
+    for node_id in ids:
+        visit(node_id)
+    for node_id in ids:
+        has_sources = any(_is_link(v) for v in api[node_id]["inputs"].values())
+        if has_sources or api[node_id]["class_type"] in STAGE_OF_CLASS:
+            continue
+        readers = [stage[n] for n in ids if any(_is_link(v) and v[0] == node_id for v in api[n]["inputs"].values())]
+        if readers and min(readers) > stage[node_id]:
+            stage[node_id] = min(readers)
+    return stage
+
+
+def _place(nodes: dict[str, dict[str, Any]], ids: list[str], depth: Mapping[str, int],
+           stage: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Give every node its position, stage by stage left to right; return one titled group per stage.
+
+    Inside a stage, one column per graph depth (so links point right), nodes
+    stacked by id.  Stages follow each other left to right, in the order
+    ``STAGES`` lists them, which is the order they run.
+    """
+    groups = []
+    x = X0
+    used = sorted(set(stage.values()))
+    for number, s in enumerate(used, start=1):
+        members = [n for n in ids if stage[n] == s]
+        columns: dict[int, list[str]] = {}
+        for node_id in members:
+            columns.setdefault(depth[node_id], []).append(node_id)
+        left = x
+        x += GROUP_PAD
+        bottom = Y0
+        for d in sorted(columns):
+            width = 0
+            y = Y0 + GROUP_TITLE_H + GROUP_PAD + TITLE_H
+            for node_id in columns[d]:
+                node = nodes[node_id]
+                node["pos"] = [x, y]
+                y += node["size"][1] + ROW_GAP
+                width = max(width, node["size"][0])
+            bottom = max(bottom, y - ROW_GAP)
+            x += width + COLUMN_GAP
+        right = x - COLUMN_GAP + GROUP_PAD
+        # a graph that loads a plain checkpoint profiles nothing: its first stage only sets up model and prompt
+        profiles = any(nodes[n]["type"] == "ProfilerModelLoader" for n in members)
+        title = f"{number}. {STAGES[s] if s or profiles else 'model and prompt'}"
+        groups.append({"title": title, "bounding": [left, Y0, right - left, bottom + GROUP_PAD - Y0],
+                       "color": GROUP_COLOR, "font_size": GROUP_FONT_SIZE, "flags": {}})
+        x = right + GROUP_GAP
+    return groups
+
+
+def _opening_view(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The saved view (``extra.ds``): the whole graph when it fits at ``MAX_SCALE`` or less, else its start at
+    ``MIN_SCALE`` (the user pans right to the later stages), in a ``VIEW`` canvas below the menu bar."""
+    if not groups:
+        return {"scale": 1.0, "offset": [0, 0]}
+    left = min(g["bounding"][0] for g in groups)
+    top = min(g["bounding"][1] for g in groups)
+    right = max(g["bounding"][0] + g["bounding"][2] for g in groups)
+    bottom = max(g["bounding"][1] + g["bounding"][3] for g in groups)
+    view_w, view_h = VIEW[0] - VIEW_MARGIN[0] - VIEW_PAD, VIEW[1] - VIEW_MARGIN[1] - VIEW_PAD
+    fit = min(view_w / (right - left), view_h / (bottom - top))
+    scale = round(max(MIN_SCALE, min(MAX_SCALE, fit)), 2)
+    # screen = (world + offset) * scale: put the graph's top-left corner at the margin
+    offset = [round(VIEW_MARGIN[0] / scale - left, 1), round(VIEW_MARGIN[1] / scale - top, 1)]
+    return {"scale": scale, "offset": offset}
 
 
 def dumps(workflow: Mapping[str, Any]) -> str:
@@ -286,7 +397,7 @@ def build_all(api_dir: Path, out_dir: Path, node_classes: Mapping[str, type]) ->
     for api_file in api_files:
         api = json.loads(api_file.read_text(encoding="utf-8"))
         try:
-            ui = build_ui_workflow(api, node_classes)
+            ui = build_ui_workflow(api, node_classes, api_file.stem)
         except WorkflowError as exc:
             raise WorkflowError(f"{api_file}: {exc}") from None
         target = out_dir / api_file.name
