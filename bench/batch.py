@@ -180,7 +180,7 @@ def ledger_amortized(ledger: CostLedger, raw_ratio: float, ns: Sequence[int] = A
 def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dict[str, Any]:
     """Run the benchmark on ``target``; a JSON-ready report (see ``format_batch_report``).
 
-    >>> report = bench_batch(RandomSDTarget(size=8, steps=4), BenchConfig(variants=2, profile_seeds=1))  # doctest: +SKIP
+    >>> report = bench_batch(RandomSDTarget(size=8, steps=4), BenchConfig(variants=6, profile_seeds=2, holdout_seeds=1))  # doctest: +SKIP
     >>> sorted(report["rows"][0])  # doctest: +SKIP
     ['label', 'quality', 'resident_unet_bytes', 's_per_image', 'seconds', 'speedup']
     """
@@ -190,7 +190,7 @@ def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dic
 def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple[dict[str, Any], BatchRun]:
     """``bench_batch``'s report and the run behind it (stock images, profile, judge: see ``BatchRun``).
 
-    >>> report, run = run_batch(RandomSDTarget(size=8, steps=4), BenchConfig(variants=2, profile_seeds=1))  # doctest: +SKIP
+    >>> report, run = run_batch(RandomSDTarget(size=8, steps=4), BenchConfig(variants=6, profile_seeds=2, holdout_seeds=1))  # doctest: +SKIP
     >>> len(run.stock) == report["variants"]  # doctest: +SKIP
     True
     """

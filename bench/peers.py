@@ -382,7 +382,7 @@ def bench_peers(target: BenchTarget, config: BenchConfig = BenchConfig(), peers:
                 skip: Sequence[str] = ()) -> dict[str, Any]:
     """The batch bench on ``target``, then every peer on the same run; a JSON-ready report (``format_peer_report``).
 
-    >>> report = bench_peers(ReferenceTarget(DEFAULT_PROMPT, limits=gate, steps=4), BenchConfig(variants=2))  # doctest: +SKIP
+    >>> report = bench_peers(ReferenceTarget(DEFAULT_PROMPT, limits=gate, steps=4), BenchConfig(variants=16))  # doctest: +SKIP
     >>> all(set(row) == set(ROW_KEYS) for row in report["rows"])  # doctest: +SKIP
     True
     """

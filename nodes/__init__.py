@@ -7,6 +7,7 @@ from .fragment_extractor import FragmentExtractor
 from .fragment_loader import FragmentLoader
 from .manual_levers import FragmentManualLevers
 from .profiler_loader import ProfilerModelLoader
+from .status_text import FragmentStatus
 from .usage_visualizer import UsageVisualizer
 
 register_fragments_folder()
@@ -18,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "FragmentLoader": FragmentLoader,
     "BatchGenerator": BatchGenerator,
     "UsageVisualizer": UsageVisualizer,
+    "FragmentStatus": FragmentStatus,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -27,4 +29,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FragmentLoader": "Fragment Loader",
     "BatchGenerator": "Batch Generator (many seeds)",
     "UsageVisualizer": "Head Usage Heatmap",
+    "FragmentStatus": "Fragment Status",
 }

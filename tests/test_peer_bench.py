@@ -24,7 +24,7 @@ from prompt_fragments.metrics.performance import amortized_costs
 PEERS = PeerConfig(deepcache_intervals=(2,), deepcache_branches=(0, 9), tome_ratios=(0.5,), cfg_cutoffs=(350.0,),
                    stack_intervals=(2,))
 # goal both: the chosen fragment has byte levers, so the DeepCache stack needs no second (memory) calibration
-CONFIG = BenchConfig(variants=2, profile_seeds=2, holdout_seeds=1, budget_images=8, goal="both")
+CONFIG = BenchConfig(variants=5, profile_seeds=2, holdout_seeds=1, budget_images=8, goal="both", fresh_seeds=0)
 
 
 @pytest.fixture(scope="module")

@@ -305,12 +305,12 @@ def prepare(name: str, ckpt_name: str, *, count: int | None = None, batch_size: 
             if count is not None:
                 inputs["count"] = count
         if kind == "FragmentExtractor":
-            assert inputs["ratio"] == RATIO and inputs["strategy"] == "ratio"
+            assert not {"ratio", "strategy", "steps", "seed"} & set(inputs), f"{name}: lever amounts or sampler widgets on the extractor"
             # The shipped graphs calibrate (the judge picks the levers, tests/test_comfy_judge.py); these
-            # checks are about a fragment of RATIO's heads going through the loader and the batch, so
-            # they run the fixed-settings path, with the steps kept in line with the shrunk KSampler.
+            # checks are about a fragment of RATIO's heads (FragmentManualLevers' default, used when no levers
+            # node is connected) going through the loader and the batch, so they run the fixed-settings path.
             assert inputs["calibrate"] == "auto" and _is_link(inputs["vae"]), f"{name}: the shipped extractor is not judged"
-            inputs.update(calibrate="off", steps=STEPS)
+            inputs.update(calibrate="off")
             if name == "full_pipeline":
                 inputs["name"] = FULL_FRAGMENT
     return prompt

@@ -11,7 +11,7 @@
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
-const NODE_TYPES = new Set(["FragmentExtractor", "FragmentLoader", "BatchGenerator"]);
+const NODE_TYPES = new Set(["FragmentExtractor", "FragmentLoader", "BatchGenerator", "FragmentStatus"]);
 const WIDGET_NAME = "fragment_status";
 const WARNING_COLOR = "#7a5a00";
 const WARNING_BGCOLOR = "#4d3800";
