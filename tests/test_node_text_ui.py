@@ -230,10 +230,15 @@ def test_after_a_run_the_extractor_loader_and_batch_show_their_text(ui: UI, tmp_
     del prompt["7"], prompt["8"]  # the profiled sample's decode and save: not needed for the text
     prompt["12"] = {"class_type": "PreviewImage", "inputs": {"images": ["11", 0]}}  # temp folder, not output
 
-    shown, history = _queue_in_browser(ui, prompt, "node_text.json", [extractor, loader, batch])
+    # the workflow's FragmentStatus nodes, one per status output
+    views = {k: v["inputs"]["status"][0] for k, v in prompt.items() if v["class_type"] == "FragmentStatus"}
+    assert sorted(views.values()) == sorted([extractor, loader]), views
+    shown, history = _queue_in_browser(ui, prompt, "node_text.json", [extractor, loader, batch, *views])
     assert ui.page.locator(ERROR_DIALOG).count() == 0, ui.page.locator(ERROR_DIALOG).first.inner_text()
     assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
-    assert sorted(shown) == sorted([extractor, loader, batch]), shown
+    assert sorted(shown) == sorted([extractor, loader, batch, *views]), shown
+    for view, source in views.items():
+        assert shown[view]["value"] == shown[source]["value"], (view, source)
     for node_id, box in shown.items():
         assert [box["value"]] == history["outputs"][node_id]["text"], node_id  # the text the server sent, whole
         assert box["dom"] == {"value": box["value"], "readOnly": True, "warning": None, "attached": True}, box
