@@ -156,9 +156,9 @@ class FragmentExtractor:
             check_budget(budget, batch_images, holdout_seeds, batch_of(trigger), explicit=budget_images is not None)
             check_steps(sampler, len(profile.session.step_timesteps() or []))
         model = profile.diffusion_model
-        if sampler is not None:
-            # A clone kept loaded after an earlier queue has its object patches on the shared modules: read the base as it is.
-            unload_clones(profile.patcher)
+        # A clone kept loaded after an earlier queue (a fragment's MODEL) has its object patches on the shared modules:
+        # put them back before reading the base, calibrating or not (else a pruned module is read as the base).
+        unload_clones(profile.patcher)
         originals = unpatched_originals(profile.patcher)
         digest = base_sha256(model, originals)
         base = describe_base(model, profile.checkpoint, sha256=digest, hash_kind="state_dict_fp16")

@@ -75,6 +75,10 @@ TEMPLATES = {
 NODE_WIDTH, WIDE_NODE_WIDTH = 315, 400
 TITLE_H, SLOT_H, WIDGET_H, MULTILINE_H, IMAGE_H = 30, 22, 26, 120, 250
 IMAGE_NODES = {"SaveImage", "PreviewImage"}
+#: Nodes that show a status box after a run (web/fragments_text.js grows them to fit the text): room below each,
+#: so the grown box does not cover the node stacked under it.
+STATUS_NODES = {"FragmentExtractor", "FragmentLoader", "BatchGenerator", "FragmentStatus"}
+STATUS_ROOM = 90
 
 UI_VERSION = 0.4
 
@@ -350,7 +354,7 @@ def _place(nodes: dict[str, dict[str, Any]], ids: list[str], depth: Mapping[str,
             for node_id in columns[d]:
                 node = nodes[node_id]
                 node["pos"] = [x, y]
-                y += node["size"][1] + ROW_GAP
+                y += node["size"][1] + ROW_GAP + (STATUS_ROOM if node["type"] in STATUS_NODES else 0)
                 width = max(width, node["size"][0])
             bottom = max(bottom, y - ROW_GAP)
             x += width + COLUMN_GAP
