@@ -391,6 +391,7 @@ class Calibration:
     reason: str = ""
     units: float = 0.0  # the overhead spent, in u (the held-out references are delivered: output, not overhead)
     delivered: int = 0  # full-model images rendered as references that the user keeps
+    warm_start: int | None = None  # the ladder rung a prior started the search at (None: a cold search)
 
     @property
     def confirmed(self) -> dict[str, Any] | None:
@@ -413,7 +414,8 @@ class Calibration:
             "fallback_full_model": self.chosen is None, "reason": self.reason,
             "chosen": self.chosen.to_dict() if self.chosen else None,
             "calibration_seeds": list(self.calibration_seeds), "holdout_seeds": list(self.holdout_seeds),
-            "budget": self.budget.record(),
+            "budget": self.budget.record(), "start": "warm (prior)" if self.warm_start is not None else "cold",
+            "warm_start": self.warm_start,
             "cost": {"images": self.images, "seconds": round(self.seconds, 4), "units": round(self.units, 4),
                      "delivered": self.delivered},
             "tries": [dict(t) for t in self.tries],
@@ -464,7 +466,8 @@ def calibrate(
         raise FragmentError(f"calibration images_per_seed: expected an integer >= 1, found {images_per_seed!r}")
     reference_cost = len(holdout_seeds) * images_per_seed if holdout_reference_images is None else holdout_reference_images
     started = time.perf_counter()
-    cal = Calibration(goal, None, "fallback_full_model", calibration_seeds, holdout_seeds, budget, judge_name)
+    cal = Calibration(goal, None, "fallback_full_model", calibration_seeds, holdout_seeds, budget, judge_name,
+                      warm_start=start if confirm_only and start is not None else None)
     results: dict[tuple[str, str], Judgement] = {}
     references_paid = False
     per_image_u: list[float] = []  # each try's cost per candidate image, in u

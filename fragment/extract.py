@@ -26,6 +26,7 @@ from .calibration import (Budget, Calibration, Candidate, Judgement, calibrate, 
 from .format.manifest import Fragment
 from .format.measurements import record_measurements
 from .format.store import save_fragment
+from .library.prior import PriorPlace, calibrate_with_prior
 from .levers import stage
 from .schedule.state import fragment_schedule, with_schedule
 from .settings import ExtractionSettings
@@ -154,6 +155,7 @@ def calibrated_fragment(
     settings: ExtractionSettings = ExtractionSettings(),
     holdout_reference_images: int | None = None,
     images_per_seed: int = 1,
+    prior: PriorPlace | None = None,
 ) -> tuple[Fragment | None, Calibration]:
     """Score, predict, and judge candidates until the strongest that passes both seed sets is found.
 
@@ -162,6 +164,9 @@ def calibrated_fragment(
     calibration seeds).  Returns the chosen fragment with the calibration recorded in its manifest
     (``quality.refinement``), or ``None`` when nothing passed: the full model is then the answer.
     The head scores are computed once (``evidence`` keeps them), however many candidates are built.
+    With ``prior`` (``fragment.library.prior.PriorPlace``) the search starts where earlier prompts on the same
+    model configuration predict a pass and only confirms it (warm; cold when the prior has nothing), and the
+    profile and the judged tries are recorded into that prior.
 
     >>> frag, cal = calibrated_fragment(evidence, unet, judge, base=base, name="dog",  # doctest: +SKIP
     ...                                 calibration_seeds=range(8), holdout_seeds=[100, 101], goal="speed")
@@ -184,10 +189,13 @@ def calibrated_fragment(
             passed[candidate] = fragment
         return verdict
 
-    cal = calibrate(ladder, judge,
-                    calibration_seeds=calibration_seeds, holdout_seeds=holdout_seeds, budget=budget, goal=goal,
-                    judge_name=judge_name, holdout_reference_images=holdout_reference_images,
-                    images_per_seed=images_per_seed)
+    run = dict(calibration_seeds=calibration_seeds, holdout_seeds=holdout_seeds, budget=budget, goal=goal,
+               judge_name=judge_name, holdout_reference_images=holdout_reference_images, images_per_seed=images_per_seed)
+    if prior is None:
+        cal = calibrate(ladder, judge, **run)
+    else:
+        cal = calibrate_with_prior(ladder, judge, directory=prior.directory, key=prior.key, prompt=prior.prompt,
+                                   evidence=evidence, **run)
     if cal.chosen is None:
         return None, cal
     return record_calibration(passed[cal.chosen], cal), cal

@@ -493,6 +493,16 @@ def warm_start(directory: str | os.PathLike, key: PriorKey, ladder: Sequence[Any
     return prior.suggest(ladder) if prior is not None else None
 
 
+@dataclass(frozen=True)
+class PriorPlace:
+    """Where a calibration's prior lives: the fragments folder (its ``.library/priors``), the key, and the prompt
+    (kept only as a digest) whose tries it records."""
+
+    directory: str | os.PathLike
+    key: PriorKey
+    prompt: str
+
+
 def calibrate_with_prior(ladder: Sequence[Any], judge: Any, *, directory: str | os.PathLike, key: PriorKey,
                          prompt: str, evidence: Any = None, **calibrate_kwargs: Any) -> Any:
     """``calibrate`` started from the prior of ``key`` (``warm_start``; cold when there is none), then the
