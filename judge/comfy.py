@@ -30,7 +30,7 @@ from ..defaults import DEFAULT_THRESHOLDS
 from ..errors import FragmentError
 from ..fragment.calibration import Judgement
 from ..fragment.format.manifest import Fragment
-from .gate import gate_failures, gate_slack, measurable_limits
+from .gate import gate_failures, gate_slack, image_tails, measurable_limits
 from .image_similarity import ssim
 from .latent_distance import latent_rel_error
 from .thresholds import load_thresholds
@@ -225,9 +225,13 @@ class ComfyJudge:
             images = self._images(samples)
             scores = [min(1.0, v) for v in ssim(full, images)]  # float rounding puts identical images at 1.000001
             metrics = {"ssim_mean": sum(scores) / len(scores), "ssim_min": min(scores), "space": "image"}
+            distances = None
             if self.lpips is not None:
                 distances = self.lpips(full, images)
                 metrics["lpips_mean"] = sum(distances) / len(distances)
+            # the per-image tails beside the means (issue #26 item 5), as the reference judge reports them
+            tails = image_tails(scores, distances, self.limits.get("ssim_min"))
+            metrics.update({k: v for k, v in tails.items() if v is not None})
         failures = gate_failures(metrics, self.limits)
         return {**metrics, "gate_failures": failures, "gate_slack": gate_slack(metrics, self.limits)}
 
