@@ -209,8 +209,9 @@ class ComfyJudge:
             raise FragmentError(
                 f"FragmentExtractor: the trigger LATENT is not the full model's output for seed {seed}, "
                 f"{self.settings.steps} steps, cfg {self.settings.cfg:g}, {self.settings.sampler_name}/{self.settings.scheduler} "
-                f"(relative error {error:.3g}); give the extractor the profiled KSampler's seed, steps, cfg, sampler_name "
-                "and scheduler (calibration needs an empty input latent and denoise 1), or set calibrate to off")
+                f"(relative error {error:.3g}); connect the profiled KSampler's LATENT output to trigger, and leave the "
+                "seed, steps, cfg, sampler_name and scheduler overrides unconnected (the profiled run's are used; "
+                "calibration needs an empty input latent and denoise 1), or set calibrate to off")
         return error
 
     def _images(self, samples: torch.Tensor) -> torch.Tensor:

@@ -180,7 +180,9 @@ def test_an_override_that_agrees_is_accepted_and_one_that_disagrees_is_refused(e
 
 
 def test_a_trigger_that_is_not_the_profiled_run_is_refused(env) -> None:
-    other = {"samples": env.sampled["samples"] + 1.0}
+    # another image, not a rounding of this one: the random checkpoint's latents are large (mean |x| near 60),
+    # so an offset of 1 is within the check's 2 % tolerance
+    other = {"samples": -env.sampled["samples"]}
     with pytest.raises(Exception, match=r"the trigger LATENT is not the full model's output for seed 7") as info:
         _calibrate(env, "judged_wrong_trigger", trigger=other)
     assert type(info.value).__name__ == "FragmentError"

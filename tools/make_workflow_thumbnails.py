@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workflows", type=Path, default=UI_DIR, help="UI-format workflows (default: workflows)")
     parser.add_argument("--out-dir", type=Path, default=None, help="where <name>.jpg go (default: beside the workflows)")
+    parser.add_argument("--screenshots", type=Path, default=None,
+                        help="also save each whole 1600x1000 screenshot there as <name>.png (the README's picture)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     import comfyui_server as harness
@@ -120,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         partial.write_bytes(thumbnail(png))
         partial.replace(target)  # a killed run leaves the old thumbnail, not half a new one
         print(f"wrote {target} ({target.stat().st_size} bytes)")
+        if args.screenshots is not None:
+            args.screenshots.mkdir(parents=True, exist_ok=True)
+            whole = args.screenshots / f"{name}.png"
+            partial = whole.with_suffix(".png.partial")
+            partial.write_bytes(png)
+            partial.replace(whole)
+            print(f"wrote {whole} ({whole.stat().st_size} bytes)")
     return 0
 
 
