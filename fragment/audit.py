@@ -170,14 +170,19 @@ class AuditedBatch:
     def summary(self) -> str:
         """One line for a status, e.g. ``audited 4 of 32: 4 passed``.
 
+        Rows given (full-model images already rendered) are not counted: the audit is of the images left to render.
+
         >>> b = AuditedBatch([1, 2], [0, 0], [FULL, "a"], [AuditRecord(1, 0, "a", True, {})])
         >>> b.summary()
         'audited 1 of 2: 1 passed'
+        >>> AuditedBatch([1, 2, 3, 4], [0] * 4, [FULL] * 3 + ["a"], [AuditRecord(3, 2, "a", True, {})], given=2).summary()
+        'audited 1 of 2: 1 passed'
         """
+        rendered = len(self.seeds) - self.given
         if not self.records:
-            return f"no audit of {len(self.seeds)} images"
+            return f"no audit of {rendered} images"
         passed = sum(r.passed for r in self.records)
-        line = f"audited {len(self.records)} of {len(self.seeds)}: {passed} passed"
+        line = f"audited {len(self.records)} of {rendered}: {passed} passed"
         if passed < len(self.records):
             line += f", {len(self.records) - passed} failed"
         for index, old, new in self.switches:

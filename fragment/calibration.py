@@ -392,6 +392,9 @@ class Calibration:
     units: float = 0.0  # the overhead spent, in u (the held-out references are delivered: output, not overhead)
     delivered: int = 0  # full-model images rendered as references that the user keeps
     warm_start: int | None = None  # the ladder rung a prior started the search at (None: a cold search)
+    prior: str | None = None  # the model configuration whose prior was consulted (``PriorKey.name``; None: none was)
+    prior_prompts: int = 0  # the earlier prompts with judged tries in that prior
+    warnings: list[str] = field(default_factory=list)  # what the user must read (an unreadable prior: a cold start)
 
     @property
     def confirmed(self) -> dict[str, Any] | None:
@@ -415,7 +418,8 @@ class Calibration:
             "chosen": self.chosen.to_dict() if self.chosen else None,
             "calibration_seeds": list(self.calibration_seeds), "holdout_seeds": list(self.holdout_seeds),
             "budget": self.budget.record(), "start": "warm (prior)" if self.warm_start is not None else "cold",
-            "warm_start": self.warm_start,
+            "warm_start": self.warm_start, "prior": self.prior, "prior_prompts": self.prior_prompts,
+            "warnings": list(self.warnings),
             "cost": {"images": self.images, "seconds": round(self.seconds, 4), "units": round(self.units, 4),
                      "delivered": self.delivered},
             "tries": [dict(t) for t in self.tries],

@@ -15,6 +15,7 @@ would pick the full model).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from .format.manifest import Fragment
 from .format.measurements import record_measurements
 from .format.store import check_free, save_fragment
 from .library.index import register
+from .library.prior import PriorPlace
 from .settings import ExtractionSettings
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,14 @@ class Judging:
     space: str = ""
     reference_images: int = 0
     prepare: Callable[[], None] | None = None  # run before judging, e.g. the host's check of its reference render
+    # where the model configuration's prior lives: the search starts warm from it and records its tries into it
+    prior: PriorPlace | None = None
+    # after ``prepare``: the seconds of one stock image the host measured (None: not measured), so the tries'
+    # cost is counted in measured u (``Budget.unit_s``)
+    unit_s: Callable[[], float | None] | None = None
+    # the host's cost model (``metrics.costs.calibration_costs``, which the core cannot import): the status's
+    # "spent ... u, pays back from image ..." line and the record kept in ``performance.calibration.ledger``
+    costs: Callable[[Calibration], tuple[str | None, dict[str, Any]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,8 +111,17 @@ def make_fragment(
     else:
         if judging.prepare is not None:
             judging.prepare()
+        unit_s = judging.unit_s() if judging.unit_s is not None else None
+        if unit_s is not None and judging.budget.unit_s is None:
+            judging = dataclasses.replace(judging, budget=dataclasses.replace(judging.budget, unit_s=unit_s))
         fragment, cal = judged_fragment(evidence, model, judging, base=base, name=name, settings=settings)
-        status = calibration_status(cal, judging)
+        line = None
+        if judging.costs is not None:
+            line, ledger = judging.costs(cal)
+            calibration = {**dict(fragment.manifest.get("performance", {}).get("calibration", {})), "ledger": ledger}
+            fragment = Fragment(manifest=record_measurements(fragment.manifest, performance={"calibration": calibration}),
+                                tensors=fragment.tensors)
+        status = calibration_status(cal, judging, line)
         params = {"strategy": "ratio", "ratio": cal.chosen.amount("heads") if cal.chosen else 0.0, "scope": settings.scope,
                   "calibration": cal.status, "levers": cal.chosen.label if cal.chosen else "full model"}
     path = save_fragment(fragment, directory, overwrite=overwrite)
@@ -124,7 +143,7 @@ def judged_fragment(evidence: ProfileEvidence, model: nn.Module, judging: Judgin
     fragment, cal = calibrated_fragment(
         evidence, model, judging.judge, base=base, name=name, calibration_seeds=list(judging.seeds),
         holdout_seeds=list(judging.holdout_seeds), goal=judging.goal, budget=judging.budget, judge_name=judging.name,
-        settings=settings, images_per_seed=judging.images_per_seed)
+        settings=settings, images_per_seed=judging.images_per_seed, prior=judging.prior)
     if fragment is None:
         fragment = record_calibration(candidate_fragment(evidence, model, Candidate(), base=base, name=name,
                                                          settings=settings), cal)
@@ -132,7 +151,8 @@ def judged_fragment(evidence: ProfileEvidence, model: nn.Module, judging: Judgin
     cost = {"images": cal.images, "seconds": round(cal.seconds, 3), "tries": len(cal.tries),
             "budget_images": judging.budget.images, "reference_check_images": judging.reference_images,
             # in u (one stock image) when the budget was sized for a batch: what judging spent, what it may spend
-            "units": round(cal.units, 4), "delivered": cal.delivered, "budget_units": judging.budget.units}
+            "units": round(cal.units, 4), "delivered": cal.delivered, "budget_units": judging.budget.units,
+            "unit_s": judging.budget.unit_s, "start": cal.record()["start"]}
     return Fragment(manifest=record_measurements(fragment.manifest, performance={"calibration": cost}),
                     tensors=fragment.tensors), cal
 
@@ -153,19 +173,45 @@ def calibration_status(cal: Calibration, judging: Judging, cost_line: str | None
     ['0 tries, 0 images, 0.0 s, 3.0 u of the 15.0 u a batch of 32 repays at 2.00x raw (estimated)', 'spent 4.0 u (2.0 s), ...']
     """
     cost = f"{len(cal.tries)} tries, {cal.images} images, {cal.seconds:.1f} s"
+    start = start_clause(cal)
+    if start:
+        cost = f"{start}; {cost}"
     if cal.budget.units is not None:
         cost += (f", {cal.units:.1f} u of the {cal.budget.units + cal.budget.spent_u:.1f} u a batch of {cal.budget.batch} "
                  f"repays at {cal.budget.raw_ratio:.2f}x raw (estimated)")
     if cost_line:
         cost += f"; {cost_line}"
+    warned = "".join(f"; WARNING: {w}" for w in cal.warnings)
     if cal.chosen is None:
         last = next((t for t in reversed(cal.tries) if t["reasons"]), None)
         why = f"; last failures ({last['candidate']['label']}): {'; '.join(last['reasons'])}" if last else ""
         return (f"FULL MODEL used: no lever combination passed the quality gate ({cal.reason}){why}; the stored "
                 f"fragment has no levers (quality_gate fallback_full_model); {cost}; {judging.space}; "
-                f"judge: {judging.name}")
+                f"judge: {judging.name}{warned}")
     metrics = (cal.confirmed or {}).get("metrics", {})
     figures = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("ssim_mean", "lpips_mean", "latent_rel_error")
                         if isinstance(metrics.get(k), (int, float)))
     return (f"calibrated ({cal.goal}): {cal.chosen.label}; held-out seeds {cal.holdout_seeds}: {figures}; {cost}; "
-            f"{judging.space}; judge: {judging.name}")
+            f"{judging.space}; judge: {judging.name}{warned}")
+
+
+def start_clause(cal: Calibration) -> str:
+    """Cold or warm, when a prior was consulted (``""`` when none was).
+
+    >>> cal = Calibration("speed", None, "passed", [1], [2], Budget(4), "toy", prior="k", prior_prompts=2, warm_start=3)
+    >>> start_clause(cal)
+    'warm start (the prior of 2 earlier prompts on this model configuration)'
+    >>> start_clause(dataclasses.replace(cal, warm_start=None, prior_prompts=0))
+    'cold start (no prior for this model configuration yet)'
+    """
+    if cal.prior is None:
+        return ""
+    plural = "s" if cal.prior_prompts != 1 else ""
+    if cal.warm_start is not None:
+        return f"warm start (the prior of {cal.prior_prompts} earlier prompt{plural} on this model configuration)"
+    if cal.warnings and not cal.prior_prompts:
+        return "cold start (the prior could not be used: see the warning)"
+    if cal.prior_prompts:
+        return (f"cold start (the prior of {cal.prior_prompts} earlier prompt{plural} on this model configuration "
+                "predicts no rung)")
+    return "cold start (no prior for this model configuration yet)"

@@ -19,6 +19,7 @@ This module imports ComfyUI (``comfy.sample``): only ``nodes/`` imports it.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -169,6 +170,14 @@ class ComfyJudge:
             self.latent["batch_index"] = trigger["batch_index"]
         self.references: dict[int, torch.Tensor] = {settings.seed: samples.detach().float().cpu()}
         self.decoded: dict[int, torch.Tensor] = {}
+        self.reference_seconds: float | None = None  # the reference check's render: one full-model (stock) run
+
+    @property
+    def unit_s(self) -> float | None:
+        """Seconds of one stock image (``u``), from the reference check's full-model render (None before it ran)."""
+        if self.reference_seconds is None or self.reference_seconds <= 0:
+            return None
+        return self.reference_seconds / self.batch
 
     @property
     def batch(self) -> int:
@@ -201,10 +210,13 @@ class ComfyJudge:
 
         A seed, cfg, sampler or scheduler other than the profiled KSampler's (or a non-empty
         input latent, or denoise below 1) would make every comparison wrong; one render finds out.
-        Returns the relative error found (0 on a deterministic device).
+        Returns the relative error found (0 on a deterministic device); the render's seconds are ``unit_s``.
         """
         seed = self.settings.seed
-        error = latent_rel_error(self.references[seed], self._run(self.models.full(self.patcher), seed))
+        started = time.perf_counter()
+        rendered = self._run(self.models.full(self.patcher), seed)
+        self.reference_seconds = time.perf_counter() - started
+        error = latent_rel_error(self.references[seed], rendered)
         if error > tolerance:
             raise FragmentError(
                 f"FragmentExtractor: the trigger LATENT is not the full model's output for seed {seed}, "

@@ -156,3 +156,45 @@ def cost_line(ledger: CostLedger, raw_ratio: float, n: int) -> str:
     pays = "never pays back (the fragment is not faster)" if even is None else f"pays back from image {even}"
     return (f"spent {ledger.overhead_u:.1f} u ({ledger.overhead_s:.1f} s), {pays} at {raw_ratio:.2f}x raw; "
             f"amortized {amortized_ratio(ledger.overhead_u, raw_ratio, n, ledger.delivered):.2f}x at N={n}")
+
+
+def calibration_costs(cal: Any, *, unit_s: float | None, n: int, raw_ratio: float | None,
+                      reference_s: float = 0.0, reference_images: int = 0,
+                      profiled_images: int = 0,
+                      ratio_note: str = "estimated before judging") -> tuple[str | None, dict[str, Any]]:
+    """One host's calibration (``fragment.calibration.Calibration``) as a ledger: the status line and the record.
+
+    ``unit_s`` is the seconds of one stock image as the host measured it (ComfyJudge: its reference check, a
+    full-model render of the profiled seed); ``reference_s`` / ``reference_images`` that check, overhead (the
+    user already has that image); the calibration's own time counts as judged work, its held-out references
+    delivered.  ``profiled_images`` (the profiled run's images, which the batch keeps) are delivered too; the
+    profile hooks' own time is not measured here, and the record says so.  ``raw_ratio`` is the estimate the
+    budget used; with no lever chosen (the full model) the ratio is 1 and the line says it never pays back.
+    Without ``unit_s`` there is no line.
+
+    >>> from types import SimpleNamespace
+    >>> cal = SimpleNamespace(seconds=3.0, images=3, delivered=1, chosen="heads 20%")
+    >>> line, rec = calibration_costs(cal, unit_s=0.5, n=32, raw_ratio=2.0, reference_s=0.5, reference_images=1,
+    ...                               profiled_images=1)
+    >>> line
+    'spent 6.0 u (3.0 s), pays back from image 14 at 2.00x raw; amortized 1.39x at N=32'
+    >>> rec["overhead_u"], rec["break_even_images"], rec["profile_hooks"]
+    (6.0, 14, 'not measured')
+    >>> calibration_costs(cal, unit_s=None, n=32, raw_ratio=2.0)[0] is None
+    True
+    """
+    if unit_s is None or not math.isfinite(unit_s) or unit_s <= 0:
+        return None, {"unit_s": None, "note": "no stock image was timed: no cost in u"}
+    ratio = float(raw_ratio) if cal.chosen is not None and raw_ratio else 1.0
+    ledger = CostLedger(unit_s)
+    if reference_images:
+        ledger.add("reference", max(float(reference_s), 0.0), images=int(reference_images))
+    if profiled_images:  # the profiled run's images are the user's: output at one stock image each
+        ledger.add("profile_hooks", unit_s * int(profiled_images), images=int(profiled_images),
+                   delivered=int(profiled_images))
+    ledger.add("judged", max(float(cal.seconds), 0.0), images=int(cal.images), delivered=int(cal.delivered))
+    record = ledger.record(raw_ratio=ratio, n=n)
+    record["profile_hooks"] = "not measured"
+    record["raw_ratio_source"] = ratio_note if cal.chosen is not None and raw_ratio else \
+        "1.0: the full model was kept" if cal.chosen is None else "1.0: no estimate"
+    return cost_line(ledger, ratio, n), record

@@ -16,7 +16,13 @@ Two modes (``calibrate``):
   before anything renders.  Every full-model render (the profiled seed and the
   held-out seeds) comes out as ``full_model_latents``, one row per seed, for the
   batch to keep.  When nothing passes, the stored fragment is the full model (no
-  levers) marked ``fallback_full_model``, and the status says why.
+  levers) marked ``fallback_full_model``, and the status says why.  The search
+  starts warm from the prior of the model configuration (base hash, sampler,
+  scheduler, steps, size, cfg; ``models/fragments/.library/priors``) when earlier
+  prompts left one, else cold, and records its tries into it; an unreadable prior
+  is left in place and the run is cold, with a warning in the status.  The status
+  says cold or warm and what the calibration spent in u (one stock image, timed
+  by the reference check) and from which image the planned batch pays it back.
 * fixed settings (``off``, or ``auto`` with the prompts missing): the amounts of
   the optional ``levers`` input (FragmentManualLevers; its defaults when not
   connected), unjudged.
@@ -34,11 +40,13 @@ from ..defaults import optional_lpips
 from ..errors import FragmentError
 from ..fragment.build import describe_base
 from ..fragment.calibration import GOALS, Budget
-from ..fragment.library.fingerprint import pool_conditioning
+from ..fragment.library.fingerprint import conditioning_identity, pool_conditioning
+from ..fragment.library.prior import PriorKey, PriorPlace
 from ..fragment.patching import base_sha256
 from ..fragment.pipeline import Judging, make_fragment
 from ..fragment.settings import ExtractionSettings
 from ..judge.comfy import ComfyJudge, SamplerSettings, check_steps
+from ..metrics.costs import calibration_costs
 from .comfy_versions import unload_clones
 from .folders import CATEGORY, FragmentHandle, ProfileHandle, fragments_dir, tip, unpatched_originals
 from .fragment_loader import JUDGE_MODELS
@@ -166,7 +174,8 @@ class FragmentExtractor:
         judging = None
         if sampler is not None:
             judging = comfy_judging(profile, sampler, positive, negative, trigger, vae, digest, originals,
-                                    goal=goal, holdout=holdout_seeds, budget_images=budget)
+                                    goal=goal, holdout=holdout_seeds, budget_images=budget, batch_images=batch_images,
+                                    prior=prior_place(digest, sampler, trigger, positive))
         why = "calibrate off" if calibrate == "off" else "calibrate auto: the positive and negative prompts are not connected"
         made = make_fragment(profile.session.evidence(kv_context), model, base=base, name=name, directory=fragments_dir(),
                              settings=settings, judging=judging, overwrite=overwrite, unjudged_reason=why,
@@ -298,10 +307,33 @@ def full_model_latents(judge: ComfyJudge | None, trigger: Any) -> dict[str, Any]
     return {"samples": torch.cat(rows), "fragment_seeds": seeds}
 
 
+def prior_place(digest: str, sampler: SamplerSettings, trigger: Any, positive: Any) -> PriorPlace | None:
+    """Where this run's model configuration keeps its prior: ``<fragments folder>/.library/priors``, keyed by the
+    base's sha256, the recorded sampler, scheduler, steps and cfg, and the latent's size in pixels (x 8).
+
+    ComfyUI gives the extractor the prompt only as CONDITIONING, so the prompt's identity in the prior is a digest
+    of the positive conditioning's bytes (``conditioning_identity``).  A run the key cannot describe (more steps
+    than a prior keeps, say) calibrates without a prior, and the log says so.
+    """
+    samples = trigger["samples"]
+    try:
+        key = PriorKey(digest, sampler.sampler_name, sampler.scheduler, sampler.steps,
+                       (int(samples.shape[-1]) * 8, int(samples.shape[-2]) * 8), sampler.cfg)
+    except FragmentError as exc:
+        log.warning("FragmentExtractor: no prior for this run (%s); the calibration starts cold", exc)
+        return None
+    return PriorPlace(fragments_dir(), key, conditioning_identity(positive))
+
+
 def comfy_judging(profile: ProfileHandle, sampler: SamplerSettings, positive: Any, negative: Any, trigger: Any,
-                  vae: Any, digest: str, originals: Any, *, goal: str, holdout: int, budget_images: int) -> Judging:
+                  vae: Any, digest: str, originals: Any, *, goal: str, holdout: int, budget_images: int,
+                  batch_images: int = 32, prior: PriorPlace | None = None) -> Judging:
     """The calibration's judging in ComfyUI: the profiled seed, then ``holdout`` seeds after it, rendered on clones
     of the profiled model and compared with its output (the ``trigger`` LATENT).
+
+    The reference check's full-model render times one stock image (``u``); the status's cost line counts the
+    calibration in it against the planned batch of ``batch_images`` at the assumed raw speed-up (the full model
+    kept: 1x, never pays back).  ``prior`` (``prior_place``) starts the search warm and records its tries.
 
     >>> judging = comfy_judging(profile, sampler, pos, neg, latent, None, digest, originals,  # doctest: +SKIP
     ...                         goal="both", holdout=1, budget_images=16)
@@ -313,9 +345,17 @@ def comfy_judging(profile: ProfileHandle, sampler: SamplerSettings, positive: An
     if vae is not None and "not measured" in lpips_note:
         space += "; LPIPS not measured (no weights installed), its limit dropped"
     seed = sampler.seed
+
+    def costs(cal: Any) -> tuple[str | None, dict[str, Any]]:
+        checked = judge.reference_seconds is not None
+        return calibration_costs(cal, unit_s=judge.unit_s, n=batch_images, raw_ratio=ASSUMED_RAW_RATIO,
+                                 reference_s=judge.reference_seconds or 0.0, reference_images=judge.batch if checked else 0,
+                                 profiled_images=judge.batch, ratio_note="assumed (the extractor's budget assumption)")
+
     return Judging(judge, judge.name, [seed], [(seed + i) % SEED_SPACE for i in range(1, holdout + 1)], goal=goal,
                    budget=Budget(images=budget_images), images_per_seed=judge.batch, space=space,
-                   reference_images=judge.batch, prepare=judge.check_reference)
+                   reference_images=judge.batch, prepare=judge.check_reference, prior=prior,
+                   unit_s=lambda: judge.unit_s, costs=costs)
 
 
 def context_dtype(patcher: Any) -> torch.dtype:

@@ -221,3 +221,25 @@ def test_the_prior_bench_counts_false_passes_and_warm_savings_from_the_judged_re
     assert odd["summary"]["false_pass"] == sum(r["predicted"] is True and not r["judged_pass"] for r in hard["rungs"]) > 0
     assert hard["warm"]["chosen"] == hard["cold"]["chosen"]  # the confirmation still finds its own rung
     assert "false passes" in format_prior_report(odd)
+
+
+def test_calibrating_over_an_unreadable_prior_starts_cold_says_so_and_keeps_the_file(tmp_path: Path) -> None:
+    from prompt_fragments.fragment.library.prior import calibrate_with_prior
+    from prompt_fragments.fragment.pipeline import Judging, calibration_status
+    from test_node_messages import says_what_to_do
+
+    run = dict(directory=tmp_path, key=KEY, calibration_seeds=[0, 1], holdout_seeds=[9], goal="memory")
+    first = calibrate_with_prior(LADDER, toy_judge(0.27), prompt="a red circle", **run)
+    assert first.warm_start is None and first.prior == KEY.name and first.prior_prompts == 0 and not first.warnings
+    second = calibrate_with_prior(LADDER, toy_judge(0.27), prompt="a blue square", **run)
+    assert second.warm_start is not None and second.prior_prompts == 1 and second.record()["start"] == "warm (prior)"
+    path = priors_dir(tmp_path) / KEY.file_name
+    hostile = b'{"schema": "prompt_fragments.prior/1", "tries": [' + b"[" * 64 + b"]" * 64 + b"]}"
+    path.write_bytes(hostile)
+    third = calibrate_with_prior(LADDER, toy_judge(0.27), prompt="a green star", **run)
+    assert third.warm_start is None and third.record()["start"] == "cold" and third.chosen is not None
+    assert path.read_bytes() == hostile  # neither deleted nor written over
+    (warning,) = third.warnings
+    assert str(path) in warning and "left in place" in warning and says_what_to_do(warning), warning
+    status = calibration_status(third, Judging(None, "toy", [0, 1], [9]))
+    assert "cold start (the prior could not be used: see the warning)" in status and f"; WARNING: {warning}" in status

@@ -70,6 +70,31 @@ def pool_conditioning(conditioning: Any) -> torch.Tensor:
     return normalise(pooled)
 
 
+def conditioning_identity(conditioning: Any) -> str:
+    """A text identity for a prompt known only as CONDITIONING (what the prior keys a prompt's tries by, digested
+    again there): a sha256 of each cond tensor's shape and bytes, as float32 on the CPU, in order.
+
+    ComfyUI hands a node the encoder's output, not the text; the same text through the same encoder gives the
+    same bytes, another text other bytes.  The pooled output and the other dict entries are left out.
+
+    >>> a = conditioning_identity([[torch.ones(1, 3, 2), {"pooled_output": None}]])
+    >>> a == conditioning_identity([[torch.ones(1, 3, 2), {}]]), a == conditioning_identity([[torch.zeros(1, 3, 2), {}]])
+    (True, False)
+    >>> a[:14]
+    'conditioning:s'
+    """
+    items = conditioning if isinstance(conditioning, (list, tuple)) else [conditioning]
+    h = hashlib.sha256()
+    for item in items:
+        cond = item[0] if isinstance(item, (list, tuple)) and item else item
+        if not isinstance(cond, torch.Tensor):
+            raise FragmentError(f"conditioning: expected [tensor, dict] pairs, found {type(cond).__name__}")
+        t = cond.detach().float().cpu().contiguous()
+        h.update(repr(tuple(t.shape)).encode("ascii"))
+        h.update(t.numpy().tobytes())
+    return f"conditioning:sha256:{h.hexdigest()}"
+
+
 def normalise(vector: torch.Tensor) -> torch.Tensor:
     """A flat float32 copy of ``vector`` with unit L2 norm (zero vectors stay zero; NaNs are refused).
 

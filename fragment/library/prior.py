@@ -519,10 +519,26 @@ def calibrate_with_prior(ladder: Sequence[Any], judge: Any, *, directory: str | 
     >>> first.chosen.level, second.chosen.level, len(first.tries), len(second.tries)
     (0.3, 0.3, 3, 2)
     """
-    start = warm_start(directory, key, ladder)
+    warnings: list[str] = []
+    try:
+        prior = load_prior(directory, key)
+    except FragmentError as exc:  # ReadError included: a warm start is an optimisation, the calibration still judges
+        log.warning("prior %s not used: %s", key.name, exc)
+        remedy = ("check the file's permissions and its disk, then run again: it is read again on the next calibration"
+                  if isinstance(exc, ReadError) else
+                  f"move it out of {priors_dir(directory)} to start warm again (the next calibration writes a new one)")
+        warnings.append(f"the prior of this model configuration was not used, so the calibration started cold: {exc}; "
+                        f"the file was left in place and not updated; {remedy}")
+        prior = None
+    start = prior.suggest(ladder) if prior is not None else None
     cal = calibrate(ladder, judge, start=start, confirm_only=start is not None, **calibrate_kwargs)
+    cal.prior, cal.prior_prompts = key.name, len(prior.prompts) if prior is not None else 0
+    cal.warnings.extend(warnings)
+    if warnings:  # never over the user's file: update_prior would refuse it anyway
+        return cal
     try:
         update_prior(directory, key, evidence=evidence, calibration=cal, prompt=prompt)
     except FragmentError as exc:
         log.warning("prior %s not updated: %s", key.name, exc)
+        cal.warnings.append(f"the prior of this model configuration was not updated: {exc}")
     return cal

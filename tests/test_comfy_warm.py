@@ -1,0 +1,138 @@
+"""Tier 2: FragmentExtractor starts cold, then warm from the model configuration's prior; it says what it spent and
+when the batch pays it back; BatchGenerator audits the warm fragment (issue #26, the ComfyUI 0.3.64 target).
+
+Run on both runtimes: the 2024 one by default, ComfyUI 0.3.64 with ``COMFYUI_PATH``.  Kept cheap: a random
+SD1.5 at 64 px, 2 steps, the latent judge (no VAE), a budget of 3 judged images, and the ladder pinned to one rung
+(heads 10 %), so a calibration is one try, one held-out reference and its confirmation.  The gate is made
+permissive (every candidate passes) so the first prompt's tries certainly leave a pass in the prior: what is
+checked is the cold/warm bookkeeping, the cost line and the manifest, not the search (tests/test_prior.py) or what
+a random network tolerates.  The settings (2 steps, cfg 6.5) are this module's own, so no other module's
+calibration shares the prior's key.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from prompt_fragments.fragment.format.store import load_fragment
+from prompt_fragments.fragment.library.index import entries, forget
+from prompt_fragments.fragment.library.prior import priors_dir
+from test_node_messages import says_what_to_do
+
+SEED, STEPS, CFG = 11, 2, 6.5
+SPENT = re.compile(r"spent (\d+\.\d) u \((\d+\.\d) s\), (pays back from image (\d+)|never pays back)")
+AUDITED = re.compile(r"audited (\d+) of (\d+): (\d+) passed")
+
+
+@pytest.fixture(scope="module")
+def env(comfyui, comfyui_pack, sd15_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    nodes, mapping = comfyui.nodes, comfyui_pack.NODE_CLASS_MAPPINGS
+    with torch.inference_mode():
+        model, clip, _vae, profile = mapping["ProfilerModelLoader"]().load(sd15_checkpoint, 2, 32, "accumulate")
+        prompts = [nodes.CLIPTextEncode().encode(clip, text)[0] for text in ("A dog on a jet ski", "A red barn in snow")]
+        negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+        latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+    permissive = tmp_path_factory.mktemp("warm") / "thresholds.yaml"
+    permissive.write_text("quality_gate:\n  variants: 1\n  latent_rel_error_max: 100.0\n")
+
+    def sample(positive: Any) -> dict[str, Any]:
+        """The profiled KSampler's run for ``positive``: the extractor takes its settings from it."""
+        with torch.inference_mode():
+            return nodes.KSampler().sample(model, SEED, STEPS, CFG, "euler", "normal", positive, negative, latent)[0]
+
+    yield SimpleNamespace(nodes=nodes, mapping=mapping, model=model, profile=profile, prompts=prompts, negative=negative,
+                          latent=latent, sample=sample, permissive=permissive, pack=comfyui_pack,
+                          folder=Path(comfyui.model_dir("fragments")))
+    for entry in entries(comfyui.model_dir("fragments")):  # out of the (auto) index, as test_comfy_judge does
+        if entry["name"].startswith("warm_"):
+            forget(comfyui.model_dir("fragments"), entry["name"])
+
+
+def extract(env: SimpleNamespace, name: str, positive: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, str, Any]:
+    monkeypatch.setattr(env.pack.judge.comfy, "DEFAULT_THRESHOLDS", env.permissive)
+    rung = env.pack.fragment.calibration.Candidate({"heads": 0.1}, level=0.1)
+    monkeypatch.setattr(env.pack.fragment.extract, "candidate_ladder", lambda predictors, goal: [rung])
+    trigger = env.sample(positive)
+    with torch.inference_mode():
+        out = env.mapping["FragmentExtractor"]().extract(env.profile, trigger, name, calibrate="on", goal="speed",
+                                                         positive=positive, negative=env.negative, budget_images=3,
+                                                         holdout_seeds=1, overwrite=True)
+    handle, status, latents = out["result"]
+    assert out["ui"]["text"] == [status]
+    return handle, status, latents
+
+
+def check_cost(status: str, manifest: dict[str, Any], start: str) -> None:
+    match = SPENT.search(status)
+    assert match, status
+    refinement = manifest["quality"]["refinement"]
+    assert refinement["start"] == start, refinement["start"]
+    assert isinstance(refinement["cost"]["units"], float) and refinement["cost"]["units"] >= 0
+    calibration = manifest["performance"]["calibration"]
+    ledger = calibration["ledger"]
+    assert calibration["start"] == start and calibration["unit_s"] > 0
+    assert f"{ledger['overhead_u']:.1f}" == match.group(1) and ledger["n"] == 32
+    assert ledger["break_even_images"] == (int(match.group(4)) if match.group(4) else None)
+
+
+def test_second_prompt_starts_warm_and_batch_generator_audits_it(env, monkeypatch: pytest.MonkeyPatch) -> None:
+    handle, cold, _ = extract(env, "warm_first", env.prompts[0], monkeypatch)
+    assert "cold start (no prior for this model configuration yet)" in cold, cold
+    check_cost(cold, load_fragment(handle.manifest_path).manifest, "cold")
+    assert list(priors_dir(env.folder).glob("prior.*.json")), "the first calibration left no prior"
+
+    handle, warm, latents = extract(env, "warm_second", env.prompts[1], monkeypatch)
+    assert "warm start (the prior of 1 earlier prompt on this model configuration)" in warm, warm
+    manifest = load_fragment(handle.manifest_path).manifest
+    check_cost(warm, manifest, "warm (prior)")
+    assert manifest["quality"]["refinement"]["prior_prompts"] == 1 and not manifest["quality"]["refinement"]["warnings"]
+    print(f"\ncold: {cold}\nwarm: {warm}")
+
+    # BatchGenerator on the warm fragment, auditing every 2nd image, with the extractor's full-model latents given.
+    with torch.inference_mode():
+        fragment_model, _ = env.mapping["FragmentLoader"]().apply(env.model, "(none)", "raise", fragment=handle)
+        cls = env.mapping["BatchGenerator"]
+        out = getattr(cls(), cls.FUNCTION)(model=fragment_model, positive=env.prompts[1], negative=env.negative,
+                                           latent_image=env.latent, seed=SEED, count=4, batch_size=4, steps=STEPS,
+                                           cfg=CFG, sampler_name="euler", scheduler="normal", denoise=1.0, audit_every=2,
+                                           rendered=latents)
+    text = out["ui"]["text"][0]
+    print(f"batch: {text}")
+    given = len(latents["fragment_seeds"])  # the profiled seed and the held-out seed: delivered, not rendered again
+    assert f"{given} rows from rendered (not rendered again)" in text, text
+    match = AUDITED.search(text)
+    assert match and match.group(1) == "1", text  # 2 fragment rows: the 1st is audited
+    assert f"full-model images delivered: {given + 1}" in text, text
+    assert out["result"][0]["samples"].shape[0] == 4
+
+
+def test_an_unreadable_prior_is_left_in_place_and_the_run_is_cold_with_a_warning(env,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    extractor = sys.modules[env.mapping["FragmentExtractor"].__module__]
+    trigger = env.sample(env.prompts[0])
+    digest = extractor.base_sha256(env.profile.diffusion_model, extractor.unpatched_originals(env.profile.patcher))
+    settings = extractor.SamplerSettings(SEED, STEPS, CFG, "euler", "normal")
+    place = extractor.prior_place(digest, settings, trigger, env.prompts[0])
+    path = priors_dir(env.folder) / place.key.file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = path.read_bytes() if path.exists() else None
+    hostile = b'{"schema": "prompt_fragments.prior/1", "key": {"base_sha256": "' + b"9" * 5000 + b'"}}'
+    path.write_bytes(hostile)
+    try:
+        handle, status, _ = extract(env, "warm_hostile", env.prompts[0], monkeypatch)
+        assert path.read_bytes() == hostile, "the unreadable prior was changed"
+    finally:
+        path.write_bytes(kept) if kept is not None else path.unlink()
+    assert "cold start (the prior could not be used: see the warning)" in status, status
+    assert f"WARNING: the prior of this model configuration was not used" in status and str(path) in status, status
+    assert "left in place" in status and "move it out of" in status, status
+    assert status.startswith("calibrated (speed)") or status.startswith("FULL MODEL used"), status
+    refinement = load_fragment(handle.manifest_path).manifest["quality"]["refinement"]
+    assert refinement["start"] == "cold" and says_what_to_do(refinement["warnings"][0]), refinement
+    print(f"\nhostile: {status}")
