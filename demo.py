@@ -237,10 +237,10 @@ def run_demo(
     memory = {}
     for label, model_unet, kwargs in (("full", unet, {}), ("fragment", small, {"state": state, "cfg_cutoff": cfg_cutoff})):
         with torch.no_grad():
-            batch = peak_memory(lambda: sample(model_unet, context, uncond, batch_seeds, steps=steps, guidance=guidance,
+            measured = peak_memory(lambda: sample(model_unet, context, uncond, batch_seeds, steps=steps, guidance=guidance,
                                                **kwargs),
                                 [model_unet, context, uncond], device=next(unet.parameters()).device, step_module=model_unet)
-        memory[label] = {"step": batch.pop("step"), "batch": batch}
+        memory[label] = {"step": measured.pop("step"), "batch": measured}
     memory_metrics = peak_memory_metrics(memory)
     memory_metrics["peak_tensor_device"] = memory["full"]["batch"]["device"]
 
