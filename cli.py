@@ -36,9 +36,10 @@ def _cmd_anatomy(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import format_summary, run_demo
+    from .demo import COLD_PROMPT, format_summary, run_demo
 
-    summary = run_demo(args.out, **({"prompt": args.prompt} if args.prompt else {}), seeds=args.seeds, variants=args.variants, steps=args.steps,
+    cold = {"cold_prompt": None if args.no_cold_warm else (args.cold_prompt or COLD_PROMPT), "prior_dir": args.prior_dir}
+    summary = run_demo(**cold, out=args.out, **({"prompt": args.prompt} if args.prompt else {}), seeds=args.seeds, variants=args.variants, steps=args.steps,
                        ratio=args.ratio, goal=args.goal, budget_images=args.budget_images, holdout=args.holdout,
                        batch=args.batch,
                        guidance=args.guidance, weights=args.weights, thresholds=args.thresholds,
@@ -107,31 +108,56 @@ def _cmd_bench_batch(args: argparse.Namespace) -> int:
     from .bench.batch import BenchConfig, bench_batch, format_batch_report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = BenchConfig(variants=args.variants, profile_seeds=args.profile_seeds, goal=args.goal,
+                         budget_images=args.budget_images, holdout_seeds=args.holdout, fresh_seeds=args.fresh_seeds,
+                         budget_batch=args.budget_batch, audit_every=args.audit_every)
     if args.model == "reference":
+        from .bench.coldwarm import bench_cold_warm, format_cold_warm
+        from .bench.peers import EXTRA_PROMPTS
         from .defaults import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
+        from .fragment.format.hashing import sha256_file
+        from .fragment.library.prior import PriorKey
         from .judge.reference_target import ReferenceTarget
         from .judge.thresholds import load_thresholds
-        from .reference.model import load_reference
+        from .reference.model import WEIGHTS_FILE, load_reference
+        from .reference.sampling import DEFAULT_GUIDANCE
 
+        if args.prompt and args.prompts:
+            raise FragmentError("bench batch: give --prompt (repeatable) or --prompts N, not both")
+        candidates = (DEFAULT_PROMPT, *EXTRA_PROMPTS)
+        if args.prompts is not None and not 1 <= args.prompts <= len(candidates):
+            raise FragmentError(f"bench batch --prompts: expected 1..{len(candidates)}, found {args.prompts}")
+        prompts = args.prompt or list(candidates[:args.prompts or 1])
         limits = load_thresholds(args.thresholds or DEFAULT_THRESHOLDS)["quality_gate"]
         model = load_reference(args.weights)
         model.unet.to(device)
         lpips = None if args.no_lpips else optional_lpips(args.lpips_weights)[0]
-        target = ReferenceTarget(args.prompt or DEFAULT_PROMPT, limits=limits, steps=args.steps or 25, model=model, lpips=lpips)
+        steps = args.steps or 25
+        targets = [ReferenceTarget(p, limits=limits, steps=steps, model=model, lpips=lpips) for p in prompts]
+        # the model configuration's prior: the reference sampler is DDIM, trailing spacing, 32 x 32, the card's CFG
+        key = PriorKey(sha256_file(args.weights or WEIGHTS_FILE), "ddim", "trailing", steps, 32, DEFAULT_GUIDANCE)
+        data = bench_cold_warm(targets, key, config, directory=args.prior_dir)
+        if len(prompts) == 1:  # one prompt: its own report, as before, with the cold/warm row beside it
+            data = {**data["reports"][0], "cold_warm": {k: v for k, v in data.items() if k != "reports"}}
     else:
         from .bench.random_target import RandomSDTarget
 
         target = RandomSDTarget(size=args.size, steps=args.steps or 10, device=device,
                                 dtype=torch.float16 if device == "cuda" else torch.float32)
-    report = bench_batch(target, BenchConfig(variants=args.variants, profile_seeds=args.profile_seeds, goal=args.goal,
-                                             budget_images=args.budget_images, holdout_seeds=args.holdout,
-                                             fresh_seeds=args.fresh_seeds, budget_batch=args.budget_batch))
+        data = bench_batch(target, config)
     if args.out:
         from pathlib import Path
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
-    print(json.dumps(report, indent=2, default=str) if args.json else format_batch_report(report))
+        Path(args.out).write_text(json.dumps(data, indent=2, default=str))
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    elif "rows" in data and "key_name" in data:  # several prompts: each report, then the cold/warm table
+        print("\n\n".join([*(format_batch_report(r) for r in data["reports"]), format_cold_warm(data)]))
+    else:
+        print(format_batch_report(data))
+        if "cold_warm" in data:
+            print(format_cold_warm(data["cold_warm"]))
     return 0
 
 
@@ -287,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=existing_file(), default=None, help="reference model safetensors (default: the committed one)")
     p.add_argument("--paraphrases", type=int_range(0, 1000), default=8, help="paraphrases for the H3 reuse measurement (0: skip)")
     p.add_argument("--no-curve", action="store_true", help="skip the H1 ratio curve")
+    p.add_argument("--cold-prompt", default=None,
+                   help="the prompt calibrated first, on an empty prior (the cold line); the main prompt is then "
+                        "calibrated from its prior (the warm line) (default: a green square in the center on black)")
+    p.add_argument("--no-cold-warm", action="store_true", help="skip the cold prompt: one calibration, cold")
+    p.add_argument("--prior-dir", type=folder_path(), default=None,
+                   help="keep the model configuration's prior here (default: a temporary, empty folder)")
     p.add_argument("--levers", action="store_true", help="also measure quality vs ratio for every lever (FF, K/V fold, fp8, int8, combined)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true", help="also write a report folder (needs the [metrics] extra)")
@@ -364,7 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-images", type=BUDGET, default=BENCH_BUDGET_IMAGES,
                    help=f"images the calibration may judge (default {BENCH_BUDGET_IMAGES}: room to confirm a CFG cut-off)")
     p.add_argument("--size", type=LATENT_SIZE, default=8, help="sd15: latent size (multiple of 8; pixels = 8x)")
-    p.add_argument("--prompt", default=None, help="reference: the prompt (default: the demo's)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="reference: a prompt (repeatable: the first is calibrated cold, each later one warm from the "
+                        "prior the earlier ones left; default: the demo's)")
+    # 4: the demo's prompt and bench.peers.EXTRA_PROMPTS (the command checks that count again, importing torch)
+    p.add_argument("--prompts", type=int_range(1, 4), default=None,
+                   help="reference: the default prompt and N-1 more, in order: the first cold, the rest warm (1..4)")
+    p.add_argument("--prior-dir", type=folder_path(), default=None,
+                   help="reference: keep the model configuration's prior here (default: a temporary, empty folder)")
+    p.add_argument("--audit-every", type=int_range(0, 1024), default=None,
+                   help="the running audit: the full model also renders every k-th batch image (default: k from the "
+                        "cost model; 0: no audit)")
     p.add_argument("--budget-batch", type=VARIANTS, default=None,
                    help="the batch N whose savings must repay the calibration (default: --variants)")
     p.add_argument("--fresh-seeds", type=FRESH_SEEDS, default=64,

@@ -9,12 +9,22 @@ H1 ratio curve, H3 paraphrase reuse, timings) -> ``grid.png``,
 The reference model (``reference/``) is a small pixel-space diffusers UNet
 with a CLIP text encoder, trained by ``tools/train_reference.py``; it needs
 the ``[demo]`` extra (diffusers, transformers), which the node pack does not.
+
+Cold and warm (issue #26): before the main prompt, another prompt
+(``cold_prompt``) is calibrated on an empty prior of this model configuration
+(cold: the first prompt the user makes here), its costs counted on a small
+timed batch; the main prompt is then calibrated with the prior that run left
+(warm: it starts where the other prompt's tries predict a pass and only
+confirms).  Both lines are printed; H4 is judged on the warm figure, H5 on the
+cold one (the issue's targets: warm amortized >= 1.7x at N = 32, cold
+break-even <= 10 images).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +51,9 @@ log = logging.getLogger(__name__)
 
 BASE_NAME = "prompt-fragments-reference-v1"
 CURVE_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+#: The demo's cold prompt: the first prompt on the model configuration, before the main one (bench.peers.EXTRA_PROMPTS[0]).
+COLD_PROMPT = "a green square in the center on a black background"
+COLD_TIMING_SEEDS = 8  # the cold prompt's raw ratio: this many seeds (at most the variants) timed, full and fragment
 
 
 class _Progress:
@@ -80,7 +93,8 @@ def run_demo(
     ratio: float | None = None, goal: str = "speed", budget_images: int = 48, holdout: int = 4, batch: int = 32,
     guidance: float | None = None, weights: str | Path | None = None, thresholds: str | Path | None = None,
     lpips_weights: str | None = None, reuse_paraphrases: int = 8, curve: bool = True, levers: bool = False,
-    progress: bool = True, report: str | Path | None = None,
+    progress: bool = True, report: str | Path | None = None, cold_prompt: str | None = COLD_PROMPT,
+    prior_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline end to end on the reference model; write the fragment, grid, metrics and summary under ``out``.
 
@@ -93,6 +107,12 @@ def run_demo(
     fixed heads-only fragment (that fraction of heads removed), for study.  ``levers`` adds
     quality-versus-ratio curves for every lever beyond heads (``reference.lever_curves``).
 
+    Cold and warm: ``cold_prompt`` (None or "": skip) is profiled and calibrated first on an empty prior of this
+    model configuration (``prior_dir``, default a temporary folder; ``fragment.library.prior``), and its costs
+    counted on ``COLD_TIMING_SEEDS`` seeds timed with the full model and its fragment; then ``prompt`` is calibrated
+    with that prior (warm when it predicts a rung).  ``summary["cold_warm"]`` holds both lines; H4 is judged on
+    the warm one (``prompt``'s), H5 on the cold one.  Without ``cold_prompt`` both are judged on ``prompt``, cold.
+
     >>> run_demo("outputs/demo", seeds=2, variants=4, steps=5)["calibration"]["status"]  # doctest: +SKIP
     'passed'
     """
@@ -100,12 +120,14 @@ def run_demo(
     from .judge.reference_target import ReferenceTarget
     from .judge.thresholds import load_thresholds
     from .metrics.memory import peak_memory, peak_memory_metrics, reduction, resident_weight_mb
+    from .fragment.format.hashing import sha256_file
+    from .fragment.library.prior import PriorKey, PriorPlace
     from .metrics.costs import CostLedger, amortized_ratio, break_even_images, cost_line
     from .metrics.performance import AMORTIZED_NS, speedup
     from .metrics.report import build_summary
     from .metrics.reuse import h2_bounds, reuse_block
     from .reference import measure
-    from .reference.model import load_reference, unet_input
+    from .reference.model import WEIGHTS_FILE, load_reference, unet_input
     from .reference.sampling import DEFAULT_GUIDANCE, sample
 
     out = Path(out)
@@ -131,16 +153,33 @@ def run_demo(
 
         lever_count = len(default_points())
     calibrating = ratio is None
+    if cold_prompt and cold_prompt.strip() == prompt.strip():
+        log.warning("demo: the cold prompt is the prompt itself; no cold/warm pair (pass another --cold-prompt)")
+        cold_prompt = None
     # the bar counts image-steps; the calibration's share is its budget until it ends, then what it spent
     total = steps * (seeds + (budget_images if calibrating else 0) + (2 + lever_count) * variants
-                     + (len(CURVE_RATIOS) * variants if curve else 0) + (2 * reuse_paraphrases * 4 if reuse_paraphrases else 0))
+                     + (len(CURVE_RATIOS) * variants if curve else 0) + (2 * reuse_paraphrases * 4 if reuse_paraphrases else 0)
+                     + (seeds + budget_images + 2 * min(COLD_TIMING_SEEDS, variants) if calibrating and cold_prompt else 0))
     bar = _Progress(total, progress)
 
     def run(model_unet: torch.nn.Module, seed_list: list[int], *, state: Any = None, cfg_cutoff: float | None = None) -> np.ndarray:
         return sample(model_unet, context, uncond, seed_list, steps=steps, guidance=guidance, on_step=bar,
                       state=state, cfg_cutoff=cfg_cutoff)
 
-    demo_started = started = time.perf_counter()
+    demo_started = time.perf_counter()
+    scratch = tempfile.TemporaryDirectory(prefix="pf-prior-")
+    prior_folder = Path(prior_dir) if prior_dir is not None else Path(scratch.name)
+    # the model configuration's prior (what bench batch and bench prior key on): DDIM, trailing, 32 x 32, this CFG
+    key = PriorKey(sha256_file(weights or WEIGHTS_FILE), "ddim", "trailing", steps, 32, guidance)
+    cold_line, unit_s = None, None
+    if calibrating and cold_prompt:
+        cold_line = _cold_prompt_line(model, cold_prompt, seeds=seeds, steps=steps, guidance=guidance,
+                                      holdout_seeds=holdout_seeds, goal=goal, budget_images=budget_images, batch=batch,
+                                      limits=gate.get("quality_gate", {}), lpips=lpips,
+                                      prior=PriorPlace(prior_folder, key, cold_prompt), on_step=bar,
+                                      timing_seeds=min(COLD_TIMING_SEEDS, variants))
+        unit_s = cold_line["unit_s"]  # one stock image of this configuration, measured: the budget counts in it
+    started = time.perf_counter()
     profile_images = []
     with HeadProfiler(unet, buckets=4, info={"prompt": prompt}) as prof, FFProfiler(unet) as ff_prof, \
             StepChangeProbe(unet, 1) as probe, ActivationStats(unet) as acts:
@@ -163,10 +202,11 @@ def run_demo(
         judge = fragment_judge(unet, run, target.judge, list(range(seeds)), np.concatenate(profile_images))
         fragment, cal = calibrated_fragment(evidence, unet, judge, base=base, name=name, calibration_seeds=list(range(seeds)),
                                             holdout_seeds=holdout_seeds, goal=goal,
-                                            # no stock image is timed yet: each judged image is estimated at 1 u
+                                            # u as the cold run measured it; without one, each judged image is 1 u
                                             budget=Budget.for_batch(batch, delivered=seeds + len(holdout_seeds),
-                                                                    images=budget_images),
-                                            judge_name=target.describe()["judge"])
+                                                                    images=budget_images, unit_s=unit_s),
+                                            judge_name=target.describe()["judge"],
+                                            prior=PriorPlace(prior_folder, key, prompt))
         calibrate_s = time.perf_counter() - started
         bar.shrink(steps * (budget_images - cal.images))
         chosen_heads = cal.chosen.amount("heads") if cal.chosen else 0.0
@@ -197,10 +237,10 @@ def run_demo(
     memory = {}
     for label, model_unet, kwargs in (("full", unet, {}), ("fragment", small, {"state": state, "cfg_cutoff": cfg_cutoff})):
         with torch.no_grad():
-            batch = peak_memory(lambda: sample(model_unet, context, uncond, batch_seeds, steps=steps, guidance=guidance,
+            measured = peak_memory(lambda: sample(model_unet, context, uncond, batch_seeds, steps=steps, guidance=guidance,
                                                **kwargs),
                                 [model_unet, context, uncond], device=next(unet.parameters()).device, step_module=model_unet)
-        memory[label] = {"step": batch.pop("step"), "batch": batch}
+        memory[label] = {"step": measured.pop("step"), "batch": measured}
     memory_metrics = peak_memory_metrics(memory)
     memory_metrics["peak_tensor_device"] = memory["full"]["batch"]["device"]
 
@@ -246,6 +286,11 @@ def run_demo(
     pruning = fragment.manifest["pruning"] if fragment is not None else {"heads_total": sum(int(v.numel()) for v in scores.values()),
                                                                           "heads_removed": 0, "head_retention_ratio": 1.0}
     amortized_n = at.get(variants) or amortized_ratio(ledger.overhead_u, raw, variants, ledger.delivered)
+    # cold / warm: this prompt's line (warm when the cold prompt's prior predicted a rung), the cold prompt's line
+    main_line = (cost_figures(prompt, cal, ledger, raw, batch, fresh_passes=bool(fresh_ok), fresh_seeds=variants)
+                 if cal is not None else None)
+    h5_line = cold_line or main_line
+    h5_even = h5_line["break_even_images"] if h5_line else even
     metrics: dict[str, Any] = {
         "pruned_head_pct": pruning["heads_removed"] / pruning["heads_total"],
         "adherence_full": adh_full and adh_full["attribute_accuracy"],
@@ -259,10 +304,14 @@ def run_demo(
         # H4/H5 on the ledger: overhead in u + the delivered full-model images + the rest at the raw ratio, against
         # stock N (H4 at N = 32 when variants is 32); the break-even batch from the same ledger
         "batch_speedup": amortized_n, "raw_speedup": speedup(t1 - t0, t2 - t1), "batch_variants": variants,
-        "break_even_variants": even, "break_even_never": even is None,
+        "break_even_variants": h5_even, "break_even_never": h5_even is None,
         "overhead_u": ledger.overhead_u, "delivered_images": ledger.delivered,
         "profile_s": profile_s, "build_s": build_s, "calibrate_s": calibrate_s,
         "calibration_images": cal.images if cal else 0,
+        "cold_amortized_32": cold_line["amortized"].get(32) if cold_line else None,
+        "cold_break_even_images": cold_line["break_even_images"] if cold_line else None,
+        "warm_amortized_32": main_line["amortized"].get(32) if main_line and cold_line else None,
+        "warm_break_even_images": main_line["break_even_images"] if main_line and cold_line else None,
     }
     holds = [p for p in h1_curve if p["adherence_delta"] is not None and p["adherence_delta"] <= gate["hypotheses"]["H1"].get(
         "adherence_delta_max", 0.02)]
@@ -278,6 +327,7 @@ def run_demo(
         f"full-model images the pack made for the batch (profiled and confirmed held-out seeds) are output; the hooks' "
         f"extra time + build + judging ({ledger.overhead_u:.2f} u) + the fragment's other images against stock N "
         f"(raw batch ratio {metrics['raw_speedup'] or 0:.2f}x). {costs['cost_line']}.",
+        _cold_warm_note(cold_line, main_line, variants),
         f"Fidelity and adherence are on {variants} variant seeds that neither the profile nor the calibration saw.",
     ]
     if cal is not None:
@@ -291,6 +341,7 @@ def run_demo(
              "variant_seeds": [variant_seeds[0], variant_seeds[-1]], "h1_curve": h1_curve,
              "adherence": {"full": adh_full, "fragment": adh_frag}, "amortized": costs, "lever_curves": lever_results,
              "calibration": cal.record() if cal else None, "fresh_seed_gate": {**fresh, "passed": fresh_ok},
+             "cold_warm": {"cold": cold_line, "warm": main_line if cold_line else None, "prior_key": key.to_dict()},
              "reuse": reuse_block(reuse, stand_in=False)["h3"] if reuse else None}
     summary_doc = build_summary("demo", metrics, gate, manifest=fragment.manifest if fragment else None, extra=extra,
                                 notes=notes)
@@ -333,6 +384,10 @@ def run_demo(
         "raw_ratio": metrics["raw_speedup"], "amortized": {row["n"]: row["amortized_ratio"] for row in costs["rows"]},
         "break_even_images": even, "cost_line": costs["cost_line"],
         "reuse_pass_rate": metrics["reuse_pass_rate"],
+        # H4 on the warm line (this prompt, after the cold prompt's prior), H5 on the cold line (the first prompt)
+        "cold_warm": {"cold": cold_line, "warm": main_line if cold_line else None,
+                      "h4_judged_on": "warm" if cold_line else "this prompt (no cold run)",
+                      "h5_judged_on": "cold" if cold_line else "this prompt (no cold run)"},
     }
     if report is not None:
         from .metrics.report import write_report
@@ -344,7 +399,102 @@ def run_demo(
                                quality_curve=h1_curve, extra=extra, notes=notes)
         summary["report"] = str(run_dir)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    scratch.cleanup()
     return summary
+
+
+def _cold_warm_note(cold: dict[str, Any] | None, warm: dict[str, Any] | None, variants: int) -> str:
+    """What H4 and H5 are judged on, with both lines' figures."""
+    if cold is None or warm is None:
+        return "Cold/warm: no cold prompt was run; H4 and H5 are judged on this prompt's own calibration."
+    def line(x: dict[str, Any]) -> str:
+        return f"{x['prompt']!r} ({x['start']}, {x['tries']} tries, {x['judged_images']} judged images): {x['cost_line']}"
+    return (f"Cold/warm on one model configuration: cold (first prompt, empty prior) {line(cold)}; warm (after that "
+            f"prompt's prior) {line(warm)}. H4 is judged on the warm line at N={variants}, H5 on the cold line's "
+            f"break-even (issue #26's targets: warm >= 1.7x at N=32, cold break-even <= 10).")
+
+
+def cost_figures(prompt: str, cal: Any, ledger: Any, raw: float, n: int = 32, *, fresh_passes: bool | None = None,
+                 fresh_seeds: int | None = None) -> dict[str, Any]:
+    """One cold/warm line: how the calibration started, what it and the rest of the pack's work cost (the
+    ``metrics.costs.CostLedger``), and what a batch of ``n`` repays at the raw ratio ``raw``.
+
+    >>> from prompt_fragments.metrics.costs import CostLedger
+    >>> ledger = CostLedger(0.5); ledger.add("judged", 2.0, images=8)
+    >>> line = cost_figures("a red circle", None, ledger, 2.0); line["start"], line["overhead_u"], line["break_even_images"]
+    ('cold', 4.0, 8)
+    """
+    from .metrics.costs import amortized_ratio, break_even_images, cost_line
+    from .metrics.performance import AMORTIZED_NS
+
+    record = cal.record() if cal is not None else {}
+    u, d = ledger.overhead_u, ledger.delivered
+    return {"prompt": prompt, "start": record.get("start", "cold"), "warm_start": record.get("warm_start"),
+            "chosen": cal.chosen.label if cal is not None and cal.chosen else None,
+            "tries": len(cal.tries) if cal is not None else 0, "judged_images": cal.images if cal is not None else 0,
+            "overhead_u": u, "unit_s": ledger.unit_s, "delivered": d, "raw_ratio": raw,
+            "amortized": {m: amortized_ratio(u, raw, m, d) for m in AMORTIZED_NS},
+            f"amortized_{n}": amortized_ratio(u, raw, n, d), "break_even_images": break_even_images(u, raw, d),
+            "cost_line": cost_line(ledger, raw, n), "fresh_passes": fresh_passes, "fresh_seeds": fresh_seeds}
+
+
+def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidance: float, holdout_seeds: list[int],
+                      goal: str, budget_images: int, batch: int, limits: dict[str, Any], lpips: Any, prior: Any,
+                      on_step: Any, timing_seeds: int = COLD_TIMING_SEEDS) -> dict[str, Any]:
+    """The cold line: ``prompt`` timed on ``COLD_TIMING_SEEDS`` stock seeds (u), profiled on ``seeds`` seeds,
+    calibrated with ``prior`` (empty: cold; its tries are recorded there), and its fragment timed and judged on the
+    same timing seeds (the raw ratio, and the gate on seeds the calibration never saw)."""
+    from .judge.fragment_judge import fragment_judge
+    from .judge.reference_target import ReferenceTarget
+    from .metrics.costs import CostLedger
+    from .metrics.performance import speedup
+    from .reference.sampling import sample
+
+    unet = model.unet
+    target = ReferenceTarget(prompt, limits=limits, steps=steps, guidance=guidance, model=model, lpips=lpips)
+
+    def run(model_unet: torch.nn.Module, seed_list: list[int], *, state: Any = None,
+            cfg_cutoff: float | None = None) -> np.ndarray:
+        return sample(model_unet, target.context, target.uncond, seed_list, steps=steps, guidance=guidance,
+                      on_step=on_step, state=state, cfg_cutoff=cfg_cutoff)
+
+    timing = list(range(3000, 3000 + timing_seeds))
+    started = time.perf_counter()
+    with torch.no_grad():
+        full = run(unet, timing)
+    stock_s = time.perf_counter() - started
+    ledger = CostLedger(unit_s=max(stock_s / len(timing), 1e-9))
+    started, profile_images = time.perf_counter(), []
+    with HeadProfiler(unet, buckets=4, info={"prompt": prompt}) as prof, FFProfiler(unet) as ff_prof, \
+            StepChangeProbe(unet, 1) as probe, ActivationStats(unet) as acts:
+        for seed in range(seeds):
+            prof.begin_sample(seed)
+            with torch.no_grad():
+                profile_images.append(run(unet, [seed]))
+    ledger.add("profile_hooks", time.perf_counter() - started, images=seeds, delivered=seeds)
+    started = time.perf_counter()
+    evidence = ProfileEvidence.from_probes(prof.result(), [ff_prof, probe, acts])
+    base = describe_base(unet, BASE_NAME)
+    ledger.add("build", time.perf_counter() - started)
+    judge = fragment_judge(unet, run, target.judge, list(range(seeds)), np.concatenate(profile_images))
+    started = time.perf_counter()
+    fragment, cal = calibrated_fragment(
+        evidence, unet, judge, base=base, name="demo-cold-" + hashlib.sha256(prompt.encode()).hexdigest()[:8],
+        calibration_seeds=list(range(seeds)), holdout_seeds=holdout_seeds, goal=goal,
+        budget=Budget.for_batch(batch, delivered=seeds + len(holdout_seeds), spent_u=ledger.overhead_u,
+                                unit_s=ledger.unit_s, images=budget_images),
+        judge_name=target.describe()["judge"], prior=prior)
+    ledger.add("judged", time.perf_counter() - started, images=cal.images, delivered=cal.delivered)
+    raw, fresh_ok = 1.0, None
+    if fragment is not None:
+        small, state = apply_schedule(unet, fragment)
+        started = time.perf_counter()
+        with torch.no_grad():
+            images = run(small, timing, state=state, cfg_cutoff=fragment_schedule(fragment).cfg_cutoff)
+        raw = speedup(stock_s, time.perf_counter() - started) or 1.0
+        fresh_ok = bool(target.judge(full, images)[0])
+    log.info("demo cold prompt %r: %s", prompt, cal.record()["start"])
+    return cost_figures(prompt, cal, ledger, raw, batch, fresh_passes=fresh_ok, fresh_seeds=len(timing))
 
 
 def _memory_note(m: dict[str, Any], images: int, steps: int) -> str:
@@ -401,6 +551,22 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
+def _cold_warm_rows(cold_warm: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The cold and the warm line for the terminal table (none without a cold run)."""
+    if not cold_warm or not cold_warm.get("cold"):
+        return []
+    rows = []
+    for label, judged, line in (("cold (first prompt)", "H5", cold_warm["cold"]),
+                                ("warm (after its prior)", "H4", cold_warm["warm"])):
+        if line is None:
+            continue
+        fresh = "" if line["fresh_passes"] is None else \
+            f"; gate on {line['fresh_seeds']} fresh seeds {'passed' if line['fresh_passes'] else 'FAILED'}"
+        rows.append((label, f"{line['start']}, {line['tries']} tries, {line['judged_images']} judged images: "
+                            f"{line['cost_line']}{fresh} [{judged} judged on this line] ({line['prompt']!r})"))
+    return rows
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """One honest table for the terminal: what was chosen, bytes per lever, fidelity on fresh seeds, speed with its costs.
 
@@ -452,6 +618,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("costs", summary.get("cost_line") or "n/a"),
         ("amortized ratio", ", ".join(f"N={n}: {r:.2f}x" for n, r in summary["amortized"].items() if r is not None)),
         ("break-even", "never" if summary["break_even_images"] is None else f"{summary['break_even_images']} images"),
+        *_cold_warm_rows(summary.get("cold_warm")),
         ("hypotheses", " ".join(f"{k} {v}" for k, v in summary["hypotheses"].items()) + f" -> {summary['status']}"),
         ("grid", summary["grid"]),
         ("fragment file", summary["fragment_manifest"] or "none (the full model is the answer)"),

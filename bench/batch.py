@@ -19,7 +19,13 @@ the rest.
 4. batch: each lever of the chosen fragment added in turn renders the seeds no
    full-model render delivered (:func:`batch_phase`, timed), judged against the
    stock images of the same seeds, which neither the profile nor the
-   calibration saw;
+   calibration saw.  The chosen fragment's own row is the user's batch as the
+   pack makes it: with the running audit (:func:`audited_phase`,
+   ``fragment.audit``) every k-th seed is also rendered by the full model (k
+   from the cost model, ``audit_interval``; ``audit_every=0`` turns it off),
+   the user keeps that full-model image (delivered), the fragment's image of
+   the seed is judged against it, and an audit failure switches the rest of
+   the batch to the full model;
 5. fresh check (verification, not a user cost): the chosen fragment against
    stock on ``fresh_seeds`` seeds that nothing above saw.
 
@@ -38,12 +44,15 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn as nn
 
+from ..fragment.audit import FULL, AuditedBatch, AuditRule, audit_interval
 from ..fragment.build import describe_base
 from ..fragment.calibration import GOALS, Budget, lever_ladder
 from ..fragment.extract import calibrated_fragment, candidate_fragment
+from ..fragment.library.prior import PriorPlace
 from ..fragment.schedule.apply import apply_schedule, fragment_schedule
 from ..fragment.schedule.state import ScheduleState
-from ..judge.fragment_judge import fragment_judge, render
+from ..judge.audited_run import render_audited
+from ..judge.fragment_judge import fragment_judge, render, stack
 from ..errors import FragmentError
 from ..metrics.costs import CostLedger, amortized_ratio, break_even_images, cost_line
 from ..metrics.memory import peak_memory, peak_memory_metrics
@@ -88,6 +97,7 @@ class BenchConfig:
     budget_batch: int | None = None  # the batch whose savings must repay the calibration (None: variants)
     fresh_seeds: int = 64  # the fresh-seed check: seeds neither the calibration nor the batch saw (0: not run)
     first_fresh_seed: int = 30_000
+    audit_every: int | None = None  # the running audit: every k-th batch image (None: k from the cost model; 0: off)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -99,6 +109,9 @@ class BenchConfig:
                                 f"found {self.variants}")
         if self.fresh_seeds < 0:
             raise FragmentError(f"bench config fresh_seeds: expected an integer >= 0, found {self.fresh_seeds}")
+        if self.audit_every is not None and (not isinstance(self.audit_every, int) or self.audit_every < 0):
+            raise FragmentError(f"bench config audit_every: expected None (from the cost model) or an integer >= 0 "
+                                f"(0: no audit), found {self.audit_every!r}")
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
@@ -131,6 +144,7 @@ class BatchRun:
     chosen: Any  # the calibration's Candidate, or None when the full model was chosen
     rendered: list[int] = field(default_factory=list)
     ledger: CostLedger | None = None
+    audit: AuditedBatch | None = None  # the chosen fragment's batch with the running audit (None: no audit)
 
 
 def batch_phase(target: BenchTarget, fragment: Any, seeds: Sequence[int], device: torch.device) -> tuple[Any, list[int], float]:
@@ -141,6 +155,64 @@ def batch_phase(target: BenchTarget, fragment: Any, seeds: Sequence[int], device
     """
     (images, applied), seconds = timed(lambda: render(target.unet, fragment, seeds, target.run), device)
     return images, applied, seconds
+
+
+def audited_phase(target: BenchTarget, fragments: Sequence[Any], seeds: Sequence[int], device: torch.device, every: int,
+                  rule: AuditRule | None = None) -> tuple[AuditedBatch, dict[str, Any]]:
+    """The user's batch with the running audit: ``fragments[0]`` renders ``seeds``, every ``every``-th seed is also
+    rendered by the full model and judged (``judge.audited_run.render_audited``); a failed audit moves to the next
+    fragment, then to the full model.  Returns the batch and its timings: ``fragment_s``/``fragment_images`` (every
+    fragment render, the audited seeds' included), ``full_s``/``full_images`` (the full model's renders: delivered),
+    ``audited`` and ``judge_s`` (the rest of the wall time: the audits' comparisons).
+
+    >>> batch, t = audited_phase(target, [chosen], range(10_000, 10_020), torch.device("cpu"), every=8)  # doctest: +SKIP
+    >>> batch.summary(), t["audited"]  # doctest: +SKIP
+    ('audited 3 of 20: 3 passed', 3)
+    """
+    pending: list[float] = []
+    spent = {"fragment": [0.0, 0], "full": [0.0, 0]}
+    reused: list[int] = []  # the steps the last fragment render really reused (its schedule's state says)
+
+    def run(model: nn.Module, group: Sequence[int], **kwargs: Any) -> Any:
+        out, seconds = timed(lambda: target.run(model, list(group), **kwargs), device)
+        pending.append(seconds)
+        if kwargs.get("state") is not None:
+            reused[:] = kwargs["state"].reused_steps()
+        return out
+
+    def on_render(what: str, count: int) -> None:  # called right after each run: its seconds are the last pending
+        spent[what][0] += pending.pop() if pending else 0.0
+        spent[what][1] += count
+
+    synchronize(device)
+    started = time.perf_counter()
+    batch = render_audited(target.unet, run, target.judge, list(fragments), list(seeds), every=every, rule=rule,
+                           on_render=on_render)
+    synchronize(device)
+    wall = time.perf_counter() - started
+    (frag_s, frag_n), (full_s, full_n) = spent["fragment"], spent["full"]
+    return batch, {"fragment_s": frag_s, "fragment_images": frag_n, "full_s": full_s, "full_images": full_n,
+                   "audited": len(batch.records), "judge_s": max(wall - frag_s - full_s, 0.0), "wall_s": wall,
+                   "reused_steps": list(reused)}
+
+
+def chosen_audit_every(config: BenchConfig, cal: Any, images: int) -> int:
+    """The running audit's interval for a batch of ``images`` fragment images: ``config.audit_every`` when set, else
+    ``fragment.audit.audit_interval`` from the cost model: the raw ratio the calibration budgeted with, and what is
+    left of what the batch can repay after the profile, the build and the calibration (``Budget.units`` less the
+    calibration's own u).  0 when the calibration chose the full model.
+
+    >>> chosen_audit_every(BenchConfig(audit_every=0), None, 20)
+    0
+    """
+    if config.audit_every is not None:
+        return config.audit_every
+    if cal is None or cal.chosen is None:
+        return 0
+    raw, units = cal.budget.raw_ratio, cal.budget.units
+    if raw is None:  # no time budget (goal memory): the fewest audits that can switch
+        return audit_interval(2.0, images, 0.0)
+    return audit_interval(raw, images, max((units or 0.0) - cal.units, 0.0))
 
 
 def fresh_check(target: BenchTarget, fragment: Any, seeds: Sequence[int]) -> dict[str, Any]:
@@ -177,18 +249,24 @@ def ledger_amortized(ledger: CostLedger, raw_ratio: float, ns: Sequence[int] = A
             "verdict": "never: the fragment is not faster than stock" if even is None else f"pays back from image {even}"}
 
 
-def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> dict[str, Any]:
+def bench_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
+                prior: PriorPlace | None = None) -> dict[str, Any]:
     """Run the benchmark on ``target``; a JSON-ready report (see ``format_batch_report``).
 
     >>> report = bench_batch(RandomSDTarget(size=8, steps=4), BenchConfig(variants=6, profile_seeds=2, holdout_seeds=1))  # doctest: +SKIP
     >>> sorted(report["rows"][0])  # doctest: +SKIP
     ['label', 'quality', 'resident_unet_bytes', 's_per_image', 'seconds', 'speedup']
     """
-    return run_batch(target, config)[0]
+    return run_batch(target, config, prior=prior)[0]
 
 
-def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple[dict[str, Any], BatchRun]:
+def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
+              prior: PriorPlace | None = None) -> tuple[dict[str, Any], BatchRun]:
     """``bench_batch``'s report and the run behind it (stock images, profile, judge: see ``BatchRun``).
+
+    With ``prior`` (``fragment.library.prior.PriorPlace``) the calibration starts from that model configuration's
+    prior (warm when it predicts a rung, else cold) and records its tries into it; the report's
+    ``calibration.start`` says which.
 
     >>> report, run = run_batch(RandomSDTarget(size=8, steps=4), BenchConfig(variants=6, profile_seeds=2, holdout_seeds=1))  # doctest: +SKIP
     >>> len(run.stock) == report["variants"]  # doctest: +SKIP
@@ -236,7 +314,7 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple
     chosen_fragment, cal = calibrated_fragment(
         evidence, unet, judge_fragment, base=base, name=f"bench-{target.name}", calibration_seeds=profile_seeds,
         holdout_seeds=holdout, goal=config.goal, budget=budget,
-        judge_name=target.describe().get("judge", "target judge"))
+        judge_name=target.describe().get("judge", "target judge"), prior=prior)
     calibrate_s = time.perf_counter() - started
     ledger.add("judged", calibrate_s, images=cal.images, delivered=cal.delivered)
     # Held-out seeds that no confirmation rendered are not delivered: the batch renders them.
@@ -248,14 +326,33 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple
     rows = [{"label": "stock (full model)", "seconds": stock_s, "s_per_image": stock_s / len(variants), "speedup": 1.0,
              "quality": None, "resident_unet_bytes": resident_bytes(unet)}]
     applied: list[int] = []
-    for label, candidate in lever_ladder(cal.chosen) if cal.chosen else []:
+    ladder = lever_ladder(cal.chosen) if cal.chosen else []
+    every = chosen_audit_every(config, cal, len(rendered))
+    audit: AuditedBatch | None = None
+    for i, (label, candidate) in enumerate(ladder):
         fragment = candidate_fragment(evidence, unet, candidate, base=base, name="row")
-        images, applied, seconds = batch_phase(target, fragment, rendered, device)
-        ok, quality = target.judge(stock_rendered, images)
-        rows.append({"label": label, "candidate": candidate.to_dict(), "seconds": seconds, "images": len(rendered),
-                     "s_per_image": seconds / len(rendered), "speedup": rows[0]["s_per_image"] * len(rendered) / seconds
-                     if seconds > 0 else None,
-                     "quality": {**quality, "passes_gate": ok}, "schedule": fragment_schedule(fragment).to_manifest(),
+        if i == len(ladder) - 1 and every > 0:
+            # the user's batch: the chosen fragment (built as the calibration saved it) with the running audit
+            audit, at = audited_phase(target, [chosen_fragment], rendered, device, every)
+            kept = [j for j, s in enumerate(audit.setting) if s != FULL]  # the fragment's images the user keeps
+            seconds, count = at["fragment_s"], at["fragment_images"]
+            # an audited seed's full-model image is output (delivered); its fragment render and the comparison are
+            # the audit's cost: one ledger entry, whose overhead is its seconds less one u per delivered image
+            waste_s = at["fragment_s"] / max(at["fragment_images"], 1) * at["audited"]
+            ledger.add("audit", at["full_s"] + waste_s + at["judge_s"], images=at["full_images"] + at["audited"],
+                       delivered=at["full_images"])
+            ok, quality = (target.judge(stock_rendered[kept], stack([audit.images[j] for j in kept])) if kept
+                           else (None, None))
+            applied = at["reused_steps"]
+        else:
+            images, applied, seconds = batch_phase(target, fragment, rendered, device)
+            count = len(rendered)
+            ok, quality = target.judge(stock_rendered, images)
+        per_image = seconds / count if count else None
+        rows.append({"label": label, "candidate": candidate.to_dict(), "seconds": seconds, "images": count,
+                     "s_per_image": per_image, "speedup": rows[0]["s_per_image"] / per_image if per_image else None,
+                     "quality": None if quality is None else {**quality, "passes_gate": ok},
+                     "schedule": fragment_schedule(fragment).to_manifest(),
                      "resident_unet_bytes": resident_bytes(apply_schedule(unet, fragment)[0])})
     if not cal.chosen:
         log.info("calibration chose the full model (%s): the bench has no fragment row", cal.reason)
@@ -282,10 +379,14 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig()) -> tuple
         "fresh_check": fresh,
         "manifest_quality": chosen_fragment.manifest["quality"] if chosen_fragment else None,
         "profiling_overhead": overhead, "peak_memory": memory,
+        "audit": None if audit is None else {**audit.record(), "every": every}, "audit_every": every,
+        "audit_summary": audit.summary() if audit is not None else ("off (--audit-every 0)" if config.audit_every == 0
+                                                                     else "no audit (batch too small or no fragment)"),
+        "prior": None if prior is None else {"key": prior.key.to_dict(), "directory": str(prior.directory)},
     }
     return report, BatchRun(stock=stock, variants=variants, profile_seeds=profile_seeds, holdout_seeds=holdout,
                             evidence=evidence, base=base, judge_fragment=judge_fragment, chosen=cal.chosen,
-                            rendered=rendered, ledger=ledger)
+                            rendered=rendered, ledger=ledger, audit=audit)
 
 
 def batch_peak_memory(target: BenchTarget, seeds: Sequence[int], fragment: Any, device: torch.device) -> dict[str, Any]:
@@ -330,11 +431,18 @@ def format_batch_report(report: dict[str, Any]) -> str:
         q = row["quality"]
         text = "-" if not q else ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in q.items()
                                            if k != "gate_failures" or v)
-        lines.append(f"{row['label']:<44}{row['s_per_image']:>9.3f}{row['speedup']:>8.2f}x  {text}")
+        per, ratio = row["s_per_image"], row["speedup"]
+        lines.append(f"{row['label']:<44}" + (f"{per:>9.3f}" if per is not None else f"{'n/a':>9}")
+                     + (f"{ratio:>8.2f}x" if ratio is not None else f"{'n/a':>9}") + f"  {text}")
     cal, t = report["calibration"], report["timing_s"]
     chosen = cal["chosen"]["label"] if cal["chosen"] else f"the full model ({cal['reason']})"
-    lines.append(f"calibration ({cal['status']}): {chosen}; {len(cal['tries'])} tries, {cal['cost']['images']} images, "
+    start = f", {cal['start']}" if cal.get("start") else ""
+    lines.append(f"calibration ({cal['status']}{start}): {chosen}; {len(cal['tries'])} tries, {cal['cost']['images']} images, "
                  f"{cal['cost']['seconds']:.1f} s")
+    if "audit_summary" in report:
+        every = report.get("audit_every") or 0
+        lines.append(f"running audit{f' (1 in {every} batch images, from the first)' if every else ''}: "
+                     f"{report['audit_summary']}")
     if "profiling_overhead" in report:
         o = report["profiling_overhead"]
         lines.append(f"profiling overhead on the profile seeds: {o['base_s']:.2f} s -> {o['profiled_s']:.2f} s "

@@ -34,12 +34,18 @@ def _check(report: dict, printed: str) -> None:
     assert [r["n"] for r in amortized["rows"]] == [8, 16, 32, 64, 128]
     unit = t["stock"] / report["variants"]  # u: one stock image of this run
     assert amortized["unit_s"] == pytest.approx(unit)
-    # the profiled images and the confirmed held-out references are delivered batch images: output, not overhead
-    delivered = report["profile_seeds"] + cal["cost"]["delivered"]
-    assert amortized["delivered"] == delivered == len(report["delivered_seeds"])
-    assert report["rendered_seeds"] == report["variants"] - delivered
+    # the profiled images, the confirmed held-out references and the audited seeds' full-model images are
+    # delivered batch images: output, not overhead
+    audit = costs["by_kind"].get("audit", {"delivered": 0, "overhead_s": 0.0})
+    assert (report["audit"] is None) == (audit["delivered"] == 0)
+    if report["audit"] is not None:
+        assert audit["delivered"] == report["audit"]["delivered_full"] >= report["audit"]["audited"] > 0
+        assert report["audit_summary"] == report["audit"]["summary"] and "running audit" in printed
+    delivered = report["profile_seeds"] + cal["cost"]["delivered"] + audit["delivered"]
+    assert amortized["delivered"] == delivered == len(report["delivered_seeds"]) + audit["delivered"]
+    assert report["rendered_seeds"] == report["variants"] - len(report["delivered_seeds"])
     overhead_s = (max(t["profile"] - report["profile_seeds"] * unit, 0) + t["build"]
-                  + max(t["calibrate"] - cal["cost"]["delivered"] * unit, 0))
+                  + max(t["calibrate"] - cal["cost"]["delivered"] * unit, 0) + audit["overhead_s"])
     assert costs["overhead_s"] == pytest.approx(overhead_s) and costs["overhead_u"] == pytest.approx(overhead_s / unit)
     raw = report["throughput_ratio"]
     for row in amortized["rows"]:

@@ -52,9 +52,24 @@ def test_the_default_demo_builds_the_calibrated_fragment_and_counts_its_cost(tmp
     # the 3 profiled images and the confirmed held-out references are delivered: output, not overhead
     assert amortized["delivered"] == 3 + cal["cost"]["delivered"]
     assert amortized["by_kind"]["profile_hooks"]["delivered"] == 3
-    # H4 is the ledger's amortized ratio at the batch size; H5 its break-even
+    # cold / warm: the cold prompt first, on an empty prior; then this prompt, from the prior it left
+    cold, warm = summary["cold_warm"]["cold"], summary["cold_warm"]["warm"]
+    assert cold["start"] == "cold" and cold["prompt"] != summary["prompt"] == warm["prompt"]
+    assert warm["start"] == cal["start"] and warm["tries"] == len(cal["tries"])
+    if cold["chosen"] is not None:  # a confirmed pass in the prior: this prompt only confirms
+        assert warm["start"] == "warm (prior)" and warm["judged_images"] <= cold["judged_images"]
+    assert warm["overhead_u"] == pytest.approx(amortized["overhead_u"]) and warm["delivered"] == amortized["delivered"]
+    for line in (cold, warm):  # each line's figures are its own ledger's arithmetic
+        kept = min(line["delivered"], 32)
+        assert line["amortized"]["32"] == pytest.approx(32 / (line["overhead_u"] + kept + (32 - kept) / line["raw_ratio"]))
+    # H4 is judged on the warm line (this prompt's ledger at the batch size), H5 on the cold line's break-even
+    assert summary["cold_warm"]["h4_judged_on"] == "warm" and summary["cold_warm"]["h5_judged_on"] == "cold"
     assert metrics["metrics"]["batch_speedup"] == amortized_ratio_at(amortized, 4)
-    assert metrics["metrics"]["break_even_variants"] == amortized["break_even_images"]
+    assert metrics["metrics"]["break_even_variants"] == cold["break_even_images"]
+    assert metrics["metrics"]["cold_break_even_images"] == cold["break_even_images"]
+    assert metrics["metrics"]["warm_amortized_32"] == pytest.approx(warm["amortized"]["32"])
+    assert any("H4 is judged on the warm line" in n for n in metrics["notes"])
+    assert "cold (first prompt)" in printed and "warm (after its prior)" in printed
     # the calibration spent no more than the batch of 32 (the default --batch) can repay
     assert cal["budget"]["batch"] == 32 and cal["cost"]["units"] <= cal["budget"]["units"] + 1e-9
     assert "amortized ratio" in printed and "break-even" in printed and "calibration cost" in printed

@@ -1,0 +1,86 @@
+"""Cold and warm (issue #26): bench batch over two prompts on one model configuration, with the running audit.
+
+The first prompt is calibrated on an empty prior (cold), the second from the prior the first left (warm:
+confirm only).  What is checked is what the report says and counts, never a timing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from prompt_fragments.bench.coldwarm import format_cold_warm
+from prompt_fragments.cli import main
+from prompt_fragments.defaults import DEFAULT_PROMPT
+from prompt_fragments.fragment.format.hashing import sha256_file
+from prompt_fragments.fragment.library.prior import PriorKey, load_prior, priors_dir
+from prompt_fragments.reference.model import WEIGHTS_FILE
+from prompt_fragments.reference.sampling import DEFAULT_GUIDANCE
+
+SECOND = "a green square in the center on a black background"
+STEPS = 4
+
+
+def test_bench_batch_cold_then_warm_with_the_audit(tmp_path, capsys) -> None:
+    out, prior_dir = tmp_path / "bench.json", tmp_path / "fragments"
+    # 9 variants: 2 profiled + 2 held-out (delivered when confirmed), the fragment renders the rest, every 3rd audited
+    code = main(["bench", "batch", "--model", "reference", "--variants", "9", "--steps", str(STEPS),
+                 "--profile-seeds", "2", "--holdout", "2", "--budget-batch", "96", "--fresh-seeds", "1", "--no-lpips",
+                 "--prompt", DEFAULT_PROMPT, "--prompt", SECOND, "--prior-dir", str(prior_dir), "--audit-every", "3",
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    data = json.loads(out.read_text())
+    cold, warm = data["rows"]
+    assert [cold["prompt"], warm["prompt"]] == [DEFAULT_PROMPT, SECOND]
+    assert cold["start"] == "cold" and cold["warm_start"] is None
+    first = data["reports"][0]["calibration"]
+    if first["chosen"] is not None:  # the prior holds a confirmed pass: the second prompt starts from it
+        assert warm["start"] == "warm (prior)" and warm["warm_start"] is not None
+        assert warm["judged_images"] <= cold["judged_images"]
+    # the prior is one file under the given folder, keyed by the model configuration, holding both prompts' tries
+    key = PriorKey(sha256_file(WEIGHTS_FILE), "ddim", "trailing", STEPS, 32, DEFAULT_GUIDANCE)
+    assert (priors_dir(prior_dir) / key.file_name).is_file() and data["key"] == key.to_dict()
+    prior = load_prior(prior_dir, key)
+    assert len(prior.prompts) == 2 and len(prior.tries) == cold["tries"] + warm["tries"] == data["prior"]["tries"]
+    # exactly keyed: another step count or another sampler is a miss (a calibration there starts cold)
+    assert load_prior(prior_dir, dataclasses.replace(key, steps=STEPS + 1)) is None
+    assert load_prior(prior_dir, dataclasses.replace(key, sampler="euler")) is None
+    for row, report in zip(data["rows"], data["reports"]):
+        assert row["tries"] == len(report["calibration"]["tries"])
+        assert row["judged_images"] == report["calibration"]["cost"]["images"]
+        assert row["overhead_u"] == pytest.approx(report["costs"]["overhead_u"])
+        assert row["amortized_32"] == pytest.approx(report["amortized_ratio_32"])
+        assert row["break_even_images"] == report["break_even_images"]
+        assert row["audit"] == report["audit_summary"]
+        if report["audit"] is not None:  # the running audit: the 1st, 4th... rendered seed (every 3rd, from the 1st)
+            audit = report["audit"]
+            assert audit["every"] == 3 and audit["images"] == report["rendered_seeds"]
+            assert [r["index"] for r in audit["records"]][:2] == [0, 3][:len(audit["records"])]
+            by_kind = report["costs"]["by_kind"]["audit"]
+            assert by_kind["delivered"] == audit["delivered_full"] and by_kind["images"] == (
+                audit["delivered_full"] + audit["audited"])
+    # the printed table: one cold and one warm-or-cold row, the audit summaries, every report before it
+    table = printed[printed.index("cold / warm on"):]
+    assert table == format_cold_warm(data) + "\n"
+    lines = table.splitlines()
+    assert lines[2].startswith("cold") and lines[3].split()[0] in ("warm", "cold")
+    assert f"audit: {data['rows'][1]['audit']}" in table and printed.count("batch bench:") == 2
+
+
+def test_bench_batch_audit_off(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    code = main(["bench", "batch", "--model", "reference", "--variants", "6", "--steps", "4", "--profile-seeds", "1",
+                 "--holdout", "1", "--budget-batch", "96", "--fresh-seeds", "0", "--no-lpips", "--audit-every", "0",
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["audit"] is None and report["audit_every"] == 0 and "audit" not in report["costs"]["by_kind"]
+    assert report["calibration"]["start"] == "cold" and "calibration (" in printed and ", cold)" in printed
+    assert "running audit: off (--audit-every 0)" in printed
+    assert report["cold_warm"]["rows"][0]["start"] == "cold"  # one prompt: its report, with its cold row beside it
+    assert "cold / warm on" in printed
