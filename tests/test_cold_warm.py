@@ -28,7 +28,7 @@ def test_bench_batch_cold_then_warm_with_the_audit(tmp_path, capsys) -> None:
     out, prior_dir = tmp_path / "bench.json", tmp_path / "fragments"
     # 9 variants: 2 profiled + 2 held-out (delivered when confirmed), the fragment renders the rest, every 3rd audited
     code = main(["bench", "batch", "--model", "reference", "--variants", "9", "--steps", str(STEPS),
-                 "--profile-seeds", "2", "--holdout", "2", "--budget-batch", "96", "--fresh-seeds", "1", "--no-lpips",
+                 "--profile-seeds", "2", "--holdout", "2", "--budget-batch", "10000", "--fresh-seeds", "1", "--no-lpips",
                  "--prompt", DEFAULT_PROMPT, "--prompt", SECOND, "--prior-dir", str(prior_dir), "--audit-every", "3",
                  "--out", str(out)])
     printed = capsys.readouterr().out
@@ -38,9 +38,11 @@ def test_bench_batch_cold_then_warm_with_the_audit(tmp_path, capsys) -> None:
     assert [cold["prompt"], warm["prompt"]] == [DEFAULT_PROMPT, SECOND]
     assert cold["start"] == "cold" and cold["warm_start"] is None
     first = data["reports"][0]["calibration"]
-    if first["chosen"] is not None:  # the prior holds a confirmed pass: the second prompt starts from it
-        assert warm["start"] == "warm (prior)" and warm["warm_start"] is not None
-        assert warm["judged_images"] <= cold["judged_images"]
+    # The second prompt starts warm only where the first prompt's tries predict a rung with margin (the prior's
+    # own tests cover the warm path: tests/test_prior.py); warm, it judges no more than the cold prompt did.
+    assert warm["start"] in ("cold", "warm (prior)") and (warm["warm_start"] is None) == (warm["start"] == "cold")
+    if warm["start"] == "warm (prior)":
+        assert first["chosen"] is not None and warm["judged_images"] <= cold["judged_images"]
     # the prior is one file under the given folder, keyed by the model configuration, holding both prompts' tries
     key = PriorKey(sha256_file(WEIGHTS_FILE), "ddim", "trailing", STEPS, 32, DEFAULT_GUIDANCE)
     assert (priors_dir(prior_dir) / key.file_name).is_file() and data["key"] == key.to_dict()
