@@ -157,7 +157,9 @@ def test_ui_widget_values_map_back_to_the_api_inputs(comfyui: cs.ComfyUIRuntime,
         for input_name, kind, options, required in _widget_inputs(cls):
             assert values, f"node {node['id']} ({node['type']}): widgets_values ends before {input_name!r}"
             value = values.pop(0)
-            if input_name in entry["inputs"] or required:
+            if _is_link(entry["inputs"].get(input_name)):
+                pass  # a widget type fed by a link (forceInput, FragmentStatus' status): its value is a placeholder
+            elif input_name in entry["inputs"] or required:
                 recovered[input_name] = value
             else:  # an optional widget the API graph leaves out: the frontend shows its default
                 defaults[input_name] = (value, _frontend_default(kind, options))
@@ -171,9 +173,10 @@ def test_ui_widget_values_map_back_to_the_api_inputs(comfyui: cs.ComfyUIRuntime,
         # Link slots are exactly the non-widget inputs, in INPUT_TYPES order (optional ones too).
         widget_names = {w[0] for w in _widget_inputs(cls)}
         types = cls.INPUT_TYPES()
+        # (a widget type fed by a link is a slot too, named after its widget, as the frontend converts it)
         expected_slots = [
             (n, spec[0]) for section in ("required", "optional") for n, spec in (types.get(section) or {}).items()
-            if n not in widget_names
+            if n not in widget_names or _is_link(entry["inputs"].get(n))
         ]
         assert [(s["name"], s["type"]) for s in node["inputs"]] == expected_slots
         expected_outputs = list(zip(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES, cls.RETURN_TYPES))
