@@ -205,7 +205,7 @@ def _pack_nodes(runtime: Any) -> dict[str, type]:
     from .comfyui_boot import load_pack_as_custom_node
 
     mapping = runtime.nodes.NODE_CLASS_MAPPINGS
-    needed = ("ProfilerModelLoader", "FragmentExtractor", "FragmentLoader", "BatchGenerator")
+    needed = ("ProfilerModelLoader", "FragmentExtractor", "FragmentManualLevers", "FragmentLoader", "BatchGenerator")
     if not all(name in mapping for name in needed):
         load_pack_as_custom_node(REPO_ROOT, runtime.custom_nodes_dir)
     return {name: mapping[name] for name in needed}
