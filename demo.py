@@ -180,17 +180,10 @@ def run_demo(
                                       timing_seeds=min(COLD_TIMING_SEEDS, variants))
         unit_s = cold_line["unit_s"]  # one stock image of this configuration, measured: the budget counts in it
     started = time.perf_counter()
-    profile_images = []
-    with HeadProfiler(unet, buckets=4, info={"prompt": prompt}) as prof, FFProfiler(unet) as ff_prof, \
-            StepChangeProbe(unet, 1) as probe, ActivationStats(unet) as acts:
-        for seed in range(seeds):
-            prof.begin_sample(seed)
-            with torch.no_grad():
-                profile_images.append(run(unet, [seed]))
-    profile = prof.result()
+    profile, probes, profile_images = _profiled_runs(unet, run, prompt, seeds)
     profile_s = time.perf_counter() - started
     started = time.perf_counter()
-    evidence = ProfileEvidence.from_probes(profile, [ff_prof, probe, acts])
+    evidence = ProfileEvidence.from_probes(profile, probes)
     scored = evidence.scores()  # the extractor's score step (kept by the evidence), for the curves below
     scores, protected = scored.heads, scored.protected
     base = describe_base(unet, BASE_NAME)
@@ -438,6 +431,19 @@ def cost_figures(prompt: str, cal: Any, ledger: Any, raw: float, n: int = 32, *,
             "cost_line": cost_line(ledger, raw, n), "fresh_passes": fresh_passes, "fresh_seeds": fresh_seeds}
 
 
+def _profiled_runs(unet: torch.nn.Module, run: Any, prompt: str, seeds: int) -> tuple[Any, list[Any], list[np.ndarray]]:
+    """Seeds ``0..seeds-1`` sampled one at a time under the profiler and the probes: the head profile, the probes
+    (for ``ProfileEvidence.from_probes``) and the images (the full model's: the judge's references)."""
+    images = []
+    with HeadProfiler(unet, buckets=4, info={"prompt": prompt}) as prof, FFProfiler(unet) as ff_prof, \
+            StepChangeProbe(unet, 1) as probe, ActivationStats(unet) as acts:
+        for seed in range(seeds):
+            prof.begin_sample(seed)
+            with torch.no_grad():
+                images.append(run(unet, [seed]))
+    return prof.result(), [ff_prof, probe, acts], images
+
+
 def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidance: float, holdout_seeds: list[int],
                       goal: str, budget_images: int, batch: int, limits: dict[str, Any], lpips: Any, prior: Any,
                       on_step: Any, timing_seeds: int = COLD_TIMING_SEEDS) -> dict[str, Any]:
@@ -464,16 +470,11 @@ def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidan
         full = run(unet, timing)
     stock_s = time.perf_counter() - started
     ledger = CostLedger(unit_s=max(stock_s / len(timing), 1e-9))
-    started, profile_images = time.perf_counter(), []
-    with HeadProfiler(unet, buckets=4, info={"prompt": prompt}) as prof, FFProfiler(unet) as ff_prof, \
-            StepChangeProbe(unet, 1) as probe, ActivationStats(unet) as acts:
-        for seed in range(seeds):
-            prof.begin_sample(seed)
-            with torch.no_grad():
-                profile_images.append(run(unet, [seed]))
+    started = time.perf_counter()
+    profile, probes, profile_images = _profiled_runs(unet, run, prompt, seeds)
     ledger.add("profile_hooks", time.perf_counter() - started, images=seeds, delivered=seeds)
     started = time.perf_counter()
-    evidence = ProfileEvidence.from_probes(prof.result(), [ff_prof, probe, acts])
+    evidence = ProfileEvidence.from_probes(profile, probes)
     base = describe_base(unet, BASE_NAME)
     ledger.add("build", time.perf_counter() - started)
     judge = fragment_judge(unet, run, target.judge, list(range(seeds)), np.concatenate(profile_images))
