@@ -134,8 +134,10 @@ def _widget_inputs(cls: type) -> list[tuple[str, Any, dict[str, Any], bool]]:
     for section in ("required", "optional"):
         for input_name, spec in (types.get(section) or {}).items():
             kind = spec[0]
-            if isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES:
-                out.append((input_name, kind, spec[1] if len(spec) > 1 else {}, section == "required"))
+            options = spec[1] if len(spec) > 1 else {}
+            # forceInput: a socket only (frontend 1.x draws no widget and saves no value for it)
+            if (isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES) and not options.get("forceInput"):
+                out.append((input_name, kind, options, section == "required"))
     return out
 
 
@@ -158,7 +160,7 @@ def test_ui_widget_values_map_back_to_the_api_inputs(comfyui: cs.ComfyUIRuntime,
             assert values, f"node {node['id']} ({node['type']}): widgets_values ends before {input_name!r}"
             value = values.pop(0)
             if _is_link(entry["inputs"].get(input_name)):
-                pass  # a widget type fed by a link (forceInput, FragmentStatus' status): its value is a placeholder
+                pass  # a widget converted to an input and fed by a link: its value is a placeholder
             elif input_name in entry["inputs"] or required:
                 recovered[input_name] = value
             else:  # an optional widget the API graph leaves out: the frontend shows its default
@@ -173,9 +175,9 @@ def test_ui_widget_values_map_back_to_the_api_inputs(comfyui: cs.ComfyUIRuntime,
         # Link slots are exactly the non-widget inputs, in INPUT_TYPES order (optional ones too).
         widget_names = {w[0] for w in _widget_inputs(cls)}
         types = cls.INPUT_TYPES()
-        # (a widget type fed by a link is a slot too, named after its widget, as the frontend converts it)
+        # (a widget fed by a link is a slot too, named after its widget, as the frontend converts it)
         expected_slots = [
-            (n, spec[0]) for section in ("required", "optional") for n, spec in (types.get(section) or {}).items()
+            (n, "COMBO" if isinstance(spec[0], (list, tuple)) else spec[0]) for section in ("required", "optional") for n, spec in (types.get(section) or {}).items()
             if n not in widget_names or _is_link(entry["inputs"].get(n))
         ]
         assert [(s["name"], s["type"]) for s in node["inputs"]] == expected_slots

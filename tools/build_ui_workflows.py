@@ -102,8 +102,14 @@ def _input_specs(cls: type) -> list[tuple[str, Any, dict[str, Any], bool]]:
     return specs
 
 
-def _is_widget(kind: Any) -> bool:
-    return isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
+def _is_widget(kind: Any, options: Mapping[str, Any]) -> bool:
+    # ``forceInput`` asks for a socket only: frontend 1.x draws no widget for it and saves no value, and the
+    # default differs between ComfyUI versions (0.3.64's first scheduler is "simple", 2024's "normal").
+    return (isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES) and not options.get("forceInput")
+
+
+def _slot_type(kind: Any) -> str:
+    return "COMBO" if isinstance(kind, (list, tuple)) else kind
 
 
 def _has_seed_control(name: str, kind: Any, options: Mapping[str, Any]) -> bool:
@@ -223,10 +229,10 @@ def build_ui_workflow(api: Mapping[str, Any], node_classes: Mapping[str, type], 
         for name, kind, options, required in specs:
             value = values.get(name)
             linked = _is_link(value)
-            if _is_widget(kind):
+            if _is_widget(kind, options):
                 widgets.append((name, kind, options))
                 if linked:  # a widget converted to an input: the slot names its widget, the value stays
-                    slot_type = "COMBO" if isinstance(kind, (list, tuple)) else kind
+                    slot_type = _slot_type(kind)
                     inputs.append({"name": name, "type": slot_type, "link": None, "widget": {"name": name}})
                     pending_links.append((node_id, len(inputs) - 1, value[0], value[1], slot_type))
                     widget_values.append(_default(name, kind, options))
@@ -239,9 +245,9 @@ def build_ui_workflow(api: Mapping[str, Any], node_classes: Mapping[str, type], 
                 if _has_seed_control(name, kind, options):
                     widget_values.append(CONTROL_AFTER_GENERATE)
             else:
-                inputs.append({"name": name, "type": kind, "link": None})
+                inputs.append({"name": name, "type": _slot_type(kind), "link": None})
                 if linked:
-                    pending_links.append((node_id, len(inputs) - 1, value[0], value[1], kind))
+                    pending_links.append((node_id, len(inputs) - 1, value[0], value[1], _slot_type(kind)))
                 elif name in values:
                     raise WorkflowError(f"node {node_id} ({class_type}): input {name!r} of type {kind} must be a link, got {value!r}")
                 elif required:
