@@ -42,6 +42,7 @@ from .fragment.schedule.apply import apply_schedule, fragment_schedule
 from .fragment.settings import ExtractionSettings
 from .fragment.surgery.masking import mask_heads
 from .profiling.activation_stats import ActivationStats
+from .profiling.cfg_gap import CfgGapProbe
 from .profiling.evidence import ProfileEvidence
 from .profiling.ff_profiler import FFProfiler
 from .profiling.profiler import HeadProfiler
@@ -436,12 +437,12 @@ def _profiled_runs(unet: torch.nn.Module, run: Any, prompt: str, seeds: int) -> 
     (for ``ProfileEvidence.from_probes``) and the images (the full model's: the judge's references)."""
     images = []
     with HeadProfiler(unet, buckets=4, info={"prompt": prompt}) as prof, FFProfiler(unet) as ff_prof, \
-            StepChangeProbe(unet, 1) as probe, ActivationStats(unet) as acts:
+            StepChangeProbe(unet, 1) as probe, ActivationStats(unet) as acts, CfgGapProbe(unet) as gap:
         for seed in range(seeds):
             prof.begin_sample(seed)
             with torch.no_grad():
                 images.append(run(unet, [seed]))
-    return prof.result(), [ff_prof, probe, acts], images
+    return prof.result(), [ff_prof, probe, acts, gap], images
 
 
 def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidance: float, holdout_seeds: list[int],

@@ -50,7 +50,7 @@ from ..errors import FragmentError
 from ..profiling.evidence import ProfileEvidence
 from ..profiling.step_change import ReuseDepth
 from .levers import GOALS, LEVERS, LeverAmounts, goal_levers, label, lever
-from .schedule.cfg_lever import CFG_CUTOFFS
+from .schedule.cfg_lever import CFG_CUTOFFS, CfgCutoffLever, cutoff_tries
 from .schedule.reuse_lever import StepReuseLever
 from .settings import ExtractionSettings
 
@@ -144,6 +144,16 @@ class Predictors:
         data = self.data.get(StepReuseLever.name)
         return data.depths if data is not None else {}
 
+    def cfg_cutoffs(self) -> tuple[float, ...]:
+        """The CFG cut-offs to try, latest first: predicted from the profiled cond/uncond gap when there is one
+        (``cfg_lever.cutoff_tries``), else the fixed ones; none when the lever is not offered.
+
+        >>> Predictors({"cfg_cutoff": True}).cfg_cutoffs(), Predictors().cfg_cutoffs()
+        ((500.0, 350.0, 200.0), ())
+        """
+        data = self.data.get(CfgCutoffLever.name)
+        return cutoff_tries(data) if data is not None else ()
+
     def reuse_damage(self, skips: int, amount: float) -> float:
         """Predicted damage of reusing ``amount`` of the steps at depth ``skips`` (its drift budget)."""
         return StepReuseLever.depth_damage(self.data[StepReuseLever.name], skips, amount)
@@ -166,7 +176,9 @@ def profile_predictors(evidence: ProfileEvidence, model: torch.nn.Module, settin
 
     >>> p = profile_predictors(evidence, unet, goal="memory")  # doctest: +SKIP
     """
-    moved = set(goal_levers(goal)) | {cls.name for cls in LEVERS if cls.ladder == "always"} if goal else None
+    # the levers the goal moves by prediction, the exact ones, and those it tries after the ladder (the CFG cut-off)
+    moved = (set(goal_levers(goal)) | {cls.name for cls in LEVERS if cls.ladder == "always"}
+             | {cls.name for cls in LEVERS if cls.ladder == "after" and goal in cls.goals}) if goal else None
     data = {}
     for cls in LEVERS:
         if cls.ladder and (moved is None or cls.name in moved):
@@ -395,6 +407,7 @@ class Calibration:
     prior: str | None = None  # the model configuration whose prior was consulted (``PriorKey.name``; None: none was)
     prior_prompts: int = 0  # the earlier prompts with judged tries in that prior
     warnings: list[str] = field(default_factory=list)  # what the user must read (an unreadable prior: a cold start)
+    cfg_cutoffs: list[float] = field(default_factory=list)  # the CFG cut-offs planned, in try order (predicted first)
 
     @property
     def confirmed(self) -> dict[str, Any] | None:
@@ -419,7 +432,7 @@ class Calibration:
             "calibration_seeds": list(self.calibration_seeds), "holdout_seeds": list(self.holdout_seeds),
             "budget": self.budget.record(), "start": "warm (prior)" if self.warm_start is not None else "cold",
             "warm_start": self.warm_start, "prior": self.prior, "prior_prompts": self.prior_prompts,
-            "warnings": list(self.warnings),
+            "warnings": list(self.warnings), "cfg_cutoffs": list(self.cfg_cutoffs),
             "cost": {"images": self.images, "seconds": round(self.seconds, 4), "units": round(self.units, 4),
                      "delivered": self.delivered},
             "tries": [dict(t) for t in self.tries],
@@ -471,7 +484,8 @@ def calibrate(
     reference_cost = len(holdout_seeds) * images_per_seed if holdout_reference_images is None else holdout_reference_images
     started = time.perf_counter()
     cal = Calibration(goal, None, "fallback_full_model", calibration_seeds, holdout_seeds, budget, judge_name,
-                      warm_start=start if confirm_only and start is not None else None)
+                      warm_start=start if confirm_only and start is not None else None,
+                      cfg_cutoffs=[float(c) for c in cfg_cutoffs] if goal in ("speed", "both") else [])
     results: dict[tuple[str, str], Judgement] = {}
     references_paid = False
     per_image_u: list[float] = []  # each try's cost per candidate image, in u

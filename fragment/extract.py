@@ -175,7 +175,8 @@ def calibrated_fragment(
     ladder = [dataclasses.replace(c, how=settings)  # labelled in the settings' formats (int8, int3...)
               for c in candidate_ladder(predictors, goal)]
     # a batch-sized budget with no raw ratio yet: what the ladder predicts, before any fragment exists
-    budget = budget.with_raw_ratio(estimated_raw_ratio(ladder, predictors, goal) if budget.batch else None)
+    cutoffs = predictors.cfg_cutoffs()  # predicted from the profiled cond/uncond gap, latest first
+    budget = budget.with_raw_ratio(estimated_raw_ratio(ladder, predictors, goal, cutoffs) if budget.batch else None)
 
     def build(candidate: Candidate) -> Fragment:
         return candidate_fragment(evidence, model, candidate, base=base, name=name, settings=settings)
@@ -190,7 +191,8 @@ def calibrated_fragment(
         return verdict
 
     run = dict(calibration_seeds=calibration_seeds, holdout_seeds=holdout_seeds, budget=budget, goal=goal,
-               judge_name=judge_name, holdout_reference_images=holdout_reference_images, images_per_seed=images_per_seed)
+               judge_name=judge_name, holdout_reference_images=holdout_reference_images, images_per_seed=images_per_seed,
+               cfg_cutoffs=cutoffs)
     if prior is None:
         cal = calibrate(ladder, judge, **run)
     else:

@@ -37,7 +37,7 @@ class ProfileEvidence:
 
     ``ff_scores``: ``FFProfiler.scores()``; ``step_changes``, ``step_timesteps`` and ``reuse_depths``:
     ``StepChangeProbe.changes()``, ``.timesteps()`` and ``.depths()``; ``activation_stats``:
-    ``ActivationStats.stats()``; ``kv_context``: ``[B, T, C]``, the cond and uncond rows to fold.
+    ``ActivationStats.stats()``; ``cfg_gaps``: ``CfgGapProbe.gaps()``; ``kv_context``: ``[B, T, C]``, the cond and uncond rows to fold.
 
     >>> from prompt_fragments.profiling.dataset import ProfileData
     >>> evidence = ProfileEvidence(ProfileData({}, 4), step_changes=[None, 0.2, 0.1])
@@ -51,6 +51,7 @@ class ProfileEvidence:
     step_timesteps: Sequence[float] | None = None
     activation_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None
     reuse_depths: Mapping[int, ReuseDepth] | None = None
+    cfg_gaps: Mapping[float, float] | None = None
     kv_context: torch.Tensor | None = None
     fixed_scores: Scores | None = None  # scores given, not computed (``from_scores``)
     _scored: dict[tuple, Scores] = field(default_factory=dict, repr=False, compare=False)
@@ -59,12 +60,13 @@ class ProfileEvidence:
     def from_probes(cls, profile: ProfileData, probes: Iterable[Any], *, kv_context: torch.Tensor | None = None
                     ) -> "ProfileEvidence":
         """The evidence of a profile and the probes that ran beside it (``FFProfiler``, ``StepChangeProbe``,
-        ``ActivationStats``; any other object is ignored).
+        ``ActivationStats``, ``CfgGapProbe``; any other object is ignored).
 
         >>> ProfileEvidence.from_probes(ProfileData({}, 4), []).reuse_depths is None
         True
         """
         from .activation_stats import ActivationStats
+        from .cfg_gap import CfgGapProbe
         from .ff_profiler import FFProfiler
         from .step_change import StepChangeProbe
 
@@ -77,6 +79,8 @@ class ProfileEvidence:
                              reuse_depths=probe.depths())
             elif isinstance(probe, ActivationStats) and probe.calls:
                 found["activation_stats"] = probe.stats()
+            elif isinstance(probe, CfgGapProbe) and probe.calls:
+                found["cfg_gaps"] = probe.gaps()
         return cls(profile, kv_context=kv_context, **found)
 
     @classmethod

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..errors import FragmentError, ProfilingError
 from .activation_stats import ActivationStats
+from .cfg_gap import CfgGapProbe
 from .dataset import ProfileData
 from .evidence import ProfileEvidence
 from .ff_profiler import DEFAULT_FF_TOKEN_SAMPLE, FFProfiler
@@ -31,16 +32,17 @@ log = logging.getLogger(__name__)
 
 def profiling_stack(model: nn.Module, *, buckets: int = 4, shallow: int = 1, ff: bool = True, steps: bool = True,
                     ff_token_sample: int | None = DEFAULT_FF_TOKEN_SAMPLE, activations: bool = True,
-                    **head_kwargs: Any) -> list[HookContext]:
-    """The hook contexts a profile attaches: heads, feed-forward channels, per-step change and the
-    per-layer input statistics of the low-bit lever (``activations``), as used.
+                    cfg_gap: bool = True, **head_kwargs: Any) -> list[HookContext]:
+    """The hook contexts a profile attaches: heads, feed-forward channels, per-step change, the
+    per-layer input statistics of the low-bit lever (``activations``) and the cond/uncond gap the CFG
+    cut-off is predicted from (``cfg_gap``; batches are ``[uncond; cond]``), as used.
 
     ``head_kwargs`` go to ``HeadProfiler`` (``FULL_FIDELITY`` for the full statistics, with
     ``ff_token_sample=None`` for every token of the feed-forward blocks).  A model
     without feed-forward blocks or without a known block layout just gets fewer contexts.
 
     >>> [type(c).__name__ for c in profiling_stack(unet)]  # doctest: +SKIP
-    ['HeadProfiler', 'FFProfiler', 'StepChangeProbe', 'ActivationStats']
+    ['HeadProfiler', 'FFProfiler', 'StepChangeProbe', 'ActivationStats', 'CfgGapProbe']
     """
     stack: list[HookContext] = [HeadProfiler(model, buckets=buckets, **head_kwargs)]
     if ff:
@@ -58,6 +60,8 @@ def profiling_stack(model: nn.Module, *, buckets: int = 4, shallow: int = 1, ff:
             stack.append(ActivationStats(model))
         except ProfilingError:
             log.debug("%s: no Linear or Conv2d layers for activation statistics", type(model).__name__)
+    if cfg_gap:
+        stack.append(CfgGapProbe(model))
     return stack
 
 
@@ -86,6 +90,8 @@ class ProfileSession:
             self._acts: ActivationStats | None = ActivationStats(model)
         except ProfilingError:
             self._acts = None
+        # cond/uncond gap per timestep, for the CFG cut-off (ComfyUI names each chunk in cond_or_uncond)
+        self._cfg = CfgGapProbe(model)
         self._last_sigma: float | None = None
         self._lock = threading.Lock()
         self.runs = 0
@@ -107,7 +113,7 @@ class ProfileSession:
             self._maybe_new_run(sigma, label)
             self.calls += 1
             with contextlib.ExitStack() as stack:
-                for probe in (self._profiler, self._ff, self._steps, self._acts):
+                for probe in (self._profiler, self._ff, self._steps, self._acts, self._cfg):
                     if probe is not None:
                         stack.enter_context(probe)
                 return fn()
@@ -132,6 +138,10 @@ class ProfileSession:
         """The timestep of each of those steps (from the first profiled run), or None without a probe."""
         return self._steps.timesteps() if self._steps is not None else None
 
+    def cfg_gaps(self) -> dict[float, float] | None:
+        """The mean cond/uncond gap per timestep (``CfgGapProbe.gaps()``), or None when no call had both halves."""
+        return self._cfg.gaps() if self._cfg.calls else None
+
     def result(self) -> ProfileData:
         """The statistics so far, with the run count in ``info``."""
         data = self._profiler.result()
@@ -146,4 +156,4 @@ class ProfileSession:
         """
         return ProfileEvidence(self.result(), ff_scores=self.ff_scores(), step_changes=self.step_changes(),
                                step_timesteps=self.step_timesteps(), activation_stats=self.activation_stats(),
-                               reuse_depths=self.reuse_depths(), kv_context=kv_context)
+                               reuse_depths=self.reuse_depths(), cfg_gaps=self.cfg_gaps(), kv_context=kv_context)

@@ -7,19 +7,22 @@ point: that the judge measures, records and falls back honestly is.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 import comfyui_support as cs
 from prompt_fragments.fragment.build import describe_base
-from prompt_fragments.fragment.calibration import Candidate
+from prompt_fragments.fragment.calibration import Candidate, profile_predictors
 from prompt_fragments.fragment.extract import candidate_fragment
 from prompt_fragments.fragment.format.store import load_fragment
 from prompt_fragments.fragment.library.index import entries, forget
 from prompt_fragments.fragment.patching import base_sha256
+from prompt_fragments.fragment.schedule.cfg_lever import CfgEvidence, cutoff_tries
 
 SEED, STEPS, CFG = 7, 4, 7.0  # 4 steps: step reuse (the speed goal's lever) has steps to choose from
 
@@ -203,3 +206,21 @@ def test_a_batch_too_small_is_refused_before_rendering(env, monkeypatch: pytest.
 def test_calibrate_on_names_what_is_missing(env) -> None:
     with pytest.raises(Exception, match=r"calibrate is on, but negative is not connected"):
         _calibrate(env, "judged_missing", negative=None)
+
+
+def test_the_profiled_run_measures_the_cond_uncond_gap_per_timestep(env) -> None:
+    """ComfyUI names each chunk of a call in ``cond_or_uncond``: the profiled KSampler run gives one gap per step,
+    at the steps' own timesteps, and the speed goal's CFG cut-offs are predicted from them."""
+    session = env.profile.session
+    gaps = session.cfg_gaps()
+    assert gaps is not None, "no profiled call carried both the cond and the uncond half"
+    timesteps = session.step_timesteps()
+    assert len(gaps) == STEPS == len(timesteps)
+    assert_close(torch.tensor(list(gaps)), torch.tensor(sorted(timesteps, reverse=True)), atol=0.01, rtol=0)
+    assert all(math.isfinite(g) and g > 0 for g in gaps.values()), gaps
+    evidence = session.evidence()
+    assert evidence.cfg_gaps == gaps
+    planned = profile_predictors(evidence, env.profile.diffusion_model, goal="speed").cfg_cutoffs()
+    assert planned == cutoff_tries(CfgEvidence(gaps)) and planned
+    # random weights: cond and uncond agree from the first step, which keeps its uncond pass all the same
+    assert planned[0] < max(gaps), planned
