@@ -54,7 +54,7 @@ BASE_NAME = "prompt-fragments-reference-v1"
 CURVE_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 #: The demo's cold prompt: the first prompt on the model configuration, before the main one (bench.peers.EXTRA_PROMPTS[0]).
 COLD_PROMPT = "a green square in the center on a black background"
-COLD_TIMING_SEEDS = 8  # the cold prompt's raw ratio: this many seeds (at most the variants) timed, full and fragment
+COLD_TIMING_SEEDS = 32  # the cold prompt's u and raw ratio: this many seeds (at most the variants) timed, full and fragment
 
 
 class _Progress:
@@ -117,7 +117,6 @@ def run_demo(
     >>> run_demo("outputs/demo", seeds=2, variants=4, steps=5)["calibration"]["status"]  # doctest: +SKIP
     'passed'
     """
-    from .judge.fragment_judge import fragment_judge
     from .judge.reference_target import ReferenceTarget
     from .judge.thresholds import load_thresholds
     from .metrics.memory import peak_memory, peak_memory_metrics, reduction, resident_weight_mb
@@ -129,7 +128,7 @@ def run_demo(
     from .metrics.reuse import h2_bounds, reuse_block
     from .reference import measure
     from .reference.model import WEIGHTS_FILE, load_reference, unet_input
-    from .reference.sampling import DEFAULT_GUIDANCE, sample
+    from .reference.sampling import DEFAULT_GUIDANCE, Trajectory, sample
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,12 +159,13 @@ def run_demo(
     # the bar counts image-steps; the calibration's share is its budget until it ends, then what it spent
     total = steps * (seeds + (budget_images if calibrating else 0) + (2 + lever_count) * variants
                      + (len(CURVE_RATIOS) * variants if curve else 0) + (2 * reuse_paraphrases * 4 if reuse_paraphrases else 0)
-                     + (seeds + budget_images + 2 * min(COLD_TIMING_SEEDS, variants) if calibrating and cold_prompt else 0))
+                     + (seeds + budget_images + 2 * min(COLD_TIMING_SEEDS, variants) + 1 if calibrating and cold_prompt else 0))
     bar = _Progress(total, progress)
 
-    def run(model_unet: torch.nn.Module, seed_list: list[int], *, state: Any = None, cfg_cutoff: float | None = None) -> np.ndarray:
+    def run(model_unet: torch.nn.Module, seed_list: list[int], *, state: Any = None, cfg_cutoff: float | None = None,
+            record: Any = None, branch: Any = None) -> np.ndarray:
         return sample(model_unet, context, uncond, seed_list, steps=steps, guidance=guidance, on_step=bar,
-                      state=state, cfg_cutoff=cfg_cutoff)
+                      state=state, cfg_cutoff=cfg_cutoff, record=record, branch=branch)
 
     demo_started = time.perf_counter()
     scratch = tempfile.TemporaryDirectory(prefix="pf-prior-")
@@ -181,7 +181,8 @@ def run_demo(
                                       timing_seeds=min(COLD_TIMING_SEEDS, variants))
         unit_s = cold_line["unit_s"]  # one stock image of this configuration, measured: the budget counts in it
     started = time.perf_counter()
-    profile, probes, profile_images = _profiled_runs(unet, run, prompt, seeds)
+    trajectory = Trajectory()  # the full model's per-step states of the judged seeds: candidates branch from them
+    profile, probes, profile_images = _profiled_runs(unet, run, prompt, seeds, record=trajectory)
     profile_s = time.perf_counter() - started
     started = time.perf_counter()
     evidence = ProfileEvidence.from_probes(profile, probes)
@@ -192,13 +193,16 @@ def run_demo(
     build_s = time.perf_counter() - started
     calibrate_s, cal = 0.0, None
     if calibrating:
+        # what the profile and the build already cost (the profiled images are delivered: output, not overhead)
+        spent_before = (max(profile_s / unit_s - seeds, 0.0) + build_s / unit_s) if unit_s else 0.0
         started = time.perf_counter()
-        judge = fragment_judge(unet, run, target.judge, list(range(seeds)), np.concatenate(profile_images))
+        judge = _demo_judge(unet, run, target, seeds, profile_images, trajectory)
         fragment, cal = calibrated_fragment(evidence, unet, judge, base=base, name=name, calibration_seeds=list(range(seeds)),
                                             holdout_seeds=holdout_seeds, goal=goal,
                                             # u as the cold run measured it; without one, each judged image is 1 u
                                             budget=Budget.for_batch(batch, delivered=seeds + len(holdout_seeds),
-                                                                    images=budget_images, unit_s=unit_s),
+                                                                    images=budget_images, unit_s=unit_s,
+                                                                    spent_u=spent_before),
                                             judge_name=target.describe()["judge"],
                                             prior=PriorPlace(prior_folder, key, prompt))
         calibrate_s = time.perf_counter() - started
@@ -432,16 +436,34 @@ def cost_figures(prompt: str, cal: Any, ledger: Any, raw: float, n: int = 32, *,
             "cost_line": cost_line(ledger, raw, n), "fresh_passes": fresh_passes, "fresh_seeds": fresh_seeds}
 
 
-def _profiled_runs(unet: torch.nn.Module, run: Any, prompt: str, seeds: int) -> tuple[Any, list[Any], list[np.ndarray]]:
-    """Seeds ``0..seeds-1`` sampled one at a time under the profiler and the probes: the head profile, the probes
-    (for ``ProfileEvidence.from_probes``) and the images (the full model's: the judge's references)."""
-    images = []
+def _demo_judge(unet: torch.nn.Module, run: Any, target: Any, seeds: int, profile_images: list[np.ndarray],
+                trajectory: Any) -> Any:
+    """The calibration's judge: candidates branch from the full model's recorded states (``trajectory``, filled by
+    the profiled run and by the held-out references), so a candidate that equals the full model until step k
+    renders only the steps after it; and a try stops at its first clear failure (``SequentialStop``), judged in
+    two groups, since on this model a smaller batch costs more per image than the stop saves."""
+    from .judge.fragment_judge import SequentialStop, fragment_judge
+    from .reference.sampling import ddim_timesteps
+
+    return fragment_judge(unet, run, target.judge, list(range(seeds)), np.concatenate(profile_images),
+                          trajectory=trajectory, timesteps=ddim_timesteps(target.steps),
+                          sequential=SequentialStop(target.limits, group=max(2, (seeds + 1) // 2)))
+
+
+def _profiled_runs(unet: torch.nn.Module, run: Any, prompt: str, seeds: int,
+                   record: Any = None) -> tuple[Any, list[Any], list[np.ndarray]]:
+    """Seeds ``0..seeds-1`` sampled as one batch under the profiler and the probes: the head profile, the probes
+    (for ``ProfileEvidence.from_probes``) and the images (the full model's: the judge's references).  ``record``
+    (a ``Trajectory``) keeps the run's per-step states, for branched candidate renders.
+
+    One batch, not one render per seed: these are images of the user's batch, and a render of one seed costs
+    about two to three stock images on this model where a batch of eight costs about one each (the closing
+    note of issue #26 has the figures).  ``begin_batch`` keeps each seed's statistics apart (rank stability)."""
     with HeadProfiler(unet, buckets=4, info={"prompt": prompt}) as prof, FFProfiler(unet) as ff_prof, \
             StepChangeProbe(unet, 1) as probe, ActivationStats(unet) as acts, CfgGapProbe(unet) as gap:
-        for seed in range(seeds):
-            prof.begin_sample(seed)
-            with torch.no_grad():
-                images.append(run(unet, [seed]))
+        prof.begin_batch(list(range(seeds)))
+        with torch.no_grad():
+            images = [run(unet, list(range(seeds)), record=record)]
     return prof.result(), [ff_prof, probe, acts, gap], images
 
 
@@ -451,34 +473,36 @@ def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidan
     """The cold line: ``prompt`` timed on ``COLD_TIMING_SEEDS`` stock seeds (u), profiled on ``seeds`` seeds,
     calibrated with ``prior`` (empty: cold; its tries are recorded there), and its fragment timed and judged on the
     same timing seeds (the raw ratio, and the gate on seeds the calibration never saw)."""
-    from .judge.fragment_judge import fragment_judge
     from .judge.reference_target import ReferenceTarget
     from .metrics.costs import CostLedger
     from .metrics.performance import speedup
-    from .reference.sampling import sample
+    from .reference.sampling import Trajectory, sample
 
     unet = model.unet
     target = ReferenceTarget(prompt, limits=limits, steps=steps, guidance=guidance, model=model, lpips=lpips)
 
     def run(model_unet: torch.nn.Module, seed_list: list[int], *, state: Any = None,
-            cfg_cutoff: float | None = None) -> np.ndarray:
+            cfg_cutoff: float | None = None, record: Any = None, branch: Any = None) -> np.ndarray:
         return sample(model_unet, target.context, target.uncond, seed_list, steps=steps, guidance=guidance,
-                      on_step=on_step, state=state, cfg_cutoff=cfg_cutoff)
+                      on_step=on_step, state=state, cfg_cutoff=cfg_cutoff, record=record, branch=branch)
 
     timing = list(range(3000, 3000 + timing_seeds))
+    with torch.no_grad():  # warm-up: the process's first render pays for allocation and thread start-up, not the model
+        run(unet, timing[:1])
     started = time.perf_counter()
     with torch.no_grad():
         full = run(unet, timing)
     stock_s = time.perf_counter() - started
     ledger = CostLedger(unit_s=max(stock_s / len(timing), 1e-9))
     started = time.perf_counter()
-    profile, probes, profile_images = _profiled_runs(unet, run, prompt, seeds)
+    trajectory = Trajectory()
+    profile, probes, profile_images = _profiled_runs(unet, run, prompt, seeds, record=trajectory)
     ledger.add("profile_hooks", time.perf_counter() - started, images=seeds, delivered=seeds)
     started = time.perf_counter()
     evidence = ProfileEvidence.from_probes(profile, probes)
     base = describe_base(unet, BASE_NAME)
     ledger.add("build", time.perf_counter() - started)
-    judge = fragment_judge(unet, run, target.judge, list(range(seeds)), np.concatenate(profile_images))
+    judge = _demo_judge(unet, run, target, seeds, profile_images, trajectory)
     started = time.perf_counter()
     fragment, cal = calibrated_fragment(
         evidence, unet, judge, base=base, name="demo-cold-" + hashlib.sha256(prompt.encode()).hexdigest()[:8],

@@ -98,7 +98,9 @@ class _Accumulator:
         for name in ("shift", "sums", "entropy", "sample_energy"):
             setattr(self, name, getattr(self, name).to(device))
 
-    def add_energy(self, bucket: int, sample: int, energy: torch.Tensor) -> None:
+    def add_energy(self, bucket: int, sample: int, energy: torch.Tensor, owners: torch.Tensor | None = None) -> None:
+        """Add ``energy`` ([tokens, heads]) to ``bucket``; its tokens belong to ``sample``, or, in a batched
+        run, token ``i`` to sample ``owners[i]``."""
         n = float(energy.shape[0])
         if n == 0:
             return
@@ -108,13 +110,19 @@ class _Accumulator:
         d = energy - self.shift[bucket]
         s1 = d.sum(0)
         self.sums[bucket].add_(torch.stack((s1, (d * d).sum(0))))
-        if sample >= self.sample_energy.shape[0]:
-            grow = max(sample + 1, 2 * self.sample_energy.shape[0]) - self.sample_energy.shape[0]
+        last = sample if owners is None else int(owners.max())
+        if last >= self.sample_energy.shape[0]:
+            grow = max(last + 1, 2 * self.sample_energy.shape[0]) - self.sample_energy.shape[0]
             self.sample_energy = torch.cat([self.sample_energy, self.sample_energy.new_zeros(grow, self.shift.shape[1])])
-        self.sample_energy[sample].add_(s1 + n * self.shift[bucket])
-        self.sample_tokens.extend([0.0] * (sample + 1 - len(self.sample_tokens)))
+        self.sample_tokens.extend([0.0] * (last + 1 - len(self.sample_tokens)))
         self.tokens[bucket] += n
-        self.sample_tokens[sample] += n
+        if owners is None:
+            self.sample_energy[sample].add_(s1 + n * self.shift[bucket])
+            self.sample_tokens[sample] += n
+            return
+        self.sample_energy.index_add_(0, owners, energy)
+        for owner, count in enumerate(torch.bincount(owners).tolist()):
+            self.sample_tokens[owner] += float(count)
 
     def add_entropy(self, bucket: int, entropy: torch.Tensor) -> None:
         self.entropy[bucket].add_(entropy.sum(0))
@@ -190,6 +198,7 @@ class HeadProfiler(HookContext):
         self._bucket = 0
         self._manual_timestep: float | None = None
         self._sample = -1
+        self._batch = 0  # samples in the current batched run (begin_batch), 0 outside one
         self._last_t: float | None = None
         self._steps_seen: dict[tuple[int, int], int] = {}  # (sample, bucket) -> steps so far
         self._active = True
@@ -209,6 +218,29 @@ class HeadProfiler(HookContext):
         """Start a new sample (usually one seed); later statistics are attributed to it."""
         self.samples.append(label)
         self._sample = len(self.samples) - 1
+        self._batch = 0
+        self._last_t = None
+
+    def begin_batch(self, labels: Sequence[Any]) -> None:
+        """Start ``len(labels)`` samples rendered together as one batch (one seed each).
+
+        Row ``r`` of every call's batch belongs to sample ``r % len(labels)``: the layout of a CFG batch
+        (``[uncond; cond]``, or ComfyUI's equal ``cond_or_uncond`` chunks) keeps each seed's rows in that
+        order.  So a batched profile keeps each seed's energy apart (rank stability) at the cost of one
+        batched render, where ``begin_sample`` per seed needs one render per seed.  A call whose batch is
+        not a multiple of ``len(labels)`` counts toward the first label.
+
+        >>> with HeadProfiler(unet, buckets=4) as prof:  # doctest: +SKIP
+        ...     prof.begin_batch([0, 1, 2, 3])
+        ...     run_sampler(unet, seeds=[0, 1, 2, 3])  # one batch of four seeds
+        >>> prof.result().module(path).per_sample_energy().shape  # doctest: +SKIP
+        torch.Size([4, 8])
+        """
+        if not labels:
+            raise ProfilingError("HeadProfiler.begin_batch: expected at least one sample label, found none")
+        self._sample = len(self.samples)
+        self.samples.extend(labels)
+        self._batch = len(labels)
         self._last_t = None
 
     def set_timestep(self, t: float | None) -> None:
@@ -268,14 +300,25 @@ class HeadProfiler(HookContext):
                     wh = w.reshape(w.shape[0], heads, d).permute(1, 0, 2)  # [H, out, d]
                     gram = wh.transpose(1, 2) @ wh  # [H, d, d]
                     self._gram[path] = gram
-                flat = x.reshape(-1, heads * d)
-                stride = sample_stride(flat.shape[0], self.token_sample)
-                if stride > 1:  # evenly spaced tokens from a seeded offset: a view, no index tensor on the device
-                    flat = flat[self._rng.randrange(stride)::stride]
+                sample, owners = self._current_sample(), None
+                if self._batch > 1 and x.dim() == 3 and x.shape[0] % self._batch == 0:
+                    # a batched run: tokens are taken per row, so each row's tokens stay its own sample's
+                    rows = x.reshape(x.shape[0], x.shape[1], heads * d)
+                    stride = sample_stride(rows.shape[0] * rows.shape[1], self.token_sample)
+                    if stride > 1:
+                        rows = rows[:, self._rng.randrange(stride)::stride]
+                    owner = sample + torch.arange(rows.shape[0], device=x.device) % self._batch
+                    owners = owner.repeat_interleave(rows.shape[1])
+                    flat = rows.reshape(-1, heads * d)
+                else:
+                    flat = x.reshape(-1, heads * d)
+                    stride = sample_stride(flat.shape[0], self.token_sample)
+                    if stride > 1:  # evenly spaced tokens from a seeded offset: a view, no index tensor on the device
+                        flat = flat[self._rng.randrange(stride)::stride]
                 xh = flat.reshape(-1, heads, d).to(torch.float32)  # [tokens, H, d]
                 energy = (torch.einsum("thd,hde->the", xh, gram) * xh).sum(-1)  # [tokens, H]: x_h^T G_h x_h
                 acc = self._accumulator(path, x.device)
-                acc.add_energy(self._bucket, self._current_sample(), energy)
+                acc.add_energy(self._bucket, sample, energy, owners)
                 scratch = self._scratch.pop(path, {})
                 if self.entropy_tokens and "q" in scratch and "k" in scratch:
                     acc.add_entropy(self._bucket, self._entropy(scratch["q"], scratch["k"], heads, d))

@@ -46,6 +46,10 @@ def test_the_default_demo_builds_the_calibrated_fragment_and_counts_its_cost(tmp
     cal = metrics["calibration"]
     assert cal["cost"]["images"] <= 20 and cal["calibration_seeds"] == [0, 1, 2] and cal["holdout_seeds"] == [500, 501]
     assert metrics["metrics"]["calibration_images"] == cal["cost"]["images"]
+    # candidates branch from the profiled run's recorded states: a schedule-only candidate skips the steps it
+    # shares with the full model (branch_step 0 on every try would mean no trajectory reached the judge)
+    if cal["tries"]:
+        assert any(t["metrics"]["branch_step"] > 0 for t in cal["tries"]), [t["metrics"] for t in cal["tries"]]
     printed = capsys.readouterr().out
     amortized = metrics["amortized"]  # the CostLedger's record, in u (one stock image) and seconds
     assert [r["n"] for r in amortized["rows"]] == [8, 16, 32, 64, 128]

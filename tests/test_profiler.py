@@ -262,3 +262,53 @@ def test_measure_overhead_times_the_whole_stack() -> None:
     assert _hooks_count(unet) == 0
     assert stack[0].result().total_calls == 2 and stack[1].calls == 2  # warm-up and one timed run were hooked
     assert stack[3].calls == 1 and stack[3].stats()  # call_stride 3: the first of the two calls is measured
+
+
+def test_batched_profile_keeps_each_seed_apart_like_one_run_per_seed() -> None:
+    """begin_batch: one batched render per CFG layout ([uncond; cond]) gives each seed the energy that one
+    render per seed gives it; the bucket statistics are the same tokens, so they agree too."""
+    unet, make_inputs = cs.make_small_diffusers_unet("sd15")
+    seeds = (3, 4, 5)
+    per_seed = {s: make_inputs(batch=2, seed=s) for s in seeds}  # one seed's rows: its uncond and its cond
+
+    def call(inputs: dict, t: float) -> None:
+        inputs = dict(inputs, timestep=torch.tensor([t]))
+        unet(**inputs)
+
+    def stacked(key: str) -> torch.Tensor:  # [uncond of every seed; cond of every seed]
+        rows = [per_seed[s][key] for s in seeds]
+        return torch.cat([r[:1] for r in rows] + [r[1:] for r in rows])
+
+    kwargs = dict(buckets=2, token_sample=None, step_stride=1, entropy_tokens=0)
+    with HeadProfiler(unet, **kwargs) as alone, torch.no_grad():
+        for s in seeds:
+            alone.begin_sample(s)
+            for t in (900.0, 100.0):
+                call(per_seed[s], t)
+    batch_inputs = {k: stacked(k) if torch.is_tensor(v) and v.shape[0] == 2 else v for k, v in per_seed[seeds[0]].items()}
+    with HeadProfiler(unet, **kwargs) as together, torch.no_grad():
+        together.begin_batch(list(seeds))
+        for t in (900.0, 100.0):
+            call(batch_inputs, t)
+    a, b = alone.result(), together.result()
+    assert b.samples == list(seeds)
+    for path, stats in a.modules.items():
+        other = b.modules[path]
+        assert_close(other.per_sample_energy(), stats.per_sample_energy(), rtol=1e-4, atol=1e-5)
+        assert_close(other.sample_tokens, stats.sample_tokens)
+        assert_close(other.energy(), stats.energy(), rtol=1e-4, atol=1e-5)
+    ranks = rank_stability(b)
+    assert ranks and all(entry["spearman"] == entry["spearman"] for entry in ranks.values())  # computed, not NaN
+    # a batch that is not a multiple of the seeds counts toward the first seed, never out of range
+    with HeadProfiler(unet, **kwargs) as odd, torch.no_grad():
+        odd.begin_batch([1, 2])
+        call(per_seed[3] | {k: v[:1] for k, v in per_seed[3].items() if torch.is_tensor(v) and v.shape[0] == 2}, 500.0)
+    first = next(iter(odd.result().modules.values()))
+    assert first.sample_tokens[0] > 0 and first.sample_tokens[1] == 0
+
+
+def test_begin_batch_refuses_an_empty_batch() -> None:
+    from prompt_fragments.errors import ProfilingError
+
+    with pytest.raises(ProfilingError, match="begin_batch"):
+        HeadProfiler(Wrapper(_attention())).begin_batch([])
