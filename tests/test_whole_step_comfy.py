@@ -16,6 +16,8 @@ output goes through ComfyUI's own ``apply_model`` arithmetic).
   cond and uncond batched in one call and run apart (little free memory);
 * the sample equals the hooked reference run's (float rounding only: the wrapper
   recovers the UNet output from ``apply_model``'s denoised result);
+* below a CFG cut-off (cond rows only) a reuse step replays the cond rows of
+  the last computed output, also of one computed on the whole batch;
 * with no reuse step, or reuse turned off, or the schedule off, the sample is
   the plain fragment's bit for bit.
 """
@@ -44,15 +46,17 @@ class UNetCalls:
 
     A lower timestep than the last call's is the next step; an equal one another call of the same step (cond and
     uncond run apart).  With ``replay``, on those steps the UNet's output is replaced by its output from the
-    last step that was not replayed (the same call of that step), as the whole-step schedule should do.
+    last step that was not replayed (the same call of that step), as the whole-step schedule should do; a call
+    narrowed to its cond rows (CFG truncation) gets the cond rows of it.
     """
 
     def __init__(self, unet: torch.nn.Module, replay: tuple[int, ...] = ()) -> None:
         self.unet, self.replay = unet, set(replay)
         self.calls: list[tuple[int, int]] = []
         self.timesteps: list[float] = []  # one per step seen
+        self.rows: list[int] = []  # each call's batch size
         self.replayed = 0
-        self._saved: dict[int, torch.Tensor] = {}
+        self._saved: dict[int, tuple[torch.Tensor, list[int]]] = {}  # call -> (output, its cond_or_uncond chunks)
         self._handle: Any = None
 
     def __enter__(self) -> "UNetCalls":
@@ -71,10 +75,17 @@ class UNetCalls:
             assert abs(t - self.timesteps[-1]) <= 1e-4, "a second sampler run inside one UNetCalls"
             step, call = self.calls[-1][0], self.calls[-1][1] + 1
         self.calls.append((step, call))
+        self.rows.append(out.shape[0])
         if step in self.replay:
             self.replayed += 1
-            return self._saved[call].clone()
-        self._saved[call] = out.detach().clone()
+            saved, chunks = self._saved[call]
+            if saved.shape[0] != out.shape[0]:  # the cond rows only, below the CFG cut-off
+                size = saved.shape[0] // len(chunks)
+                assert out.shape[0] == size, (saved.shape, out.shape, chunks)
+                saved = saved[chunks.index(0) * size:(chunks.index(0) + 1) * size]
+            return saved.clone()
+        chunks = list(kwargs.get("transformer_options", {}).get("cond_or_uncond", []))
+        self._saved[call] = (out.detach().clone(), chunks)
         return None
 
 
@@ -104,10 +115,10 @@ class WholeStepEnv:
         return self.pack.NODE_CLASS_MAPPINGS["FragmentLoader"]().apply(self.base, "(none)", "raise", fragment=handle,
                                                                        schedule=schedule)
 
-    def sample(self, model: Any, sampler: str = "euler") -> torch.Tensor:
+    def sample(self, model: Any, sampler: str = "euler", negative: Any = None) -> torch.Tensor:
         """KSampler: STEPS steps of ``sampler``, cfg 7, on the one-seed 64 px latent."""
         (out,) = self.comfyui.nodes.KSampler().sample(model, SEED, STEPS, 7.0, sampler, "normal", self.positive,
-                                                      self.negative, self.latent)
+                                                      self.negative if negative is None else negative, self.latent)
         return out["samples"]
 
     def state(self, model: Any) -> Any:
@@ -243,3 +254,31 @@ def test_without_reuse_the_whole_step_schedule_is_the_plain_fragment_bit_for_bit
     assert torch.equal(empty, env.plain)
     assert torch.equal(disabled, env.plain)
     assert torch.equal(off, env.plain)
+
+
+def test_whole_step_reuse_under_cfg_truncation_replays_the_cond_rows(env: WholeStepEnv) -> None:
+    """Below the CFG cut-off the call runs the cond rows only: a reuse step there replays those rows of the last
+    computed step's output, also when that step ran the whole [cond, uncond] batch (step 4 after step 3 here)."""
+    cutoff = (env.timesteps[3] + env.timesteps[4]) / 2
+    truncated = env.with_schedule(cfg_cutoff=cutoff)
+    both = env.with_schedule(total_steps=STEPS, reuse_steps=REUSE, skips=0, step_timesteps=tuple(env.timesteps),
+                             cfg_cutoff=cutoff)
+    # The random text encoder makes cond and uncond predictions alike (replaying the uncond rows passed unnoticed);
+    # a far-off negative makes them differ, so a row mix-up fails the comparison (checked).
+    negative = [[-20.0 * c, dict(extra)] for c, extra in env.positive]
+    with torch.inference_mode(), plenty_of_free_memory():
+        model, status = env.load(both)
+        state = env.state(model)
+        state.history.clear()
+        with UNetCalls(env.unet) as calls:
+            out = env.sample(model, "dpmpp_2m", negative)
+        reused = state.reused_steps()
+        reference_model, _ = env.load(truncated)
+        with UNetCalls(env.unet, replay=REUSE) as reference_calls:
+            reference = env.sample(reference_model, "dpmpp_2m", negative)
+    assert "whole UNet calls reused" in status and "CFG truncated" in status, status
+    assert reference_calls.rows == [2, 2, 2, 2, 1, 1], reference_calls.rows  # [cond, uncond], then cond alone
+    assert calls.rows == [2, 2, 2] and reused == list(REUSE)
+    assert [h["signature"][0] for h in state.history] == [2, 2, 2, 2, 1, 1]
+    assert torch.isfinite(out).all()
+    assert_close(out, reference, rtol=2e-5, atol=2e-5)
