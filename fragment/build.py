@@ -287,7 +287,7 @@ def check_loadable(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tens
 
 
 def _check_schedule_on(base: BaseFacts, schedule: "Schedule", where_: str) -> None:
-    if schedule.reuse_steps:
+    if schedule.reuse_steps and schedule.skips != 0:  # skips=0 replays the whole call: it fits every model
         field = "skips" if schedule.skips is not None else "shallow"
         try:
             if base.layout is None:

@@ -50,7 +50,8 @@ class ExtractionSettings:
     precision_format: str = "fp8"  # the storage format of the precision lever: "fp8" or "int8"
     low_bit_bits: int = 4  # 4 (int4) or 3 (int3)
     low_bit_group: int = 64  # input columns per fp16 scale and zero: 4.5 bits per weight at int4, group 64
-    reuse_skips: int | None = None  # replay below this many skip connections (None: the block depth, shallow=1)
+    # replay below this many skip connections (None: the block depth, shallow=1; 0: the whole UNet call)
+    reuse_skips: int | None = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -62,8 +63,8 @@ class ExtractionSettings:
             ("low_bit_group", self.low_bit_group in LOW_BIT_GROUPS and not isinstance(self.low_bit_group, bool),
              f"one of {', '.join(map(str, LOW_BIT_GROUPS))} input columns per scale"),
             ("reuse_skips", self.reuse_skips is None or (isinstance(self.reuse_skips, int)
-                                                         and not isinstance(self.reuse_skips, bool) and self.reuse_skips >= 1),
-             "None or an integer >= 1 (skip connections kept computed)"),
+                                                         and not isinstance(self.reuse_skips, bool) and self.reuse_skips >= 0),
+             "None or an integer >= 0 (skip connections kept computed; 0: the whole UNet call reused)"),
         )
         for name, ok, expected in checks:
             if not ok:

@@ -166,7 +166,7 @@ def fragment_model(model: Any, frag: Fragment, *, originals: dict[str, Any] | No
         replacements = schedule_replacements(diffusion_model, frag, plan.replacements, plan_schedule, state,
                                              reuse_on=diffusion_model)
         sampling = model.object_patches.get("model_sampling", model.model.model_sampling)  # as a sampling node set it
-        install_schedule(patched, state, sampling, plan_schedule.cfg_cutoff)
+        install_schedule(patched, state, sampling, plan_schedule.cfg_cutoff, whole_step=plan_schedule.whole_step)
     for path, module in replacements.items():
         patched.add_object_patch(PREFIX + path, module)
     patched.model_options[FRAGMENT_PATCHES] = {"keys": sorted(PREFIX + p for p in replacements),

@@ -10,7 +10,8 @@ Three pieces go on a clone of the ModelPatcher:
   that converts each call's sigma to the training timestep and tells the
   ``ScheduleState`` before the UNet runs (ComfyUI gives the UNet sigmas, the
   schedule is stored in timesteps), and that skips the unconditional rows
-  below the CFG cut-off;
+  below the CFG cut-off; with a whole-step schedule (``skips=0``) it is also
+  where a reuse step skips the model call and replays the UNet's last output;
 * on 0.3.x, a keyed ``OUTER_SAMPLE`` wrapper that starts every sampler run
   from a clean state with its real step count and frees the cached deep
   features when the run ends, also when it fails or is interrupted;
@@ -27,7 +28,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import FragmentError
-from ..fragment.schedule.state import Schedule, ScheduleState
+from ..fragment.schedule.state import WHOLE_STEP, Schedule, ScheduleState
+from ..fragment.schedule.step_reuse import model_output_of_denoised
 from .comfy_versions import add_call_wrapper, add_run_wrapper, call_next, call_wrappers
 
 log = logging.getLogger(__name__)
@@ -88,16 +90,39 @@ def _cond_rows_only(args: dict[str, Any]) -> tuple[dict[str, Any], int, slice] |
     return {**args, "input": x[rows], "timestep": narrow(args["timestep"]), "c": c, "cond_or_uncond": [COND]}, size, rows
 
 
-def schedule_wrapper(state: ScheduleState, model_sampling: Any, cfg_cutoff: float | None) -> Callable:
+def schedule_wrapper(state: ScheduleState, model_sampling: Any, cfg_cutoff: float | None,
+                     whole_step: bool = False) -> Callable:
     """A call wrapper that drives ``state`` and applies CFG truncation below ``cfg_cutoff``.
 
     Below the cut-off the uncond rows get the cond prediction, so ComfyUI's
     ``uncond + (cond - uncond) * cfg`` is the cond prediction itself, as in
-    the reference sampler's truncation.
+    the reference sampler's truncation.  With ``whole_step`` (a ``skips=0``
+    schedule) a reuse step does not call the model: the UNet output cached on
+    the last computed step (``model_output_of_denoised``) is turned into this call's
+    denoised prediction with this call's ``x`` and sigma, exactly as
+    ``apply_model`` would have turned a fresh one.
     """
 
     require_discrete_sampling(model_sampling, "FragmentLoader")
     skipped_truncation: list[str] = []  # said once per loaded model, not once per step
+    if whole_step:
+        state.expect_keys([WHOLE_STEP])
+        state.protect([WHOLE_STEP])
+
+    def run(apply_model: Callable, call_args: dict[str, Any], live: Any) -> Any:
+        x, sigma = call_args["input"], call_args["timestep"]
+        if not whole_step or not isinstance(sigma, torch.Tensor):  # calculate_denoised needs ComfyUI's per-row sigmas
+            return call_next(wrapper, apply_model, call_args)
+        if state.replaying:
+            cached = state.replay(WHOLE_STEP)
+            if cached is not None:
+                return live.calculate_denoised(sigma, cached.to(x.dtype), x)
+        denoised = call_next(wrapper, apply_model, call_args)
+        if not state.replaying and state.reuse_steps and state.reuse_enabled:  # else nothing would read it
+            raw = model_output_of_denoised(live, sigma, denoised, x)
+            if raw is not None:
+                state.store(WHOLE_STEP, raw)
+        return denoised
 
     def wrapper(apply_model: Callable, args: dict[str, Any]) -> Any:
         # The model's sampling as it runs now: a node stacked after FragmentLoader may have patched it.
@@ -114,22 +139,23 @@ def schedule_wrapper(state: ScheduleState, model_sampling: Any, cfg_cutoff: floa
             if sliced is not None:
                 cond_args, size, rows = sliced
                 state.begin_call(t, tuple(cond_args["input"].shape), rows=rows)
-                cond = call_next(wrapper, apply_model, cond_args)
+                cond = run(apply_model, cond_args, live)
                 return torch.cat([cond] * (args["input"].shape[0] // size))
             if not skipped_truncation:
                 skipped_truncation.append(str(list(args["cond_or_uncond"])))
                 log.warning("CFG truncation: this sampler call holds %s (cond=0, uncond=1) rather than one cond and one "
                             "uncond chunk, or carries ControlNet residuals; those calls run in full", skipped_truncation[0])
         state.begin_call(t, tuple(args["input"].shape))
-        return call_next(wrapper, apply_model, args)
+        return run(apply_model, args, live)
 
     setattr(wrapper, SCHEDULE_MARK, state)
     return wrapper
 
 
-def install_schedule(patcher: Any, state: ScheduleState, model_sampling: Any, cfg_cutoff: float | None) -> None:
+def install_schedule(patcher: Any, state: ScheduleState, model_sampling: Any, cfg_cutoff: float | None,
+                     whole_step: bool = False) -> None:
     """Put the schedule's wrappers on ``patcher`` (a clone FragmentLoader owns); see the module docstring."""
-    add_call_wrapper(patcher, SCHEDULE_KEY, schedule_wrapper(state, model_sampling, cfg_cutoff))
+    add_call_wrapper(patcher, SCHEDULE_KEY, schedule_wrapper(state, model_sampling, cfg_cutoff, whole_step))
 
     def run_starts(steps: int) -> None:
         state.reset()
@@ -171,7 +197,8 @@ def describe_schedule(schedule: Schedule) -> str:
     if schedule.bucket_heads:
         parts.append(f"{schedule.buckets} per-noise-level head sets")
     if schedule.reuse_steps:
-        parts.append(f"deep blocks reused on {len(schedule.reuse_steps)} of {schedule.total_steps} steps")
+        what = "whole UNet calls" if schedule.whole_step else "deep blocks"
+        parts.append(f"{what} reused on {len(schedule.reuse_steps)} of {schedule.total_steps} steps")
     if schedule.cfg_cutoff is not None:
         parts.append(f"CFG truncated below t={schedule.cfg_cutoff:.0f}")
     return "schedule: " + ", ".join(parts)

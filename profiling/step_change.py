@@ -11,6 +11,9 @@ timestep is the next step, a higher one a new run.  Averaging by step index
 only means something over runs with the same timesteps, so a run whose
 timesteps differ from the first run's (other step count, scheduler or
 denoise) is left out of the averages and counted in ``skipped_runs``.
+
+Depth 0 (``skips=0``, whole-step reuse) watches the model's own output: the
+change of the whole call, what a step that skips the UNet entirely replays.
 """
 from __future__ import annotations
 
@@ -31,7 +34,9 @@ from .profiler import timestep_from_call
 log = logging.getLogger(__name__)
 
 
-DEFAULT_SKIPS = (1, 2, 3)  # the reuse depths profiled besides the block depth: DeepCache's shallowest branches
+# the reuse depths profiled besides the block depth: the whole call (0) and DeepCache's shallowest branches
+DEFAULT_SKIPS = (0, 1, 2, 3)
+WHOLE_OUTPUT = ""  # the cache point of depth 0: the model itself (``get_submodule("")``)
 TIMED_CALLS = 8  # model calls timed per skip unit for the cost of each depth (CUDA syncs after every unit)
 _clock = time.perf_counter  # a module name, so a test can drive the timing with a clock of its own
 
@@ -80,10 +85,10 @@ class StepChangeProbe(HookContext):
         self.point = self.layout.cache_point(shallow)
         # depths this UNet lacks are left out (the defaults ask for three; a small UNet may have fewer)
         self.skips = tuple(k for k in skips if isinstance(k, int) and not isinstance(k, bool)
-                           and 1 <= k <= self.layout.max_skips)
+                           and (k == 0 or 1 <= k <= self.layout.max_skips))
         # key None: the block depth; an int: that many skips.  Several keys may watch one tensor.
         self._points: dict[int | None, str] = {None: self.point}
-        self._points.update({k: self.layout.skips_cache_point(k) for k in self.skips})
+        self._points.update({k: WHOLE_OUTPUT if k == 0 else self.layout.skips_cache_point(k) for k in self.skips})
         self._modules = {key: self._output_module(path) for key, path in self._points.items()}
         self._sums: dict[int | None, list[Any]] = {key: [] for key in self._points}  # a float, or a device scalar
         self._counts: dict[int | None, list[int]] = {key: [] for key in self._points}
@@ -98,7 +103,7 @@ class StepChangeProbe(HookContext):
         self._counting = True
         self.runs = 0
         self.skipped_runs = 0
-        units = [*self.layout.down_units, (self.layout.mid,), *self.layout.up_units] if self.skips else []
+        units = [*self.layout.down_units, (self.layout.mid,), *self.layout.up_units] if any(self.skips) else []
         try:  # resolved once here: a failure inside a forward hook would abort the user's model call
             self._unit_modules = {unit: self._unit_ends(unit) for unit in units}
         except (AttributeError, IndexError, TypeError) as exc:
@@ -113,7 +118,7 @@ class StepChangeProbe(HookContext):
         self._unit_handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _output_module(self, path: str) -> nn.Module:
-        module = self.model.get_submodule(path)
+        module = self.model.get_submodule(path)  # "": the model itself (depth 0)
         if self.layout.kind == "comfy" and path.startswith(("input_blocks.", "output_blocks.", "middle_block")):
             return module[-1]  # ComfyUI iterates a block's layers without calling it: its last layer's output is the block's
         return module
@@ -220,7 +225,8 @@ class StepChangeProbe(HookContext):
         first = keys[0]
 
         def on_output(_module: nn.Module, _inp: Any, out: Any) -> None:
-            h = out[0] if isinstance(out, (tuple, list)) else out
+            # a block returns a tensor or a tuple; the whole model (depth 0) may return diffusers' ModelOutput
+            h = out if isinstance(out, torch.Tensor) else out[0]
             h = h.detach().to(torch.float32)
             self._current[first, self._call] = h
             before = self._previous.get((first, self._call))
@@ -276,7 +282,9 @@ class StepChangeProbe(HookContext):
 
         Measured, not counted: on a small model the fixed cost of every module
         call outweighs its FLOPs, and the cheapest depth is the one that skips
-        the most calls."""
+        the most calls.  Depth 0 skips the whole call: it costs nothing of it, timed or not."""
+        if skips == 0:
+            return 0.0
         if not self._timed_calls:
             return None
         replayed = sum(self._unit_seconds.get(unit, 0.0) for unit in self.layout.replay_units(skips))

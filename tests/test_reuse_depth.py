@@ -132,16 +132,19 @@ def test_fewer_skips_run_fewer_layers_on_a_reuse_step(setup) -> None:
 def test_probe_measures_changes_and_costs_at_every_depth(setup) -> None:
     probe = setup[-1]
     depths = probe.depths()
-    assert sorted(depths) == [1, 2, 3]
+    assert sorted(depths) == [0, 1, 2, 3]  # 0: the whole call's output (whole-step reuse, tests/test_whole_step_reuse.py)
+    assert depths[0].cache_point == "" and depths[0].cost == 0.0
     for k, depth in depths.items():
+        if k == 0:
+            continue
         assert depth.cache_point == block_layout(setup[0]).skips_cache_point(k)
         assert len(depth.changes) == STEPS and depth.changes[0] is None and all(c > 0 for c in depth.changes[1:])
         assert 0.0 < depth.cost < 1.0
     # skips=2 watches the tensor the block depth watches (the last replayed up block's output)
     assert_close(torch.tensor(depths[2].changes[1:]), torch.tensor(probe.changes()[1:]), rtol=1e-6, atol=0)
     record = probe.record()["depths"]
-    assert set(record) == {"1", "2", "3"} and record["1"]["cache_point"] == depths[1].cache_point
-    with pytest.raises(FragmentError, match=r"no changes at skips=4; profiled depths: \[1, 2, 3\]"):
+    assert set(record) == {"0", "1", "2", "3"} and record["1"]["cache_point"] == depths[1].cache_point
+    with pytest.raises(FragmentError, match=r"no changes at skips=4; profiled depths: \[0, 1, 2, 3\]"):
         probe.changes(4)
 
 
@@ -288,8 +291,9 @@ def test_candidate_carries_its_depth_into_settings_rows_and_label() -> None:
     assert Candidate({"heads": 0.1}, reuse_skips=1).settings().reuse_skips is None  # no reuse: no depth
     rows = lever_ladder(chosen)
     assert rows[-1][1] == chosen and rows[0][1].reuse_skips is None
-    with pytest.raises(FragmentError, match=r"extraction settings: reuse_skips: expected None or an integer >= 1 .*, found 0"):
-        ExtractionSettings(reuse_skips=0)
+    # 0 is whole-step reuse (the deepest rung); below it nothing is a depth
+    with pytest.raises(FragmentError, match=r"extraction settings: reuse_skips: expected None or an integer >= 0 .*, found -1"):
+        ExtractionSettings(reuse_skips=-1)
 
 
 def test_a_skips_schedule_is_saved_loaded_and_run_as_stored(setup, tmp_path) -> None:
@@ -312,11 +316,11 @@ def test_a_skips_schedule_is_saved_loaded_and_run_as_stored(setup, tmp_path) -> 
 
 def test_bad_depths_are_refused_with_where_and_what(setup) -> None:
     unet = setup[0]
-    with pytest.raises(FragmentError, match=r"step_reuse\.skips: expected an integer >= 1, found 0"):
-        Schedule.from_manifest({"step_reuse": {"total_steps": 4, "reuse_steps": [1], "skips": 0}})
-    with pytest.raises(FragmentError, match=r"step_reuse\.skips: expected an integer >= 1, found 'x'"):
+    with pytest.raises(FragmentError, match=r"step_reuse\.skips: expected an integer >= 0, found -1"):
+        Schedule.from_manifest({"step_reuse": {"total_steps": 4, "reuse_steps": [1], "skips": -1}})
+    with pytest.raises(FragmentError, match=r"step_reuse\.skips: expected an integer >= 0, found 'x'"):
         Schedule.from_manifest({"step_reuse": {"total_steps": 4, "reuse_steps": [1], "skips": "x"}})
-    with pytest.raises(FragmentError, match=r"step_reuse\.skips: expected an integer >= 1, found True"):
+    with pytest.raises(FragmentError, match=r"step_reuse\.skips: expected an integer >= 0, found True"):
         Schedule.from_manifest({"step_reuse": {"total_steps": 4, "reuse_steps": [1], "skips": True}})
     with pytest.raises(FragmentError, match=r"expected 1 <= skips <= 5 for this diffusers UNet .* found 6"):
         reuse_replacements(unet, 1, ScheduleState(reuse_steps=[1], total_steps=2), skips=6)

@@ -18,7 +18,7 @@ from ..build import apply_fragment, fragment_replacements
 from ..format.manifest import Fragment
 from ..surgery.tree import replace_modules
 from .state import Schedule, ScheduleState, fragment_schedule, with_schedule
-from .step_reuse import reuse_replacements
+from .step_reuse import WholeStepReplay, reuse_replacements
 from .timestep_heads import bucket_mask_replacements
 
 # fragment_schedule and with_schedule live with the schedule (the schedule levers use them without this module's
@@ -35,7 +35,9 @@ def schedule_replacements(model: nn.Module, fragment: Fragment, replacements: Ma
     ``reuse_on`` is the model whose deep blocks get wrapped: the base model for
     hosts whose wrappers share children (ComfyUI), or ``None`` to leave the
     reuse wrappers out (diffusers: ``apply_schedule`` wraps the pruned model's
-    blocks in a second pass).
+    blocks in a second pass).  A whole-step schedule (``skips=0``) adds no
+    module: the host replays the call where it calls the model (ComfyUI: the
+    schedule's call wrapper, ``nodes.schedule_patch``).
 
     >>> # patches = schedule_replacements(unet, frag, plan.replacements, Schedule.from_manifest(...), state, reuse_on=unet)
     """
@@ -70,7 +72,9 @@ def apply_schedule(model: nn.Module, fragment: Fragment, schedule: Schedule | No
     if schedule.empty:
         return apply_fragment(model, fragment), state
     small = replace_modules(model, schedule_replacements(model, fragment, fragment_replacements(model, fragment), schedule, state))
-    if schedule.reuse_steps:
+    if schedule.whole_step:  # skips=0: the whole call replays, so the wrapper goes around the fragment model
+        small = WholeStepReplay(small, state)
+    elif schedule.reuse_steps:
         small = replace_modules(small, _reuse_replacements(small, fragment, schedule, state))
     return small, state
 

@@ -4,6 +4,12 @@ Its record is the manifest's ``schedule.step_reuse`` block; it stores no
 tensors.  It is planned from the profiled per-step change of the deep features
 (``ProfileEvidence.step_changes``, or ``reuse_depths`` for a cut in skip
 connections), and its damage is the drift budget the reused steps replay over.
+
+The deepest rung is ``skips=0``, whole-step reuse: a reuse step skips the
+whole UNet call.  Its predicted damage is the drift budget of the profiled
+per-step change of the whole call's output (``StepChangeProbe`` watches the
+model's own output as depth 0; it is measured, not proxied by skips=1), and a
+reuse step at that depth costs nothing of the call (``ReuseDepth.cost`` 0).
 """
 from __future__ import annotations
 
@@ -42,6 +48,9 @@ class StepReuseLever(LeverBase):
 
     >>> StepReuseLever.label(0.3), StepReuseLever.predict(ReuseEvidence([None, 0.5, 0.1, 0.1]), 0.25)
     ('step reuse 30%', 0.5)
+    >>> from types import SimpleNamespace
+    >>> StepReuseLever.label(0.3, SimpleNamespace(reuse_skips=0))
+    'step reuse 30% of whole steps'
     """
 
     schedule: Schedule
@@ -58,12 +67,14 @@ class StepReuseLever(LeverBase):
     @classmethod
     def label(cls, amount: Any, settings: Any = None) -> str:
         skips = getattr(settings, "reuse_skips", None)
-        return f"step reuse {amount:.0%}" + (f" below skip {skips}" if skips is not None else "")
+        depth = "" if skips is None else " of whole steps" if skips == 0 else f" below skip {skips}"
+        return f"step reuse {amount:.0%}{depth}"
 
     @classmethod
     def plan(cls, evidence: Any, settings: Any, model: nn.Module, name: str) -> "StepReuseLever | None":
         """The steps where the deep features changed least; with ``settings.reuse_skips`` the cut falls at
-        that many skip connections and the changes are that depth's (``evidence.reuse_depths``)."""
+        that many skip connections and the changes are that depth's (``evidence.reuse_depths``; at 0, the
+        whole call's output)."""
         share = settings.amount(cls.name)
         if not share > 0:
             return None

@@ -9,7 +9,9 @@ schedule says what changes *during* sampling, and is stored in the manifest's
   switching costs no weight upload (``fragment.timestep_heads``);
 * ``step_reuse``: the denoising steps on which the deep blocks replay their last
   outputs (``fragment.schedule.step_reuse``) below ``shallow`` blocks, or below
-  ``skips`` skip connections when the schedule says so, calibrated for ``total_steps`` steps whose
+  ``skips`` skip connections when the schedule says so (``skips=0``: no skip
+  connection stays computed, so the whole UNet call replays its last output,
+  ``WHOLE_STEP``), calibrated for ``total_steps`` steps whose
   training timesteps are ``timesteps``.  At run time a call is matched to the
   calibrated step of the nearest timestep, so a run with another step count,
   a denoise below 1 or a later start still reuses at the same noise levels;
@@ -35,6 +37,9 @@ from ...profiling.profiler import timestep_bucket
 
 log = logging.getLogger(__name__)
 HISTORY_LIMIT = 10_000
+# The cache key of a whole-step reuse (``skips=0``): the UNet call's own output.  No module path is empty, so it
+# cannot collide with a block's key; every ScheduleState rule (slots per call, signatures, rows) applies unchanged.
+WHOLE_STEP = ""
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,20 @@ class Schedule:
     total_steps: int = 0
     reuse_steps: tuple[int, ...] = ()
     shallow: int = 1
-    skips: int | None = None  # the depth in skip connections (overrides ``shallow``, counted in blocks)
+    # the depth in skip connections (overrides ``shallow``, counted in blocks); 0: the whole UNet call replays
+    skips: int | None = None
     step_timesteps: tuple[float, ...] = ()  # the calibrated run's timestep per step (empty: match by step index)
     cfg_cutoff: float | None = None
     calibration: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def whole_step(self) -> bool:
+        """Whether reuse steps skip the whole UNet call (``skips == 0``) rather than its deep blocks.
+
+        >>> Schedule(reuse_steps=(1,), total_steps=3, skips=0).whole_step, Schedule(skips=0).whole_step
+        (True, False)
+        """
+        return bool(self.reuse_steps) and self.skips == 0
 
     @property
     def empty(self) -> bool:
@@ -140,7 +155,8 @@ class Schedule:
             kwargs.update(total_steps=total, reuse_steps=steps,
                           shallow=_int(reuse.get("shallow", 1), f"{source}.step_reuse.shallow", low=1, high=MAX_DEPTH))
             if reuse.get("skips") is not None:
-                kwargs["skips"] = _int(reuse["skips"], f"{source}.step_reuse.skips", low=1, high=MAX_DEPTH)
+                # 0 is the whole-step rung (no skip connection stays computed); negatives and non-integers are refused
+                kwargs["skips"] = _int(reuse["skips"], f"{source}.step_reuse.skips", low=0, high=MAX_DEPTH)
             timesteps = reuse.get("timesteps")
             if timesteps is not None:
                 if (not isinstance(timesteps, list) or len(timesteps) != total
@@ -162,7 +178,8 @@ class Schedule:
 # modules); the profiler node offers at most 16 buckets, so 64 leaves room and bounds the masks to tens of MB
 # (10**9 buckets ran out of memory: issue #29).  ComfyUI's samplers take at most 10000 steps.  No UNet has
 # 64 levels or skip connections, the depths ``shallow`` and ``skips`` count (the base model's layout bounds
-# them exactly: ``build.check_loadable``); head indices are below the schema's 1024 heads per module.
+# them exactly: ``build.check_loadable``; ``skips=0``, the whole call, fits any model); head indices are below
+# the schema's 1024 heads per module.
 MAX_BUCKETS = 64
 MAX_STEPS = 10_000
 MAX_DEPTH = 64

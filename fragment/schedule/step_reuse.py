@@ -8,7 +8,11 @@ last *computed* step, so at ``shallow=1`` only the stem, the first down level
 and the last up level run.  A schedule may instead count its depth in skip
 connections (``skips``, after DeepCache's cached *branch*): the cut then falls
 inside a level, and at ``skips=1`` a reuse step runs only the stem and the
-last up layer.  Which steps reuse is a per-prompt schedule calibrated from how much
+last up layer.  The deepest rung, ``skips=0``, keeps no skip connection
+computed: a reuse step skips the whole UNet call and returns the call's output
+from the last computed step (``WholeStepReplay`` on diffusers; in ComfyUI the
+schedule's call wrapper, where the model's forward is called).  Which steps
+reuse is a per-prompt schedule calibrated from how much
 the deep features really change (``profiling.step_change``) and gated on
 quality (``fragment.schedule.calibrate``).
 
@@ -35,7 +39,7 @@ import torch.nn as nn
 
 from ...errors import FragmentError
 from ...profiling.discovery import block_layout
-from .state import ScheduleState
+from .state import WHOLE_STEP, ScheduleState
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +123,93 @@ class ReplaySequence(nn.Sequential):
         return iter([*self._modules.values(), self._recorder])
 
 
+class WholeStepReplay(nn.Module):
+    """A whole UNet whose call, on a reuse step, returns its output from the last computed step (``skips=0``).
+
+    The output's first tensor (diffusers' ``sample``) is what is cached, under
+    ``WHOLE_STEP``, so ScheduleState's rules hold as for a deep block: one slot
+    per call of a step, replayed only for the same input shape, or for the rows
+    of a narrowed call (CFG truncation); the call's form (a tensor, a tuple, a
+    ``ModelOutput``) is rebuilt around it.
+
+    >>> state = ScheduleState(reuse_steps=[1], total_steps=2)
+    >>> unet = WholeStepReplay(nn.Linear(1, 1), state)
+    >>> state.begin_call(999.0, (1, 1)); first = unet(torch.ones(1, 1))
+    >>> state.begin_call(500.0, (1, 1)); bool(torch.equal(unet(torch.zeros(1, 1)), first))
+    True
+    """
+
+    def __init__(self, inner: nn.Module, state: ScheduleState) -> None:
+        super().__init__()
+        self.inner = inner
+        self.state = state
+        self._form: Any = None  # rebuilds the computed call's output form around a replayed tensor
+        state.expect_keys([WHOLE_STEP])
+        # the sampler owns what the call returns and may update it in place: cache and replay copies
+        state.protect([WHOLE_STEP])
+
+    def __getattr__(self, name: str) -> Any:
+        # samplers and pipelines read the UNet's attributes (config, dtype, in_channels) through the wrapper
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.state.replaying and self._form is not None:
+            cached = self.state.replay(WHOLE_STEP)
+            if cached is not None:
+                return self._form(cached)
+        out = self.inner(*args, **kwargs)
+        sample, self._form = _output_form(out)
+        self.state.store(WHOLE_STEP, sample)
+        return out
+
+
+def _output_form(out: Any) -> tuple[torch.Tensor, Any]:
+    """The first tensor of a UNet call's output and a function that rebuilds that output around another one.
+
+    >>> sample, form = _output_form((torch.zeros(1), "extra")); form(torch.ones(1))
+    (tensor([1.]), 'extra')
+    """
+    if isinstance(out, torch.Tensor):
+        return out, lambda t: t
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        rest = tuple(out[1:])
+        return out[0], lambda t: type(out)((t, *rest))
+    keys = list(out.keys()) if hasattr(out, "keys") else []
+    if keys and isinstance(out[keys[0]], torch.Tensor):  # diffusers' ModelOutput (UNet2DConditionOutput: sample)
+        # only the type and the field name are kept: a closure over ``out`` would pin a whole step's output
+        kind, first = type(out), keys[0]
+        return out[first], lambda t: kind(**{first: t})
+    raise FragmentError(f"whole-step reuse: expected the UNet to return a tensor, a tuple or a ModelOutput whose "
+                        f"first field is a tensor, found {type(out).__name__}")
+
+
+def model_output_of_denoised(model_sampling: Any, sigma: torch.Tensor, denoised: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """The UNet's raw output (eps, v) behind ComfyUI's ``apply_model`` result ``denoised``, or ``None`` where
+    it cannot be recovered (a row whose output does not enter the denoised image, as at sigma 0).
+
+    ``model_sampling`` is ComfyUI's (only its ``calculate_denoised`` is used, so the core imports no ComfyUI);
+    the schedule's call wrapper (``nodes.schedule_patch``) caches this on computed steps of a whole-step
+    schedule and hands it back through ``calculate_denoised`` with the reuse step's own ``x`` and sigma.
+
+    ``calculate_denoised(sigma, out, x)`` is affine in ``out`` for every discrete parameterization (EPS:
+    ``x - out * sigma``; V: ``x * a - out * b``), so the output is ``(denoised - D(0, x)) / D(1, 0)``.  The
+    whole-step reuse caches this, not ``denoised``: the UNet's output is what the diffusers host and the
+    profile's depth 0 reuse, and ``denoised`` also depends on the call's own ``x`` and sigma.
+
+    >>> ms = type("EPS", (), {"calculate_denoised": staticmethod(lambda s, o, x: x - o * s.view(-1, 1))})()
+    >>> model_output_of_denoised(ms, torch.tensor([2.0]), torch.tensor([[1.0]]), torch.tensor([[5.0]]))
+    tensor([[2.]])
+    """
+    offset = model_sampling.calculate_denoised(sigma, torch.zeros_like(x), x)
+    scale = model_sampling.calculate_denoised(sigma, torch.ones_like(x), torch.zeros_like(x))
+    if not bool(torch.all(scale != 0)):
+        return None
+    return (denoised - offset) / scale
+
+
 def reuse_replacements(model: nn.Module, shallow: int, state: ScheduleState, skips: int | None = None) -> dict[str, nn.Module]:
     """Path -> wrapper for every deep block of ``model`` (for diffusers: the fragment model, already pruned).
 
@@ -128,8 +219,16 @@ def reuse_replacements(model: nn.Module, shallow: int, state: ScheduleState, ski
     block the wrappers sit on the resnets and attentions, which the block calls
     one by one; ComfyUI's blocks already are single skip units.
 
+    ``skips=0`` (the whole call) replaces no block: the host wraps the call
+    itself (``WholeStepReplay``, or ComfyUI's call wrapper), so this only tells
+    ``state`` to expect the whole output, and needs no known block layout.
+
     >>> # small = replace_modules(small, reuse_replacements(small, 1, ScheduleState(reuse_steps=[2, 4], total_steps=6)))
     """
+    if skips == 0:
+        state.expect_keys([WHOLE_STEP])
+        state.protect([WHOLE_STEP])
+        return {}
     layout = block_layout(model)
     deep = layout.deep(shallow) if skips is None else layout.replay_paths(skips)
     state.expect_keys(deep)
