@@ -34,8 +34,13 @@ from .profiler import timestep_from_call
 log = logging.getLogger(__name__)
 
 
-# the reuse depths profiled besides the block depth: the whole call (0) and DeepCache's shallowest branches
-DEFAULT_SKIPS = (0, 1, 2, 3)
+# The reuse depths profiled besides the block depth: DeepCache's shallowest branches.  The whole call (0,
+# whole-step reuse) is measured only when asked (``WHOLE_STEP_SKIPS``): in the calibration's search it was tried
+# first (it saves the most per predicted damage) and failed where a deep cut of more steps passed, so on `bench
+# peers --prompts 4` (64 fresh seeds, 2026-12-07) the fragments it chose were 0.51-0.94x the fastest passing
+# peer; its damage predictor is not yet comparable with the deep depths' (see the CHANGELOG).
+DEFAULT_SKIPS = (1, 2, 3)
+WHOLE_STEP_SKIPS = (0, 1, 2, 3)  # DEFAULT_SKIPS plus the whole call: offers whole-step reuse to the calibration
 WHOLE_OUTPUT = ""  # the cache point of depth 0: the model itself (``get_submodule("")``)
 TIMED_CALLS = 8  # model calls timed per skip unit for the cost of each depth (CUDA syncs after every unit)
 _clock = time.perf_counter  # a module name, so a test can drive the timing with a clock of its own

@@ -132,19 +132,16 @@ def test_fewer_skips_run_fewer_layers_on_a_reuse_step(setup) -> None:
 def test_probe_measures_changes_and_costs_at_every_depth(setup) -> None:
     probe = setup[-1]
     depths = probe.depths()
-    assert sorted(depths) == [0, 1, 2, 3]  # 0: the whole call's output (whole-step reuse, tests/test_whole_step_reuse.py)
-    assert depths[0].cache_point == "" and depths[0].cost == 0.0
+    assert sorted(depths) == [1, 2, 3]  # 0 (the whole call) only when asked: tests/test_whole_step_reuse.py
     for k, depth in depths.items():
-        if k == 0:
-            continue
         assert depth.cache_point == block_layout(setup[0]).skips_cache_point(k)
         assert len(depth.changes) == STEPS and depth.changes[0] is None and all(c > 0 for c in depth.changes[1:])
         assert 0.0 < depth.cost < 1.0
     # skips=2 watches the tensor the block depth watches (the last replayed up block's output)
     assert_close(torch.tensor(depths[2].changes[1:]), torch.tensor(probe.changes()[1:]), rtol=1e-6, atol=0)
     record = probe.record()["depths"]
-    assert set(record) == {"0", "1", "2", "3"} and record["1"]["cache_point"] == depths[1].cache_point
-    with pytest.raises(FragmentError, match=r"no changes at skips=4; profiled depths: \[0, 1, 2, 3\]"):
+    assert set(record) == {"1", "2", "3"} and record["1"]["cache_point"] == depths[1].cache_point
+    with pytest.raises(FragmentError, match=r"no changes at skips=4; profiled depths: \[1, 2, 3\]"):
         probe.changes(4)
 
 

@@ -28,7 +28,7 @@ from prompt_fragments.fragment.schedule.state import WHOLE_STEP, Schedule, Sched
 from prompt_fragments.fragment.schedule.step_reuse import WholeStepReplay, reuse_replacements
 from prompt_fragments.fragment.settings import ExtractionSettings
 from prompt_fragments.fragment.schedule.step_reuse import model_output_of_denoised as model_output
-from prompt_fragments.profiling.step_change import DEFAULT_SKIPS, ReuseDepth, StepChangeProbe
+from prompt_fragments.profiling.step_change import DEFAULT_SKIPS, WHOLE_STEP_SKIPS, ReuseDepth, StepChangeProbe
 from prompt_fragments.reference.model import build_reference, unet_input
 from prompt_fragments.reference.sampling import sample
 
@@ -41,7 +41,7 @@ def setup():
     model = build_reference()
     unet = model.unet.eval()
     ctx, unc = model.encode(["a red circle in the top left"]), model.encode([""])
-    with torch.no_grad(), StepChangeProbe(unet, shallow=1) as probe:
+    with torch.no_grad(), StepChangeProbe(unet, shallow=1, skips=WHOLE_STEP_SKIPS) as probe:
         for seed in range(2):
             sample(unet, ctx, unc, [seed], steps=STEPS)
     plain = build_fragment(unet, [], base=describe_base(unet, "random-ref", sha256="ab12", hash_kind="none"), name="whole")
@@ -180,7 +180,7 @@ def test_an_invalid_depth_is_refused_naming_the_field(bad, found: str) -> None:
 
 def test_the_probe_measures_the_whole_output_as_depth_zero(setup) -> None:
     unet, _, _, _, probe = setup
-    assert 0 in DEFAULT_SKIPS
+    assert 0 in WHOLE_STEP_SKIPS and 0 not in DEFAULT_SKIPS  # opt-in: see profiling/step_change.py
     depth = probe.depths()[0]
     assert depth.cache_point == "" and depth.cost == 0.0 and depth.saving(0.5) == 0.5
     assert len(depth.changes) == STEPS and depth.changes[0] is None and all(c > 0 for c in depth.changes[1:])

@@ -8,8 +8,11 @@ connections), and its damage is the drift budget the reused steps replay over.
 The deepest rung is ``skips=0``, whole-step reuse: a reuse step skips the
 whole UNet call.  Its predicted damage is the drift budget of the profiled
 per-step change of the whole call's output (``StepChangeProbe`` watches the
-model's own output as depth 0; it is measured, not proxied by skips=1), and a
-reuse step at that depth costs nothing of the call (``ReuseDepth.cost`` 0).
+model's own output as depth 0 when profiled with ``WHOLE_STEP_SKIPS``; it is
+measured, not proxied by skips=1), and a reuse step at that depth costs
+nothing of the call (``ReuseDepth.cost`` 0).  The default profile leaves depth
+0 out (``profiling.step_change.DEFAULT_SKIPS`` says why), so the calibration
+offers whole steps only when the profile measured them.
 """
 from __future__ import annotations
 
