@@ -44,7 +44,18 @@ from .state import WHOLE_STEP, ScheduleState
 log = logging.getLogger(__name__)
 
 
-class ReplayCall(nn.Module):
+class _Wrapper(nn.Module):
+    """A module around ``inner`` that reads through to it: hosts read the wrapped module's attributes (diffusers'
+    UNet reads a block's ``has_cross_attention`` and ``resnets``; samplers read a UNet's ``config`` and ``dtype``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+class ReplayCall(_Wrapper):
     """A block that, on reuse steps, returns its output from the last computed step instead of running.
 
     >>> state = ScheduleState(reuse_steps=[1], total_steps=2)
@@ -59,13 +70,6 @@ class ReplayCall(nn.Module):
         self.inner = inner
         self.key = key
         self.state = state
-
-    def __getattr__(self, name: str) -> Any:
-        # diffusers' UNet reads block attributes (has_cross_attention, resnets) to decide how to call a block
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.state.replaying:
@@ -123,7 +127,7 @@ class ReplaySequence(nn.Sequential):
         return iter([*self._modules.values(), self._recorder])
 
 
-class WholeStepReplay(nn.Module):
+class WholeStepReplay(_Wrapper):
     """A whole UNet whose call, on a reuse step, returns its output from the last computed step (``skips=0``).
 
     The output's first tensor (diffusers' ``sample``) is what is cached, under
@@ -147,13 +151,6 @@ class WholeStepReplay(nn.Module):
         state.expect_keys([WHOLE_STEP])
         # the sampler owns what the call returns and may update it in place: cache and replay copies
         state.protect([WHOLE_STEP])
-
-    def __getattr__(self, name: str) -> Any:
-        # samplers and pipelines read the UNet's attributes (config, dtype, in_channels) through the wrapper
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.state.replaying and self._form is not None:
