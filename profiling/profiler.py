@@ -16,6 +16,7 @@ activations, and the context manager removes every handle on exit, also on error
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -98,9 +99,11 @@ class _Accumulator:
         for name in ("shift", "sums", "entropy", "sample_energy"):
             setattr(self, name, getattr(self, name).to(device))
 
-    def add_energy(self, bucket: int, sample: int, energy: torch.Tensor, owners: torch.Tensor | None = None) -> None:
+    def add_energy(self, bucket: int, sample: int, energy: torch.Tensor, owners: torch.Tensor | None = None,
+                   counts: dict[int, int] | None = None) -> None:
         """Add ``energy`` ([tokens, heads]) to ``bucket``; its tokens belong to ``sample``, or, in a batched
-        run, token ``i`` to sample ``owners[i]``."""
+        run, token ``i`` to sample ``owners[i]`` (a device tensor), ``counts`` tokens to each sample (known on
+        the host, so no hook reads a device value back)."""
         n = float(energy.shape[0])
         if n == 0:
             return
@@ -110,7 +113,7 @@ class _Accumulator:
         d = energy - self.shift[bucket]
         s1 = d.sum(0)
         self.sums[bucket].add_(torch.stack((s1, (d * d).sum(0))))
-        last = sample if owners is None else int(owners.max())
+        last = sample if owners is None or not counts else max(counts)
         if last >= self.sample_energy.shape[0]:
             grow = max(last + 1, 2 * self.sample_energy.shape[0]) - self.sample_energy.shape[0]
             self.sample_energy = torch.cat([self.sample_energy, self.sample_energy.new_zeros(grow, self.shift.shape[1])])
@@ -121,7 +124,7 @@ class _Accumulator:
             self.sample_tokens[sample] += n
             return
         self.sample_energy.index_add_(0, owners, energy)
-        for owner, count in enumerate(torch.bincount(owners).tolist()):
+        for owner, count in (counts or {}).items():
             self.sample_tokens[owner] += float(count)
 
     def add_entropy(self, bucket: int, entropy: torch.Tensor) -> None:
@@ -300,7 +303,7 @@ class HeadProfiler(HookContext):
                     wh = w.reshape(w.shape[0], heads, d).permute(1, 0, 2)  # [H, out, d]
                     gram = wh.transpose(1, 2) @ wh  # [H, d, d]
                     self._gram[path] = gram
-                sample, owners = self._current_sample(), None
+                sample, owners, counts = self._current_sample(), None, None
                 if self._batch > 1 and x.dim() == 3 and x.shape[0] % self._batch == 0:
                     # a batched run: tokens are taken per row, so each row's tokens stay its own sample's
                     rows = x.reshape(x.shape[0], x.shape[1], heads * d)
@@ -309,6 +312,9 @@ class HeadProfiler(HookContext):
                         rows = rows[:, self._rng.randrange(stride)::stride]
                     owner = sample + torch.arange(rows.shape[0], device=x.device) % self._batch
                     owners = owner.repeat_interleave(rows.shape[1])
+                    counts = collections.Counter()
+                    for r in range(rows.shape[0]):
+                        counts[sample + r % self._batch] += rows.shape[1]
                     flat = rows.reshape(-1, heads * d)
                 else:
                     flat = x.reshape(-1, heads * d)
@@ -318,7 +324,7 @@ class HeadProfiler(HookContext):
                 xh = flat.reshape(-1, heads, d).to(torch.float32)  # [tokens, H, d]
                 energy = (torch.einsum("thd,hde->the", xh, gram) * xh).sum(-1)  # [tokens, H]: x_h^T G_h x_h
                 acc = self._accumulator(path, x.device)
-                acc.add_energy(self._bucket, sample, energy, owners)
+                acc.add_energy(self._bucket, sample, energy, owners, counts)
                 scratch = self._scratch.pop(path, {})
                 if self.entropy_tokens and "q" in scratch and "k" in scratch:
                     acc.add_entropy(self._bucket, self._entropy(scratch["q"], scratch["k"], heads, d))
