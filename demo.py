@@ -202,7 +202,8 @@ def run_demo(
                                             # u as the cold run measured it; without one, each judged image is 1 u
                                             budget=Budget.for_batch(batch, delivered=seeds + len(holdout_seeds),
                                                                     images=budget_images, unit_s=unit_s,
-                                                                    spent_u=spent_before),
+                                                                    spent_u=spent_before,
+                                                                    image_u=_first_try_u(profile_s, unit_s, seeds)),
                                             judge_name=target.describe()["judge"],
                                             prior=PriorPlace(prior_folder, key, prompt))
         calibrate_s = time.perf_counter() - started
@@ -467,6 +468,18 @@ def _profiled_runs(unet: torch.nn.Module, run: Any, prompt: str, seeds: int,
     return prof.result(), [ff_prof, probe, acts, gap], images
 
 
+def _first_try_u(profile_s: float, unit_s: float | None, seeds: int) -> float:
+    """The budget's cost of one judged image before any try is measured: the profiled batch's own cost per
+    image (the same seeds, batched the same way; a try renders no more steps and no hooks, but adds the judge's
+    decode and metrics), at least one stock image.  Stock is timed in a batch of 32, so a small judged batch costs
+    more per image than one u: assumed at one u, the first try of the demo's test ran 3.6 u on a 3.2 u budget.
+
+    >>> _first_try_u(6.0, 1.0, 3), _first_try_u(1.0, 1.0, 3), _first_try_u(6.0, None, 3)
+    (2.0, 1.0, 1.0)
+    """
+    return max(profile_s / unit_s / seeds, 1.0) if unit_s and seeds else 1.0
+
+
 def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidance: float, holdout_seeds: list[int],
                       goal: str, budget_images: int, batch: int, limits: dict[str, Any], lpips: Any, prior: Any,
                       on_step: Any, timing_seeds: int = COLD_TIMING_SEEDS) -> dict[str, Any]:
@@ -497,7 +510,8 @@ def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidan
     started = time.perf_counter()
     trajectory = Trajectory()
     profile, probes, profile_images = _profiled_runs(unet, run, prompt, seeds, record=trajectory)
-    ledger.add("profile_hooks", time.perf_counter() - started, images=seeds, delivered=seeds)
+    profile_s = time.perf_counter() - started
+    ledger.add("profile_hooks", profile_s, images=seeds, delivered=seeds)
     started = time.perf_counter()
     evidence = ProfileEvidence.from_probes(profile, probes)
     base = describe_base(unet, BASE_NAME)
@@ -508,7 +522,8 @@ def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidan
         evidence, unet, judge, base=base, name="demo-cold-" + hashlib.sha256(prompt.encode()).hexdigest()[:8],
         calibration_seeds=list(range(seeds)), holdout_seeds=holdout_seeds, goal=goal,
         budget=Budget.for_batch(batch, delivered=seeds + len(holdout_seeds), spent_u=ledger.overhead_u,
-                                unit_s=ledger.unit_s, images=budget_images),
+                                unit_s=ledger.unit_s, images=budget_images,
+                                image_u=_first_try_u(profile_s, ledger.unit_s, seeds)),
         judge_name=target.describe()["judge"], prior=prior)
     ledger.add("judged", time.perf_counter() - started, images=cal.images, delivered=cal.delivered)
     raw, fresh_ok = 1.0, None

@@ -298,8 +298,9 @@ class Budget:
     delivered: int = 0  # full-model images of the batch the pack makes anyway (profiled and confirmation seeds)
     spent_u: float = 0.0  # overhead already spent before the calibration, in u
     unit_s: float | None = None  # seconds of one stock image, when measured beside stock
-    # a judged image's cost before any try is measured (and when no unit is known): a candidate's image costs at
-    # most about one stock image; the first try's estimate, so the limit holds only if this is an upper bound
+    # a judged image's cost before any try is measured (and when no unit is known): the first try's estimate, so
+    # the limit holds only if this is an upper bound; one stock image is one only when the judge renders batches as
+    # large as the stock timing's (the demo passes its profiled batch's measured cost per image)
     image_u: float = 1.0
 
     def __post_init__(self) -> None:
@@ -321,14 +322,15 @@ class Budget:
 
     @classmethod
     def for_batch(cls, n: int = 32, raw_ratio: float | None = None, *, delivered: int = 0, spent_u: float = 0.0,
-                  unit_s: float | None = None, images: int = 48) -> "Budget":
+                  unit_s: float | None = None, images: int = 48, image_u: float = 1.0) -> "Budget":
         """The budget a batch of ``n`` can repay (``raw_ratio`` None: estimated from the ladder by the caller of
         :func:`calibrate`, see :func:`estimated_raw_ratio`).
 
         >>> Budget.for_batch(32, 1.5).units, Budget.for_batch(32).units is None
         (10.666666666666668, True)
         """
-        return cls(images=images, batch=n, raw_ratio=raw_ratio, delivered=delivered, spent_u=spent_u, unit_s=unit_s)
+        return cls(images=images, batch=n, raw_ratio=raw_ratio, delivered=delivered, spent_u=spent_u, unit_s=unit_s,
+                   image_u=image_u)
 
     def with_raw_ratio(self, raw_ratio: float | None) -> "Budget":
         """This budget with the raw ratio filled in (kept when it is already set; None: no cost limit)."""
@@ -353,7 +355,8 @@ class Budget:
 
     def record(self) -> dict[str, Any]:
         return {"images": self.images, "seconds": self.seconds, "batch": self.batch, "raw_ratio": self.raw_ratio,
-                "delivered": self.delivered, "spent_u": self.spent_u, "units": self.units, "unit_s": self.unit_s}
+                "delivered": self.delivered, "spent_u": self.spent_u, "units": self.units, "unit_s": self.unit_s,
+                "image_u": self.image_u}
 
 
 def estimated_raw_ratio(ladder: Sequence[Candidate], predictors: Predictors, goal: str = "speed",
@@ -503,8 +506,8 @@ def calibrate(
         cost = len(seeds) * images_per_seed + references
         if (phase, candidate.label) in results:
             return results[(phase, candidate.label)]
-        if not budget.allows(cal.images, cost, time.perf_counter() - started, spent_u=cal.units,
-                             more_u=estimate_u(len(seeds) * images_per_seed)):
+        estimate = estimate_u(len(seeds) * images_per_seed)
+        if not budget.allows(cal.images, cost, time.perf_counter() - started, spent_u=cal.units, more_u=estimate):
             refused = True
             return None
         t0 = time.perf_counter()
@@ -524,7 +527,10 @@ def calibrate(
         cal.tries.append({"phase": phase, "candidate": candidate.to_dict(), "seeds": list(seeds),
                           "passed": bool(verdict.passed), "reasons": list(verdict.reasons),
                           "slack": verdict.slack, "metrics": dict(verdict.metrics),
-                          "images": rendered + references, "seconds": round(seconds, 4), "units": round(units, 4)})
+                          "images": rendered + references, "seconds": round(seconds, 4), "units": round(units, 4),
+                          # what the budget expected before the try: the limit holds on estimates, so a try
+                          # dearer than its estimate can end the calibration past the limit (units says by how much)
+                          "estimate_u": round(estimate, 4)})
         log.info("calibration %s try %d: %s: %s%s", phase, len(cal.tries), candidate.label,
                  "pass" if verdict.passed else "fail", "" if verdict.passed else f" ({'; '.join(verdict.reasons)})")
         return verdict
