@@ -187,6 +187,29 @@ def test_a_warm_start_only_confirms_and_never_keeps_a_failing_rung(tmp_path: Pat
     assert all(not t["passed"] for t in harder.tries if t["candidate"]["level"] > 0.15)
 
 
+def test_a_prior_warm_starts_only_the_judge_that_made_its_tries(tmp_path: Path) -> None:
+    run = dict(directory=tmp_path, key=KEY, calibration_seeds=[0, 1], holdout_seeds=[9], goal="memory")
+    priors.calibrate_with_prior(LADDER, toy_judge(0.3), prompt="p1", judge_name="latent", **run)
+    tries = load_prior(tmp_path, KEY).tries
+    assert tries and {t["judge"] for t in tries} == {"latent"}
+    # the same judge on a new prompt only confirms; another judge's gate is another scale: it searches cold
+    same = priors.calibrate_with_prior(LADDER, toy_judge(0.3), prompt="p2", judge_name="latent", **run)
+    other = priors.calibrate_with_prior(LADDER, toy_judge(0.3), prompt="p3", judge_name="decoded SSIM", **run)
+    assert same.warm_start is not None and other.warm_start is None
+    assert warm_start(tmp_path, KEY, LADDER, judge="latent") is not None
+    # a prior written before tries kept their judge is still read; its tries inform only a caller naming no judge
+    path = priors_dir(tmp_path) / KEY.file_name
+    data = json.loads(path.read_text())
+    data["tries"] = [{k: v for k, v in t.items() if k != "judge"} for t in data["tries"]]
+    path.write_text(json.dumps(data))
+    old = load_prior(tmp_path, KEY)
+    assert old.suggest(LADDER) is not None and old.suggest(LADDER, judge="latent") is None
+    data["tries"][0]["judge"] = ["not", "a", "name"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(FragmentError, match=r"tries\[0\]\.judge: expected a judge name"):
+        load_prior(tmp_path, KEY)
+
+
 def test_read_prior_checks_the_key_it_is_asked_for(tmp_path: Path) -> None:
     update_prior(tmp_path, KEY, calibration=cold(0.27), prompt="first")
     other = PriorKey(BASE, "ddim", "trailing", 30, 32, 7.5)

@@ -9,11 +9,13 @@ prompt and seed.  So the prior keeps both halves, per :class:`PriorKey`
   (``ProfileEvidence.step_changes`` and ``.reuse_depths``), as running means
   over the prompts that contributed, and
 * every judged try of every calibration (the candidate's lever amounts, reuse
-  depth and damage level, phase, verdict, slack, seed count, and a digest of
-  the prompt, never the prompt itself).
+  depth and damage level, phase, verdict, slack, seed count, the judge's name,
+  and a digest of the prompt, never the prompt itself).
 
 :meth:`Prior.suggest` turns the judged tries into the ladder rung a new prompt
-starts at; :func:`warm_start` and :func:`record_calibration` are the two calls
+starts at, from the tries of the same judge only (a latent judge's slack says
+nothing about a decoded SSIM/LPIPS gate); :func:`warm_start` and
+:func:`update_prior` are the two calls
 a caller (the extractor, the demo, ``bench batch``) makes around
 ``calibrate(..., start=..., confirm_only=True)``.
 
@@ -167,7 +169,8 @@ class Prior:
         """The prompt digests with judged tries, oldest first."""
         return list(dict.fromkeys(t["prompt"] for t in self.tries))
 
-    def predict(self, ladder: Sequence[Any], *, exclude: str | None = None, margin: float = MARGIN) -> list[bool | None]:
+    def predict(self, ladder: Sequence[Any], *, exclude: str | None = None, margin: float = MARGIN,
+                judge: str | None = None) -> list[bool | None]:
         """Per rung of ``ladder`` (strongest first, each with a damage ``level``): ``True`` predicted to pass
         with ``margin``, ``False`` predicted to fail, ``None`` when the prior cannot tell.
 
@@ -178,11 +181,19 @@ class Prior:
         predicted inside ``margin`` of the gate is not a pass).  Nothing is extrapolated beyond a prompt's
         judged range: a rung weaker than anything it tried is unknown unless it passed something stronger.
         CFG cut-off tries are left out (the cut-off is not on the damage axis).  ``exclude`` leaves one
-        prompt digest out (the leave-one-out bench).
+        prompt digest out (the leave-one-out bench).  ``judge`` keeps only the tries that judge made (tries
+        written before the prior kept its judge have none, and count only when ``judge`` is ``None``).
+
+        >>> p = Prior(PriorKey("ab" * 32, "ddim", "trailing", 25, 32, 7.5), tries=[{"prompt": "p1", "phase":
+        ...     "calibration", "level": 0.3, "passed": True, "slack": 0.2, "cfg": False, "judge": "latent"}])
+        >>> class Rung:
+        ...     level = 0.2
+        >>> p.predict([Rung()], judge="latent"), p.predict([Rung()], judge="decoded SSIM")
+        ([True], [None])
         """
         by_prompt: dict[str, list[dict[str, Any]]] = {}
         for t in self.tries:
-            if not t["cfg"] and t["level"] > 0 and t["prompt"] != exclude:
+            if not t["cfg"] and t["level"] > 0 and t["prompt"] != exclude and (judge is None or t.get("judge") == judge):
                 by_prompt.setdefault(t["prompt"], []).append(t)
         if not by_prompt:
             return [None] * len(ladder)
@@ -193,10 +204,12 @@ class Prior:
             out.append(False if False in verdicts else None if None in verdicts else True)
         return out
 
-    def suggest(self, ladder: Sequence[Any], *, margin: float = MARGIN, exclude: str | None = None) -> int | None:
-        """The index of the strongest rung of ``ladder`` predicted to pass with ``margin`` (``predict``),
-        or ``None`` when the prior predicts none (the caller then searches cold)."""
-        return next((i for i, ok in enumerate(self.predict(ladder, margin=margin, exclude=exclude)) if ok), None)
+    def suggest(self, ladder: Sequence[Any], *, margin: float = MARGIN, exclude: str | None = None,
+                judge: str | None = None) -> int | None:
+        """The index of the strongest rung of ``ladder`` predicted to pass with ``margin`` (``predict``, on the
+        tries of ``judge``), or ``None`` when the prior predicts none (the caller then searches cold)."""
+        return next((i for i, ok in enumerate(self.predict(ladder, margin=margin, exclude=exclude, judge=judge)) if ok),
+                    None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "key": self.key.to_dict(), "profiles": self.profiles,
@@ -346,8 +359,11 @@ _TRY_FIELDS = {"prompt", "phase", "label", "levers", "reuse_skips", "level", "cf
 
 
 def _checked_try(t: Any, where: str, bad: Any) -> dict[str, Any]:
-    if not isinstance(t, dict) or set(t) != _TRY_FIELDS:
-        raise bad(where, f"an object of {', '.join(sorted(_TRY_FIELDS))}", t)
+    # "judge" is optional: tries written before the prior kept the judge's name are still read
+    if not isinstance(t, dict) or set(t) not in (_TRY_FIELDS, _TRY_FIELDS | {"judge"}):
+        raise bad(where, f"an object of {', '.join(sorted(_TRY_FIELDS))} (and optionally judge)", t)
+    if "judge" in t and not (isinstance(t["judge"], str) and len(t["judge"]) <= _TEXT):
+        raise bad(f"{where}.judge", f"a judge name of at most {_TEXT} characters", t["judge"])
 
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -470,13 +486,13 @@ def judged_tries(calibration: Any, digest: str) -> list[dict[str, Any]]:
                     "reuse_skips": cand.get("reuse_skips"), "level": float(cand.get("level") or 0.0),
                     "cfg": bool(cand.get("cfg_cutoff")), "passed": bool(t["passed"]),
                     "slack": None if slack is None or not math.isfinite(slack) else float(slack),
-                    "seeds": len(t.get("seeds", ()))})
+                    "seeds": len(t.get("seeds", ())), "judge": str(getattr(calibration, "judge", ""))[:_TEXT]})
     return out
 
 
-def warm_start(directory: str | os.PathLike, key: PriorKey, ladder: Sequence[Any]) -> int | None:
-    """The rung a new prompt's calibration starts at, from the prior of ``key`` (``None``: no prior, or it
-    predicts no rung: search cold).  Pass it as ``calibrate(..., start=index, confirm_only=True)``, then
+def warm_start(directory: str | os.PathLike, key: PriorKey, ladder: Sequence[Any], judge: str | None = None) -> int | None:
+    """The rung a new prompt's calibration starts at, from the prior of ``key`` and the tries of ``judge``
+    (``None``: no prior, or it predicts no rung: search cold).  Pass it as ``calibrate(..., start=index, confirm_only=True)``, then
     ``update_prior(directory, key, evidence=..., calibration=..., prompt=...)`` records the new tries.
 
     An unreadable prior is logged and ignored: a warm start is an optimisation, the calibration still judges.
@@ -490,7 +506,7 @@ def warm_start(directory: str | os.PathLike, key: PriorKey, ladder: Sequence[Any
     except FragmentError as exc:
         log.warning("prior %s not used: %s", key.name, exc)
         return None
-    return prior.suggest(ladder) if prior is not None else None
+    return prior.suggest(ladder, judge=judge) if prior is not None else None
 
 
 @dataclass(frozen=True)
@@ -530,7 +546,9 @@ def calibrate_with_prior(ladder: Sequence[Any], judge: Any, *, directory: str | 
         warnings.append(f"the prior of this model configuration was not used, so the calibration started cold: {exc}; "
                         f"the file was left in place and not updated; {remedy}")
         prior = None
-    start = prior.suggest(ladder) if prior is not None else None
+    # calibrate's own default name, so a caller that names no judge still meets its own earlier tries
+    judge_name = calibrate_kwargs.get("judge_name", "judge")
+    start = prior.suggest(ladder, judge=judge_name[:_TEXT]) if prior is not None else None
     cal = calibrate(ladder, judge, start=start, confirm_only=start is not None, **calibrate_kwargs)
     cal.prior, cal.prior_prompts = key.name, len(prior.prompts) if prior is not None else 0
     cal.warnings.extend(warnings)
