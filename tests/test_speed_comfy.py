@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from prompt_fragments.fragment.surgery.tree import replace_modules
-from prompt_fragments.fragment.schedule.state import Schedule, ScheduleState
+from prompt_fragments.fragment.schedule.state import Schedule, ScheduleState, nearest_step
 from prompt_fragments.fragment.schedule.apply import fragment_schedule, with_schedule
 from prompt_fragments.profiling.discovery import block_layout
 from prompt_fragments.fragment.schedule.step_reuse import reuse_replacements
@@ -213,3 +213,35 @@ def test_a_schedule_is_refused_where_it_cannot_follow_the_steps(scheduled) -> No
             with pytest.raises(Exception, match="model_function_wrapper was replaced by another node after FragmentLoader"):
                 _batch(scheduled, foreign)
     assert torch.isfinite(plain_edm).all()
+
+
+# Issue #27 item 5: the samplers users pick (one model evaluation per step, deterministic, ancestral and SDE), and two
+# that evaluate the model twice per step.  The fragment was calibrated on euler / normal; a run of another sampler
+# maps each call to the calibrated step of the nearest timestep (the schedule is stored in timesteps).
+ONE_EVALUATION = [("euler", "normal"), ("euler_ancestral", "normal"), ("dpmpp_2m", "karras"),
+                  ("dpmpp_2m_sde", "karras"), ("uni_pc", "normal"), ("ddim", "ddim_uniform")]
+TWO_EVALUATIONS = [("heun", "normal"), ("dpmpp_sde", "karras")]
+
+
+@pytest.mark.parametrize("sampler_name,scheduler", ONE_EVALUATION + TWO_EVALUATIONS)
+def test_each_sampler_runs_the_schedule_on_the_calls_it_plans(scheduled, sampler_name: str, scheduler: str) -> None:
+    plan = fragment_schedule(scheduled.frag)
+    assert plan.step_timesteps, "the extractor stores the calibrated steps' timesteps: calls are mapped by them"
+    with torch.inference_mode():
+        model, _ = _load(scheduled, scheduled.frag)
+        state = _state(scheduled, model)
+        state.history.clear()
+        run = lambda schedule: scheduled.batch(model, schedule, 5, 1, sampler_name=sampler_name,  # noqa: E731
+                                               scheduler=scheduler)
+        scheduled_out = run("as stored")
+        calls = list(state.history)
+        off = run("off")
+    assert torch.isfinite(scheduled_out).all() and calls
+    planned = [nearest_step(c["t"], plan.step_timesteps) in plan.reuse_steps for c in calls]
+    # never a call the plan does not name; and the plan takes effect in this sampler's run
+    assert all(p for p, c in zip(planned, calls) if c["reused"]), calls
+    assert any(c["reused"] for c in calls), f"{sampler_name}: no call was reused: {calls}"
+    assert not torch.equal(scheduled_out, off)
+    if (sampler_name, scheduler) in ONE_EVALUATION:
+        # one call per step (cond and uncond in one batch): every planned call after the first step replays
+        assert [c["reused"] for c in calls] == [p and c["step"] > 0 for p, c in zip(planned, calls)], calls
