@@ -187,7 +187,8 @@ def _cmd_bench_peers(args: argparse.Namespace) -> int:
     model.unet.to(device)
     lpips = None if args.no_lpips else optional_lpips(args.lpips_weights)[0]
     config = BenchConfig(variants=args.variants, profile_seeds=args.profile_seeds, goal=args.goal,
-                         budget_images=args.budget_images, holdout_seeds=args.holdout)
+                         budget_images=args.budget_images, holdout_seeds=args.holdout, paired_units=args.paired_units,
+                         paired_seeds=args.paired_seeds)
     # the list options are tuples already: cli_options parsed and range-checked them
     peers = PeerConfig(deepcache_intervals=args.deepcache_intervals, deepcache_branches=args.deepcache_branches,
                        tome_ratios=args.tome_ratios, cfg_cutoffs=args.cfg_cutoffs, stack_intervals=args.stack_intervals)
@@ -456,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-cutoffs", type=float_list(0, 1000), default="500,350,200",
                    help="CFG truncation cut-off timesteps (comma-separated)")
     p.add_argument("--stack-intervals", type=CACHE_INTERVALS, default="2,3", help="DeepCache intervals on the memory-only fragment")
+    add_paired_arguments(p)
     p.add_argument("--comfyui", type=existing_folder(), default=None,
                    help="ComfyUI checkout for the ComfyUI section (default: $COMFYUI_PATH)")
     p.add_argument("--comfyui-size", type=LATENT_SIZE, default=8, help="ComfyUI section: latent size (pixels / 8) of the random SD1.5")

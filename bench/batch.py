@@ -243,6 +243,20 @@ def fresh_check(target: BenchTarget, fragment: Any, seeds: Sequence[int]) -> dic
     return {"seeds": len(seeds), "first_seed": seeds[0], "passes_gate": ok, **quality}
 
 
+def timing_seeds(rendered: Sequence[int], judged: Sequence[int], count: int) -> list[int]:
+    """The first ``count`` of the ``rendered`` batch seeds that are not ``judged`` (profiled or held out): paired
+    timing renders them with stock and each method.
+
+    Not the judged seeds: a target records the full model's states of those (``watch``), which would count as
+    stock time.
+
+    >>> timing_seeds([20_000, 10_000, 10_001, 10_002], [0, 1, 20_000], 2)
+    [10000, 10001]
+    """
+    skip = set(judged)
+    return [s for s in rendered if s not in skip][:count]
+
+
 def paired_phase(target: BenchTarget, fragment: Any, seeds: Sequence[int], device: torch.device,
                  units: int) -> dict[str, Any]:
     """Stock and ``fragment`` timed in ``units`` paired units on the same ``seeds`` (``bench.paired.paired_timing``).
@@ -396,11 +410,8 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
     raw = best["speedup"] or 1.0
     paired = None
     if chosen_fragment is not None and config.paired_units:
-        # not the held-out seeds: the target records the full model's states of those (``watch``), which would
-        # count as stock time
-        judged = set(profile_seeds + holdout)
-        paired = paired_phase(target, chosen_fragment, [s for s in rendered if s not in judged][:config.paired_seeds],
-                              device, config.paired_units)
+        seeds = timing_seeds(rendered, profile_seeds + holdout, config.paired_seeds)
+        paired = paired_phase(target, chosen_fragment, seeds, device, config.paired_units)
     fresh = None
     if chosen_fragment is not None and config.fresh_seeds:
         fresh = fresh_check(target, chosen_fragment, list(range(config.first_fresh_seed,
