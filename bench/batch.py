@@ -26,7 +26,12 @@ the rest.
    the user keeps that full-model image (delivered), the fragment's image of
    the seed is judged against it, and an audit failure switches the rest of
    the batch to the full model;
-5. fresh check (verification, not a user cost): the chosen fragment against
+5. paired timing (verification, not a user cost): stock and the chosen
+   fragment render the same ``paired_seeds`` batch seeds back to back, in
+   ``paired_units`` units of rotating order (``bench.paired``); the median
+   per-unit ratio and its range sit beside the raw ratio, which a load that
+   changed between stock's timing and the fragment's can move;
+6. fresh check (verification, not a user cost): the chosen fragment against
    stock on ``fresh_seeds`` seeds that nothing above saw.
 
 The raw ratio is stock time / fragment time per image.  The amortized figures
@@ -52,7 +57,7 @@ from ..fragment.library.prior import PriorPlace
 from ..fragment.schedule.apply import apply_schedule, fragment_schedule
 from ..fragment.schedule.state import ScheduleState
 from ..judge.audited_run import render_audited
-from ..judge.fragment_judge import fragment_judge, render, stack
+from ..judge.fragment_judge import fragment_judge, render, render_with, stack
 from ..errors import FragmentError
 from ..metrics.costs import CostLedger, amortized_ratio, break_even_images, cost_line
 from ..metrics.memory import peak_memory, peak_memory_metrics
@@ -65,6 +70,7 @@ from ..profiling.cfg_gap import CfgGapProbe
 from ..profiling.step_change import StepChangeProbe
 from . import BENCH_BUDGET_IMAGES
 from .overhead import profiling_overhead
+from .paired import paired_timing
 from .weights import resident_bytes
 
 log = logging.getLogger(__name__)
@@ -99,6 +105,8 @@ class BenchConfig:
     fresh_seeds: int = 64  # the fresh-seed check: seeds neither the calibration nor the batch saw (0: not run)
     first_fresh_seed: int = 30_000
     audit_every: int | None = None  # the running audit: every k-th batch image (None: k from the cost model; 0: off)
+    paired_units: int = 3  # paired timing of stock vs the chosen fragment: units (0: not run)
+    paired_seeds: int = 4  # the batch seeds each paired unit renders with both
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -113,6 +121,11 @@ class BenchConfig:
         if self.audit_every is not None and (not isinstance(self.audit_every, int) or self.audit_every < 0):
             raise FragmentError(f"bench config audit_every: expected None (from the cost model) or an integer >= 0 "
                                 f"(0: no audit), found {self.audit_every!r}")
+        for name in ("paired_units", "paired_seeds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "paired_seeds" else 0):
+                raise FragmentError(f"bench config {name}: expected an integer >= "
+                                    f"{1 if name == 'paired_seeds' else '0 (0: no paired timing)'}, found {value!r}")
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
@@ -228,6 +241,42 @@ def fresh_check(target: BenchTarget, fragment: Any, seeds: Sequence[int]) -> dic
     images, _ = render(target.unet, fragment, seeds, target.run)
     ok, quality = target.judge(stock, images)
     return {"seeds": len(seeds), "first_seed": seeds[0], "passes_gate": ok, **quality}
+
+
+def timing_seeds(rendered: Sequence[int], judged: Sequence[int], count: int) -> list[int]:
+    """The first ``count`` of the ``rendered`` batch seeds that are not ``judged`` (profiled or held out): paired
+    timing renders them with stock and each method.
+
+    Not the judged seeds: a target records the full model's states of those (``watch``), which would count as
+    stock time.
+
+    >>> timing_seeds([20_000, 10_000, 10_001, 10_002], [0, 1, 20_000], 2)
+    [10000, 10001]
+    """
+    skip = set(judged)
+    return [s for s in rendered if s not in skip][:count]
+
+
+def paired_phase(target: BenchTarget, fragment: Any, seeds: Sequence[int], device: torch.device,
+                 units: int) -> dict[str, Any]:
+    """Stock and ``fragment`` timed in ``units`` paired units on the same ``seeds`` (``bench.paired.paired_timing``).
+
+    The fragment model is built once, before the units: the figure is its renders', as a batch renders many images
+    on one build.  Returns ``raw_ratio`` (the median of the per-unit ratios stock / fragment), ``range``
+    (``[min, max]``), ``ratios``, ``units``, ``seeds_per_unit``, ``first_seed``, ``seconds`` and ``order``.
+
+    >>> paired_phase(target, fragment, [10_000, 10_001, 10_002, 10_003], torch.device("cpu"), 3)["range"]  # doctest: +SKIP
+    [1.48, 1.61]
+    """
+    small, state = apply_schedule(target.unet, fragment)
+    cutoff = fragment_schedule(fragment).cfg_cutoff
+    seeds = list(seeds)
+    t = paired_timing({"stock": lambda: target.run(target.unet, seeds),
+                       "fragment": lambda: render_with(small, state, cutoff, seeds, target.run)},
+                      units, sync=lambda: synchronize(device))
+    return {"raw_ratio": t["median"]["fragment"], "range": t["range"]["fragment"], "ratios": t["ratios"]["fragment"],
+            "units": units, "seeds_per_unit": len(seeds), "first_seed": seeds[0], "seconds": t["seconds"],
+            "order": t["order"]}
 
 
 def ledger_amortized(ledger: CostLedger, raw_ratio: float, ns: Sequence[int] = AMORTIZED_NS) -> dict[str, Any]:
@@ -359,6 +408,10 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
         log.info("calibration chose the full model (%s): the bench has no fragment row", cal.reason)
     best = rows[-1]
     raw = best["speedup"] or 1.0
+    paired = None
+    if chosen_fragment is not None and config.paired_units:
+        seeds = timing_seeds(rendered, profile_seeds + holdout, config.paired_seeds)
+        paired = paired_phase(target, chosen_fragment, seeds, device, config.paired_units)
     fresh = None
     if chosen_fragment is not None and config.fresh_seeds:
         fresh = fresh_check(target, chosen_fragment, list(range(config.first_fresh_seed,
@@ -371,7 +424,7 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
         "profile_seeds": len(profile_seeds), "delivered_seeds": delivered, "rendered_seeds": len(rendered),
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"},
         "timing_s": {"stock": stock_s, "profile": profile_s, "build": build_s, "calibrate": calibrate_s},
-        "rows": rows, "throughput_ratio": best["speedup"], "amortized": costs,
+        "rows": rows, "throughput_ratio": best["speedup"], "paired": paired, "amortized": costs,
         "amortized_ratio_32": at.get(32, {}).get("amortized_ratio"), "break_even_images": costs["break_even_images"],
         "costs": ledger.record(raw_ratio=raw, n=32), "cost_line": cost_line(ledger, raw, 32),
         "calibration": cal.record(), "chosen": cal.chosen.to_dict() if cal.chosen else None,
@@ -448,8 +501,12 @@ def format_batch_report(report: dict[str, Any]) -> str:
         o = report["profiling_overhead"]
         lines.append(f"profiling overhead on the profile seeds: {o['base_s']:.2f} s -> {o['profiled_s']:.2f} s "
                      f"(+{o['overhead_pct']:.0f} %)")
-    lines.append(f"raw throughput ratio {report['throughput_ratio']:.2f}x; profile {t['profile']:.1f} s + build "
-                 f"{t['build']:.1f} s + calibrate {t['calibrate']:.1f} s")
+    paired = report.get("paired")
+    paired_text = "" if not paired else (
+        f" (paired: {paired['raw_ratio']:.2f}x, the median of {paired['units']} units of {paired['seeds_per_unit']} "
+        f"seeds, range {paired['range'][0]:.2f}-{paired['range'][1]:.2f}x)")
+    lines.append(f"raw throughput ratio {report['throughput_ratio']:.2f}x{paired_text}; profile {t['profile']:.1f} s + "
+                 f"build {t['build']:.1f} s + calibrate {t['calibrate']:.1f} s")
     amortized = report["amortized"]
     lines.append(f"costs: {report['cost_line']}")
     lines.append(f"amortized (u = {amortized['unit_s']:.3f} s, one stock image; {amortized['delivered']} full-model "

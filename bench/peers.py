@@ -28,17 +28,19 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..fragment.calibration import CFG_CUTOFFS, Budget, Candidate
+from ..fragment.calibration import CFG_CUTOFFS, Budget, Candidate, lever_ladder
 from ..fragment.extract import calibrated_fragment, candidate_fragment
-from ..fragment.schedule.apply import apply_schedule
-from ..metrics.performance import amortized_costs
-from .batch import BatchRun, BenchConfig, BenchTarget, run_batch, timed
+from ..fragment.schedule.apply import apply_schedule, fragment_schedule
+from ..judge.fragment_judge import render_with
+from ..metrics.performance import amortized_costs, synchronize
+from .batch import BatchRun, BenchConfig, BenchTarget, run_batch, timed, timing_seeds
+from .paired import paired_timing
 from .weights import resident_bytes
 
 log = logging.getLogger(__name__)
 
 ROW_KEYS = ("section", "method", "setting", "label", "s_per_image", "speedup", "setup_s", "amortized_ratio_32",
-            "resident_unet_bytes", "quality", "passes_gate", "error", "note")
+            "resident_unet_bytes", "quality", "passes_gate", "error", "note", "paired_speedup", "paired_range")
 REFERENCE_METHODS = ("stock", "deepcache", "tome", "cfg_truncation", "fragment", "deepcache+memory_fragment")
 EXTERNAL_PEERS = ("deepcache", "tome", "cfg_truncation", "easycache", "lazycache", "tome_patch_model")
 # three more prompts of the reference grammar (reference/captions.py) for the across-prompts target
@@ -171,6 +173,32 @@ def run_tome(target: BenchTarget, unet: nn.Module, seeds: Sequence[int], ratio: 
         tomesd.remove_patch(unet)
 
 
+def add_paired(rows: Sequence[dict[str, Any]], makers: Mapping[str, Callable[[], Callable[[], Any]]],
+               stock: Callable[[], Any], units: int, **timing: Any) -> None:
+    """Set ``paired_speedup`` (the median) and ``paired_range`` on each row without an error whose label has a
+    maker: ``makers[label]()`` builds that row's render of the timing seeds, then ``bench.paired.paired_timing`` times
+    it against ``stock`` (the full model on the same seeds) in ``units`` units of its own, so each ratio is taken
+    between two renders next to each other.  ``timing`` goes to ``paired_timing`` (``sync``, ``clock``).  A row
+    whose paired timing fails keeps ``None`` (a warning says why): its one-run figures stand.
+
+    >>> rows = [peer_row("reference", "tome", "ratio 0.5"), peer_row("reference", "tome", "ratio 0.9", error="x")]
+    >>> add_paired(rows, {"tome ratio 0.5": lambda: lambda: None, "tome ratio 0.9": lambda: lambda: None},
+    ...            lambda: None, 3, clock=iter(range(100)).__next__)
+    >>> rows[0]["paired_speedup"], rows[0]["paired_range"], rows[1]["paired_speedup"]
+    (1.0, [1.0, 1.0], None)
+    """
+    for row in rows:
+        make = makers.get(row["label"])
+        if make is None or row["error"] is not None:
+            continue
+        try:
+            t = paired_timing({"stock": stock, "method": make()}, units, **timing)
+        except Exception as exc:  # a row's extra figure failing must not lose the rows already measured
+            log.warning("paired timing of %s failed: %s", row["label"], exc)
+            continue
+        row.update(paired_speedup=t["median"]["method"], paired_range=t["range"]["method"])
+
+
 def _setup_s(report: Mapping[str, Any]) -> float:
     t = report["timing_s"]
     return float(t["profile"] + t["build"] + t["calibrate"])
@@ -212,11 +240,17 @@ def reference_rows(target: BenchTarget, report: Mapping[str, Any], run: BatchRun
                    peers: PeerConfig = PeerConfig(), *, skip: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Every reference-section row on the batch run ``(report, run)``; ``skip`` names methods not run (each still a row).
 
+    Each row's ``speedup`` is one timed run of the batch against the batch's one stock timing; with
+    ``config.paired_units`` each row without an error also gets ``paired_speedup`` and ``paired_range`` from paired
+    units against stock on ``config.paired_seeds`` batch seeds (``add_paired``), which a changing load cannot fool.
+
     >>> report, run = run_batch(target, config)  # doctest: +SKIP
     >>> {row["method"] for row in reference_rows(target, report, run, config)} == set(REFERENCE_METHODS)  # doctest: +SKIP
     True
     """
     unet, variants, stock = target.unet, run.variants, run.stock
+    seeds = timing_seeds(run.rendered, run.profile_seeds + run.holdout_seeds, config.paired_seeds)
+    makers: dict[str, Callable[[], Callable[[], Any]]] = {}  # row label -> builds that row's render of ``seeds``
     stock_row = report["rows"][0]
     stock_s = stock_row["s_per_image"]
     n = len(variants)
@@ -252,6 +286,25 @@ def reference_rows(target: BenchTarget, report: Mapping[str, Any], run: BatchRun
     peer("cfg_truncation", [(f"CFG off below t={c:g}",
                              lambda c=c: judged(*timed(lambda: target.run(unet, variants, cfg_cutoff=c), device)))
                             for c in peers.cfg_cutoffs])
+    for i in peers.deepcache_intervals:
+        for b in peers.deepcache_branches:
+            makers[f"deepcache interval {i}, branch {b}"] = (
+                lambda i=i, b=b: lambda: run_deepcache(target, unet, seeds, i, b))
+    for r in peers.tome_ratios:
+        makers[f"tome ratio {r:g}"] = lambda r=r: lambda: run_tome(target, unet, seeds, r)
+    for c in peers.cfg_cutoffs:
+        makers[f"cfg_truncation CFG off below t={c:g}"] = lambda c=c: lambda: target.run(unet, seeds, cfg_cutoff=c)
+
+    def fragment_render(candidate: Candidate) -> Callable[[], Callable[[], Any]]:
+        def make() -> Callable[[], Any]:  # built before its units: the figure is the renders', as in bench batch
+            fragment = candidate_fragment(run.evidence, unet, candidate, base=run.base, name="paired")
+            small, state = apply_schedule(unet, fragment)
+            cutoff = fragment_schedule(fragment).cfg_cutoff
+            return lambda: render_with(small, state, cutoff, seeds, target.run)
+        return make
+
+    for label, candidate in lever_ladder(run.chosen) if run.chosen is not None else []:
+        makers[f"fragment {label}"] = fragment_render(candidate)
 
     setup = _setup_s(report)
     for ladder in report["rows"][1:]:
@@ -264,12 +317,16 @@ def reference_rows(target: BenchTarget, report: Mapping[str, Any], run: BatchRun
     if len(report["rows"]) == 1:
         rows.append(peer_row("reference", "fragment", "calibrated", error="calibration chose the full model: "
                              f"{report['calibration'].get('reason')}"))
-    rows.extend(_stack_rows(target, report, run, config, peers, rows, skip))
+    rows.extend(_stack_rows(target, report, run, config, peers, rows, skip, seeds, makers))
+    if config.paired_units and seeds:
+        rows[0].update(paired_speedup=1.0, paired_range=[1.0, 1.0])
+        add_paired(rows, makers, lambda: target.run(unet, seeds), config.paired_units, sync=lambda: synchronize(device))
     return rows
 
 
 def _stack_rows(target: BenchTarget, report: Mapping[str, Any], run: BatchRun, config: BenchConfig, peers: PeerConfig,
-                rows: Sequence[Mapping[str, Any]], skip: Sequence[str]) -> list[dict[str, Any]]:
+                rows: Sequence[Mapping[str, Any]], skip: Sequence[str], seeds: Sequence[int],
+                makers: dict[str, Callable[[], Callable[[], Any]]]) -> list[dict[str, Any]]:
     method = "deepcache+memory_fragment"
     passing = [r for r in rows if r["method"] == "deepcache" and r["passes_gate"]]
     # the branch of the fastest DeepCache setting that passed alone; 2 (the fragment's own depth) if none did
@@ -291,12 +348,14 @@ def _stack_rows(target: BenchTarget, report: Mapping[str, Any], run: BatchRun, c
         return {**values, "setup_s": setup, "amortized_ratio_32": _amortized_32(report, values["s_per_image"], extra_s),
                 "note": f"{candidate.label}: {note}"}
 
-    makers = [(settings[0], lambda: finish(_judged(target, run.stock, *timed(lambda: target.run(small, run.variants), device),
-                                                   n, stock_s, small)))]
+    runs = [(settings[0], lambda: finish(_judged(target, run.stock, *timed(lambda: target.run(small, run.variants), device),
+                                                 n, stock_s, small)))]
+    makers[f"{method} {settings[0]}"] = lambda: lambda: target.run(small, list(seeds))
     for i, setting in zip(peers.stack_intervals, settings[1:]):
-        makers.append((setting, lambda i=i: finish(_judged(
+        runs.append((setting, lambda i=i: finish(_judged(
             target, run.stock, *run_deepcache(target, small, run.variants, i, int(branch)), n, stock_s, small))))
-    return _peer_rows_guarded("reference", method, makers)
+        makers[f"{method} {setting}"] = lambda i=i: lambda: run_deepcache(target, small, seeds, i, int(branch))
+    return _peer_rows_guarded("reference", method, runs)
 
 
 def comfy_rows(comfyui_path: str | None, **kwargs: Any) -> list[dict[str, Any]]:
@@ -422,15 +481,16 @@ def format_peer_report(report: Mapping[str, Any]) -> str:
 
     >>> r = {"target": {"name": "reference", "prompt": "p"}, "device": "cpu", "variants": 2, "steps": 4, "rows": [
     ...     peer_row("reference", "stock", "full model", s_per_image=1.0, speedup=1.0, setup_s=0.0, amortized_ratio_32=1.0,
-    ...              resident_unet_bytes=10)],
+    ...              resident_unet_bytes=10, paired_speedup=1.0)],
     ...     "headline": headline([])}
     >>> print(format_peer_report(r).splitlines()[3])
-    reference  stock full model                                          1.000   1.00x    0.0   1.00       10      -      -      -  -
+    reference  stock full model                                          1.000   1.00x   1.00x    0.0   1.00       10      -      -      -  -
     """
     lines = [f"peer bench: {report['target']['name']} on {report['device']}, {report['variants']} variants x "
              f"{report['steps']} steps, prompt {report['target'].get('prompt')!r}",
-             "each row is one timed run of the same seeds (CPU timings move a few % run to run, more on a busy machine)",
-             f"{'section':<11}{'method / setting':<56}{'s/img':>7}{'raw':>8}{'set-up':>7}{'am.32':>7}{'UNet MB':>9}"
+             "raw: one timed run of the batch per row against one of stock (CPU timings move a few % run to run, more "
+             "on a busy machine); paired: the median ratio of paired units against stock on the same seeds",
+             f"{'section':<11}{'method / setting':<56}{'s/img':>7}{'raw':>8}{'paired':>8}{'set-up':>7}{'am.32':>7}{'UNet MB':>9}"
              f"{'SSIM':>7}{'LPIPS':>7}{'adh.d':>7}  gate"]
     comfy_noted = False
     for row in report["rows"]:
@@ -447,6 +507,7 @@ def format_peer_report(report: Mapping[str, Any]) -> str:
         name = f"{row['method']} {row['setting']}"[:55]
         lines.append(f"{row['section']:<11}{name:<56}{_num(row['s_per_image'], '.3f'):>7}"
                      f"{_num(row['speedup'], '.2f') + ('x' if row['speedup'] is not None else ''):>8}"
+                     f"{_num(row.get('paired_speedup'), '.2f') + ('x' if row.get('paired_speedup') is not None else ''):>8}"
                      f"{_num(row['setup_s'], '.1f'):>7}{_num(row['amortized_ratio_32'], '.2f'):>7}"
                      f"{_num(mb, '.2f') if mb is None or mb >= 0.01 else str(row['resident_unet_bytes']):>9}"
                      f"{_num(q.get('ssim_mean'), '.3f'):>7}{_num(q.get('lpips_mean'), '.3f'):>7}"

@@ -30,6 +30,17 @@ def _check(report: dict, printed: str) -> None:
     assert all(r["seconds"] > 0 and r["speedup"] > 0 for r in rows)
     assert all(r["quality"] is not None and "passes_gate" in r["quality"] for r in rows[1:])
     assert report["throughput_ratio"] == rows[-1]["speedup"]
+    paired = report["paired"]  # stock vs the chosen fragment in paired units: structure only, never a timing
+    if cal["chosen"] is None or report["config"]["paired_units"] == 0:
+        assert paired is None
+    else:
+        assert paired["units"] == report["config"]["paired_units"] == len(paired["ratios"]) == len(paired["order"])
+        assert 1 <= paired["seeds_per_unit"] <= report["config"]["paired_seeds"]
+        assert paired["first_seed"] not in report["delivered_seeds"]
+        low, high = paired["range"]
+        assert 0 < low <= paired["raw_ratio"] <= high and low == min(paired["ratios"]) and high == max(paired["ratios"])
+        assert [unit[0] for unit in paired["order"]] == ["stock", "fragment", "stock"][:paired["units"]]
+        assert f"(paired: {paired['raw_ratio']:.2f}x, the median of {paired['units']} units" in printed
     amortized, t, costs = report["amortized"], report["timing_s"], report["costs"]
     assert [r["n"] for r in amortized["rows"]] == [8, 16, 32, 64, 128]
     unit = t["stock"] / report["variants"]  # u: one stock image of this run
@@ -80,7 +91,8 @@ def test_bench_batch_on_the_reference_model(tmp_path, capsys) -> None:
     # a batch of 6 cannot repay a try: the budget is sized for a larger batch (--budget-batch; a judged image
     # of this CPU judge costs about 2 u)
     code = main(["bench", "batch", "--model", "reference", "--variants", "6", "--steps", "10", "--profile-seeds", "2",
-                 "--holdout", "2", "--budget-batch", "10000", "--fresh-seeds", "2", "--no-lpips", "--out", str(out)])
+                 "--holdout", "2", "--budget-batch", "10000", "--fresh-seeds", "2", "--no-lpips", "--paired-units", "2",
+                 "--paired-seeds", "2", "--out", str(out)])
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert code == 0

@@ -66,6 +66,14 @@ def test_every_row_has_every_field_and_every_method_a_row(bench) -> None:
             assert row["amortized_ratio_32"] == pytest.approx(costs["rows"][0]["amortized_ratio"])
     fragment = [r for r in rows if r["method"] == "fragment"]
     assert len(fragment) == max(len(report["rows"]) - 1, 1)
+    # paired units against stock on the same seeds: every row that ran has its median and range (structure only)
+    assert rows[0]["paired_speedup"] == 1.0 and rows[0]["paired_range"] == [1.0, 1.0]
+    for row in rows[1:]:
+        if row["error"] is not None:
+            assert row["paired_speedup"] is None and row["paired_range"] is None
+            continue
+        low, high = row["paired_range"]
+        assert 0 < low <= row["paired_speedup"] <= high, row["label"]
     stack = [r for r in rows if r["method"] == "deepcache+memory_fragment"]
     assert [r["setting"] for r in stack] == ["memory fragment alone", "interval 2, branch 2"]
     for row in stack:  # either it composes and keeps the fragment's smaller weights, or it says why not
