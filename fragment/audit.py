@@ -95,6 +95,22 @@ class AuditRule:
                 "alpha": self.alpha}
 
 
+#: The most of what a batch saves that its audit may spend: the audit guards the saving and must not eat it (given
+#: all that the budget left, at 116 images it audited every 2nd image and the pack ran slower than stock).
+AUDIT_SHARE = 0.1
+
+
+def audit_allowance(raw_ratio: float, n: int, left_u: float) -> float:
+    """What the running audit of ``n`` fragment images at ``raw_ratio`` may spend, in u: what the calibration's budget
+    left (``left_u``), at most ``AUDIT_SHARE`` of what the batch saves (``n * (1 - 1 / raw_ratio)`` u).
+
+    >>> round(audit_allowance(2.0, 116, 40.0), 3), audit_allowance(2.0, 24, 1.0), audit_allowance(1.0, 24, 5.0)
+    (5.8, 1.0, 0.0)
+    """
+    saving = n * (1.0 - 1.0 / raw_ratio) if raw_ratio > 1.0 else 0.0
+    return max(0.0, min(left_u, AUDIT_SHARE * saving))
+
+
 def audit_interval(raw_ratio: float, n: int, allowance_u: float, *, min_audits: int | None = None) -> int:
     """Audit every k-th image: the k whose audits fit ``allowance_u`` (in u), or 0 for no audit.
 
@@ -214,13 +230,20 @@ def _segments(todo: list[int], every: int) -> list[tuple[list[int], int | None]]
 
 def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_full: RenderFull, compare: Compare,
                 rule: AuditRule | None = None, fallbacks: Sequence[Any] = (), *, setting: Any, every: int,
-                given: Mapping[int, Any] | None = None, label: Callable[[Any], str] = str) -> AuditedBatch:
+                given: Mapping[int, Any] | None = None, label: Callable[[Any], str] = str, block: int = 1) -> AuditedBatch:
     """Render ``seeds`` with ``setting``, auditing the 1st and every ``every``-th rendered image; see the module docstring.
 
     ``render_fragment(setting, seeds)`` and ``render_full(seeds)`` return one image per seed
     (a batch tensor or array, or a list); ``compare(full, fragment)`` judges one seed's pair.
     ``given`` maps seeds the full model already rendered to their images: they are
     delivered as they are, never rendered again.  ``every = 0`` turns the audit off.
+
+    ``block`` is the fewest images one fragment render is given: the audited stretches are rendered together,
+    then judged in order; with ``block > 1`` the audited seeds' full-model images are rendered first, in one call.
+    A batch rendered one stretch at a time runs at the speed of batches of ``every`` images, and the full model
+    at batches of one (on the reference model a lone image costs 2-3 stock images).  The result is the same for any ``block``:
+    when the rule switches inside a block, the images after the switch are rendered again with the next setting
+    (a seed's image does not depend on its neighbours in a batch).
 
     >>> frag = lambda s, seeds: [10 * x + (1 if s == "bad" else 0) for x in seeds]
     >>> full = lambda seeds: [10 * x for x in seeds]
@@ -230,10 +253,14 @@ def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_fu
     ([0, 11, 20, 31, 40, 50, 60, 70], 4, 'ok')
     >>> b.summary()
     'audited 4 of 8: 1 passed, 3 failed; audit failed at image 5 (bad): rest on ok'
+    >>> run_audited(range(8), frag, full, same, AuditRule(), ["ok"], setting="bad", every=2, block=8).images == b.images
+    True
     """
     rule = rule or AuditRule()
     if every < 0:
         raise FragmentError(f"audit: expected every >= 0 (0 turns the audit off), found {every}")
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise FragmentError(f"audit: expected block >= 1 (the fewest images per fragment render), found {block!r}")
     seeds, given = list(seeds), dict(given or {})
     chain = [setting, *fallbacks]
     images: list[Any] = [None] * len(seeds)
@@ -244,29 +271,53 @@ def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_fu
     todo = [i for i, s in enumerate(seeds) if s not in given]
     batch = AuditedBatch(seeds, images, settings, given=len(seeds) - len(todo), every=every)
     step, failures, audits = 0, 0, 0  # the setting in use (chain index; len(chain) = the full model) and its tally
-    for positions, audited in _segments(todo, every):
+    segments = _segments(todo, every)
+    full_images: dict[int, Any] = {}  # audited positions' full-model images, rendered once even when re-rendered after a switch
+    audited_all = [a for _, a in segments if a is not None]
+    if block > 1 and audited_all:
+        # every audited seed's full-model image is delivered whatever the audit decides (as the audit's image, or
+        # as the full model's after a switch to it), so all are rendered first, together, never one at a time
+        full_images.update(zip(audited_all, render_full([seeds[a] for a in audited_all])))
+    k = 0
+    while k < len(segments):
+        end, size = k, 0
+        while end < len(segments) and (size == 0 or size < block):
+            size, end = size + len(segments[end][0]), end + 1
+        chunk = segments[k:end]
+        positions = [i for piece, _ in chunk for i in piece]
         if step >= len(chain):  # past the last fallback: the full model renders the rest
-            for i, image in zip(positions, render_full([seeds[i] for i in positions])):
-                images[i] = image
+            missing = [i for i in positions if i not in full_images]
+            for i, image in zip(missing, render_full([seeds[i] for i in missing]) if missing else []):
+                full_images[i] = image
+            for i in positions:
+                images[i] = full_images[i]
+            k = end
             continue
         current = chain[step]
-        rendered = render_fragment(current, [seeds[i] for i in positions])
-        for i, image in zip(positions, rendered):
-            images[i], settings[i] = image, label(current)
-        if audited is None:
-            continue
-        full_image = render_full([seeds[audited]])[0]
-        passed, metrics = compare(full_image, images[audited])
-        # The user keeps the full model's image of an audited seed; the fragment's is only judged.
-        images[audited], settings[audited] = full_image, FULL
-        batch.records.append(AuditRecord(seeds[audited], audited, label(current), bool(passed), dict(metrics)))
-        audits += 1
-        failures += not passed
-        if rule.switch(failures, audits):
-            step += 1
-            to = label(chain[step]) if step < len(chain) else FULL
-            batch.switches.append((audited, label(current), to))
-            log.warning("audit: %s failed %d of %d audits by image %d (seed %d): the rest of the batch runs on %s",
-                        label(current), failures, audits, audited + 1, seeds[audited], to)
-            failures = audits = 0  # a new setting starts its own tally
+        rendered = dict(zip(positions, render_fragment(current, [seeds[i] for i in positions])))
+        wanted = [a for _, a in chunk if a is not None and a not in full_images]
+        for a, image in zip(wanted, render_full([seeds[a] for a in wanted]) if wanted else []):
+            full_images[a] = image
+        k = end
+        for n, (piece, audited) in enumerate(chunk):
+            for i in piece:
+                images[i], settings[i] = rendered[i], label(current)
+            if audited is None:
+                continue
+            full_image = full_images[audited]
+            passed, metrics = compare(full_image, images[audited])
+            # The user keeps the full model's image of an audited seed; the fragment's is only judged.
+            images[audited], settings[audited] = full_image, FULL
+            batch.records.append(AuditRecord(seeds[audited], audited, label(current), bool(passed), dict(metrics)))
+            audits += 1
+            failures += not passed
+            if rule.switch(failures, audits):
+                step += 1
+                to = label(chain[step]) if step < len(chain) else FULL
+                batch.switches.append((audited, label(current), to))
+                log.warning("audit: %s failed %d of %d audits by image %d (seed %d): the rest of the batch runs on %s",
+                            label(current), failures, audits, audited + 1, seeds[audited], to)
+                failures = audits = 0  # a new setting starts its own tally
+                k -= len(chunk) - n - 1  # the block's later stretches are rendered again on the new setting
+                break
     return batch

@@ -191,7 +191,7 @@ class BatchGenerator:
         started = time.perf_counter()
         batch = run_audited(seeds, lambda _setting, group: render(model, group, state),
                             lambda group: render(full, group, None), compare, AuditRule(), [], setting="fragment",
-                            every=audited, given=given)
+                            every=audited, given=given, block=max(batch_size, 1))  # stretches fill a sub-batch
         elapsed = time.perf_counter() - started
         report = (f"{len(seeds)} images in {elapsed:.1f} s ({len(seeds) / elapsed if elapsed > 0 else float('inf'):.2f} "
                   f"images/s), sub-batches {sizes}")

@@ -115,6 +115,34 @@ def test_given_seeds_are_not_rendered_again_and_keep_their_positions():
     assert [r.index for r in batch.records] == [1, 6]  # the 1st and 5th of the seeds still to render
 
 
+@pytest.mark.parametrize("block", [3, 8, 32])
+@pytest.mark.parametrize("degrade,every,given", [({}, 4, ()), ({"strong": 112}, 2, ()), ({"strong": 0}, 4, ()),
+                                                 ({"strong": 0, "weaker": 0}, 2, ()), ({"strong": 105}, 3, (0, 3, 7))])
+def test_rendering_in_blocks_gives_the_same_batch_in_fewer_calls(block: int, degrade: dict, every: int, given: tuple):
+    def run(block_size: int):
+        render_fragment, render_full, calls = make_renders(degrade)
+        batch = run_audited(SEEDS, render_fragment, render_full, compare, AuditRule(), ["weaker"], setting="strong",
+                            every=every, given={SEEDS[i]: full_image(SEEDS[i]) for i in given}, block=block_size)
+        return batch, calls
+
+    (one, one_calls), (many, calls) = run(1), run(block)
+    assert many.setting == one.setting and many.switches == one.switches
+    assert [(r.index, r.setting, r.passed) for r in many.records] == [(r.index, r.setting, r.passed) for r in one.records]
+    for a, b in zip(many.images, one.images):
+        torch.testing.assert_close(a, b)
+    # stretches rendered together: fewer calls of the fragment, and no more of the full model
+    assert len(calls["fragment"]) < len(one_calls["fragment"])
+    assert len(calls["full"]) <= len(one_calls["full"])
+    # every audited seed's full-model image is rendered once, also when a switch re-renders its block
+    full_seeds = [s for seeds in calls["full"] for s in seeds]
+    assert len(full_seeds) == len(set(full_seeds))
+
+
+def test_a_block_below_one_is_refused():
+    with pytest.raises(FragmentError, match="expected block >= 1"):
+        run_audited([1], lambda s, x: x, lambda x: x, compare, setting="a", every=2, block=0)
+
+
 def test_rule_decisions_by_hand():
     rule = AuditRule(p0=0.25, p1=0.75, alpha=0.05)
     # Each failure adds ln 3, each pass subtracts ln 3; the bound is ln 20 = 2.996: failures - passes >= 3.
