@@ -35,6 +35,8 @@ def cold_warm_row(prompt: str, report: dict[str, Any]) -> dict[str, Any]:
             "chosen": cal["chosen"]["label"] if cal["chosen"] else None, "tries": len(cal["tries"]),
             "judged_images": cal["cost"]["images"], "overhead_u": report["costs"]["overhead_u"],
             "raw_ratio": report["throughput_ratio"], "amortized_32": report["amortized_ratio_32"],
+            # the paired median (``bench.paired``): stock and the fragment back to back, beside the one-run raw ratio
+            "paired_ratio": (report.get("paired") or {}).get("raw_ratio"),
             "break_even_images": report["break_even_images"],
             "fresh_passes": None if not fresh else bool(fresh["passes_gate"]),
             "fresh_seeds": None if not fresh else fresh["seeds"], "audit": report.get("audit_summary")}
@@ -76,23 +78,25 @@ def format_cold_warm(report: dict[str, Any], *, details: bool = False) -> str:
     """The cold/warm table: per prompt, how it started, what the calibration and the audit spent, and what it repays.
 
     >>> row = {"prompt": "a red circle", "start": "cold", "tries": 5, "judged_images": 40, "overhead_u": 9.5,
-    ...        "raw_ratio": 2.0, "amortized_32": 1.2, "break_even_images": 19, "fresh_passes": True,
+    ...        "raw_ratio": 2.0, "paired_ratio": 1.8, "amortized_32": 1.2, "break_even_images": 19, "fresh_passes": True,
     ...        "fresh_seeds": 64, "audit": "audited 3 of 20: 3 passed", "chosen": "ff 30%"}
     >>> print(format_cold_warm({"key_name": "k", "rows": [row], "prior": {"prompts": 1, "tries": 5}}).splitlines()[2])
-    cold              5     40    9.50   2.00x   1.20x         19  PASS/64  a red circle
+    cold              5     40    9.50   2.00x   1.80x   1.20x         19  PASS/64  a red circle
     """
     lines = [f"cold / warm on {report['key_name']} (prior: {report['prior']['prompts']} prompts, "
              f"{report['prior']['tries']} judged tries at the end)",
-             f"{'start':<12}{'tries':>7}{'judged':>7}{'u':>8}{'raw':>8}{'N=32':>8}{'break-even':>11}  "
+             f"{'start':<12}{'tries':>7}{'judged':>7}{'u':>8}{'raw':>8}{'paired':>8}{'N=32':>8}{'break-even':>11}  "
              f"{'fresh':<7}  prompt"]
     for row in report["rows"]:
         start = "warm" if row["start"].startswith("warm") else "cold"
         fresh = "-" if row["fresh_passes"] is None else f"{'PASS' if row['fresh_passes'] else 'FAIL'}/{row['fresh_seeds']}"
         even = "never" if row["break_even_images"] is None else str(row["break_even_images"])
         n32 = "n/a" if row["amortized_32"] is None else f"{row['amortized_32']:.2f}x"
+        paired = "-" if row.get("paired_ratio") is None else f"{row['paired_ratio']:.2f}x"
         lines.append(f"{start:<12}{row['tries']:>7}{row['judged_images']:>7}{row['overhead_u']:>8.2f}"
-                     f"{row['raw_ratio']:>7.2f}x{n32:>8}{even:>11}  {fresh:<7}  {row['prompt']}")
+                     f"{row['raw_ratio']:>7.2f}x{paired:>8}{n32:>8}{even:>11}  {fresh:<7}  {row['prompt']}")
     lines.append("u: the pack's overhead in stock images (profile hooks, build, judging, the audit's waste); "
+                 "paired: stock and the fragment timed back to back on a few seeds (median of the units); "
                  "N=32: amortized ratio; fresh: the chosen setting vs stock on seeds nothing else saw")
     for row in report["rows"]:
         lines.append(f"  {row['prompt']}: {row['chosen'] or 'the full model'}; audit: {row['audit']}")
