@@ -137,9 +137,10 @@ CARD_IMAGE = """async img => {
 def _card_image(page: Any, card: Any, name: str) -> list[Any]:
     """``CARD_IMAGE`` of ``card`` once it shows ``name``.jpg, or what it shows after ``ACTION_TIMEOUT_MS``.
 
-    The dialog reuses card elements across categories, and a card fetches its image into a blob: URL after it
-    takes its new name, so for a moment a card can show the previous category's image (on CI, once: a core
-    template's, which this server answers with its index page).
+    Seen once on CI: a pack card's image was a blob: of an HTML page (this server's answer for a core template's
+    thumbnail, which is not installed), and the check failed; not reproduced here in 4 runs.  The likely cause: a
+    card element reused from the previous category still shows that category's image until its own fetch lands.
+    Polling waits that out and still fails on a card that never shows the shipped file.
     """
     shipped = (UI_DIR / f"{name}.jpg").read_bytes()
     card.wait_for(state="visible")
