@@ -58,7 +58,7 @@ from ..fragment.library.prior import PriorPlace
 from ..fragment.schedule.apply import apply_schedule, fragment_schedule
 from ..fragment.schedule.state import ScheduleState
 from ..judge.audited_run import render_audited
-from ..judge.fragment_judge import fragment_judge, render, render_with, stack
+from ..judge.fragment_judge import fragment_judge, prepared_render, render, stack
 from ..errors import FragmentError
 from ..metrics.costs import CostLedger, amortized_ratio, break_even_images, cost_line
 from ..metrics.memory import peak_memory, peak_memory_metrics
@@ -273,11 +273,9 @@ def paired_phase(target: BenchTarget, fragment: Any, seeds: Sequence[int], devic
     >>> paired_phase(target, fragment, [10_000, 10_001, 10_002, 10_003], torch.device("cpu"), 3)["range"]  # doctest: +SKIP
     [1.48, 1.61]
     """
-    small, state = apply_schedule(target.unet, fragment)
-    cutoff = fragment_schedule(fragment).cfg_cutoff
     seeds = list(seeds)
     t = paired_timing({"stock": lambda: target.run(target.unet, seeds),
-                       "fragment": lambda: render_with(small, state, cutoff, seeds, target.run)},
+                       "fragment": prepared_render(target.unet, fragment, seeds, target.run)},
                       units, sync=lambda: synchronize(device))
     return {"raw_ratio": t["median"]["fragment"], "range": t["range"]["fragment"], "ratios": t["ratios"]["fragment"],
             "units": units, "seeds_per_unit": len(seeds), "first_seed": seeds[0], "seconds": t["seconds"],

@@ -30,8 +30,8 @@ import torch.nn as nn
 
 from ..fragment.calibration import CFG_CUTOFFS, Budget, Candidate, lever_ladder
 from ..fragment.extract import calibrated_fragment, candidate_fragment
-from ..fragment.schedule.apply import apply_schedule, fragment_schedule
-from ..judge.fragment_judge import render_with
+from ..fragment.schedule.apply import apply_schedule
+from ..judge.fragment_judge import prepared_render
 from ..metrics.performance import amortized_costs, synchronize
 from .batch import BatchRun, BenchConfig, BenchTarget, run_batch, timed, timing_seeds
 from .paired import paired_timing
@@ -262,11 +262,14 @@ def reference_rows(target: BenchTarget, report: Mapping[str, Any], run: BatchRun
     def skipped(method: str, settings: Sequence[str]) -> list[dict[str, Any]]:
         return [peer_row("reference", method, s, error="not run (skipped by the caller)") for s in settings]
 
-    def peer(method: str, settings: Sequence[tuple[str, Callable[[], dict[str, Any]]]]) -> None:
+    def peer(method: str, settings: Sequence[tuple[str, Callable[[], dict[str, Any]], Callable[[], Any]]]) -> None:
+        """Each setting: its name, its row (a batch run, judged) and its render of the paired ``seeds``."""
         if method in skip:
-            rows.extend(skipped(method, [s for s, _ in settings]))
+            rows.extend(skipped(method, [s for s, _, _ in settings]))
             return
-        for row in _peer_rows_guarded("reference", method, settings):
+        for setting, _, render_seeds in settings:  # the label is the row's (``peer_row``), so the two cannot drift
+            makers[f"{method} {setting}"] = lambda render_seeds=render_seeds: render_seeds
+        for row in _peer_rows_guarded("reference", method, [(s, row) for s, row, _ in settings]):
             if row["error"] is None:
                 row.update(setup_s=0.0, amortized_ratio_32=row["speedup"])
             rows.append(row)
@@ -279,29 +282,21 @@ def reference_rows(target: BenchTarget, report: Mapping[str, Any], run: BatchRun
             return {**judged(*run_deepcache(target, unet, variants, interval, branch)), "note": note}
         return make
 
-    peer("deepcache", [(f"interval {i}, branch {b}", deepcache(i, b))
+    peer("deepcache", [(f"interval {i}, branch {b}", deepcache(i, b),
+                        lambda i=i, b=b: run_deepcache(target, unet, seeds, i, b))
                        for b in peers.deepcache_branches for i in peers.deepcache_intervals])
-    peer("tome", [(f"ratio {r:g}", lambda r=r: judged(*run_tome(target, unet, variants, r))) for r in peers.tome_ratios])
+    peer("tome", [(f"ratio {r:g}", lambda r=r: judged(*run_tome(target, unet, variants, r)),
+                   lambda r=r: run_tome(target, unet, seeds, r)) for r in peers.tome_ratios])
     device = next(unet.parameters()).device
     peer("cfg_truncation", [(f"CFG off below t={c:g}",
-                             lambda c=c: judged(*timed(lambda: target.run(unet, variants, cfg_cutoff=c), device)))
+                             lambda c=c: judged(*timed(lambda: target.run(unet, variants, cfg_cutoff=c), device)),
+                             lambda c=c: target.run(unet, seeds, cfg_cutoff=c))
                             for c in peers.cfg_cutoffs])
-    for i in peers.deepcache_intervals:
-        for b in peers.deepcache_branches:
-            makers[f"deepcache interval {i}, branch {b}"] = (
-                lambda i=i, b=b: lambda: run_deepcache(target, unet, seeds, i, b))
-    for r in peers.tome_ratios:
-        makers[f"tome ratio {r:g}"] = lambda r=r: lambda: run_tome(target, unet, seeds, r)
-    for c in peers.cfg_cutoffs:
-        makers[f"cfg_truncation CFG off below t={c:g}"] = lambda c=c: lambda: target.run(unet, seeds, cfg_cutoff=c)
 
     def fragment_render(candidate: Candidate) -> Callable[[], Callable[[], Any]]:
-        def make() -> Callable[[], Any]:  # built before its units: the figure is the renders', as in bench batch
-            fragment = candidate_fragment(run.evidence, unet, candidate, base=run.base, name="paired")
-            small, state = apply_schedule(unet, fragment)
-            cutoff = fragment_schedule(fragment).cfg_cutoff
-            return lambda: render_with(small, state, cutoff, seeds, target.run)
-        return make
+        # built before its units: the figure is the renders', as in bench batch
+        return lambda: prepared_render(unet, candidate_fragment(run.evidence, unet, candidate, base=run.base,
+                                                                name="paired"), seeds, target.run)
 
     for label, candidate in lever_ladder(run.chosen) if run.chosen is not None else []:
         makers[f"fragment {label}"] = fragment_render(candidate)

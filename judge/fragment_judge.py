@@ -95,8 +95,20 @@ def render(unet: nn.Module, fragment: Fragment, seeds: Sequence[int], run: Run,
     ``branch=(step, trajectory)`` is passed to ``run``: the run starts at ``step`` from the full model's
     recorded states (``branch_step`` says which step is safe).
     """
+    return prepared_render(unet, fragment, seeds, run, branch)()
+
+
+def prepared_render(unet: nn.Module, fragment: Fragment, seeds: Sequence[int], run: Run,
+                    branch: tuple[int, Any] | None = None) -> Callable[[], tuple[Any, list[int]]]:
+    """``render`` in two halves: the fragment model is built now, and each call of the result renders ``seeds`` on
+    it, so a timing loop times the renders, not the build.
+
+    >>> again = prepared_render(unet, fragment, [10_000, 10_001], target.run)  # doctest: +SKIP
+    >>> images, reused = again()  # doctest: +SKIP
+    """
     small, state = apply_schedule(unet, fragment)
-    return render_with(small, state, fragment_schedule(fragment).cfg_cutoff, seeds, run, branch)
+    cutoff = fragment_schedule(fragment).cfg_cutoff
+    return lambda: render_with(small, state, cutoff, seeds, run, branch)
 
 
 def render_with(small: nn.Module, state: Any, cfg_cutoff: float | None, seeds: Sequence[int], run: Run,
