@@ -111,7 +111,7 @@ def _cmd_bench_batch(args: argparse.Namespace) -> int:
     config = BenchConfig(variants=args.variants, profile_seeds=args.profile_seeds, goal=args.goal,
                          budget_images=args.budget_images, holdout_seeds=args.holdout, fresh_seeds=args.fresh_seeds,
                          budget_batch=args.budget_batch, audit_every=args.audit_every, paired_units=args.paired_units,
-                         paired_seeds=args.paired_seeds)
+                         paired_seeds=args.paired_seeds, confirm=args.confirm)
     if args.model == "reference":
         from .bench.coldwarm import bench_cold_warm, format_cold_warm
         from .bench.peers import EXTRA_PROMPTS
@@ -419,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "cost model; 0: no audit)")
     p.add_argument("--budget-batch", type=VARIANTS, default=None,
                    help="the batch N whose savings must repay the calibration (default: --variants)")
+    p.add_argument("--confirm", choices=["judge", "batch"], default="judge",
+                   help="judge: judged tries confirmed on held-out seeds before the batch; batch: no judged try, the "
+                        "rung the prior predicts (else a cold search's first rung), confirmed by the running audit, "
+                        "which leads the batch")
     p.add_argument("--fresh-seeds", type=FRESH_SEEDS, default=64,
                    help="seeds of the fresh-seed check (the chosen setting vs stock on seeds nothing else saw; 0: off)")
     add_paired_arguments(p)

@@ -54,7 +54,7 @@ from ..fragment.audit import FULL, AuditedBatch, AuditRule, audit_allowance, aud
 from ..fragment.build import describe_base
 from ..fragment.calibration import GOALS, Budget, lever_ladder
 from ..fragment.extract import calibrated_fragment, candidate_fragment
-from ..fragment.library.prior import PriorPlace
+from ..fragment.library.prior import PriorPlace, record_audit
 from ..fragment.schedule.apply import apply_schedule, fragment_schedule
 from ..fragment.schedule.state import ScheduleState
 from ..judge.audited_run import render_audited
@@ -95,6 +95,10 @@ class BenchTarget(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+#: How the chosen setting is confirmed: judged held-out seeds before the batch, or the batch's running audit.
+CONFIRMS = ("judge", "batch")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     variants: int = 32
@@ -111,6 +115,9 @@ class BenchConfig:
     audit_every: int | None = None  # the running audit: every k-th batch image (None: k from the cost model; 0: off)
     paired_units: int = 3  # paired timing of stock vs the chosen fragment: units (0: not run)
     paired_seeds: int = 4  # the batch seeds each paired unit renders with both
+    # "judge": judged tries, confirmed on held-out seeds; "batch": no try, the running audit confirms (see
+    # fragment.calibration's module docstring)
+    confirm: str = "judge"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,6 +132,11 @@ class BenchConfig:
         if self.audit_every is not None and (not isinstance(self.audit_every, int) or self.audit_every < 0):
             raise FragmentError(f"bench config audit_every: expected None (from the cost model) or an integer >= 0 "
                                 f"(0: no audit), found {self.audit_every!r}")
+        if self.confirm not in CONFIRMS:
+            raise FragmentError(f"bench config confirm: expected one of {', '.join(CONFIRMS)}, found {self.confirm!r}")
+        if self.confirm == "batch" and self.audit_every == 0:
+            raise FragmentError("bench config: confirm 'batch' moves the confirmation into the running audit; expected "
+                                "an audit (audit_every None or >= 1), found audit_every 0")
         for name in ("paired_units", "paired_seeds"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "paired_seeds" else 0):
@@ -176,7 +188,7 @@ def batch_phase(target: BenchTarget, fragment: Any, seeds: Sequence[int], device
 
 
 def audited_phase(target: BenchTarget, fragments: Sequence[Any], seeds: Sequence[int], device: torch.device, every: int,
-                  rule: AuditRule | None = None) -> tuple[AuditedBatch, dict[str, Any]]:
+                  rule: AuditRule | None = None, lead: int = 0) -> tuple[AuditedBatch, dict[str, Any]]:
     """The user's batch with the running audit: ``fragments[0]`` renders ``seeds``, every ``every``-th seed is also
     rendered by the full model and judged (``judge.audited_run.render_audited``); a failed audit moves to the next
     fragment, then to the full model.  Returns the batch and its timings: ``fragment_s``/``fragment_images`` (every
@@ -205,7 +217,7 @@ def audited_phase(target: BenchTarget, fragments: Sequence[Any], seeds: Sequence
     synchronize(device)
     started = time.perf_counter()
     batch = render_audited(target.unet, run, target.judge, list(fragments), list(seeds), every=every, rule=rule,
-                           on_render=on_render, block=AUDIT_BLOCK)
+                           on_render=on_render, block=AUDIT_BLOCK, lead=lead)
     synchronize(device)
     wall = time.perf_counter() - started
     (frag_s, frag_n), (full_s, full_n) = spent["fragment"], spent["full"]
@@ -214,12 +226,13 @@ def audited_phase(target: BenchTarget, fragments: Sequence[Any], seeds: Sequence
                    "reused_steps": list(reused)}
 
 
-def chosen_audit_every(config: BenchConfig, cal: Any, images: int) -> int:
+def chosen_audit_every(config: BenchConfig, cal: Any, images: int, lead: int = 0) -> int:
     """The running audit's interval for a batch of ``images`` fragment images: ``config.audit_every`` when set, else
     ``fragment.audit.audit_interval`` from the cost model: the raw ratio the calibration budgeted with, and what is
     left of what the batch can repay after the profile, the build and the calibration (``Budget.units`` less the
     calibration's own u), at most ``AUDIT_SHARE`` of the batch's saving (``fragment.audit.audit_allowance``).
-    0 when the calibration chose the full model.
+    0 when the calibration chose the full model.  With a ``lead`` (the first images all audited, already the fewest
+    that can switch) the interval is for what the allowance left after them.
 
     >>> chosen_audit_every(BenchConfig(audit_every=0), None, 20)
     0
@@ -231,7 +244,12 @@ def chosen_audit_every(config: BenchConfig, cal: Any, images: int) -> int:
     raw, units = cal.budget.raw_ratio, cal.budget.units
     if raw is None:  # no time budget (goal memory): the fewest audits that can switch
         return audit_interval(2.0, images, 0.0)
-    return audit_interval(raw, images, audit_allowance(raw, images, max((units or 0.0) - cal.units, 0.0)))
+    allowance = audit_allowance(raw, images, max((units or 0.0) - cal.units, 0.0))
+    if lead:
+        left = max(allowance - lead / raw, 0.0)
+        # no audit past the lead affordable: an interval of the whole batch audits the lead alone
+        return audit_interval(raw, images - lead, left, min_audits=1) if left * raw >= 1.0 else images
+    return audit_interval(raw, images, allowance)
 
 
 def fresh_check(target: BenchTarget, fragment: Any, seeds: Sequence[int]) -> dict[str, Any]:
@@ -367,7 +385,8 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
     chosen_fragment, cal = calibrated_fragment(
         evidence, unet, judge_fragment, base=base, name=f"bench-{target.name}", calibration_seeds=profile_seeds,
         holdout_seeds=holdout, goal=config.goal, budget=budget,
-        judge_name=target.describe().get("judge", "target judge"), prior=prior)
+        judge_name=target.describe().get("judge", "target judge"), prior=prior,
+        confirm_in_batch=config.confirm == "batch")
     calibrate_s = time.perf_counter() - started
     ledger.add("judged", calibrate_s, images=cal.images, delivered=cal.delivered)
     # Held-out seeds that no confirmation rendered are not delivered: the batch renders them.
@@ -380,13 +399,15 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
              "quality": None, "resident_unet_bytes": resident_bytes(unet)}]
     applied: list[int] = []
     ladder = lever_ladder(cal.chosen) if cal.chosen else []
-    every = chosen_audit_every(config, cal, len(rendered))
+    # a setting no judged try confirmed meets its confirmation first: the rule's fewest audits lead the batch
+    lead = AuditRule().min_audits if cal.status == "in_batch" and config.audit_every is None else 0
+    every = chosen_audit_every(config, cal, len(rendered), lead)
     audit: AuditedBatch | None = None
     for i, (label, candidate) in enumerate(ladder):
         fragment = candidate_fragment(evidence, unet, candidate, base=base, name="row")
         if i == len(ladder) - 1 and every > 0:
             # the user's batch: the chosen fragment (built as the calibration saved it) with the running audit
-            audit, at = audited_phase(target, [chosen_fragment], rendered, device, every)
+            audit, at = audited_phase(target, [chosen_fragment], rendered, device, every, lead=lead)
             kept = [j for j, s in enumerate(audit.setting) if s != FULL]  # the fragment's images the user keeps
             seconds, count = at["fragment_s"], at["fragment_images"]
             # an audited seed's full-model image is output (delivered); its fragment render and the comparison are
@@ -397,6 +418,8 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
             ok, quality = (target.judge(stock_rendered[kept], stack([audit.images[j] for j in kept])) if kept
                            else (None, None))
             applied = at["reused_steps"]
+            if prior is not None:  # the audit's verdict is a judged try: the next prompt starts from it
+                record_audit(prior, cal.chosen, audit, cal.judge)
         else:
             images, applied, seconds = batch_phase(target, fragment, rendered, device)
             count = len(rendered)

@@ -215,12 +215,15 @@ class AuditedBatch:
                 "records": [r.record() for r in self.records], "summary": self.summary()}
 
 
-def _segments(todo: list[int], every: int) -> list[tuple[list[int], int | None]]:
-    """Positions to render, cut so each piece ends at its audited position (the 1st, then every ``every``-th)."""
+def _segments(todo: list[int], every: int, lead: int = 0) -> list[tuple[list[int], int | None]]:
+    """Positions to render, cut so each piece ends at its audited position: the 1st and every ``every``-th, or the
+    first ``lead`` and every ``every``-th after the last of them."""
     if every <= 0:
         return [(todo, None)] if todo else []
     pieces, start = [], 0
-    for j in range(0, len(todo), every):
+    # after a lead, every ``every``-th image from the last one led
+    periodic = range(lead - 1 + every, len(todo), every) if lead > 0 else range(0, len(todo), every)
+    for j in sorted(set(range(min(lead, len(todo)))) | set(periodic)):
         pieces.append((todo[start:j + 1], todo[j]))
         start = j + 1
     if start < len(todo):
@@ -230,7 +233,8 @@ def _segments(todo: list[int], every: int) -> list[tuple[list[int], int | None]]
 
 def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_full: RenderFull, compare: Compare,
                 rule: AuditRule | None = None, fallbacks: Sequence[Any] = (), *, setting: Any, every: int,
-                given: Mapping[int, Any] | None = None, label: Callable[[Any], str] = str, block: int = 1) -> AuditedBatch:
+                given: Mapping[int, Any] | None = None, label: Callable[[Any], str] = str, block: int = 1,
+                lead: int = 0) -> AuditedBatch:
     """Render ``seeds`` with ``setting``, auditing the 1st and every ``every``-th rendered image; see the module docstring.
 
     ``render_fragment(setting, seeds)`` and ``render_full(seeds)`` return one image per seed
@@ -245,6 +249,10 @@ def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_fu
     when the rule switches inside a block, the images after the switch are rendered again with the next setting
     (a seed's image does not depend on its neighbours in a batch).
 
+    ``lead`` audits the first ``lead`` rendered images too: a setting no judged try confirmed (``calibrate``'s
+    ``confirm_in_batch``) meets its confirmation before the batch is made of it, so a bad one is switched away from
+    after ``AuditRule().min_audits`` images, not a third of the way in.
+
     >>> frag = lambda s, seeds: [10 * x + (1 if s == "bad" else 0) for x in seeds]
     >>> full = lambda seeds: [10 * x for x in seeds]
     >>> same = lambda a, b: (a == b, {"error": abs(a - b)})
@@ -255,6 +263,8 @@ def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_fu
     'audited 4 of 8: 1 passed, 3 failed; audit failed at image 5 (bad): rest on ok'
     >>> run_audited(range(8), frag, full, same, AuditRule(), ["ok"], setting="bad", every=2, block=8).images == b.images
     True
+    >>> run_audited(range(8), frag, full, same, AuditRule(), ["ok"], setting="bad", every=8, lead=3).switched_at
+    2
     """
     rule = rule or AuditRule()
     if every < 0:
@@ -271,7 +281,9 @@ def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_fu
     todo = [i for i, s in enumerate(seeds) if s not in given]
     batch = AuditedBatch(seeds, images, settings, given=len(seeds) - len(todo), every=every)
     step, failures, audits = 0, 0, 0  # the setting in use (chain index; len(chain) = the full model) and its tally
-    segments = _segments(todo, every)
+    if not isinstance(lead, int) or isinstance(lead, bool) or lead < 0:
+        raise FragmentError(f"audit: expected lead >= 0 (the first images all audited), found {lead!r}")
+    segments = _segments(todo, every, lead)
     full_images: dict[int, Any] = {}  # audited positions' full-model images, rendered once even when re-rendered after a switch
     audited_all = [a for _, a in segments if a is not None]
     if block > 1 and audited_all:

@@ -30,6 +30,14 @@ data out:
   what the unconditional pass adds), so for ``speed`` and ``both`` it is tried
   after the levers, latest cut-off first, with what is left of the budget: on
   top of the confirmed candidate, or on the full model when none was.
+* With ``confirm_in_batch`` the confirmation moves into the user's batch
+  (``fragment.audit``, the running audit) and no try is made: a warm start
+  picks the rung a prior predicts, a cold one the rung the search would have
+  started at (or the ``start`` a caller gives), with the weakest planned CFG
+  cut-off on top.  On the reference model 8 judged seeds per try cost 19-31 u
+  before a batch of 128, its audit about 8 u, and the audit's verdict is on
+  the batch's own seeds.  Status ``"in_batch"``: the caller must run the
+  audit, whose verdicts are the confirmation.
 
 Every try (candidate, phase, seeds, metrics, verdict, seconds, images) is kept
 for the manifest's ``quality.refinement`` block.  The judge is a callable, so
@@ -395,7 +403,7 @@ class Calibration:
 
     goal: str
     chosen: Candidate | None
-    status: str  # "passed" (confirmed on held-out seeds), or "fallback_full_model"
+    status: str  # "passed" (confirmed on held-out seeds), "in_batch" (the running audit confirms), or "fallback_full_model"
     calibration_seeds: list[int]
     holdout_seeds: list[int]
     budget: Budget
@@ -456,6 +464,7 @@ def calibrate(
     holdout_reference_images: int | None = None,
     images_per_seed: int = 1,
     confirm_only: bool = False,
+    confirm_in_batch: bool = False,
 ) -> Calibration:
     """The strongest candidate of ``ladder`` that passes ``judge`` on both seed sets, within ``budget``.
 
@@ -465,6 +474,7 @@ def calibrate(
     before the first confirmation.  With ``confirm_only`` (a warm ``start`` from a prior,
     ``fragment.library.prior``), a pass at ``start`` goes straight to confirmation instead of probing
     stronger rungs; a fail there searches weaker, and its first pass ends the search.
+    With ``confirm_in_batch`` the running audit of the batch confirms instead (see the module docstring).
 
     >>> ladder = [Candidate({"heads": h}, level=h) for h in (0.5, 0.4, 0.3, 0.2, 0.1)]
     >>> fair = lambda c, seeds: Judgement(c.amount("heads") <= 0.3, slack=(0.3 - c.amount("heads")) / 0.3)
@@ -473,6 +483,10 @@ def calibrate(
     ('passed', 'heads 30%', [('calibration', 0.2), ('calibration', 0.4), ('calibration', 0.3), ('holdout', 0.3)])
     >>> calibrate(ladder, lambda c, s: Judgement(False), calibration_seeds=[0], holdout_seeds=[1]).chosen is None
     True
+    >>> warm = calibrate(ladder, fair, calibration_seeds=[0, 1], holdout_seeds=[7], goal="memory", start=3,
+    ...                  confirm_only=True, confirm_in_batch=True)
+    >>> warm.status, warm.chosen.label, warm.tries
+    ('in_batch', 'heads 20%', [])
     """
     goal_levers(goal)
     calibration_seeds, holdout_seeds = list(calibration_seeds), list(holdout_seeds)
@@ -536,6 +550,8 @@ def calibrate(
         return verdict
 
     order = list(ladder)
+    if confirm_in_batch:
+        return _in_batch(cal, order, start, confirm_only, cfg_cutoffs, started=started)
     passing = _search(order, lambda i: attempt(order[i], "calibration"), start, confirm_only=confirm_only and start is not None)
     # Confirm on held-out seeds, strongest calibration pass first; a failure there steps one rung weaker.
     index = passing
@@ -579,6 +595,29 @@ def calibrate(
     log.info("calibration (%s): %s after %d tries, %d images, %.2f u, %.1f s", goal,
              cal.chosen.label if cal.chosen else f"full model ({cal.reason})", len(cal.tries), cal.images, cal.units,
              cal.seconds)
+    return cal
+
+
+def _in_batch(cal: Calibration, order: Sequence[Candidate], start: int | None, warm: bool,
+              cfg_cutoffs: Sequence[float], *, started: float) -> Calibration:
+    """``calibrate``'s choice when the running audit confirms in the batch (``confirm_in_batch``): no try."""
+    pick: int | None = None
+    if order:
+        pick = min(max(start, 0), len(order) - 1) if start is not None else (3 * len(order)) // 5
+    why = ("the prior's predicted rung" if warm and start is not None else
+           "the rung below the earlier prompts' failures" if start is not None else
+           "the rung a cold search starts at (below the middle, likelier to pass)")
+    cutoff = min(cfg_cutoffs) if cfg_cutoffs and cal.goal in ("speed", "both") else None
+    if pick is None and cutoff is None:
+        cal.reason = "no lever candidate to try: none saves enough within a damage level"
+    else:
+        chosen = order[pick] if pick is not None else Candidate()
+        cal.chosen = chosen.with_levers(cfg_cutoff=float(cutoff)) if cutoff is not None else chosen
+        cal.status = "in_batch"
+        cal.reason = f"{why}, untried; the running audit confirms it in the batch"
+    cal.seconds = time.perf_counter() - started
+    log.info("calibration (%s, confirmed in the batch): %s", cal.goal,
+             cal.chosen.label if cal.chosen else f"full model ({cal.reason})")
     return cal
 
 

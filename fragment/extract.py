@@ -156,6 +156,7 @@ def calibrated_fragment(
     holdout_reference_images: int | None = None,
     images_per_seed: int = 1,
     prior: PriorPlace | None = None,
+    confirm_in_batch: bool = False,
 ) -> tuple[Fragment | None, Calibration]:
     """Score, predict, and judge candidates until the strongest that passes both seed sets is found.
 
@@ -166,7 +167,8 @@ def calibrated_fragment(
     The head scores are computed once (``evidence`` keeps them), however many candidates are built.
     With ``prior`` (``fragment.library.prior.PriorPlace``) the search starts where earlier prompts on the same
     model configuration predict a pass and only confirms it (warm; cold when the prior has nothing), and the
-    profile and the judged tries are recorded into that prior.
+    profile and the judged tries are recorded into that prior.  With ``confirm_in_batch`` the running audit of the
+    user's batch confirms the choice (``calibrate``'s status ``"in_batch"``): the caller must audit the batch.
 
     >>> frag, cal = calibrated_fragment(evidence, unet, judge, base=base, name="dog",  # doctest: +SKIP
     ...                                 calibration_seeds=range(8), holdout_seeds=[100, 101], goal="speed")
@@ -192,7 +194,7 @@ def calibrated_fragment(
 
     run = dict(calibration_seeds=calibration_seeds, holdout_seeds=holdout_seeds, budget=budget, goal=goal,
                judge_name=judge_name, holdout_reference_images=holdout_reference_images, images_per_seed=images_per_seed,
-               cfg_cutoffs=cutoffs)
+               cfg_cutoffs=cutoffs, confirm_in_batch=confirm_in_batch)
     if prior is None:
         cal = calibrate(ladder, judge, **run)
     else:
@@ -200,7 +202,8 @@ def calibrated_fragment(
                                    evidence=evidence, **run)
     if cal.chosen is None:
         return None, cal
-    return record_calibration(passed[cal.chosen], cal), cal
+    # an in-batch pick may be untried: built here, once (a judged pass was built by its try)
+    return record_calibration(passed.get(cal.chosen) or build(cal.chosen), cal), cal
 
 
 def record_calibration(fragment: Fragment, cal: Calibration) -> Fragment:

@@ -16,7 +16,9 @@ from prompt_fragments.bench.coldwarm import format_cold_warm
 from prompt_fragments.cli import main
 from prompt_fragments.defaults import DEFAULT_PROMPT
 from prompt_fragments.fragment.format.hashing import sha256_file
-from prompt_fragments.fragment.library.prior import PriorKey, load_prior, priors_dir
+from prompt_fragments.bench.batch import BenchConfig
+from prompt_fragments.errors import FragmentError
+from prompt_fragments.fragment.library.prior import PriorKey, load_prior, priors_dir, prompt_digest
 from prompt_fragments.reference.model import WEIGHTS_FILE
 from prompt_fragments.reference.sampling import DEFAULT_GUIDANCE
 
@@ -47,7 +49,10 @@ def test_bench_batch_cold_then_warm_with_the_audit(tmp_path, capsys) -> None:
     key = PriorKey(sha256_file(WEIGHTS_FILE), "ddim", "trailing", STEPS, 32, DEFAULT_GUIDANCE)
     assert (priors_dir(prior_dir) / key.file_name).is_file() and data["key"] == key.to_dict()
     prior = load_prior(prior_dir, key)
-    assert len(prior.prompts) == 2 and len(prior.tries) == cold["tries"] + warm["tries"] == data["prior"]["tries"]
+    # each calibration's tries, and each batch's running audit as one more try (phase "audit")
+    audits = sum(1 for report in data["reports"] if report["audit"] and report["audit"]["audited"])
+    assert len(prior.prompts) == 2 and len(prior.tries) == cold["tries"] + warm["tries"] + audits == data["prior"]["tries"]
+    assert sum(t["phase"] == "audit" for t in prior.tries) == audits
     # exactly keyed: another step count or another sampler is a miss (a calibration there starts cold)
     assert load_prior(prior_dir, dataclasses.replace(key, steps=STEPS + 1)) is None
     assert load_prior(prior_dir, dataclasses.replace(key, sampler="euler")) is None
@@ -71,6 +76,42 @@ def test_bench_batch_cold_then_warm_with_the_audit(tmp_path, capsys) -> None:
     lines = table.splitlines()
     assert lines[2].startswith("cold") and lines[3].split()[0] in ("warm", "cold")
     assert f"audit: {data['rows'][1]['audit']}" in table and printed.count("batch bench:") == 2
+
+
+def test_bench_batch_confirmed_in_the_batch(tmp_path, capsys) -> None:
+    out, prior_dir = tmp_path / "bench.json", tmp_path / "fragments"
+    # a budget no judged try fits (the batch of 10 repays little): the calibration picks untried, the audit confirms
+    code = main(["bench", "batch", "--model", "reference", "--variants", "10", "--steps", str(STEPS),
+                 "--profile-seeds", "2", "--holdout", "2", "--fresh-seeds", "1", "--no-lpips", "--confirm", "batch",
+                 "--prompt", DEFAULT_PROMPT, "--prompt", SECOND, "--prior-dir", str(prior_dir), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    data = json.loads(out.read_text())
+    key = PriorKey(sha256_file(WEIGHTS_FILE), "ddim", "trailing", STEPS, 32, DEFAULT_GUIDANCE)
+    prior = load_prior(prior_dir, key)
+    for i, report in enumerate(data["reports"]):
+        cal = report["calibration"]
+        assert report["config"]["confirm"] == "batch"
+        assert all(t["phase"] == "calibration" for t in cal["tries"]) and cal["cost"]["delivered"] == 0
+        if cal["chosen"] is None:
+            assert report["audit"] is None
+            continue
+        assert cal["status"] == "in_batch" and "the running audit confirms it in the batch" in cal["reason"]
+        # no held-out confirmation was rendered: the held-out seeds are the batch's, and the audit leads it
+        assert report["rendered_seeds"] == 10 - 2
+        audit = report["audit"]
+        assert [r["index"] for r in audit["records"]][:3] == [0, 1, 2][:len(audit["records"])]
+        assert len(audit["records"]) >= min(3, report["rendered_seeds"])
+        # its verdict is in the prior, for this prompt
+        mine = [t for t in prior.tries if t["phase"] == "audit" and t["prompt"] == prompt_digest([DEFAULT_PROMPT, SECOND][i])]
+        assert mine and mine[0]["passed"] == (audit["switched_at"] is None)
+        if i == 1 and cal["start"] == "warm (prior)":
+            assert cal["tries"] == []  # warm: only the audit confirms
+    assert "calibration (in_batch" in printed
+    with pytest.raises(FragmentError, match="confirm 'batch' moves the confirmation into the running audit"):
+        BenchConfig(confirm="batch", audit_every=0)
+    with pytest.raises(FragmentError, match="confirm: expected one of judge, batch, found 'maybe'"):
+        BenchConfig(confirm="maybe")
 
 
 def test_bench_batch_audit_off(tmp_path, capsys) -> None:

@@ -10,7 +10,9 @@ prompt and seed.  So the prior keeps both halves, per :class:`PriorKey`
   over the prompts that contributed, and
 * every judged try of every calibration (the candidate's lever amounts, reuse
   depth and damage level, phase, verdict, slack, seed count, the judge's name,
-  and a digest of the prompt, never the prompt itself).
+  and a digest of the prompt, never the prompt itself), the running audits'
+  verdicts included (``record_audit``: a batch confirmed in itself is a judged
+  try too, so a prompt calibrated with no try up front still teaches the next).
 
 :meth:`Prior.suggest` turns the judged tries into the ladder rung a new prompt
 starts at, from the tries of the same judge only (a latent judge's slack says
@@ -57,6 +59,8 @@ MAX_DEPTHS = 32
 # The smallest slack a rung must be predicted to keep: the same margin the calibration's own search aims at.
 MARGIN = 0.05
 _TEXT = 256  # longest sampler, scheduler, label or phase string kept
+# where a judged try was made: the calibration's two seed sets, or the running audit of a batch (``record_audit``)
+PHASES = ("calibration", "holdout", "audit")
 
 
 def resolution_bucket(width: int, height: int) -> tuple[int, int]:
@@ -180,7 +184,8 @@ class Prior:
         its tries' slack, fitted against log level as the calibration's search fits it, decides (a rung
         predicted inside ``margin`` of the gate is not a pass).  Nothing is extrapolated beyond a prompt's
         judged range: a rung weaker than anything it tried is unknown unless it passed something stronger.
-        CFG cut-off tries are left out (the cut-off is not on the damage axis).  ``exclude`` leaves one
+        CFG cut-off tries are left out (the cut-off is not on the damage axis; :meth:`cfg_plan` reads them), except
+        the running audit's, which judged their rung with its cut-off on top.  ``exclude`` leaves one
         prompt digest out (the leave-one-out bench).  ``judge`` keeps only the tries that judge made (tries
         written before the prior kept its judge have none, and count only when ``judge`` is ``None``).
 
@@ -193,7 +198,10 @@ class Prior:
         """
         by_prompt: dict[str, list[dict[str, Any]]] = {}
         for t in self.tries:
-            if not t["cfg"] and t["level"] > 0 and t["prompt"] != exclude and (judge is None or t.get("judge") == judge):
+            # an audit judged its rung with the cut-off on top: a pass also passes the rung alone, and a fail blamed
+            # on the rung only moves the next prompt to a weaker one (the safe side)
+            if ((not t["cfg"] or t["phase"] == "audit") and t["level"] > 0 and t["prompt"] != exclude
+                    and (judge is None or t.get("judge") == judge)):
                 by_prompt.setdefault(t["prompt"], []).append(t)
         if not by_prompt:
             return [None] * len(ladder)
@@ -210,6 +218,51 @@ class Prior:
         tries of ``judge``), or ``None`` when the prior predicts none (the caller then searches cold)."""
         return next((i for i, ok in enumerate(self.predict(ladder, margin=margin, exclude=exclude, judge=judge)) if ok),
                     None)
+
+    def start(self, ladder: Sequence[Any], *, judge: str | None = None) -> tuple[int | None, bool]:
+        """Where a new prompt starts on ``ladder`` and whether that is warm: the strongest rung predicted to pass
+        (``suggest``: warm), else, when earlier prompts failed rungs, the first rung at or below a cold search's
+        start (3/5 down the ladder) not predicted to fail (cold, but not where they failed), else ``(None, False)``.
+
+        >>> p = Prior(PriorKey("ab" * 32, "ddim", "trailing", 25, 32, 7.5), tries=[{"prompt": "p1", "phase":
+        ...     "audit", "level": 0.3, "passed": False, "slack": None, "cfg": True, "judge": "j"}])
+        >>> class Rung:
+        ...     def __init__(self, level): self.level = level
+        >>> p.start([Rung(x) for x in (0.6, 0.45, 0.35, 0.3, 0.2)], judge="j")
+        (4, False)
+        """
+        verdicts = self.predict(ladder, judge=judge)
+        warm = next((i for i, ok in enumerate(verdicts) if ok), None)
+        if warm is not None:
+            return warm, True
+        if False not in verdicts:
+            return None, False
+        cold = next((i for i in range((3 * len(ladder)) // 5, len(ladder)) if verdicts[i] is not False), None)
+        return (cold, False) if cold is not None else (len(ladder) - 1, False)
+
+    def cfg_plan(self, planned: Sequence[float], *, judge: str | None = None) -> tuple[float, ...]:
+        """The planned CFG cut-offs (latest first) that no earlier prompt contradicts: a cut-off stays when every
+        prompt with CFG tries of ``judge`` passed one at least as late and failed none at or before it.  No CFG
+        tries at all: ``planned`` unchanged.
+
+        >>> p = Prior(PriorKey("ab" * 32, "ddim", "trailing", 25, 32, 7.5), tries=[
+        ...     {"prompt": "p1", "phase": "holdout", "level": 0.3, "passed": True, "cfg": True, "levers": {"cfg_cutoff": 350.0}},
+        ...     {"prompt": "p1", "phase": "calibration", "level": 0.3, "passed": False, "cfg": True, "levers": {"cfg_cutoff": 500.0}}])
+        >>> p.cfg_plan((500.0, 350.0, 200.0)), p.cfg_plan((650.0,))
+        ((350.0, 200.0), ())
+        """
+        by_prompt: dict[str, list[tuple[float, bool]]] = {}
+        for t in self.tries:
+            cutoff = (t.get("levers") or {}).get("cfg_cutoff")
+            if t["cfg"] and isinstance(cutoff, (int, float)) and (judge is None or t.get("judge") == judge):
+                by_prompt.setdefault(t["prompt"], []).append((float(cutoff), bool(t["passed"])))
+        if not by_prompt:
+            return tuple(planned)
+
+        def holds(cutoff: float) -> bool:
+            return all(any(ok and c >= cutoff for c, ok in tries) and not any(not ok and c <= cutoff for c, ok in tries)
+                       for tries in by_prompt.values())
+        return tuple(float(c) for c in planned if holds(float(c)))
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "key": self.key.to_dict(), "profiles": self.profiles,
@@ -358,6 +411,10 @@ def _from_dict(data: Any, source: str) -> Prior:
 _TRY_FIELDS = {"prompt", "phase", "label", "levers", "reuse_skips", "level", "cfg", "passed", "slack", "seeds"}
 
 
+def _bad_try(where: str, expected: str, found: Any) -> FragmentError:
+    return FragmentError(f"{where}: expected {expected}, found {str(found)[:80]!r}")
+
+
 def _checked_try(t: Any, where: str, bad: Any) -> dict[str, Any]:
     # "judge" is optional: tries written before the prior kept the judge's name are still read
     if not isinstance(t, dict) or set(t) not in (_TRY_FIELDS, _TRY_FIELDS | {"judge"}):
@@ -370,7 +427,7 @@ def _checked_try(t: Any, where: str, bad: Any) -> dict[str, Any]:
 
     checks = (
         ("prompt", isinstance(t["prompt"], str) and len(t["prompt"]) == 16, "a 16-digit prompt digest"),
-        ("phase", t["phase"] in ("calibration", "holdout"), "'calibration' or 'holdout'"),
+        ("phase", t["phase"] in PHASES, "'calibration', 'holdout' or 'audit'"),
         ("label", isinstance(t["label"], str) and len(t["label"]) <= _TEXT, f"a label of at most {_TEXT} characters"),
         ("levers", isinstance(t["levers"], dict) and len(t["levers"]) <= 32
          and all(isinstance(k, str) and len(k) <= 64 and (number(v) or isinstance(v, bool)) for k, v in t["levers"].items()),
@@ -435,9 +492,10 @@ def _mean(old: list[float | None], n: int, new: Sequence[float | None]) -> list[
 
 
 def update_prior(directory: str | os.PathLike, key: PriorKey, *, evidence: Any = None, calibration: Any = None,
-                 prompt: str = "") -> Prior:
+                 prompt: str = "", tries: Sequence[Mapping[str, Any]] = ()) -> Prior:
     """Add a profile's curves (``evidence``: a ``ProfileEvidence``) and a calibration's judged tries
-    (``calibration``: a ``fragment.calibration.Calibration``) to the prior of ``key``; return the new prior.
+    (``calibration``: a ``fragment.calibration.Calibration``), and ``tries`` already in the prior's form
+    (``audit_tries``), to the prior of ``key``; return the new prior.
 
     Read, merge and write happen under the library's lock, so two writers never lose each other's tries.
     An unreadable existing prior is an error, not a reason to start over: it is the user's data.
@@ -465,8 +523,9 @@ def update_prior(directory: str | os.PathLike, key: PriorKey, *, evidence: Any =
                 prior.depths[int(skips)] = {"changes": _mean(old["changes"], old["runs"], list(depth.changes)),
                                             "cost": None if cost is None else min(1.0, max(0.0, float(cost))),
                                             "runs": old["runs"] + 1}
-        if calibration is not None:
-            prior.tries.extend(judged_tries(calibration, digest))
+        if calibration is not None or tries:
+            prior.tries.extend(judged_tries(calibration, digest) if calibration is not None else [])
+            prior.tries.extend(_checked_try(dict(t), f"prior {key.name}: new try", _bad_try) for t in tries)
             prior.tries = prior.tries[-MAX_TRIES:]
         write_prior(directory, prior)
     log.info("prior %s: %d profiles, %d judged tries over %d prompts", key.name, prior.profiles, len(prior.tries),
@@ -476,18 +535,21 @@ def update_prior(directory: str | os.PathLike, key: PriorKey, *, evidence: Any =
 
 def judged_tries(calibration: Any, digest: str) -> list[dict[str, Any]]:
     """A calibration's tries as the prior keeps them (``Calibration.tries``: phase, candidate, seeds, verdict)."""
-    out = []
-    for t in calibration.tries:
-        cand = t["candidate"]
-        levers = {k: v for k, v in cand.items() if k not in ("reuse_skips", "level", "label")
-                  and (isinstance(v, bool) or (isinstance(v, (int, float)) and math.isfinite(v))) and v}
-        slack = t.get("slack")
-        out.append({"prompt": digest, "phase": t["phase"], "label": str(cand.get("label", ""))[:_TEXT], "levers": levers,
-                    "reuse_skips": cand.get("reuse_skips"), "level": float(cand.get("level") or 0.0),
-                    "cfg": bool(cand.get("cfg_cutoff")), "passed": bool(t["passed"]),
-                    "slack": None if slack is None or not math.isfinite(slack) else float(slack),
-                    "seeds": len(t.get("seeds", ())), "judge": str(getattr(calibration, "judge", ""))[:_TEXT]})
-    return out
+    judge = str(getattr(calibration, "judge", ""))
+    return [_kept_try(t["candidate"], digest, t["phase"], bool(t["passed"]), t.get("slack"), len(t.get("seeds", ())),
+                      judge) for t in calibration.tries]
+
+
+def _kept_try(cand: Mapping[str, Any], digest: str, phase: str, passed: bool, slack: float | None, seeds: int,
+              judge: str) -> dict[str, Any]:
+    """One try as the prior keeps it, from a candidate's ``to_dict`` and the verdict."""
+    levers = {k: v for k, v in cand.items() if k not in ("reuse_skips", "level", "label")
+              and (isinstance(v, bool) or (isinstance(v, (int, float)) and math.isfinite(v))) and v}
+    return {"prompt": digest, "phase": phase, "label": str(cand.get("label", ""))[:_TEXT], "levers": levers,
+            "reuse_skips": cand.get("reuse_skips"), "level": float(cand.get("level") or 0.0),
+            "cfg": bool(cand.get("cfg_cutoff")), "passed": passed,
+            "slack": None if slack is None or not math.isfinite(slack) else float(slack), "seeds": seeds,
+            "judge": judge[:_TEXT]}
 
 
 def warm_start(directory: str | os.PathLike, key: PriorKey, ladder: Sequence[Any], judge: str | None = None) -> int | None:
@@ -507,6 +569,45 @@ def warm_start(directory: str | os.PathLike, key: PriorKey, ladder: Sequence[Any
         log.warning("prior %s not used: %s", key.name, exc)
         return None
     return prior.suggest(ladder, judge=judge) if prior is not None else None
+
+
+def audit_tries(candidate: Any, batch: Any, digest: str, judge: str) -> list[dict[str, Any]]:
+    """A running audit's verdict on ``candidate`` (``fragment.calibration.Candidate``, the batch's first setting) as
+    the prior keeps a try: one try, passed unless the audit switched away from it, over its audited seeds (``batch``:
+    ``fragment.audit.AuditedBatch``).  No audit (``batch`` None or without records): no try.
+
+    >>> from prompt_fragments.fragment.audit import AuditedBatch, AuditRecord
+    >>> from prompt_fragments.fragment.calibration import Candidate
+    >>> c = Candidate({"heads": 0.2}, level=0.2)
+    >>> b = AuditedBatch([1, 2, 3], [0] * 3, ["x"] * 3, [AuditRecord(1, 0, c.label, True, {})])
+    >>> [(t["phase"], t["passed"], t["seeds"]) for t in audit_tries(c, b, "ab" * 8, "j")]
+    [('audit', True, 1)]
+    """
+    if candidate is None or batch is None or not batch.records:
+        return []
+    label = batch.records[0].setting  # the first image is always audited, on the batch's first setting: candidate's
+    audits = [r for r in batch.records if r.setting == label]
+    if not audits:
+        return []
+    switched = any(old == label for _, old, _ in batch.switches)
+    return [_kept_try(candidate.to_dict(), digest, "audit", not switched, None, len(audits), str(judge))]
+
+
+def record_audit(place: "PriorPlace", candidate: Any, batch: Any, judge: str) -> Prior | None:
+    """Add a batch's running-audit verdict on ``candidate`` to the prior at ``place`` (``audit_tries``), so the next
+    prompt on this model configuration starts from it; a prior that cannot be written is logged, not raised (the
+    batch stands).  Returns the updated prior (``None``: nothing recorded).
+
+    >>> record_audit(PriorPlace(tempfile.mkdtemp(), key, "a red circle"), chosen, batch, "quality gate")  # doctest: +SKIP
+    """
+    tries = audit_tries(candidate, batch, prompt_digest(place.prompt), judge)
+    if not tries:
+        return None
+    try:
+        return update_prior(place.directory, place.key, prompt=place.prompt, tries=tries)
+    except FragmentError as exc:
+        log.warning("prior %s: the audit's verdict was not recorded: %s", place.key.name, exc)
+        return None
 
 
 @dataclass(frozen=True)
@@ -536,6 +637,7 @@ def calibrate_with_prior(ladder: Sequence[Any], judge: Any, *, directory: str | 
     (0.3, 0.3, 3, 2)
     """
     warnings: list[str] = []
+    in_batch = bool(calibrate_kwargs.get("confirm_in_batch"))
     try:
         prior = load_prior(directory, key)
     except FragmentError as exc:  # ReadError included: a warm start is an optimisation, the calibration still judges
@@ -548,8 +650,14 @@ def calibrate_with_prior(ladder: Sequence[Any], judge: Any, *, directory: str | 
         prior = None
     # calibrate's own default name, so a caller that names no judge still meets its own earlier tries
     judge_name = calibrate_kwargs.get("judge_name", "judge")
-    start = prior.suggest(ladder, judge=judge_name[:_TEXT]) if prior is not None else None
-    cal = calibrate(ladder, judge, start=start, confirm_only=start is not None, **calibrate_kwargs)
+    start, warm = prior.start(ladder, judge=judge_name[:_TEXT]) if prior is not None else (None, False)
+    if not in_batch and not warm:
+        start = None  # a judged cold search finds the failing rungs itself, from its usual start
+    if in_batch and prior is not None and calibrate_kwargs.get("cfg_cutoffs"):
+        # no CFG try is made up front: only a cut-off that no earlier prompt contradicts rides on the pick
+        calibrate_kwargs = {**calibrate_kwargs,
+                            "cfg_cutoffs": prior.cfg_plan(calibrate_kwargs["cfg_cutoffs"], judge=judge_name[:_TEXT])}
+    cal = calibrate(ladder, judge, start=start, confirm_only=warm, **calibrate_kwargs)
     cal.prior, cal.prior_prompts = key.name, len(prior.prompts) if prior is not None else 0
     cal.warnings.extend(warnings)
     if warnings:  # never over the user's file: update_prior would refuse it anyway

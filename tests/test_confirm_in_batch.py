@@ -1,0 +1,165 @@
+"""Tier 1: the confirmation moved into the batch (issue #26: judging inside the batch, a warm start that only
+confirms, the audit's verdict kept by the prior).
+
+``calibrate(..., confirm_in_batch=True)`` makes no held-out try and no CFG try; a warm start makes no try at all;
+the running audit leads the batch with the rule's fewest audits, and its verdict goes into the prior, which moves
+the next prompt's start.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from prompt_fragments.errors import FragmentError
+from prompt_fragments.fragment.audit import FULL, AuditedBatch, AuditRecord, AuditRule, run_audited
+from prompt_fragments.fragment.calibration import Budget, Candidate, Judgement, calibrate
+from prompt_fragments.fragment.library.prior import (PriorKey, PriorPlace, audit_tries, calibrate_with_prior,
+                                                      load_prior, priors_dir, prompt_digest, record_audit)
+
+KEY = PriorKey("cd" * 32, "ddim", "trailing", 25, 64, 3.0)
+LEVELS = (0.6, 0.45, 0.35, 0.27, 0.2, 0.15, 0.11, 0.08)
+LADDER = [Candidate({"step_reuse": level}, level=level) for level in LEVELS]
+JUDGE = "toy gate"
+
+
+def counting_judge(limit: float):
+    """Passes a candidate whose level is at most ``limit``; records every (label, seeds) it judged."""
+    calls: list[tuple[str, list[int]]] = []
+
+    def judge(candidate: Candidate, seeds) -> Judgement:
+        calls.append((candidate.label, list(seeds)))
+        return Judgement(candidate.level <= limit, slack=(limit - candidate.level) / limit)
+    return judge, calls
+
+
+def test_a_warm_start_confirmed_in_the_batch_makes_no_try_and_carries_the_weakest_cut_off() -> None:
+    judge, calls = counting_judge(0.3)
+    cal = calibrate(LADDER, judge, calibration_seeds=[0, 1], holdout_seeds=[9], goal="speed", start=2,
+                    confirm_only=True, confirm_in_batch=True, cfg_cutoffs=(500.0, 350.0, 200.0))
+    assert calls == [] and cal.tries == [] and cal.units == 0.0 and cal.delivered == 0
+    assert cal.status == "in_batch" and cal.warm_start == 2
+    assert cal.chosen.level == 0.35 and cal.chosen.levers["cfg_cutoff"] == 200.0
+    assert "the running audit confirms it in the batch" in cal.reason
+    assert cal.record()["start"] == "warm (prior)" and cal.record()["chosen"]["cfg_cutoff"] == 200.0
+
+
+def test_a_cold_start_in_batch_picks_the_search_start_untried_whatever_the_budget() -> None:
+    judge, calls = counting_judge(0.3)
+    for budget in (Budget.for_batch(32, 2.0, spent_u=15.0), Budget(images=48)):
+        cal = calibrate(LADDER, judge, calibration_seeds=[0, 1], holdout_seeds=[9], goal="memory", budget=budget,
+                        confirm_in_batch=True)
+        assert calls == [] and cal.tries == [] and cal.status == "in_batch" and cal.warm_start is None
+        assert cal.chosen == LADDER[(3 * len(LADDER)) // 5] and "untried" in cal.reason
+    # a caller's start (below earlier prompts' failures) is where a cold pick lands
+    cal = calibrate(LADDER, judge, calibration_seeds=[0], holdout_seeds=[9], goal="memory", start=6,
+                    confirm_in_batch=True)
+    assert cal.chosen == LADDER[6] and cal.warm_start is None and "below the earlier prompts' failures" in cal.reason
+    # the judged path, on the tight budget, keeps the full model
+    judged = calibrate(LADDER, judge, calibration_seeds=[0, 1], holdout_seeds=[9], goal="memory",
+                       budget=Budget.for_batch(32, 2.0, spent_u=15.0))
+    assert judged.chosen is None and judged.reason.startswith("budget spent before the first try")
+
+
+def test_no_ladder_in_batch_is_the_cut_off_on_the_full_model_or_nothing() -> None:
+    judge, _ = counting_judge(0.3)
+    cal = calibrate([], judge, calibration_seeds=[0], holdout_seeds=[9], goal="speed", confirm_in_batch=True,
+                    cfg_cutoffs=(500.0, 200.0))
+    assert cal.status == "in_batch" and cal.chosen.levers == {"cfg_cutoff": 200.0}
+    none = calibrate([], judge, calibration_seeds=[0], holdout_seeds=[9], goal="memory", confirm_in_batch=True)
+    assert none.chosen is None and none.status == "fallback_full_model" and none.reason.startswith("no lever candidate")
+
+
+def batch_of(label: str, verdicts: list[bool], switched: bool) -> AuditedBatch:
+    records = [AuditRecord(100 + i, i, label, ok, {"ssim": 0.9}) for i, ok in enumerate(verdicts)]
+    switches = [(len(verdicts) - 1, label, FULL)] if switched else []
+    return AuditedBatch(list(range(100, 132)), [None] * 32, [label] * 32, records, switches)
+
+
+def test_the_audit_verdict_is_a_judged_try_that_moves_the_next_prompts_start(tmp_path) -> None:
+    chosen = LADDER[2].with_levers(cfg_cutoff=350.0)
+    place = PriorPlace(tmp_path, KEY, "a red circle")
+    # a failed audit (switched to the full model) is a failing try at the rung's level, cut-off included
+    prior = record_audit(place, chosen, batch_of("frag", [False] * 3, switched=True), JUDGE)
+    assert prior is not None and len(prior.tries) == 1
+    (t,) = prior.tries
+    assert (t["phase"], t["passed"], t["level"], t["cfg"], t["seeds"], t["prompt"]) == \
+        ("audit", False, 0.35, True, 3, prompt_digest("a red circle"))
+    assert t["levers"]["cfg_cutoff"] == 350.0 and t["judge"] == JUDGE
+    # read back from disk: the audit phase is a valid try of the prior's schema
+    again = load_prior(tmp_path, KEY)
+    assert again.tries == prior.tries
+    # the next prompt starts below the failed level, cold, and without the failed cut-off
+    start, warm = again.start(LADDER, judge=JUDGE)
+    assert not warm and LADDER[start].level < 0.35
+    assert again.cfg_plan((500.0, 350.0, 200.0), judge=JUDGE) == ()
+    # a second prompt passes its audit at 0.2: the first prompt, which only failed at 0.35, says nothing about 0.2
+    # (the prior never extrapolates), so the start stays cold there, and neither cut-off holds for both prompts
+    record_audit(PriorPlace(tmp_path, KEY, "a blue square"), LADDER[4].with_levers(cfg_cutoff=200.0),
+                 batch_of("frag", [True, True, True], switched=False), JUDGE)
+    after = load_prior(tmp_path, KEY)
+    assert after.start(LADDER, judge=JUDGE) == (4, False)
+    assert after.cfg_plan((500.0, 350.0, 200.0), judge=JUDGE) == ()
+    # another judge's audits say nothing to this one
+    assert after.start(LADDER, judge="decoded SSIM") == (None, False)
+
+
+def test_no_audit_records_no_try_and_a_hostile_try_is_refused(tmp_path) -> None:
+    place = PriorPlace(tmp_path, KEY, "a red circle")
+    assert audit_tries(LADDER[0], None, "ab" * 8, JUDGE) == []
+    assert record_audit(place, LADDER[0], AuditedBatch([1], [None], ["x"]), JUDGE) is None
+    assert not priors_dir(tmp_path).exists()
+    record_audit(place, LADDER[0], batch_of("frag", [True] * 3, switched=False), JUDGE)
+    path = priors_dir(tmp_path) / KEY.file_name
+    data = json.loads(path.read_text())
+    data["tries"][0]["phase"] = "guess"
+    path.write_text(json.dumps(data))
+    with pytest.raises(FragmentError, match=r"tries\[0\]\.phase: expected 'calibration', 'holdout' or 'audit'"):
+        load_prior(tmp_path, KEY)
+
+
+def test_calibrate_with_prior_in_batch_goes_warm_after_a_passed_audit(tmp_path) -> None:
+    judge, calls = counting_judge(0.3)
+    run = dict(directory=tmp_path, key=KEY, calibration_seeds=[0, 1], holdout_seeds=[9], goal="speed",
+               judge_name=JUDGE, confirm_in_batch=True, cfg_cutoffs=(500.0, 200.0))
+    first = calibrate_with_prior(LADDER, judge, prompt="a red circle", **run)
+    assert first.warm_start is None and first.chosen.level == 0.2 and first.chosen.levers["cfg_cutoff"] == 200.0
+    assert calls == [] and first.tries == []
+    record_audit(PriorPlace(tmp_path, KEY, "a red circle"), first.chosen,
+                 batch_of("frag", [True] * 3, switched=False), JUDGE)
+    second = calibrate_with_prior(LADDER, judge, prompt="a blue square", **run)
+    assert calls == [] and second.tries == []
+    assert second.status == "in_batch" and second.warm_start == 4 and second.record()["start"] == "warm (prior)"
+    assert second.chosen.level == 0.2 and second.chosen.levers["cfg_cutoff"] == 200.0
+
+
+def full_image(seed: int) -> torch.Tensor:
+    return torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_lead_audits_the_first_images_and_switches_before_the_batch_is_made_of_a_bad_setting() -> None:
+    seeds = list(range(200, 224))
+
+    def render_fragment(setting: str, group):
+        return torch.stack([full_image(s) + (1.0 if setting == "bad" else 0.0) for s in group])
+
+    def render_full(group):
+        return torch.stack([full_image(s) for s in group])
+
+    def compare(full, frag):
+        error = float((full - frag).abs().mean())
+        return error < 0.5, {"error": error}
+
+    batch = run_audited(seeds, render_fragment, render_full, compare, AuditRule(), [], setting="bad", every=len(seeds),
+                        lead=AuditRule().min_audits, block=8)
+    assert [r.index for r in batch.records] == [0, 1, 2] and batch.switched_at == 2
+    assert batch.setting == [FULL] * len(seeds)  # past the last fallback: the full model renders the rest
+    assert_close(torch.stack(batch.images), render_full(seeds))
+    good = run_audited(seeds, lambda s, g: render_full(g), render_full, compare, AuditRule(), [], setting="ok",
+                       every=10, lead=3, block=8)
+    # the lead (0, 1, 2), then every 10th after its last: 12, 22
+    assert [r.index for r in good.records] == [0, 1, 2, 12, 22] and good.switched_at is None
+    with pytest.raises(FragmentError, match="lead >= 0"):
+        run_audited(seeds, render_fragment, render_full, compare, setting="bad", every=2, lead=-1)
