@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -232,7 +233,8 @@ def chosen_audit_every(config: BenchConfig, cal: Any, images: int, lead: int = 0
     left of what the batch can repay after the profile, the build and the calibration (``Budget.units`` less the
     calibration's own u), at most ``AUDIT_SHARE`` of the batch's saving (``fragment.audit.audit_allowance``).
     0 when the calibration chose the full model.  With a ``lead`` (the first images all audited, already the fewest
-    that can switch) the interval is for what the allowance left after them.
+    that can switch) the interval is the one after the lead, for the audits the allowance still pays for (the
+    whole batch when none: the lead alone).
 
     >>> chosen_audit_every(BenchConfig(audit_every=0), None, 20)
     0
@@ -243,13 +245,25 @@ def chosen_audit_every(config: BenchConfig, cal: Any, images: int, lead: int = 0
         return 0
     raw, units = cal.budget.raw_ratio, cal.budget.units
     if raw is None:  # no time budget (goal memory): the fewest audits that can switch
-        return audit_interval(2.0, images, 0.0)
+        return max(images, 1) if lead else audit_interval(2.0, images, 0.0)
     allowance = audit_allowance(raw, images, max((units or 0.0) - cal.units, 0.0))
     if lead:
-        left = max(allowance - lead / raw, 0.0)
-        # no audit past the lead affordable: an interval of the whole batch audits the lead alone
-        return audit_interval(raw, images - lead, left, min_audits=1) if left * raw >= 1.0 else images
+        return lead_interval(raw, images, lead, allowance)
     return audit_interval(raw, images, allowance)
+
+
+def lead_interval(raw_ratio: float, images: int, lead: int, allowance_u: float) -> int:
+    """The interval after a lead of ``lead`` audits (``run_audited``'s audits at ``lead - 1 + k``, ``lead - 1 + 2k``,
+    ...): the k that fits the audits ``allowance_u`` still pays for after the lead's (``1 / raw_ratio`` u each), at
+    most every 2nd image; ``images`` (the lead alone) when it pays for none.
+
+    >>> lead_interval(2.0, 125, 3, 100.0), lead_interval(2.0, 125, 3, 6.0), lead_interval(2.0, 32, 3, 1.5)
+    (2, 13, 32)
+    """
+    extra = math.floor(max(allowance_u - lead / raw_ratio, 0.0) * raw_ratio + 1e-9)
+    if extra < 1 or images <= lead:
+        return images
+    return max(2, (images - lead) // extra)
 
 
 def fresh_check(target: BenchTarget, fragment: Any, seeds: Sequence[int]) -> dict[str, Any]:
@@ -400,7 +414,7 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
     applied: list[int] = []
     ladder = lever_ladder(cal.chosen) if cal.chosen else []
     # a setting no judged try confirmed meets its confirmation first: the rule's fewest audits lead the batch
-    lead = AuditRule().min_audits if cal.status == "in_batch" and config.audit_every is None else 0
+    lead = AuditRule().min_audits if cal.status == "in_batch" else 0
     every = chosen_audit_every(config, cal, len(rendered), lead)
     audit: AuditedBatch | None = None
     for i, (label, candidate) in enumerate(ladder):

@@ -34,9 +34,9 @@ data out:
   (``fragment.audit``, the running audit) and no try is made: a warm start
   picks the rung a prior predicts, a cold one the rung the search would have
   started at (or the ``start`` a caller gives), with the weakest planned CFG
-  cut-off on top.  On the reference model 8 judged seeds per try cost 19-31 u
-  before a batch of 128, its audit about 8 u, and the audit's verdict is on
-  the batch's own seeds.  Status ``"in_batch"``: the caller must run the
+  cut-off on top.  On the reference model a judged search on 8 seeds cost
+  18.7-31.5 u before a batch of 128 and its audit 7.4-11.1 u, and the audit's
+  verdict is on the batch's own seeds.  Status ``"in_batch"``: the caller must run the
   audit, whose verdicts are the confirmation.
 
 Every try (candidate, phase, seeds, metrics, verdict, seconds, images) is kept
@@ -436,7 +436,8 @@ class Calibration:
         ('fallback_full_model', True, None)
         """
         return {
-            "method": "predicted ladder + slack search, confirmed on held-out seeds",
+            "method": ("predicted rung, untried, confirmed by the running audit of the batch" if self.status == "in_batch"
+                       else "predicted ladder + slack search, confirmed on held-out seeds"),
             "goal": self.goal, "judge": self.judge, "status": self.status,
             "fallback_full_model": self.chosen is None, "reason": self.reason,
             "chosen": self.chosen.to_dict() if self.chosen else None,
@@ -602,14 +603,16 @@ def _in_batch(cal: Calibration, order: Sequence[Candidate], start: int | None, w
               cfg_cutoffs: Sequence[float], *, started: float) -> Calibration:
     """``calibrate``'s choice when the running audit confirms in the batch (``confirm_in_batch``): no try."""
     pick: int | None = None
-    if order:
-        pick = min(max(start, 0), len(order) - 1) if start is not None else (3 * len(order)) // 5
+    if order and (start is None or start < len(order)):  # a start past the ladder: earlier prompts failed every rung
+        pick = max(start, 0) if start is not None else (3 * len(order)) // 5
     why = ("the prior's predicted rung" if warm and start is not None else
+           "the cut-off alone (earlier prompts failed every rung)" if start is not None and pick is None else
            "the rung below the earlier prompts' failures" if start is not None else
            "the rung a cold search starts at (below the middle, likelier to pass)")
     cutoff = min(cfg_cutoffs) if cfg_cutoffs and cal.goal in ("speed", "both") else None
     if pick is None and cutoff is None:
-        cal.reason = "no lever candidate to try: none saves enough within a damage level"
+        cal.reason = ("no lever candidate to try: none saves enough within a damage level" if not order
+                      else "earlier prompts on this model configuration failed every rung and every cut-off")
     else:
         chosen = order[pick] if pick is not None else Candidate()
         cal.chosen = chosen.with_levers(cfg_cutoff=float(cutoff)) if cutoff is not None else chosen

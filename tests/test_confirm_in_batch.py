@@ -72,8 +72,9 @@ def test_no_ladder_in_batch_is_the_cut_off_on_the_full_model_or_nothing() -> Non
     assert none.chosen is None and none.status == "fallback_full_model" and none.reason.startswith("no lever candidate")
 
 
-def batch_of(label: str, verdicts: list[bool], switched: bool) -> AuditedBatch:
-    records = [AuditRecord(100 + i, i, label, ok, {"ssim": 0.9}) for i, ok in enumerate(verdicts)]
+def batch_of(label: str, verdicts: list[bool], switched: bool, slacks: list[float] | None = None) -> AuditedBatch:
+    records = [AuditRecord(100 + i, i, label, ok, {"ssim": 0.9} if slacks is None else {"gate_slack": slacks[i]})
+               for i, ok in enumerate(verdicts)]
     switches = [(len(verdicts) - 1, label, FULL)] if switched else []
     return AuditedBatch(list(range(100, 132)), [None] * 32, [label] * 32, records, switches)
 
@@ -94,22 +95,54 @@ def test_the_audit_verdict_is_a_judged_try_that_moves_the_next_prompts_start(tmp
     # the next prompt starts below the failed level, cold, and without the failed cut-off
     start, warm = again.start(LADDER, judge=JUDGE)
     assert not warm and LADDER[start].level < 0.35
-    assert again.cfg_plan((500.0, 350.0, 200.0), judge=JUDGE) == ()
+    # the cut-off that failed, and every later one, is out of the plan; an earlier one nobody failed stays
+    assert again.cfg_plan((500.0, 350.0, 200.0), judge=JUDGE) == (200.0,)
     # a second prompt passes its audit at 0.2: the first prompt, which only failed at 0.35, says nothing about 0.2
-    # (the prior never extrapolates), so the start stays cold there, and neither cut-off holds for both prompts
+    # (the prior never extrapolates), so the start stays cold there
     record_audit(PriorPlace(tmp_path, KEY, "a blue square"), LADDER[4].with_levers(cfg_cutoff=200.0),
                  batch_of("frag", [True, True, True], switched=False), JUDGE)
     after = load_prior(tmp_path, KEY)
     assert after.start(LADDER, judge=JUDGE) == (4, False)
-    assert after.cfg_plan((500.0, 350.0, 200.0), judge=JUDGE) == ()
+    assert after.cfg_plan((500.0, 350.0, 200.0), judge=JUDGE) == (200.0,)
     # another judge's audits say nothing to this one
     assert after.start(LADDER, judge="decoded SSIM") == (None, False)
+
+
+def test_a_passed_audit_keeps_its_slack_and_a_thin_one_starts_one_rung_weaker(tmp_path) -> None:
+    # the audit's per-image gate slack, averaged: a pass inside the prior's margin (0.05) is not a warm start at its
+    # own level, only at the next weaker rung
+    place = PriorPlace(tmp_path, KEY, "a red circle")
+    prior = record_audit(place, LADDER[2], batch_of("frag", [True] * 3, False, slacks=[0.01, 0.02, 0.03]), JUDGE)
+    assert prior.tries[0]["slack"] == pytest.approx(0.02)
+    assert prior.start(LADDER, judge=JUDGE) == (3, True)
+    other = tmp_path / "other"
+    prior = record_audit(PriorPlace(other, KEY, "a red circle"), LADDER[2],
+                         batch_of("frag", [True] * 3, False, slacks=[0.1, 0.2, 0.3]), JUDGE)
+    assert prior.tries[0]["slack"] == pytest.approx(0.2) and prior.start(LADDER, judge=JUDGE) == (2, True)
+
+
+def test_when_earlier_prompts_failed_every_rung_the_pick_is_the_cut_off_alone_or_the_full_model(tmp_path) -> None:
+    for i, level in enumerate((0.2, 0.08)):  # the weakest rung failed too (prompt 2)
+        record_audit(PriorPlace(tmp_path, KEY, f"prompt {i}"), Candidate({"step_reuse": level}, level=level),
+                     batch_of("frag", [False] * 3, switched=True), JUDGE)
+    prior = load_prior(tmp_path, KEY)
+    assert prior.start(LADDER, judge=JUDGE) == (len(LADDER), False)
+    judge, calls = counting_judge(0.3)
+    run = dict(directory=tmp_path, key=KEY, calibration_seeds=[0], holdout_seeds=[9], judge_name=JUDGE,
+               confirm_in_batch=True)
+    cut = calibrate_with_prior(LADDER, judge, prompt="p", goal="speed", cfg_cutoffs=(350.0, 200.0), **run)
+    assert cut.status == "in_batch" and cut.chosen.levers == {"cfg_cutoff": 200.0}
+    assert "the cut-off alone (earlier prompts failed every rung)" in cut.reason
+    full = calibrate_with_prior(LADDER, judge, prompt="q", goal="memory", **run)
+    assert full.chosen is None and "failed every rung and every cut-off" in full.reason and calls == []
 
 
 def test_no_audit_records_no_try_and_a_hostile_try_is_refused(tmp_path) -> None:
     place = PriorPlace(tmp_path, KEY, "a red circle")
     assert audit_tries(LADDER[0], None, "ab" * 8, JUDGE) == []
     assert record_audit(place, LADDER[0], AuditedBatch([1], [None], ["x"]), JUDGE) is None
+    # one failed audit could not have switched: no verdict either way
+    assert record_audit(place, LADDER[0], batch_of("frag", [False], switched=False), JUDGE) is None
     assert not priors_dir(tmp_path).exists()
     record_audit(place, LADDER[0], batch_of("frag", [True] * 3, switched=False), JUDGE)
     path = priors_dir(tmp_path) / KEY.file_name
@@ -163,3 +196,18 @@ def test_the_lead_audits_the_first_images_and_switches_before_the_batch_is_made_
     assert [r.index for r in good.records] == [0, 1, 2, 12, 22] and good.switched_at is None
     with pytest.raises(FragmentError, match="lead >= 0"):
         run_audited(seeds, render_fragment, render_full, compare, setting="bad", every=2, lead=-1)
+
+
+@pytest.mark.parametrize("images, allowance, extra", [(125, 6.0, 9), (61, 2.5, 2), (32, 1.5, 0), (24, 100.0, 10)])
+def test_the_interval_after_a_lead_audits_what_the_allowance_pays_for(images, allowance, extra) -> None:
+    from prompt_fragments.bench.batch import lead_interval
+
+    # at 2x raw an audit wastes 0.5 u: the lead's 3 take 1.5 u, the rest pays for `extra` more (at most every 2nd)
+    every = lead_interval(2.0, images, 3, allowance)
+    def full(group):
+        return torch.stack([full_image(s) for s in group])
+
+    batch = run_audited(range(images), lambda setting, group: full(group), full, lambda a, b: (True, {}), setting="ok",
+                        every=every, lead=3)
+    indices = [r.index for r in batch.records]
+    assert indices[:3] == [0, 1, 2] and len(indices) == 3 + extra

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ...errors import FragmentError, ReadError
-from ..calibration import calibrate
+from ..audit import AuditRule
+from ..calibration import CFG_CUTOFFS, calibrate
 from ..format.store import ensure_folder
 from ..format.untrusted import parse_json
 from .index import library_dir, locked
@@ -222,7 +223,8 @@ class Prior:
     def start(self, ladder: Sequence[Any], *, judge: str | None = None) -> tuple[int | None, bool]:
         """Where a new prompt starts on ``ladder`` and whether that is warm: the strongest rung predicted to pass
         (``suggest``: warm), else, when earlier prompts failed rungs, the first rung at or below a cold search's
-        start (3/5 down the ladder) not predicted to fail (cold, but not where they failed), else ``(None, False)``.
+        start (3/5 down the ladder) not predicted to fail (cold, but not where they failed), or ``len(ladder)`` (the
+        full model) when every one of those is, else ``(None, False)``.
 
         >>> p = Prior(PriorKey("ab" * 32, "ddim", "trailing", 25, 32, 7.5), tries=[{"prompt": "p1", "phase":
         ...     "audit", "level": 0.3, "passed": False, "slack": None, "cfg": True, "judge": "j"}])
@@ -238,12 +240,13 @@ class Prior:
         if False not in verdicts:
             return None, False
         cold = next((i for i in range((3 * len(ladder)) // 5, len(ladder)) if verdicts[i] is not False), None)
-        return (cold, False) if cold is not None else (len(ladder) - 1, False)
+        return (cold, False) if cold is not None else (len(ladder), False)
 
     def cfg_plan(self, planned: Sequence[float], *, judge: str | None = None) -> tuple[float, ...]:
-        """The planned CFG cut-offs (latest first) that no earlier prompt contradicts: a cut-off stays when every
-        prompt with CFG tries of ``judge`` passed one at least as late and failed none at or before it.  No CFG
-        tries at all: ``planned`` unchanged.
+        """The planned CFG cut-offs (latest first) that no earlier prompt contradicts: a cut-off stays unless some
+        prompt's CFG try of ``judge`` failed at it or at an earlier one (a cut-off at t = 200 leaves fewer steps
+        without the unconditional pass than one at 350: if 200 failed, 350 fails too).  Any rung under it counts,
+        so a failure the rung caused also vetoes the cut-off: the safe side.
 
         >>> p = Prior(PriorKey("ab" * 32, "ddim", "trailing", 25, 32, 7.5), tries=[
         ...     {"prompt": "p1", "phase": "holdout", "level": 0.3, "passed": True, "cfg": True, "levers": {"cfg_cutoff": 350.0}},
@@ -251,18 +254,10 @@ class Prior:
         >>> p.cfg_plan((500.0, 350.0, 200.0)), p.cfg_plan((650.0,))
         ((350.0, 200.0), ())
         """
-        by_prompt: dict[str, list[tuple[float, bool]]] = {}
-        for t in self.tries:
-            cutoff = (t.get("levers") or {}).get("cfg_cutoff")
-            if t["cfg"] and isinstance(cutoff, (int, float)) and (judge is None or t.get("judge") == judge):
-                by_prompt.setdefault(t["prompt"], []).append((float(cutoff), bool(t["passed"])))
-        if not by_prompt:
-            return tuple(planned)
-
-        def holds(cutoff: float) -> bool:
-            return all(any(ok and c >= cutoff for c, ok in tries) and not any(not ok and c <= cutoff for c, ok in tries)
-                       for tries in by_prompt.values())
-        return tuple(float(c) for c in planned if holds(float(c)))
+        failed = [float(t["levers"]["cfg_cutoff"]) for t in self.tries
+                  if t["cfg"] and not t["passed"] and isinstance((t.get("levers") or {}).get("cfg_cutoff"), (int, float))
+                  and (judge is None or t.get("judge") == judge)]
+        return tuple(float(c) for c in planned if not any(f <= float(c) for f in failed))
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "key": self.key.to_dict(), "profiles": self.profiles,
@@ -574,14 +569,18 @@ def warm_start(directory: str | os.PathLike, key: PriorKey, ladder: Sequence[Any
 def audit_tries(candidate: Any, batch: Any, digest: str, judge: str) -> list[dict[str, Any]]:
     """A running audit's verdict on ``candidate`` (``fragment.calibration.Candidate``, the batch's first setting) as
     the prior keeps a try: one try, passed unless the audit switched away from it, over its audited seeds (``batch``:
-    ``fragment.audit.AuditedBatch``).  No audit (``batch`` None or without records): no try.
+    ``fragment.audit.AuditedBatch``), its slack the mean of the comparisons' ``gate_slack`` (None when one lacks it).
+    No audit (``batch`` None or without records), or too few to have switched (``AuditRule.min_audits``) and none
+    did: no try.
 
     >>> from prompt_fragments.fragment.audit import AuditedBatch, AuditRecord
     >>> from prompt_fragments.fragment.calibration import Candidate
     >>> c = Candidate({"heads": 0.2}, level=0.2)
-    >>> b = AuditedBatch([1, 2, 3], [0] * 3, ["x"] * 3, [AuditRecord(1, 0, c.label, True, {})])
-    >>> [(t["phase"], t["passed"], t["seeds"]) for t in audit_tries(c, b, "ab" * 8, "j")]
-    [('audit', True, 1)]
+    >>> b = AuditedBatch([1, 2, 3], [0] * 3, ["x"] * 3, [AuditRecord(i, i, "x", True, {}) for i in (1, 2, 3)])
+    >>> [(t["phase"], t["passed"], t["seeds"], t["slack"]) for t in audit_tries(c, b, "ab" * 8, "j")]
+    [('audit', True, 3, None)]
+    >>> audit_tries(c, AuditedBatch([1], [0], ["x"], [AuditRecord(1, 0, "x", False, {})]), "ab" * 8, "j")
+    []
     """
     if candidate is None or batch is None or not batch.records:
         return []
@@ -590,7 +589,14 @@ def audit_tries(candidate: Any, batch: Any, digest: str, judge: str) -> list[dic
     if not audits:
         return []
     switched = any(old == label for _, old, _ in batch.switches)
-    return [_kept_try(candidate.to_dict(), digest, "audit", not switched, None, len(audits), str(judge))]
+    if not switched and len(audits) < AuditRule().min_audits:
+        return []  # too few audits to have switched: no verdict either way
+    # the judge's per-image slack, averaged (lower than the slack of the mean metrics: the safe side), so a passed
+    # audit is held to the prior's margin as a judged try is; unknown when a comparison did not give it
+    slacks = [r.metrics.get("gate_slack") for r in audits]
+    slack = (sum(slacks) / len(slacks) if all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                              and math.isfinite(x) for x in slacks) else None)
+    return [_kept_try(candidate.to_dict(), digest, "audit", not switched, slack, len(audits), str(judge))]
 
 
 def record_audit(place: "PriorPlace", candidate: Any, batch: Any, judge: str) -> Prior | None:
@@ -653,10 +659,10 @@ def calibrate_with_prior(ladder: Sequence[Any], judge: Any, *, directory: str | 
     start, warm = prior.start(ladder, judge=judge_name[:_TEXT]) if prior is not None else (None, False)
     if not in_batch and not warm:
         start = None  # a judged cold search finds the failing rungs itself, from its usual start
-    if in_batch and prior is not None and calibrate_kwargs.get("cfg_cutoffs"):
+    if in_batch and prior is not None:
         # no CFG try is made up front: only a cut-off that no earlier prompt contradicts rides on the pick
-        calibrate_kwargs = {**calibrate_kwargs,
-                            "cfg_cutoffs": prior.cfg_plan(calibrate_kwargs["cfg_cutoffs"], judge=judge_name[:_TEXT])}
+        planned = calibrate_kwargs.get("cfg_cutoffs", CFG_CUTOFFS)
+        calibrate_kwargs = {**calibrate_kwargs, "cfg_cutoffs": prior.cfg_plan(planned, judge=judge_name[:_TEXT])}
     cal = calibrate(ladder, judge, start=start, confirm_only=warm, **calibrate_kwargs)
     cal.prior, cal.prior_prompts = key.name, len(prior.prompts) if prior is not None else 0
     cal.warnings.extend(warnings)
