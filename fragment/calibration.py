@@ -367,6 +367,17 @@ class Budget:
                 "image_u": self.image_u}
 
 
+def cold_start(rungs: int) -> int:
+    """The rung a search with nothing to go on starts at: below the middle (3/5 down the ladder), where a pass is
+    likelier and teaches the slack fit as much.  The budget's estimate, a pick confirmed in the batch and a prior's
+    cold start all start there too.
+
+    >>> cold_start(12), cold_start(1)
+    (7, 0)
+    """
+    return (3 * rungs) // 5
+
+
 def estimated_raw_ratio(ladder: Sequence[Candidate], predictors: Predictors, goal: str = "speed",
                         cfg_cutoffs: Sequence[float] = CFG_CUTOFFS) -> float | None:
     """The raw ratio to budget with before any fragment exists, from what the ladder predicts (``None`` for
@@ -387,7 +398,7 @@ def estimated_raw_ratio(ladder: Sequence[Candidate], predictors: Predictors, goa
         return None
     saving = 0.0
     if ladder:
-        rung = ladder[min((3 * len(ladder)) // 5, len(ladder) - 1)]
+        rung = ladder[min(cold_start(len(ladder)), len(ladder) - 1)]
         share, skips = rung.amount(StepReuseLever.name), rung.reuse_skips
         if share and skips in predictors.depths:
             saving = predictors.depths[skips].saving(float(share))
@@ -604,7 +615,7 @@ def _in_batch(cal: Calibration, order: Sequence[Candidate], start: int | None, w
     """``calibrate``'s choice when the running audit confirms in the batch (``confirm_in_batch``): no try."""
     pick: int | None = None
     if order and (start is None or start < len(order)):  # a start past the ladder: earlier prompts failed every rung
-        pick = max(start, 0) if start is not None else (3 * len(order)) // 5
+        pick = max(start, 0) if start is not None else cold_start(len(order))
     why = ("the prior's predicted rung" if warm and start is not None else
            "the cut-off alone (earlier prompts failed every rung)" if start is not None and pick is None else
            "the rung below the earlier prompts' failures" if start is not None else
@@ -635,8 +646,7 @@ def _search(order: Sequence[Candidate], attempt: Callable[[int], Judgement | Non
         return None
     fail, ok = -1, len(order)  # fail: strongest known failing index; ok: strongest known passing (len: the full model)
     points: list[tuple[float, float]] = []  # (log level, slack)
-    # no slack known yet: start below the middle, where a pass is likelier and teaches the fit as much
-    index = (3 * len(order)) // 5 if start is None else min(max(start, 0), len(order) - 1)
+    index = cold_start(len(order)) if start is None else min(max(start, 0), len(order) - 1)
     while True:
         verdict = attempt(index)
         if verdict is None:  # out of budget

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 
 from ...errors import FragmentError, ReadError
 from ..audit import AuditRule
-from ..calibration import CFG_CUTOFFS, calibrate
+from ..calibration import CFG_CUTOFFS, calibrate, cold_start
 from ..format.store import ensure_folder
 from ..format.untrusted import parse_json
 from .index import library_dir, locked
@@ -239,7 +239,7 @@ class Prior:
             return warm, True
         if False not in verdicts:
             return None, False
-        cold = next((i for i in range((3 * len(ladder)) // 5, len(ladder)) if verdicts[i] is not False), None)
+        cold = next((i for i in range(cold_start(len(ladder)), len(ladder)) if verdicts[i] is not False), None)
         return (cold, False) if cold is not None else (len(ladder), False)
 
     def cfg_plan(self, planned: Sequence[float], *, judge: str | None = None) -> tuple[float, ...]:
@@ -586,8 +586,6 @@ def audit_tries(candidate: Any, batch: Any, digest: str, judge: str) -> list[dic
         return []
     label = batch.records[0].setting  # the first image is always audited, on the batch's first setting: candidate's
     audits = [r for r in batch.records if r.setting == label]
-    if not audits:
-        return []
     switched = any(old == label for _, old, _ in batch.switches)
     if not switched and len(audits) < AuditRule().min_audits:
         return []  # too few audits to have switched: no verdict either way
