@@ -9,6 +9,9 @@
   selection would keep heads chosen for a different model.
 * IPAdapter, InstantID and PuLID replace attn2 with their own attention that
   uses full-width keys and values; with fewer heads in attn2 that cannot work.
+* A batch sampled with other settings than the calibration judged (another
+  sampler, scheduler, step count or CFG) runs a fragment whose quality on that
+  run was never measured: not refused, since it may well hold, but said.
 """
 from __future__ import annotations
 
@@ -69,3 +72,45 @@ def check_attention_replacements(transformer_options: Mapping[str, Any], fragmen
             f"prunes {len(pruned_cross)} cross-attention module(s). Apply the fragment without them, or use a fragment "
             "built with cross-attention heads kept."
         )
+
+
+#: The sampler settings a calibration judges with (``quality.sampler`` in the manifest).
+SAMPLER_SETTINGS = ("sampler_name", "scheduler", "steps", "cfg")
+
+
+def sampler_mismatch(judged: Mapping[str, Any] | None, used: Mapping[str, Any]) -> str | None:
+    """What differs between the sampler settings a fragment was judged with and those of this run; ``None`` when
+    nothing differs or the fragment records none (made before they were recorded, or never judged).
+
+    >>> sampler_mismatch({"sampler_name": "euler", "scheduler": "normal", "steps": 20, "cfg": 7.0},
+    ...                  {"sampler_name": "dpmpp_2m_sde", "scheduler": "karras", "steps": 20, "cfg": 7})
+    'judged with sampler_name euler, scheduler normal; this run has dpmpp_2m_sde, karras'
+    >>> sampler_mismatch(None, {"sampler_name": "euler"}) is None
+    True
+    """
+    if not isinstance(judged, Mapping):
+        return None
+    differ = []
+    for name in SAMPLER_SETTINGS:
+        if name not in judged or name not in used:
+            continue
+        a, b = judged[name], used[name]
+        if not _same(a, b, numeric=name in ("steps", "cfg")):
+            differ.append((name, a, b))
+    if not differ:
+        return None
+    return (f"judged with {', '.join(f'{n} {_show(a)}' for n, a, _ in differ)}; "
+            f"this run has {', '.join(_show(b) for _, _, b in differ)}")
+
+
+def _same(a: Any, b: Any, *, numeric: bool) -> bool:
+    if numeric:  # 20 and 20.0 are one step count; a manifest's non-number (a shared file) just differs
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return False
+    return str(a) == str(b)
+
+
+def _show(value: Any) -> str:
+    return format(value, "g") if isinstance(value, float) else str(value)

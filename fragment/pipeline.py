@@ -68,6 +68,9 @@ class Judging:
     # the host's cost model (``metrics.costs.calibration_costs``, which the core cannot import): the status's
     # "spent ... u, pays back from image ..." line and the record kept in ``performance.calibration.ledger``
     costs: Callable[[Calibration], tuple[str | None, dict[str, Any]]] | None = None
+    # the sampler settings every render is judged with (``fragment.compat.SAMPLER_SETTINGS``), kept as the manifest's
+    # ``quality.sampler`` so a batch with other settings can say its quality was not measured
+    sampler: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,8 @@ def judged_fragment(evidence: ProfileEvidence, model: nn.Module, judging: Judgin
             # in u (one stock image) when the budget was sized for a batch: what judging spent, what it may spend
             "units": round(cal.units, 4), "delivered": cal.delivered, "budget_units": judging.budget.units,
             "unit_s": judging.budget.unit_s, "start": cal.record()["start"]}
-    return Fragment(manifest=record_measurements(fragment.manifest, performance={"calibration": cost}),
+    quality = {"sampler": dict(judging.sampler)} if judging.sampler else None
+    return Fragment(manifest=record_measurements(fragment.manifest, performance={"calibration": cost}, quality=quality),
                     tensors=fragment.tensors), cal
 
 

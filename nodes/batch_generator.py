@@ -18,6 +18,11 @@ rest of the batch runs on the full model and the report is a WARNING.
 ``rendered`` (FragmentExtractor's ``full_model_latents``) holds full-model
 renders the calibration already made: those seeds are not rendered again,
 their rows take their places in the batch.
+
+A fragment whose manifest records the sampler settings its calibration
+judged with (``quality.sampler``) and a batch run with other ones (sampler,
+scheduler, steps or cfg): the batch runs, and the report is a WARNING that
+says what differs, since the fragment's quality on this run was not measured.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import torch
 from ..errors import FragmentError
 from ..fragment.audit import FULL, AuditedBatch, AuditRule, run_audited
 from ..fragment.batching import chunk, plan_sub_batches, variant_seeds
+from ..fragment.compat import sampler_mismatch
 from ..fragment.schedule.state import ScheduleState
 from ..judge.comfy import judge_limits
 from ..judge.latent_distance import latent_rel_error
@@ -196,7 +202,14 @@ class BatchGenerator:
         report = (f"{len(seeds)} images in {elapsed:.1f} s ({len(seeds) / elapsed if elapsed > 0 else float('inf'):.2f} "
                   f"images/s), sub-batches {sizes}")
         report += audit_clause(batch, audit_every, full is not None)
-        if batch.switches:  # the user asked for the fragment and got the full model for part of the batch: say so
+        unjudged = sampler_mismatch((model.model_options.get(FRAGMENT_PATCHES) or {}).get("judged_sampler"),
+                                    {"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg})
+        if unjudged:
+            check = ("the running audit checks it" if audited else
+                     "set audit_every to check it in the batch")
+            report += (f"; the fragment's quality was not measured on this sampler ({unjudged}): extract it again with "
+                       f"these settings, or {check}")
+        if batch.switches or unjudged:  # the user asked for the fragment and got the full model, or an unjudged one
             report = WARNING + report
         log.info("BatchGenerator: %s", report)
         out = {k: v for k, v in latent_image.items() if k not in ("samples", "batch_index", "noise_mask")}

@@ -40,6 +40,7 @@ from ..defaults import optional_lpips
 from ..errors import FragmentError
 from ..fragment.build import describe_base
 from ..fragment.calibration import GOALS, Budget
+from ..fragment.compat import SAMPLER_SETTINGS
 from ..fragment.library.fingerprint import conditioning_identity, pool_conditioning
 from ..fragment.library.prior import PriorKey, PriorPlace
 from ..fragment.patching import base_sha256
@@ -355,7 +356,8 @@ def comfy_judging(profile: ProfileHandle, sampler: SamplerSettings, positive: An
     return Judging(judge, judge.name, [seed], [(seed + i) % SEED_SPACE for i in range(1, holdout + 1)], goal=goal,
                    budget=Budget(images=budget_images), images_per_seed=judge.batch, space=space,
                    reference_images=judge.batch, prepare=judge.check_reference, prior=prior,
-                   unit_s=lambda: judge.unit_s, costs=costs)
+                   unit_s=lambda: judge.unit_s, costs=costs,
+                   sampler={name: getattr(sampler, name) for name in SAMPLER_SETTINGS})
 
 
 def context_dtype(patcher: Any) -> torch.dtype:

@@ -169,8 +169,10 @@ def fragment_model(model: Any, frag: Fragment, *, originals: dict[str, Any] | No
         install_schedule(patched, state, sampling, plan_schedule.cfg_cutoff, whole_step=plan_schedule.whole_step)
     for path, module in replacements.items():
         patched.add_object_patch(PREFIX + path, module)
+    judged = (frag.manifest.get("quality") or {}).get("sampler")  # what the calibration judged with (None: unknown)
     patched.model_options[FRAGMENT_PATCHES] = {"keys": sorted(PREFIX + p for p in replacements),
-                                               "size": model.model_size()}
+                                               "size": model.model_size(),
+                                               "judged_sampler": dict(judged) if isinstance(judged, dict) else None}
     patched.size = max(1, model.model_size() - plan.bytes_saved)
     return patched, plan, plan_schedule
 

@@ -167,6 +167,23 @@ def test_extractor_re_renders_the_recorded_run_and_delivers_its_full_model_laten
     torch.testing.assert_close(latents["samples"], batch["samples"].float().cpu(), rtol=1e-4, atol=1e-4)
 
 
+def test_the_judged_sampler_is_recorded_and_a_batch_on_another_one_is_a_warning(env) -> None:
+    handle, _status, _latents = _calibrate(env, "judged_sampler", budget_images=3)
+    judged = load_fragment(handle.manifest_path).manifest["quality"]["sampler"]
+    assert judged == {"sampler_name": "euler", "scheduler": "normal", "steps": STEPS, "cfg": CFG}
+    with torch.inference_mode():
+        model, _ = env.mapping["FragmentLoader"]().apply(env.model, "(none)", "raise", fragment=handle)
+        reports = {}
+        for scheduler in ("normal", "karras"):
+            _out, reports[scheduler] = env.mapping["BatchGenerator"]().generate_and_report(
+                model, env.positive, env.negative, {"samples": torch.zeros_like(env.sampled["samples"])}, SEED, 1, 1,
+                STEPS, CFG, "euler", scheduler, 1.0)
+    assert "not measured on this sampler" not in reports["normal"] and not reports["normal"].startswith("WARNING")
+    assert reports["karras"].startswith("WARNING: "), reports["karras"]
+    assert ("the fragment's quality was not measured on this sampler (judged with scheduler normal; this run has "
+            "karras): extract it again with these settings, or set audit_every") in reports["karras"]
+
+
 def test_an_override_that_agrees_is_accepted_and_one_that_disagrees_is_refused(env) -> None:
     _calibrate(env, "judged_override", seed=SEED, steps=STEPS, cfg=CFG, sampler_name="euler", scheduler="normal",
                budget_images=3)
