@@ -16,6 +16,7 @@ from .errors import FragmentError
 log = logging.getLogger(__name__)
 
 CACHE_INTERVALS = int_list(1, 100)
+PEERS_BUDGET_BATCH = 128  # bench peers: the batch the fragment's calibration is paid by
 # fragment.settings.LOW_BIT_BITS and LOW_BIT_GROUPS, bench.quant.FORMATS and SCOPES, spelled out so that parsing
 # imports no torch (tests/test_cli_options.py checks they agree)
 LOW_BIT_BITS = (3, 4)
@@ -188,10 +189,11 @@ def _cmd_bench_peers(args: argparse.Namespace) -> int:
     lpips = None if args.no_lpips else optional_lpips(args.lpips_weights)[0]
     config = BenchConfig(variants=args.variants, profile_seeds=args.profile_seeds, goal=args.goal,
                          budget_images=args.budget_images, holdout_seeds=args.holdout, paired_units=args.paired_units,
-                         paired_seeds=args.paired_seeds)
+                         paired_seeds=args.paired_seeds, budget_batch=args.budget_batch, confirm=args.confirm)
     # the list options are tuples already: cli_options parsed and range-checked them
     peers = PeerConfig(deepcache_intervals=args.deepcache_intervals, deepcache_branches=args.deepcache_branches,
-                       tome_ratios=args.tome_ratios, cfg_cutoffs=args.cfg_cutoffs, stack_intervals=args.stack_intervals)
+                       tome_ratios=args.tome_ratios, cfg_cutoffs=args.cfg_cutoffs, stack_intervals=args.stack_intervals,
+                       cache_thresholds=args.cache_thresholds)
     comfyui = args.comfyui or os.environ.get("COMFYUI_PATH") or None
     reports = []
     for i, prompt in enumerate(prompts):
@@ -292,6 +294,16 @@ def add_paired_arguments(p: argparse.ArgumentParser) -> None:
                    help="paired timing: units, each rendering the same seeds with stock and every timed method back to "
                         "back in rotating order; the median per-unit ratio is reported beside the raw one (0: off)")
     p.add_argument("--paired-seeds", type=int_range(1, 256), default=4, help="paired timing: batch seeds per unit")
+
+
+def add_confirm_arguments(p: argparse.ArgumentParser, budget_batch: int | None, default_note: str) -> None:
+    """``--budget-batch`` and ``--confirm``: how the bench's calibration is paid for and confirmed."""
+    p.add_argument("--budget-batch", type=VARIANTS, default=budget_batch,
+                   help=f"the batch N whose savings must repay the calibration {default_note}")
+    p.add_argument("--confirm", choices=["judge", "batch"], default="judge",
+                   help="judge: judged tries confirmed on held-out seeds before the batch; batch: no judged try, the "
+                        "rung the prior predicts (else a cold search's first rung), confirmed by the running audit, "
+                        "which leads the batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,12 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-every", type=int_range(0, 1024), default=None,
                    help="the running audit: the full model also renders every k-th batch image (default: k from the "
                         "cost model; 0: no audit)")
-    p.add_argument("--budget-batch", type=VARIANTS, default=None,
-                   help="the batch N whose savings must repay the calibration (default: --variants)")
-    p.add_argument("--confirm", choices=["judge", "batch"], default="judge",
-                   help="judge: judged tries confirmed on held-out seeds before the batch; batch: no judged try, the "
-                        "rung the prior predicts (else a cold search's first rung), confirmed by the running audit, "
-                        "which leads the batch")
+    add_confirm_arguments(p, None, "(default: --variants)")
     p.add_argument("--fresh-seeds", type=FRESH_SEEDS, default=64,
                    help="seeds of the fresh-seed check (the chosen setting vs stock on seeds nothing else saw; 0: off)")
     add_paired_arguments(p)
@@ -442,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_judge_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of the lines")
     p.set_defaults(func=_cmd_bench_judging)
-    p = bench.add_parser("peers", help="the fragment vs DeepCache, ToMe and CFG truncation (and ComfyUI's EasyCache, "
-                         "LazyCache, TomePatchModel with --comfyui) on the same run, at equal quality")
+    p = bench.add_parser("peers", help="the fragment vs DeepCache, ToMe, CFG truncation and the EasyCache and LazyCache "
+                         "rules (and ComfyUI's own EasyCache, LazyCache, TomePatchModel with --comfyui) on the same run, "
+                         "at equal quality")
     p.add_argument("--prompt", action="append", default=None, help="a prompt in the reference grammar (repeatable)")
     # 4: the demo's prompt and bench.peers.EXTRA_PROMPTS (the command checks that count again, importing torch)
     p.add_argument("--prompts", type=int_range(1, 4), default=None, help="the default prompt and N-1 more of the reference grammar (1..4)")
@@ -461,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-cutoffs", type=float_list(0, 1000), default="500,350,200",
                    help="CFG truncation cut-off timesteps (comma-separated)")
     p.add_argument("--stack-intervals", type=CACHE_INTERVALS, default="2,3", help="DeepCache intervals on the memory-only fragment")
+    # at 32 a judged calibration cannot repay its first try and keeps the full model: no fragment row to rank
+    add_confirm_arguments(p, PEERS_BUDGET_BATCH, f"(default {PEERS_BUDGET_BATCH}: a batch of 32 repays no judged try)")
+    # ComfyUI's reuse_threshold widget runs 0..3
+    p.add_argument("--cache-thresholds", type=float_list(0, 3), default="0.2,0.1,0.05,0.03,0.5",
+                   help="EasyCache and LazyCache reuse thresholds (comma-separated; re-implemented rules)")
     add_paired_arguments(p)
     p.add_argument("--comfyui", type=existing_folder(), default=None,
                    help="ComfyUI checkout for the ComfyUI section (default: $COMFYUI_PATH)")

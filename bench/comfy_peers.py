@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..errors import FragmentError
+from .cache_rules import CACHE_THRESHOLDS
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ NOTE = "random weights: timing and latent distance only, no image quality"
 ROW_KEYS = ("section", "method", "setting", "label", "s_per_image", "speedup", "setup_s", "amortized_ratio_32",
             "resident_unet_bytes", "quality", "passes_gate", "error", "note")
 AMORTIZED_VARIANTS = 32
-#: EasyCache's and LazyCache's ``reuse_threshold`` default in ComfyUI 0.3.64, then one stricter and one looser.
-CACHE_THRESHOLDS = (0.2, 0.1, 0.5)
 COMFY_PROMPT = "A dog on a jet ski"  # this bench's SD1.5 prompt; the reference model's is defaults.DEFAULT_PROMPT
 DEFAULT_NEGATIVE = "blurry"
 REPO_ROOT = Path(__file__).resolve().parent.parent

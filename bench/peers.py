@@ -7,6 +7,8 @@ unchanged, and is judged against the same stock images:
 * DeepCache (``DeepCache.DeepCacheSDHelper``) at several cache intervals and branches;
 * ToMe (``tomesd.apply_patch``) at a few merge ratios;
 * CFG truncation alone (the project's ``cfg_cutoff``) at the calibration's cut-offs;
+* EasyCache and LazyCache: ComfyUI's run-time skip rules, re-implemented from their description for the
+  reference model (``bench.cache_rules``), at ComfyUI's default ``reuse_threshold`` and four others;
 * the calibrated fragment, lever by lever (``bench.batch``'s ladder rows);
 * DeepCache on a memory-only fragment (the fragment's byte levers, no schedule).
 
@@ -34,6 +36,7 @@ from ..fragment.schedule.apply import apply_schedule
 from ..judge.fragment_judge import prepared_render
 from ..metrics.performance import amortized_costs, synchronize
 from .batch import BatchRun, BenchConfig, BenchTarget, run_batch, timed, timing_seeds
+from .cache_rules import CACHE_THRESHOLDS, REFERENCE_CACHE_THRESHOLDS, EasyCacheUNet, LazyCacheUNet
 from .paired import paired_timing
 from .weights import resident_bytes
 
@@ -41,7 +44,8 @@ log = logging.getLogger(__name__)
 
 ROW_KEYS = ("section", "method", "setting", "label", "s_per_image", "speedup", "setup_s", "amortized_ratio_32",
             "resident_unet_bytes", "quality", "passes_gate", "error", "note", "paired_speedup", "paired_range")
-REFERENCE_METHODS = ("stock", "deepcache", "tome", "cfg_truncation", "fragment", "deepcache+memory_fragment")
+REFERENCE_METHODS = ("stock", "deepcache", "tome", "cfg_truncation", "easycache", "lazycache", "fragment",
+                     "deepcache+memory_fragment")
 EXTERNAL_PEERS = ("deepcache", "tome", "cfg_truncation", "easycache", "lazycache", "tome_patch_model")
 # three more prompts of the reference grammar (reference/captions.py) for the across-prompts target
 EXTRA_PROMPTS = ("a green square in the center on a black background",
@@ -61,6 +65,7 @@ class PeerConfig:
     tome_ratios: tuple[float, ...] = (0.3, 0.5)
     cfg_cutoffs: tuple[float, ...] = tuple(CFG_CUTOFFS)
     stack_intervals: tuple[int, ...] = (2, 3)
+    cache_thresholds: tuple[float, ...] = REFERENCE_CACHE_THRESHOLDS  # EasyCache's and LazyCache's reuse_threshold
 
 
 def peer_row(section: str, method: str, setting: str, **values: Any) -> dict[str, Any]:
@@ -293,6 +298,31 @@ def reference_rows(target: BenchTarget, report: Mapping[str, Any], run: BatchRun
                              lambda c=c: target.run(unet, seeds, cfg_cutoff=c))
                             for c in peers.cfg_cutoffs])
 
+    def cached(method: str, threshold: float) -> Callable[[], nn.Module]:
+        if method == "easycache":
+            return lambda: EasyCacheUNet(unet, threshold)
+        from ..reference.model import SCHEDULER_CONFIG, build_scheduler
+        from ..reference.sampling import DEFAULT_GUIDANCE
+
+        return lambda: LazyCacheUNet(unet, threshold, build_scheduler("ddim").alphas_cumprod,
+                                     getattr(target, "guidance", DEFAULT_GUIDANCE),
+                                     prediction=SCHEDULER_CONFIG["prediction_type"])
+
+    def cache_row(wrap: Callable[[], nn.Module]) -> Callable[[], dict[str, Any]]:
+        def make() -> dict[str, Any]:
+            model = wrap()
+            values = judged(*timed(lambda: target.run(model, variants), device), model)
+            rule = model.rule
+            values["note"] = (f"skipped {rule.skipped / max(rule.runs, 1):.1f} of {target.steps} steps per sub-batch "
+                              f"({rule.runs} sub-batches); re-implemented rule (bench.cache_rules)")
+            return values
+        return make
+
+    for method in ("easycache", "lazycache"):
+        peer(method, [(f"reuse_threshold {th:g}" + (" (default)" if th == CACHE_THRESHOLDS[0] else ""),
+                       cache_row(cached(method, th)), lambda wrap=cached(method, th): target.run(wrap(), seeds))
+                      for th in peers.cache_thresholds])
+
     def fragment_render(candidate: Candidate) -> Callable[[], Callable[[], Any]]:
         # built before its units: the figure is the renders', as in bench batch
         return lambda: prepared_render(unet, candidate_fragment(run.evidence, unet, candidate, base=run.base,
@@ -422,7 +452,11 @@ def headline(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "beats_fragment": sentences,
         "fastest_peer": None if fastest_raw is None else {"method": fastest_raw["method"], "setting": fastest_raw["setting"],
                                                           "speedup": fastest_raw["speedup"]},
+        "fragment_over_fastest_peer": (frag_raw["speedup"] / fastest_raw["speedup"]
+                                       if frag_raw and fastest_raw else None),
         "targets": {
+            # issue #27's target (the fastest passing peer, EasyCache's and LazyCache's rules included), then #17's
+            "raw_1_3x_fastest_peer": bool(frag_raw and (fastest_raw is None or frag_raw["speedup"] >= 1.3 * fastest_raw["speedup"])),
             "raw_1_5x_fastest_peer": bool(frag_raw and (fastest_raw is None or frag_raw["speedup"] >= 1.5 * fastest_raw["speedup"])),
             "amortized_ahead_of_fastest_peer": bool(frag_am and (fastest_am is None or frag_am["amortized_ratio_32"]
                                                                  > fastest_am["amortized_ratio_32"])),
@@ -451,20 +485,25 @@ def bench_peers(target: BenchTarget, config: BenchConfig = BenchConfig(), peers:
 
 
 def prompts_headline(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per prompt: the fragment's fastest passing raw speed-up, the fastest passing peer's, and the 1.5x target.
+    """Per prompt: the fragment's fastest passing raw speed-up, the fastest passing peer's, their ratio, and the
+    1.3x (#27) and 1.5x (#17) targets.
 
     >>> h = {"fastest_passing": {"fragment": {"speedup": 3.0}}, "fastest_peer": {"method": "tome", "setting": "r",
-    ...      "speedup": 1.5}, "targets": {"raw_1_5x_fastest_peer": True}}
-    >>> prompts_headline([{"target": {"prompt": "p"}, "headline": h}])["all_prompts_raw_1_5x"]
-    True
+    ...      "speedup": 1.5}, "fragment_over_fastest_peer": 2.0,
+    ...      "targets": {"raw_1_3x_fastest_peer": True, "raw_1_5x_fastest_peer": True}}
+    >>> s = prompts_headline([{"target": {"prompt": "p"}, "headline": h}])
+    >>> s["all_prompts_raw_1_3x"], s["prompts"][0]["ratio"]
+    (True, 2.0)
     """
     out = []
     for report in reports:
         h = report["headline"]
         frag = h["fastest_passing"].get("fragment")
         out.append({"prompt": report["target"].get("prompt"), "fragment_speedup": frag["speedup"] if frag else None,
-                    "fastest_peer": h["fastest_peer"], "raw_1_5x": h["targets"]["raw_1_5x_fastest_peer"]})
-    return {"prompts": out, "all_prompts_raw_1_5x": all(p["raw_1_5x"] for p in out)}
+                    "fastest_peer": h["fastest_peer"], "ratio": h.get("fragment_over_fastest_peer"),
+                    "raw_1_3x": h["targets"]["raw_1_3x_fastest_peer"], "raw_1_5x": h["targets"]["raw_1_5x_fastest_peer"]})
+    return {"prompts": out, "all_prompts_raw_1_3x": all(p["raw_1_3x"] for p in out),
+            "all_prompts_raw_1_5x": all(p["raw_1_5x"] for p in out)}
 
 
 def _num(value: Any, fmt: str) -> str:
@@ -516,28 +555,32 @@ def format_peer_report(report: Mapping[str, Any]) -> str:
     for sentence in h["beats_fragment"]:
         lines.append(f"  {sentence}")
     t = h["targets"]
-    lines.append(f"targets: fragment raw >= 1.5x fastest passing peer: {t['raw_1_5x_fastest_peer']}; amortized ahead of "
+    ratio = h.get("fragment_over_fastest_peer")
+    lines.append(f"targets: fragment raw / fastest passing peer {'-' if ratio is None else format(ratio, '.2f')}: "
+                 f">= 1.3x {t['raw_1_3x_fastest_peer']}, >= 1.5x {t['raw_1_5x_fastest_peer']}; amortized ahead of "
                  f"it: {t['amortized_ahead_of_fastest_peer']}; resident UNet bytes fragment {t['fragment_bytes']} vs "
-                 f"stock {t['stock_bytes']} (DeepCache, ToMe and CFG truncation keep stock's)")
+                 f"stock {t['stock_bytes']} (every caching peer keeps stock's)")
     return "\n".join(lines)
 
 
 def format_prompts_headline(summary: Mapping[str, Any]) -> str:
-    """One line per prompt: fragment vs the fastest passing peer (raw), and the 1.5x target.
+    """One line per prompt: fragment vs the fastest passing peer (raw), their ratio, and the 1.3x target (#27).
 
     >>> print(format_prompts_headline({"prompts": [{"prompt": "p", "fragment_speedup": None, "fastest_peer": None,
-    ...                                              "raw_1_5x": False}], "all_prompts_raw_1_5x": False}))
+    ...                                              "ratio": None, "raw_1_3x": False}], "all_prompts_raw_1_3x": False}))
     per prompt (raw speed at the gate):
-      'p': fragment -, fastest peer none passed: target 1.5x False
-    all prompts meet the 1.5x target: False
+      'p': fragment -, fastest peer none passed, ratio -: target 1.3x False
+    all prompts meet the 1.3x target: False
     """
     lines = ["per prompt (raw speed at the gate):"]
     for p in summary["prompts"]:
         peer = p["fastest_peer"]
         peer_text = "none passed" if peer is None else f"{peer['method']} {peer['setting']} {peer['speedup']:.2f}x"
         frag = "-" if p["fragment_speedup"] is None else f"{p['fragment_speedup']:.2f}x"
-        lines.append(f"  {p['prompt']!r}: fragment {frag}, fastest peer {peer_text}: target 1.5x {p['raw_1_5x']}")
-    lines.append(f"all prompts meet the 1.5x target: {summary['all_prompts_raw_1_5x']}")
+        ratio = "-" if p.get("ratio") is None else f"{p['ratio']:.2f}"
+        lines.append(f"  {p['prompt']!r}: fragment {frag}, fastest peer {peer_text}, ratio {ratio}: "
+                     f"target 1.3x {p['raw_1_3x']}")
+    lines.append(f"all prompts meet the 1.3x target: {summary['all_prompts_raw_1_3x']}")
     return "\n".join(lines)
 
 
