@@ -16,11 +16,19 @@ core nodes since 0.3.5x implement it as EasyCache and LazyCache):
 The two peers apply it at different places:
 
 * **EasyCache** wraps each UNet call: ``x`` is the call's input (the model's own channels; the reference UNet
-  appends two coordinate channels after them), ``out`` its raw output, per row; the rule measures the
-  conditional rows only and skips the whole call (both CFG halves) with each row's own residual.
+  appends two coordinate channels after them), ``out`` its raw output, per row; the rule measures the rows of
+  the first condition in ComfyUI's batch (the unconditional one: ComfyUI batches ``[uncond; cond]``, as the
+  reference sampler does) and skips the whole call with each row's own residual.  Its state starts at the
+  first step inside the window (ComfyUI's EasyCache picks the condition it watches there), so it can first
+  skip at the window's third step.
 * **LazyCache** wraps the guided prediction, in the sampler's sigma space: ``x`` is the sample scaled to
   ``x_t / sqrt(alpha_bar)``, ``out`` the guided denoised image; a skipped step returns the pair of predictions
-  whose CFG combination gives the reused denoised image.
+  whose CFG combination gives the reused denoised image.  Its state starts at the first step, so it can first
+  skip at the window's second step.
+
+Both measure in the sampler's image layout: a model that packs pixels into channels (the reference UNet's
+2x2 space-to-depth) passes ``space`` = (UNet layout -> image, image -> UNet layout), so that every 8th pixel is
+every 8th pixel of the image, as in ComfyUI, where such packing happens inside the model.
 
 As in ComfyUI, one decision covers every image of a sub-batch, so a variant's image depends on the images it is
 sampled with; the peer bench renders the batch as the user's batch of 32.
@@ -69,7 +77,8 @@ class ReuseRule:
     sampler step with the step's timestep, its ``x`` and a ``compute`` that returns the step's real output.
 
     A timestep not below the last one starts a new run (the rule's state is cleared).  ``watch`` picks the rows the
-    changes are measured on.
+    changes are measured on.  ``track_before_start`` False keeps no state from the steps before the window
+    (EasyCache); True measures them too (LazyCache).
 
     >>> rule = ReuseRule(threshold=0.5, start_t=900.0, end_t=0.0, subsample=1)
     >>> outs = [rule.step(t, torch.full((1,), x), lambda x=x: torch.full((1,), 2 * x)).item()
@@ -82,6 +91,7 @@ class ReuseRule:
     start_t: float = percent_timestep(START_PERCENT)
     end_t: float = percent_timestep(END_PERCENT)
     subsample: int = SUBSAMPLE
+    track_before_start: bool = True
     skipped: int = 0  # over every run so far
     runs: int = 0
     decisions: list[tuple[float, bool]] = field(default_factory=list)  # the last run's (timestep, skipped)
@@ -100,6 +110,12 @@ class ReuseRule:
 
     def step(self, t: float, x: torch.Tensor, compute: Callable[[], torch.Tensor],
              watch: slice = slice(None)) -> torch.Tensor:
+        """The step's output: ``compute()``, or ``x`` plus the last computed step's ``out - x`` when skipped.
+
+        >>> rule = ReuseRule(threshold=1.0, start_t=999.0, end_t=0.0, subsample=1)
+        >>> rule.step(500, torch.ones(1), lambda: torch.full((1,), 3.0)).item()
+        3.0
+        """
         s = self._state
         if "last_t" not in s or t >= s["last_t"]:
             s.clear()
@@ -108,6 +124,9 @@ class ReuseRule:
             self.decisions = []
         s["last_t"] = t
         if t <= self.end_t:  # the end of the schedule always computes, and leaves the state as it was
+            self.decisions.append((t, False))
+            return compute()
+        if t > self.start_t and not self.track_before_start:
             self.decisions.append((t, False))
             return compute()
         x_in = None
@@ -135,26 +154,36 @@ class _Output:
     sample: torch.Tensor  # what diffusers' UNet returns and ``reference.model.predict`` reads
 
 
+Space = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _same_layout(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class EasyCacheUNet(nn.Module):
     """``unet`` with EasyCache's rule around each call (module docstring); ``unet`` itself is not changed.
 
-    >>> cached = EasyCacheUNet(target.unet, 0.2)  # doctest: +SKIP
+    >>> cached = EasyCacheUNet(target.unet, 0.2, space=(unet_output, unpack))  # doctest: +SKIP
     >>> images = target.run(cached, range(32)); cached.rule.skipped  # doctest: +SKIP
     """
 
     def __init__(self, unet: nn.Module, threshold: float, *, start_percent: float = START_PERCENT,
-                 end_percent: float = END_PERCENT, subsample: int = SUBSAMPLE) -> None:
+                 end_percent: float = END_PERCENT, subsample: int = SUBSAMPLE, space: Space | None = None) -> None:
         super().__init__()
         self.unet = unet
-        self.rule = ReuseRule(threshold, percent_timestep(start_percent), percent_timestep(end_percent), subsample)
+        self.to_image, self.to_unet = space or (_same_layout, _same_layout)
+        self.rule = ReuseRule(threshold, percent_timestep(start_percent), percent_timestep(end_percent), subsample,
+                              track_before_start=False)
 
     def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
                 **kwargs: Any) -> _Output:
-        run = lambda: self.unet(sample, timestep, encoder_hidden_states, **kwargs).sample  # noqa: E731
+        run = lambda: self.to_image(self.unet(sample, timestep, encoder_hidden_states, **kwargs).sample)  # noqa: E731
         channels = int(self.unet.config.out_channels)
         n = sample.shape[0]
-        cond = slice(n // 2, n) if n % 2 == 0 else slice(None)  # the sampler stacks [uncond; cond]
-        return _Output(self.rule.step(float(timestep), sample[:, :channels], run, watch=cond))
+        first = slice(0, n // 2) if n % 2 == 0 else slice(None)  # the sampler stacks [uncond; cond]
+        out = self.rule.step(float(timestep), self.to_image(sample[:, :channels]), run, watch=first)
+        return _Output(self.to_unet(out))
 
 
 class LazyCacheUNet(nn.Module):
@@ -169,12 +198,13 @@ class LazyCacheUNet(nn.Module):
 
     def __init__(self, unet: nn.Module, threshold: float, alphas_cumprod: torch.Tensor, guidance: float, *,
                  prediction: str = "v_prediction", start_percent: float = START_PERCENT,
-                 end_percent: float = END_PERCENT, subsample: int = SUBSAMPLE) -> None:
+                 end_percent: float = END_PERCENT, subsample: int = SUBSAMPLE, space: Space | None = None) -> None:
         super().__init__()
         if prediction not in PREDICTIONS:
             raise FragmentError(f"bench.cache_rules.LazyCacheUNet: prediction: expected one of {', '.join(PREDICTIONS)}, "
                                 f"found {prediction!r}")
         self.unet, self.prediction = unet, prediction
+        self.to_image, self.to_unet = space or (_same_layout, _same_layout)
         self.alphas_cumprod = alphas_cumprod.detach().double().cpu()
         self.guidance = float(guidance)
         self.rule = ReuseRule(threshold, percent_timestep(start_percent, len(self.alphas_cumprod)),
@@ -189,13 +219,13 @@ class LazyCacheUNet(nn.Module):
         t = float(timestep)
         a = float(self.alphas_cumprod[int(round(t))])
         channels = int(self.unet.config.out_channels)
-        x_t = sample[n // 2:, :channels]
+        x_t = self.to_image(sample[n // 2:, :channels])
         computed: list[torch.Tensor] = []
 
         def denoised() -> torch.Tensor:
             out = self.unet(sample, timestep, encoder_hidden_states, **kwargs).sample
             computed.append(out)
-            uncond, cond = out.chunk(2)
+            uncond, cond = self.to_image(out).chunk(2)
             guided = uncond + self.guidance * (cond - uncond)
             if self.prediction == "epsilon":
                 return (x_t - math.sqrt(1.0 - a) * guided) / math.sqrt(a)
@@ -208,4 +238,5 @@ class LazyCacheUNet(nn.Module):
             pred = (x_t - math.sqrt(a) * x0) / math.sqrt(1.0 - a)
         else:
             pred = (math.sqrt(a) * x_t - x0) / math.sqrt(1.0 - a)
+        pred = self.to_unet(pred)
         return _Output(torch.cat([pred, pred]))  # uncond == cond: CFG returns the prediction unchanged

@@ -299,14 +299,13 @@ def reference_rows(target: BenchTarget, report: Mapping[str, Any], run: BatchRun
                             for c in peers.cfg_cutoffs])
 
     def cached(method: str, threshold: float) -> Callable[[], nn.Module]:
-        if method == "easycache":
-            return lambda: EasyCacheUNet(unet, threshold)
-        from ..reference.model import SCHEDULER_CONFIG, build_scheduler
-        from ..reference.sampling import DEFAULT_GUIDANCE
+        from ..reference.model import SCHEDULER_CONFIG, build_scheduler, pack_pixels, unet_output
 
-        return lambda: LazyCacheUNet(unet, threshold, build_scheduler("ddim").alphas_cumprod,
-                                     getattr(target, "guidance", DEFAULT_GUIDANCE),
-                                     prediction=SCHEDULER_CONFIG["prediction_type"])
+        space = (unet_output, pack_pixels)  # the rules measure every 8th pixel of the image, not of the UNet's patches
+        if method == "easycache":
+            return lambda: EasyCacheUNet(unet, threshold, space=space)
+        return lambda: LazyCacheUNet(unet, threshold, build_scheduler("ddim").alphas_cumprod, target.guidance,
+                                     prediction=SCHEDULER_CONFIG["prediction_type"], space=space)
 
     def cache_row(wrap: Callable[[], nn.Module]) -> Callable[[], dict[str, Any]]:
         def make() -> dict[str, Any]:
@@ -314,14 +313,22 @@ def reference_rows(target: BenchTarget, report: Mapping[str, Any], run: BatchRun
             values = judged(*timed(lambda: target.run(model, variants), device), model)
             rule = model.rule
             values["note"] = (f"skipped {rule.skipped / max(rule.runs, 1):.1f} of {target.steps} steps per sub-batch "
-                              f"({rule.runs} sub-batches); re-implemented rule (bench.cache_rules)")
+                              f"({rule.runs} sub-batches of up to {getattr(target, 'batch_size', len(variants))}); "
+                              "re-implemented rule (bench.cache_rules)")
             return values
         return make
 
+    # one decision covers a sub-batch: the paired units' 4 seeds may skip other steps than the batch did, so
+    # each row's note also says what they skipped
+    paired_rules: dict[str, Any] = {}
     for method in ("easycache", "lazycache"):
-        peer(method, [(f"reuse_threshold {th:g}" + (" (default)" if th == CACHE_THRESHOLDS[0] else ""),
-                       cache_row(cached(method, th)), lambda wrap=cached(method, th): target.run(wrap(), seeds))
-                      for th in peers.cache_thresholds])
+        settings = []
+        for th in peers.cache_thresholds:
+            setting = f"reuse_threshold {th:g}" + (" (default)" if th == CACHE_THRESHOLDS[0] else "")
+            paired = cached(method, th)()
+            paired_rules[f"{method} {setting}"] = paired.rule
+            settings.append((setting, cache_row(cached(method, th)), lambda m=paired: target.run(m, seeds)))
+        peer(method, settings)
 
     def fragment_render(candidate: Candidate) -> Callable[[], Callable[[], Any]]:
         # built before its units: the figure is the renders', as in bench batch
@@ -346,6 +353,11 @@ def reference_rows(target: BenchTarget, report: Mapping[str, Any], run: BatchRun
     if config.paired_units and seeds:
         rows[0].update(paired_speedup=1.0, paired_range=[1.0, 1.0])
         add_paired(rows, makers, lambda: target.run(unet, seeds), config.paired_units, sync=lambda: synchronize(device))
+    for row in rows:
+        rule = paired_rules.get(row["label"])
+        if rule is not None and rule.runs and row["note"]:
+            row["note"] += (f"; the paired units ({len(seeds)} seeds) skipped {rule.skipped / rule.runs:.1f} steps "
+                            "per sub-batch")
     return rows
 
 

@@ -10,11 +10,12 @@
 * IPAdapter, InstantID and PuLID replace attn2 with their own attention that
   uses full-width keys and values; with fewer heads in attn2 that cannot work.
 * A batch sampled with other settings than the calibration judged (another
-  sampler, scheduler, step count or CFG) runs a fragment whose quality on that
+  sampler, scheduler, step count, CFG or denoise) runs a fragment whose quality on that
   run was never measured: not refused, since it may well hold, but said.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Mapping
 
 from ..errors import FragmentError
@@ -74,8 +75,11 @@ def check_attention_replacements(transformer_options: Mapping[str, Any], fragmen
         )
 
 
-#: The sampler settings a calibration judges with (``quality.sampler`` in the manifest).
-SAMPLER_SETTINGS = ("sampler_name", "scheduler", "steps", "cfg")
+#: The sampler settings a calibration judges with (``quality.sampler`` in the manifest); the judge renders at
+#: denoise 1 from an empty latent, so a batch at a lower denoise runs what it never judged either.
+SAMPLER_SETTINGS = ("sampler_name", "scheduler", "steps", "cfg", "denoise")
+_NUMERIC = ("steps", "cfg", "denoise")
+_SHOWN = 40  # characters of a value from a shared manifest that reach a report
 
 
 def sampler_mismatch(judged: Mapping[str, Any] | None, used: Mapping[str, Any]) -> str | None:
@@ -95,7 +99,7 @@ def sampler_mismatch(judged: Mapping[str, Any] | None, used: Mapping[str, Any]) 
         if name not in judged or name not in used:
             continue
         a, b = judged[name], used[name]
-        if not _same(a, b, numeric=name in ("steps", "cfg")):
+        if not _same(a, b, numeric=name in _NUMERIC):
             differ.append((name, a, b))
     if not differ:
         return None
@@ -104,13 +108,14 @@ def sampler_mismatch(judged: Mapping[str, Any] | None, used: Mapping[str, Any]) 
 
 
 def _same(a: Any, b: Any, *, numeric: bool) -> bool:
-    if numeric:  # 20 and 20.0 are one step count; a manifest's non-number (a shared file) just differs
+    if numeric:  # 20 and 20.0 are one step count, cfg to a float's rounding; a manifest's non-number just differs
         try:
-            return float(a) == float(b)
-        except (TypeError, ValueError):
+            return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+        except (TypeError, ValueError, OverflowError):
             return False
     return str(a) == str(b)
 
 
 def _show(value: Any) -> str:
-    return format(value, "g") if isinstance(value, float) else str(value)
+    text = format(value, "g") if isinstance(value, float) else str(value) if isinstance(value, (int, str)) else repr(value)
+    return text if len(text) <= _SHOWN else text[:_SHOWN - 3] + "..."

@@ -21,7 +21,7 @@ their rows take their places in the batch.
 
 A fragment whose manifest records the sampler settings its calibration
 judged with (``quality.sampler``) and a batch run with other ones (sampler,
-scheduler, steps or cfg): the batch runs, and the report is a WARNING that
+scheduler, steps, cfg or denoise): the batch runs, and the report is a WARNING that
 says what differs, since the fragment's quality on this run was not measured.
 """
 from __future__ import annotations
@@ -203,7 +203,8 @@ class BatchGenerator:
                   f"images/s), sub-batches {sizes}")
         report += audit_clause(batch, audit_every, full is not None)
         unjudged = sampler_mismatch((model.model_options.get(FRAGMENT_PATCHES) or {}).get("judged_sampler"),
-                                    {"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg})
+                                    {"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg,
+                                     "denoise": denoise})
         if unjudged:
             check = ("the running audit checks it" if audited else
                      "set audit_every to check it in the batch")

@@ -40,7 +40,6 @@ from ..defaults import optional_lpips
 from ..errors import FragmentError
 from ..fragment.build import describe_base
 from ..fragment.calibration import GOALS, Budget
-from ..fragment.compat import SAMPLER_SETTINGS
 from ..fragment.library.fingerprint import conditioning_identity, pool_conditioning
 from ..fragment.library.prior import PriorKey, PriorPlace
 from ..fragment.patching import base_sha256
@@ -357,7 +356,9 @@ def comfy_judging(profile: ProfileHandle, sampler: SamplerSettings, positive: An
                    budget=Budget(images=budget_images), images_per_seed=judge.batch, space=space,
                    reference_images=judge.batch, prepare=judge.check_reference, prior=prior,
                    unit_s=lambda: judge.unit_s, costs=costs,
-                   sampler={name: getattr(sampler, name) for name in SAMPLER_SETTINGS})
+                   # the judge renders at full denoise from the profiled run's empty latent
+                   sampler={"sampler_name": sampler.sampler_name, "scheduler": sampler.scheduler,
+                            "steps": sampler.steps, "cfg": sampler.cfg, "denoise": 1.0})
 
 
 def context_dtype(patcher: Any) -> torch.dtype:

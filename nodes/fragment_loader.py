@@ -160,7 +160,8 @@ def fragment_model(model: Any, frag: Fragment, *, originals: dict[str, Any] | No
     # A fragment model is never profiled: statistics must describe the full model only.
     patched = without_profiling(model.clone())
     replacements, plan_schedule = plan.replacements, fragment_schedule(frag)
-    if schedule and not plan_schedule.empty:
+    scheduled = bool(schedule and not plan_schedule.empty)
+    if scheduled:
         state = ScheduleState.for_schedule(plan_schedule)
         diffusion_model = model.model.diffusion_model
         replacements = schedule_replacements(diffusion_model, frag, plan.replacements, plan_schedule, state,
@@ -169,7 +170,9 @@ def fragment_model(model: Any, frag: Fragment, *, originals: dict[str, Any] | No
         install_schedule(patched, state, sampling, plan_schedule.cfg_cutoff, whole_step=plan_schedule.whole_step)
     for path, module in replacements.items():
         patched.add_object_patch(PREFIX + path, module)
-    judged = (frag.manifest.get("quality") or {}).get("sampler")  # what the calibration judged with (None: unknown)
+    # what the calibration judged with; nothing when the MODEL runs as the full model (no lever, or a fallback's
+    # empty fragment), whose images no sampler can make differ from stock's
+    judged = (frag.manifest.get("quality") or {}).get("sampler") if replacements or scheduled else None
     patched.model_options[FRAGMENT_PATCHES] = {"keys": sorted(PREFIX + p for p in replacements),
                                                "size": model.model_size(),
                                                "judged_sampler": dict(judged) if isinstance(judged, dict) else None}

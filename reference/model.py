@@ -126,7 +126,16 @@ def unet_input(x: torch.Tensor) -> torch.Tensor:
     >>> unet_input(torch.zeros(1, 3, 32, 32)).shape
     torch.Size([1, 14, 16, 16])
     """
-    return with_coordinates(torch.nn.functional.pixel_unshuffle(x, PATCH))
+    return with_coordinates(pack_pixels(x))
+
+
+def pack_pixels(x: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, 32, 32]`` pixels -> ``[N, 12, 16, 16]``: the UNet's layout, 2x2 patches as channels (``unet_output``'s inverse).
+
+    >>> pack_pixels(torch.zeros(1, 3, 32, 32)).shape
+    torch.Size([1, 12, 16, 16])
+    """
+    return torch.nn.functional.pixel_unshuffle(x, PATCH)
 
 
 def unet_output(sample: torch.Tensor) -> torch.Tensor:

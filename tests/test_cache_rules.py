@@ -1,6 +1,6 @@
 """Tier 1: EasyCache's and LazyCache's skip rule as the peer bench re-implements it (issue #27, item 4): its decisions
-on a toy trajectory against hand-computed ones, each wrapper's skipped step against the reuse done by hand, and no
-skip at threshold 0 giving the stock images bit for bit."""
+on a toy trajectory against hand-computed ones, each wrapper's skipped step against the reuse done by hand, and, on
+the reference model, threshold 0 giving the stock images bit for bit while a loose threshold skips."""
 from __future__ import annotations
 
 import math
@@ -56,6 +56,18 @@ def test_the_end_of_the_window_computes_and_leaves_the_state_untouched() -> None
         assert_close(a._state[key], b._state[key])
 
 
+def test_easycache_keeps_no_state_before_the_window_so_it_skips_one_step_later() -> None:
+    # ComfyUI's EasyCache picks the condition it watches at the window's first step; LazyCache measures from the start
+    decisions = {}
+    for track in (True, False):
+        rule = ReuseRule(threshold=1e9, start_t=900.0, end_t=0.0, subsample=1, track_before_start=track)
+        for t, x in [(950, 0.0), (850, 1.0), (800, 2.0), (750, 3.0)]:
+            rule.step(t, torch.tensor([x]), lambda x=x: torch.tensor([2 * x + 1]))
+        decisions[track] = [skip for _, skip in rule.decisions]
+    assert decisions[True] == [False, False, True, True]
+    assert decisions[False] == [False, False, False, True]
+
+
 def test_percent_timestep_and_bad_settings() -> None:
     assert percent_timestep(0.0) == 999.0 and percent_timestep(1.0) == 0.0
     with pytest.raises(FragmentError, match="reuse threshold: expected a finite number >= 0, found -1"):
@@ -97,10 +109,11 @@ def test_easycache_skip_reuses_each_rows_residual_without_calling_the_unet() -> 
     s2, _ = toy_inputs(2, 800)
     out2 = cached(s2, torch.tensor(800), ctx).sample  # first with a rate: computed
     assert unet.calls == 2
+    assert_close(cached.rule._state["x_prev"], s2[:2, :2])  # it watches the first condition ComfyUI batches: uncond
     s3, _ = toy_inputs(2, 700)
     out3 = cached(s3, torch.tensor(700), ctx).sample
     assert unet.calls == 2 and cached.rule.skipped == 1
-    assert_close(out3, s3[:, :2] + (out2 - s2[:, :2]))  # per row, the uncond rows' own residual included
+    assert_close(out3, s3[:, :2] + (out2 - s2[:, :2]))  # per row, the cond rows' own residual included
 
 
 def test_lazycache_skip_returns_the_pair_whose_cfg_gives_the_reused_denoised_image() -> None:
@@ -141,16 +154,22 @@ def reference():
     return ReferenceTarget(DEFAULT_PROMPT, limits={}, steps=6)
 
 
-def test_threshold_zero_skips_nothing_and_is_stock_bit_for_bit(reference) -> None:
-    from prompt_fragments.reference.model import SCHEDULER_CONFIG, build_scheduler
+def test_on_the_reference_model_threshold_zero_is_stock_and_a_loose_one_is_not(reference) -> None:
+    from prompt_fragments.reference.model import SCHEDULER_CONFIG, build_scheduler, pack_pixels, unet_output
 
     seeds = [3, 4, 5]
     stock = reference.run(reference.unet, seeds, raw=True)
-    easy = EasyCacheUNet(reference.unet, 0.0)
-    lazy = LazyCacheUNet(reference.unet, 0.0, build_scheduler("ddim").alphas_cumprod, reference.guidance,
-                         prediction=SCHEDULER_CONFIG["prediction_type"])
-    for cached in (easy, lazy):
+    space = (unet_output, pack_pixels)
+
+    def lazy(threshold: float) -> LazyCacheUNet:
+        return LazyCacheUNet(reference.unet, threshold, build_scheduler("ddim").alphas_cumprod, reference.guidance,
+                             prediction=SCHEDULER_CONFIG["prediction_type"], space=space)
+
+    for cached in (EasyCacheUNet(reference.unet, 0.0, space=space), lazy(0.0)):
+        # the wrappers' layout changes and slicing leave every computed step as the UNet made it
         assert torch.equal(reference.run(cached, seeds, raw=True), stock)
-        assert cached.rule.skipped == 0 and cached.rule.runs == 1
-    loose = EasyCacheUNet(reference.unet, 3.0)
-    assert not torch.equal(reference.run(loose, seeds, raw=True), stock) and loose.rule.skipped > 0
+        assert cached.rule.runs == 1
+    for cached in (EasyCacheUNet(reference.unet, 3.0, space=space), lazy(3.0)):
+        images = reference.run(cached, seeds, raw=True)
+        assert cached.rule.skipped > 0 and not torch.equal(images, stock)
+        assert torch.isfinite(images).all()

@@ -111,6 +111,14 @@ def test_a_gate_that_cannot_pass_stores_the_full_model_and_says_so(env, tmp_path
     assert manifest["pruning"]["heads_removed"] == 0 and not fragment.kept  # no lever: the full model
     assert all(not t["passed"] for t in manifest["quality"]["refinement"]["tries"])
     assert manifest["performance"]["calibration"]["images"] <= 3
+    # the fallback records what it judged with, but loaded it is the full model: another sampler is no warning
+    assert manifest["quality"]["sampler"]["scheduler"] == "normal"
+    with torch.inference_mode():
+        model, _ = env.mapping["FragmentLoader"]().apply(env.model, "(none)", "raise", fragment=handle)
+        _out, report = env.mapping["BatchGenerator"]().generate_and_report(
+            model, env.positive, env.negative, {"samples": torch.zeros_like(env.sampled["samples"])}, SEED, 1, 1,
+            STEPS, CFG, "euler", "karras", 1.0)
+    assert not report.startswith("WARNING") and "not measured on this sampler" not in report, report
 
 
 def test_the_judged_numbers_follow_the_fragment(env) -> None:
@@ -168,9 +176,11 @@ def test_extractor_re_renders_the_recorded_run_and_delivers_its_full_model_laten
 
 
 def test_the_judged_sampler_is_recorded_and_a_batch_on_another_one_is_a_warning(env) -> None:
-    handle, _status, _latents = _calibrate(env, "judged_sampler", budget_images=3)
-    judged = load_fragment(handle.manifest_path).manifest["quality"]["sampler"]
-    assert judged == {"sampler_name": "euler", "scheduler": "normal", "steps": STEPS, "cfg": CFG}
+    handle, status, _latents = _calibrate(env, "judged_sampler", budget_images=3)
+    quality = load_fragment(handle.manifest_path).manifest["quality"]
+    assert quality["sampler"] == {"sampler_name": "euler", "scheduler": "normal", "steps": STEPS, "cfg": CFG,
+                                  "denoise": 1.0}
+    assert quality["quality_gate"] == "passed", status  # a fragment with a lever (here a CFG cut-off) to run
     with torch.inference_mode():
         model, _ = env.mapping["FragmentLoader"]().apply(env.model, "(none)", "raise", fragment=handle)
         reports = {}
