@@ -99,7 +99,7 @@ def sampler_mismatch(judged: Mapping[str, Any] | None, used: Mapping[str, Any]) 
         if name not in judged or name not in used:
             continue
         a, b = judged[name], used[name]
-        if not _same(a, b, numeric=name in _NUMERIC):
+        if not same_setting(a, b, numeric=name in _NUMERIC):
             differ.append((name, a, b))
     if not differ:
         return None
@@ -107,8 +107,16 @@ def sampler_mismatch(judged: Mapping[str, Any] | None, used: Mapping[str, Any]) 
             f"this run has {', '.join(_show(b) for _, _, b in differ)}")
 
 
-def _same(a: Any, b: Any, *, numeric: bool) -> bool:
-    if numeric:  # 20 and 20.0 are one step count, cfg to a float's rounding; a manifest's non-number just differs
+def same_setting(a: Any, b: Any, *, numeric: bool) -> bool:
+    """Whether two values of one sampler setting agree: numbers to a float's rounding (20 and 20.0 are one step
+    count), anything else as text; a value that is no finite-sized number (a shared manifest's) just differs.
+
+    >>> same_setting(7, 7.0000000001, numeric=True), same_setting("twenty", 20, numeric=True)
+    (True, False)
+    >>> same_setting("euler", "euler", numeric=False)
+    True
+    """
+    if numeric:
         try:
             return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
         except (TypeError, ValueError, OverflowError):

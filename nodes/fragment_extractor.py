@@ -40,6 +40,7 @@ from ..defaults import optional_lpips
 from ..errors import FragmentError
 from ..fragment.build import describe_base
 from ..fragment.calibration import GOALS, Budget
+from ..fragment.compat import same_setting
 from ..fragment.library.fingerprint import conditioning_identity, pool_conditioning
 from ..fragment.library.prior import PriorKey, PriorPlace
 from ..fragment.patching import base_sha256
@@ -285,12 +286,7 @@ def profiled_settings(run: Any, overrides: dict[str, Any]) -> SamplerSettings:
 
 def agrees(recorded: Any, given: Any) -> bool:
     """Whether an override says the same as the recorded value (cfg to a float's rounding)."""
-    if isinstance(recorded, float) or isinstance(given, float):
-        try:
-            return math.isclose(float(recorded), float(given), rel_tol=1e-6, abs_tol=1e-9)
-        except (TypeError, ValueError):
-            return False
-    return str(recorded) == str(given)
+    return same_setting(recorded, given, numeric=isinstance(recorded, float) or isinstance(given, float))
 
 
 def full_model_latents(judge: ComfyJudge | None, trigger: Any) -> dict[str, Any]:
