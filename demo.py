@@ -43,6 +43,7 @@ from .fragment.settings import ExtractionSettings
 from .fragment.surgery.masking import mask_heads
 from .profiling.activation_stats import ActivationStats
 from .profiling.cfg_gap import CfgGapProbe
+from .profiling.cross_attn_change import CrossAttnChangeProbe
 from .profiling.evidence import ProfileEvidence
 from .profiling.ff_profiler import FFProfiler
 from .profiling.profiler import HeadProfiler
@@ -461,11 +462,12 @@ def _profiled_runs(unet: torch.nn.Module, run: Any, prompt: str, seeds: int,
     about two to three stock images on this model where a batch of eight costs about one each (the closing
     note of issue #26 has the figures).  ``begin_batch`` keeps each seed's statistics apart (rank stability)."""
     with HeadProfiler(unet, buckets=4, info={"prompt": prompt}) as prof, FFProfiler(unet) as ff_prof, \
-            StepChangeProbe(unet, 1) as probe, ActivationStats(unet) as acts, CfgGapProbe(unet) as gap:
+            StepChangeProbe(unet, 1) as probe, ActivationStats(unet) as acts, CfgGapProbe(unet) as gap, \
+            CrossAttnChangeProbe(unet) as attn:
         prof.begin_batch(list(range(seeds)))
         with torch.no_grad():
             images = [run(unet, list(range(seeds)), record=record)]
-    return prof.result(), [ff_prof, probe, acts, gap], images
+    return prof.result(), [ff_prof, probe, acts, gap, attn], images
 
 
 def _first_try_u(profile_s: float, unit_s: float | None, seeds: int) -> float:

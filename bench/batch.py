@@ -69,6 +69,7 @@ from ..profiling.evidence import ProfileEvidence
 from ..profiling.ff_profiler import FFProfiler
 from ..profiling.profiler import HeadProfiler
 from ..profiling.cfg_gap import CfgGapProbe
+from ..profiling.cross_attn_change import CrossAttnChangeProbe
 from ..profiling.step_change import StepChangeProbe
 from . import BENCH_BUDGET_IMAGES
 from .overhead import profiling_overhead
@@ -372,7 +373,8 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
         target.watch(profile_seeds + holdout)
     started = time.perf_counter()
     with HeadProfiler(unet, buckets=4) as prof, FFProfiler(unet) as ff_prof, \
-            StepChangeProbe(unet, config.shallow) as probe, ActivationStats(unet) as acts, CfgGapProbe(unet) as gap:
+            StepChangeProbe(unet, config.shallow) as probe, ActivationStats(unet) as acts, CfgGapProbe(unet) as gap, \
+            CrossAttnChangeProbe(unet) as attn:
         prof.begin_sample("profile")  # one batched run: the bench needs scores, not rank stability
         with torch.no_grad():
             reference = target.run(unet, profile_seeds)
@@ -385,7 +387,7 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
     started = time.perf_counter()
     profile = prof.result()
     base = describe_base(unet, target.name, sha256="0" * 64, hash_kind="none")
-    evidence = ProfileEvidence.from_probes(profile, [ff_prof, probe, acts, gap])
+    evidence = ProfileEvidence.from_probes(profile, [ff_prof, probe, acts, gap, attn])
     build_s = time.perf_counter() - started
     ledger.add("build", build_s)
 

@@ -257,7 +257,7 @@ def check_loadable(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tens
     attention modules and heads; a misfit is a ``BaseModelMismatchError`` (a fallback, not corruption).
 
     >>> check_loadable({"pruning": {"modules": {}}, "compression": {}}, {}, "x.safetensors")
-    Schedule(buckets=0, bucket_heads={}, total_steps=0, reuse_steps=(), shallow=1, skips=None, step_timesteps=(), cfg_cutoff=None, calibration={})
+    Schedule(buckets=0, bucket_heads={}, total_steps=0, reuse_steps=(), shallow=1, skips=None, step_timesteps=(), cfg_cutoff=None, cross_attn_cache=None, calibration={})
     """
     from .schedule.state import Schedule  # schedule imports the profiler: loaded when a fragment is, not with build
 

@@ -29,7 +29,10 @@ data out:
 * A CFG cut-off is not predicted by the profile (no profiled quantity measures
   what the unconditional pass adds), so for ``speed`` and ``both`` it is tried
   after the levers, latest cut-off first, with what is left of the budget: on
-  top of the confirmed candidate, or on the full model when none was.
+  top of the confirmed candidate, or on the full model when none was.  As in
+  T-GATE, the cross-attention cache rides in the same try (``cross_attn_gate``:
+  the profile's predicted gate; the cache starts at the later of the two, so
+  at or below the cut-off), at no judged image of its own.
 * With ``confirm_in_batch`` the confirmation moves into the user's batch
   (``fragment.audit``, the running audit) and no try is made: a warm start
   picks the rung a prior predicts, a cold one the rung the search would have
@@ -59,6 +62,7 @@ from ..profiling.evidence import ProfileEvidence
 from ..profiling.step_change import ReuseDepth
 from .levers import GOALS, LEVERS, LeverAmounts, goal_levers, label, lever
 from .schedule.cfg_lever import CFG_CUTOFFS, CfgCutoffLever, cutoff_tries
+from .schedule.cross_attn_lever import CrossAttnCacheLever, predicted_gate
 from .schedule.reuse_lever import StepReuseLever
 from .settings import ExtractionSettings
 
@@ -161,6 +165,15 @@ class Predictors:
         """
         data = self.data.get(CfgCutoffLever.name)
         return cutoff_tries(data) if data is not None else ()
+
+    def cross_attn_gate(self) -> float | None:
+        """The timestep below which the profile says cross-attention has converged (``None``: not offered).
+
+        >>> Predictors().cross_attn_gate() is None
+        True
+        """
+        data = self.data.get(CrossAttnCacheLever.name)
+        return predicted_gate(data.changes) if self.offers(CrossAttnCacheLever.name) else None
 
     def reuse_damage(self, skips: int, amount: float) -> float:
         """Predicted damage of reusing ``amount`` of the steps at depth ``skips`` (its drift budget)."""
@@ -477,6 +490,7 @@ def calibrate(
     images_per_seed: int = 1,
     confirm_only: bool = False,
     confirm_in_batch: bool = False,
+    cross_attn_gate: float | None = None,
 ) -> Calibration:
     """The strongest candidate of ``ladder`` that passes ``judge`` on both seed sets, within ``budget``.
 
@@ -487,6 +501,7 @@ def calibrate(
     ``fragment.library.prior``), a pass at ``start`` goes straight to confirmation instead of probing
     stronger rungs; a fail there searches weaker, and its first pass ends the search.
     With ``confirm_in_batch`` the running audit of the batch confirms instead (see the module docstring).
+    ``cross_attn_gate`` (``Predictors.cross_attn_gate``) puts the cross-attention cache on every cut-off.
 
     >>> ladder = [Candidate({"heads": h}, level=h) for h in (0.5, 0.4, 0.3, 0.2, 0.1)]
     >>> fair = lambda c, seeds: Judgement(c.amount("heads") <= 0.3, slack=(0.3 - c.amount("heads")) / 0.3)
@@ -563,7 +578,7 @@ def calibrate(
 
     order = list(ladder)
     if confirm_in_batch:
-        return _in_batch(cal, order, start, confirm_only, cfg_cutoffs, started=started)
+        return _in_batch(cal, order, start, confirm_only, cfg_cutoffs, cross_attn_gate, started=started)
     passing = _search(order, lambda i: attempt(order[i], "calibration"), start, confirm_only=confirm_only and start is not None)
     # Confirm on held-out seeds, strongest calibration pass first; a failure there steps one rung weaker.
     index = passing
@@ -598,7 +613,7 @@ def calibrate(
         # With no lever chosen (none passed, or none saves enough to offer) the cut-off is tried on the full
         # model: CFG truncation alone is a speed-up a user would otherwise get from a peer.
         base = cal.chosen or Candidate()
-        truncated = _cfg_cutoff(base, cfg_cutoffs, attempt, confirmable)
+        truncated = _cfg_cutoff(base, cfg_cutoffs, attempt, confirmable, cross_attn_gate)
         if truncated is not base:
             cal.chosen, cal.status, cal.reason = truncated, "passed", ""
     cal.seconds = time.perf_counter() - started
@@ -611,7 +626,7 @@ def calibrate(
 
 
 def _in_batch(cal: Calibration, order: Sequence[Candidate], start: int | None, warm: bool,
-              cfg_cutoffs: Sequence[float], *, started: float) -> Calibration:
+              cfg_cutoffs: Sequence[float], gate: float | None, *, started: float) -> Calibration:
     """``calibrate``'s choice when the running audit confirms in the batch (``confirm_in_batch``): no try."""
     pick: int | None = None
     if order and (start is None or start < len(order)):  # a start past the ladder: earlier prompts failed every rung
@@ -626,7 +641,7 @@ def _in_batch(cal: Calibration, order: Sequence[Candidate], start: int | None, w
                       else "earlier prompts on this model configuration failed every rung and every cut-off")
     else:
         chosen = order[pick] if pick is not None else Candidate()
-        cal.chosen = chosen.with_levers(cfg_cutoff=float(cutoff)) if cutoff is not None else chosen
+        cal.chosen = truncate(chosen, cutoff, gate) if cutoff is not None else chosen
         cal.status = "in_batch"
         cal.reason = f"{why}, untried; the running audit confirms it in the batch"
     cal.seconds = time.perf_counter() - started
@@ -677,9 +692,26 @@ def _next_index(order: Sequence[Candidate], fail: int, ok: int, points: list[tup
     return (low + high + 1) // 2 if fail < 0 or ok >= len(order) else (low + high) // 2
 
 
+def truncate(chosen: Candidate, cutoff: float, gate: float | None = None) -> Candidate:
+    """``chosen`` with CFG off below ``cutoff`` and, with a predicted ``gate``, cross-attention cached below the
+    lower of the two (T-GATE drops both at one step; the cache never starts while both passes still run).
+
+    >>> truncate(Candidate(), 700.0, 750.0).label
+    'CFG off below t=700 + cross-attention cached below t=700'
+    >>> truncate(Candidate(), 700.0).label
+    'CFG off below t=700'
+    """
+    levers: dict[str, Any] = {CfgCutoffLever.name: float(cutoff)}
+    if gate is not None:
+        levers[CrossAttnCacheLever.name] = float(min(cutoff, gate))
+    return chosen.with_levers(**levers)
+
+
 def _cfg_cutoff(chosen: Candidate, cutoffs: Sequence[float],
-                attempt: Callable[[Candidate, str], Judgement | None], confirmable: Callable[[], bool]) -> Candidate:
-    """The latest CFG cut-off that passes both seed sets on top of ``chosen`` (``chosen`` itself if none does).
+                attempt: Callable[[Candidate, str], Judgement | None], confirmable: Callable[[], bool],
+                gate: float | None = None) -> Candidate:
+    """The latest CFG cut-off that passes both seed sets on top of ``chosen`` (``chosen`` itself if none does),
+    with the cross-attention cache below the predicted ``gate`` in the same try (:func:`truncate`).
 
     A cut-off is not tried when the budget left cannot also confirm it: a
     calibration pass that can never be confirmed is time the user pays for nothing.
@@ -687,7 +719,7 @@ def _cfg_cutoff(chosen: Candidate, cutoffs: Sequence[float],
     for cutoff in sorted(cutoffs, reverse=True):
         if not confirmable():
             break
-        candidate = chosen.with_levers(cfg_cutoff=float(cutoff))
+        candidate = truncate(chosen, cutoff, gate)
         first = attempt(candidate, "calibration")
         if first is None:
             break

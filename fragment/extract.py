@@ -194,7 +194,7 @@ def calibrated_fragment(
 
     run = dict(calibration_seeds=calibration_seeds, holdout_seeds=holdout_seeds, budget=budget, goal=goal,
                judge_name=judge_name, holdout_reference_images=holdout_reference_images, images_per_seed=images_per_seed,
-               cfg_cutoffs=cutoffs, confirm_in_batch=confirm_in_batch)
+               cfg_cutoffs=cutoffs, confirm_in_batch=confirm_in_batch, cross_attn_gate=predictors.cross_attn_gate())
     if prior is None:
         cal = calibrate(ladder, judge, **run)
     else:

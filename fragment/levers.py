@@ -8,10 +8,10 @@ new lever is one module plus one line here (or one ``register(MyLever)`` call).
 
 The order is the build order: heads, K/V fold, feed-forward, low rank, low-bit
 weights, precision (weights, built by ``build.build_fragment``), then step reuse
-and the CFG cut-off (the manifest's ``schedule`` block).
+the CFG cut-off and the cross-attention cache (the manifest's ``schedule`` block).
 
 >>> [cls.name for cls in LEVERS]
-['heads', 'kv_fold', 'ff', 'low_rank', 'low_bit', 'precision', 'step_reuse', 'cfg_cutoff']
+['heads', 'kv_fold', 'ff', 'low_rank', 'low_bit', 'precision', 'step_reuse', 'cfg_cutoff', 'cross_attn_cache']
 >>> label(LeverAmounts({"ff": 0.1, "heads": 0.2}))
 'heads 20% + ff 10%'
 """
@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping
 
 from ..errors import FragmentError
 from .schedule.cfg_lever import CfgCutoffLever
+from .schedule.cross_attn_lever import CrossAttnCacheLever
 from .schedule.reuse_lever import StepReuseLever
 from .surgery.feed_forward import FeedForwardLever
 from .surgery.heads import HeadLever
@@ -75,7 +76,7 @@ def stage(which: str) -> tuple[type[LeverBase], ...]:
     """The lever classes of one stage, in registry order: ``"weights"`` or ``"schedule"``.
 
     >>> [cls.name for cls in stage("schedule")]
-    ['step_reuse', 'cfg_cutoff']
+    ['step_reuse', 'cfg_cutoff', 'cross_attn_cache']
     """
     return tuple(cls for cls in LEVERS if cls.stage == which)
 
@@ -161,5 +162,5 @@ def label(amounts: Mapping[str, Any], settings: Any = None, empty: str = "base")
 
 
 for _cls in (HeadLever, KVFoldLever, FeedForwardLever, LowRankLever, LowBitLever, PrecisionLever,
-             StepReuseLever, CfgCutoffLever):
+             StepReuseLever, CfgCutoffLever, CrossAttnCacheLever):
     register(_cls)

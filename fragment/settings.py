@@ -2,9 +2,9 @@
 
 ``levers`` holds the amounts, keyed by lever name (``fragment.levers``:
 ``heads``, ``kv_fold``, ``ff``, ``low_rank``, ``low_bit``, ``precision``,
-``step_reuse``, ``cfg_cutoff``); each lever checks its own amount, and one that
+``step_reuse``, ``cfg_cutoff``, ``cross_attn_cache``); each lever checks its own amount, and one that
 is absent is off (amount 0; the K/V fold a switch, off at ``False``; ``low_rank``
-off when empty; the CFG cut-off off at ``None``).  The other fields name *how*
+off when empty; the CFG cut-off and the cross-attention cache off at ``None``).  The other fields name *how*
 a lever cuts, never *whether*: the head strategy and scope, the precision
 format, the low-bit bits and group, the reuse depth.
 

@@ -56,7 +56,9 @@ def branch_step(schedule: Schedule, timesteps: Sequence[float], weights_changed:
     deep features of the step before it, so the step before must run on the
     fragment model to fill its cache: the branch is one step earlier.  A reuse
     schedule stored without timesteps is matched by the state's step counter,
-    which counts from the branch: it gets 0.  ``len(timesteps)``: never differs.
+    which counts from the branch: it gets 0.  The cross-attention cache, like
+    reuse, replays what the step before its first cached step computed: one
+    step earlier too.  ``len(timesteps)``: never differs.
 
     >>> ts = [999.0, 799.0, 599.0, 399.0, 199.0]
     >>> branch_step(Schedule(cfg_cutoff=500.0), ts, False), branch_step(Schedule(cfg_cutoff=500.0), ts, True)
@@ -64,12 +66,19 @@ def branch_step(schedule: Schedule, timesteps: Sequence[float], weights_changed:
     >>> reuse = Schedule(reuse_steps=(2, 4), total_steps=5, step_timesteps=tuple(ts))
     >>> branch_step(reuse, ts, False), branch_step(Schedule(), ts, False)
     (1, 5)
+    >>> branch_step(Schedule(cfg_cutoff=500.0, cross_attn_cache=500.0), ts, False)
+    2
+    >>> branch_step(Schedule(cfg_cutoff=500.0, cross_attn_cache=100.0), ts, False)  # no step below: no earlier branch
+    3
     """
     if weights_changed or schedule.bucket_heads:
         return 0
     first = len(timesteps)
     if schedule.cfg_cutoff is not None:
         first = min(first, next((i for i, t in enumerate(timesteps) if float(t) < schedule.cfg_cutoff), first))
+    if schedule.cross_attn_cache is not None:
+        cached = next((i for i, t in enumerate(timesteps) if float(t) < schedule.cross_attn_cache), None)
+        first = first if cached is None else min(first, max(cached - 1, 0))
     if schedule.reuse_steps:
         if not schedule.step_timesteps:
             return 0

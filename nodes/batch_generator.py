@@ -59,14 +59,15 @@ def schedule_settings(state: ScheduleState | None, steps: int, mode: str) -> Ite
     if state is None:
         yield
         return
-    saved = (state.run_total_steps, state.reuse_enabled, state.heads_enabled, state.cfg_enabled)
+    saved = (state.run_total_steps, state.reuse_enabled, state.heads_enabled, state.cfg_enabled, state.attn_enabled)
     state.run_total_steps = steps  # the sampler's real step count: a schedule made for other steps is mapped onto it
-    state.reuse_enabled = state.cfg_enabled = mode == "as stored"
+    state.reuse_enabled = state.cfg_enabled = state.attn_enabled = mode == "as stored"
     state.heads_enabled = mode != "off"
     try:
         yield
     finally:
-        state.run_total_steps, state.reuse_enabled, state.heads_enabled, state.cfg_enabled = saved
+        (state.run_total_steps, state.reuse_enabled, state.heads_enabled, state.cfg_enabled,
+         state.attn_enabled) = saved
 
 
 class StepProgress:
@@ -120,7 +121,7 @@ class BatchGenerator:
             },
             "optional": {
                 "seed_list": ("STRING", tip("Explicit seeds, e.g. '1, 5, 10-13'; overrides seed and count.", default="", multiline=False)),
-                "schedule": (["as stored", "off", "heads only"], tip("A fragment's run-time schedule for this batch: as stored (step reuse, head sets, CFG truncation), off (the plain fragment), or heads only (no step reuse or CFG truncation).")),
+                "schedule": (["as stored", "off", "heads only"], tip("A fragment's run-time schedule for this batch: as stored (step reuse, head sets, CFG truncation, cross-attention cache), off (the plain fragment), or heads only (no step reuse, CFG truncation or cross-attention cache).")),
                 "audit_every": ("INT", tip("Running audit of a fragment MODEL: the 1st and every k-th variant are also rendered with the full model; you get the full model's image for those seeds, and the fragment's is judged against it (latent error vs thresholds.yaml's limit). If the audit fails (failures outnumber passes by 3), the rest of the batch runs on the full model and the report warns. Each audit costs one fragment render. 0 = off.", default=0, min=0, max=4096)),
                 "rendered": ("LATENT", tip("Full-model renders made already (FragmentExtractor's full_model_latents): the seeds it names are not rendered again, and its rows take their places in the batch.")),
             },

@@ -56,7 +56,7 @@ class FragmentLoader:
                 "fragment": ("FRAGMENT", tip("A fragment straight from FragmentExtractor (takes precedence over fragment_name).")),
                 "positive": ("CONDITIONING", tip("For (auto): the prompt whose nearest cached fragment is used.")),
                 "threshold": ("FLOAT", tip("For (auto): least cosine similarity between prompt embeddings that counts as a hit.", default=0.9, min=0.0, max=1.0, step=0.01)),
-                "schedule": (["as stored", "off"], tip("The fragment's run-time schedule (head sets per noise level, deep-block reuse on calibrated steps, CFG truncation): as stored, or off for the plain fragment.")),
+                "schedule": (["as stored", "off"], tip("The fragment's run-time schedule (head sets per noise level, deep-block reuse on calibrated steps, CFG truncation, cross-attention cache): as stored, or off for the plain fragment.")),
             },
         }
 

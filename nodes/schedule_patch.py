@@ -190,8 +190,8 @@ def find_schedule_state(patcher: Any, where: str = "BatchGenerator") -> Schedule
 def describe_schedule(schedule: Schedule) -> str:
     """One status line about what a loaded schedule will do.
 
-    >>> describe_schedule(Schedule(total_steps=20, reuse_steps=(2, 4, 6), cfg_cutoff=300.0))
-    'schedule: deep blocks reused on 3 of 20 steps, CFG truncated below t=300'
+    >>> describe_schedule(Schedule(total_steps=20, reuse_steps=(2, 4, 6), cfg_cutoff=300.0, cross_attn_cache=300.0))
+    'schedule: deep blocks reused on 3 of 20 steps, CFG truncated below t=300, cross-attention cached below t=300'
     """
     parts = []
     if schedule.bucket_heads:
@@ -201,4 +201,6 @@ def describe_schedule(schedule: Schedule) -> str:
         parts.append(f"{what} reused on {len(schedule.reuse_steps)} of {schedule.total_steps} steps")
     if schedule.cfg_cutoff is not None:
         parts.append(f"CFG truncated below t={schedule.cfg_cutoff:.0f}")
+    if schedule.cross_attn_cache is not None:
+        parts.append(f"cross-attention cached below t={schedule.cross_attn_cache:.0f}")
     return "schedule: " + ", ".join(parts)

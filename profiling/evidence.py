@@ -37,7 +37,8 @@ class ProfileEvidence:
 
     ``ff_scores``: ``FFProfiler.scores()``; ``step_changes``, ``step_timesteps`` and ``reuse_depths``:
     ``StepChangeProbe.changes()``, ``.timesteps()`` and ``.depths()``; ``activation_stats``:
-    ``ActivationStats.stats()``; ``cfg_gaps``: ``CfgGapProbe.gaps()``; ``kv_context``: ``[B, T, C]``, the cond and uncond rows to fold.
+    ``ActivationStats.stats()``; ``cfg_gaps``: ``CfgGapProbe.gaps()``; ``cross_attn_changes``:
+    ``CrossAttnChangeProbe.changes()``; ``kv_context``: ``[B, T, C]``, the cond and uncond rows to fold.
 
     >>> from prompt_fragments.profiling.dataset import ProfileData
     >>> evidence = ProfileEvidence(ProfileData({}, 4), step_changes=[None, 0.2, 0.1])
@@ -52,6 +53,7 @@ class ProfileEvidence:
     activation_stats: Mapping[str, Mapping[str, torch.Tensor]] | None = None
     reuse_depths: Mapping[int, ReuseDepth] | None = None
     cfg_gaps: Mapping[float, float] | None = None
+    cross_attn_changes: Mapping[float, float] | None = None
     kv_context: torch.Tensor | None = None
     fixed_scores: Scores | None = None  # scores given, not computed (``from_scores``)
     _scored: dict[tuple, Scores] = field(default_factory=dict, repr=False, compare=False)
@@ -60,13 +62,14 @@ class ProfileEvidence:
     def from_probes(cls, profile: ProfileData, probes: Iterable[Any], *, kv_context: torch.Tensor | None = None
                     ) -> "ProfileEvidence":
         """The evidence of a profile and the probes that ran beside it (``FFProfiler``, ``StepChangeProbe``,
-        ``ActivationStats``, ``CfgGapProbe``; any other object is ignored).
+        ``ActivationStats``, ``CfgGapProbe``, ``CrossAttnChangeProbe``; any other object is ignored).
 
         >>> ProfileEvidence.from_probes(ProfileData({}, 4), []).reuse_depths is None
         True
         """
         from .activation_stats import ActivationStats
         from .cfg_gap import CfgGapProbe
+        from .cross_attn_change import CrossAttnChangeProbe
         from .ff_profiler import FFProfiler
         from .step_change import StepChangeProbe
 
@@ -81,6 +84,8 @@ class ProfileEvidence:
                 found["activation_stats"] = probe.stats()
             elif isinstance(probe, CfgGapProbe) and probe.calls:
                 found["cfg_gaps"] = probe.gaps()
+            elif isinstance(probe, CrossAttnChangeProbe) and probe.calls:
+                found["cross_attn_changes"] = probe.changes()
         return cls(profile, kv_context=kv_context, **found)
 
     @classmethod

@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..errors import FragmentError, ProfilingError
 from .activation_stats import ActivationStats
 from .cfg_gap import CfgGapProbe
+from .cross_attn_change import CrossAttnChangeProbe
 from .dataset import ProfileData
 from .evidence import ProfileEvidence
 from .ff_profiler import DEFAULT_FF_TOKEN_SAMPLE, FFProfiler
@@ -32,17 +33,18 @@ log = logging.getLogger(__name__)
 
 def profiling_stack(model: nn.Module, *, buckets: int = 4, shallow: int = 1, ff: bool = True, steps: bool = True,
                     ff_token_sample: int | None = DEFAULT_FF_TOKEN_SAMPLE, activations: bool = True,
-                    cfg_gap: bool = True, **head_kwargs: Any) -> list[HookContext]:
+                    cfg_gap: bool = True, cross_attn: bool = True, **head_kwargs: Any) -> list[HookContext]:
     """The hook contexts a profile attaches: heads, feed-forward channels, per-step change, the
-    per-layer input statistics of the low-bit lever (``activations``) and the cond/uncond gap the CFG
-    cut-off is predicted from (``cfg_gap``; batches are ``[uncond; cond]``), as used.
+    per-layer input statistics of the low-bit lever (``activations``), the cond/uncond gap the CFG
+    cut-off is predicted from (``cfg_gap``; batches are ``[uncond; cond]``) and the cross-attention
+    change the cross-attention cache is gated by (``cross_attn``), as used.
 
     ``head_kwargs`` go to ``HeadProfiler`` (``FULL_FIDELITY`` for the full statistics, with
     ``ff_token_sample=None`` for every token of the feed-forward blocks).  A model
     without feed-forward blocks or without a known block layout just gets fewer contexts.
 
     >>> [type(c).__name__ for c in profiling_stack(unet)]  # doctest: +SKIP
-    ['HeadProfiler', 'FFProfiler', 'StepChangeProbe', 'ActivationStats', 'CfgGapProbe']
+    ['HeadProfiler', 'FFProfiler', 'StepChangeProbe', 'ActivationStats', 'CfgGapProbe', 'CrossAttnChangeProbe']
     """
     stack: list[HookContext] = [HeadProfiler(model, buckets=buckets, **head_kwargs)]
     if ff:
@@ -62,6 +64,11 @@ def profiling_stack(model: nn.Module, *, buckets: int = 4, shallow: int = 1, ff:
             log.debug("%s: no Linear or Conv2d layers for activation statistics", type(model).__name__)
     if cfg_gap:
         stack.append(CfgGapProbe(model))
+    if cross_attn:
+        try:
+            stack.append(CrossAttnChangeProbe(model))
+        except ProfilingError:
+            log.debug("%s: no cross-attention to profile", type(model).__name__)
     return stack
 
 
@@ -92,6 +99,10 @@ class ProfileSession:
             self._acts = None
         # cond/uncond gap per timestep, for the CFG cut-off (ComfyUI names each chunk in cond_or_uncond)
         self._cfg = CfgGapProbe(model)
+        try:  # how fast cross-attention converges, for the cross-attention cache
+            self._attn: CrossAttnChangeProbe | None = CrossAttnChangeProbe(model)
+        except ProfilingError:
+            self._attn = None
         self._last_sigma: float | None = None
         self._lock = threading.Lock()
         self.runs = 0
@@ -113,7 +124,7 @@ class ProfileSession:
             self._maybe_new_run(sigma, label)
             self.calls += 1
             with contextlib.ExitStack() as stack:
-                for probe in (self._profiler, self._ff, self._steps, self._acts, self._cfg):
+                for probe in (self._profiler, self._ff, self._steps, self._acts, self._cfg, self._attn):
                     if probe is not None:
                         stack.enter_context(probe)
                 return fn()
@@ -142,6 +153,10 @@ class ProfileSession:
         """The mean cond/uncond gap per timestep (``CfgGapProbe.gaps()``), or None when no call had both halves."""
         return self._cfg.gaps() if self._cfg.calls else None
 
+    def cross_attn_changes(self) -> dict[float, float] | None:
+        """The cross-attention change per timestep (``CrossAttnChangeProbe.changes()``), or None when none was seen."""
+        return self._attn.changes() if self._attn is not None and self._attn.calls else None
+
     def result(self) -> ProfileData:
         """The statistics so far, with the run count in ``info``."""
         data = self._profiler.result()
@@ -156,4 +171,5 @@ class ProfileSession:
         """
         return ProfileEvidence(self.result(), ff_scores=self.ff_scores(), step_changes=self.step_changes(),
                                step_timesteps=self.step_timesteps(), activation_stats=self.activation_stats(),
-                               reuse_depths=self.reuse_depths(), cfg_gaps=self.cfg_gaps(), kv_context=kv_context)
+                               reuse_depths=self.reuse_depths(), cfg_gaps=self.cfg_gaps(),
+                               cross_attn_changes=self.cross_attn_changes(), kv_context=kv_context)

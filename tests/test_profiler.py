@@ -256,7 +256,8 @@ def test_measure_overhead_times_the_whole_stack() -> None:
     unet, make_inputs = cs.make_small_diffusers_unet("sd15")
     inputs = make_inputs()
     stack = profiling_stack(unet, buckets=2)
-    assert [type(c).__name__ for c in stack] == ["HeadProfiler", "FFProfiler", "StepChangeProbe", "ActivationStats", "CfgGapProbe"]
+    assert [type(c).__name__ for c in stack] == ["HeadProfiler", "FFProfiler", "StepChangeProbe", "ActivationStats", "CfgGapProbe",
+                                                "CrossAttnChangeProbe"]
     result = measure_overhead(unet, lambda: unet(**inputs), repeats=1, contexts=lambda: stack)
     assert result["base_s"] > 0 and result["profiled_s"] > 0
     assert _hooks_count(unet) == 0

@@ -1,6 +1,7 @@
 """Tier 2: a fragment's schedule inside a real ComfyUI: ComfyUI's UNet layout, the nodes, and stock patches on top."""
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 import torch
@@ -46,6 +47,58 @@ def test_comfy_layout_reuse_step_equals_replaying_by_hand(comfyui) -> None:
     with torch.no_grad():
         plain = unet(**{**second, "timesteps": torch.full((2,), 700.0)})
     assert (got1 - plain).abs().max() > 1e-4  # replaying really differs from computing
+
+
+def test_comfy_layout_cross_attention_replay_equals_overwriting_by_hand(comfyui) -> None:
+    """ComfyUI's CrossAttention takes ``(x, context=..., value=..., transformer_options=...)``; below the gate the
+    wrapper must still equal overwriting each attn2 output with the last computed one, and compute none."""
+    import comfyui_support as cs
+    from prompt_fragments.fragment.schedule.cross_attn import cross_attn_replacements
+    from prompt_fragments.profiling.cross_attn_change import cross_attention_paths
+
+    unet, make_inputs = cs.make_small_comfy_unet("sd15")
+    state = ScheduleState()
+    state.attn_gate = 500.0
+    gated = replace_modules(unet, cross_attn_replacements(unet, {}, state))
+    paths = cross_attention_paths(unet)
+    assert paths and all(p.endswith("attn2") for p in paths)
+    first, second = make_inputs(seed=1), make_inputs(seed=2)
+    second["context"] = first["context"]  # one prompt: the context does not change between steps
+    captured: dict[str, torch.Tensor] = {}
+    calls = {p: 0 for p in paths}
+    hooks = [gated.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: captured.__setitem__(p, o.clone()))
+             for p in paths]  # on the replaying copies: what the gated model computed
+    # to_q is shared by the base module and its replaying copy: it runs only when cross-attention is computed
+    counters = [unet.get_submodule(p + ".to_q").register_forward_pre_hook(lambda m, i, p=p: calls.__setitem__(p, calls[p] + 1))
+                for p in paths]
+    with torch.no_grad():
+        state.begin_call(900.0, tuple(first["x"].shape))
+        got0 = gated(**{**first, "timesteps": torch.full((2,), 900.0)})
+        for h in hooks:
+            h.remove()
+        state.begin_call(400.0, tuple(second["x"].shape))
+        got1 = gated(**{**second, "timesteps": torch.full((2,), 400.0)})
+        assert calls == {p: 1 for p in paths}  # the replay call computed no cross-attention
+        for h in counters:
+            h.remove()
+        expected0 = unet(**{**first, "timesteps": torch.full((2,), 900.0)})
+        overwrite = [unet.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: captured[p]) for p in paths]
+        expected1 = unet(**{**second, "timesteps": torch.full((2,), 400.0)})
+        for h in overwrite:
+            h.remove()
+        plain = unet(**{**second, "timesteps": torch.full((2,), 400.0)})
+    assert_close(got0, expected0, rtol=0, atol=0)
+    assert_close(got1, expected1, rtol=1e-6, atol=1e-6)
+    assert (got1 - plain).abs().max() > 1e-4
+    # the profiling session, which installs its hooks around each call, measures the change the gate is predicted from
+    from prompt_fragments.profiling.session import ProfileSession
+
+    session = ProfileSession(unet, buckets=2)
+    with torch.no_grad():
+        for t in (900.0, 700.0, 500.0):
+            session.call(lambda: unet(**{**first, "timesteps": torch.full((2,), t)}), sigma=t / 100)
+    changes = session.evidence().cross_attn_changes
+    assert list(changes) == [700.0, 500.0] and all(c > 0 for c in changes.values())
 
 
 def test_comfy_units_are_its_blocks_and_the_probe_times_every_depth(comfyui) -> None:
@@ -122,6 +175,40 @@ def test_bucket_heads_and_cfg_truncation_switch_inside_the_sampler(scheduled) ->
     assert "2 per-noise-level head sets" in status and "CFG truncated below t=400" in status
     assert {h["bucket"] for h in state.history} == {0, 1}
     assert torch.isfinite(out).all() and not torch.equal(heads_only, off) and not torch.equal(out, heads_only)
+
+
+def test_a_cross_attention_cache_below_the_cutoff_runs_as_stored_in_the_nodes(scheduled) -> None:
+    """FragmentLoader installs the cache on ComfyUI's attn2 modules (object patches) and BatchGenerator drives
+    it: calls below t=400 replay, none above; "heads only" turns it off with the CFG cut-off, "off" is the plain
+    fragment, and a LoRA-style patch on an attn2 weight still lands (the replaying copy keeps its keys)."""
+    gated = with_schedule(scheduled.frag, dataclasses.replace(fragment_schedule(scheduled.frag), cfg_cutoff=400.0,
+                                                              cross_attn_cache=400.0))
+    truncated = with_schedule(scheduled.frag, dataclasses.replace(fragment_schedule(scheduled.frag), cfg_cutoff=400.0))
+    with torch.inference_mode():
+        model, status = _load(scheduled, gated)
+        state = _state(scheduled, model)
+        out = _batch(scheduled, model)
+        history = list(state.history)
+        state.history.clear()
+        heads_only = _batch(scheduled, model, schedule="heads only")
+        assert not any(h["attn_replayed"] for h in state.history)
+        truncated_model, _ = _load(scheduled, truncated)
+        without = _batch(scheduled, truncated_model)
+        off = _batch(scheduled, model, schedule="off")
+        plain = _batch(scheduled, _load(scheduled, scheduled.frag, schedule="off")[0])
+        pruned = set(scheduled.frag.manifest["pruning"]["modules"])
+        whole = [k for k in model.object_patches if k.endswith("attn2") and k.split(".", 1)[1] not in pruned]
+        assert whole, f"every attn2 is in the pruning record: {sorted(pruned)}"  # a LoRA may patch only a whole one
+        key = whole[0] + ".to_q.weight"
+        weight = model.model.get_submodule(key[: -len(".weight")]).weight
+        lora_base = scheduled.base.clone()
+        assert lora_base.add_patches({key: (torch.full_like(weight, 0.05),)}, 1.0) == [key]
+        with_lora = _batch(scheduled, scheduled.load(gated, base=lora_base)[0])
+    assert "cross-attention cached below t=400" in status
+    assert torch.equal(off, plain) and not torch.equal(with_lora, out)
+    replayed = {h["t"] for h in history if h["attn_replayed"]}
+    assert replayed and max(replayed) < 400.0 and any(h["t"] >= 400.0 and not h["attn_replayed"] for h in history)
+    assert torch.isfinite(out).all() and not torch.equal(out, without) and not torch.equal(out, heads_only)
 
 
 @pytest.mark.parametrize("stack", ["FreeU", "TomePatchModel", "FreeU+TomePatchModel"])

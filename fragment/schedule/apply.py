@@ -2,8 +2,8 @@
 
 ``schedule_replacements`` returns the modules that make a model follow a
 schedule: ``bucket_masked`` output projections (folded into the fragment's pruned
-copies, so no patch sits inside another) and ``ReplayCall``/``ReplaySequence``
-deep blocks.  For diffusers models ``apply_schedule`` installs them on a new
+copies, so no patch sits inside another), ``CrossAttnReplay`` cross-attention
+modules and ``ReplayCall``/``ReplaySequence`` deep blocks.  For diffusers models ``apply_schedule`` installs them on a new
 model; ComfyUI installs the same dict as object patches on a clone.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..build import apply_fragment, fragment_replacements
 from ..format.manifest import Fragment
 from ..surgery.tree import replace_modules
 from .state import Schedule, ScheduleState, fragment_schedule, with_schedule
+from .cross_attn import cross_attn_replacements
 from .step_reuse import WholeStepReplay, reuse_replacements
 from .timestep_heads import bucket_mask_replacements
 
@@ -51,6 +52,8 @@ def schedule_replacements(model: nn.Module, fragment: Fragment, replacements: Ma
                 out[owner] = replace_modules(out[owner], {"to_out.0": mask})
             else:
                 out[path] = mask
+    if schedule.cross_attn_cache is not None:  # after the masks: they fold into the attention copies it wraps
+        out = cross_attn_replacements(model, out, state)
     if schedule.reuse_steps and reuse_on is not None:
         out.update(_reuse_replacements(reuse_on, fragment, schedule, state))
     return out
@@ -61,14 +64,16 @@ def apply_schedule(model: nn.Module, fragment: Fragment, schedule: Schedule | No
     """The fragment model of a diffusers UNet with its schedule on, and the state the host must drive.
 
     ``schedule`` defaults to the one stored in the manifest.  Before each UNet
-    call the host calls ``state.begin_call(t, x.shape)``; ``state.reuse_enabled``
-    and ``state.heads_enabled`` turn the two parts off (the model is then the
+    call the host calls ``state.begin_call(t, x.shape)``; ``state.reuse_enabled``,
+    ``state.attn_enabled`` and ``state.heads_enabled`` turn the parts off (the model is then the
     plain fragment, output for output).
 
     >>> small, state = apply_schedule(unet, load_fragment("dog.json"))  # doctest: +SKIP
     """
     schedule = schedule if schedule is not None else fragment_schedule(fragment)
     state = state if state is not None else ScheduleState.for_schedule(schedule)
+    if state.attn_gate is None:  # a caller's own state still follows the schedule's cross-attention cache
+        state.attn_gate = schedule.cross_attn_cache
     if schedule.empty:
         return apply_fragment(model, fragment), state
     small = replace_modules(model, schedule_replacements(model, fragment, fragment_replacements(model, fragment), schedule, state))

@@ -16,7 +16,10 @@ schedule says what changes *during* sampling, and is stored in the manifest's
   calibrated step of the nearest timestep, so a run with another step count,
   a denoise below 1 or a later start still reuses at the same noise levels;
 * ``cfg_cutoff`` (schema v1: ``cfg_truncation``): below this training timestep (0..999, low = little noise)
-  the unconditional pass is skipped and the conditional prediction used alone.
+  the unconditional pass is skipped and the conditional prediction used alone;
+* ``cross_attn_cache``: below this training timestep every cross-attention module replays its output from the
+  last call it computed above it, for the same text context, instead of computing (T-GATE's idea,
+  ``fragment.schedule.cross_attn``).
 
 ``ScheduleState`` is what the run-time wrappers share: the host calls
 ``begin_call(t, signature)`` before every UNet call and the wrappers read
@@ -30,6 +33,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
+
+import torch
 
 from ...errors import FragmentError
 from ..format.manifest import Fragment
@@ -47,7 +52,7 @@ class Schedule:
     """Plain data for the manifest's ``schedule`` block; every part optional.
 
     >>> s = Schedule(reuse_steps=(2, 4), total_steps=6, shallow=1, skips=2, cfg_cutoff=200.0,
-    ...              step_timesteps=(999.0, 799.0, 599.0, 399.0, 199.0, 0.0))
+    ...              step_timesteps=(999.0, 799.0, 599.0, 399.0, 199.0, 0.0), cross_attn_cache=200.0)
     >>> Schedule.from_manifest(s.to_manifest()) == s
     True
     """
@@ -61,6 +66,7 @@ class Schedule:
     skips: int | None = None
     step_timesteps: tuple[float, ...] = ()  # the calibrated run's timestep per step (empty: match by step index)
     cfg_cutoff: float | None = None
+    cross_attn_cache: float | None = None  # below this timestep cross-attention replays its last computed output
     calibration: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -74,7 +80,8 @@ class Schedule:
 
     @property
     def empty(self) -> bool:
-        return not self.bucket_heads and not self.reuse_steps and self.cfg_cutoff is None
+        return (not self.bucket_heads and not self.reuse_steps and self.cfg_cutoff is None
+                and self.cross_attn_cache is None)
 
     def to_manifest(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -91,6 +98,8 @@ class Schedule:
                 out["step_reuse"]["timesteps"] = [round(float(t), 4) for t in self.step_timesteps]
         if self.cfg_cutoff is not None:
             out["cfg_cutoff"] = {"timestep": float(self.cfg_cutoff)}
+        if self.cross_attn_cache is not None:
+            out["cross_attn_cache"] = {"timestep": float(self.cross_attn_cache)}
         if self.calibration:
             out["calibration"] = dict(self.calibration)
         return out
@@ -164,12 +173,13 @@ class Schedule:
                     raise FragmentError(f"{source}.step_reuse.timesteps: expected {total} numbers in 0..1000 "
                                         f"(one per calibrated step), found {str(timesteps)[:200]}")
                 kwargs["step_timesteps"] = tuple(float(t) for t in timesteps)
-        cfg = _block(block, "cfg_cutoff", source)
-        if cfg:
-            t = cfg.get("timestep")
-            if not _number(t) or not 0 <= t <= 1000:
-                raise FragmentError(f"{source}.cfg_cutoff.timestep: expected a number in 0..1000, found {str(t)[:200]!r}")
-            kwargs["cfg_cutoff"] = float(t)
+        for key in ("cfg_cutoff", "cross_attn_cache"):
+            below = _block(block, key, source)
+            if below:
+                t = below.get("timestep")
+                if not _number(t) or not 0 <= t <= 1000:
+                    raise FragmentError(f"{source}.{key}.timestep: expected a number in 0..1000, found {str(t)[:200]!r}")
+                kwargs[key] = float(t)
         return cls(**kwargs)
 
 
@@ -296,6 +306,16 @@ class ScheduleState:
         self.reuse_enabled = True
         self.heads_enabled = True
         self.cfg_enabled = True  # hosts that truncate CFG check this (the reference sampler takes a cut-off)
+        # cross-attention replays below this timestep (``cross_attn_cache``); ``attn_enabled`` turns it off
+        self.attn_gate: float | None = None
+        self.attn_enabled = True
+        self.attn_replaying = False
+        # call of the step -> cross-attention path -> (its last output above the gate, the context it attended to)
+        self._attn: dict[int, dict[str, tuple[Any, Any]]] = {}
+        self._attn_signatures: dict[int, Any] = {}
+        # per call: one stored copy per incoming context object, and each context comparison made (one sync each)
+        self._context_copies: dict[int, Any] = {}
+        self._context_same: dict[tuple[int, int], bool] = {}
         self.run_total_steps: int | None = None  # the running sampler's step count, when the host knows it
         self._keys: frozenset[str] = frozenset()
         self._protected: frozenset[str] = frozenset()
@@ -311,8 +331,10 @@ class ScheduleState:
 
     @classmethod
     def for_schedule(cls, schedule: Schedule) -> "ScheduleState":
-        return cls(reuse_steps=schedule.reuse_steps, total_steps=schedule.total_steps, buckets=schedule.buckets,
-                   step_timesteps=schedule.step_timesteps)
+        state = cls(reuse_steps=schedule.reuse_steps, total_steps=schedule.total_steps, buckets=schedule.buckets,
+                    step_timesteps=schedule.step_timesteps)
+        state.attn_gate = schedule.cross_attn_cache
+        return state
 
     def calibrated_step(self, t: float) -> int:
         """The calibrated step the current call stands for: by nearest timestep, else by step index."""
@@ -338,6 +360,10 @@ class ScheduleState:
         """Forget the position and the cache (a new sampling run)."""
         self._cache.clear()
         self._signatures.clear()
+        self._attn.clear()
+        self._attn_signatures.clear()
+        self._context_copies.clear()
+        self._context_same.clear()
         self._last_t = None
         self.step = -1
 
@@ -374,8 +400,59 @@ class ScheduleState:
         if not self.replaying:
             self._cache[self.call] = {}
             self._signatures[self.call] = signature
+        self._begin_attn(t, signature, rows)
         self.history.append({"step": self.step, "call": self.call, "t": t, "bucket": self.bucket,
-                             "reused": self.replaying, "signature": signature})
+                             "reused": self.replaying, "attn_replayed": False, "signature": signature})
+
+    def _begin_attn(self, t: float, signature: Any, rows: slice | None) -> None:
+        """Whether cross-attention may replay on this call: below the gate, from this call slot's outputs of the
+        last call computed above it (the same input shape, or the rows of a narrowed call); a slot of another
+        shape starts afresh."""
+        gated = self.attn_gate is not None and self.attn_enabled and t < self.attn_gate
+        cached = self._attn_signatures.get(self.call)
+        self._context_copies, self._context_same = {}, {}
+        if gated and cached != signature and _narrows(cached, signature, rows):
+            narrowed: dict[int, Any] = {}  # contexts shared by many modules stay one object (one comparison)
+            slot = self._attn.get(self.call, {})
+            self._attn[self.call] = {k: (_take_rows(out, rows, cached[0]),
+                                         narrowed.setdefault(id(ctx), _take_rows(ctx, rows, cached[0])))
+                                     for k, (out, ctx) in slot.items()}
+            self._attn_signatures[self.call] = signature
+        elif cached != signature:
+            self._attn[self.call] = {}
+            self._attn_signatures[self.call] = signature
+        self.attn_replaying = gated
+
+    def attn_store(self, key: str, value: Any, context: Any = None) -> None:
+        """Keep cross-attention ``key``'s output of this call and the context it attended to, above the gate only
+        (a run that starts below it computes every call: it never replays what no judge saw).  Copies: hosts
+        add the output to the residual, and a patch after attn2 may change it in place."""
+        if self.attn_gate is None or not self.attn_enabled or self.attn_replaying:
+            return
+        if context is not None and id(context) not in self._context_copies:
+            self._context_copies[id(context)] = _copied(context)
+        self._attn.setdefault(self.call, {})[key] = (_copied(value),
+                                                     None if context is None else self._context_copies[id(context)])
+
+    def attn_replay(self, key: str, shape: Any, context: Any = None) -> Any:
+        """A copy of cross-attention ``key``'s stored output for this call slot, when it has ``shape`` and was
+        computed for the same ``context`` (a prompt switch mid-run computes again); ``None``: compute it."""
+        entry = self._attn.get(self.call, {}).get(key)
+        if entry is None or not self.attn_replaying:
+            return None
+        out, stored = entry
+        if tuple(out.shape) != tuple(shape) or (stored is None) != (context is None):
+            return None
+        if context is not None:
+            pair = (id(context), id(stored))
+            if pair not in self._context_same:
+                self._context_same[pair] = (context.shape == stored.shape and context.dtype == stored.dtype
+                                            and bool(torch.equal(context, stored.to(context.device))))
+            if not self._context_same[pair]:
+                return None
+        if self.history:
+            self.history[-1]["attn_replayed"] = True
+        return _copied(out)
 
     def store(self, key: str, value: Any) -> None:
         # Nothing is kept when no step can replay it: the deep outputs of a whole batch are large on a GPU.
