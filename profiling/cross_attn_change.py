@@ -24,7 +24,6 @@ profiling session lives; on the small reference model every element is kept.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -35,7 +34,6 @@ from .discovery import CROSS, describe, iter_attention
 from .hooks import HookContext
 from .profiler import timestep_from_call
 
-log = logging.getLogger(__name__)
 KEPT_PER_ROW = 16_384  # elements per row of each output kept for the next step's comparison
 
 
