@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ..fragment.calibration import CFG_CUTOFFS, Budget, Candidate, lever_ladder
 from ..fragment.extract import calibrated_fragment, candidate_fragment
+from ..fragment.levers import stage
 from ..fragment.schedule.apply import apply_schedule
 from ..judge.fragment_judge import prepared_render
 from ..metrics.performance import amortized_costs, synchronize
@@ -226,10 +227,11 @@ def memory_fragment(target: BenchTarget, run: BatchRun, config: BenchConfig) -> 
     """
     unet = target.unet
     if run.chosen is not None:
-        candidate = run.chosen.with_levers(step_reuse=0.0, cfg_cutoff=None)
+        # every schedule lever off (step reuse, CFG cut-off, cross-attention cache): what is left saves bytes
+        candidate = run.chosen.with_levers(**{cls.name: cls.off for cls in stage("schedule")})
         if not candidate.is_full_model:
             fragment = candidate_fragment(run.evidence, unet, candidate, base=run.base, name="memory")
-            return fragment, candidate, 0.0, "the chosen fragment's byte levers, no step reuse or CFG cut-off"
+            return fragment, candidate, 0.0, "the chosen fragment's byte levers, no schedule lever"
     started = time.perf_counter()
     fragment, cal = calibrated_fragment(
         run.evidence, unet, run.judge_fragment, base=run.base, name="memory", calibration_seeds=run.profile_seeds,

@@ -133,3 +133,17 @@ def test_table_json_plot_and_headline(bench, tmp_path) -> None:
     assert [p.name for p in paths] == ["peers.json", "peers.png"] and paths[1].stat().st_size > 0
     saved = json.loads(paths[0].read_text())["reports"][0]
     assert len(saved["rows"]) == len(rows) and set(saved["headline"]["targets"]) >= {"raw_1_3x_fastest_peer", "raw_1_5x_fastest_peer"}
+
+
+def test_the_memory_only_fragment_strips_every_schedule_lever(bench) -> None:
+    """The DeepCache stack's fragment keeps the chosen setting's byte levers and none of its schedule (a cross-attention
+    cache left on was once measured as a "memory-only fragment" with no byte lever)."""
+    import dataclasses
+
+    from prompt_fragments.bench.peers import memory_fragment
+
+    target, _report, run, _rows = bench
+    chosen = Candidate({"ff": 0.1, "step_reuse": 0.3, "cfg_cutoff": 700.0, "cross_attn_cache": 700.0})
+    fragment, candidate, extra_s, note = memory_fragment(target, dataclasses.replace(run, chosen=chosen), CONFIG)
+    assert dict(candidate.levers) == {"ff": 0.1} and extra_s == 0.0 and "no schedule lever" in note
+    assert not fragment.manifest.get("schedule")
