@@ -52,12 +52,16 @@ def _call(model, x, t, ctx):
     return model(unet_input(x), t, ctx).sample
 
 
-def test_a_replay_step_equals_overwriting_each_cross_attention_output_by_hand(setup) -> None:
-    unet, ctx, unc, _ = setup
+def _gated(unet):
+    """``unet`` with every cross-attention replaying below t=500, its state, and the cross-attention paths."""
     state = ScheduleState()
     state.attn_gate = 500.0
-    gated = replace_modules(unet, cross_attn_replacements(unet, {}, state))
-    paths = cross_attention_paths(unet)
+    return state, replace_modules(unet, cross_attn_replacements(unet, {}, state)), cross_attention_paths(unet)
+
+
+def test_a_replay_step_equals_overwriting_each_cross_attention_output_by_hand(setup) -> None:
+    unet, ctx, unc, _ = setup
+    state, gated, paths = _gated(unet)
     assert len(paths) == 7 and all(is_cross_attn_replay(gated.get_submodule(p)) for p in paths)
     assert list(gated.state_dict()) == list(unet.state_dict())  # same keys: a LoRA on attn2 still finds them
     both = torch.cat([unc, ctx])
@@ -96,10 +100,7 @@ def test_a_replay_step_equals_overwriting_each_cross_attention_output_by_hand(se
 def test_a_narrowed_call_replays_its_own_rows(setup) -> None:
     """CFG truncation drops the uncond rows: the cond rows' cached outputs replay, not the whole batch's."""
     unet, ctx, unc, _ = setup
-    state = ScheduleState()
-    state.attn_gate = 500.0
-    gated = replace_modules(unet, cross_attn_replacements(unet, {}, state))
-    paths = cross_attention_paths(unet)
+    state, gated, paths = _gated(unet)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     captured: dict[str, torch.Tensor] = {}
     hooks = [gated.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: captured.__setitem__(p, o.clone()))

@@ -18,15 +18,14 @@ ones, and the guidance multiplies that error.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch.nn as nn
 
-from ..surgery.lever import LeverBase, finite
 from .state import Schedule
+from .timestep_lever import BelowTimestepLever
 
 #: The step-to-step relative change at which the cross-attention counts as converged.  On the reference model
 #: (4 prompts, 25 DDIM steps) it first falls to 0.07 between t = 800 and 760, after 0.1-0.6 on the first steps.
@@ -60,42 +59,18 @@ def predicted_gate(changes: Mapping[float, float], limit: float = CROSS_ATTN_LIM
 
 
 @dataclass(frozen=True)
-class CrossAttnCacheLever(LeverBase):
+class CrossAttnCacheLever(BelowTimestepLever):
     """A planned gate (``timestep``): below it, cross-attention replays.
 
     >>> CrossAttnCacheLever.label(600.0), CrossAttnCacheLever(600.0).extend(Schedule()).cross_attn_cache
     ('cross-attention cached below t=600', 600.0)
     """
 
-    timestep: float
     name: ClassVar[str] = "cross_attn_cache"
-    stage: ClassVar[str] = "schedule"
-    goals: ClassVar[tuple[str, ...]] = ("speed", "both")
-    ladder: ClassVar[str] = "after"
-    off: ClassVar[Any] = None
-
-    @classmethod
-    def is_on(cls, amount: Any) -> bool:
-        return amount is not None
-
-    @classmethod
-    def check_amount(cls, amount: Any, settings: Any = None) -> str | None:
-        return None if amount is None or (finite(amount) and 0 <= amount <= 1000) else "None or a timestep in 0..1000"
 
     @classmethod
     def label(cls, amount: Any, settings: Any = None) -> str:
         return f"cross-attention cached below t={amount:g}"
-
-    @classmethod
-    def plan(cls, evidence: Any, settings: Any, model: nn.Module, name: str) -> "CrossAttnCacheLever | None":
-        return cls(float(settings.amount(cls.name))) if settings.on(cls.name) else None
-
-    def extend(self, schedule: Schedule) -> Schedule:
-        return dataclasses.replace(schedule, cross_attn_cache=self.timestep)
-
-    @classmethod
-    def record_in(cls, manifest: Mapping[str, Any]) -> Any | None:
-        return (manifest.get("schedule") or {}).get("cross_attn_cache") or None
 
     @classmethod
     def predictor(cls, evidence: Any, model: nn.Module, settings: Any) -> CrossAttnEvidence | None:
