@@ -18,12 +18,12 @@ ones, and the guidance multiplies that error.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch.nn as nn
 
+from .cfg_lever import predicted_cutoff
 from .state import Schedule
 from .timestep_lever import BelowTimestepLever
 
@@ -43,19 +43,16 @@ class CrossAttnEvidence:
 def predicted_gate(changes: Mapping[float, float], limit: float = CROSS_ATTN_LIMIT, step: float = GATE_STEP) -> float | None:
     """The gate: the first timestep, from the most noise down, whose change is within ``limit``, rounded down to
     a multiple of ``step`` (759 -> 750: that step still computes, and the cache starts on the steps below it);
-    ``None`` when it never gets there or when fewer than two profiled timesteps lie below.
+    ``None`` when it never gets there or when fewer than two profiled timesteps lie below.  The rule is the CFG
+    cut-off's (``cfg_lever.predicted_cutoff``), which also keeps the first profiled timestep above the gate, so
+    the cache is always filled by a computed call before it replays.
 
     >>> predicted_gate({959.0: 0.6, 879.0: 0.15, 799.0: 0.08, 759.0: 0.05, 719.0: 0.06, 40.0: 0.04})
     750.0
     >>> predicted_gate({959.0: 0.6, 40.0: 0.2}) is None
     True
     """
-    times = sorted(changes, reverse=True)
-    first = next((t for t in times if changes[t] <= limit), None)
-    if first is None:
-        return None
-    gate = math.floor((first + 1.0) / step) * step
-    return gate if sum(1 for t in times if t < gate) >= 2 else None
+    return predicted_cutoff(changes, limit, step)
 
 
 @dataclass(frozen=True)
