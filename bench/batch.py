@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -51,7 +50,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn as nn
 
-from ..fragment.audit import FULL, AuditedBatch, AuditRule, audit_allowance, audit_interval
+from ..fragment.audit import FULL, AuditedBatch, AuditRule, planned_audit_every
 from ..fragment.build import describe_base
 from ..fragment.calibration import GOALS, Budget, lever_ladder
 from ..fragment.extract import calibrated_fragment, candidate_fragment
@@ -244,27 +243,8 @@ def chosen_audit_every(config: BenchConfig, cal: Any, images: int, lead: int = 0
         return config.audit_every
     if cal is None or cal.chosen is None:
         return 0
-    raw, units = cal.budget.raw_ratio, cal.budget.units
-    if raw is None:  # no time budget (goal memory): the fewest audits that can switch
-        return max(images, 1) if lead else audit_interval(2.0, images, 0.0)
-    allowance = audit_allowance(raw, images, max((units or 0.0) - cal.units, 0.0))
-    if lead:
-        return lead_interval(raw, images, lead, allowance)
-    return audit_interval(raw, images, allowance)
-
-
-def lead_interval(raw_ratio: float, images: int, lead: int, allowance_u: float) -> int:
-    """The interval after a lead of ``lead`` audits (``run_audited``'s audits at ``lead - 1 + k``, ``lead - 1 + 2k``,
-    ...): the k that fits the audits ``allowance_u`` still pays for after the lead's (``1 / raw_ratio`` u each), at
-    most every 2nd image; ``images`` (the lead alone) when it pays for none.
-
-    >>> lead_interval(2.0, 125, 3, 100.0), lead_interval(2.0, 125, 3, 6.0), lead_interval(2.0, 32, 3, 1.5)
-    (2, 13, 32)
-    """
-    extra = math.floor(max(allowance_u - lead / raw_ratio, 0.0) * raw_ratio + 1e-9)
-    if extra < 1 or images <= lead:
-        return images
-    return max(2, (images - lead) // extra)
+    left = max((cal.budget.units or 0.0) - cal.units, 0.0)
+    return planned_audit_every(cal.budget.raw_ratio, images, lead=lead, left_u=left)
 
 
 def fresh_check(target: BenchTarget, fragment: Any, seeds: Sequence[int]) -> dict[str, Any]:

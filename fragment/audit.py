@@ -142,6 +142,55 @@ def audit_interval(raw_ratio: float, n: int, allowance_u: float, *, min_audits: 
     return max(2, (n - 1) // max(1, audits - 1)) if audits > 1 else n
 
 
+def lead_interval(raw_ratio: float, images: int, lead: int, allowance_u: float) -> int:
+    """The interval after a lead of ``lead`` audits (``run_audited``'s audits at ``lead - 1 + k``, ``lead - 1 + 2k``,
+    ...): the k that fits the audits ``allowance_u`` still pays for after the lead's (``1 / raw_ratio`` u each), at
+    most every 2nd image; ``images`` (the lead alone) when it pays for none.
+
+    >>> lead_interval(2.0, 125, 3, 100.0), lead_interval(2.0, 125, 3, 6.0), lead_interval(2.0, 32, 3, 1.5)
+    (2, 13, 32)
+    """
+    extra = math.floor(max(allowance_u - lead / raw_ratio, 0.0) * raw_ratio + 1e-9)
+    if extra < 1 or images <= lead:
+        return images
+    return max(2, (images - lead) // extra)
+
+
+def planned_audit_every(raw_ratio: float | None, images: int, *, lead: int = 0, left_u: float = math.inf) -> int:
+    """The running audit's interval for a batch of ``images`` fragment images, from the cost model: the audits that
+    ``audit_allowance`` pays for (what is ``left_u`` of the budget, at most ``AUDIT_SHARE`` of what the batch saves at
+    ``raw_ratio``).  With a ``lead`` (the first images all audited: a setting no judged try confirmed) the interval
+    after it (``lead_interval``).  ``raw_ratio`` None (goal memory, repaid in bytes): the fewest audits that can
+    switch.  The one rule ``bench batch`` and BatchGenerator's ``audit_every`` auto (-1) follow.
+
+    Worked example: 32 images at 2x raw save 16 u, a tenth of it (1.6 u) pays for 3 audits at 0.5 u: every 15th
+    image (0, 15, 30); a pick confirmed by no judged try is led by 3 audits (0, 1, 2) and the allowance's 0.1 u
+    left pays for no more.
+
+    >>> planned_audit_every(2.0, 32), planned_audit_every(2.0, 32, lead=3), planned_audit_every(2.0, 128, lead=3)
+    (15, 32, 13)
+    >>> planned_audit_every(None, 32), planned_audit_every(1.0, 32)
+    (15, 0)
+    """
+    if raw_ratio is None:
+        return max(images, 1) if lead else audit_interval(2.0, images, 0.0)
+    allowance = audit_allowance(raw_ratio, images, left_u)
+    if lead:
+        return lead_interval(raw_ratio, images, lead, allowance)
+    return audit_interval(raw_ratio, images, allowance)
+
+
+def planned_audits(raw_ratio: float | None, images: int, *, lead: int = 0, left_u: float = math.inf) -> int:
+    """How many of ``images`` fragment images the running audit will audit (``planned_audit_every``'s interval,
+    after a ``lead``): what a cost line counts before the batch runs.
+
+    >>> planned_audits(2.0, 31), planned_audits(2.0, 31, lead=3), planned_audits(1.0, 31)
+    (3, 3, 0)
+    """
+    every = planned_audit_every(raw_ratio, images, lead=lead, left_u=left_u)
+    return len(audit_positions(images, every, lead if every else 0))
+
+
 @dataclass
 class AuditRecord:
     """One audited seed: its place in the batch, the setting judged, and the comparison's verdict and metrics."""
@@ -215,15 +264,26 @@ class AuditedBatch:
                 "records": [r.record() for r in self.records], "summary": self.summary()}
 
 
+def audit_positions(count: int, every: int, lead: int = 0) -> list[int]:
+    """Which of ``count`` rendered images are audited: the 1st and every ``every``-th, or the first ``lead`` and every
+    ``every``-th after the last of them (none when ``every`` is 0).
+
+    >>> audit_positions(8, 3), audit_positions(8, 4, lead=3), audit_positions(8, 0)
+    ([0, 3, 6], [0, 1, 2, 6], [])
+    """
+    if every <= 0:
+        return []
+    # after a lead, every ``every``-th image from the last one led
+    periodic = range(lead - 1 + every, count, every) if lead > 0 else range(0, count, every)
+    return sorted(set(range(min(lead, count))) | set(periodic))
+
+
 def _segments(todo: list[int], every: int, lead: int = 0) -> list[tuple[list[int], int | None]]:
-    """Positions to render, cut so each piece ends at its audited position: the 1st and every ``every``-th, or the
-    first ``lead`` and every ``every``-th after the last of them."""
+    """Positions to render, cut so each piece ends at its audited position (``audit_positions``)."""
     if every <= 0:
         return [(todo, None)] if todo else []
     pieces, start = [], 0
-    # after a lead, every ``every``-th image from the last one led
-    periodic = range(lead - 1 + every, len(todo), every) if lead > 0 else range(0, len(todo), every)
-    for j in sorted(set(range(min(lead, len(todo)))) | set(periodic)):
+    for j in audit_positions(len(todo), every, lead):
         pieces.append((todo[start:j + 1], todo[j]))
         start = j + 1
     if start < len(todo):

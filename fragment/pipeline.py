@@ -71,6 +71,9 @@ class Judging:
     # the sampler settings every render is judged with (``fragment.compat.SAMPLER_SETTINGS``), kept as the manifest's
     # ``quality.sampler`` so a batch with other settings can say its quality was not measured
     sampler: Mapping[str, Any] | None = None
+    # no judged try: the pick is confirmed by the running audit of the user's batch (``calibrate``'s status
+    # "in_batch"), which its host must then run (BatchGenerator does when the manifest says so)
+    confirm_in_batch: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,8 @@ def judged_fragment(evidence: ProfileEvidence, model: nn.Module, judging: Judgin
     fragment, cal = calibrated_fragment(
         evidence, model, judging.judge, base=base, name=name, calibration_seeds=list(judging.seeds),
         holdout_seeds=list(judging.holdout_seeds), goal=judging.goal, budget=judging.budget, judge_name=judging.name,
-        settings=settings, images_per_seed=judging.images_per_seed, prior=judging.prior)
+        settings=settings, images_per_seed=judging.images_per_seed, prior=judging.prior,
+        confirm_in_batch=judging.confirm_in_batch)
     if fragment is None:
         fragment = record_calibration(candidate_fragment(evidence, model, Candidate(), base=base, name=name,
                                                          settings=settings), cal)
@@ -195,6 +199,9 @@ def calibration_status(cal: Calibration, judging: Judging, cost_line: str | None
     metrics = (cal.confirmed or {}).get("metrics", {})
     figures = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("ssim_mean", "lpips_mean", "latent_rel_error")
                         if isinstance(metrics.get(k), (int, float)))
+    if cal.status == "in_batch":
+        return (f"picked ({cal.goal}), untried: {cal.chosen.label}; the batch's running audit confirms it (its first "
+                f"images are audited); {cost}; judge: {judging.name}{warned}")
     return (f"calibrated ({cal.goal}): {cal.chosen.label}; held-out seeds {cal.holdout_seeds}: {figures}; {cost}; "
             f"{judging.space}; judge: {judging.name}{warned}")
 

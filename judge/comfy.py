@@ -37,6 +37,9 @@ from .latent_distance import latent_rel_error
 from .thresholds import load_thresholds
 
 log = logging.getLogger(__name__)
+#: The latent judge's name (no VAE connected), which BatchGenerator's running audit also is: its verdicts go into the
+#: prior under this name, so a latent-judged calibration on the same model configuration starts from them.
+LATENT_JUDGE = "latent_rel_error of the final latents vs the full model's same-seed latents (judged in latent space: no VAE)"
 
 # Samplers that call the model twice per step (heun's last step once): their profiled calls are not their steps.
 # Re-rendering the profiled run on another device order (GPU kernels) moves a latent by far less than this;
@@ -187,7 +190,7 @@ class ComfyJudge:
     @property
     def name(self) -> str:
         if self.vae is None:
-            return "latent_rel_error of the final latents vs the full model's same-seed latents (judged in latent space: no VAE)"
+            return LATENT_JUDGE
         return ("SSIM" + (" + LPIPS" if self.lpips is not None else "") +
                 " of the decoded images vs the full model's same-seed images (quality_gate of thresholds.yaml)")
 

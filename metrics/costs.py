@@ -160,7 +160,7 @@ def cost_line(ledger: CostLedger, raw_ratio: float, n: int) -> str:
 
 def calibration_costs(cal: Any, *, unit_s: float | None, n: int, raw_ratio: float | None,
                       reference_s: float = 0.0, reference_images: int = 0,
-                      profiled_images: int = 0,
+                      profiled_images: int = 0, planned_audits: int = 0,
                       ratio_note: str = "estimated before judging") -> tuple[str | None, dict[str, Any]]:
     """One host's calibration (``fragment.calibration.Calibration``) as a ledger: the status line and the record.
 
@@ -170,7 +170,9 @@ def calibration_costs(cal: Any, *, unit_s: float | None, n: int, raw_ratio: floa
     delivered.  ``profiled_images`` (the profiled run's images, which the batch keeps) are delivered too; the
     profile hooks' own time is not measured here, and the record says so.  ``raw_ratio`` is the estimate the
     budget used; with no lever chosen (the full model) the ratio is 1 and the line says it never pays back.
-    Without ``unit_s`` there is no line.
+    ``planned_audits``: the audited images the batch's running audit will make (``fragment.audit.planned_audits``),
+    counted before it runs: each is a full-model image the user keeps (one stock image, delivered) and a fragment
+    render of the same seed thrown away (``1 / raw_ratio`` u, overhead).  Without ``unit_s`` there is no line.
 
     >>> from types import SimpleNamespace
     >>> cal = SimpleNamespace(seconds=3.0, images=3, delivered=1, chosen="heads 20%")
@@ -193,8 +195,12 @@ def calibration_costs(cal: Any, *, unit_s: float | None, n: int, raw_ratio: floa
         ledger.add("profile_hooks", unit_s * int(profiled_images), images=int(profiled_images),
                    delivered=int(profiled_images))
     ledger.add("judged", max(float(cal.seconds), 0.0), images=int(cal.images), delivered=int(cal.delivered))
+    audits = int(planned_audits) if cal.chosen is not None else 0
+    if audits:
+        ledger.add("audit", unit_s * audits * (1.0 + 1.0 / ratio), images=2 * audits, delivered=audits)
     record = ledger.record(raw_ratio=ratio, n=n)
     record["profile_hooks"] = "not measured"
+    record["audit"] = f"{audits} planned audits, estimated at the raw ratio" if audits else "none planned"
     record["raw_ratio_source"] = ratio_note if cal.chosen is not None and raw_ratio else \
         "1.0: the full model was kept" if cal.chosen is None else "1.0: no estimate"
     return cost_line(ledger, ratio, n), record

@@ -13,7 +13,12 @@ fragment's object patches and schedule taken off a clone); the batch holds
 the full model's image for those seeds, and the fragment's is judged against
 it in latent space (``latent_rel_error`` against the gate's latent limit).
 When the audit's sequential rule (``fragment.audit.AuditRule``) fires, the
-rest of the batch runs on the full model and the report is a WARNING.
+rest of the batch runs on the full model and the report is a WARNING.  By
+default (-1, auto) k follows the cost model (``audit_interval_for``), and a
+fragment extracted with confirm "in batch" (picked, no judged try) has its
+first 3 images audited.  The verdict is kept in the fragment's manifest
+(``quality.audits``) and in the prior of the batch's model configuration
+(``fragment.library.audit_outcome``), so the next prompt starts from it.
 
 ``rendered`` (FragmentExtractor's ``full_model_latents``) holds full-model
 renders the calibration already made: those seeds are not rendered again,
@@ -38,14 +43,16 @@ import comfy.utils
 import torch
 
 from ..errors import FragmentError
-from ..fragment.audit import FULL, AuditedBatch, AuditRule, run_audited
+from ..fragment.audit import FULL, AuditedBatch, AuditRule, audit_positions, planned_audit_every, run_audited
 from ..fragment.batching import chunk, plan_sub_batches, variant_seeds
 from ..fragment.compat import sampler_mismatch
+from ..fragment.library.audit_outcome import keep_audit_outcome
 from ..fragment.schedule.state import ScheduleState
-from ..judge.comfy import judge_limits
+from ..judge.comfy import LATENT_JUDGE, judge_limits
 from ..judge.latent_distance import latent_rel_error
 from .comfy_versions import has_keyed_wrappers, remove_call_wrappers, unload_clones
 from .folders import CATEGORY, tip
+from .fragment_extractor import ASSUMED_RAW_RATIO, run_prior
 from .fragment_loader import FRAGMENT_PATCHES
 from .node_text import WARNING, with_text
 from .schedule_patch import SCHEDULE_KEY, SCHEDULE_MARK, find_schedule_state
@@ -122,7 +129,7 @@ class BatchGenerator:
             "optional": {
                 "seed_list": ("STRING", tip("Explicit seeds, e.g. '1, 5, 10-13'; overrides seed and count.", default="", multiline=False)),
                 "schedule": (["as stored", "off", "heads only"], tip("A fragment's run-time schedule for this batch: as stored (step reuse, head sets, CFG truncation, cross-attention cache), off (the plain fragment), or heads only (no step reuse, CFG truncation or cross-attention cache).")),
-                "audit_every": ("INT", tip("Running audit of a fragment MODEL: the 1st and every k-th variant are also rendered with the full model; you get the full model's image for those seeds, and the fragment's is judged against it (latent error vs thresholds.yaml's limit). If the audit fails (failures outnumber passes by 3), the rest of the batch runs on the full model and the report warns. Each audit costs one fragment render. 0 = off.", default=0, min=0, max=4096)),
+                "audit_every": ("INT", tip("Running audit of a fragment MODEL: the 1st and every k-th variant are also rendered with the full model; you get the full model's image for those seeds, and the fragment's is judged against it (latent error vs thresholds.yaml's limit). If the audit fails (failures outnumber passes by 3), the rest of the batch runs on the full model and the report warns. Each audit costs one fragment render. -1 = auto: k from the cost model (at most a tenth of what the batch saves), and a fragment extracted with confirm 'in batch' has its first 3 images audited; 0 = off. The verdict is kept in the fragment's manifest and the model configuration's prior.", default=-1, min=-1, max=4096)),
                 "rendered": ("LATENT", tip("Full-model renders made already (FragmentExtractor's full_model_latents): the seeds it names are not rendered again, and its rows take their places in the batch.")),
             },
         }
@@ -143,7 +150,7 @@ class BatchGenerator:
 
     def generate_and_report(self, model: Any, positive: Any, negative: Any, latent_image: dict, seed: int, count: int,
                             batch_size: int, steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
-                            seed_list: str = "", schedule: str = "as stored", audit_every: int = 0,
+                            seed_list: str = "", schedule: str = "as stored", audit_every: int = -1,
                             rendered: dict | None = None) -> tuple[tuple, str]:
         seeds = variant_seeds(seed, count, seed_list)
         state = find_schedule_state(model)
@@ -160,10 +167,14 @@ class BatchGenerator:
                   rendered: dict | None = None) -> tuple[tuple, str]:
         base = latent_image["samples"][:1]
         given = given_rows(rendered, seeds, tuple(base.shape[1:]))
-        full = full_model_of(model) if audit_every > 0 else None
-        audited = audit_every if full is not None else 0
+        marker = model.model_options.get(FRAGMENT_PATCHES) or {}
         todo = sum(1 for s in seeds if s not in given)
-        progress = StepProgress(todo + (-(-todo // audited) if audited else 0), steps)
+        # a pick no judged try confirmed (confirm: in batch) meets its confirmation on the batch's first images
+        untried = bool(marker.get("levers")) and marker.get("confirmation") == "in_batch"
+        audited = audit_interval_for(audit_every, marker, todo, AuditRule().min_audits if untried else 0)
+        full = full_model_of(model) if audited else None
+        lead = AuditRule().min_audits if untried and audited else 0
+        progress = StepProgress(todo + len(audit_positions(todo, audited, lead)), steps)
         sizes: list[int] = []
 
         def render(patcher: Any, group_seeds: Sequence[int], fragment_state: ScheduleState | None) -> torch.Tensor:
@@ -198,11 +209,22 @@ class BatchGenerator:
         started = time.perf_counter()
         batch = run_audited(seeds, lambda _setting, group: render(model, group, state),
                             lambda group: render(full, group, None), compare, AuditRule(), [], setting="fragment",
-                            every=audited, given=given, block=max(batch_size, 1))  # stretches fill a sub-batch
+                            every=audited, given=given, block=max(batch_size, 1), lead=lead)  # stretches fill a sub-batch
         elapsed = time.perf_counter() - started
         report = (f"{len(seeds)} images in {elapsed:.1f} s ({len(seeds) / elapsed if elapsed > 0 else float('inf'):.2f} "
                   f"images/s), sub-batches {sizes}")
-        report += audit_clause(batch, audit_every, full is not None)
+        report += audit_clause(batch, audit_every, bool(marker.get("levers", bool(marker))))
+        if batch.records:
+            place = run_prior(marker.get("base_sha256") or "", sampler_name, scheduler, steps, cfg, base, positive)
+            notes = keep_audit_outcome(
+                batch, judge=LATENT_JUDGE, chosen=marker.get("chosen"), manifest_path=marker.get("manifest"),
+                manifest_id=marker.get("identity"), prior=place if not isinstance(place, str) and denoise >= 1.0 else None,
+                settings={"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg,
+                          "denoise": denoise, "images": len(seeds)})
+            report += "".join(f"; {note}" for note in notes)
+        elif untried and audit_every == 0:
+            report = (WARNING + report + "; the fragment was picked untried (extracted with confirm: in batch) and the "
+                      "audit is off, so its quality on this batch was not measured: set audit_every to -1 (auto)")
         unjudged = sampler_mismatch((model.model_options.get(FRAGMENT_PATCHES) or {}).get("judged_sampler"),
                                     {"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg,
                                      "denoise": denoise})
@@ -219,6 +241,26 @@ class BatchGenerator:
         return (out,), report
 
 
+def audit_interval_for(audit_every: int, marker: dict, images: int, lead: int) -> int:
+    """The audit interval a batch of ``images`` fragment images runs: ``audit_every`` as given (0: off), or for -1
+    (auto) the cost model's (``fragment.audit.planned_audit_every`` at the extractor's assumed raw speed-up, after a
+    ``lead``); 0 for a MODEL that carries no fragment levers (``marker``: FragmentLoader's ``FRAGMENT_PATCHES``).
+
+    >>> audit_interval_for(-1, {"levers": True}, 32, 0), audit_interval_for(-1, {"levers": True}, 32, 3)
+    (15, 32)
+    >>> audit_interval_for(4, {"levers": True}, 32, 0), audit_interval_for(-1, {}, 32, 0), audit_interval_for(0, {"levers": True}, 32, 3)
+    (4, 0, 0)
+    """
+    if audit_every < -1:
+        raise FragmentError(f"BatchGenerator audit_every: expected -1 (auto), 0 (off) or an interval >= 1, found "
+                            f"{audit_every}; set it to -1 for the cost model's interval")
+    if not marker or not marker.get("levers", True) or audit_every == 0:
+        return 0
+    if audit_every > 0:
+        return audit_every
+    return planned_audit_every(ASSUMED_RAW_RATIO, images, lead=lead)
+
+
 def audit_clause(batch: AuditedBatch, audit_every: int, has_fragment: bool) -> str:
     """What the report adds for the audit and the delivered rows; a switch makes the whole report a WARNING.
 
@@ -232,8 +274,10 @@ def audit_clause(batch: AuditedBatch, audit_every: int, has_fragment: bool) -> s
         clause += f"; full-model images delivered: {batch.delivered}"
     if audit_every > 0 and not has_fragment:
         return clause + "; audit off: the MODEL carries no fragment (it is the full model)"
-    if audit_every > 0:
+    if audit_every > 0 or batch.records:
         clause += f"; {batch.summary()}"
+    elif audit_every < 0 and has_fragment:
+        clause += "; no audit (auto: too few images to audit)"
     return clause
 
 

@@ -23,6 +23,11 @@ Two modes (``calibrate``):
   is left in place and the run is cold, with a warning in the status.  The status
   says cold or warm and what the calibration spent in u (one stock image, timed
   by the reference check) and from which image the planned batch pays it back.
+  With ``confirm`` "in batch" (the default) no candidate is rendered at all: the rung
+  the profile predicts (warm: the prior's) is picked, the manifest says so
+  (``quality.refinement.status`` "in_batch"), and BatchGenerator's running audit
+  confirms it on the batch's first images; only the reference check renders, and
+  its image of the profiled seed is delivered.  "judge" is the search above.
 * fixed settings (``off``, or ``auto`` with the prompts missing): the amounts of
   the optional ``levers`` input (FragmentManualLevers; its defaults when not
   connected), unjudged.
@@ -38,6 +43,7 @@ import torch
 
 from ..defaults import optional_lpips
 from ..errors import FragmentError
+from ..fragment.audit import AuditRule, planned_audits
 from ..fragment.build import describe_base
 from ..fragment.calibration import GOALS, Budget
 from ..fragment.compat import same_setting
@@ -56,6 +62,8 @@ from .node_text import with_text
 
 log = logging.getLogger(__name__)
 CALIBRATE = ["auto", "on", "off"]
+#: Where a calibrated pick is confirmed: in the user's batch (BatchGenerator's running audit), or judged here first.
+CONFIRM = ["in batch", "judge"]
 SEED_SPACE = 2**64  # KSampler's seed range: held-out seeds wrap around it
 #: The fragment's raw speed-up the budget assumes before anything is measured (about what the levers reach).
 ASSUMED_RAW_RATIO = 2.0
@@ -124,7 +132,8 @@ class FragmentExtractor:
                 "negative": ("CONDITIONING", tip("The profiled negative prompt.")),
                 "vae": ("VAE", tip("The checkpoint's VAE: the judge decodes and measures SSIM (+ LPIPS when its weights are installed). Without it the judge compares latents and says so.")),
                 "levers": (LEVERS_TYPE, tip("FragmentManualLevers: the fixed lever amounts used when calibrate is off (ignored when calibrating; its defaults when not connected).")),
-                "holdout_seeds": ("INT", tip("Held-out seeds (seed+1, seed+2, ...) a choice must also pass; rendered with the full model, delivered as full_model_latents.", default=1, min=1, max=16)),
+                "holdout_seeds": ("INT", tip("Held-out seeds (seed+1, seed+2, ...) a choice must also pass when confirm is judge; rendered with the full model, delivered as full_model_latents.", default=1, min=1, max=16)),
+                "confirm": (CONFIRM, tip("in batch: no candidate is rendered here; the rung the profile (and the prior of earlier prompts) predicts is picked, and BatchGenerator's running audit confirms it on the batch's first images, switching to the full model if it fails. judge: candidates are judged against the full model here, on the profiled and held-out seeds, before the batch (costs judged renders the batch must repay).")),
                 "seed": ("INT", tip(override, default=0, min=0, max=0xFFFFFFFFFFFFFFFF, forceInput=True)),
                 "steps": ("INT", tip(override, default=20, min=1, max=10000, forceInput=True)),
                 "cfg": ("FLOAT", tip(override, default=8.0, min=0.0, max=100.0, step=0.1, round=0.01, forceInput=True)),
@@ -138,18 +147,23 @@ class FragmentExtractor:
     FUNCTION = "extract"
     OUTPUT_NODE = True
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Scores the profiled heads and channels, chooses the strongest levers that pass the quality gate against the "
-                   "full model on the profiled and held-out seeds (re-rendered with the profiled run's recorded sampler "
-                   "settings), and writes manifest + safetensors to models/fragments.")
+    DESCRIPTION = ("Scores the profiled heads and channels, picks the levers the profile predicts (confirm in batch: "
+                   "BatchGenerator's running audit confirms them) or the strongest that pass the quality gate against the "
+                   "full model on the profiled and held-out seeds (confirm judge), and writes manifest + safetensors to "
+                   "models/fragments.")
 
     def extract(self, profile: ProfileHandle, trigger: Any, name: str, calibrate: str = "auto", goal: str = "both",
                 batch_images: int = 32, overwrite: bool = False, positive: Any = None, negative: Any = None,
                 vae: Any = None, levers: ExtractionSettings | None = None, holdout_seeds: int = 1,
                 seed: int | None = None, steps: int | None = None, cfg: float | None = None,
-                sampler_name: str | None = None, scheduler: str | None = None,
+                sampler_name: str | None = None, scheduler: str | None = None, confirm: str = CONFIRM[0],
                 budget_images: int | None = None) -> dict[str, Any]:
         """``budget_images`` (Python callers and benches only, no widget) replaces the budget ``batch_images`` implies."""
         calibrating = wants_calibration(calibrate, positive, negative)
+        if confirm not in CONFIRM:
+            raise FragmentError(f"FragmentExtractor: confirm: expected one of {', '.join(CONFIRM)}, found {confirm!r}; "
+                                "choose one of them")
+        in_batch = calibrating and confirm == "in batch"
         settings = ExtractionSettings() if calibrating else (levers if levers is not None else manual_settings())
         kv_fold = bool(settings.amount("kv_fold")) if not calibrating else False
         if kv_fold and (positive is None or negative is None):
@@ -162,7 +176,8 @@ class FragmentExtractor:
                                         dict(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler))
             budget = budget_images if budget_images is not None else judged_image_budget(batch_images, holdout_seeds,
                                                                                         batch_of(trigger))
-            check_budget(budget, batch_images, holdout_seeds, batch_of(trigger), explicit=budget_images is not None)
+            if not in_batch:  # an in-batch pick renders no candidate: there is nothing to budget
+                check_budget(budget, batch_images, holdout_seeds, batch_of(trigger), explicit=budget_images is not None)
             check_steps(sampler, len(profile.session.step_timesteps() or []))
         model = profile.diffusion_model
         # A clone kept loaded after an earlier queue (a fragment's MODEL) has its object patches on the shared modules:
@@ -176,7 +191,7 @@ class FragmentExtractor:
         if sampler is not None:
             judging = comfy_judging(profile, sampler, positive, negative, trigger, vae, digest, originals,
                                     goal=goal, holdout=holdout_seeds, budget_images=budget, batch_images=batch_images,
-                                    prior=prior_place(digest, sampler, trigger, positive))
+                                    prior=prior_place(digest, sampler, trigger, positive), in_batch=in_batch)
         why = "calibrate off" if calibrate == "off" else "calibrate auto: the positive and negative prompts are not connected"
         made = make_fragment(profile.session.evidence(kv_context), model, base=base, name=name, directory=fragments_dir(),
                              settings=settings, judging=judging, overwrite=overwrite, unjudged_reason=why,
@@ -311,25 +326,38 @@ def prior_place(digest: str, sampler: SamplerSettings, trigger: Any, positive: A
     of the positive conditioning's bytes (``conditioning_identity``).  A run the key cannot describe (more steps
     than a prior keeps, say) calibrates without a prior, and the log says so.
     """
-    samples = trigger["samples"]
-    try:
-        key = PriorKey(digest, sampler.sampler_name, sampler.scheduler, sampler.steps,
-                       (int(samples.shape[-1]) * 8, int(samples.shape[-2]) * 8), sampler.cfg)
-    except FragmentError as exc:
-        log.warning("FragmentExtractor: no prior for this run (%s); the calibration starts cold", exc)
+    place = run_prior(digest, sampler.sampler_name, sampler.scheduler, sampler.steps, sampler.cfg, trigger["samples"],
+                      positive)
+    if isinstance(place, str):
+        log.warning("FragmentExtractor: no prior for this run (%s); the calibration starts cold", place)
         return None
+    return place
+
+
+def run_prior(digest: str, sampler_name: str, scheduler: str, steps: int, cfg: float, samples: torch.Tensor,
+              positive: Any) -> PriorPlace | str:
+    """The prior of a sampler run's model configuration (the extractor's profiled run, a BatchGenerator batch): the
+    base's sha256, sampler, scheduler, steps, cfg and the latent's size in pixels (x 8), in the fragments folder;
+    or why the key cannot describe the run (a string)."""
+    try:
+        key = PriorKey(digest, sampler_name, scheduler, steps, (int(samples.shape[-1]) * 8, int(samples.shape[-2]) * 8),
+                       cfg)
+    except FragmentError as exc:
+        return str(exc)
     return PriorPlace(fragments_dir(), key, conditioning_identity(positive))
 
 
 def comfy_judging(profile: ProfileHandle, sampler: SamplerSettings, positive: Any, negative: Any, trigger: Any,
                   vae: Any, digest: str, originals: Any, *, goal: str, holdout: int, budget_images: int,
-                  batch_images: int = 32, prior: PriorPlace | None = None) -> Judging:
+                  batch_images: int = 32, prior: PriorPlace | None = None, in_batch: bool = False) -> Judging:
     """The calibration's judging in ComfyUI: the profiled seed, then ``holdout`` seeds after it, rendered on clones
     of the profiled model and compared with its output (the ``trigger`` LATENT).
 
     The reference check's full-model render times one stock image (``u``); the status's cost line counts the
     calibration in it against the planned batch of ``batch_images`` at the assumed raw speed-up (the full model
     kept: 1x, never pays back).  ``prior`` (``prior_place``) starts the search warm and records its tries.
+    ``in_batch``: no candidate is judged (``Judging.confirm_in_batch``); only the reference check renders, and its
+    image of the profiled seed is delivered.
 
     >>> judging = comfy_judging(profile, sampler, pos, neg, latent, None, digest, originals,  # doctest: +SKIP
     ...                         goal="both", holdout=1, budget_images=16)
@@ -344,14 +372,18 @@ def comfy_judging(profile: ProfileHandle, sampler: SamplerSettings, positive: An
 
     def costs(cal: Any) -> tuple[str | None, dict[str, Any]]:
         checked = judge.reference_seconds is not None
+        # the batch's running audit (BatchGenerator, audit_every auto) is part of what the pick costs the user
+        rest = max(batch_images - len(judge.references), 0)
+        audits = planned_audits(ASSUMED_RAW_RATIO, rest, lead=AuditRule().min_audits if cal.status == "in_batch" else 0)
         return calibration_costs(cal, unit_s=judge.unit_s, n=batch_images, raw_ratio=ASSUMED_RAW_RATIO,
                                  reference_s=judge.reference_seconds or 0.0, reference_images=judge.batch if checked else 0,
-                                 profiled_images=judge.batch, ratio_note="assumed (the extractor's budget assumption)")
+                                 profiled_images=judge.batch, planned_audits=audits,
+                                 ratio_note="assumed (the extractor's budget assumption)")
 
     return Judging(judge, judge.name, [seed], [(seed + i) % SEED_SPACE for i in range(1, holdout + 1)], goal=goal,
                    budget=Budget(images=budget_images), images_per_seed=judge.batch, space=space,
                    reference_images=judge.batch, prepare=judge.check_reference, prior=prior,
-                   unit_s=lambda: judge.unit_s, costs=costs,
+                   unit_s=lambda: judge.unit_s, costs=costs, confirm_in_batch=in_batch,
                    # the judge renders at full denoise from the profiled run's empty latent
                    sampler={"sampler_name": sampler.sampler_name, "scheduler": sampler.scheduler,
                             "steps": sampler.steps, "cfg": sampler.cfg, "denoise": 1.0})

@@ -23,6 +23,8 @@ from ..errors import BaseModelMismatchError, FragmentError
 from ..fragment.library.auto_mode import FALLBACK, auto_select, load_or_fallback
 from ..fragment.library.fingerprint import pool_conditioning
 from ..fragment.format.manifest import Fragment
+from ..fragment.format.store import manifest_identity
+from ..fragment.library.audit_outcome import audit_confirmed
 from ..fragment.patching import PatchPlan, base_sha256, plan_patches
 from ..fragment.schedule.apply import fragment_schedule, schedule_replacements
 from ..fragment.schedule.state import Schedule, ScheduleState
@@ -79,8 +81,9 @@ class FragmentLoader:
         originals = unpatched_originals(model)
         prefix_status = ""
         digest: str | None = None
+        source = None  # the manifest file the fragment was read from: BatchGenerator's audit keeps its verdict there
         if fragment is not None:
-            frag = fragment.fragment
+            frag, source = fragment.fragment, fragment.manifest_path
         elif fragment_name == AUTO:
             if positive is None:
                 raise FragmentError("FragmentLoader (auto): expected the positive CONDITIONING input, found none; "
@@ -93,6 +96,7 @@ class FragmentLoader:
                 log.warning("FragmentLoader: %s", status)
                 return (without_profiling(model.clone()), status)
             frag, prefix_status = outcome.fragment, outcome.status + "; "
+            source = outcome.lookup.manifest_path if outcome.lookup is not None else None
         elif fragment_name and fragment_name != NONE:
             path = fragment_path(fragment_name)
             # fallback: a corrupt file is quarantined and the full model used, so one bad download never stops a
@@ -102,13 +106,13 @@ class FragmentLoader:
                 status = warned(outcome.status)
                 log.warning("FragmentLoader: %s", status)
                 return (without_profiling(model.clone()), status)
-            frag = outcome.fragment
+            frag, source = outcome.fragment, path
         else:
             raise FragmentError("FragmentLoader: expected a fragment_name or a connected fragment input, found neither; "
                                 "choose a fragment in fragment_name, or connect FragmentExtractor's FRAGMENT output")
         try:
             patched, plan, plan_schedule = fragment_model(model, frag, originals=originals, digest=digest,
-                                                          schedule=schedule != "off")
+                                                          schedule=schedule != "off", source=source)
         except BaseModelMismatchError as exc:
             if on_mismatch == "raise":
                 raise
@@ -119,6 +123,12 @@ class FragmentLoader:
                   f"{plan.bytes_saved / 2**20:.1f} MiB fewer weights")
         if not plan_schedule.empty:
             status += "; " + (describe_schedule(plan_schedule) if schedule != "off" else "schedule off")
+        confirmation = confirmation_of(frag)
+        if confirmation == "in_batch":
+            status += ("; picked untried (extracted with confirm: in batch): BatchGenerator's running audit confirms it "
+                       "on the batch's first images")
+        elif confirmation == "audited":
+            status += "; picked untried, confirmed since by a batch's running audit (quality.audits)"
         log.info("FragmentLoader: %s", status)
         return (patched, status)
 
@@ -135,13 +145,15 @@ def warned(status: str) -> str:
 
 
 def fragment_model(model: Any, frag: Fragment, *, originals: dict[str, Any] | None = None, digest: str | None = None,
-                   schedule: bool = True) -> tuple[Any, PatchPlan, Schedule]:
+                   schedule: bool = True, source: Any = None) -> tuple[Any, PatchPlan, Schedule]:
     """A clone of ``model`` with ``frag`` applied as object patches (and its schedule, unless ``schedule`` is off).
 
     The one way the pack puts a fragment on a ComfyUI MODEL: FragmentLoader and the
     extractor's judge both call it.  The clone never profiles, its size is the bytes
     really resident, and the shared model is left alone.  ``digest`` (``base_sha256``)
     skips re-hashing the base; raises ``BaseModelMismatchError`` for another base.
+    ``source``: the manifest file ``frag`` was read from (None: not from a file), where
+    BatchGenerator's running audit keeps its verdict.
 
     >>> patched, plan, plan_schedule = fragment_model(model, fragment, digest=digest)  # doctest: +SKIP
     >>> patched is not model, plan_schedule.empty  # doctest: +SKIP
@@ -173,11 +185,34 @@ def fragment_model(model: Any, frag: Fragment, *, originals: dict[str, Any] | No
     # what the calibration judged with; nothing when the MODEL runs as the full model (no lever, or a fallback's
     # empty fragment), whose images no sampler can make differ from stock's
     judged = (frag.manifest.get("quality") or {}).get("sampler") if replacements or scheduled else None
+    refinement = refinement_of(frag)
     patched.model_options[FRAGMENT_PATCHES] = {"keys": sorted(PREFIX + p for p in replacements),
                                                "size": model.model_size(),
-                                               "judged_sampler": dict(judged) if isinstance(judged, dict) else None}
+                                               "judged_sampler": dict(judged) if isinstance(judged, dict) else None,
+                                               "levers": bool(replacements or scheduled),
+                                               "confirmation": confirmation_of(frag),
+                                               "chosen": refinement.get("chosen"),
+                                               "base_sha256": (frag.manifest.get("base_model") or {}).get("sha256"),
+                                               "manifest": str(source) if source is not None else None,
+                                               "identity": manifest_identity(frag.manifest)}
     patched.size = max(1, model.model_size() - plan.bytes_saved)
     return patched, plan, plan_schedule
+
+
+def refinement_of(frag: Fragment) -> dict[str, Any]:
+    """The manifest's ``quality.refinement`` (how the calibration chose), or ``{}`` when it has none."""
+    refinement = (frag.manifest.get("quality") or {}).get("refinement")
+    return dict(refinement) if isinstance(refinement, dict) else {}
+
+
+def confirmation_of(frag: Fragment) -> str | None:
+    """How the fragment's pick was confirmed: the calibration's status (``passed``, ``fallback_full_model``), or for
+    an untried pick (``in_batch``) ``audited`` once an earlier batch's running audit confirmed it
+    (``audit_confirmed``), so later batches need no lead of audits."""
+    status = refinement_of(frag).get("status")
+    if status == "in_batch" and audit_confirmed(frag.manifest.get("quality")):
+        return "audited"
+    return status if isinstance(status, str) else None
 
 
 def _judged_fragment_model(model: Any, frag: Fragment, originals: dict[str, Any] | None, digest: str | None) -> Any:

@@ -65,12 +65,13 @@ class ScheduledEnv:
               positive: Any = None, negative: Any = None, latent: dict[str, torch.Tensor] | None = None,
               sampler_name: str = "euler", scheduler: str = "normal") -> torch.Tensor:
         """BatchGenerator: ``count`` seeds from ``seed`` in sub-batches of ``batch_size`` (default: all at once),
-        STEPS steps of ``sampler_name`` (euler, normal unless given), cfg 7, on the 64 px latent unless given."""
+        STEPS steps of ``sampler_name`` (euler, normal unless given), cfg 7, on the 64 px latent unless given.
+        The running audit is off: these batches check the schedule, and an audited row is the full model's."""
         with plenty_of_free_memory():
             (out,) = self.mapping["BatchGenerator"]().generate(
                 model, self.positive if positive is None else positive, self.negative if negative is None else negative,
                 self.latent if latent is None else latent, seed, count, batch_size or count, STEPS, 7.0, sampler_name,
-                scheduler, 1.0, schedule=schedule)
+                scheduler, 1.0, schedule=schedule, audit_every=0)
         return out["samples"]
 
     def state(self, model: Any) -> ScheduleState:

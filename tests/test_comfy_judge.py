@@ -57,7 +57,7 @@ def _calibrate(env, name: str, trigger=None, **inputs):
     under test is the same for every goal.  ``budget_images`` (a Python-only input) keeps the test short.
     """
     wiring = dict(positive=env.positive, negative=env.negative, calibrate="on", goal="speed", budget_images=6,
-                  holdout_seeds=1, overwrite=True)
+                  holdout_seeds=1, overwrite=True, confirm="judge")
     wiring.update(inputs)
     with torch.inference_mode():
         out = env.mapping["FragmentExtractor"]().extract(env.profile, env.sampled if trigger is None else trigger, name,

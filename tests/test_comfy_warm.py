@@ -26,6 +26,7 @@ from prompt_fragments.fragment.library.prior import priors_dir
 from test_node_messages import says_what_to_do
 
 SEED, STEPS, CFG = 11, 2, 6.5
+IN_BATCH_CFG = 5.5  # the in-batch test's own model configuration: a prior no judged test of this module wrote
 SPENT = re.compile(r"spent (\d+\.\d) u \((\d+\.\d) s\), (pays back from image (\d+)|never pays back)")
 AUDITED = re.compile(r"audited (\d+) of (\d+): (\d+) passed")
 
@@ -41,10 +42,10 @@ def env(comfyui, comfyui_pack, sd15_checkpoint, tmp_path_factory: pytest.TempPat
     permissive = tmp_path_factory.mktemp("warm") / "thresholds.yaml"
     permissive.write_text("quality_gate:\n  variants: 1\n  latent_rel_error_max: 100.0\n")
 
-    def sample(positive: Any) -> dict[str, Any]:
+    def sample(positive: Any, cfg: float = CFG) -> dict[str, Any]:
         """The profiled KSampler's run for ``positive``: the extractor takes its settings from it."""
         with torch.inference_mode():
-            return nodes.KSampler().sample(model, SEED, STEPS, CFG, "euler", "normal", positive, negative, latent)[0]
+            return nodes.KSampler().sample(model, SEED, STEPS, cfg, "euler", "normal", positive, negative, latent)[0]
 
     yield SimpleNamespace(nodes=nodes, mapping=mapping, model=model, profile=profile, prompts=prompts, negative=negative,
                           latent=latent, sample=sample, permissive=permissive, pack=comfyui_pack,
@@ -54,15 +55,16 @@ def env(comfyui, comfyui_pack, sd15_checkpoint, tmp_path_factory: pytest.TempPat
             forget(comfyui.model_dir("fragments"), entry["name"])
 
 
-def extract(env: SimpleNamespace, name: str, positive: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, str, Any]:
+def extract(env: SimpleNamespace, name: str, positive: Any, monkeypatch: pytest.MonkeyPatch, confirm: str = "judge",
+            cfg: float = CFG) -> tuple[Any, str, Any]:
     monkeypatch.setattr(env.pack.judge.comfy, "DEFAULT_THRESHOLDS", env.permissive)
     rung = env.pack.fragment.calibration.Candidate({"heads": 0.1}, level=0.1)
     monkeypatch.setattr(env.pack.fragment.extract, "candidate_ladder", lambda predictors, goal: [rung])
-    trigger = env.sample(positive)
+    trigger = env.sample(positive, cfg)
     with torch.inference_mode():
         out = env.mapping["FragmentExtractor"]().extract(env.profile, trigger, name, calibrate="on", goal="speed",
                                                          positive=positive, negative=env.negative, budget_images=3,
-                                                         holdout_seeds=1, overwrite=True)
+                                                         holdout_seeds=1, overwrite=True, confirm=confirm)
     handle, status, latents = out["result"]
     assert out["ui"]["text"] == [status]
     return handle, status, latents
@@ -136,3 +138,66 @@ def test_an_unreadable_prior_is_left_in_place_and_the_run_is_cold_with_a_warning
     refinement = load_fragment(handle.manifest_path).manifest["quality"]["refinement"]
     assert refinement["start"] == "cold" and says_what_to_do(refinement["warnings"][0]), refinement
     print(f"\nhostile: {status}")
+
+
+def batch(env: SimpleNamespace, model: Any, positive: Any, count: int, cfg: float, **optional: Any) -> dict[str, Any]:
+    cls = env.mapping["BatchGenerator"]
+    with torch.inference_mode():
+        return getattr(cls(), cls.FUNCTION)(model=model, positive=positive, negative=env.negative,
+                                            latent_image=env.latent, seed=SEED, count=count, batch_size=3, steps=STEPS,
+                                            cfg=cfg, sampler_name="euler", scheduler="normal", denoise=1.0, **optional)
+
+
+def test_an_in_batch_pick_is_led_by_the_audit_which_keeps_its_verdict_in_the_manifest_and_the_prior(
+        env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped default (confirm in batch, audit_every auto): nothing is judged before the batch, the batch's
+    first 3 images are audited, and the verdict lands in the fragment's manifest and the configuration's prior,
+    so the next prompt's pick starts warm from it."""
+    handle, status, latents = extract(env, "warm_in_batch", env.prompts[0], monkeypatch, confirm="in batch",
+                                      cfg=IN_BATCH_CFG)
+    assert status.startswith("picked (speed), untried: heads 10%"), status  # a planned CFG cut-off may ride on it
+    assert "; the batch's running audit confirms it" in status and " judge: " in status, status
+    assert "cold start (no prior for this model configuration yet)" in status and "0 tries, 0 images" in status
+    manifest = load_fragment(handle.manifest_path).manifest
+    refinement = manifest["quality"]["refinement"]
+    assert (refinement["status"], refinement["tries"], manifest["quality"]["quality_gate"]) == ("in_batch", [], "in_batch")
+    assert latents["fragment_seeds"] == [SEED]  # only the reference check rendered: its image is the batch's
+    with torch.inference_mode():
+        model, loaded = env.mapping["FragmentLoader"]().apply(env.model, "(none)", "raise", fragment=handle)
+    assert "picked untried (extracted with confirm: in batch)" in loaded, loaded
+
+    out = batch(env, model, env.prompts[0], 6, IN_BATCH_CFG, rendered=latents)
+    text = out["ui"]["text"][0]
+    print(f"\nin batch: {status}\nbatch: {text}")
+    assert "1 rows from rendered (not rendered again)" in text, text
+    assert AUDITED.search(text).group(1, 2, 3) == ("3", "5", "3"), text  # the lead: images 1-3 of the 5 rendered
+    assert "audit kept in the manifest (quality.audits)" in text, text
+    assert "audit recorded in the prior of this model configuration" in text, text
+    (kept,) = load_fragment(handle.manifest_path).manifest["quality"]["audits"]
+    assert (kept["audited"], kept["passed"], kept["every"], kept["switched_at"]) == (3, 3, 5, None), kept
+    assert kept["settings"]["cfg"] == IN_BATCH_CFG and kept["settings"]["images"] == 6
+
+    digest = (load_fragment(handle.manifest_path).manifest["base_model"]["sha256"])
+    extractor = sys.modules[env.mapping["FragmentExtractor"].__module__]
+    place = extractor.run_prior(digest, "euler", "normal", STEPS, IN_BATCH_CFG, env.latent["samples"], env.prompts[0])
+    # the pack's own load_prior: ComfyUI imported the pack under another module name, so its PriorKey is another class
+    audits = [t for t in env.pack.fragment.library.prior.load_prior(env.folder, place.key).tries if t["phase"] == "audit"]
+    assert [(t["label"], t["passed"], t["seeds"]) for t in audits] == [(refinement["chosen"]["label"], True, 3)], audits
+    assert audits[0]["levers"]["heads"] == 0.1
+
+    # the same loaded MODEL, a second batch (ComfyUI keeps the loader's output between queues): led and recorded again
+    text = batch(env, model, env.prompts[0], 4, IN_BATCH_CFG)["ui"]["text"][0]
+    assert "audit kept in the manifest (quality.audits)" in text and "audited 3 of 4" in text, text
+    assert len(load_fragment(handle.manifest_path).manifest["quality"]["audits"]) == 2
+    # loaded again from its file, the pick is confirmed by those audits: no lead, the cost model's interval only
+    with torch.inference_mode():
+        reloaded, loaded = env.mapping["FragmentLoader"]().apply(env.model, handle.manifest_path.name, "raise")
+    assert "confirmed since by a batch's running audit (quality.audits)" in loaded, loaded
+    text = batch(env, reloaded, env.prompts[0], 4, IN_BATCH_CFG)["ui"]["text"][0]
+    assert "audited 2 of 4" in text and "audit kept in the manifest" in text, text  # images 1 and 4
+    # audit_every 0 on an untried pick: the batch runs, and the report warns that nothing measured it
+    text = batch(env, model, env.prompts[0], 4, IN_BATCH_CFG, audit_every=0)["ui"]["text"][0]
+    assert text.startswith("WARNING: ") and "picked untried" in text and "set audit_every to -1 (auto)" in text, text
+
+    _, second, _ = extract(env, "warm_in_batch_2", env.prompts[1], monkeypatch, confirm="in batch", cfg=IN_BATCH_CFG)
+    assert "warm start (the prior of 1 earlier prompt on this model configuration)" in second, second

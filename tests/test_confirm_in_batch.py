@@ -200,7 +200,7 @@ def test_the_lead_audits_the_first_images_and_switches_before_the_batch_is_made_
 
 @pytest.mark.parametrize("images, allowance, extra", [(125, 6.0, 9), (61, 2.5, 2), (32, 1.5, 0), (24, 100.0, 10)])
 def test_the_interval_after_a_lead_audits_what_the_allowance_pays_for(images, allowance, extra) -> None:
-    from prompt_fragments.bench.batch import lead_interval
+    from prompt_fragments.fragment.audit import lead_interval
 
     # at 2x raw an audit wastes 0.5 u: the lead's 3 take 1.5 u, the rest pays for `extra` more (at most every 2nd)
     every = lead_interval(2.0, images, 3, allowance)

@@ -1,12 +1,15 @@
 """Tier 1: the cost model in u (metrics/costs.py) and the calibration's budget from what the batch can repay."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from prompt_fragments.errors import FragmentError
+from prompt_fragments.fragment.audit import planned_audits
 from prompt_fragments.fragment.calibration import Budget, Candidate, Judgement, calibrate
-from prompt_fragments.metrics.costs import (CostLedger, amortized_ratio, break_even_images, cost_line,
+from prompt_fragments.metrics.costs import (CostLedger, amortized_ratio, break_even_images, calibration_costs, cost_line,
                                             repayable_units)
 
 
@@ -128,3 +131,16 @@ def test_calibration_counts_the_images_the_judge_rendered_and_delivers_reference
                          budget=Budget(images=100, image_u=0.5), goal="memory")
     assert unitless.units == pytest.approx(0.5 * sum(t["images"] - (1 if t["phase"] == "holdout" else 0)
                                                      for t in unitless.tries))
+
+
+def test_the_batch_audit_a_pick_will_get_counts_in_its_cost_line() -> None:
+    cal = SimpleNamespace(seconds=0.0, images=0, delivered=0, chosen="heads 10%")
+    audits = planned_audits(2.0, 31, lead=3)
+    _, without = calibration_costs(cal, unit_s=1.0, n=32, raw_ratio=2.0)
+    line, with_audit = calibration_costs(cal, unit_s=1.0, n=32, raw_ratio=2.0, planned_audits=audits)
+    # each audit: a full-model image the user keeps (delivered) and a fragment render thrown away (1/2 u)
+    assert with_audit["overhead_u"] - without["overhead_u"] == pytest.approx(audits / 2.0)
+    assert with_audit["delivered"] - without["delivered"] == audits == 3
+    assert with_audit["amortized_ratio"] < without["amortized_ratio"] and "3 planned audits" in with_audit["audit"]
+    kept = SimpleNamespace(seconds=0.0, images=0, delivered=0, chosen=None)  # the full model: nothing to audit
+    assert calibration_costs(kept, unit_s=1.0, n=32, raw_ratio=2.0, planned_audits=3)[1]["audit"] == "none planned"

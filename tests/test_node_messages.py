@@ -286,8 +286,9 @@ NODE_ERRORS: dict[str, Callable[[SimpleNamespace], Any]] = {
     "extractor: sampler not recorded": lambda n: _calibrate_with(n, _recorded(sampler_name=None)),
     "extractor: noise not from the seed": lambda n: _calibrate_with(n, _recorded(noise_from_seed=False)),
     "extractor: img2img profile": lambda n: _calibrate_with(n, _recorded(empty_latent=False, denoise=0.5)),
-    "extractor: batch too small": lambda n: _calibrate_with(n, _recorded(), batch_images=4),
-    "extractor: budget_images too small": lambda n: _calibrate_with(n, _recorded(), budget_images=2),
+    "extractor: batch too small": lambda n: _calibrate_with(n, _recorded(), batch_images=4, confirm="judge"),
+    "extractor: budget_images too small": lambda n: _calibrate_with(n, _recorded(), budget_images=2, confirm="judge"),
+    "extractor: unknown confirm": lambda n: _extract(n, confirm="later"),
     "extractor: judge without prompts": _judge_without_prompts,
     "extractor: steps disagree with the profile": _steps_disagree,
 }
@@ -308,11 +309,11 @@ def test_a_batch_too_small_is_refused_with_the_least_that_works(nodes) -> None:
     assert extractor_module.judged_image_budget(least, holdout=1) >= extractor_module.least_judged_images(1)
     assert extractor_module.judged_image_budget(least - 1, holdout=1) < extractor_module.least_judged_images(1)
     with pytest.raises(Exception) as info:
-        _calibrate_with(nodes, _recorded(), batch_images=least - 1)
+        _calibrate_with(nodes, _recorded(), batch_images=least - 1, confirm="judge")
     assert f"set batch_images to {least} or more" in str(info.value), info.value
     # The refusal comes before anything renders: the fake profile has no session, model or patcher to render with.
     with pytest.raises(Exception) as info:
-        _calibrate_with(nodes, _recorded(), holdout_seeds=2, batch_images=8)
+        _calibrate_with(nodes, _recorded(), holdout_seeds=2, batch_images=8, confirm="judge")
     assert f"set batch_images to {extractor_module.least_batch_images(holdout=2)} or more" in str(info.value)
 
 

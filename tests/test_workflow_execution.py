@@ -516,9 +516,11 @@ def test_sdxl_workflows_end_to_end_in_a_subprocess(comfyui: cs.ComfyUIRuntime, t
 # --------------------------------------------------------------------------- (f) the shipped gate, on
 
 
+@pytest.mark.parametrize("confirm", [None, "judge"])  # None: as shipped (in batch)
 def test_the_shipped_extract_graph_runs_with_the_gate_on(comfyui: cs.ComfyUIRuntime, comfyui_pack: Any,
-                                                          sd15_checkpoint: str) -> None:
-    """profile_and_extract as shipped (calibrate auto, the checkpoint's VAE wired): the judge runs and records.
+                                                          sd15_checkpoint: str, confirm: str | None) -> None:
+    """profile_and_extract as shipped (calibrate auto, confirm in batch, the checkpoint's VAE wired): the pick is
+    recorded as untried, for BatchGenerator's audit to confirm; with confirm judge the judge runs and records.
 
     Shrunk like the other graphs, with 4 steps so step reuse has steps to choose from, and the speed goal
     (no precision candidates, which quantize every Linear of a CPU UNet per try).  Random weights carry no
@@ -537,15 +539,27 @@ def test_the_shipped_extract_graph_runs_with_the_gate_on(comfyui: cs.ComfyUIRunt
             inputs["steps"] = 4
     extractor = prompt[extractor_id]["inputs"]
     assert extractor["calibrate"] == "auto" and _is_link(extractor["vae"])
+    assert extractor.get("confirm", "in batch") == "in batch"
     extractor.update(steps=4, goal="speed", batch_images=16, name="gated_fragment", overwrite=True)  # a budget of 7
+    if confirm is not None:
+        extractor["confirm"] = confirm
     try:
-        outputs = cs.run_prompt(comfyui, prompt, prompt_id="e2e-gate-on")
+        outputs = cs.run_prompt(comfyui, prompt, prompt_id=f"e2e-gate-on-{confirm or 'shipped'}")
     finally:
         cs.free_comfy_memory()
         release_heap()
     (status,) = outputs[extractor_id]["text"]
     manifest = load_fragment(comfyui.model_dir("fragments") / "gated_fragment.json").manifest
     refinement = manifest["quality"]["refinement"]
+    if confirm is None:  # nothing judged: the pick the profile predicts, marked for the batch's audit
+        assert refinement["tries"] == [] and refinement["cost"]["images"] == 0 and refinement["goal"] == "speed"
+        assert refinement["status"] == manifest["quality"]["quality_gate"], refinement["status"]
+        if refinement["chosen"] is None:
+            assert status.startswith("FULL MODEL used"), status
+        else:
+            assert refinement["status"] == "in_batch" and status.startswith("picked (speed), untried: "), status
+            assert refinement["chosen"]["label"] in status and "running audit confirms it" in status
+        return
     assert refinement["tries"] and refinement["judge"] and refinement["goal"] == "speed"
     assert refinement["cost"]["images"] <= 8 and manifest["performance"]["calibration"]["images"] == refinement["cost"]["images"]
     if refinement["chosen"] is None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ...errors import FragmentError, IntegrityError, ManifestError, ReadError
 from ..build import check_loadable
-from .hashing import sha256_file
+from .hashing import sha256_file, sha256_json
 from .manifest import Fragment, seal, validate_manifest
 from .untrusted import MAX_MANIFEST_BYTES, parse_json, read_safetensors_header
 
@@ -167,24 +167,90 @@ def _install_steps(directory: Path, name: str, manifest_path: Path, manifest: Ma
     _fsync(directory)
     body = {k: v for k, v in manifest.items() if k != "integrity"}
     sealed = seal({**body, "artifacts": {"tensors": {"file": tensors_name, "sha256": digest, "bytes": size}}})
-    tmp_json = directory / f".{name}.json.tmp-{os.getpid()}"
-    try:
-        with open(tmp_json, "wb") as fh:
-            fh.write(json.dumps(sealed, indent=2, sort_keys=False).encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_json, manifest_path)  # the switch: old pair before, new pair after
-    except OSError as exc:
-        raise FragmentError(f"{manifest_path}: expected a writable manifest path, found: {exc}; the previous "
-                            "fragment (if any) is unchanged") from exc
-    finally:
-        tmp_json.unlink(missing_ok=True)
-    _fsync(directory)
+    _replace_manifest(manifest_path, sealed)  # the switch: old pair before, new pair after
     if old_file is not None and old_file != tensors_name:
         match = OWN_TENSORS.fullmatch(old_file)
         if match is not None and match["stem"] == name:  # never a file another fragment's naming could own
             (directory / old_file).unlink(missing_ok=True)
     return manifest_path, sealed
+
+
+def _replace_manifest(manifest_path: Path, sealed: Mapping[str, Any]) -> None:
+    """Write ``sealed`` to a temporary beside ``manifest_path``, fsync it, rename it over the manifest (atomic) and
+    fsync the folder: a kill at any point leaves the old manifest or the new one, never a torn file."""
+    tmp_json = manifest_path.parent / f".{manifest_path.stem}.json.tmp-{os.getpid()}"
+    try:
+        if tmp_json.is_symlink() or tmp_json.exists():  # a dead namesake's leftover or a planted link: never written through
+            tmp_json.unlink()
+        with open(tmp_json, "xb") as fh:
+            fh.write(json.dumps(sealed, indent=2, sort_keys=False).encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_json, manifest_path)
+    except OSError as exc:
+        raise FragmentError(f"{manifest_path}: expected a writable manifest path, found: {exc}; the previous "
+                            "fragment (if any) is unchanged") from exc
+    finally:
+        tmp_json.unlink(missing_ok=True)
+    _fsync(manifest_path.parent)
+
+
+#: Batch audits a manifest keeps (the latest): enough to show a trend, bounded so a shared file never grows without end.
+KEPT_AUDITS = 16
+
+
+def manifest_identity(manifest: Mapping[str, Any]) -> str:
+    """What makes a manifest the same fragment whatever batches audited it: the sha256 of everything but its seal and
+    its ``quality.audits`` (``record_batch_audit`` changes only those).
+
+    >>> a = {"name": "dog", "quality": {"gate": "passed"}, "integrity": {"manifest_sha256": "1"}}
+    >>> b = {**a, "quality": {"gate": "passed", "audits": [{"n": 1}]}, "integrity": {"manifest_sha256": "2"}}
+    >>> manifest_identity(a) == manifest_identity(b), manifest_identity(a) == manifest_identity({**a, "name": "cat"})
+    (True, False)
+    """
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    quality = body.get("quality")
+    if isinstance(quality, Mapping):
+        body["quality"] = {k: v for k, v in quality.items() if k != "audits"}
+    return sha256_json(body)
+
+
+def record_batch_audit(manifest_path: str | os.PathLike, identity: str, audit: Mapping[str, Any]) -> dict[str, Any]:
+    """Add a batch's running-audit record (``fragment.library.audit_outcome.audit_summary``) to the manifest's
+    ``quality.audits`` (the latest ``KEPT_AUDITS``), sealed again and replaced atomically; the tensors file is not
+    touched, so the pair stays valid.  Returns the manifest as written.
+
+    ``identity`` is the ``manifest_identity`` of the manifest the batch ran: when the file on disk is another
+    fragment (one saved under the name since), nothing is written and a ``FragmentError`` says so.  Earlier
+    audits' records do not change the identity, so every batch of a loaded fragment records.
+
+    >>> written = record_batch_audit("models/fragments/dog.json", identity, {"audited": 3, "passed": 3})  # doctest: +SKIP
+    >>> written["quality"]["audits"][-1]["passed"]  # doctest: +SKIP
+    3
+    """
+    path = Path(manifest_path)
+    manifest = read_manifest(path)
+    found = manifest_identity(manifest)
+    if found != identity:
+        raise FragmentError(f"{path}: expected the fragment the batch ran (identity {str(identity)[:16]}...), found "
+                            f"another ({found[:16]}...): a fragment was saved under this name since it was loaded; "
+                            "the audit was not recorded in it, load the fragment again to record the next one")
+    quality = dict(manifest.get("quality") or {})
+    kept = quality.get("audits")
+    kept = [a for a in kept if isinstance(a, Mapping)] if isinstance(kept, list) else []
+    audits = [*kept, dict(audit)][-KEPT_AUDITS:]
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    while True:
+        sealed = seal({**body, "quality": {**quality, "audits": audits}})
+        # a manifest past the reader's cap could never be loaded again: the oldest audits go first
+        if len(json.dumps(sealed, indent=2).encode("utf-8")) <= MAX_MANIFEST_BYTES:
+            break
+        if len(audits) <= 1:
+            raise FragmentError(f"{path}: expected room for an audit record under the {MAX_MANIFEST_BYTES}-byte "
+                                "manifest limit, found none; the manifest was left as it was")
+        audits = audits[1:]
+    _replace_manifest(path, sealed)
+    return sealed
 
 
 def _fresh_tensors_name(directory: Path, name: str, digest: str, old_file: str | None, old_sha: str | None) -> str:

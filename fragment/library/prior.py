@@ -43,6 +43,7 @@ from ..audit import AuditRule
 from ..calibration import CFG_CUTOFFS, calibrate, cold_start
 from ..format.store import ensure_folder
 from ..format.untrusted import parse_json
+from ..levers import LEVERS
 from .index import library_dir, locked
 
 log = logging.getLogger(__name__)
@@ -567,7 +568,8 @@ def warm_start(directory: str | os.PathLike, key: PriorKey, ladder: Sequence[Any
 
 
 def audit_tries(candidate: Any, batch: Any, digest: str, judge: str) -> list[dict[str, Any]]:
-    """A running audit's verdict on ``candidate`` (``fragment.calibration.Candidate``, the batch's first setting) as
+    """A running audit's verdict on ``candidate`` (``fragment.calibration.Candidate``, or a manifest's
+    ``quality.refinement.chosen``: ``manifest_candidate``; the batch's first setting) as
     the prior keeps a try: one try, passed unless the audit switched away from it, over its audited seeds (``batch``:
     ``fragment.audit.AuditedBatch``), its slack the mean of the comparisons' ``gate_slack`` (None when one lacks it).
     No audit (``batch`` None or without records), or too few to have switched (``AuditRule.min_audits``) and none
@@ -582,7 +584,8 @@ def audit_tries(candidate: Any, batch: Any, digest: str, judge: str) -> list[dic
     >>> audit_tries(c, AuditedBatch([1], [0], ["x"], [AuditRecord(1, 0, "x", False, {})]), "ab" * 8, "j")
     []
     """
-    if candidate is None or batch is None or not batch.records:
+    cand = candidate.to_dict() if hasattr(candidate, "to_dict") else manifest_candidate(candidate)
+    if cand is None or batch is None or not batch.records:
         return []
     label = batch.records[0].setting  # the first image is always audited, on the batch's first setting: candidate's
     audits = [r for r in batch.records if r.setting == label]
@@ -594,7 +597,32 @@ def audit_tries(candidate: Any, batch: Any, digest: str, judge: str) -> list[dic
     slacks = [r.metrics.get("gate_slack") for r in audits]
     slack = (sum(slacks) / len(slacks) if all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                               and math.isfinite(x) for x in slacks) else None)
-    return [_kept_try(candidate.to_dict(), digest, "audit", not switched, slack, len(audits), str(judge))]
+    return [_kept_try(cand, digest, "audit", not switched, slack, len(audits), str(judge))]
+
+
+def manifest_candidate(chosen: Any) -> dict[str, Any] | None:
+    """A manifest's ``quality.refinement.chosen`` as a try's candidate (``Candidate.to_dict``'s form), for a batch that
+    audits a fragment loaded from a file: only the registry's lever names with finite amounts, a bounded label.  A
+    manifest may come from a stranger, so anything else is dropped; None when it names no lever.
+
+    >>> manifest_candidate({"heads": 0.2, "junk": 1, "label": "heads 20%", "level": 0.2, "reuse_skips": None})
+    {'heads': 0.2, 'reuse_skips': None, 'level': 0.2, 'label': 'heads 20%'}
+    >>> manifest_candidate({"label": "x"}), manifest_candidate(None), manifest_candidate({"heads": float("nan")})
+    (None, None, None)
+    """
+    if not isinstance(chosen, Mapping):
+        return None
+    names = {cls.name for cls in LEVERS}
+    levers = {k: v for k, v in chosen.items() if k in names and not isinstance(v, bool) and isinstance(v, (int, float))
+              and math.isfinite(v) and v}
+    if not levers:
+        return None
+    skips, level = chosen.get("reuse_skips"), chosen.get("level")
+    return {**levers,
+            "reuse_skips": skips if isinstance(skips, int) and not isinstance(skips, bool) and 0 <= skips < 64 else None,
+            "level": float(level) if isinstance(level, (int, float)) and not isinstance(level, bool)
+            and math.isfinite(level) else 0.0,
+            "label": str(chosen.get("label", ""))[:_TEXT]}
 
 
 def record_audit(place: "PriorPlace", candidate: Any, batch: Any, judge: str) -> Prior | None:
