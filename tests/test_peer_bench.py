@@ -12,7 +12,8 @@ pytest.importorskip("diffusers")
 
 from prompt_fragments.bench.batch import BenchConfig, run_batch
 from prompt_fragments.bench.peers import (REFERENCE_METHODS, ROW_KEYS, PeerConfig, comfy_rows, format_peer_report,
-                                          headline, reference_rows, run_deepcache, write_peer_report)
+                                          format_prompts_headline, headline, peer_row, prompts_headline, reference_rows,
+                                          run_deepcache, write_peer_report)
 from prompt_fragments.defaults import DEFAULT_PROMPT, DEFAULT_THRESHOLDS
 from prompt_fragments.fragment.calibration import Candidate
 from prompt_fragments.fragment.extract import candidate_fragment
@@ -147,3 +148,22 @@ def test_the_memory_only_fragment_strips_every_schedule_lever(bench) -> None:
     fragment, candidate, extra_s, note = memory_fragment(target, dataclasses.replace(run, chosen=chosen), CONFIG)
     assert dict(candidate.levers) == {"ff": 0.1} and extra_s == 0.0 and "no schedule lever" in note
     assert not fragment.manifest.get("schedule")
+
+
+def test_the_headline_ranks_on_paired_timing_too_where_one_timed_batch_says_otherwise() -> None:
+    rows = [peer_row("reference", "stock", "full model", speedup=1.0, paired_speedup=1.0, passes_gate=True),
+            # one timed batch flatters the peer; paired units against stock on the same seeds say otherwise
+            peer_row("reference", "fragment", "f", speedup=1.5, paired_speedup=1.7, passes_gate=True),
+            peer_row("reference", "deepcache", "d", speedup=1.8, paired_speedup=1.2, passes_gate=True),
+            peer_row("reference", "deepcache", "failing", speedup=3.0, paired_speedup=3.0, passes_gate=False)]
+    h = headline(rows)
+    assert h["fragment_over_fastest_peer"] == pytest.approx(1.5 / 1.8) and not h["targets"]["raw_1_3x_fastest_peer"]
+    assert h["fastest_peer_paired"] == {"method": "deepcache", "setting": "d", "paired_speedup": 1.2}
+    assert h["fragment_over_fastest_peer_paired"] == pytest.approx(1.7 / 1.2)
+    assert h["targets"]["paired_1_3x_fastest_peer"]
+    summary = prompts_headline([{"target": {"prompt": "p"}, "headline": h}])
+    assert summary["prompts"][0]["paired_ratio"] == pytest.approx(1.7 / 1.2) and summary["all_prompts_paired_1_3x"]
+    assert "ratio 1.42: target 1.3x True" in format_prompts_headline(summary)
+    # no paired timing (paired units off): nothing is ranked on it, and the target is not met by default
+    unpaired = headline([{**r, "paired_speedup": None} for r in rows])
+    assert unpaired["fragment_over_fastest_peer_paired"] is None and not unpaired["targets"]["paired_1_3x_fastest_peer"]
