@@ -120,8 +120,8 @@ def audit_interval(raw_ratio: float, n: int, allowance_u: float, *, min_audits: 
     (``AuditRule().min_audits``, 3) could never make the rule switch, so that many are
     audited whatever the allowance (their cost, ``min_audits / raw_ratio`` u, is the
     held-out confirmation's, moved into the batch); a batch too small for that many
-    gets no audit (0).  At most every second image is audited: more would be the full
-    model with extra work.
+    gets no audit (0): under 6 images, since at most every second image is audited (more
+    would be the full model with extra work).
 
     Worked example: 32 images at 2x raw with 1.5 u to spare pays for 3 audits
     (3 x 0.5 u), so every 15th image is audited (images 0, 15, 30; the first image
@@ -130,12 +130,14 @@ def audit_interval(raw_ratio: float, n: int, allowance_u: float, *, min_audits: 
 
     >>> audit_interval(2.0, 32, 1.5), audit_interval(2.0, 32, 4.0), audit_interval(2.0, 32, 0.0)
     (15, 4, 15)
-    >>> audit_interval(2.0, 2, 1.0), audit_interval(2.0, 32, 100.0), audit_interval(1.0, 32, 1.0)
-    (0, 2, 0)
+    >>> audit_interval(2.0, 5, 1.0), audit_interval(2.0, 6, 1.0), audit_interval(2.0, 32, 100.0), audit_interval(1.0, 32, 1.0)
+    (0, 2, 2, 0)
     """
     floor = AuditRule().min_audits if min_audits is None else min_audits
-    if n < max(floor, 2) or raw_ratio <= 1.0:
-        return 0  # no batch to audit, or a fragment that saves nothing: the full model is the better batch
+    if n // 2 < max(floor, 1) or raw_ratio <= 1.0:
+        # too few images for audits that could ever switch (at most every second one is audited), or a fragment that
+        # saves nothing: the full model is the better batch
+        return 0
     affordable = math.floor(max(0.0, allowance_u) * raw_ratio + 1e-9)
     audits = min(max(affordable, floor), n // 2)
     # Audited indices are 0, k, 2k, ...: ceil(n / k) of them; the largest k that still gives ``audits``.
@@ -156,12 +158,25 @@ def lead_interval(raw_ratio: float, images: int, lead: int, allowance_u: float) 
     return max(2, (images - lead) // extra)
 
 
+def lead_pays(raw_ratio: float, images: int, lead: int) -> bool:
+    """Whether a batch of ``images`` fragment images saves at least what a lead of ``lead`` audits costs: each audit
+    turns a fragment image (``1 / raw_ratio`` u) into a full-model one (1 u) and throws the fragment's render away
+    (``1 / raw_ratio`` u), so it costs 1 u more; the batch saves ``images * (1 - 1 / raw_ratio)`` u.  At 2x raw a
+    lead of 3 needs 6 images.
+
+    >>> lead_pays(2.0, 5, 3), lead_pays(2.0, 6, 3), lead_pays(1.0, 100, 3)
+    (False, True, False)
+    """
+    return raw_ratio > 1.0 and lead <= images * (1.0 - 1.0 / raw_ratio) + 1e-9
+
+
 def planned_audit_every(raw_ratio: float | None, images: int, *, lead: int = 0, left_u: float = math.inf) -> int:
     """The running audit's interval for a batch of ``images`` fragment images, from the cost model: the audits that
     ``audit_allowance`` pays for (what is ``left_u`` of the budget, at most ``AUDIT_SHARE`` of what the batch saves at
     ``raw_ratio``).  With a ``lead`` (the first images all audited: a setting no judged try confirmed) the interval
-    after it (``lead_interval``).  ``raw_ratio`` None (goal memory, repaid in bytes): the fewest audits that can
-    switch.  The one rule ``bench batch`` and BatchGenerator's ``audit_every`` auto (-1) follow.
+    after it (``lead_interval``), or 0 when the lead costs more than the batch saves (``lead_pays``).  ``raw_ratio``
+    None (goal memory, repaid in bytes): the fewest audits that can switch.  The one rule ``bench batch`` and
+    BatchGenerator's ``audit_every`` auto (-1) follow.
 
     Worked example: 32 images at 2x raw save 16 u, a tenth of it (1.6 u) pays for 3 audits at 0.5 u: every 15th
     image (0, 15, 30); a pick confirmed by no judged try is led by 3 audits (0, 1, 2) and the allowance's 0.1 u
@@ -169,14 +184,14 @@ def planned_audit_every(raw_ratio: float | None, images: int, *, lead: int = 0, 
 
     >>> planned_audit_every(2.0, 32), planned_audit_every(2.0, 32, lead=3), planned_audit_every(2.0, 128, lead=3)
     (15, 32, 13)
-    >>> planned_audit_every(None, 32), planned_audit_every(1.0, 32)
-    (15, 0)
+    >>> planned_audit_every(None, 32), planned_audit_every(1.0, 32), planned_audit_every(2.0, 5, lead=3)
+    (15, 0, 0)
     """
     if raw_ratio is None:
         return max(images, 1) if lead else audit_interval(2.0, images, 0.0)
     allowance = audit_allowance(raw_ratio, images, left_u)
     if lead:
-        return lead_interval(raw_ratio, images, lead, allowance)
+        return lead_interval(raw_ratio, images, lead, allowance) if lead_pays(raw_ratio, images, lead) else 0
     return audit_interval(raw_ratio, images, allowance)
 
 

@@ -43,7 +43,9 @@ import comfy.utils
 import torch
 
 from ..errors import FragmentError
-from ..fragment.audit import FULL, AuditedBatch, AuditRule, audit_positions, planned_audit_every, run_audited
+from ..fragment.audit import (
+    FULL, AuditedBatch, AuditRule, audit_positions, lead_pays, planned_audit_every, run_audited
+)
 from ..fragment.batching import chunk, plan_sub_batches, variant_seeds
 from ..fragment.compat import sampler_mismatch
 from ..fragment.library.audit_outcome import keep_audit_outcome
@@ -129,7 +131,7 @@ class BatchGenerator:
             "optional": {
                 "seed_list": ("STRING", tip("Explicit seeds, e.g. '1, 5, 10-13'; overrides seed and count.", default="", multiline=False)),
                 "schedule": (["as stored", "off", "heads only"], tip("A fragment's run-time schedule for this batch: as stored (step reuse, head sets, CFG truncation, cross-attention cache), off (the plain fragment), or heads only (no step reuse, CFG truncation or cross-attention cache).")),
-                "audit_every": ("INT", tip("Running audit of a fragment MODEL: the 1st and every k-th variant are also rendered with the full model; you get the full model's image for those seeds, and the fragment's is judged against it (latent error vs thresholds.yaml's limit). If the audit fails (failures outnumber passes by 3), the rest of the batch runs on the full model and the report warns. Each audit costs one fragment render. -1 = auto: k from the cost model (at most a tenth of what the batch saves), and a fragment extracted with confirm 'in batch' has its first 3 images audited; 0 = off. The verdict is kept in the fragment's manifest and the model configuration's prior.", default=-1, min=-1, max=4096)),
+                "audit_every": ("INT", tip("Running audit of a fragment MODEL: the 1st and every k-th variant are also rendered with the full model; you get the full model's image for those seeds, and the fragment's is judged against it (latent error vs thresholds.yaml's limit). If the audit fails (failures outnumber passes by 3), the rest of the batch runs on the full model and the report warns. Each audit costs one fragment render. -1 = auto: k from the cost model (the audits a tenth of what the batch saves pays for, none under 6 images), and a fragment extracted with confirm 'in batch' has its first 3 images audited when the batch saves more than they cost (6 images or more); 0 = off. The verdict is kept in the fragment's manifest and, for a batch of the fragment as stored, in the model configuration's prior.", default=-1, min=-1, max=4096)),
                 "rendered": ("LATENT", tip("Full-model renders made already (FragmentExtractor's full_model_latents): the seeds it names are not rendered again, and its rows take their places in the batch.")),
             },
         }
@@ -156,15 +158,15 @@ class BatchGenerator:
         state = find_schedule_state(model)
         with schedule_settings(state, steps, schedule):
             result, report = self._generate(model, positive, negative, latent_image, seeds, batch_size, steps, cfg,
-                                            sampler_name, scheduler, denoise, state, audit_every, rendered)
+                                            sampler_name, scheduler, denoise, state, audit_every, rendered, schedule)
         if state is not None:
             report += f"; fragment schedule {schedule}"
         return result, report
 
     def _generate(self, model: Any, positive: Any, negative: Any, latent_image: dict, seeds: list[int], batch_size: int,
                   steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
-                  state: ScheduleState | None = None, audit_every: int = 0,
-                  rendered: dict | None = None) -> tuple[tuple, str]:
+                  state: ScheduleState | None = None, audit_every: int = -1,
+                  rendered: dict | None = None, schedule: str = "as stored") -> tuple[tuple, str]:
         base = latent_image["samples"][:1]
         given = given_rows(rendered, seeds, tuple(base.shape[1:]))
         marker = model.model_options.get(FRAGMENT_PATCHES) or {}
@@ -220,11 +222,17 @@ class BatchGenerator:
                 batch, judge=LATENT_JUDGE, chosen=marker.get("chosen"), manifest_path=marker.get("manifest"),
                 manifest_id=marker.get("identity"), prior=place if not isinstance(place, str) and denoise >= 1.0 else None,
                 settings={"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg,
-                          "denoise": denoise, "images": len(seeds)})
+                          "denoise": float(denoise), "images": len(seeds),
+                          "schedule": "off (FragmentLoader)" if marker.get("schedule_off") else schedule})
             report += "".join(f"; {note}" for note in notes)
         elif untried and audit_every == 0:
             report = (WARNING + report + "; the fragment was picked untried (extracted with confirm: in batch) and the "
                       "audit is off, so its quality on this batch was not measured: set audit_every to -1 (auto)")
+        elif untried and audit_every < 0:
+            report = (WARNING + report + f"; the fragment was picked untried (extracted with confirm: in batch), and "
+                      f"auditing its first {AuditRule().min_audits} images would cost more than a batch of {todo} saves, "
+                      f"so its quality on this batch was not measured: render {least_led_batch()} or more images, or "
+                      "extract with confirm judge")
         unjudged = sampler_mismatch((model.model_options.get(FRAGMENT_PATCHES) or {}).get("judged_sampler"),
                                     {"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg,
                                      "denoise": denoise})
@@ -259,6 +267,14 @@ def audit_interval_for(audit_every: int, marker: dict, images: int, lead: int) -
     if audit_every > 0:
         return audit_every
     return planned_audit_every(ASSUMED_RAW_RATIO, images, lead=lead)
+
+
+def least_led_batch() -> int:
+    """The fewest images to render whose saving pays for an untried pick's lead of audits (``lead_pays``)."""
+    n = 1
+    while not lead_pays(ASSUMED_RAW_RATIO, n, AuditRule().min_audits):
+        n += 1
+    return n
 
 
 def audit_clause(batch: AuditedBatch, audit_every: int, has_fragment: bool) -> str:

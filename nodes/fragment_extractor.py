@@ -52,7 +52,7 @@ from ..fragment.library.prior import PriorKey, PriorPlace
 from ..fragment.patching import base_sha256
 from ..fragment.pipeline import Judging, make_fragment
 from ..fragment.settings import ExtractionSettings
-from ..judge.comfy import ComfyJudge, SamplerSettings, check_steps
+from ..judge.comfy import LATENT_JUDGE, ComfyJudge, SamplerSettings, check_steps
 from ..metrics.costs import calibration_costs
 from .comfy_versions import unload_clones
 from .folders import CATEGORY, FragmentHandle, ProfileHandle, fragments_dir, tip, unpatched_originals
@@ -380,7 +380,9 @@ def comfy_judging(profile: ProfileHandle, sampler: SamplerSettings, positive: An
                                  profiled_images=judge.batch, planned_audits=audits,
                                  ratio_note="assumed (the extractor's budget assumption)")
 
-    return Judging(judge, judge.name, [seed], [(seed + i) % SEED_SPACE for i in range(1, holdout + 1)], goal=goal,
+    # an untried pick's only judge is the batch's running audit, a latent one: its prior is read under that name
+    return Judging(judge, LATENT_JUDGE if in_batch else judge.name, [seed],
+                   [(seed + i) % SEED_SPACE for i in range(1, holdout + 1)], goal=goal,
                    budget=Budget(images=budget_images), images_per_seed=judge.batch, space=space,
                    reference_images=judge.batch, prepare=judge.check_reference, prior=prior,
                    unit_s=lambda: judge.unit_s, costs=costs, confirm_in_batch=in_batch,

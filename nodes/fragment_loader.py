@@ -190,6 +190,8 @@ def fragment_model(model: Any, frag: Fragment, *, originals: dict[str, Any] | No
                                                "size": model.model_size(),
                                                "judged_sampler": dict(judged) if isinstance(judged, dict) else None,
                                                "levers": bool(replacements or scheduled),
+                                               # a stored schedule left off: the MODEL is not the fragment as picked
+                                               "schedule_off": bool(not plan_schedule.empty and not scheduled),
                                                "confirmation": confirmation_of(frag),
                                                "chosen": refinement.get("chosen"),
                                                "base_sha256": (frag.manifest.get("base_model") or {}).get("sha256"),

@@ -18,7 +18,9 @@ from prompt_fragments.fragment.audit import FULL, AuditedBatch, AuditRecord, aud
 from prompt_fragments.fragment.format.store import (
     KEPT_AUDITS, load_fragment, manifest_identity, read_manifest, record_batch_audit, save_fragment
 )
-from prompt_fragments.fragment.library.audit_outcome import LISTED_FAILURES, audit_summary, keep_audit_outcome
+from prompt_fragments.fragment.library.audit_outcome import (
+    LISTED_FAILURES, audit_confirmed, audit_summary, keep_audit_outcome
+)
 from prompt_fragments.fragment.library.prior import PriorKey, PriorPlace, load_prior, manifest_candidate
 from test_library import synthetic
 
@@ -136,12 +138,47 @@ def test_a_writer_killed_at_every_step_leaves_the_old_manifest_or_the_new_one(tm
 
 
 def test_a_pick_no_judged_try_confirmed_is_led_by_the_fewest_audits_that_can_switch() -> None:
-    every = planned_audit_every(2.0, 32, lead=3)
-    assert audit_positions(32, every, lead=3)[:3] == [0, 1, 2]
-    assert len(audit_positions(32, planned_audit_every(2.0, 32), lead=0)) == 3
+    # at 32 images the tenth of the saving (1.6 u) pays for the lead (1.5 u) and nothing after it
+    assert audit_positions(32, planned_audit_every(2.0, 32, lead=3), lead=3) == [0, 1, 2]
+    assert audit_positions(32, planned_audit_every(2.0, 32), lead=0) == [0, 15, 30]
     # a longer batch saves more, so its tenth pays for more audits after the lead
-    assert len(audit_positions(128, planned_audit_every(2.0, 128, lead=3), lead=3)) > 3
+    led = audit_positions(128, planned_audit_every(2.0, 128, lead=3), lead=3)
+    assert led[:3] == [0, 1, 2] and len(led) == 3 + 9 and led[3] == 2 + 13
     assert planned_audit_every(1.0, 32) == 0  # a fragment that saves nothing: no audit, the full model is better
+    # a lead costs 1 u an audit: a batch saving less (under 6 images at 2x) gets none, nor audits that cannot switch
+    assert planned_audit_every(2.0, 5, lead=3) == 0 and planned_audit_every(2.0, 6, lead=3) == 6
+    assert planned_audit_every(2.0, 5) == 0 and len(audit_positions(6, planned_audit_every(2.0, 6))) == 3
+
+
+def test_the_latest_audit_of_the_fragment_as_picked_confirms_it_and_a_later_switch_revokes_it() -> None:
+    picked = {"schedule": "as stored", "denoise": 1.0, "sampler_name": "euler", "steps": 20}
+    ok = {"audited": 3, "passed": 3, "switched_at": None, "settings": picked}
+    switched = {**ok, "passed": 0, "switched_at": 2}
+    sampler = {"sampler_name": "euler", "steps": 20, "denoise": 1.0}
+    assert audit_confirmed({"audits": [ok], "sampler": sampler})
+    assert not audit_confirmed({"audits": [ok, switched], "sampler": sampler})  # revoked by the latest
+    assert audit_confirmed({"audits": [switched, ok], "sampler": sampler})
+    # records that did not test the fragment as picked are not counted either way
+    for other in ({**picked, "schedule": "off"}, {**picked, "denoise": 0.5}, {**picked, "steps": 30}):
+        assert not audit_confirmed({"audits": [{**ok, "settings": other}], "sampler": sampler}), other
+        assert audit_confirmed({"audits": [ok, {**switched, "settings": other}], "sampler": sampler}), other
+    hostile = [{"audited": 3, "settings": picked}, {"audited": True, "switched_at": None, "settings": picked}, "x", None]
+    assert not any(audit_confirmed({"audits": [h]}) for h in hostile) and not audit_confirmed({"audits": "x"})
+
+
+def test_a_batch_that_did_not_run_the_pick_keeps_no_verdict_in_the_prior_and_a_symlink_is_not_written(
+        tmp_path: Path) -> None:
+    place = PriorPlace(tmp_path, KEY, "a dog")
+    off = keep_audit_outcome(audited([True] * 4), judge="latent", chosen=CHOSEN, prior=place,
+                             settings={"schedule": "off"})
+    assert off == [] and load_prior(tmp_path, KEY) is None
+    path, identity = saved(tmp_path / "real")
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    before = path.read_bytes()
+    notes = keep_audit_outcome(audited([True] * 4), judge="latent", manifest_path=link, manifest_id=identity)
+    assert notes[0].startswith("audit not kept in the manifest: ") and "found a symlink" in notes[0], notes
+    assert link.is_symlink() and path.read_bytes() == before
 
 
 def test_a_manifest_near_the_size_limit_drops_its_oldest_audits_and_never_passes_the_limit(

@@ -35,7 +35,7 @@ AUDITED = re.compile(r"audited (\d+) of (\d+): (\d+) passed")
 def env(comfyui, comfyui_pack, sd15_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     nodes, mapping = comfyui.nodes, comfyui_pack.NODE_CLASS_MAPPINGS
     with torch.inference_mode():
-        model, clip, _vae, profile = mapping["ProfilerModelLoader"]().load(sd15_checkpoint, 2, 32, "accumulate")
+        model, clip, vae, profile = mapping["ProfilerModelLoader"]().load(sd15_checkpoint, 2, 32, "accumulate")
         prompts = [nodes.CLIPTextEncode().encode(clip, text)[0] for text in ("A dog on a jet ski", "A red barn in snow")]
         negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
         latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
@@ -47,8 +47,8 @@ def env(comfyui, comfyui_pack, sd15_checkpoint, tmp_path_factory: pytest.TempPat
         with torch.inference_mode():
             return nodes.KSampler().sample(model, SEED, STEPS, cfg, "euler", "normal", positive, negative, latent)[0]
 
-    yield SimpleNamespace(nodes=nodes, mapping=mapping, model=model, profile=profile, prompts=prompts, negative=negative,
-                          latent=latent, sample=sample, permissive=permissive, pack=comfyui_pack,
+    yield SimpleNamespace(nodes=nodes, mapping=mapping, model=model, vae=vae, profile=profile, prompts=prompts,
+                          negative=negative, latent=latent, sample=sample, permissive=permissive, pack=comfyui_pack,
                           folder=Path(comfyui.model_dir("fragments")))
     for entry in entries(comfyui.model_dir("fragments")):  # out of the (auto) index, as test_comfy_judge does
         if entry["name"].startswith("warm_"):
@@ -56,7 +56,7 @@ def env(comfyui, comfyui_pack, sd15_checkpoint, tmp_path_factory: pytest.TempPat
 
 
 def extract(env: SimpleNamespace, name: str, positive: Any, monkeypatch: pytest.MonkeyPatch, confirm: str = "judge",
-            cfg: float = CFG) -> tuple[Any, str, Any]:
+            cfg: float = CFG, vae: Any = None) -> tuple[Any, str, Any]:
     monkeypatch.setattr(env.pack.judge.comfy, "DEFAULT_THRESHOLDS", env.permissive)
     rung = env.pack.fragment.calibration.Candidate({"heads": 0.1}, level=0.1)
     monkeypatch.setattr(env.pack.fragment.extract, "candidate_ladder", lambda predictors, goal: [rung])
@@ -64,7 +64,7 @@ def extract(env: SimpleNamespace, name: str, positive: Any, monkeypatch: pytest.
     with torch.inference_mode():
         out = env.mapping["FragmentExtractor"]().extract(env.profile, trigger, name, calibrate="on", goal="speed",
                                                          positive=positive, negative=env.negative, budget_images=3,
-                                                         holdout_seeds=1, overwrite=True, confirm=confirm)
+                                                         holdout_seeds=1, overwrite=True, confirm=confirm, vae=vae)
     handle, status, latents = out["result"]
     assert out["ui"]["text"] == [status]
     return handle, status, latents
@@ -132,7 +132,7 @@ def test_an_unreadable_prior_is_left_in_place_and_the_run_is_cold_with_a_warning
     finally:
         path.write_bytes(kept) if kept is not None else path.unlink()
     assert "cold start (the prior could not be used: see the warning)" in status, status
-    assert f"WARNING: the prior of this model configuration was not used" in status and str(path) in status, status
+    assert "WARNING: the prior of this model configuration was not used" in status and str(path) in status, status
     assert "left in place" in status and "move it out of" in status, status
     assert status.startswith("calibrated (speed)") or status.startswith("FULL MODEL used"), status
     refinement = load_fragment(handle.manifest_path).manifest["quality"]["refinement"]
@@ -166,16 +166,18 @@ def test_an_in_batch_pick_is_led_by_the_audit_which_keeps_its_verdict_in_the_man
         model, loaded = env.mapping["FragmentLoader"]().apply(env.model, "(none)", "raise", fragment=handle)
     assert "picked untried (extracted with confirm: in batch)" in loaded, loaded
 
-    out = batch(env, model, env.prompts[0], 6, IN_BATCH_CFG, rendered=latents)
+    out = batch(env, model, env.prompts[0], 8, IN_BATCH_CFG, rendered=latents)
     text = out["ui"]["text"][0]
     print(f"\nin batch: {status}\nbatch: {text}")
     assert "1 rows from rendered (not rendered again)" in text, text
-    assert AUDITED.search(text).group(1, 2, 3) == ("3", "5", "3"), text  # the lead: images 1-3 of the 5 rendered
+    assert AUDITED.search(text).group(1, 2, 3) == ("3", "7", "3"), text  # the lead: images 1-3 of the 7 rendered
     assert "audit kept in the manifest (quality.audits)" in text, text
     assert "audit recorded in the prior of this model configuration" in text, text
     (kept,) = load_fragment(handle.manifest_path).manifest["quality"]["audits"]
-    assert (kept["audited"], kept["passed"], kept["every"], kept["switched_at"]) == (3, 3, 5, None), kept
-    assert kept["settings"]["cfg"] == IN_BATCH_CFG and kept["settings"]["images"] == 6
+    # every = 7: the lead alone (the allowance of a batch this size pays for no audit after it)
+    assert (kept["audited"], kept["passed"], kept["every"], kept["switched_at"]) == (3, 3, 7, None), kept
+    assert kept["settings"]["cfg"] == IN_BATCH_CFG and kept["settings"]["images"] == 8
+    assert kept["settings"]["schedule"] == "as stored" and kept["settings"]["denoise"] == 1.0
 
     digest = (load_fragment(handle.manifest_path).manifest["base_model"]["sha256"])
     extractor = sys.modules[env.mapping["FragmentExtractor"].__module__]
@@ -186,18 +188,28 @@ def test_an_in_batch_pick_is_led_by_the_audit_which_keeps_its_verdict_in_the_man
     assert audits[0]["levers"]["heads"] == 0.1
 
     # the same loaded MODEL, a second batch (ComfyUI keeps the loader's output between queues): led and recorded again
-    text = batch(env, model, env.prompts[0], 4, IN_BATCH_CFG)["ui"]["text"][0]
-    assert "audit kept in the manifest (quality.audits)" in text and "audited 3 of 4" in text, text
-    assert len(load_fragment(handle.manifest_path).manifest["quality"]["audits"]) == 2
+    text = batch(env, model, env.prompts[0], 7, IN_BATCH_CFG)["ui"]["text"][0]
+    assert "audit kept in the manifest (quality.audits)" in text and "audited 3 of 7" in text, text
+    assert load_fragment(handle.manifest_path).manifest["quality"]["audits"][-1]["every"] == 7  # led again
+    # the schedule off for a batch: audited, kept in the manifest as such, but no verdict on the pick in the prior
+    text = batch(env, model, env.prompts[0], 7, IN_BATCH_CFG, schedule="off")["ui"]["text"][0]
+    assert "audit kept in the manifest" in text and "audit recorded in the prior" not in text, text
+    assert load_fragment(handle.manifest_path).manifest["quality"]["audits"][-1]["settings"]["schedule"] == "off"
     # loaded again from its file, the pick is confirmed by those audits: no lead, the cost model's interval only
     with torch.inference_mode():
         reloaded, loaded = env.mapping["FragmentLoader"]().apply(env.model, handle.manifest_path.name, "raise")
     assert "confirmed since by a batch's running audit (quality.audits)" in loaded, loaded
-    text = batch(env, reloaded, env.prompts[0], 4, IN_BATCH_CFG)["ui"]["text"][0]
-    assert "audited 2 of 4" in text and "audit kept in the manifest" in text, text  # images 1 and 4
-    # audit_every 0 on an untried pick: the batch runs, and the report warns that nothing measured it
-    text = batch(env, model, env.prompts[0], 4, IN_BATCH_CFG, audit_every=0)["ui"]["text"][0]
+    text = batch(env, reloaded, env.prompts[0], 7, IN_BATCH_CFG)["ui"]["text"][0]
+    assert "audited 3 of 7" in text and "audit kept in the manifest" in text, text
+    assert load_fragment(handle.manifest_path).manifest["quality"]["audits"][-1]["every"] == 3  # images 1, 4 and 7
+    # too small a batch to pay for an untried pick's lead, or audit_every 0: the batch runs, the report warns
+    text = batch(env, model, env.prompts[0], 4, IN_BATCH_CFG)["ui"]["text"][0]
+    assert text.startswith("WARNING: ") and "would cost more than a batch of 4 saves" in text, text
+    assert "render 6 or more images, or extract with confirm judge" in text and not AUDITED.search(text), text
+    text = batch(env, model, env.prompts[0], 7, IN_BATCH_CFG, audit_every=0)["ui"]["text"][0]
     assert text.startswith("WARNING: ") and "picked untried" in text and "set audit_every to -1 (auto)" in text, text
 
-    _, second, _ = extract(env, "warm_in_batch_2", env.prompts[1], monkeypatch, confirm="in batch", cfg=IN_BATCH_CFG)
+    # the next prompt, with a VAE wired as the shipped workflows do: an untried pick reads the audits' (latent) tries
+    _, second, _ = extract(env, "warm_in_batch_2", env.prompts[1], monkeypatch, confirm="in batch", cfg=IN_BATCH_CFG,
+                           vae=env.vae)
     assert "warm start (the prior of 1 earlier prompt on this model configuration)" in second, second

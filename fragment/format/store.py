@@ -229,6 +229,9 @@ def record_batch_audit(manifest_path: str | os.PathLike, identity: str, audit: M
     3
     """
     path = Path(manifest_path)
+    if path.is_symlink():  # as ``install``: never replace a link with a file, nor write through one
+        raise FragmentError(f"{path}: expected a regular manifest file to record the audit in, found a symlink; the "
+                            "audit was not recorded in it")
     manifest = read_manifest(path)
     found = manifest_identity(manifest)
     if found != identity:

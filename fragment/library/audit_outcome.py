@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 from ...errors import FragmentError
 from ..audit import AuditedBatch, AuditRule
 from ..format.store import record_batch_audit
+from .index import locked
 from .prior import PriorPlace, manifest_candidate, record_audit
 
 log = logging.getLogger(__name__)
@@ -45,29 +47,49 @@ def audit_summary(batch: AuditedBatch, settings: Mapping[str, Any] | None = None
 
 
 def audit_confirmed(quality: Any) -> bool:
-    """Whether an earlier batch's running audit confirmed the fragment: a record in ``quality.audits`` with at least
-    ``AuditRule.min_audits`` audits that never switched away (what ``prior.audit_tries`` counts as a pass).  A pick
-    extracted untried (confirm in batch) is then led by no audit of its own in later batches.
+    """Whether the latest batch audit that tested the fragment as picked confirmed it: among the records in
+    ``quality.audits`` of batches run as stored, at denoise 1 and (when ``quality.sampler`` names them) on the judged
+    sampler settings, the latest has at least ``AuditRule.min_audits`` audits and never switched away (what
+    ``prior.audit_tries`` counts as a pass).  A later switch revokes an earlier pass.  A pick extracted untried
+    (confirm in batch) is then led by no audit of its own in later batches.
 
-    >>> audit_confirmed({"audits": [{"audited": 3, "switched_at": None}]}), audit_confirmed({"audits": [{"audited": 2}]})
+    >>> ok = {"audited": 3, "switched_at": None, "settings": {"schedule": "as stored", "denoise": 1.0}}
+    >>> audit_confirmed({"audits": [ok]}), audit_confirmed({"audits": [ok, {**ok, "switched_at": 2}]})
     (True, False)
-    >>> audit_confirmed({"audits": [{"audited": 5, "switched_at": 2}]}), audit_confirmed(None)
+    >>> audit_confirmed({"audits": [{**ok, "settings": {"schedule": "off", "denoise": 1.0}}]}), audit_confirmed(None)
     (False, False)
+    >>> audit_confirmed({"audits": [ok], "sampler": {"sampler_name": "euler", "steps": 20}})  # ran on another one
+    False
     """
     audits = quality.get("audits") if isinstance(quality, Mapping) else None
     if not isinstance(audits, list):
         return False
-    return any(isinstance(a, Mapping) and a.get("switched_at") is None and isinstance(a.get("audited"), int)
-               and not isinstance(a.get("audited"), bool) and a["audited"] >= AuditRule().min_audits for a in audits)
+    judged = quality.get("sampler") if isinstance(quality.get("sampler"), Mapping) else {}
+    tested = [a for a in audits if isinstance(a, Mapping) and _tested_as_picked(a.get("settings"), judged)]
+    if not tested:
+        return False
+    latest = tested[-1]
+    audited = latest.get("audited")
+    return ("switched_at" in latest and latest["switched_at"] is None and isinstance(audited, int)
+            and not isinstance(audited, bool) and audited >= AuditRule().min_audits)
+
+
+def _tested_as_picked(settings: Any, judged: Mapping[str, Any]) -> bool:
+    if not isinstance(settings, Mapping) or settings.get("schedule") != "as stored" or settings.get("denoise") != 1.0:
+        return False
+    return all(settings.get(k) == v for k, v in judged.items() if k != "denoise")
 
 
 def keep_audit_outcome(batch: AuditedBatch, *, judge: str, chosen: Any = None,
                        manifest_path: str | os.PathLike | None = None, manifest_id: str | None = None,
                        prior: PriorPlace | None = None, settings: Mapping[str, Any] | None = None) -> list[str]:
     """Keep an audited batch's verdict in the fragment's manifest (``manifest_path``, when the batch's fragment came
-    from a file; ``manifest_id``: ``format.store.manifest_identity`` of the manifest the batch ran) and in ``prior`` (the verdict on ``chosen``, the manifest's
-    ``quality.refinement.chosen``, as a try of ``judge``).  Returns what the report says of it; a file that cannot
-    be written is logged and said, never raised (the batch stands).  A batch with no audit keeps nothing.
+    from a file; ``manifest_id``: ``format.store.manifest_identity`` of the manifest the batch ran) and in ``prior``
+    (the verdict on ``chosen``, the manifest's ``quality.refinement.chosen``, as a try of ``judge``).  Returns what the
+    report says of it; a file that cannot be written is logged and said, never raised (the batch stands).  A batch
+    with no audit keeps nothing; a batch that did not run the fragment as picked (``settings["schedule"]`` other than
+    "as stored") keeps its record in the manifest only, never as a verdict on ``chosen`` in the prior.  The manifest
+    is rewritten under the library's lock, so no other library writer replaces or evicts it meanwhile.
 
     >>> notes = keep_audit_outcome(batch, judge="latent", chosen=manifest["quality"]["refinement"]["chosen"],  # doctest: +SKIP
     ...                            manifest_path="models/fragments/dog.json", manifest_id=identity, prior=place)
@@ -79,12 +101,14 @@ def keep_audit_outcome(batch: AuditedBatch, *, judge: str, chosen: Any = None,
     notes: list[str] = []
     if manifest_path is not None and manifest_id:
         try:
-            record_batch_audit(manifest_path, manifest_id, {**audit_summary(batch, settings), "judge": judge})
+            with locked(Path(manifest_path).parent):
+                record_batch_audit(manifest_path, manifest_id, {**audit_summary(batch, settings), "judge": judge})
             notes.append("audit kept in the manifest (quality.audits)")
         except FragmentError as exc:
             log.warning("audit not kept in the manifest: %s", exc)
             notes.append(f"audit not kept in the manifest: {exc}")
-    if prior is not None and manifest_candidate(chosen) is not None:
+    as_picked = settings is None or settings.get("schedule", "as stored") == "as stored"
+    if prior is not None and as_picked and manifest_candidate(chosen) is not None:
         if record_audit(prior, chosen, batch, judge) is not None:
             notes.append("audit recorded in the prior of this model configuration")
     return notes
