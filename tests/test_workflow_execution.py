@@ -553,12 +553,10 @@ def test_the_shipped_extract_graph_runs_with_the_gate_on(comfyui: cs.ComfyUIRunt
     refinement = manifest["quality"]["refinement"]
     if confirm is None:  # nothing judged: the pick the profile predicts, marked for the batch's audit
         assert refinement["tries"] == [] and refinement["cost"]["images"] == 0 and refinement["goal"] == "speed"
-        assert refinement["status"] == manifest["quality"]["quality_gate"], refinement["status"]
-        if refinement["chosen"] is None:
-            assert status.startswith("FULL MODEL used"), status
-        else:
-            assert refinement["status"] == "in_batch" and status.startswith("picked (speed), untried: "), status
-            assert refinement["chosen"]["label"] in status and "running audit confirms it" in status
+        # goal speed always plans a CFG cut-off, so an untried pick exists even when no lever rung is offered
+        assert refinement["status"] == manifest["quality"]["quality_gate"] == "in_batch", refinement["status"]
+        assert status.startswith("picked (speed), untried: ") and refinement["chosen"]["label"] in status, status
+        assert "running audit confirms it" in status and "spent " in status, status
         return
     assert refinement["tries"] and refinement["judge"] and refinement["goal"] == "speed"
     assert refinement["cost"]["images"] <= 8 and manifest["performance"]["calibration"]["images"] == refinement["cost"]["images"]
