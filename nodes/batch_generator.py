@@ -225,14 +225,14 @@ class BatchGenerator:
                           "denoise": float(denoise), "images": len(seeds),
                           "schedule": "off (FragmentLoader)" if marker.get("schedule_off") else schedule})
             report += "".join(f"; {note}" for note in notes)
-        elif untried and audit_every == 0:
-            report = (WARNING + report + "; the fragment was picked untried (extracted with confirm: in batch) and the "
-                      "audit is off, so its quality on this batch was not measured: set audit_every to -1 (auto)")
-        elif untried and audit_every < 0:
-            report = (WARNING + report + f"; the fragment was picked untried (extracted with confirm: in batch), and "
-                      f"auditing its first {AuditRule().min_audits} images would cost more than a batch of {todo} saves, "
-                      f"so its quality on this batch was not measured: render {least_led_batch()} or more images, or "
-                      "extract with confirm judge")
+        elif untried and audit_every == 0 and todo:
+            report += ("; the fragment was picked untried (extracted with confirm: in batch) and the "
+                       "audit is off, so its quality on this batch was not measured: set audit_every to -1 (auto)")
+        elif untried and audit_every < 0 and todo:
+            report += (f"; the fragment was picked untried (extracted with confirm: in batch), and "
+                       f"auditing its first {AuditRule().min_audits} images would cost more than a batch of {todo} saves, "
+                       f"so its quality on this batch was not measured: render {least_led_batch()} or more images, or "
+                       "extract with confirm judge")
         unjudged = sampler_mismatch((model.model_options.get(FRAGMENT_PATCHES) or {}).get("judged_sampler"),
                                     {"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg,
                                      "denoise": denoise})
@@ -241,7 +241,8 @@ class BatchGenerator:
                      "set audit_every to check it in the batch")
             report += (f"; the fragment's quality was not measured on this sampler ({unjudged}): extract it again with "
                        f"these settings, or {check}")
-        if batch.switches or unjudged:  # the user asked for the fragment and got the full model, or an unjudged one
+        if batch.switches or unjudged or (untried and todo and not batch.records):
+            # the user asked for the fragment and got the full model, or one whose quality here nothing measured
             report = WARNING + report
         log.info("BatchGenerator: %s", report)
         out = {k: v for k, v in latent_image.items() if k not in ("samples", "batch_index", "noise_mask")}
