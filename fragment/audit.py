@@ -174,9 +174,10 @@ def planned_audit_every(raw_ratio: float | None, images: int, *, lead: int = 0, 
     """The running audit's interval for a batch of ``images`` fragment images, from the cost model: the audits that
     ``audit_allowance`` pays for (what is ``left_u`` of the budget, at most ``AUDIT_SHARE`` of what the batch saves at
     ``raw_ratio``).  With a ``lead`` (the first images all audited: a setting no judged try confirmed) the interval
-    after it (``lead_interval``), or 0 when the lead costs more than the batch saves (``lead_pays``).  ``raw_ratio``
-    None (goal memory, repaid in bytes): the fewest audits that can switch.  The one rule ``bench batch`` and
-    BatchGenerator's ``audit_every`` auto (-1) follow.
+    after it (``lead_interval``; the lead alone when the allowance pays for nothing more: a pick no judged try
+    confirmed is always led; whether that lead pays is the host's call, ``lead_pays``).  ``raw_ratio`` None (goal
+    memory, repaid in bytes): the fewest audits that can switch.  The one rule ``bench batch`` and BatchGenerator's
+    ``audit_every`` auto (-1) follow.
 
     Worked example: 32 images at 2x raw save 16 u, a tenth of it (1.6 u) pays for 3 audits at 0.5 u: every 15th
     image (0, 15, 30); a pick confirmed by no judged try is led by 3 audits (0, 1, 2) and the allowance's 0.1 u
@@ -185,13 +186,13 @@ def planned_audit_every(raw_ratio: float | None, images: int, *, lead: int = 0, 
     >>> planned_audit_every(2.0, 32), planned_audit_every(2.0, 32, lead=3), planned_audit_every(2.0, 128, lead=3)
     (15, 32, 13)
     >>> planned_audit_every(None, 32), planned_audit_every(1.0, 32), planned_audit_every(2.0, 5, lead=3)
-    (15, 0, 0)
+    (15, 0, 5)
     """
     if raw_ratio is None:
         return max(images, 1) if lead else audit_interval(2.0, images, 0.0)
     allowance = audit_allowance(raw_ratio, images, left_u)
     if lead:
-        return lead_interval(raw_ratio, images, lead, allowance) if lead_pays(raw_ratio, images, lead) else 0
+        return lead_interval(raw_ratio, images, lead, allowance)
     return audit_interval(raw_ratio, images, allowance)
 
 

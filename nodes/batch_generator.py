@@ -257,6 +257,8 @@ def audit_interval_for(audit_every: int, marker: dict, images: int, lead: int) -
 
     >>> audit_interval_for(-1, {"levers": True}, 32, 0), audit_interval_for(-1, {"levers": True}, 32, 3)
     (15, 32)
+    >>> audit_interval_for(-1, {"levers": True}, 5, 3), audit_interval_for(-1, {"levers": True}, 6, 3)
+    (0, 6)
     >>> audit_interval_for(4, {"levers": True}, 32, 0), audit_interval_for(-1, {}, 32, 0), audit_interval_for(0, {"levers": True}, 32, 3)
     (4, 0, 0)
     """
@@ -267,6 +269,8 @@ def audit_interval_for(audit_every: int, marker: dict, images: int, lead: int) -
         return 0
     if audit_every > 0:
         return audit_every
+    if lead and not lead_pays(ASSUMED_RAW_RATIO, images, lead):
+        return 0  # the lead would cost more than the batch saves: the report warns instead
     return planned_audit_every(ASSUMED_RAW_RATIO, images, lead=lead)
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from prompt_fragments.errors import FragmentError
-from prompt_fragments.fragment.audit import FULL, AuditedBatch, AuditRecord, audit_positions, planned_audit_every
+from prompt_fragments.fragment.audit import (
+    FULL, AuditedBatch, AuditRecord, audit_positions, lead_pays, planned_audit_every
+)
 from prompt_fragments.fragment.format.store import (
     KEPT_AUDITS, load_fragment, manifest_identity, read_manifest, record_batch_audit, save_fragment
 )
@@ -145,8 +147,11 @@ def test_a_pick_no_judged_try_confirmed_is_led_by_the_fewest_audits_that_can_swi
     led = audit_positions(128, planned_audit_every(2.0, 128, lead=3), lead=3)
     assert led[:3] == [0, 1, 2] and len(led) == 3 + 9 and led[3] == 2 + 13
     assert planned_audit_every(1.0, 32) == 0  # a fragment that saves nothing: no audit, the full model is better
-    # a lead costs 1 u an audit: a batch saving less (under 6 images at 2x) gets none, nor audits that cannot switch
-    assert planned_audit_every(2.0, 5, lead=3) == 0 and planned_audit_every(2.0, 6, lead=3) == 6
+    # an untried pick is always led (bench batch must confirm it); whether the lead pays is the host's call: a lead
+    # costs 1 u an audit, so a batch under 6 images at 2x saves less (BatchGenerator then warns instead)
+    assert audit_positions(5, planned_audit_every(2.0, 5, lead=3), lead=3) == [0, 1, 2]
+    assert not lead_pays(2.0, 5, 3) and lead_pays(2.0, 6, 3) and not lead_pays(1.5, 8, 3) and lead_pays(1.6, 8, 3)
+    # no audits that cannot switch: under 6 images a confirmed pick gets none
     assert planned_audit_every(2.0, 5) == 0 and len(audit_positions(6, planned_audit_every(2.0, 6))) == 3
 
 
