@@ -173,9 +173,10 @@ class BatchGenerator:
         todo = sum(1 for s in seeds if s not in given)
         # a pick no judged try confirmed (confirm: in batch) meets its confirmation on the batch's first images
         untried = bool(marker.get("levers")) and marker.get("confirmation") == "in_batch"
-        audited = audit_interval_for(audit_every, marker, todo, AuditRule().min_audits if untried else 0)
+        least = AuditRule().min_audits
+        audited = audit_interval_for(audit_every, marker, todo, least if untried else 0)
         full = full_model_of(model) if audited else None
-        lead = AuditRule().min_audits if untried and audited else 0
+        lead = least if untried and audited else 0
         progress = StepProgress(todo + len(audit_positions(todo, audited, lead)), steps)
         sizes: list[int] = []
 
@@ -230,10 +231,10 @@ class BatchGenerator:
                        "audit is off, so its quality on this batch was not measured: set audit_every to -1 (auto)")
         elif untried and audit_every < 0 and todo:
             report += (f"; the fragment was picked untried (extracted with confirm: in batch), and "
-                       f"auditing its first {AuditRule().min_audits} images would cost more than a batch of {todo} saves, "
+                       f"auditing its first {least} images would cost more than a batch of {todo} saves, "
                        f"so its quality on this batch was not measured: render {least_led_batch()} or more images, or "
                        "extract with confirm judge")
-        unjudged = sampler_mismatch((model.model_options.get(FRAGMENT_PATCHES) or {}).get("judged_sampler"),
+        unjudged = sampler_mismatch(marker.get("judged_sampler"),
                                     {"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg,
                                      "denoise": denoise})
         if unjudged:
