@@ -42,7 +42,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cold = {"cold_prompt": None if args.no_cold_warm else (args.cold_prompt or COLD_PROMPT), "prior_dir": args.prior_dir}
     summary = run_demo(**cold, out=args.out, **({"prompt": args.prompt} if args.prompt else {}), seeds=args.seeds, variants=args.variants, steps=args.steps,
                        ratio=args.ratio, goal=args.goal, budget_images=args.budget_images, holdout=args.holdout,
-                       batch=args.batch,
+                       batch=args.batch, confirm=args.confirm,
                        guidance=args.guidance, weights=args.weights, thresholds=args.thresholds,
                        lpips_weights=args.lpips_weights, reuse_paraphrases=args.paraphrases, curve=not args.no_curve, levers=args.levers,
                        progress=not args.no_progress, report=args.reports_dir if args.report else None)
@@ -330,7 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-images", type=BUDGET, default=48, help="images the calibration may judge (default 48)")
     p.add_argument("--batch", type=VARIANTS, default=32,
                    help="the batch N you are about to make: the calibration spends only what it can repay (default 32)")
-    p.add_argument("--holdout", type=SEEDS, default=4, help="held-out seeds the chosen fragment must also pass (default 4)")
+    p.add_argument("--holdout", type=SEEDS, default=4,
+                   help="with --confirm judge: held-out seeds the chosen fragment must also pass (default 4)")
+    p.add_argument("--confirm", choices=["batch", "judge"], default="batch",
+                   help="batch (default): no judged try, the rung the profile or the prior predicts, confirmed by the "
+                        "batch's running audit (its first 3 images audited); judge: judged tries confirmed on held-out "
+                        "seeds, then the batch audited every k-th image")
     p.add_argument("--guidance", type=float_range(0, 50), default=None, help="classifier-free guidance scale (default: the model card's)")
     p.add_argument("--weights", type=existing_file(), default=None, help="reference model safetensors (default: the committed one)")
     p.add_argument("--paraphrases", type=int_range(0, 1000), default=8, help="paraphrases for the H3 reuse measurement (0: skip)")

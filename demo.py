@@ -21,9 +21,11 @@ break-even <= 10 images).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 
 from .defaults import DEFAULT_PROMPT, DEFAULT_THRESHOLDS, optional_lpips
+from .errors import FragmentError
 from .fragment.build import apply_fragment, describe_base
 from .fragment.calibration import Budget, lever_ladder
 from .fragment.extract import calibrated_fragment, candidate_fragment, extract_fragment
@@ -41,13 +44,9 @@ from .fragment.format.store import load_fragment, save_fragment
 from .fragment.schedule.apply import apply_schedule, fragment_schedule
 from .fragment.settings import ExtractionSettings
 from .fragment.surgery.masking import mask_heads
-from .profiling.activation_stats import ActivationStats
-from .profiling.cfg_gap import CfgGapProbe
-from .profiling.cross_attn_change import CrossAttnChangeProbe
+from .fragment.levers import goal_evidence
 from .profiling.evidence import ProfileEvidence
-from .profiling.ff_profiler import FFProfiler
-from .profiling.profiler import HeadProfiler
-from .profiling.step_change import StepChangeProbe
+from .profiling.session import profiling_stack, stack_flags
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,8 @@ CURVE_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 #: The demo's cold prompt: the first prompt on the model configuration, before the main one (bench.peers.EXTRA_PROMPTS[0]).
 COLD_PROMPT = "a green square in the center on a black background"
 COLD_TIMING_SEEDS = 32  # the cold prompt's u and raw ratio: this many seeds (at most the variants) timed, full and fragment
+#: How the pick is confirmed: the batch's running audit (no judged try), or judged tries on held-out seeds.
+CONFIRMS = ("batch", "judge")
 
 
 class _Progress:
@@ -96,7 +97,7 @@ def run_demo(
     guidance: float | None = None, weights: str | Path | None = None, thresholds: str | Path | None = None,
     lpips_weights: str | None = None, reuse_paraphrases: int = 8, curve: bool = True, levers: bool = False,
     progress: bool = True, report: str | Path | None = None, cold_prompt: str | None = COLD_PROMPT,
-    prior_dir: str | Path | None = None,
+    prior_dir: str | Path | None = None, confirm: str = "batch",
 ) -> dict[str, Any]:
     """Run the pipeline end to end on the reference model; write the fragment, grid, metrics and summary under ``out``.
 
@@ -108,6 +109,14 @@ def run_demo(
     and H4/H5 are judged on its amortized ratio and break-even.  ``ratio`` instead forces a
     fixed heads-only fragment (that fraction of heads removed), for study.  ``levers`` adds
     quality-versus-ratio curves for every lever beyond heads (``reference.lever_curves``).
+
+    ``confirm`` "batch" (the default) judges no candidate: the rung the profile (warm: the prior) predicts is
+    picked untried and the batch's running audit confirms it (its first 3 images are audited, then every k-th);
+    "judge" searches with judged tries confirmed on ``holdout`` seeds, and the batch is audited every k-th image.
+    The audit (``fragment.audit.run_audited``) runs over the variants' own renders, the first ``batch`` less the
+    delivered images of them; its full-model images are delivered, its fragment renders and comparisons are
+    overhead, counted at the timed runs' seconds per image (``_running_audit``).  The fresh-seed gate judges the
+    variants the audit did not see.
 
     Cold and warm: ``cold_prompt`` (None or "": skip) is profiled and calibrated first on an empty prior of this
     model configuration (``prior_dir``, default a temporary folder; ``fragment.library.prior``), and its costs
@@ -154,13 +163,15 @@ def run_demo(
 
         lever_count = len(default_points())
     calibrating = ratio is None
+    if confirm not in CONFIRMS:
+        raise FragmentError(f"demo confirm: expected one of {', '.join(CONFIRMS)}, found {confirm!r}")
     if cold_prompt and cold_prompt.strip() == prompt.strip():
         log.warning("demo: the cold prompt is the prompt itself; no cold/warm pair (pass another --cold-prompt)")
         cold_prompt = None
     # the bar counts image-steps; the calibration's share is its budget until it ends, then what it spent
-    total = steps * (seeds + (budget_images if calibrating else 0) + (2 + lever_count) * variants
+    total = steps * (seeds + (budget_images if calibrating else 0) + (4 + lever_count) * variants
                      + (len(CURVE_RATIOS) * variants if curve else 0) + (2 * reuse_paraphrases * 4 if reuse_paraphrases else 0)
-                     + (seeds + budget_images + 2 * min(COLD_TIMING_SEEDS, variants) + 1 if calibrating and cold_prompt else 0))
+                     + (seeds + budget_images + 4 * min(COLD_TIMING_SEEDS, variants) + 1 if calibrating and cold_prompt else 0))
     bar = _Progress(total, progress)
 
     def run(model_unet: torch.nn.Module, seed_list: list[int], *, state: Any = None, cfg_cutoff: float | None = None,
@@ -179,11 +190,13 @@ def run_demo(
                                       holdout_seeds=holdout_seeds, goal=goal, budget_images=budget_images, batch=batch,
                                       limits=gate.get("quality_gate", {}), lpips=lpips,
                                       prior=PriorPlace(prior_folder, key, cold_prompt), on_step=bar,
-                                      timing_seeds=min(COLD_TIMING_SEEDS, variants))
+                                      timing_seeds=min(COLD_TIMING_SEEDS, variants), confirm=confirm)
         unit_s = cold_line["unit_s"]  # one stock image of this configuration, measured: the budget counts in it
     started = time.perf_counter()
     trajectory = Trajectory()  # the full model's per-step states of the judged seeds: candidates branch from them
-    profile, probes, profile_images = _profiled_runs(unet, run, prompt, seeds, record=trajectory)
+    # a calibration reads only its goal's evidence; a fixed fragment and the lever curves read every kind
+    needs = goal_evidence(goal) if calibrating and not levers else None
+    profile, probes, profile_images = _profiled_runs(unet, run, prompt, seeds, record=trajectory, needs=needs)
     profile_s = time.perf_counter() - started
     started = time.perf_counter()
     evidence = ProfileEvidence.from_probes(profile, probes)
@@ -206,7 +219,8 @@ def run_demo(
                                                                     spent_u=spent_before,
                                                                     image_u=_first_try_u(profile_s, unit_s, seeds)),
                                             judge_name=target.describe()["judge"],
-                                            prior=PriorPlace(prior_folder, key, prompt))
+                                            prior=PriorPlace(prior_folder, key, prompt),
+                                            confirm_in_batch=confirm == "batch")
         calibrate_s = time.perf_counter() - started
         bar.shrink(steps * (budget_images - cal.images))
         chosen_heads = cal.chosen.amount("heads") if cal.chosen else 0.0
@@ -244,16 +258,18 @@ def run_demo(
     memory_metrics = peak_memory_metrics(memory)
     memory_metrics["peak_tensor_device"] = memory["full"]["batch"]["device"]
 
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        full_images = run(unet, variant_seeds)
-    t1 = time.perf_counter()
-    with torch.no_grad():
-        frag_images = run(small, variant_seeds, state=state, cfg_cutoff=cfg_cutoff)
-    t2 = time.perf_counter()
+    full_images, frag_images, full_s, frag_s = _timed_pair(
+        lambda: run(unet, variant_seeds), lambda: run(small, variant_seeds, state=state, cfg_cutoff=cfg_cutoff))
+    # the user's batch of ``batch``: the delivered images (profiled, held-out references), then the variants, audited
+    delivered_before = seeds + (cal.delivered if cal is not None else 0)
+    audit, audit_cost = _running_audit(full_images, frag_images, variant_seeds, target.judge, cal if fragment else None,
+                                       images=min(max(batch - delivered_before, 0), variants),
+                                       full_s=full_s / variants, fragment_s=frag_s / variants,
+                                       prior=PriorPlace(prior_folder, key, prompt))
     adh_full, adh_frag = measure.adherence(full_images, prompt), measure.adherence(frag_images, prompt)
     fid = measure.fidelity(full_images, frag_images, lpips)
-    fresh_ok, fresh = target.judge(full_images, frag_images)
+    unseen = _unaudited(audit, variants)  # the fresh-seed gate: seeds neither the calibration nor the audit saw
+    fresh_ok, fresh = _fresh_gate(target.judge, full_images, frag_images, unseen)
     h1_curve = (measure.ratio_curve(unet, scores, protected, CURVE_RATIOS, variant_seeds, run, prompt, full_images, lpips)
                 if curve else [])
     bounds = h2_bounds(gate)
@@ -272,22 +288,27 @@ def run_demo(
 
     # One cost model (metrics.costs): u = one stock image of the variants run. The profiled images and the
     # confirmed held-out references are full-model images of the user's batch: output, not overhead.
-    ledger = CostLedger(unit_s=max((t1 - t0) / variants, 1e-9))
+    ledger = CostLedger(unit_s=max(full_s / variants, 1e-9))
     ledger.add("profile_hooks", profile_s, images=seeds, delivered=seeds)
     ledger.add("build", build_s)
     if cal is not None:
         ledger.add("judged", calibrate_s, images=cal.images, delivered=cal.delivered)
-    raw = speedup(t1 - t0, t2 - t1) or 1.0
-    at = {n: amortized_ratio(ledger.overhead_u, raw, n, ledger.delivered) for n in AMORTIZED_NS}
-    even = break_even_images(ledger.overhead_u, raw, ledger.delivered)
-    costs = {**ledger.record(raw_ratio=raw, n=32), "rows": [{"n": n, "amortized_ratio": r} for n, r in at.items()],
-             "cost_line": cost_line(ledger, raw, 32)}
+    if audit_cost:
+        ledger.add("audit", **audit_cost)
+    raw = speedup(full_s, frag_s) or 1.0
+    # 1x once the audit moved the batch to the full model, or when nothing was chosen (the same model timed twice)
+    rate = batch_ratio(raw, audit) if fragment is not None else 1.0
+    at = {n: amortized_ratio(ledger.overhead_u, rate, n, ledger.delivered) for n in AMORTIZED_NS}
+    even = break_even_images(ledger.overhead_u, rate, ledger.delivered)
+    costs = {**ledger.record(raw_ratio=rate, n=32), "rows": [{"n": n, "amortized_ratio": r} for n, r in at.items()],
+             "cost_line": cost_line(ledger, rate, 32, **_never(raw, rate))}
     w_full, w_frag = resident_weight_mb(unet), resident_weight_mb(small)
     pruning = fragment.manifest["pruning"] if fragment is not None else {"heads_total": sum(int(v.numel()) for v in scores.values()),
                                                                           "heads_removed": 0, "head_retention_ratio": 1.0}
-    amortized_n = at.get(variants) or amortized_ratio(ledger.overhead_u, raw, variants, ledger.delivered)
+    amortized_n = at.get(variants) or amortized_ratio(ledger.overhead_u, rate, variants, ledger.delivered)
     # cold / warm: this prompt's line (warm when the cold prompt's prior predicted a rung), the cold prompt's line
-    main_line = (cost_figures(prompt, cal, ledger, raw, batch, fresh_passes=bool(fresh_ok), fresh_seeds=variants)
+    main_line = (cost_figures(prompt, cal, ledger, raw if fragment is not None else 1.0, batch, fresh_passes=fresh_ok, fresh_seeds=len(unseen),
+                              audit=audit)
                  if cal is not None else None)
     h5_line = cold_line or main_line
     h5_even = h5_line["break_even_images"] if h5_line else even
@@ -300,10 +321,10 @@ def run_demo(
         "weight_full_mb": w_full, "weight_fragment_mb": w_frag, "weight_reduction": reduction(w_full, w_frag),
         **memory_metrics,  # peak_tensor_bytes_* (any device); peak_vram_bytes_* and vram_reduction only on CUDA
         "reuse_pass_rate": reuse.pass_rate if reuse else None,
-        "latency_full_ms": (t1 - t0) / variants * 1e3, "latency_fragment_ms": (t2 - t1) / variants * 1e3,
+        "latency_full_ms": full_s / variants * 1e3, "latency_fragment_ms": frag_s / variants * 1e3,
         # H4/H5 on the ledger: overhead in u + the delivered full-model images + the rest at the raw ratio, against
         # stock N (H4 at N = 32 when variants is 32); the break-even batch from the same ledger
-        "batch_speedup": amortized_n, "raw_speedup": speedup(t1 - t0, t2 - t1), "batch_variants": variants,
+        "batch_speedup": amortized_n, "raw_speedup": speedup(full_s, frag_s), "batch_variants": variants,
         "break_even_variants": h5_even, "break_even_never": h5_even is None,
         "overhead_u": ledger.overhead_u, "delivered_images": ledger.delivered,
         "profile_s": profile_s, "build_s": build_s, "calibrate_s": calibrate_s,
@@ -328,7 +349,10 @@ def run_demo(
         f"extra time + build + judging ({ledger.overhead_u:.2f} u) + the fragment's other images against stock N "
         f"(raw batch ratio {metrics['raw_speedup'] or 0:.2f}x). {costs['cost_line']}.",
         _cold_warm_note(cold_line, main_line, variants),
-        f"Fidelity and adherence are on {variants} variant seeds that neither the profile nor the calibration saw.",
+        f"Fidelity and adherence are on {variants} variant seeds that neither the profile nor the calibration saw; "
+        f"the fresh-seed gate on the {len(unseen)} of them the running audit did not see either.",
+        f"Running audit (confirm {confirm}): " + (f"{audit.summary()}, every {audit.every}" if audit is not None else
+                                                  "none (no fragment, or too few images to audit)") + ".",
     ]
     if cal is not None:
         chosen = cal.chosen.label if cal.chosen else f"the full model ({cal.reason})"
@@ -340,7 +364,9 @@ def run_demo(
     extra = {"prompt": prompt, "model": BASE_NAME, "steps": steps, "guidance": guidance, "seeds_profiled": seeds,
              "variant_seeds": [variant_seeds[0], variant_seeds[-1]], "h1_curve": h1_curve,
              "adherence": {"full": adh_full, "fragment": adh_frag}, "amortized": costs, "lever_curves": lever_results,
-             "calibration": cal.record() if cal else None, "fresh_seed_gate": {**fresh, "passed": fresh_ok},
+             "calibration": cal.record() if cal else None,
+             "fresh_seed_gate": {**fresh, "passed": fresh_ok, "seeds": len(unseen)},
+             "running_audit": audit.record() if audit is not None else None,
              "cold_warm": {"cold": cold_line, "warm": main_line if cold_line else None, "prior_key": key.to_dict()},
              "reuse": reuse_block(reuse, stand_in=False)["h3"] if reuse else None}
     summary_doc = build_summary("demo", metrics, gate, manifest=fragment.manifest if fragment else None, extra=extra,
@@ -378,9 +404,10 @@ def run_demo(
                         "vram_reduction": memory_metrics["vram_reduction"],
                         "h2_judged_on": summary_doc["h2_memory"]["judged_on"]},
         "adherence": {"full": metrics["adherence_full"], "fragment": metrics["adherence_fragment"]},
-        "fidelity": fid, "fresh_seed_gate": fresh_ok,
-        "time_s": {"profile": profile_s, "build": build_s, "calibrate": calibrate_s, "full_variants": t1 - t0,
-                   "fragment_variants": t2 - t1, "total": time.perf_counter() - demo_started},
+        "fidelity": fid, "fresh_seed_gate": fresh_ok, "confirm": confirm,
+        "running_audit": audit.summary() if audit is not None else None,
+        "time_s": {"profile": profile_s, "build": build_s, "calibrate": calibrate_s, "full_variants": full_s,
+                   "fragment_variants": frag_s, "total": time.perf_counter() - demo_started},
         "raw_ratio": metrics["raw_speedup"], "amortized": {row["n"]: row["amortized_ratio"] for row in costs["rows"]},
         "break_even_images": even, "cost_line": costs["cost_line"],
         "reuse_pass_rate": metrics["reuse_pass_rate"],
@@ -415,7 +442,7 @@ def _cold_warm_note(cold: dict[str, Any] | None, warm: dict[str, Any] | None, va
 
 
 def cost_figures(prompt: str, cal: Any, ledger: Any, raw: float, n: int = 32, *, fresh_passes: bool | None = None,
-                 fresh_seeds: int | None = None) -> dict[str, Any]:
+                 fresh_seeds: int | None = None, audit: Any = None) -> dict[str, Any]:
     """One cold/warm line: how the calibration started, what it and the rest of the pack's work cost (the
     ``metrics.costs.CostLedger``), and what a batch of ``n`` repays at the raw ratio ``raw``.
 
@@ -428,14 +455,16 @@ def cost_figures(prompt: str, cal: Any, ledger: Any, raw: float, n: int = 32, *,
     from .metrics.performance import AMORTIZED_NS
 
     record = cal.record() if cal is not None else {}
-    u, d = ledger.overhead_u, ledger.delivered
+    u, d, rate = ledger.overhead_u, ledger.delivered, batch_ratio(raw, audit)
     return {"prompt": prompt, "start": record.get("start", "cold"), "warm_start": record.get("warm_start"),
             "chosen": cal.chosen.label if cal is not None and cal.chosen else None,
             "tries": len(cal.tries) if cal is not None else 0, "judged_images": cal.images if cal is not None else 0,
-            "overhead_u": u, "unit_s": ledger.unit_s, "delivered": d, "raw_ratio": raw,
-            "amortized": {m: amortized_ratio(u, raw, m, d) for m in AMORTIZED_NS},
-            f"amortized_{n}": amortized_ratio(u, raw, n, d), "break_even_images": break_even_images(u, raw, d),
-            "cost_line": cost_line(ledger, raw, n), "fresh_passes": fresh_passes, "fresh_seeds": fresh_seeds}
+            "overhead_u": u, "unit_s": ledger.unit_s, "delivered": d, "raw_ratio": raw, "batch_ratio": rate,
+            "amortized": {m: amortized_ratio(u, rate, m, d) for m in AMORTIZED_NS},
+            f"amortized_{n}": amortized_ratio(u, rate, n, d), "break_even_images": break_even_images(u, rate, d),
+            "cost_line": cost_line(ledger, rate, n, **_never(raw, rate)), "fresh_passes": fresh_passes,
+            "fresh_seeds": fresh_seeds,
+            "confirmation": record.get("status"), "audit": audit.summary() if audit is not None else None}
 
 
 def _demo_judge(unet: torch.nn.Module, run: Any, target: Any, seeds: int, profile_images: list[np.ndarray],
@@ -453,21 +482,24 @@ def _demo_judge(unet: torch.nn.Module, run: Any, target: Any, seeds: int, profil
 
 
 def _profiled_runs(unet: torch.nn.Module, run: Any, prompt: str, seeds: int,
-                   record: Any = None) -> tuple[Any, list[Any], list[np.ndarray]]:
+                   record: Any = None, needs: Any = None) -> tuple[Any, list[Any], list[np.ndarray]]:
     """Seeds ``0..seeds-1`` sampled as one batch under the profiler and the probes: the head profile, the probes
     (for ``ProfileEvidence.from_probes``) and the images (the full model's: the judge's references).  ``record``
-    (a ``Trajectory``) keeps the run's per-step states, for branched candidate renders.
+    (a ``Trajectory``) keeps the run's per-step states, for branched candidate renders.  ``needs``: the evidence
+    the calibration's levers read (``fragment.levers.goal_evidence``); only those probes run (None: every probe).
+    On the reference model the feed-forward and activation probes are most of the hooks' cost, and goal speed
+    reads neither.
 
     One batch, not one render per seed: these are images of the user's batch, and a render of one seed costs
     about two to three stock images on this model where a batch of eight costs about one each (the closing
     note of issue #26 has the figures).  ``begin_batch`` keeps each seed's statistics apart (rank stability)."""
-    with HeadProfiler(unet, buckets=4, info={"prompt": prompt}) as prof, FFProfiler(unet) as ff_prof, \
-            StepChangeProbe(unet, 1) as probe, ActivationStats(unet) as acts, CfgGapProbe(unet) as gap, \
-            CrossAttnChangeProbe(unet) as attn:
+    with contextlib.ExitStack() as hooks:
+        prof, *probes = [hooks.enter_context(h) for h in profiling_stack(unet, buckets=4, info={"prompt": prompt},
+                                                                         **stack_flags(needs))]
         prof.begin_batch(list(range(seeds)))
         with torch.no_grad():
             images = [run(unet, list(range(seeds)), record=record)]
-    return prof.result(), [ff_prof, probe, acts, gap, attn], images
+    return prof.result(), probes, images
 
 
 def _first_try_u(profile_s: float, unit_s: float | None, seeds: int) -> float:
@@ -484,10 +516,11 @@ def _first_try_u(profile_s: float, unit_s: float | None, seeds: int) -> float:
 
 def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidance: float, holdout_seeds: list[int],
                       goal: str, budget_images: int, batch: int, limits: dict[str, Any], lpips: Any, prior: Any,
-                      on_step: Any, timing_seeds: int = COLD_TIMING_SEEDS) -> dict[str, Any]:
+                      on_step: Any, timing_seeds: int = COLD_TIMING_SEEDS, confirm: str = "batch") -> dict[str, Any]:
     """The cold line: ``prompt`` timed on ``COLD_TIMING_SEEDS`` stock seeds (u), profiled on ``seeds`` seeds,
     calibrated with ``prior`` (empty: cold; its tries are recorded there), and its fragment timed and judged on the
-    same timing seeds (the raw ratio, and the gate on seeds the calibration never saw)."""
+    same timing seeds (the raw ratio, and the gate on seeds neither the calibration nor the running audit saw); the
+    running audit of a batch of ``batch`` runs over the timing seeds' renders (``_running_audit``)."""
     from .judge.reference_target import ReferenceTarget
     from .metrics.costs import CostLedger
     from .metrics.performance import speedup
@@ -511,7 +544,8 @@ def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidan
     ledger = CostLedger(unit_s=max(stock_s / len(timing), 1e-9))
     started = time.perf_counter()
     trajectory = Trajectory()
-    profile, probes, profile_images = _profiled_runs(unet, run, prompt, seeds, record=trajectory)
+    profile, probes, profile_images = _profiled_runs(unet, run, prompt, seeds, record=trajectory,
+                                                     needs=goal_evidence(goal))
     profile_s = time.perf_counter() - started
     ledger.add("profile_hooks", profile_s, images=seeds, delivered=seeds)
     started = time.perf_counter()
@@ -526,18 +560,146 @@ def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidan
         budget=Budget.for_batch(batch, delivered=seeds + len(holdout_seeds), spent_u=ledger.overhead_u,
                                 unit_s=ledger.unit_s, images=budget_images,
                                 image_u=_first_try_u(profile_s, ledger.unit_s, seeds)),
-        judge_name=target.describe()["judge"], prior=prior)
+        judge_name=target.describe()["judge"], prior=prior, confirm_in_batch=confirm == "batch")
     ledger.add("judged", time.perf_counter() - started, images=cal.images, delivered=cal.delivered)
-    raw, fresh_ok = 1.0, None
+    raw, fresh_ok, audit, unseen = 1.0, None, None, list(range(len(timing)))
     if fragment is not None:
         small, state = apply_schedule(unet, fragment)
+        # stock was timed before the profile; the fragment twice, then stock again (see _timed_pair)
+        _, images, full_again_s, fragment_s = _timed_pair(
+            lambda: run(unet, timing), lambda: run(small, timing, state=state,
+                                                   cfg_cutoff=fragment_schedule(fragment).cfg_cutoff), first=False)
+        stock_s = (stock_s + full_again_s) / 2
+        raw = speedup(stock_s, fragment_s) or 1.0
+        audit, audit_cost = _running_audit(full, images, timing, target.judge, cal,
+                                           images=min(max(batch - ledger.delivered, 0), len(timing)),
+                                           full_s=stock_s / len(timing), fragment_s=fragment_s / len(timing),
+                                           prior=prior)
+        if audit_cost:
+            ledger.add("audit", **audit_cost)
+        unseen = _unaudited(audit, len(timing))
+        fresh_ok = _fresh_gate(target.judge, full, images, unseen)[0]
+    log.info("demo cold prompt %r: %s", prompt, cal.record()["start"])
+    return cost_figures(prompt, cal, ledger, raw, batch, fresh_passes=fresh_ok, fresh_seeds=len(unseen), audit=audit)
+
+
+def batch_ratio(raw: float, audit: Any) -> float:
+    """The speed-up the rest of a batch runs at: the fragment's ``raw`` ratio, or 1 when the running ``audit``
+    moved the batch to the full model (a larger batch would run on it too: it never pays back).
+
+    >>> from prompt_fragments.fragment.audit import FULL, AuditedBatch
+    >>> batch_ratio(1.8, None), batch_ratio(1.8, AuditedBatch([1], [0], [FULL], switches=[(0, "f", FULL)]))
+    (1.8, 1.0)
+    """
+    from .fragment.audit import FULL
+
+    return 1.0 if audit is not None and audit.switches and audit.switches[-1][2] == FULL else raw
+
+
+def _timed_pair(full: Any, fragment: Any, *, first: bool = True) -> tuple[Any, Any, float, float]:
+    """The full model's and the fragment's runs timed in the order full, fragment, fragment, full (ABBA), the
+    seconds of each the mean of its two: on the idle 2-core CPU a full model timed right before an identical
+    "fragment" (the full model kept) ran 1.15x slower in one order; ABBA cancels such an order effect and any
+    drift.  Returns the first runs' images and the two mean seconds; ``first=False`` skips the first full run
+    (its time is the caller's, taken earlier; the second full run's seconds come back alone).
+
+    >>> _timed_pair(lambda: "full", lambda: "frag")[:2]
+    ('full', 'frag')
+    """
+    spent = {"full": [], "fragment": []}
+    images: dict[str, Any] = {}
+    for what, make in (("full", full), ("fragment", fragment), ("fragment", fragment), ("full", full))[
+            0 if first else 1:]:
         started = time.perf_counter()
         with torch.no_grad():
-            images = run(small, timing, state=state, cfg_cutoff=fragment_schedule(fragment).cfg_cutoff)
-        raw = speedup(stock_s, time.perf_counter() - started) or 1.0
-        fresh_ok = bool(target.judge(full, images)[0])
-    log.info("demo cold prompt %r: %s", prompt, cal.record()["start"])
-    return cost_figures(prompt, cal, ledger, raw, batch, fresh_passes=fresh_ok, fresh_seeds=len(timing))
+            out = make()
+        spent[what].append(time.perf_counter() - started)
+        images.setdefault(what, out)
+    return (images["full"], images["fragment"], sum(spent["full"]) / len(spent["full"]),
+            sum(spent["fragment"]) / len(spent["fragment"]))
+
+
+def _never(raw: float, rate: float) -> dict[str, str]:
+    """``cost_line``'s reason for a batch the audit moved to the full model (its fragment was faster)."""
+    return {"never": "the running audit moved the batch to the full model"} if rate < raw else {}
+
+
+def _running_audit(full: np.ndarray, fragment: np.ndarray, seeds: list[int], compare: Any, cal: Any, *, images: int,
+                   full_s: float, fragment_s: float, prior: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The batch's running audit (``fragment.audit.run_audited``) over renders already made: the first ``images`` of
+    ``seeds``, whose full-model and fragment images (``full``, ``fragment``) the timed runs rendered.  A seed's image
+    does not depend on the rest of its batch, so the audit decides what rendering it would; its cost is counted at
+    the timed runs' seconds per image (``full_s``, ``fragment_s``) plus the comparisons' own time: the full-model
+    images are delivered, the fragment's renders of audited seeds (and any made again after a switch) are waste.
+    Returns the ``AuditedBatch`` (None: no audit) and the ledger's ``audit`` entry (``{}``: none).  The interval
+    follows the cost model (``fragment.audit.planned_audit_every`` at the calibration's raw estimate, with what its
+    budget left); a pick no judged try confirmed (``cal.status`` "in_batch") is led by ``AuditRule.min_audits``.
+    The verdict goes into ``prior`` (a ``PriorPlace``), as bench batch and BatchGenerator keep it, so the next prompt
+    on the model configuration starts from it.
+
+    >>> full, frag = np.zeros((8, 2, 2, 3), np.uint8), np.zeros((8, 2, 2, 3), np.uint8)
+    >>> from types import SimpleNamespace
+    >>> cal = SimpleNamespace(chosen="x", status="in_batch", units=0.0,
+    ...                       budget=SimpleNamespace(units=None, raw_ratio=2.0))
+    >>> batch, cost = _running_audit(full, frag, list(range(8)), lambda a, b: (True, {}), cal, images=8,
+    ...                              full_s=1.0, fragment_s=0.5)
+    >>> batch.summary(), cost["delivered"], cost["images"], round(cost["seconds"], 1)
+    ('audited 3 of 8: 3 passed', 3, 6, 4.5)
+    """
+    from .fragment.audit import AUDIT_BLOCK, FULL, AuditRule, planned_audit_every, run_audited
+
+    if cal is None or cal.chosen is None or images <= 0:
+        return None, {}
+    lead = AuditRule().min_audits if cal.status == "in_batch" else 0
+    left = max((cal.budget.units or 0.0) - cal.units, 0.0) if cal.budget.units is not None else math.inf
+    every = planned_audit_every(cal.budget.raw_ratio, images, lead=lead, left_u=left)
+    if not every:
+        return None, {}
+    index = {s: i for i, s in enumerate(seeds[:images])}
+    made = {"fragment": 0, "full": 0}
+
+    def render(what: str, source: np.ndarray, group: list[int]) -> list[np.ndarray]:
+        made[what] += len(group)
+        return [source[index[s]] for s in group]
+
+    def judge_one(reference: np.ndarray, image: np.ndarray) -> tuple[bool, dict[str, Any]]:
+        passed, metrics = compare(reference[None], image[None])
+        return bool(passed), dict(metrics)
+
+    started = time.perf_counter()
+    batch = run_audited(seeds[:images], lambda _setting, group: render("fragment", fragment, group),
+                        lambda group: render("full", full, group), judge_one, AuditRule(), [], setting="fragment",
+                        every=every, lead=lead, block=AUDIT_BLOCK)
+    judged_s = time.perf_counter() - started
+    if prior is not None:
+        from .fragment.library.prior import record_audit
+
+        record_audit(prior, cal.chosen, batch, cal.judge)
+    wasted = made["fragment"] - sum(1 for s in batch.setting if s != FULL)
+    return batch, {"seconds": made["full"] * full_s + wasted * fragment_s + judged_s, "images": made["full"] + wasted,
+                   "delivered": made["full"]}
+
+
+def _fresh_gate(judge: Any, full: np.ndarray, images: np.ndarray, unseen: list[int]) -> tuple[bool | None, dict[str, Any]]:
+    """The gate on the variants in ``unseen``; ``(None, note)`` when the audit saw every one of them (a tiny run).
+
+    >>> _fresh_gate(lambda a, b: (True, {}), np.zeros((2, 1)), np.zeros((2, 1)), [])
+    (None, {'note': 'every variant was audited: none left for the fresh-seed gate'})
+    """
+    if not unseen:
+        return None, {"note": "every variant was audited: none left for the fresh-seed gate"}
+    passed, metrics = judge(full[unseen], images[unseen])
+    return bool(passed), metrics
+
+
+def _unaudited(audit: Any, count: int) -> list[int]:
+    """The indices of ``count`` variants whose images no audit judged: the fresh-seed gate's.
+
+    >>> _unaudited(None, 3)
+    [0, 1, 2]
+    """
+    seen = {r.index for r in audit.records} if audit is not None else set()
+    return [i for i in range(count) if i not in seen]
 
 
 def _memory_note(m: dict[str, Any], images: int, steps: int) -> str:
@@ -605,8 +767,9 @@ def _cold_warm_rows(cold_warm: dict[str, Any] | None) -> list[tuple[str, str]]:
             continue
         fresh = "" if line["fresh_passes"] is None else \
             f"; gate on {line['fresh_seeds']} fresh seeds {'passed' if line['fresh_passes'] else 'FAILED'}"
+        audit = f"; running audit: {line['audit']}" if line.get("audit") else ""
         rows.append((label, f"{line['start']}, {line['tries']} tries, {line['judged_images']} judged images: "
-                            f"{line['cost_line']}{fresh} [{judged} judged on this line] ({line['prompt']!r})"))
+                            f"{line['cost_line']}{audit}{fresh} [{judged} judged on this line] ({line['prompt']!r})"))
     return rows
 
 
@@ -627,6 +790,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     cal = summary["calibration"]
     if cal is None:
         chosen = "fixed (--ratio), not calibrated"
+    elif cal["chosen"] and cal.get("status") == "in_batch":
+        chosen = f"{cal['chosen']} (picked untried: the batch's running audit confirms it)"
     elif cal["chosen"]:
         chosen = f"{cal['chosen']} (passed calibration and held-out seeds)"
     else:
@@ -653,11 +818,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("masked vs physical", f"{summary['exactness_masked_vs_physical_rel_err']:.2e} relative error"),
         ("adherence full / fragment", f"{_pct(summary['adherence']['full'])} / {_pct(summary['adherence']['fragment'])}"),
         ("fidelity SSIM / LPIPS", f"{f['ssim_mean']:.3f} / " + ("n/a" if f["lpips_mean"] is None else f"{f['lpips_mean']:.3f}")
-         + f" (fresh seeds; gate {'passed' if summary['fresh_seed_gate'] else 'FAILED'})"),
+         + " (fresh seeds; gate " + {True: "passed", False: "FAILED", None: "not judged"}[summary["fresh_seed_gate"]]
+         + ")"),
         ("paraphrase reuse (H3)", _pct(summary["reuse_pass_rate"])),
         ("profile + build + calib.", f"{t['profile']:.1f}s + {t['build']:.1f}s + {t['calibrate']:.1f}s"),
         ("variants full / fragment", f"{t['full_variants']:.1f}s / {t['fragment_variants']:.1f}s"
          + (f" (raw {summary['raw_ratio']:.2f}x)" if summary["raw_ratio"] else "") + _memory_beside(summary)),
+        ("running audit", summary.get("running_audit") or "none"),
         ("costs", summary.get("cost_line") or "n/a"),
         ("amortized ratio", ", ".join(f"N={n}: {r:.2f}x" for n, r in summary["amortized"].items() if r is not None)),
         ("break-even", "never" if summary["break_even_images"] is None else f"{summary['break_even_images']} images"),

@@ -7,10 +7,10 @@ the rest.
 
 1. stock: the full model generates the whole batch (timed): one stock image's
    seconds is the cost unit ``u`` (``metrics.costs``), measured in this run;
-2. profile: the full model runs the profile seeds with ``HeadProfiler``,
-   ``FFProfiler`` and ``StepChangeProbe`` attached (timed; these images are the
-   user's first images and the calibration's reference: delivered, so only
-   the hooks' extra time is overhead);
+2. profile: the full model runs the profile seeds with ``HeadProfiler`` and
+   the probes the goal's levers read attached (``fragment.levers.goal_evidence``;
+   timed; these images are the user's first images and the calibration's
+   reference: delivered, so only the hooks' extra time is overhead);
 3. calibrate: ``fragment.extract.calibrated_fragment`` predicts a ladder of
    lever combinations from the profile and judges them on the profile seeds,
    then confirms the strongest pass on the held-out seeds, within what the
@@ -41,6 +41,7 @@ come from the ``CostLedger``: N stock images against the pack's overhead (in u)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -50,10 +51,11 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn as nn
 
-from ..fragment.audit import FULL, AuditedBatch, AuditRule, planned_audit_every
+from ..fragment.audit import AUDIT_BLOCK, FULL, AuditedBatch, AuditRule, planned_audit_every
 from ..fragment.build import describe_base
 from ..fragment.calibration import GOALS, Budget, lever_ladder
 from ..fragment.extract import calibrated_fragment, candidate_fragment
+from ..fragment.levers import goal_evidence
 from ..fragment.library.prior import PriorPlace, record_audit
 from ..fragment.schedule.apply import apply_schedule, fragment_schedule
 from ..fragment.schedule.state import ScheduleState
@@ -63,22 +65,14 @@ from ..errors import FragmentError
 from ..metrics.costs import CostLedger, amortized_ratio, break_even_images, cost_line
 from ..metrics.memory import peak_memory, peak_memory_metrics
 from ..metrics.performance import AMORTIZED_NS, synchronize
-from ..profiling.activation_stats import ActivationStats
 from ..profiling.evidence import ProfileEvidence
-from ..profiling.ff_profiler import FFProfiler
-from ..profiling.profiler import HeadProfiler
-from ..profiling.cfg_gap import CfgGapProbe
-from ..profiling.cross_attn_change import CrossAttnChangeProbe
-from ..profiling.step_change import StepChangeProbe
+from ..profiling.session import profiling_stack, stack_flags
 from . import BENCH_BUDGET_IMAGES
 from .overhead import profiling_overhead
 from .paired import paired_timing
 from .weights import resident_bytes
 
 log = logging.getLogger(__name__)
-# The fewest images the audited batch renders per fragment call (``run_audited``'s block): rendered one audited
-# stretch at a time, a batch audited every 2nd image ran at 0.76x raw where the same fragment runs 1.58x paired.
-AUDIT_BLOCK = 16
 
 
 class BenchTarget(Protocol):
@@ -352,9 +346,9 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
     if hasattr(target, "watch"):  # record the full model's per-step states of the judged seeds (branched renders)
         target.watch(profile_seeds + holdout)
     started = time.perf_counter()
-    with HeadProfiler(unet, buckets=4) as prof, FFProfiler(unet) as ff_prof, \
-            StepChangeProbe(unet, config.shallow) as probe, ActivationStats(unet) as acts, CfgGapProbe(unet) as gap, \
-            CrossAttnChangeProbe(unet) as attn:
+    with contextlib.ExitStack() as hooks:  # only the probes the goal's levers read (fragment.levers.goal_evidence)
+        prof, *probes = [hooks.enter_context(h) for h in profiling_stack(unet, buckets=4, shallow=config.shallow,
+                                                                         **stack_flags(goal_evidence(config.goal)))]
         prof.begin_sample("profile")  # one batched run: the bench needs scores, not rank stability
         with torch.no_grad():
             reference = target.run(unet, profile_seeds)
@@ -367,7 +361,7 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
     started = time.perf_counter()
     profile = prof.result()
     base = describe_base(unet, target.name, sha256="0" * 64, hash_kind="none")
-    evidence = ProfileEvidence.from_probes(profile, [ff_prof, probe, acts, gap, attn])
+    evidence = ProfileEvidence.from_probes(profile, probes)
     build_s = time.perf_counter() - started
     ledger.add("build", build_s)
 

@@ -97,6 +97,22 @@ def goal_levers(goal: str) -> tuple[str, ...]:
     return tuple(cls.name for cls in LEVERS if goal in cls.goals and cls.ladder == "predicted")
 
 
+def goal_evidence(goal: str) -> frozenset[str]:
+    """The ``ProfileEvidence`` measurements the levers of a calibration goal read (``LeverBase.evidence``), beyond
+    the head profile: what a profile made for that goal measures (``profiling.session.stack_flags``).  Goal
+    ``speed`` moves only schedule levers, so its profile skips the feed-forward and activation probes, which cost
+    most of the profile's hooks on small UNets.
+
+    >>> sorted(goal_evidence("speed"))
+    ['cfg_gaps', 'cross_attn_changes', 'reuse_depths', 'step_changes']
+    >>> sorted(goal_evidence("memory"))
+    ['activation_stats', 'ff_scores']
+    """
+    if goal not in GOALS:
+        raise FragmentError(f"calibration goal: expected one of {', '.join(GOALS)}, found {goal!r}")
+    return frozenset(field for cls in LEVERS if goal in cls.goals for field in cls.evidence)
+
+
 class LeverAmounts(Mapping[str, Any]):
     """Lever name -> amount, only the levers that are on, in registry order; immutable and hashable.
 

@@ -22,6 +22,7 @@ images the pack still has to render (``n - delivered``) save anything.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -145,15 +146,15 @@ def amortized_ratio(overhead_u: float, raw_ratio: float, n: int, delivered: int 
     return n / (max(overhead_u, 0.0) + kept + (n - kept) / raw_ratio)
 
 
-def cost_line(ledger: CostLedger, raw_ratio: float, n: int) -> str:
-    """The one line the node, the demo and the bench print.
+def cost_line(ledger: CostLedger, raw_ratio: float, n: int, never: str = "the fragment is not faster") -> str:
+    """The one line the node, the demo and the bench print (``never``: why a batch that never pays back does not).
 
     >>> ledger = CostLedger(2.0); ledger.add("judged", 4.2, images=4)
     >>> cost_line(ledger, 2.0, 32)
     'spent 2.1 u (4.2 s), pays back from image 5 at 2.00x raw; amortized 1.77x at N=32'
     """
     even = break_even_images(ledger.overhead_u, raw_ratio, ledger.delivered)
-    pays = "never pays back (the fragment is not faster)" if even is None else f"pays back from image {even}"
+    pays = f"never pays back ({never})" if even is None else f"pays back from image {even}"
     return (f"spent {ledger.overhead_u:.1f} u ({ledger.overhead_s:.1f} s), {pays} at {raw_ratio:.2f}x raw; "
             f"amortized {amortized_ratio(ledger.overhead_u, raw_ratio, n, ledger.delivered):.2f}x at N={n}")
 
@@ -204,3 +205,130 @@ def calibration_costs(cal: Any, *, unit_s: float | None, n: int, raw_ratio: floa
     record["raw_ratio_source"] = ratio_note if cal.chosen is not None and raw_ratio else \
         "1.0: the full model was kept" if cal.chosen is None else "1.0: no estimate"
     return cost_line(ledger, ratio, n), record
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchTimes:
+    """One batch as it ran (BatchGenerator): its renders counted and timed, by model.
+
+    ``fragment_images`` counts every fragment image rendered (kept, audited, or rendered again after a switch),
+    ``kept`` those the batch delivers; every full-model image (``full_images``: audits, and the rest after a
+    switch to the full model) is delivered.  ``given`` rows were rendered before the batch (FragmentExtractor's
+    ``full_model_latents``) and not again.  ``wall_s`` is the whole batch; what no render explains (the audits'
+    comparisons, model swaps) is the audit's when there were audits.
+    """
+
+    images: int
+    wall_s: float
+    fragment_s: float = 0.0
+    fragment_images: int = 0
+    kept: int = 0
+    full_s: float = 0.0
+    full_images: int = 0
+    given: int = 0
+
+
+def extraction_costs(performance: Any) -> dict[str, Any] | None:
+    """What a fragment's extraction cost, read from its manifest's ``performance`` block (``calibration.ledger``,
+    written by :func:`calibration_costs`), checked as untrusted data: ``{"unit_s", "start", "by_kind"}`` with only
+    the known kinds and finite, non-negative numbers, the planned audits left out (a batch measures its own);
+    None when the manifest records no ledger or a malformed one.
+
+    >>> perf = {"calibration": {"start": "cold", "ledger": {"unit_s": 0.5, "by_kind": {
+    ...     "reference": {"seconds": 0.5, "images": 1, "delivered": 0},
+    ...     "audit": {"seconds": 2.25, "images": 6, "delivered": 3}}}}}
+    >>> extraction_costs(perf)
+    {'unit_s': 0.5, 'start': 'cold', 'by_kind': {'reference': {'seconds': 0.5, 'images': 1, 'delivered': 0}}}
+    >>> extraction_costs({"calibration": {"ledger": {"unit_s": float("nan"), "by_kind": {}}}}) is None
+    True
+    """
+    calibration = performance.get("calibration") if isinstance(performance, dict) else None
+    ledger = calibration.get("ledger") if isinstance(calibration, dict) else None
+    if not isinstance(ledger, dict) or not isinstance(ledger.get("by_kind"), dict):
+        return None
+    unit_s = ledger.get("unit_s")
+    if not _finite(unit_s) or unit_s <= 0:
+        return None
+    kinds: dict[str, dict[str, Any]] = {}
+    for kind, entry in ledger["by_kind"].items():
+        if kind == "audit":  # the extractor's estimate of the batch's audits: the batch times its own
+            continue
+        if kind not in COST_KINDS or not isinstance(entry, dict):
+            return None
+        seconds, images, delivered = entry.get("seconds"), entry.get("images"), entry.get("delivered")
+        if not (_finite(seconds) and seconds >= 0 and _count(images) and _count(delivered) and delivered <= images):
+            return None
+        kinds[kind] = {"seconds": float(seconds), "images": images, "delivered": delivered}
+    start = calibration.get("start")
+    return {"unit_s": float(unit_s), "start": start if start in ("cold", "warm (prior)") else None, "by_kind": kinds}
+
+
+def batch_costs(times: BatchTimes, extraction: dict[str, Any] | None = None) -> tuple[str | None, dict[str, Any]]:
+    """A batch's cost line, measured: ``u`` and the raw ratio from its own renders, its audits' overhead, and
+    with ``extraction`` (:func:`extraction_costs`) the fragment's whole cost for this batch of ``times.images``.
+
+    ``u`` is the seconds of one full-model image of the batch (its audits) or, when the batch rendered none, the
+    extractor's; the raw ratio is ``u`` over the seconds of one fragment image.  An audit's full-model image is
+    delivered; its fragment render, and any render made again after a switch, is overhead.  Rows given by the
+    extractor count as delivered images whose cost is the extraction's (a reference check's image first, then
+    held-out references); given rows no extraction record explains count one ``u`` each.  No ``u`` (no full-model
+    image timed anywhere) or no fragment image: no line.
+
+    >>> t = BatchTimes(images=32, wall_s=10.5, fragment_s=8.0, fragment_images=32, kept=29, full_s=1.5, full_images=3)
+    >>> line, rec = batch_costs(t)
+    >>> line
+    'u = 0.50 s (a full-model image, timed in this batch); fragment 2.00x raw; this batch spent 3.5 u (1.8 s) on its audits: 1.52x of stock for 32 images'
+    >>> ext = {"unit_s": 0.5, "start": "cold", "by_kind": {"reference": {"seconds": 0.5, "images": 1, "delivered": 0}}}
+    >>> line, rec = batch_costs(t, ext); line.split("; ")[-2:]
+    ['with the extraction (cold): spent 4.5 u (2.2 s), pays back from image 12 at 2.00x raw', 'amortized 1.45x at N=32']
+    """
+    unit_s, source = None, None
+    if times.full_images > 0 and times.full_s > 0:
+        unit_s, source = times.full_s / times.full_images, "a full-model image, timed in this batch"
+    elif extraction is not None:
+        unit_s, source = extraction["unit_s"], "a full-model image, timed by the extractor"
+    if unit_s is None or times.fragment_images <= 0 or times.fragment_s <= 0:
+        return None, {"unit_s": None, "note": "no full-model image or no fragment image was timed: no cost in u"}
+    per_fragment = times.fragment_s / times.fragment_images
+    raw = unit_s / per_fragment
+    wasted = max(times.fragment_images - times.kept, 0)
+    rest_s = max(times.wall_s - times.fragment_s - times.full_s, 0.0) if times.full_images or wasted else 0.0
+
+    def ledger_of(with_extraction: bool) -> CostLedger:
+        ledger = CostLedger(unit_s)
+        if times.full_images or wasted:
+            ledger.add("audit", times.full_s + wasted * per_fragment + rest_s, images=times.full_images + wasted,
+                       delivered=times.full_images)
+        left = max(int(times.given), 0)
+        for kind, entry in (extraction or {}).get("by_kind", {}).items() if with_extraction else ():
+            if kind == "profile_hooks":  # the profiled run's images are outside the batch; only its hooks count
+                ledger.add(kind, max(entry["seconds"] - entry["delivered"] * extraction["unit_s"], 0.0))
+                continue
+            # the extractor's full-model renders that came into the batch as given rows are its images
+            take = min(left, entry["images"] if kind == "reference" else entry["delivered"])
+            ledger.add(kind, entry["seconds"], images=entry["images"], delivered=take)
+            left -= take
+        if left:
+            ledger.add("reference", left * unit_s, images=left, delivered=left)
+        return ledger
+
+    alone = ledger_of(False)
+    record: dict[str, Any] = {"unit_s": unit_s, "unit_source": source, "raw_ratio": raw,
+                              "batch": alone.record(raw_ratio=raw, n=times.images)}
+    line = (f"u = {unit_s:.2f} s ({source}); fragment {raw:.2f}x raw; this batch spent {alone.overhead_u:.1f} u "
+            f"({alone.overhead_s:.1f} s) on its audits: {record['batch']['amortized_ratio']:.2f}x of stock for "
+            f"{times.images} images")
+    if extraction is not None:
+        whole = ledger_of(True)
+        record["with_extraction"] = {**whole.record(raw_ratio=raw, n=times.images), "start": extraction["start"]}
+        line += f"; with the extraction ({extraction['start'] or 'start not recorded'}): " + cost_line(whole, raw,
+                                                                                                      times.images)
+    return line, record
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -52,6 +52,7 @@ from ..fragment.library.audit_outcome import keep_audit_outcome
 from ..fragment.schedule.state import ScheduleState
 from ..judge.comfy import LATENT_JUDGE, judge_limits
 from ..judge.latent_distance import latent_rel_error
+from ..metrics.costs import BatchTimes, batch_costs
 from .comfy_versions import has_keyed_wrappers, remove_call_wrappers, unload_clones
 from .folders import CATEGORY, tip
 from .fragment_extractor import ASSUMED_RAW_RATIO, run_prior
@@ -179,8 +180,10 @@ class BatchGenerator:
         lead = least if untried and audited else 0
         progress = StepProgress(todo + len(audit_positions(todo, audited, lead)), steps)
         sizes: list[int] = []
+        spent = {"fragment": [0.0, 0], "full": [0.0, 0]}  # seconds and images each model rendered: the cost line's
 
         def render(patcher: Any, group_seeds: Sequence[int], fragment_state: ScheduleState | None) -> torch.Tensor:
+            began = time.perf_counter()
             free = comfy.model_management.get_free_memory(patcher.load_device)
             plan = plan_sub_batches(len(group_seeds), batch_size, _per_image_bytes(patcher, base), free)
             sizes.extend(plan)
@@ -201,6 +204,9 @@ class BatchGenerator:
             if audited:
                 # The other model may be loaded with its object patches on the shared modules: put them back.
                 unload_clones(model)
+            tally = spent["full" if patcher is full else "fragment"]
+            tally[0] += time.perf_counter() - began
+            tally[1] += len(group_seeds)
             return torch.cat(outputs)
 
         limit = judge_limits(vae=False, lpips=False)["latent_rel_error_max"] if audited else 0.0
@@ -217,11 +223,22 @@ class BatchGenerator:
         report = (f"{len(seeds)} images in {elapsed:.1f} s ({len(seeds) / elapsed if elapsed > 0 else float('inf'):.2f} "
                   f"images/s), sub-batches {sizes}")
         report += audit_clause(batch, audit_every, bool(marker.get("levers", bool(marker))))
+        measured = None
+        if marker.get("levers"):
+            line, costs = batch_costs(
+                BatchTimes(images=len(seeds), wall_s=elapsed, fragment_s=spent["fragment"][0],
+                           fragment_images=spent["fragment"][1], kept=sum(1 for s in batch.setting if s != FULL),
+                           full_s=spent["full"][0], full_images=spent["full"][1], given=batch.given),
+                marker.get("extraction"))
+            report += f"; cost: {line}" if line else "; cost in u not measured (no full-model image was timed)"
+            if line:
+                measured = {"raw_ratio": costs["raw_ratio"], "unit_s": costs["unit_s"]}
         if batch.records:
             place = run_prior(marker.get("base_sha256") or "", sampler_name, scheduler, steps, cfg, base, positive)
             notes = keep_audit_outcome(
                 batch, judge=LATENT_JUDGE, chosen=marker.get("chosen"), manifest_path=marker.get("manifest"),
                 manifest_id=marker.get("identity"), prior=place if not isinstance(place, str) and denoise >= 1.0 else None,
+                measured=measured,
                 settings={"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg,
                           "denoise": float(denoise), "images": len(seeds),
                           "schedule": "off (FragmentLoader)" if marker.get("schedule_off") else schedule})

@@ -29,6 +29,7 @@ from ..fragment.patching import PatchPlan, base_sha256, plan_patches
 from ..fragment.schedule.apply import fragment_schedule, schedule_replacements
 from ..fragment.schedule.state import Schedule, ScheduleState
 from ..judge.comfy import ComfyModels
+from ..metrics.costs import extraction_costs
 from .comfy_versions import unload_clones
 from .folders import (
     CATEGORY, NONE, FragmentHandle, fragment_choices, fragment_path, fragments_dir, tip, unpatched_originals
@@ -196,7 +197,9 @@ def fragment_model(model: Any, frag: Fragment, *, originals: dict[str, Any] | No
                                                "chosen": refinement.get("chosen"),
                                                "base_sha256": (frag.manifest.get("base_model") or {}).get("sha256"),
                                                "manifest": str(source) if source is not None else None,
-                                               "identity": manifest_identity(frag.manifest)}
+                                               "identity": manifest_identity(frag.manifest),
+                                               # what the extraction cost: BatchGenerator's report counts it
+                                               "extraction": extraction_costs(frag.manifest.get("performance"))}
     patched.size = max(1, model.model_size() - plan.bytes_saved)
     return patched, plan, plan_schedule
 

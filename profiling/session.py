@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch.nn as nn
 
@@ -70,6 +70,26 @@ def profiling_stack(model: nn.Module, *, buckets: int = 4, shallow: int = 1, ff:
         except ProfilingError:
             log.debug("%s: no cross-attention to profile", type(model).__name__)
     return stack
+
+
+#: Each optional probe of ``profiling_stack`` and the ``ProfileEvidence`` measurements it makes.
+PROBE_EVIDENCE = {"ff": ("ff_scores",), "steps": ("step_changes", "step_timesteps", "reuse_depths"),
+                  "activations": ("activation_stats",), "cfg_gap": ("cfg_gaps",),
+                  "cross_attn": ("cross_attn_changes",)}
+
+
+def stack_flags(needs: Collection[str] | None = None) -> dict[str, bool]:
+    """``profiling_stack``'s probe switches for a profile that must measure ``needs`` (``ProfileEvidence`` field
+    names, e.g. ``fragment.levers.goal_evidence(goal)``); every probe when ``needs`` is None.
+
+    >>> stack_flags({"step_changes", "cfg_gaps"})
+    {'ff': False, 'steps': True, 'activations': False, 'cfg_gap': True, 'cross_attn': False}
+    """
+    known = {field for fields in PROBE_EVIDENCE.values() for field in fields}
+    unknown = sorted(set(needs or ()) - known - {"kv_context"})  # the K/V fold reads the conditioning, not a probe
+    if unknown:
+        raise FragmentError(f"profiling: expected evidence among {', '.join(sorted(known))}, found {', '.join(unknown)}")
+    return {flag: needs is None or any(f in needs for f in fields) for flag, fields in PROBE_EVIDENCE.items()}
 
 
 class ProfileSession:

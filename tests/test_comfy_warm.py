@@ -29,6 +29,9 @@ SEED, STEPS, CFG = 11, 2, 6.5
 IN_BATCH_CFG = 5.5  # the in-batch test's own model configuration: a prior no judged test of this module wrote
 SPENT = re.compile(r"spent (\d+\.\d) u \((\d+\.\d) s\), (pays back from image (\d+)|never pays back)")
 AUDITED = re.compile(r"audited (\d+) of (\d+): (\d+) passed")
+COST = re.compile(r"cost: u = (\d+\.\d\d) s \(a full-model image, timed (in this batch|by the extractor)\); fragment "
+                  r"(\d+\.\d\d)x raw; this batch spent (\d+\.\d) u \(\d+\.\d s\) on its audits: \d+\.\d\dx of stock for "
+                  r"(\d+) images; with the extraction \((cold|warm \(prior\))\): spent \d+\.\d u")
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +115,11 @@ def test_second_prompt_starts_warm_and_batch_generator_audits_it(env, monkeypatc
     assert match and match.group(1) == "1", text  # 2 fragment rows: the 1st is audited
     assert f"full-model images delivered: {given + 1}" in text, text
     assert out["result"][0]["samples"].shape[0] == 4
+    # what it cost, measured in the batch (its audit timed u), with the warm extraction's own cost
+    cost = COST.search(text)
+    assert cost and cost.group(2, 5, 6) == ("in this batch", "4", "warm (prior)"), text
+    kept = load_fragment(handle.manifest_path).manifest["quality"]["audits"][-1]["measured"]
+    assert f"{kept['raw_ratio']:.2f}" == cost.group(3) and f"{kept['unit_s']:.2f}" == cost.group(1), (kept, text)
 
 
 def test_an_unreadable_prior_is_left_in_place_and_the_run_is_cold_with_a_warning(env,
@@ -178,6 +186,11 @@ def test_an_in_batch_pick_is_led_by_the_audit_which_keeps_its_verdict_in_the_man
     assert (kept["audited"], kept["passed"], kept["every"], kept["switched_at"]) == (3, 3, 7, None), kept
     assert kept["settings"]["cfg"] == IN_BATCH_CFG and kept["settings"]["images"] == 8
     assert kept["settings"]["schedule"] == "as stored" and kept["settings"]["denoise"] == 1.0
+    # the cost line: u and the raw ratio timed in this batch (what its manifest record keeps), the cold extraction
+    cost = COST.search(text)
+    assert cost and cost.group(2, 5, 6) == ("in this batch", "8", "cold"), text
+    assert f"{kept['measured']['raw_ratio']:.2f}" == cost.group(3), (kept, text)
+    assert re.search(r"with the extraction \(cold\): spent [^;]*, (pays back from image \d+|never pays back)", text)
 
     digest = (load_fragment(handle.manifest_path).manifest["base_model"]["sha256"])
     extractor = sys.modules[env.mapping["FragmentExtractor"].__module__]
@@ -206,6 +219,8 @@ def test_an_in_batch_pick_is_led_by_the_audit_which_keeps_its_verdict_in_the_man
     text = batch(env, model, env.prompts[0], 4, IN_BATCH_CFG)["ui"]["text"][0]
     assert text.startswith("WARNING: ") and "would cost more than a batch of 4 saves" in text, text
     assert "render 6 or more images, or extract with confirm judge" in text and not AUDITED.search(text), text
+    # no full-model image in the batch: u is the extractor's reference check's
+    assert COST.search(text).group(2, 5) == ("by the extractor", "4"), text
     text = batch(env, model, env.prompts[0], 7, IN_BATCH_CFG, audit_every=0)["ui"]["text"][0]
     assert text.startswith("WARNING: ") and "picked untried" in text and "set audit_every to -1 (auto)" in text, text
 

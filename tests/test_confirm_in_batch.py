@@ -174,8 +174,10 @@ def full_image(seed: int) -> torch.Tensor:
 
 def test_the_lead_audits_the_first_images_and_switches_before_the_batch_is_made_of_a_bad_setting() -> None:
     seeds = list(range(200, 224))
+    fragment_renders: list[list[int]] = []
 
     def render_fragment(setting: str, group):
+        fragment_renders.append(list(group))
         return torch.stack([full_image(s) + (1.0 if setting == "bad" else 0.0) for s in group])
 
     def render_full(group):
@@ -190,6 +192,8 @@ def test_the_lead_audits_the_first_images_and_switches_before_the_batch_is_made_
     assert [r.index for r in batch.records] == [0, 1, 2] and batch.switched_at == 2
     assert batch.setting == [FULL] * len(seeds)  # past the last fallback: the full model renders the rest
     assert_close(torch.stack(batch.images), render_full(seeds))
+    # the bad setting rendered the lead alone, judged before the rest of the batch
+    assert fragment_renders == [seeds[:3]]
     good = run_audited(seeds, lambda s, g: render_full(g), render_full, compare, AuditRule(), [], setting="ok",
                        every=10, lead=3, block=8)
     # the lead (0, 1, 2), then every 10th after its last: 12, 22

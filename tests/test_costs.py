@@ -9,8 +9,8 @@ from hypothesis import given, settings, strategies as st
 from prompt_fragments.errors import FragmentError
 from prompt_fragments.fragment.audit import planned_audits
 from prompt_fragments.fragment.calibration import Budget, Candidate, Judgement, calibrate
-from prompt_fragments.metrics.costs import (CostLedger, amortized_ratio, break_even_images, calibration_costs, cost_line,
-                                            repayable_units)
+from prompt_fragments.metrics.costs import (BatchTimes, CostLedger, amortized_ratio, batch_costs, break_even_images,
+                                            calibration_costs, cost_line, extraction_costs, repayable_units)
 
 
 def test_ledger_counts_kept_full_model_images_as_output_not_overhead():
@@ -144,3 +144,77 @@ def test_the_batch_audit_a_pick_will_get_counts_in_its_cost_line() -> None:
     assert with_audit["amortized_ratio"] < without["amortized_ratio"] and "3 planned audits" in with_audit["audit"]
     kept = SimpleNamespace(seconds=0.0, images=0, delivered=0, chosen=None)  # the full model: nothing to audit
     assert calibration_costs(kept, unit_s=1.0, n=32, raw_ratio=2.0, planned_audits=3)[1]["audit"] == "none planned"
+
+
+def _extraction(**kinds: dict) -> dict:
+    """A manifest ``performance`` block as the extractor writes it (``calibration_costs``' record)."""
+    return {"calibration": {"start": "cold", "ledger": {"unit_s": 0.5, "overhead_u": 99.0, "by_kind": kinds}}}
+
+
+def test_batch_costs_measure_u_and_the_raw_ratio_in_the_batch_and_count_the_audits_by_hand() -> None:
+    # 32 images: 32 fragment renders in 8.0 s (0.25 s each), 3 of them audited (their full-model renders, 1.5 s,
+    # are the images the user keeps); 1.0 s of the wall is the audits' comparisons and model swaps.
+    times = BatchTimes(images=32, wall_s=10.5, fragment_s=8.0, fragment_images=32, kept=29, full_s=1.5, full_images=3)
+    line, record = batch_costs(times)
+    assert record["unit_s"] == pytest.approx(0.5) and record["raw_ratio"] == pytest.approx(2.0)
+    # overhead: 3 wasted fragment renders (0.75 s) + 1.0 s rest; the full renders are delivered (3 u of output)
+    batch = record["batch"]
+    assert batch["overhead_s"] == pytest.approx(1.75) and batch["delivered"] == 3
+    assert batch["amortized_ratio"] == pytest.approx(32 / (3.5 + 3 + 29 / 2.0))
+    # the amortized figure is the batch's own wall clock against 32 stock images (the model is exact here)
+    assert batch["amortized_ratio"] == pytest.approx(32 * 0.5 / 10.5)
+    assert "fragment 2.00x raw" in line and "1.52x of stock for 32 images" in line
+    assert "with_extraction" not in record
+
+
+def test_batch_costs_follow_their_inputs() -> None:
+    # the printed figures are computed: a slower fragment, a dearer audit, each moves them
+    base = dict(images=32, wall_s=10.5, fragment_s=8.0, fragment_images=32, kept=29, full_s=1.5, full_images=3)
+    ratios = {batch_costs(BatchTimes(**{**base, **change}))[1]["raw_ratio"]
+              for change in ({}, {"fragment_s": 12.0, "wall_s": 14.5}, {"full_s": 3.0, "wall_s": 12.0})}
+    assert len(ratios) == 3
+    slow = batch_costs(BatchTimes(**{**base, "fragment_s": 16.0, "wall_s": 18.5}))[0]
+    assert "fragment 1.00x raw" in slow
+
+
+def test_batch_costs_add_the_extraction_and_move_its_given_rows_into_the_batch() -> None:
+    times = BatchTimes(images=32, wall_s=8.0, fragment_s=8.0, fragment_images=31, kept=31, given=1)
+    perf = _extraction(reference={"seconds": 0.5, "images": 1, "delivered": 0, "overhead_s": 0.5},
+                       judged={"seconds": 3.0, "images": 6, "delivered": 2, "overhead_s": 2.0},
+                       profile_hooks={"seconds": 0.5, "images": 1, "delivered": 1, "overhead_s": 0.0},
+                       audit={"seconds": 2.25, "images": 6, "delivered": 3, "overhead_s": 0.75})
+    extraction = extraction_costs(perf)
+    assert extraction is not None and "audit" not in extraction["by_kind"]  # the estimate: the batch times its own
+    line, record = batch_costs(times, extraction)
+    # no audit: u is the extractor's (0.5 s); raw = 0.5 / (8.0 / 31)
+    assert record["unit_s"] == 0.5 and record["raw_ratio"] == pytest.approx(0.5 / (8.0 / 31))
+    assert "timed by the extractor" in line
+    whole = record["with_extraction"]
+    # the reference check's image is the batch's given row (delivered, not overhead); the judged tries' 3.0 s are
+    # all overhead here, since their 2 held-out references are not rows of this batch; the profiled image is outside
+    # the batch and its hooks were not measured (0 s)
+    assert whole["overhead_s"] == pytest.approx(0.0 + 3.0 + 0.0)
+    assert whole["delivered"] == 1 and whole["start"] == "cold"
+    assert whole["amortized_ratio"] == pytest.approx(32 / (6.0 + 1 + 31 / record["raw_ratio"]))
+    assert "with the extraction (cold): spent 6.0 u" in line
+
+
+def test_batch_costs_without_a_timed_full_model_image_print_no_line() -> None:
+    times = BatchTimes(images=8, wall_s=2.0, fragment_s=2.0, fragment_images=8, kept=8)
+    assert batch_costs(times) == (None, {"unit_s": None,
+                                         "note": "no full-model image or no fragment image was timed: no cost in u"})
+    # no fragment image at all (every row given or full-model): no raw ratio, no line
+    assert batch_costs(BatchTimes(images=3, wall_s=1.0, full_s=1.0, full_images=3))[0] is None
+
+
+@pytest.mark.parametrize("performance", [
+    None, "x", {}, {"calibration": {"ledger": {"unit_s": 0.5, "by_kind": {"mystery": {}}}}},
+    {"calibration": {"ledger": {"unit_s": 0, "by_kind": {}}}},
+    {"calibration": {"ledger": {"unit_s": 0.5, "by_kind": {"judged": {"seconds": -1, "images": 1, "delivered": 0}}}}},
+    {"calibration": {"ledger": {"unit_s": 0.5, "by_kind": {"judged": {"seconds": 1, "images": 1, "delivered": 2}}}}},
+    {"calibration": {"ledger": {"unit_s": 0.5, "by_kind": {"judged": {"seconds": float("inf"), "images": 1,
+                                                                       "delivered": 0}}}}},
+    {"calibration": {"ledger": {"unit_s": True, "by_kind": {}}}},
+])
+def test_a_hostile_or_missing_extraction_ledger_is_no_extraction(performance) -> None:
+    assert extraction_costs(performance) is None

@@ -37,10 +37,10 @@ def test_demo_cli_writes_fragment_grid_metrics_and_summary(tmp_path: Path, capsy
     assert "fixed (--ratio), not calibrated" in printed
 
 
-def test_the_default_demo_builds_the_calibrated_fragment_and_counts_its_cost(tmp_path: Path, capsys) -> None:
+def test_the_judged_demo_builds_the_calibrated_fragment_and_counts_its_cost(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--seeds", "3", "--variants", "4", "--steps", "5", "--paraphrases", "0",
-                 "--no-curve", "--budget-images", "20", "--holdout", "2", "--no-progress"]) == 0
+                 "--no-curve", "--budget-images", "20", "--holdout", "2", "--confirm", "judge", "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     metrics = json.loads((out / "metrics_summary.json").read_text())
     cal = metrics["calibration"]
@@ -49,8 +49,9 @@ def test_the_default_demo_builds_the_calibrated_fragment_and_counts_its_cost(tmp
     printed = capsys.readouterr().out
     amortized = metrics["amortized"]  # the CostLedger's record, in u (one stock image) and seconds
     assert [r["n"] for r in amortized["rows"]] == [8, 16, 32, 64, 128]
-    # the 3 profiled images and the confirmed held-out references are delivered: output, not overhead
-    assert amortized["delivered"] == 3 + cal["cost"]["delivered"]
+    # the 3 profiled images and the confirmed held-out references are delivered: output, not overhead (4 variants
+    # are too few for a running audit that could switch: none)
+    assert amortized["delivered"] == 3 + cal["cost"]["delivered"] and "audit" not in amortized["by_kind"]
     assert amortized["by_kind"]["profile_hooks"]["delivered"] == 3
     # cold / warm: the cold prompt first, on an empty prior; then this prompt, from the prior it left
     cold, warm = summary["cold_warm"]["cold"], summary["cold_warm"]["warm"]
@@ -61,7 +62,7 @@ def test_the_default_demo_builds_the_calibrated_fragment_and_counts_its_cost(tmp
     assert warm["overhead_u"] == pytest.approx(amortized["overhead_u"]) and warm["delivered"] == amortized["delivered"]
     for line in (cold, warm):  # each line's figures are its own ledger's arithmetic
         kept = min(line["delivered"], 32)
-        assert line["amortized"]["32"] == pytest.approx(32 / (line["overhead_u"] + kept + (32 - kept) / line["raw_ratio"]))
+        assert line["amortized"]["32"] == pytest.approx(32 / (line["overhead_u"] + kept + (32 - kept) / line["batch_ratio"]))
     # H4 is judged on the warm line (this prompt's ledger at the batch size), H5 on the cold line's break-even
     assert summary["cold_warm"]["h4_judged_on"] == "warm" and summary["cold_warm"]["h5_judged_on"] == "cold"
     assert metrics["metrics"]["batch_speedup"] == amortized_ratio_at(amortized, 4)
@@ -91,11 +92,42 @@ def test_the_default_demo_builds_the_calibrated_fragment_and_counts_its_cost(tmp
         summary["weights_mb"]["full"] - summary["weights_mb"]["fragment"], abs=1e-6)
 
 
+def test_the_default_demo_confirms_its_untried_pick_in_the_batch_and_counts_the_audit(tmp_path: Path, capsys) -> None:
+    """The default (--confirm batch): no judged try; the variants' running audit leads with 3 audited images, whose
+    full-model images are delivered and whose fragment renders are the audit's overhead; the fresh-seed gate judges
+    the variants the audit did not see; the cold prompt's audit verdict goes into the prior the main prompt reads."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--seeds", "2", "--variants", "6", "--steps", "4", "--paraphrases", "0",
+                 "--no-curve", "--no-progress", "--prior-dir", str(tmp_path / "prior")]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = json.loads((out / "metrics_summary.json").read_text())
+    cal = metrics["calibration"]
+    assert (cal["status"], cal["tries"], cal["cost"]["images"]) == ("in_batch", [], 0), cal
+    audit, amortized = metrics["running_audit"], metrics["amortized"]
+    # 2 profiled images delivered; a batch of 32 leaves 30 for the fragment, of which the 6 variants are rendered
+    assert audit["images"] == 6 and audit["audited"] >= 3 and [r["index"] for r in audit["records"][:3]] == [0, 1, 2]
+    spent = amortized["by_kind"]["audit"]
+    assert spent["delivered"] == audit["delivered_full"] and spent["images"] >= spent["delivered"] + 1
+    assert amortized["delivered"] == 2 + audit["delivered_full"]
+    assert metrics["fresh_seed_gate"]["seeds"] == 6 - audit["audited"]
+    assert summary["running_audit"] == audit["summary"] and summary["confirm"] == "batch"
+    fragment = load_fragment(summary["fragment_manifest"])
+    assert fragment.manifest["quality"]["refinement"]["status"] == "in_batch"
+    cold = summary["cold_warm"]["cold"]
+    assert cold["confirmation"] == "in_batch" and cold["judged_images"] == 0 and cold["audit"].startswith("audited ")
+    priors = list((tmp_path / "prior" / ".library" / "priors").glob("prior.*.json"))
+    tries = [t for t in json.loads(priors[0].read_text())["tries"] if t["phase"] == "audit"]
+    assert len(tries) == 2, tries  # the cold prompt's and the main prompt's verdicts
+    printed = capsys.readouterr().out
+    assert "picked untried: the batch's running audit confirms it" in printed
+    assert any(line.startswith("running audit ") and line.endswith(audit["summary"]) for line in printed.splitlines())
+
+
 def test_the_demo_judge_branches_candidates_from_the_profiled_run(tmp_path: Path) -> None:
     # a batch large enough to repay every try (the default test's budget may refuse the first, on timings)
     assert main(["demo", "--out", str(tmp_path), "--seeds", "2", "--variants", "2", "--steps", "5", "--paraphrases", "0",
                  "--no-curve", "--budget-images", "12", "--holdout", "1", "--batch", "10000", "--no-cold-warm",
-                 "--no-progress"]) == 0
+                 "--confirm", "judge", "--no-progress"]) == 0
     cal = json.loads((tmp_path / "metrics_summary.json").read_text())["calibration"]
     tries = cal["tries"]
     assert tries, "no candidate was judged"

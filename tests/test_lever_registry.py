@@ -2,6 +2,7 @@
 applies and labels through the core's loops, with no other file touched; and old (schema v1) manifests load."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -184,3 +185,38 @@ def test_a_v1_feed_forward_record_maps_to_ff() -> None:
         upgrade_manifest({"schema_version": 1, "compression": {"ff_channels": {}, "ff": {}}})
     assert dataclasses.is_dataclass(BiasNudgeLever)  # the planted class is a plain dataclass, nothing registered here
     assert "bias_nudge" not in levers.names()
+
+
+def test_a_goal_profiles_only_the_evidence_its_levers_read_and_ladders_as_a_full_profile_does() -> None:
+    """Each lever names the ``ProfileEvidence`` measurements it reads; a profile for goal speed skips the feed-forward
+    and activation probes (most of the hooks' cost) and still predicts the same speed ladder as a full profile."""
+    from prompt_fragments.fragment.levers import goal_evidence
+    from prompt_fragments.profiling.session import PROBE_EVIDENCE, profiling_stack, stack_flags
+    from prompt_fragments.reference.model import load_reference
+    from prompt_fragments.reference.sampling import sample
+
+    fields = {f.name for f in dataclasses.fields(ProfileEvidence)}
+    assert all(set(cls.evidence) <= fields for cls in levers.LEVERS)
+    assert stack_flags(goal_evidence("speed")) == {"ff": False, "steps": True, "activations": False, "cfg_gap": True,
+                                                   "cross_attn": True}
+    assert stack_flags(goal_evidence("both")) == stack_flags(None) == dict.fromkeys(PROBE_EVIDENCE, True)
+    with pytest.raises(FragmentError, match="expected evidence among"):
+        stack_flags({"ff_score"})
+
+    model = load_reference()
+    context, uncond = model.encode(["a red circle on a white background"]), model.encode([""])
+
+    def evidence_of(needs: Any) -> ProfileEvidence:
+        hooks = profiling_stack(model.unet, buckets=2, **stack_flags(needs))
+        with contextlib.ExitStack() as stack:
+            prof, *probes = [stack.enter_context(h) for h in hooks]
+            prof.begin_sample("profile")
+            with torch.no_grad():
+                sample(model.unet, context, uncond, [0, 1], steps=6)
+        return ProfileEvidence.from_probes(prof.result(), probes)
+
+    full, speed = evidence_of(None), evidence_of(goal_evidence("speed"))
+    assert speed.ff_scores is None and speed.activation_stats is None and full.ff_scores is not None
+    ladder = [[c.label for c in candidate_ladder(profile_predictors(e, model.unet, goal="speed"), "speed")]
+              for e in (full, speed)]
+    assert ladder[0] and ladder[0] == ladder[1]

@@ -14,6 +14,7 @@ audited batch.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,9 +31,11 @@ log = logging.getLogger(__name__)
 LISTED_FAILURES = 32
 
 
-def audit_summary(batch: AuditedBatch, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def audit_summary(batch: AuditedBatch, settings: Mapping[str, Any] | None = None,
+                  measured: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A batch's audit as a manifest keeps it: ``AuditedBatch.record`` without the per-seed records (a long batch
-    would swell the file), the first ``LISTED_FAILURES`` failed indices, and the batch's sampler ``settings``.
+    would swell the file), the first ``LISTED_FAILURES`` failed indices, the batch's sampler ``settings``, and
+    what the batch ``measured`` of its speed (``raw_ratio``, ``unit_s``: ``metrics.costs.batch_costs``), when given.
 
     >>> from prompt_fragments.fragment.audit import AuditRecord, FULL
     >>> b = AuditedBatch([5, 6, 7], [0] * 3, [FULL, "f", FULL], [AuditRecord(5, 0, "f", True, {}),
@@ -43,6 +46,9 @@ def audit_summary(batch: AuditedBatch, settings: Mapping[str, Any] | None = None
     record = {k: v for k, v in batch.record().items() if k != "records"}
     record["failed_at"] = [r.index for r in batch.records if not r.passed][:LISTED_FAILURES]
     record["settings"] = {k: v for k, v in dict(settings or {}).items() if isinstance(v, (int, float, str, bool))}
+    if measured:
+        record["measured"] = {k: float(v) for k, v in measured.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     return record
 
 
@@ -82,14 +88,16 @@ def _tested_as_picked(settings: Any, judged: Mapping[str, Any]) -> bool:
 
 def keep_audit_outcome(batch: AuditedBatch, *, judge: str, chosen: Any = None,
                        manifest_path: str | os.PathLike | None = None, manifest_id: str | None = None,
-                       prior: PriorPlace | None = None, settings: Mapping[str, Any] | None = None) -> list[str]:
+                       prior: PriorPlace | None = None, settings: Mapping[str, Any] | None = None,
+                       measured: Mapping[str, Any] | None = None) -> list[str]:
     """Keep an audited batch's verdict in the fragment's manifest (``manifest_path``, when the batch's fragment came
     from a file; ``manifest_id``: ``format.store.manifest_identity`` of the manifest the batch ran) and in ``prior``
     (the verdict on ``chosen``, the manifest's ``quality.refinement.chosen``, as a try of ``judge``).  Returns what the
     report says of it; a file that cannot be written is logged and said, never raised (the batch stands).  A batch
     with no audit keeps nothing; a batch that did not run the fragment as picked (``settings["schedule"]`` other than
     "as stored") keeps its record in the manifest only, never as a verdict on ``chosen`` in the prior.  The manifest
-    is rewritten under the library's lock, so no other library writer replaces or evicts it meanwhile.
+    is rewritten under the library's lock, so no other library writer replaces or evicts it meanwhile.  ``measured``
+    (the batch's raw ratio and ``u``) goes into the manifest's record.
 
     >>> notes = keep_audit_outcome(batch, judge="latent", chosen=manifest["quality"]["refinement"]["chosen"],  # doctest: +SKIP
     ...                            manifest_path="models/fragments/dog.json", manifest_id=identity, prior=place)
@@ -102,7 +110,8 @@ def keep_audit_outcome(batch: AuditedBatch, *, judge: str, chosen: Any = None,
     if manifest_path is not None and manifest_id:
         try:
             with locked(Path(manifest_path).parent):
-                record_batch_audit(manifest_path, manifest_id, {**audit_summary(batch, settings), "judge": judge})
+                record_batch_audit(manifest_path, manifest_id, {**audit_summary(batch, settings, measured),
+                                                                         "judge": judge})
             notes.append("audit kept in the manifest (quality.audits)")
         except FragmentError as exc:
             log.warning("audit not kept in the manifest: %s", exc)

@@ -80,6 +80,7 @@ class CfgCutoffLever(BelowTimestepLever):
     """
 
     name: ClassVar[str] = "cfg_cutoff"
+    evidence: ClassVar[tuple[str, ...]] = ("cfg_gaps",)
     grid: ClassVar[tuple[Any, ...]] = CFG_CUTOFFS
 
     @classmethod

@@ -64,6 +64,7 @@ class CrossAttnCacheLever(BelowTimestepLever):
     """
 
     name: ClassVar[str] = "cross_attn_cache"
+    evidence: ClassVar[tuple[str, ...]] = ("cross_attn_changes",)
 
     @classmethod
     def label(cls, amount: Any, settings: Any = None) -> str:

@@ -61,6 +61,7 @@ class StepReuseLever(LeverBase):
     stage: ClassVar[str] = "schedule"
     grid: ClassVar[tuple[Any, ...]] = REUSE_GRID
     goals: ClassVar[tuple[str, ...]] = ("speed", "both")
+    evidence: ClassVar[tuple[str, ...]] = ("step_changes", "reuse_depths")
 
     @classmethod
     def check_amount(cls, amount: Any, settings: Any = None) -> str | None:

@@ -161,6 +161,7 @@ class FeedForwardLever(InCompression, LeverBase):
     name: ClassVar[str] = "ff"
     grid: ClassVar[tuple[Any, ...]] = FF_GRID
     goals: ClassVar[tuple[str, ...]] = ("memory", "both")
+    evidence: ClassVar[tuple[str, ...]] = ("ff_scores",)
 
     @classmethod
     def select(cls, scores: Mapping[str, torch.Tensor], *, ratio: float, info: Mapping[str, Any] | None = None) -> "FeedForwardLever":

@@ -81,6 +81,9 @@ class LeverBase:
     ``"predicted"`` (its amount follows its predicted damage), ``"always"`` (on wherever offered: exact
     levers) or ``"after"`` (tried after the ladder, not predicted).  ``off``: the amount that turns it off;
     ``whole``: whether the amount may be 1 (all of what the lever cuts; not for heads or channels).
+    ``evidence``: the ``ProfileEvidence`` measurements its predictor reads beyond the head profile every profile
+    has (``ff_scores``, ``activation_stats``, ``step_changes``, ...), so a profile made for one goal runs only
+    the probes that goal's levers read (``fragment.levers.goal_evidence``).
 
     >>> class Toy(LeverBase):
     ...     name = "toy"
@@ -95,6 +98,7 @@ class LeverBase:
     ladder: ClassVar[str] = "predicted"
     off: ClassVar[Any] = 0.0
     whole: ClassVar[bool] = False
+    evidence: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def is_on(cls, amount: Any) -> bool:

@@ -570,6 +570,7 @@ class LowBitLever(InCompression, LeverBase):
     name: ClassVar[str] = "low_bit"
     grid: ClassVar[tuple[Any, ...]] = LOW_BIT_GRID
     goals: ClassVar[tuple[str, ...]] = ("memory", "both")
+    evidence: ClassVar[tuple[str, ...]] = ("activation_stats",)
     whole: ClassVar[bool] = True  # every layer (amount 1) is a valid cut
 
     @classmethod
