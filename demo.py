@@ -301,7 +301,7 @@ def run_demo(
     at = {n: amortized_ratio(ledger.overhead_u, rate, n, ledger.delivered) for n in AMORTIZED_NS}
     even = break_even_images(ledger.overhead_u, rate, ledger.delivered)
     costs = {**ledger.record(raw_ratio=rate, n=32), "rows": [{"n": n, "amortized_ratio": r} for n, r in at.items()],
-             "cost_line": cost_line(ledger, rate, 32, **_never(raw, rate))}
+             "cost_line": cost_line(ledger, rate, 32, **_never(raw, rate, fragment is None))}
     w_full, w_frag = resident_weight_mb(unet), resident_weight_mb(small)
     pruning = fragment.manifest["pruning"] if fragment is not None else {"heads_total": sum(int(v.numel()) for v in scores.values()),
                                                                           "heads_removed": 0, "head_retention_ratio": 1.0}
@@ -462,7 +462,8 @@ def cost_figures(prompt: str, cal: Any, ledger: Any, raw: float, n: int = 32, *,
             "overhead_u": u, "unit_s": ledger.unit_s, "delivered": d, "raw_ratio": raw, "batch_ratio": rate,
             "amortized": {m: amortized_ratio(u, rate, m, d) for m in AMORTIZED_NS},
             f"amortized_{n}": amortized_ratio(u, rate, n, d), "break_even_images": break_even_images(u, rate, d),
-            "cost_line": cost_line(ledger, rate, n, **_never(raw, rate)), "fresh_passes": fresh_passes,
+            "cost_line": cost_line(ledger, rate, n, **_never(raw, rate, cal is not None and cal.chosen is None)),
+            "fresh_passes": fresh_passes,
             "fresh_seeds": fresh_seeds,
             "confirmation": record.get("status"), "audit": audit.summary() if audit is not None else None}
 
@@ -573,7 +574,8 @@ def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidan
         raw = speedup(stock_s, fragment_s) or 1.0
         audit, audit_cost = _running_audit(full, images, timing, target.judge, cal,
                                            images=min(max(batch - ledger.delivered, 0), len(timing)),
-                                           full_s=stock_s / len(timing), fragment_s=fragment_s / len(timing),
+                                           # the ledger's u, so a delivered image is exactly one u of output
+                                           full_s=ledger.unit_s, fragment_s=fragment_s / len(timing),
                                            prior=prior)
         if audit_cost:
             ledger.add("audit", **audit_cost)
@@ -619,8 +621,11 @@ def _timed_pair(full: Any, fragment: Any, *, first: bool = True) -> tuple[Any, A
             sum(spent["fragment"]) / len(spent["fragment"]))
 
 
-def _never(raw: float, rate: float) -> dict[str, str]:
-    """``cost_line``'s reason for a batch the audit moved to the full model (its fragment was faster)."""
+def _never(raw: float, rate: float, kept_full: bool = False) -> dict[str, str]:
+    """``cost_line``'s reason for a batch that never pays back: the full model was kept, or the audit moved the batch
+    to it (its fragment was faster); else the default (the fragment is not faster)."""
+    if kept_full:
+        return {"never": "the full model was kept"}
     return {"never": "the running audit moved the batch to the full model"} if rate < raw else {}
 
 

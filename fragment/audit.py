@@ -98,9 +98,9 @@ class AuditRule:
 #: The most of what a batch saves that its audit may spend: the audit guards the saving and must not eat it (given
 #: all that the budget left, at 116 images it audited every 2nd image and the pack ran slower than stock).
 AUDIT_SHARE = 0.1
-#: The fewest images an audited batch of the bench and the demo renders per fragment call (``run_audited``'s block):
-#: rendered one audited stretch at a time, a batch audited every 2nd image ran at 0.76x raw on the reference model
-#: where the same fragment runs 1.58x paired.
+#: The fewest images an audited batch of the bench and the demo renders per fragment call (``run_audited``'s block;
+#: a lead renders alone): rendered one audited stretch at a time, a batch audited every 2nd image ran at 0.76x raw
+#: on the reference model where the same fragment runs 1.58x paired.
 AUDIT_BLOCK = 16
 
 
@@ -322,7 +322,7 @@ def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_fu
     ``given`` maps seeds the full model already rendered to their images: they are
     delivered as they are, never rendered again.  ``every = 0`` turns the audit off.
 
-    ``block`` is the fewest images one fragment render is given: the audited stretches are rendered together,
+    ``block`` is the fewest images one fragment render is given (a lead aside): the audited stretches are rendered together,
     then judged in order; with ``block > 1`` the audited seeds' full-model images are rendered first, in one call.
     A batch rendered one stretch at a time runs at the speed of batches of ``every`` images, and the full model
     at batches of one (on the reference model a lone image costs 2-3 stock images).  The result is the same for any ``block``:

@@ -215,7 +215,8 @@ class BatchTimes:
     ``kept`` those the batch delivers; every full-model image (``full_images``: audits, and the rest after a
     switch to the full model) is delivered.  ``given`` rows were rendered before the batch (FragmentExtractor's
     ``full_model_latents``) and not again.  ``wall_s`` is the whole batch; what no render explains (the audits'
-    comparisons, model swaps) is the audit's when there were audits.
+    comparisons) is the audit's when there were audits.  A render's seconds include loading its model (BatchGenerator
+    times the whole sampler call): the model swaps an audit causes are in the renders' seconds, not in the rest.
     """
 
     images: int
@@ -231,8 +232,8 @@ class BatchTimes:
 def extraction_costs(performance: Any) -> dict[str, Any] | None:
     """What a fragment's extraction cost, read from its manifest's ``performance`` block (``calibration.ledger``,
     written by :func:`calibration_costs`), checked as untrusted data: ``{"unit_s", "start", "by_kind"}`` with only
-    the known kinds and finite, non-negative numbers, the planned audits left out (a batch measures its own);
-    None when the manifest records no ledger or a malformed one.
+    the known kinds and finite, non-negative numbers within ``MAX_UNIT_S``/``MAX_SECONDS``/``MAX_IMAGES``, the planned
+    audits left out (a batch measures its own); None when the manifest records no ledger or a malformed one.
 
     >>> perf = {"calibration": {"start": "cold", "ledger": {"unit_s": 0.5, "by_kind": {
     ...     "reference": {"seconds": 0.5, "images": 1, "delivered": 0},
@@ -247,7 +248,7 @@ def extraction_costs(performance: Any) -> dict[str, Any] | None:
     if not isinstance(ledger, dict) or not isinstance(ledger.get("by_kind"), dict):
         return None
     unit_s = ledger.get("unit_s")
-    if not _finite(unit_s) or unit_s <= 0:
+    if not _finite(unit_s, MAX_UNIT_S) or unit_s < 1e-6:
         return None
     kinds: dict[str, dict[str, Any]] = {}
     for kind, entry in ledger["by_kind"].items():
@@ -263,12 +264,14 @@ def extraction_costs(performance: Any) -> dict[str, Any] | None:
     return {"unit_s": float(unit_s), "start": start if start in ("cold", "warm (prior)") else None, "by_kind": kinds}
 
 
-def batch_costs(times: BatchTimes, extraction: dict[str, Any] | None = None) -> tuple[str | None, dict[str, Any]]:
+def batch_costs(times: BatchTimes, extraction: dict[str, Any] | None = None, *,
+                extraction_unit: bool = True) -> tuple[str | None, dict[str, Any]]:
     """A batch's cost line, measured: ``u`` and the raw ratio from its own renders, its audits' overhead, and
     with ``extraction`` (:func:`extraction_costs`) the fragment's whole cost for this batch of ``times.images``.
 
     ``u`` is the seconds of one full-model image of the batch (its audits) or, when the batch rendered none, the
-    extractor's; the raw ratio is ``u`` over the seconds of one fragment image.  An audit's full-model image is
+    extractor's (only with ``extraction_unit``: the batch runs the sampler settings the extractor timed); the raw
+    ratio is ``u`` over the seconds of one fragment image.  A render's seconds include loading its model.  An audit's full-model image is
     delivered; its fragment render, and any render made again after a switch, is overhead.  Rows given by the
     extractor count as delivered images whose cost is the extraction's (a reference check's image first, then
     held-out references); given rows no extraction record explains count one ``u`` each.  No ``u`` (no full-model
@@ -285,10 +288,12 @@ def batch_costs(times: BatchTimes, extraction: dict[str, Any] | None = None) -> 
     unit_s, source = None, None
     if times.full_images > 0 and times.full_s > 0:
         unit_s, source = times.full_s / times.full_images, "a full-model image, timed in this batch"
-    elif extraction is not None:
+    elif extraction is not None and extraction_unit:
         unit_s, source = extraction["unit_s"], "a full-model image, timed by the extractor"
-    if unit_s is None or times.fragment_images <= 0 or times.fragment_s <= 0:
-        return None, {"unit_s": None, "note": "no full-model image or no fragment image was timed: no cost in u"}
+    if times.fragment_images <= 0 or times.fragment_s <= 0:
+        return None, {"unit_s": None, "note": "no fragment image was rendered: no raw ratio"}
+    if unit_s is None:
+        return None, {"unit_s": None, "note": "no full-model image of these settings was timed: no cost in u"}
     per_fragment = times.fragment_s / times.fragment_images
     raw = unit_s / per_fragment
     wasted = max(times.fragment_images - times.kept, 0)
@@ -312,13 +317,15 @@ def batch_costs(times: BatchTimes, extraction: dict[str, Any] | None = None) -> 
             ledger.add("reference", left * unit_s, images=left, delivered=left)
         return ledger
 
+    if not math.isfinite(raw) or raw <= 0:
+        return None, {"unit_s": unit_s, "note": f"raw ratio {raw!r} is not a finite number: no cost line"}
     alone = ledger_of(False)
     record: dict[str, Any] = {"unit_s": unit_s, "unit_source": source, "raw_ratio": raw,
                               "batch": alone.record(raw_ratio=raw, n=times.images)}
     line = (f"u = {unit_s:.2f} s ({source}); fragment {raw:.2f}x raw; this batch spent {alone.overhead_u:.1f} u "
             f"({alone.overhead_s:.1f} s) on its audits: {record['batch']['amortized_ratio']:.2f}x of stock for "
             f"{times.images} images")
-    if extraction is not None:
+    if extraction is not None:  # its numbers are bounded (extraction_costs): the ledger stays finite
         whole = ledger_of(True)
         record["with_extraction"] = {**whole.record(raw_ratio=raw, n=times.images), "start": extraction["start"]}
         line += f"; with the extraction ({extraction['start'] or 'start not recorded'}): " + cost_line(whole, raw,
@@ -326,9 +333,15 @@ def batch_costs(times: BatchTimes, extraction: dict[str, Any] | None = None) -> 
     return line, record
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+#: What a stored ledger may claim (a manifest is untrusted): seconds per image, seconds per entry, images per entry.
+MAX_UNIT_S, MAX_SECONDS, MAX_IMAGES = 1e4, 1e7, 10**6
+
+
+def _finite(value: Any, limit: float = MAX_SECONDS) -> bool:
+    # JSON keeps huge integers: bound them before float arithmetic (math.isfinite would overflow on one)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -limit <= value <= limit \
+        and math.isfinite(value)
 
 
 def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_IMAGES

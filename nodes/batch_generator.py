@@ -223,14 +223,20 @@ class BatchGenerator:
         report = (f"{len(seeds)} images in {elapsed:.1f} s ({len(seeds) / elapsed if elapsed > 0 else float('inf'):.2f} "
                   f"images/s), sub-batches {sizes}")
         report += audit_clause(batch, audit_every, bool(marker.get("levers", bool(marker))))
+        unjudged = sampler_mismatch(marker.get("judged_sampler"),
+                                    {"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg,
+                                     "denoise": denoise})
         measured = None
         if marker.get("levers"):
-            line, costs = batch_costs(
-                BatchTimes(images=len(seeds), wall_s=elapsed, fragment_s=spent["fragment"][0],
-                           fragment_images=spent["fragment"][1], kept=sum(1 for s in batch.setting if s != FULL),
-                           full_s=spent["full"][0], full_images=spent["full"][1], given=batch.given),
-                marker.get("extraction"))
-            report += f"; cost: {line}" if line else "; cost in u not measured (no full-model image was timed)"
+            try:  # the images stand whatever a stored ledger claims: a cost that cannot be computed is said, not raised
+                line, costs = batch_costs(
+                    BatchTimes(images=len(seeds), wall_s=elapsed, fragment_s=spent["fragment"][0],
+                               fragment_images=spent["fragment"][1], kept=sum(1 for s in batch.setting if s != FULL),
+                               full_s=spent["full"][0], full_images=spent["full"][1], given=batch.given),
+                    marker.get("extraction"), extraction_unit=not unjudged)
+            except (FragmentError, ArithmeticError, ValueError) as exc:
+                line, costs = None, {"note": f"the cost could not be computed: {exc}"}
+            report += f"; cost: {line}" if line else f"; cost in u not measured ({costs['note']})"
             if line:
                 measured = {"raw_ratio": costs["raw_ratio"], "unit_s": costs["unit_s"]}
         if batch.records:
@@ -251,9 +257,6 @@ class BatchGenerator:
                        f"auditing its first {least} images would cost more than a batch of {todo} saves, "
                        f"so its quality on this batch was not measured: render {least_led_batch()} or more images, or "
                        "extract with confirm judge")
-        unjudged = sampler_mismatch(marker.get("judged_sampler"),
-                                    {"sampler_name": sampler_name, "scheduler": scheduler, "steps": steps, "cfg": cfg,
-                                     "denoise": denoise})
         if unjudged:
             check = ("the running audit checks it" if audited else
                      "set audit_every to check it in the batch")

@@ -153,7 +153,7 @@ def _extraction(**kinds: dict) -> dict:
 
 def test_batch_costs_measure_u_and_the_raw_ratio_in_the_batch_and_count_the_audits_by_hand() -> None:
     # 32 images: 32 fragment renders in 8.0 s (0.25 s each), 3 of them audited (their full-model renders, 1.5 s,
-    # are the images the user keeps); 1.0 s of the wall is the audits' comparisons and model swaps.
+    # are the images the user keeps); 1.0 s of the wall is the audits' comparisons.
     times = BatchTimes(images=32, wall_s=10.5, fragment_s=8.0, fragment_images=32, kept=29, full_s=1.5, full_images=3)
     line, record = batch_costs(times)
     assert record["unit_s"] == pytest.approx(0.5) and record["raw_ratio"] == pytest.approx(2.0)
@@ -202,7 +202,11 @@ def test_batch_costs_add_the_extraction_and_move_its_given_rows_into_the_batch()
 def test_batch_costs_without_a_timed_full_model_image_print_no_line() -> None:
     times = BatchTimes(images=8, wall_s=2.0, fragment_s=2.0, fragment_images=8, kept=8)
     assert batch_costs(times) == (None, {"unit_s": None,
-                                         "note": "no full-model image or no fragment image was timed: no cost in u"})
+                                         "note": "no full-model image of these settings was timed: no cost in u"})
+    # the extractor timed other sampler settings than this batch's: its u does not stand in
+    extraction = extraction_costs(_extraction(reference={"seconds": 0.5, "images": 1, "delivered": 0}))
+    assert batch_costs(times, extraction, extraction_unit=False)[0] is None
+    assert "timed by the extractor" in batch_costs(times, extraction)[0]
     # no fragment image at all (every row given or full-model): no raw ratio, no line
     assert batch_costs(BatchTimes(images=3, wall_s=1.0, full_s=1.0, full_images=3))[0] is None
 
@@ -215,6 +219,12 @@ def test_batch_costs_without_a_timed_full_model_image_print_no_line() -> None:
     {"calibration": {"ledger": {"unit_s": 0.5, "by_kind": {"judged": {"seconds": float("inf"), "images": 1,
                                                                        "delivered": 0}}}}},
     {"calibration": {"ledger": {"unit_s": True, "by_kind": {}}}},
+    # JSON keeps huge integers, and finite floats can still overflow the arithmetic after them
+    {"calibration": {"ledger": {"unit_s": 10 ** 400, "by_kind": {}}}},
+    {"calibration": {"ledger": {"unit_s": 1e308, "by_kind": {}}}},
+    {"calibration": {"ledger": {"unit_s": 0.5, "by_kind": {"judged": {"seconds": 1e308, "images": 1, "delivered": 0}}}}},
+    {"calibration": {"ledger": {"unit_s": 0.5, "by_kind": {"judged": {"seconds": 1, "images": 10 ** 400,
+                                                                       "delivered": 0}}}}},
 ])
 def test_a_hostile_or_missing_extraction_ledger_is_no_extraction(performance) -> None:
     assert extraction_costs(performance) is None
