@@ -103,10 +103,12 @@ def test_gate_flags_a_lost_metric_and_invalid_runs(tmp_path: Path, capsys) -> No
 
 def test_demo_report_is_complete_honest_and_renders(tmp_path: Path, capsys) -> None:
     reports = tmp_path / "reports"
-    # --batch 10000: a planned batch that repays judging whatever the timings (at 32 the profile's cost on a loaded
-    # CPU can leave nothing to spend, and the demo then rightly keeps the full model, with no fragment to report)
+    # --confirm judge --batch 10000: the judged search (its tries are what the report shows), in a planned batch that
+    # repays judging whatever the timings (at 32 the profile's cost on a loaded CPU can leave nothing to spend, and
+    # the demo then rightly keeps the full model, with no fragment to report)
     assert main(["demo", "--out", str(tmp_path / "demo"), "--seeds", "2", "--variants", "2", "--steps", "3",
-                 "--paraphrases", "1", "--no-progress", "--report", "--reports-dir", str(reports), "--batch", "10000"]) == 0
+                 "--paraphrases", "1", "--no-progress", "--report", "--reports-dir", str(reports), "--batch", "10000",
+                 "--confirm", "judge"]) == 0
     (run,) = [p for p in reports.iterdir() if p.is_dir()]
     for name in ("profiling_raw.json", "profiling_raw.safetensors", "head_importance.json", "fragment_manifest.json",
                  "metrics_summary.json", "regression_diff.json", "plots/latency.png", "plots/quality_tradeoff.png",
