@@ -21,7 +21,6 @@ break-even <= 10 images).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -46,7 +45,7 @@ from .fragment.settings import ExtractionSettings
 from .fragment.surgery.masking import mask_heads
 from .fragment.levers import goal_evidence
 from .profiling.evidence import ProfileEvidence
-from .profiling.session import profiling_stack, stack_flags
+from .profiling.session import profiled
 
 log = logging.getLogger(__name__)
 
@@ -494,9 +493,7 @@ def _profiled_runs(unet: torch.nn.Module, run: Any, prompt: str, seeds: int,
     One batch, not one render per seed: these are images of the user's batch, and a render of one seed costs
     about two to three stock images on this model where a batch of eight costs about one each (the closing
     note of issue #26 has the figures).  ``begin_batch`` keeps each seed's statistics apart (rank stability)."""
-    with contextlib.ExitStack() as hooks:
-        prof, *probes = [hooks.enter_context(h) for h in profiling_stack(unet, buckets=4, info={"prompt": prompt},
-                                                                         **stack_flags(needs))]
+    with profiled(unet, needs, buckets=4, info={"prompt": prompt}) as (prof, probes):
         prof.begin_batch(list(range(seeds)))
         with torch.no_grad():
             images = [run(unet, list(range(seeds)), record=record)]

@@ -41,7 +41,6 @@ come from the ``CostLedger``: N stock images against the pack's overhead (in u)
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -66,7 +65,7 @@ from ..metrics.costs import CostLedger, amortized_ratio, break_even_images, cost
 from ..metrics.memory import peak_memory, peak_memory_metrics
 from ..metrics.performance import AMORTIZED_NS, synchronize
 from ..profiling.evidence import ProfileEvidence
-from ..profiling.session import profiling_stack, stack_flags
+from ..profiling.session import profiled
 from . import BENCH_BUDGET_IMAGES
 from .overhead import profiling_overhead
 from .paired import paired_timing
@@ -346,9 +345,8 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
     if hasattr(target, "watch"):  # record the full model's per-step states of the judged seeds (branched renders)
         target.watch(profile_seeds + holdout)
     started = time.perf_counter()
-    with contextlib.ExitStack() as hooks:  # only the probes the goal's levers read (fragment.levers.goal_evidence)
-        prof, *probes = [hooks.enter_context(h) for h in profiling_stack(unet, buckets=4, shallow=config.shallow,
-                                                                         **stack_flags(goal_evidence(config.goal)))]
+    # only the probes the goal's levers read (fragment.levers.goal_evidence)
+    with profiled(unet, goal_evidence(config.goal), buckets=4, shallow=config.shallow) as (prof, probes):
         prof.begin_sample("profile")  # one batched run: the bench needs scores, not rank stability
         with torch.no_grad():
             reference = target.run(unet, profile_seeds)

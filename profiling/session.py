@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Iterator
 
 import torch.nn as nn
 
@@ -90,6 +90,20 @@ def stack_flags(needs: Collection[str] | None = None) -> dict[str, bool]:
     if unknown:
         raise FragmentError(f"profiling: expected evidence among {', '.join(sorted(known))}, found {', '.join(unknown)}")
     return {flag: needs is None or any(f in needs for f in fields) for flag, fields in PROBE_EVIDENCE.items()}
+
+
+@contextlib.contextmanager
+def profiled(model: nn.Module, needs: Collection[str] | None = None,
+             **stack_kwargs: Any) -> Iterator[tuple[HeadProfiler, list[HookContext]]]:
+    """``profiling_stack`` attached for a ``with`` block, with the probes ``needs`` asks for (``stack_flags``):
+    yields the head profiler and the other probes (for ``ProfileEvidence.from_probes``).
+
+    >>> with profiled(unet, {"step_changes"}, buckets=4) as (prof, probes):  # doctest: +SKIP
+    ...     sampler(unet, seeds)
+    """
+    with contextlib.ExitStack() as hooks:
+        prof, *probes = [hooks.enter_context(h) for h in profiling_stack(model, **stack_kwargs, **stack_flags(needs))]
+        yield prof, probes
 
 
 class ProfileSession:

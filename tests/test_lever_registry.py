@@ -2,7 +2,6 @@
 applies and labels through the core's loops, with no other file touched; and old (schema v1) manifests load."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -191,7 +190,7 @@ def test_a_goal_profiles_only_the_evidence_its_levers_read_and_ladders_as_a_full
     """Each lever names the ``ProfileEvidence`` measurements it reads; a profile for goal speed skips the feed-forward
     and activation probes (most of the hooks' cost) and still predicts the same speed ladder as a full profile."""
     from prompt_fragments.fragment.levers import goal_evidence
-    from prompt_fragments.profiling.session import PROBE_EVIDENCE, profiling_stack, stack_flags
+    from prompt_fragments.profiling.session import PROBE_EVIDENCE, profiled, stack_flags
     from prompt_fragments.reference.model import load_reference
     from prompt_fragments.reference.sampling import sample
 
@@ -207,9 +206,7 @@ def test_a_goal_profiles_only_the_evidence_its_levers_read_and_ladders_as_a_full
     context, uncond = model.encode(["a red circle on a white background"]), model.encode([""])
 
     def evidence_of(needs: Any) -> ProfileEvidence:
-        hooks = profiling_stack(model.unet, buckets=2, **stack_flags(needs))
-        with contextlib.ExitStack() as stack:
-            prof, *probes = [stack.enter_context(h) for h in hooks]
+        with profiled(model.unet, needs, buckets=2) as (prof, probes):
             prof.begin_sample("profile")
             with torch.no_grad():
                 sample(model.unet, context, uncond, [0, 1], steps=6)
