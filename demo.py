@@ -131,8 +131,8 @@ def run_demo(
     from .metrics.memory import peak_memory, peak_memory_metrics, reduction, resident_weight_mb
     from .fragment.format.hashing import sha256_file
     from .fragment.library.prior import PriorKey, PriorPlace
-    from .metrics.costs import CostLedger, amortized_ratio, break_even_images, cost_line
-    from .metrics.performance import AMORTIZED_NS, speedup
+    from .metrics.costs import CostLedger, amortized_ratio
+    from .metrics.performance import speedup
     from .metrics.report import build_summary
     from .metrics.reuse import h2_bounds, reuse_block
     from .reference import measure
@@ -295,19 +295,18 @@ def run_demo(
     if audit_cost:
         ledger.add("audit", **audit_cost)
     raw = speedup(full_s, frag_s) or 1.0
-    # 1x once the audit moved the batch to the full model, or when nothing was chosen (the same model timed twice)
-    rate = batch_ratio(raw, audit) if fragment is not None else 1.0
-    at = {n: amortized_ratio(ledger.overhead_u, rate, n, ledger.delivered) for n in AMORTIZED_NS}
-    even = break_even_images(ledger.overhead_u, rate, ledger.delivered)
+    # 1x when nothing was chosen (the same model timed twice), or once the audit moved the batch to the full model
+    at_32 = cost_figures(prompt, cal, ledger, raw if fragment is not None else 1.0, 32, audit=audit)
+    rate, at, even = at_32["batch_ratio"], at_32["amortized"], at_32["break_even_images"]
     costs = {**ledger.record(raw_ratio=rate, n=32), "rows": [{"n": n, "amortized_ratio": r} for n, r in at.items()],
-             "cost_line": cost_line(ledger, rate, 32, **_never(raw, rate, fragment is None))}
+             "cost_line": at_32["cost_line"]}
     w_full, w_frag = resident_weight_mb(unet), resident_weight_mb(small)
     pruning = fragment.manifest["pruning"] if fragment is not None else {"heads_total": sum(int(v.numel()) for v in scores.values()),
                                                                           "heads_removed": 0, "head_retention_ratio": 1.0}
     amortized_n = at.get(variants) or amortized_ratio(ledger.overhead_u, rate, variants, ledger.delivered)
     # cold / warm: this prompt's line (warm when the cold prompt's prior predicted a rung), the cold prompt's line
-    main_line = (cost_figures(prompt, cal, ledger, raw if fragment is not None else 1.0, batch, fresh_passes=fresh_ok, fresh_seeds=len(unseen),
-                              audit=audit)
+    main_line = (cost_figures(prompt, cal, ledger, at_32["raw_ratio"], batch, fresh_passes=fresh_ok,
+                              fresh_seeds=len(unseen), audit=audit)
                  if cal is not None else None)
     h5_line = cold_line or main_line
     h5_even = h5_line["break_even_images"] if h5_line else even
