@@ -280,6 +280,18 @@ def _cmd_bench_prior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_seeds(args: argparse.Namespace) -> int:
+    from .bench.prior import PRIOR_PROMPTS
+    from .bench.profile_seeds import SeedsBenchConfig, bench_profile_seeds, format_seeds_report
+    from .reference.model import load_reference
+
+    config = SeedsBenchConfig(reference=args.reference, sizes=tuple(args.sizes), subsets=args.subsets,
+                              steps=args.steps)
+    report = bench_profile_seeds(load_reference(args.weights), args.prompt or list(PRIOR_PROMPTS), config)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_seeds_report(report))
+    return 0
+
+
 def add_judge_arguments(p: argparse.ArgumentParser) -> None:
     """The reference model and its quality-gate judge, as the benches on it take them."""
     p.add_argument("--weights", type=existing_file(), default=None, help="reference model safetensors (default: the committed one)")
@@ -332,10 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the batch N you are about to make: the calibration spends only what it can repay (default 32)")
     p.add_argument("--holdout", type=SEEDS, default=4,
                    help="with --confirm judge: held-out seeds the chosen fragment must also pass (default 4)")
-    p.add_argument("--confirm", choices=["batch", "judge"], default="batch",
+    p.add_argument("--confirm", choices=["batch", "profiled", "judge"], default="batch",
                    help="batch (default): no judged try, the rung the profile or the prior predicts, confirmed by the "
-                        "batch's running audit (its first 3 images audited); judge: judged tries confirmed on held-out "
-                        "seeds, then the batch audited every k-th image")
+                        "batch's running audit (its first 3 images audited); profiled: that rung judged once on the "
+                        "profiled seeds (a failure steps one rung weaker), then the batch audited every k-th image; "
+                        "judge: judged tries confirmed on held-out seeds, then the batch audited every k-th image")
     p.add_argument("--guidance", type=float_range(0, 50), default=None, help="classifier-free guidance scale (default: the model card's)")
     p.add_argument("--weights", type=existing_file(), default=None, help="reference model safetensors (default: the committed one)")
     p.add_argument("--paraphrases", type=int_range(0, 1000), default=8, help="paraphrases for the H3 reuse measurement (0: skip)")
@@ -506,6 +519,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=out_file(), default=None, help="also write the JSON report here")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=_cmd_bench_prior)
+    p = bench.add_parser("seeds", help="issue #26: whether fewer profiled seeds pick the same rung (disjoint seed "
+                         "subsets against a reference profile, on the reference model)")
+    p.add_argument("--prompt", action="append", default=None, help="a prompt in the reference grammar (repeatable; default: six)")
+    p.add_argument("--reference", type=SEEDS, default=8, help="the reference profile's seeds (default 8, the demo's)")
+    p.add_argument("--sizes", type=int_list(1, 256), default="4,2", help="subset sizes, comma-separated (default 4,2)")
+    p.add_argument("--subsets", type=int_range(1, 16), default=2, help="disjoint subsets per size (default 2)")
+    p.add_argument("--steps", type=STEPS, default=25, help="DDIM steps")
+    p.add_argument("--weights", type=existing_file(), default=None, help="reference model safetensors (default: the committed one)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=_cmd_bench_seeds)
     add_library_commands(sub)
     return parser
 

@@ -54,8 +54,8 @@ CURVE_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 #: The demo's cold prompt: the first prompt on the model configuration, before the main one (bench.peers.EXTRA_PROMPTS[0]).
 COLD_PROMPT = "a green square in the center on a black background"
 COLD_TIMING_SEEDS = 32  # the cold prompt's u and raw ratio: this many seeds (at most the variants) timed, full and fragment
-#: How the pick is confirmed: the batch's running audit (no judged try), or judged tries on held-out seeds.
-CONFIRMS = ("batch", "judge")
+#: How the pick is confirmed: the batch's running audit alone, the pick judged on the profiled seeds then the audit, or judged tries on held-out seeds.
+CONFIRMS = ("batch", "profiled", "judge")
 
 
 class _Progress:
@@ -111,6 +111,8 @@ def run_demo(
 
     ``confirm`` "batch" (the default) judges no candidate: the rung the profile (warm: the prior) predicts is
     picked untried and the batch's running audit confirms it (its first 3 images are audited, then every k-th);
+    "profiled" judges that pick once on the profiled seeds (their full-model images are already rendered: only the
+    pick's own renders are overhead; a failure steps one rung weaker), then the audit checks every k-th image;
     "judge" searches with judged tries confirmed on ``holdout`` seeds, and the batch is audited every k-th image.
     The audit (``fragment.audit.run_audited``) runs over the variants' own renders, the first ``batch`` less the
     delivered images of them; its full-model images are delivered, its fragment renders and comparisons are
@@ -213,13 +215,13 @@ def run_demo(
         fragment, cal = calibrated_fragment(evidence, unet, judge, base=base, name=name, calibration_seeds=list(range(seeds)),
                                             holdout_seeds=holdout_seeds, goal=goal,
                                             # u as the cold run measured it; without one, each judged image is 1 u
-                                            budget=Budget.for_batch(batch, delivered=seeds + len(holdout_seeds),
+                                            budget=Budget.for_batch(batch, delivered=seeds + _held_out(confirm, holdout_seeds),
                                                                     images=budget_images, unit_s=unit_s,
                                                                     spent_u=spent_before,
                                                                     image_u=_first_try_u(profile_s, unit_s, seeds)),
                                             judge_name=target.describe()["judge"],
                                             prior=PriorPlace(prior_folder, key, prompt),
-                                            confirm_in_batch=confirm == "batch")
+                                            confirm_in_batch=confirm != "judge", judge_pick=confirm == "profiled")
         calibrate_s = time.perf_counter() - started
         bar.shrink(steps * (budget_images - cal.images))
         chosen_heads = cal.chosen.amount("heads") if cal.chosen else 0.0
@@ -554,10 +556,11 @@ def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidan
     fragment, cal = calibrated_fragment(
         evidence, unet, judge, base=base, name="demo-cold-" + hashlib.sha256(prompt.encode()).hexdigest()[:8],
         calibration_seeds=list(range(seeds)), holdout_seeds=holdout_seeds, goal=goal,
-        budget=Budget.for_batch(batch, delivered=seeds + len(holdout_seeds), spent_u=ledger.overhead_u,
+        budget=Budget.for_batch(batch, delivered=seeds + _held_out(confirm, holdout_seeds), spent_u=ledger.overhead_u,
                                 unit_s=ledger.unit_s, images=budget_images,
                                 image_u=_first_try_u(profile_s, ledger.unit_s, seeds)),
-        judge_name=target.describe()["judge"], prior=prior, confirm_in_batch=confirm == "batch")
+        judge_name=target.describe()["judge"], prior=prior, confirm_in_batch=confirm != "judge",
+        judge_pick=confirm == "profiled")
     ledger.add("judged", time.perf_counter() - started, images=cal.images, delivered=cal.delivered)
     raw, fresh_ok, audit, unseen = 1.0, None, None, list(range(len(timing)))
     if fragment is not None:
@@ -579,6 +582,16 @@ def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidan
         fresh_ok = _fresh_gate(target.judge, full, images, unseen)[0]
     log.info("demo cold prompt %r: %s", prompt, cal.record()["start"])
     return cost_figures(prompt, cal, ledger, raw, batch, fresh_passes=fresh_ok, fresh_seeds=len(unseen), audit=audit)
+
+
+def _held_out(confirm: str, holdout_seeds: list[int]) -> int:
+    """The held-out references a calibration renders as images of the batch: only a judged search (``confirm``
+    "judge") confirms on held-out seeds; in the batch the audit does.
+
+    >>> _held_out("judge", [500, 501]), _held_out("profiled", [500, 501])
+    (2, 0)
+    """
+    return len(holdout_seeds) if confirm == "judge" else 0
 
 
 def batch_ratio(raw: float, audit: Any) -> float:
@@ -634,13 +647,13 @@ def _running_audit(full: np.ndarray, fragment: np.ndarray, seeds: list[int], com
     images are delivered, the fragment's renders of audited seeds (and any made again after a switch) are waste.
     Returns the ``AuditedBatch`` (None: no audit) and the ledger's ``audit`` entry (``{}``: none).  The interval
     follows the cost model (``fragment.audit.planned_audit_every`` at the calibration's raw estimate, with what its
-    budget left); a pick no judged try confirmed (``cal.status`` "in_batch") is led by ``AuditRule.min_audits``.
+    budget left); a pick no judged try confirmed (``Calibration.untried``) is led by ``AuditRule.min_audits``.
     The verdict goes into ``prior`` (a ``PriorPlace``), as bench batch and BatchGenerator keep it, so the next prompt
     on the model configuration starts from it.
 
     >>> full, frag = np.zeros((8, 2, 2, 3), np.uint8), np.zeros((8, 2, 2, 3), np.uint8)
     >>> from types import SimpleNamespace
-    >>> cal = SimpleNamespace(chosen="x", status="in_batch", units=0.0,
+    >>> cal = SimpleNamespace(chosen="x", untried=True, units=0.0,
     ...                       budget=SimpleNamespace(units=None, raw_ratio=2.0))
     >>> batch, cost = _running_audit(full, frag, list(range(8)), lambda a, b: (True, {}), cal, images=8,
     ...                              full_s=1.0, fragment_s=0.5)
@@ -651,7 +664,7 @@ def _running_audit(full: np.ndarray, fragment: np.ndarray, seeds: list[int], com
 
     if cal is None or cal.chosen is None or images <= 0:
         return None, {}
-    lead = AuditRule().min_audits if cal.status == "in_batch" else 0
+    lead = AuditRule().min_audits if cal.untried else 0
     left = max((cal.budget.units or 0.0) - cal.units, 0.0) if cal.budget.units is not None else math.inf
     every = planned_audit_every(cal.budget.raw_ratio, images, lead=lead, left_u=left)
     if not every:
@@ -791,8 +804,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     cal = summary["calibration"]
     if cal is None:
         chosen = "fixed (--ratio), not calibrated"
-    elif cal["chosen"] and cal.get("status") == "in_batch":
+    elif cal["chosen"] and cal.get("status") == "in_batch" and not cal["tries"]:
         chosen = f"{cal['chosen']} (picked untried: the batch's running audit confirms it)"
+    elif cal["chosen"] and cal.get("status") == "in_batch":
+        chosen = f"{cal['chosen']} (passed the profiled seeds: the batch's running audit confirms it)"
     elif cal["chosen"]:
         chosen = f"{cal['chosen']} (passed calibration and held-out seeds)"
     else:

@@ -388,7 +388,7 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
     applied: list[int] = []
     ladder = lever_ladder(cal.chosen) if cal.chosen else []
     # a setting no judged try confirmed meets its confirmation first: the rule's fewest audits lead the batch
-    lead = AuditRule().min_audits if cal.status == "in_batch" else 0
+    lead = AuditRule().min_audits if cal.untried else 0
     every = chosen_audit_every(config, cal, len(rendered), lead)
     audit: AuditedBatch | None = None
     for i, (label, candidate) in enumerate(ladder):

@@ -40,7 +40,12 @@ data out:
   cut-off on top.  On the reference model a judged search on 8 seeds cost
   18.7-31.5 u before a batch of 128 and its audit 7.4-11.1 u, and the audit's
   verdict is on the batch's own seeds.  Status ``"in_batch"``: the caller must run the
-  audit, whose verdicts are the confirmation.
+  audit, whose verdicts are the confirmation.  With ``judge_pick`` as well, the
+  pick is judged once on the calibration seeds (the profiled seeds, whose
+  full-model images the profile already rendered: only the candidate's renders
+  are waste), one rung weaker after each failure, at most ``PICK_TRIES`` tries
+  within the budget; no held-out seed is rendered, and the audit needs no lead
+  of untried images (``Calibration.untried``).
 
 Every try (candidate, phase, seeds, metrics, verdict, seconds, images) is kept
 for the manifest's ``quality.refinement`` block.  The judge is a callable, so
@@ -380,6 +385,9 @@ class Budget:
                 "image_u": self.image_u}
 
 
+PICK_TRIES = 3  # judge_pick: the most rungs tried on the profiled seeds before the batch runs on the full model
+
+
 def cold_start(rungs: int) -> int:
     """The rung a search with nothing to go on starts at: below the middle (3/5 down the ladder), where a pass is
     likelier and teaches the slack fit as much.  The budget's estimate, a pick confirmed in the batch and a prior's
@@ -443,6 +451,19 @@ class Calibration:
     prior_prompts: int = 0  # the earlier prompts with judged tries in that prior
     warnings: list[str] = field(default_factory=list)  # what the user must read (an unreadable prior: a cold start)
     cfg_cutoffs: list[float] = field(default_factory=list)  # the CFG cut-offs planned, in try order (predicted first)
+    in_batch: bool = False  # chosen to be confirmed by the batch's running audit (``confirm_in_batch``), not held-out seeds
+
+    @property
+    def untried(self) -> bool:
+        """Whether the chosen candidate is confirmed in the batch with no judged try of its own: its running audit
+        must lead with ``AuditRule.min_audits`` audited images.
+
+        >>> Calibration("speed", Candidate({"heads": 0.2}), "in_batch", [0], [9], Budget(8), "toy").untried
+        True
+        """
+        if self.chosen is None or self.status != "in_batch":
+            return False
+        return not any(t["passed"] and t["candidate"]["label"] == self.chosen.label for t in self.tries)
 
     @property
     def confirmed(self) -> dict[str, Any] | None:
@@ -460,8 +481,9 @@ class Calibration:
         ('fallback_full_model', True, None)
         """
         return {
-            "method": ("predicted rung, untried, confirmed by the running audit of the batch" if self.status == "in_batch"
-                       else "predicted ladder + slack search, confirmed on held-out seeds"),
+            "method": ("predicted ladder + slack search, confirmed on held-out seeds" if not self.in_batch
+                       else "predicted rung, untried, confirmed by the running audit of the batch" if not self.tries
+                       else "predicted rung, judged on the profiled seeds, confirmed by the running audit of the batch"),
             "goal": self.goal, "judge": self.judge, "status": self.status,
             "fallback_full_model": self.chosen is None, "reason": self.reason,
             "chosen": self.chosen.to_dict() if self.chosen else None,
@@ -491,6 +513,7 @@ def calibrate(
     confirm_only: bool = False,
     confirm_in_batch: bool = False,
     cross_attn_gate: float | None = None,
+    judge_pick: bool = False,
 ) -> Calibration:
     """The strongest candidate of ``ladder`` that passes ``judge`` on both seed sets, within ``budget``.
 
@@ -500,7 +523,8 @@ def calibrate(
     before the first confirmation.  With ``confirm_only`` (a warm ``start`` from a prior,
     ``fragment.library.prior``), a pass at ``start`` goes straight to confirmation instead of probing
     stronger rungs; a fail there searches weaker, and its first pass ends the search.
-    With ``confirm_in_batch`` the running audit of the batch confirms instead (see the module docstring).
+    With ``confirm_in_batch`` the running audit of the batch confirms instead (see the module docstring); with
+    ``judge_pick`` as well, the pick is first judged on ``calibration_seeds`` (a failure steps one rung weaker).
     ``cross_attn_gate`` (``Predictors.cross_attn_gate``) puts the cross-attention cache on every cut-off.
 
     >>> ladder = [Candidate({"heads": h}, level=h) for h in (0.5, 0.4, 0.3, 0.2, 0.1)]
@@ -514,6 +538,10 @@ def calibrate(
     ...                  confirm_only=True, confirm_in_batch=True)
     >>> warm.status, warm.chosen.label, warm.tries
     ('in_batch', 'heads 20%', [])
+    >>> tried = calibrate(ladder, fair, calibration_seeds=[0, 1], holdout_seeds=[7], goal="memory", start=1,
+    ...                   confirm_in_batch=True, judge_pick=True)
+    >>> tried.chosen.label, tried.untried, [(t["phase"], t["candidate"]["heads"], t["passed"]) for t in tried.tries]
+    ('heads 30%', False, [('calibration', 0.4, False), ('calibration', 0.3, True)])
     """
     goal_levers(goal)
     calibration_seeds, holdout_seeds = list(calibration_seeds), list(holdout_seeds)
@@ -578,7 +606,8 @@ def calibrate(
 
     order = list(ladder)
     if confirm_in_batch:
-        return _in_batch(cal, order, start, confirm_only, cfg_cutoffs, cross_attn_gate, started=started)
+        return _in_batch(cal, order, start, confirm_only, cfg_cutoffs, cross_attn_gate, started=started,
+                         attempt=(lambda c: attempt(c, "calibration")) if judge_pick else None)
     passing = _search(order, lambda i: attempt(order[i], "calibration"), start, confirm_only=confirm_only and start is not None)
     # Confirm on held-out seeds, strongest calibration pass first; a failure there steps one rung weaker.
     index = passing
@@ -626,8 +655,11 @@ def calibrate(
 
 
 def _in_batch(cal: Calibration, order: Sequence[Candidate], start: int | None, warm: bool,
-              cfg_cutoffs: Sequence[float], gate: float | None, *, started: float) -> Calibration:
-    """``calibrate``'s choice when the running audit confirms in the batch (``confirm_in_batch``): no try."""
+              cfg_cutoffs: Sequence[float], gate: float | None, *, started: float,
+              attempt: Callable[[Candidate], Judgement | None] | None = None) -> Calibration:
+    """``calibrate``'s choice when the running audit confirms in the batch (``confirm_in_batch``): no try, or with
+    ``attempt`` (``judge_pick``) the pick judged on the calibration seeds, one rung weaker after each failure."""
+    cal.in_batch = True
     pick: int | None = None
     if order and (start is None or start < len(order)):  # a start past the ladder: earlier prompts failed every rung
         pick = max(start, 0) if start is not None else cold_start(len(order))
@@ -640,10 +672,35 @@ def _in_batch(cal: Calibration, order: Sequence[Candidate], start: int | None, w
         cal.reason = ("no lever candidate to try: none saves enough within a damage level" if not order
                       else "earlier prompts on this model configuration failed every rung and every cut-off")
     else:
-        chosen = order[pick] if pick is not None else Candidate()
-        cal.chosen = truncate(chosen, cutoff, gate) if cutoff is not None else chosen
-        cal.status = "in_batch"
+        def at(i: int | None) -> Candidate:
+            rung = order[i] if i is not None else Candidate()
+            return truncate(rung, cutoff, gate) if cutoff is not None else rung
+
+        cal.chosen, cal.status = at(pick), "in_batch"
         cal.reason = f"{why}, untried; the running audit confirms it in the batch"
+        tries = 0
+        while attempt is not None and tries < PICK_TRIES:
+            verdict = attempt(cal.chosen)
+            tries += 1
+            if verdict is None:  # the budget refused it: this rung stays, untried, and the audit leads
+                cal.reason = (f"{why}, untried (the budget refused its try on the profiled seeds)" if tries == 1 else
+                              f"{why} failed on the profiled seeds; {cal.chosen.label} is untried (the budget refused "
+                              f"its try)") + "; the running audit confirms it in the batch"
+                break
+            if verdict.passed:
+                cal.reason = f"{why}, judged on the profiled seeds{f' after {tries - 1} weaker step(s)' if tries > 1 else ''}; " \
+                             f"the running audit confirms it in the batch"
+                break
+            if pick is None or pick + 1 >= len(order):  # nothing weaker to try: the full model
+                cal.chosen, cal.status = None, "fallback_full_model"
+                cal.reason = "no rung passed its try on the profiled seeds"
+                break
+            pick += 1
+            cal.chosen = at(pick)
+        else:
+            if attempt is not None:  # PICK_TRIES failures: the full model, not an untried rung after them
+                cal.chosen, cal.status = None, "fallback_full_model"
+                cal.reason = f"{PICK_TRIES} rungs failed their tries on the profiled seeds"
     cal.seconds = time.perf_counter() - started
     log.info("calibration (%s, confirmed in the batch): %s", cal.goal,
              cal.chosen.label if cal.chosen else f"full model ({cal.reason})")

@@ -157,6 +157,7 @@ def calibrated_fragment(
     images_per_seed: int = 1,
     prior: PriorPlace | None = None,
     confirm_in_batch: bool = False,
+    judge_pick: bool = False,
 ) -> tuple[Fragment | None, Calibration]:
     """Score, predict, and judge candidates until the strongest that passes both seed sets is found.
 
@@ -168,7 +169,9 @@ def calibrated_fragment(
     With ``prior`` (``fragment.library.prior.PriorPlace``) the search starts where earlier prompts on the same
     model configuration predict a pass and only confirms it (warm; cold when the prior has nothing), and the
     profile and the judged tries are recorded into that prior.  With ``confirm_in_batch`` the running audit of the
-    user's batch confirms the choice (``calibrate``'s status ``"in_batch"``): the caller must audit the batch.
+    user's batch confirms the choice (``calibrate``'s status ``"in_batch"``): the caller must audit the batch;
+    with ``judge_pick`` as well the pick is first judged on ``calibration_seeds`` (``Calibration.untried`` says
+    whether the audit must lead).
 
     >>> frag, cal = calibrated_fragment(evidence, unet, judge, base=base, name="dog",  # doctest: +SKIP
     ...                                 calibration_seeds=range(8), holdout_seeds=[100, 101], goal="speed")
@@ -194,7 +197,8 @@ def calibrated_fragment(
 
     run = dict(calibration_seeds=calibration_seeds, holdout_seeds=holdout_seeds, budget=budget, goal=goal,
                judge_name=judge_name, holdout_reference_images=holdout_reference_images, images_per_seed=images_per_seed,
-               cfg_cutoffs=cutoffs, confirm_in_batch=confirm_in_batch, cross_attn_gate=predictors.cross_attn_gate())
+               cfg_cutoffs=cutoffs, confirm_in_batch=confirm_in_batch, cross_attn_gate=predictors.cross_attn_gate(),
+               judge_pick=judge_pick)
     if prior is None:
         cal = calibrate(ladder, judge, **run)
     else:

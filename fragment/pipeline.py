@@ -199,7 +199,7 @@ def calibration_status(cal: Calibration, judging: Judging, cost_line: str | None
     metrics = (cal.confirmed or {}).get("metrics", {})
     figures = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("ssim_mean", "lpips_mean", "latent_rel_error")
                         if isinstance(metrics.get(k), (int, float)))
-    if cal.status == "in_batch":
+    if cal.untried:
         return (f"picked ({cal.goal}), untried: {cal.chosen.label}; the batch's running audit confirms it (its first "
                 f"images are audited); {cost}; judge: {judging.name}{warned}")
     return (f"calibrated ({cal.goal}): {cal.chosen.label}; held-out seeds {cal.holdout_seeds}: {figures}; {cost}; "

@@ -374,7 +374,7 @@ def comfy_judging(profile: ProfileHandle, sampler: SamplerSettings, positive: An
         checked = judge.reference_seconds is not None
         # the batch's running audit (BatchGenerator, audit_every auto) is part of what the pick costs the user
         rest = max(batch_images - len(judge.references), 0)
-        audits = planned_audits(ASSUMED_RAW_RATIO, rest, lead=AuditRule().min_audits if cal.status == "in_batch" else 0)
+        audits = planned_audits(ASSUMED_RAW_RATIO, rest, lead=AuditRule().min_audits if cal.untried else 0)
         return calibration_costs(cal, unit_s=judge.unit_s, n=batch_images, raw_ratio=ASSUMED_RAW_RATIO,
                                  reference_s=judge.reference_seconds or 0.0, reference_images=judge.batch if checked else 0,
                                  profiled_images=judge.batch, planned_audits=audits,

@@ -28,7 +28,7 @@ from test_library import emb, synthetic
 # a run id or a keyword (metrics.report_gate resolves them and says what it could not find).
 FREE_TEXT = {
     ("demo", "--prompt"), ("bench quant", "--prompt"), ("bench batch", "--prompt"), ("bench peers", "--prompt"),
-    ("bench prior", "--prompt"), ("bench judging", "--prompt"), ("demo", "--cold-prompt"),
+    ("bench prior", "--prompt"), ("bench judging", "--prompt"), ("bench seeds", "--prompt"), ("demo", "--cold-prompt"),
     ("report", "--run"), ("report", "--compare"), ("reuse", "--paraphrase"),
 }
 OVERHEAD = "python -m prompt_fragments.bench.overhead"

@@ -215,3 +215,45 @@ def test_the_interval_after_a_lead_audits_what_the_allowance_pays_for(images, al
                         every=every, lead=3)
     indices = [r.index for r in batch.records]
     assert indices[:3] == [0, 1, 2] and len(indices) == 3 + extra
+
+
+def test_a_judged_pick_is_tried_on_the_profiled_seeds_and_steps_one_rung_weaker_on_a_failure() -> None:
+    """``judge_pick``: the pick is judged on the calibration (profiled) seeds only, no held-out seed is rendered, a
+    failure moves one rung weaker, and the audit needs no lead once a try passed (``Calibration.untried``)."""
+    judge, calls = counting_judge(0.3)
+    cal = calibrate(LADDER, judge, calibration_seeds=[0, 1], holdout_seeds=[9], goal="memory",
+                    confirm_in_batch=True, judge_pick=True)
+    assert calls == [(LADDER[4].label, [0, 1])] and cal.chosen == LADDER[4]  # the cold start's rung, passed
+    assert cal.status == "in_batch" and not cal.untried and cal.delivered == 0 and cal.images == 2
+    assert cal.record()["method"] == "predicted rung, judged on the profiled seeds, confirmed by the running audit of the batch"
+    assert "judged on the profiled seeds" in cal.reason
+    judge, calls = counting_judge(0.3)
+    cal = calibrate(LADDER, judge, calibration_seeds=[0, 1], holdout_seeds=[9], goal="memory", start=1,
+                    confirm_in_batch=True, judge_pick=True)
+    assert [label for label, _ in calls] == [c.label for c in LADDER[1:4]] and cal.chosen == LADDER[3]
+    assert [t["passed"] for t in cal.tries] == [False, False, True] and {t["phase"] for t in cal.tries} == {"calibration"}
+    assert not cal.untried and "after 2 weaker step(s)" in cal.reason
+
+
+def test_a_judged_pick_gives_up_to_the_full_model_and_a_refused_try_leaves_the_pick_untried() -> None:
+    from prompt_fragments.fragment.calibration import PICK_TRIES
+
+    judge, calls = counting_judge(0.01)
+    cal = calibrate(LADDER, judge, calibration_seeds=[0], holdout_seeds=[9], goal="memory", start=0,
+                    confirm_in_batch=True, judge_pick=True)
+    assert len(calls) == PICK_TRIES and cal.chosen is None and cal.status == "fallback_full_model"
+    assert f"{PICK_TRIES} rungs failed" in cal.reason and not cal.untried
+    judge, calls = counting_judge(0.01)  # the weakest rung fails: nothing weaker to try
+    cal = calibrate(LADDER, judge, calibration_seeds=[0], holdout_seeds=[9], goal="memory", start=len(LADDER) - 1,
+                    confirm_in_batch=True, judge_pick=True)
+    assert len(calls) == 1 and cal.chosen is None and cal.reason == "no rung passed its try on the profiled seeds"
+    # a budget that cannot pay for the try: the pick stays, untried, and the audit must lead
+    judge, calls = counting_judge(0.3)
+    cal = calibrate(LADDER, judge, calibration_seeds=[0, 1], holdout_seeds=[9], goal="memory",
+                    budget=Budget(images=1), confirm_in_batch=True, judge_pick=True)
+    assert calls == [] and cal.chosen == LADDER[4] and cal.untried and "budget refused" in cal.reason
+    # a failed try then a refused one: the weaker rung is kept untried, and says so
+    judge, calls = counting_judge(0.3)
+    cal = calibrate(LADDER, judge, calibration_seeds=[0, 1], holdout_seeds=[9], goal="memory", start=2,
+                    budget=Budget(images=3), confirm_in_batch=True, judge_pick=True)
+    assert len(calls) == 1 and cal.chosen == LADDER[3] and cal.untried and "budget refused" in cal.reason
