@@ -268,7 +268,7 @@ def run_demo(
                                        full_s=full_s / variants, fragment_s=frag_s / variants,
                                        prior=PriorPlace(prior_folder, key, prompt))
     adh_full, adh_frag = measure.adherence(full_images, prompt), measure.adherence(frag_images, prompt)
-    fid = measure.fidelity(full_images, frag_images, lpips)
+    fid = measure.fidelity(full_images, frag_images, lpips, gate.get("quality_gate", {}).get("ssim_min"))
     unseen = _unaudited(audit, variants)  # the fresh-seed gate: seeds neither the calibration nor the audit saw
     fresh_ok, fresh = _fresh_gate(target.judge, full_images, frag_images, unseen)
     h1_curve = (measure.ratio_curve(unet, scores, protected, CURVE_RATIOS, variant_seeds, run, prompt, full_images, lpips)
@@ -404,7 +404,7 @@ def run_demo(
                         "vram_reduction": memory_metrics["vram_reduction"],
                         "h2_judged_on": summary_doc["h2_memory"]["judged_on"]},
         "adherence": {"full": metrics["adherence_full"], "fragment": metrics["adherence_fragment"]},
-        "fidelity": fid, "fresh_seed_gate": fresh_ok, "confirm": confirm,
+        "fidelity": fid, "fresh_seed_gate": fresh_ok, "confirm": confirm, "batch_variants": variants,
         "running_audit": audit.summary() if audit is not None else None,
         "time_s": {"profile": profile_s, "build": build_s, "calibrate": calibrate_s, "full_variants": full_s,
                    "fragment_variants": frag_s, "total": time.perf_counter() - demo_started},
@@ -766,6 +766,25 @@ def _memory_beside(summary: dict[str, Any]) -> str:
     return text
 
 
+def _tails(fid: dict[str, Any], images: int | None) -> str:
+    """The fidelity's per-image tails (``reference.measure.fidelity``), beside its means: the worst image and the
+    10th/90th percentile, and how many fell under the gate's SSIM limit.
+
+    >>> _tails({"ssim_min": 0.81, "ssim_p10": 0.9, "lpips_max": 0.05, "lpips_p90": 0.03, "ssim_below_limit": 2}, 32)
+    'SSIM min 0.810 (p10 0.900), LPIPS max 0.050 (p90 0.030); 2 of 32 below the SSIM limit'
+    >>> _tails({"ssim_min": 0.9, "ssim_p10": 0.95}, None), _tails({"ssim_mean": 0.95}, 4)
+    ('SSIM min 0.900 (p10 0.950), LPIPS n/a', 'not measured')
+    """
+    lpips = ("n/a" if fid.get("lpips_max") is None
+             else f"max {fid['lpips_max']:.3f}" + (f" (p90 {fid['lpips_p90']:.3f})" if fid.get("lpips_p90") is not None else ""))
+    below = fid.get("ssim_below_limit")
+    if fid.get("ssim_min") is None:
+        return "not measured"
+    return (f"SSIM min {fid['ssim_min']:.3f}" + (f" (p10 {fid['ssim_p10']:.3f})" if fid.get("ssim_p10") is not None else "")
+            + f", LPIPS {lpips}"
+            + (f"; {below} of {images} below the SSIM limit" if below is not None and images else ""))
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
@@ -836,6 +855,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("fidelity SSIM / LPIPS", f"{f['ssim_mean']:.3f} / " + ("n/a" if f["lpips_mean"] is None else f"{f['lpips_mean']:.3f}")
          + " (fresh seeds; gate " + {True: "passed", False: "FAILED", None: "not judged"}[summary["fresh_seed_gate"]]
          + ")"),
+        ("worst images", _tails(f, summary.get("batch_variants"))),
         ("paraphrase reuse (H3)", _pct(summary["reuse_pass_rate"])),
         ("profile + build + calib.", f"{t['profile']:.1f}s + {t['build']:.1f}s + {t['calibrate']:.1f}s"),
         ("variants full / fragment", f"{t['full_variants']:.1f}s / {t['fragment_variants']:.1f}s"

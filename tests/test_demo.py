@@ -126,6 +126,11 @@ def test_the_default_demo_confirms_its_untried_pick_in_the_batch_and_counts_the_
     assert len(tries) == 2, tries  # the cold prompt's and the main prompt's verdicts
     printed = capsys.readouterr().out
     assert "picked untried: the batch's running audit confirms it" in printed
+    # the worst images beside the means: the variants' own tails, and the count under the gate's SSIM limit
+    fid = summary["fidelity"]
+    worst = next(line for line in printed.splitlines() if line.startswith("worst images "))
+    assert f"SSIM min {fid['ssim_min']:.3f} (p10 {fid['ssim_p10']:.3f})" in worst and fid["ssim_min"] <= fid["ssim_mean"]
+    assert worst.endswith(f"{fid['ssim_below_limit']} of 6 below the SSIM limit")
     assert any(line.startswith("running audit ") and line.endswith(audit["summary"]) for line in printed.splitlines())
 
 
