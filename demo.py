@@ -393,6 +393,7 @@ def run_demo(
         "hypotheses": {k: v["status"] for k, v in summary_doc["hypotheses"].items()},
         "pruning": {k: pruning[k] for k in ("heads_total", "heads_removed", "head_retention_ratio")},
         "calibration": ({"status": cal.status, "chosen": cal.chosen.label if cal.chosen else None, "reason": cal.reason,
+                         "untried": cal.untried,
                          "tries": len(cal.tries), "images": cal.images, "seconds": cal.seconds} if cal else None),
         "levers": _lever_bytes(unet, evidence, cal.chosen if cal else None, base=base, name=name),
         "exactness_masked_vs_physical_rel_err": _relative_error(masked, physical),
@@ -823,7 +824,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     cal = summary["calibration"]
     if cal is None:
         chosen = "fixed (--ratio), not calibrated"
-    elif cal["chosen"] and cal.get("status") == "in_batch" and not cal["tries"]:
+    elif cal["chosen"] and cal.get("status") == "in_batch" and cal.get("untried", not cal["tries"]):
         chosen = f"{cal['chosen']} (picked untried: the batch's running audit confirms it)"
     elif cal["chosen"] and cal.get("status") == "in_batch":
         chosen = f"{cal['chosen']} (passed the profiled seeds: the batch's running audit confirms it)"

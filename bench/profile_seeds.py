@@ -3,8 +3,8 @@
 Every profiled seed is a full-model image of the user's batch: fewer of them leave more of the batch to the
 fragment.  What the profile decides for an in-batch calibration (``calibrate(..., confirm_in_batch=True)``) is the
 ladder, and with it the rung picked untried and its CFG cut-off.  For each prompt this bench profiles a reference
-set of seeds (the demo's 8) once, then disjoint subsets of the same size ``n`` (seeds ``100 + k n ..``, none among
-the reference's), and compares each subset's pick with the reference's: the same label, or how many rungs of the
+set of seeds (the demo's 8) once, then disjoint subsets of the same size ``n`` (seeds ``s0 + k n ..`` from
+``s0 = max(100, reference)``, none among the reference's), and compares each subset's pick with the reference's: the same label, or how many rungs of the
 reference ladder apart.  Two disjoint subsets disagreeing shows what a profile of ``n`` seeds leaves to chance; a
 subset agreeing with the reference shows a profile of ``n`` would have picked what ``8`` did.
 
@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import FragmentError
 from ..fragment.build import describe_base
 from ..fragment.calibration import Judgement, candidate_ladder, profile_predictors
 from ..fragment.extract import calibrated_fragment
@@ -33,15 +34,30 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SeedsBenchConfig:
+    """What ``bench seeds`` profiles: the reference seeds ``0..reference-1``, and per size in ``sizes`` that many
+    disjoint subsets (``subsets``), on ``steps`` DDIM steps.  Goal ``speed`` only: its ladder moves one lever, so a
+    pick is placed on another profile's ladder by its label (``rung_of``).
+
+    >>> SeedsBenchConfig(sizes=(4,)).sizes
+    (4,)
+    """
+
     reference: int = 8  # the demo's profiled seeds: the pick every subset is compared with
     sizes: tuple[int, ...] = (4, 2)  # subset sizes, each in ``subsets`` disjoint subsets
     subsets: int = 2
     steps: int = 25
     goal: str = "speed"
 
+    def __post_init__(self) -> None:
+        if self.goal != "speed":
+            raise FragmentError(f"bench seeds goal: expected 'speed' (a one-lever ladder), found {self.goal!r}")
+        if self.reference < 1 or self.subsets < 1 or not self.sizes or min(self.sizes) < 1:
+            raise FragmentError(f"bench seeds: expected reference, subsets and every size >= 1, found reference "
+                                f"{self.reference}, subsets {self.subsets}, sizes {list(self.sizes)}")
+
 
 def _never_judged(*_: Any) -> Judgement:
-    raise AssertionError("an in-batch pick judges nothing")
+    raise FragmentError("bench seeds: an in-batch pick judges nothing, yet the calibration asked for a try")
 
 
 def pick(model: Any, prompt: str, seeds: Sequence[int], config: SeedsBenchConfig) -> dict[str, Any]:
@@ -89,21 +105,26 @@ def bench_profile_seeds(model: Any, prompts: Sequence[str], config: SeedsBenchCo
     >>> report["summary"][4]["same_as_reference"]  # doctest: +SKIP
     '9 of 12'
     """
+    if not prompts:
+        raise FragmentError("bench seeds: expected at least one prompt, found none")
     rows = []
+    first = max(100, config.reference)  # subsets never share a seed with the reference
     for prompt in prompts:
         reference = pick(model, prompt, range(config.reference), config)
         subsets = {}
         for n in config.sizes:
-            subsets[n] = [pick(model, prompt, range(100 + k * n, 100 + (k + 1) * n), config) for k in range(config.subsets)]
+            subsets[n] = [pick(model, prompt, range(first + k * n, first + (k + 1) * n), config)
+                          for k in range(config.subsets)]
         rows.append({"prompt": prompt, "reference": reference, "subsets": subsets})
         log.info("bench seeds: %s: %s", prompt, reference["label"])
     summary = {}
     for n in config.sizes:
         picks = [(row["reference"], s) for row in rows for s in row["subsets"][n]]
         same = sum(s["label"] == ref["label"] for ref, s in picks)
-        # the subset's pick placed on the reference's ladder (each profile builds its own ladder)
-        placed = [(ref["rung"], rung_of(s["label"], ref["ladder"])) for ref, s in picks]
-        apart = [abs(a - b) for a, b in placed if a is not None and b is not None]
+        # the subset's pick placed on the reference's ladder (each profile builds its own ladder); a reference pick
+        # that is no rung (the cut-off alone, the full model) has no distance to count
+        placed = [(ref["rung"], rung_of(s["label"], ref["ladder"])) for ref, s in picks if ref["rung"] is not None]
+        apart = [abs(a - b) for a, b in placed if b is not None]
         pairs = [row["subsets"][n] for row in rows]
         agree = sum(len({s["label"] for s in group}) == 1 for group in pairs)
         summary[n] = {"same_as_reference": f"{same} of {len(picks)}", "same": same, "compared": len(picks),

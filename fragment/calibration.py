@@ -482,8 +482,11 @@ class Calibration:
         """
         return {
             "method": ("predicted ladder + slack search, confirmed on held-out seeds" if not self.in_batch
-                       else "predicted rung, untried, confirmed by the running audit of the batch" if not self.tries
-                       else "predicted rung, judged on the profiled seeds, confirmed by the running audit of the batch"),
+                       else "predicted rung, untried, confirmed by the running audit of the batch" if self.untried
+                       else "predicted rung, judged on the profiled seeds, confirmed by the running audit of the batch"
+                       if self.chosen is not None else "predicted rung, judged on the profiled seeds: none passed"
+                       if self.tries else "predicted rung: none to pick"),
+            "untried": self.untried,
             "goal": self.goal, "judge": self.judge, "status": self.status,
             "fallback_full_model": self.chosen is None, "reason": self.reason,
             "chosen": self.chosen.to_dict() if self.chosen else None,
@@ -541,7 +544,7 @@ def calibrate(
     >>> tried = calibrate(ladder, fair, calibration_seeds=[0, 1], holdout_seeds=[7], goal="memory", start=1,
     ...                   confirm_in_batch=True, judge_pick=True)
     >>> tried.chosen.label, tried.untried, [(t["phase"], t["candidate"]["heads"], t["passed"]) for t in tried.tries]
-    ('heads 30%', False, [('calibration', 0.4, False), ('calibration', 0.3, True)])
+    ('heads 30%', False, [('pick', 0.4, False), ('pick', 0.3, True)])
     """
     goal_levers(goal)
     calibration_seeds, holdout_seeds = list(calibration_seeds), list(holdout_seeds)
@@ -570,7 +573,7 @@ def calibrate(
 
     def attempt(candidate: Candidate, phase: str) -> Judgement | None:
         nonlocal references_paid, refused
-        seeds = calibration_seeds if phase == "calibration" else holdout_seeds
+        seeds = holdout_seeds if phase == "holdout" else calibration_seeds  # "pick": the judged pick's one try
         references = reference_cost if phase == "holdout" and not references_paid else 0
         cost = len(seeds) * images_per_seed + references
         if (phase, candidate.label) in results:
@@ -607,7 +610,7 @@ def calibrate(
     order = list(ladder)
     if confirm_in_batch:
         return _in_batch(cal, order, start, confirm_only, cfg_cutoffs, cross_attn_gate, started=started,
-                         attempt=(lambda c: attempt(c, "calibration")) if judge_pick else None)
+                         attempt=(lambda c: attempt(c, "pick")) if judge_pick else None)
     passing = _search(order, lambda i: attempt(order[i], "calibration"), start, confirm_only=confirm_only and start is not None)
     # Confirm on held-out seeds, strongest calibration pass first; a failure there steps one rung weaker.
     index = passing
@@ -688,12 +691,14 @@ def _in_batch(cal: Calibration, order: Sequence[Candidate], start: int | None, w
                               f"its try)") + "; the running audit confirms it in the batch"
                 break
             if verdict.passed:
-                cal.reason = f"{why}, judged on the profiled seeds{f' after {tries - 1} weaker step(s)' if tries > 1 else ''}; " \
-                             f"the running audit confirms it in the batch"
+                cal.reason = (f"{why}, passed on the profiled seeds" if tries == 1 else
+                              f"{why} failed on the profiled seeds; {cal.chosen.label}, {tries - 1} rung(s) weaker, "
+                              f"passed them") + "; the running audit confirms it in the batch"
                 break
             if pick is None or pick + 1 >= len(order):  # nothing weaker to try: the full model
                 cal.chosen, cal.status = None, "fallback_full_model"
-                cal.reason = "no rung passed its try on the profiled seeds"
+                cal.reason = ("the cut-off alone failed its try on the profiled seeds" if pick is None
+                              else "no rung passed its try on the profiled seeds")
                 break
             pick += 1
             cal.chosen = at(pick)

@@ -179,6 +179,12 @@ def calibration_status(cal: Calibration, judging: Judging, cost_line: str | None
     ...                   units=3.0)
     >>> calibration_status(cal, Judging(None, "toy", [1], [2]), "spent 4.0 u (2.0 s), ...").split("; ")[2:4]
     ['0 tries, 0 images, 0.0 s, 3.0 u of the 15.0 u a batch of 32 repays at 2.00x raw (estimated)', 'spent 4.0 u (2.0 s), ...']
+    >>> from prompt_fragments.fragment.calibration import Candidate
+    >>> c = Candidate({"step_reuse": 0.3}, level=0.3)
+    >>> cal = Calibration("speed", c, "in_batch", [1], [2], Budget(4), "toy", in_batch=True,
+    ...                   tries=[{"phase": "pick", "passed": True, "candidate": c.to_dict()}])
+    >>> calibration_status(cal, Judging(None, "toy", [1], [2])).split("; ")[0]
+    'picked (speed): step reuse 30%, passed on the profiled seeds'
     """
     cost = f"{len(cal.tries)} tries, {cal.images} images, {cal.seconds:.1f} s"
     start = start_clause(cal)
@@ -202,6 +208,9 @@ def calibration_status(cal: Calibration, judging: Judging, cost_line: str | None
     if cal.untried:
         return (f"picked ({cal.goal}), untried: {cal.chosen.label}; the batch's running audit confirms it (its first "
                 f"images are audited); {cost}; judge: {judging.name}{warned}")
+    if cal.status == "in_batch":  # judged once on the profiled seeds (``judge_pick``), no held-out seed
+        return (f"picked ({cal.goal}): {cal.chosen.label}, passed on the profiled seeds; the batch's running audit "
+                f"confirms it; {cost}; judge: {judging.name}{warned}")
     return (f"calibrated ({cal.goal}): {cal.chosen.label}; held-out seeds {cal.holdout_seeds}: {figures}; {cost}; "
             f"{judging.space}; judge: {judging.name}{warned}")
 

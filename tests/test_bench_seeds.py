@@ -34,3 +34,38 @@ def test_the_seed_bench_command_prints_its_table(capsys) -> None:
                  "--steps", "3"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("profiled seeds and the in-batch pick (goal speed, 3 steps") and "1 seeds: the reference's" in out
+
+
+def test_the_seed_bench_summary_places_each_pick_on_the_reference_ladder(monkeypatch) -> None:
+    """Synthetic picks: the summary's counts follow them (same label, distance on the reference's ladder, picks that
+    are not on it, and subsets that agree), and a reference with no rung is left out of the distances."""
+    import prompt_fragments.bench.profile_seeds as bench
+
+    ladder = ["step reuse 50%", "step reuse 45%", "step reuse 40%"]
+    labels = {("p1", 0): "step reuse 50% + CFG off", ("p1", 100): "step reuse 40% + CFG off",
+              ("p1", 101): "step reuse 50% + CFG off", ("p2", 0): "CFG off", ("p2", 100): "CFG off",
+              ("p2", 101): "step reuse 35% + CFG off"}
+
+    def fake_pick(model, prompt, seeds, config):
+        seeds = list(seeds)
+        label = labels[(prompt, seeds[0])]
+        return {"seeds": seeds, "label": label, "rung": bench.rung_of(label, ladder), "ladder": ladder,
+                "s_per_image": 0.1 * len(seeds)}
+
+    monkeypatch.setattr(bench, "pick", fake_pick)
+    report = bench.bench_profile_seeds(None, ["p1", "p2"], SeedsBenchConfig(reference=2, sizes=(1,), subsets=2))
+    s = report["summary"][1]
+    assert (s["same"], s["compared"], s["subsets_agree"]) == (2, 4, "0 of 2")  # p1's 101 and p2's 100 match
+    assert s["max_rungs_apart"] == 2 and s["off_ladder"] == 0  # p2's reference is no rung: not placed
+    assert s["s_per_image"] == 0.1 and report["reference_s_per_image"] == 0.2
+
+
+def test_the_seed_bench_refuses_what_it_cannot_compare() -> None:
+    import pytest
+
+    from prompt_fragments.errors import FragmentError
+
+    with pytest.raises(FragmentError, match="goal: expected 'speed'"):
+        SeedsBenchConfig(goal="memory")
+    with pytest.raises(FragmentError, match="at least one prompt"):
+        bench_profile_seeds(None, [], SeedsBenchConfig())

@@ -149,7 +149,7 @@ def test_no_audit_records_no_try_and_a_hostile_try_is_refused(tmp_path) -> None:
     data = json.loads(path.read_text())
     data["tries"][0]["phase"] = "guess"
     path.write_text(json.dumps(data))
-    with pytest.raises(FragmentError, match=r"tries\[0\]\.phase: expected 'calibration', 'holdout' or 'audit'"):
+    with pytest.raises(FragmentError, match=r"tries\[0\]\.phase: expected 'calibration', 'holdout', 'audit' or 'pick'"):
         load_prior(tmp_path, KEY)
 
 
@@ -226,13 +226,13 @@ def test_a_judged_pick_is_tried_on_the_profiled_seeds_and_steps_one_rung_weaker_
     assert calls == [(LADDER[4].label, [0, 1])] and cal.chosen == LADDER[4]  # the cold start's rung, passed
     assert cal.status == "in_batch" and not cal.untried and cal.delivered == 0 and cal.images == 2
     assert cal.record()["method"] == "predicted rung, judged on the profiled seeds, confirmed by the running audit of the batch"
-    assert "judged on the profiled seeds" in cal.reason
+    assert "passed on the profiled seeds" in cal.reason and cal.record()["untried"] is False
     judge, calls = counting_judge(0.3)
     cal = calibrate(LADDER, judge, calibration_seeds=[0, 1], holdout_seeds=[9], goal="memory", start=1,
                     confirm_in_batch=True, judge_pick=True)
     assert [label for label, _ in calls] == [c.label for c in LADDER[1:4]] and cal.chosen == LADDER[3]
-    assert [t["passed"] for t in cal.tries] == [False, False, True] and {t["phase"] for t in cal.tries} == {"calibration"}
-    assert not cal.untried and "after 2 weaker step(s)" in cal.reason
+    assert [t["passed"] for t in cal.tries] == [False, False, True] and {t["phase"] for t in cal.tries} == {"pick"}
+    assert not cal.untried and f"failed on the profiled seeds; {LADDER[3].label}, 2 rung(s) weaker, passed them" in cal.reason
 
 
 def test_a_judged_pick_gives_up_to_the_full_model_and_a_refused_try_leaves_the_pick_untried() -> None:
@@ -243,6 +243,7 @@ def test_a_judged_pick_gives_up_to_the_full_model_and_a_refused_try_leaves_the_p
                     confirm_in_batch=True, judge_pick=True)
     assert len(calls) == PICK_TRIES and cal.chosen is None and cal.status == "fallback_full_model"
     assert f"{PICK_TRIES} rungs failed" in cal.reason and not cal.untried
+    assert cal.record()["method"] == "predicted rung, judged on the profiled seeds: none passed"
     judge, calls = counting_judge(0.01)  # the weakest rung fails: nothing weaker to try
     cal = calibrate(LADDER, judge, calibration_seeds=[0], holdout_seeds=[9], goal="memory", start=len(LADDER) - 1,
                     confirm_in_batch=True, judge_pick=True)
@@ -257,3 +258,25 @@ def test_a_judged_pick_gives_up_to_the_full_model_and_a_refused_try_leaves_the_p
     cal = calibrate(LADDER, judge, calibration_seeds=[0, 1], holdout_seeds=[9], goal="memory", start=2,
                     budget=Budget(images=3), confirm_in_batch=True, judge_pick=True)
     assert len(calls) == 1 and cal.chosen == LADDER[3] and cal.untried and "budget refused" in cal.reason
+    assert cal.record()["method"] == "predicted rung, untried, confirmed by the running audit of the batch"
+    assert cal.record()["untried"] is True
+
+
+def test_a_failed_pick_moves_the_next_prompt_weaker_and_keeps_the_cut_off_it_passed_with(tmp_path) -> None:
+    """A judged pick's tries carry the cut-off (goal speed): its failure is held against its rung (``predict``), and
+    the same prompt's pass with that cut-off one rung weaker keeps the cut-off in the next prompt's plan."""
+    judge, calls = counting_judge(0.15)
+    run = dict(directory=tmp_path, key=KEY, calibration_seeds=[0, 1], holdout_seeds=[9], goal="speed",
+               confirm_in_batch=True, judge_pick=True, cfg_cutoffs=(500.0, 350.0), judge_name=JUDGE)
+    first = calibrate_with_prior(LADDER, judge, prompt="a red circle", **run)
+    assert [t["phase"] for t in first.tries] == ["pick", "pick"] and first.chosen.level == 0.15
+    assert all(t["candidate"]["cfg_cutoff"] == 350.0 for t in first.tries)
+    prior = load_prior(tmp_path, KEY)
+    assert prior.cfg_plan((500.0, 350.0), judge=JUDGE) == (500.0, 350.0)  # the failure was the rung's
+    assert prior.predict(LADDER, judge=JUDGE)[4] is False  # 0.2 failed with the cut-off on top: held against it
+    second = calibrate_with_prior(LADDER, counting_judge(0.15)[0], prompt="a blue square", **run)
+    assert second.chosen.level < 0.2 and second.chosen.levers["cfg_cutoff"] == 350.0
+    # without the pass, the failure vetoes the cut-off too (the safe side, as a failed audit does)
+    other = tmp_path / "other"
+    calibrate_with_prior(LADDER, counting_judge(0.01)[0], prompt="a red circle", **{**run, "directory": other})
+    assert load_prior(other, KEY).cfg_plan((500.0, 350.0), judge=JUDGE) == ()

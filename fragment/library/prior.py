@@ -62,7 +62,7 @@ MAX_DEPTHS = 32
 MARGIN = 0.05
 _TEXT = 256  # longest sampler, scheduler, label or phase string kept
 # where a judged try was made: the calibration's two seed sets, or the running audit of a batch (``record_audit``)
-PHASES = ("calibration", "holdout", "audit")
+PHASES = ("calibration", "holdout", "audit", "pick")  # "pick": a pick judged once on the profiled seeds
 
 
 def resolution_bucket(width: int, height: int) -> tuple[int, int]:
@@ -187,7 +187,7 @@ class Prior:
         predicted inside ``margin`` of the gate is not a pass).  Nothing is extrapolated beyond a prompt's
         judged range: a rung weaker than anything it tried is unknown unless it passed something stronger.
         CFG cut-off tries are left out (the cut-off is not on the damage axis; :meth:`cfg_plan` reads them), except
-        the running audit's, which judged their rung with its cut-off on top.  ``exclude`` leaves one
+        the running audit's and a judged pick's (phase ``pick``), which judged their rung with its cut-off on top.  ``exclude`` leaves one
         prompt digest out (the leave-one-out bench).  ``judge`` keeps only the tries that judge made (tries
         written before the prior kept its judge have none, and count only when ``judge`` is ``None``).
 
@@ -202,7 +202,7 @@ class Prior:
         for t in self.tries:
             # an audit judged its rung with the cut-off on top: a pass also passes the rung alone, and a fail blamed
             # on the rung only moves the next prompt to a weaker one (the safe side)
-            if ((not t["cfg"] or t["phase"] == "audit") and t["level"] > 0 and t["prompt"] != exclude
+            if ((not t["cfg"] or t["phase"] in ("audit", "pick")) and t["level"] > 0 and t["prompt"] != exclude
                     and (judge is None or t.get("judge") == judge)):
                 by_prompt.setdefault(t["prompt"], []).append(t)
         if not by_prompt:
@@ -247,17 +247,27 @@ class Prior:
         """The planned CFG cut-offs (latest first) that no earlier prompt contradicts: a cut-off stays unless some
         prompt's CFG try of ``judge`` failed at it or at an earlier one (a cut-off at t = 200 leaves fewer steps
         without the unconditional pass than one at 350: if 200 failed, 350 fails too).  Any rung under it counts,
-        so a failure the rung caused also vetoes the cut-off: the safe side.
+        so a failure the rung caused also vetoes the cut-off: the safe side, unless the same prompt passed the same
+        cut-off or a later one on a rung no stronger (a judged pick that failed one rung and passed the next with the
+        same cut-off): then the failure was its rung's, which :meth:`predict` already holds against it.
 
         >>> p = Prior(PriorKey("ab" * 32, "ddim", "trailing", 25, 32, 7.5), tries=[
         ...     {"prompt": "p1", "phase": "holdout", "level": 0.3, "passed": True, "cfg": True, "levers": {"cfg_cutoff": 350.0}},
         ...     {"prompt": "p1", "phase": "calibration", "level": 0.3, "passed": False, "cfg": True, "levers": {"cfg_cutoff": 500.0}}])
         >>> p.cfg_plan((500.0, 350.0, 200.0)), p.cfg_plan((650.0,))
         ((350.0, 200.0), ())
+        >>> p.tries = [{"prompt": "p1", "phase": "pick", "level": 0.5, "passed": False, "cfg": True, "levers": {"cfg_cutoff": 350.0}},
+        ...            {"prompt": "p1", "phase": "pick", "level": 0.4, "passed": True, "cfg": True, "levers": {"cfg_cutoff": 350.0}}]
+        >>> p.cfg_plan((500.0, 350.0))
+        (500.0, 350.0)
         """
-        failed = [float(t["levers"]["cfg_cutoff"]) for t in self.tries
-                  if t["cfg"] and not t["passed"] and isinstance((t.get("levers") or {}).get("cfg_cutoff"), (int, float))
-                  and (judge is None or t.get("judge") == judge)]
+        def cutoff(t: Mapping[str, Any]) -> float | None:
+            c = (t.get("levers") or {}).get("cfg_cutoff")
+            return float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else None
+
+        mine = [t for t in self.tries if t["cfg"] and cutoff(t) is not None and (judge is None or t.get("judge") == judge)]
+        failed = [cutoff(t) for t in mine if not t["passed"] and not any(
+            p["passed"] and p["prompt"] == t["prompt"] and cutoff(p) >= cutoff(t) and p["level"] <= t["level"] for p in mine)]
         return tuple(float(c) for c in planned if not any(f <= float(c) for f in failed))
 
     def to_dict(self) -> dict[str, Any]:
@@ -423,7 +433,7 @@ def _checked_try(t: Any, where: str, bad: Any) -> dict[str, Any]:
 
     checks = (
         ("prompt", isinstance(t["prompt"], str) and len(t["prompt"]) == 16, "a 16-digit prompt digest"),
-        ("phase", t["phase"] in PHASES, "'calibration', 'holdout' or 'audit'"),
+        ("phase", t["phase"] in PHASES, "'calibration', 'holdout', 'audit' or 'pick'"),
         ("label", isinstance(t["label"], str) and len(t["label"]) <= _TEXT, f"a label of at most {_TEXT} characters"),
         ("levers", isinstance(t["levers"], dict) and len(t["levers"]) <= 32
          and all(isinstance(k, str) and len(k) <= 64 and (number(v) or isinstance(v, bool)) for k, v in t["levers"].items()),
