@@ -44,6 +44,7 @@ from .fragment.schedule.apply import apply_schedule, fragment_schedule
 from .fragment.settings import ExtractionSettings
 from .fragment.surgery.masking import mask_heads
 from .fragment.levers import goal_evidence
+from .fragment.library.prior import prior_evidence
 from .profiling.evidence import ProfileEvidence
 from .profiling.session import profiled
 
@@ -197,25 +198,36 @@ def run_demo(
     trajectory = Trajectory()  # the full model's per-step states of the judged seeds: candidates branch from them
     # a calibration reads only its goal's evidence; a fixed fragment and the lever curves read every kind
     needs = goal_evidence(goal) if calibrating and not levers else None
-    profile, probes, profile_images = _profiled_runs(unet, run, prompt, seeds, record=trajectory, needs=needs)
+    # No profile for the batch: a pick the running audit confirms (confirm "batch") plans from the prior's curves
+    # when an earlier prompt's profile left every measurement its levers read (``Prior.evidence``).  The seeds
+    # below are then profiled for the head study alone (H1's curve, the surgery's exactness): no batch cost.
+    planned = prior_evidence(prior_folder, key, needs) if needs is not None and confirm == "batch" else None
+    profile, probes, profile_images = _profiled_runs(unet, run, prompt, seeds, record=trajectory,
+                                                     needs=needs if planned is None else frozenset())
     profile_s = time.perf_counter() - started
     started = time.perf_counter()
     evidence = ProfileEvidence.from_probes(profile, probes)
-    scored = evidence.scores()  # the extractor's score step (kept by the evidence), for the curves below
-    scores, protected = scored.heads, scored.protected
+    batch_profiled = seeds if planned is None else 0  # profiled images that are images of the user's batch
     base = describe_base(unet, BASE_NAME)
     name = "demo-" + hashlib.sha256(prompt.encode()).hexdigest()[:8]
     build_s = time.perf_counter() - started
+    started = time.perf_counter()
+    scored = evidence.scores()  # the extractor's score step (kept by the evidence), for the curves below
+    scores, protected = scored.heads, scored.protected
+    if planned is None:  # a batch planned from the prior reads no head score: the head study's alone
+        build_s += time.perf_counter() - started
     calibrate_s, cal = 0.0, None
     if calibrating:
         # what the profile and the build already cost (the profiled images are delivered: output, not overhead)
-        spent_before = (max(profile_s / unit_s - seeds, 0.0) + build_s / unit_s) if unit_s else 0.0
+        spent_before = ((max(profile_s / unit_s - seeds, 0.0) if batch_profiled else 0.0) + build_s / unit_s
+                        if unit_s else 0.0)
         started = time.perf_counter()
         judge = _demo_judge(unet, run, target, seeds, profile_images, trajectory)
-        fragment, cal = calibrated_fragment(evidence, unet, judge, base=base, name=name, calibration_seeds=list(range(seeds)),
-                                            holdout_seeds=holdout_seeds, goal=goal,
+        fragment, cal = calibrated_fragment(planned or evidence, unet, judge, base=base, name=name,
+                                            calibration_seeds=list(range(batch_profiled)), holdout_seeds=holdout_seeds,
+                                            goal=goal,
                                             # u as the cold run measured it; without one, each judged image is 1 u
-                                            budget=Budget.for_batch(batch, delivered=seeds + _held_out(confirm, holdout_seeds),
+                                            budget=Budget.for_batch(batch, delivered=batch_profiled + _held_out(confirm, holdout_seeds),
                                                                     images=budget_images, unit_s=unit_s,
                                                                     spent_u=spent_before,
                                                                     image_u=_first_try_u(profile_s, unit_s, seeds)),
@@ -262,7 +274,7 @@ def run_demo(
     full_images, frag_images, full_s, frag_s = _timed_pair(
         lambda: run(unet, variant_seeds), lambda: run(small, variant_seeds, state=state, cfg_cutoff=cfg_cutoff))
     # the user's batch of ``batch``: the delivered images (profiled, held-out references), then the variants, audited
-    delivered_before = seeds + (cal.delivered if cal is not None else 0)
+    delivered_before = batch_profiled + (cal.delivered if cal is not None else 0)
     audit, audit_cost = _running_audit(full_images, frag_images, variant_seeds, target.judge, cal if fragment else None,
                                        images=min(max(batch - delivered_before, 0), variants),
                                        full_s=full_s / variants, fragment_s=frag_s / variants,
@@ -290,7 +302,8 @@ def run_demo(
     # One cost model (metrics.costs): u = one stock image of the variants run. The profiled images and the
     # confirmed held-out references are full-model images of the user's batch: output, not overhead.
     ledger = CostLedger(unit_s=max(full_s / variants, 1e-9))
-    ledger.add("profile_hooks", profile_s, images=seeds, delivered=seeds)
+    if batch_profiled:
+        ledger.add("profile_hooks", profile_s, images=seeds, delivered=seeds)
     ledger.add("build", build_s)
     if cal is not None:
         ledger.add("judged", calibrate_s, images=cal.images, delivered=cal.delivered)
@@ -298,7 +311,8 @@ def run_demo(
         ledger.add("audit", **audit_cost)
     raw = speedup(full_s, frag_s) or 1.0
     # 1x when nothing was chosen (the same model timed twice), or once the audit moved the batch to the full model
-    at_32 = cost_figures(prompt, cal, ledger, raw if fragment is not None else 1.0, 32, audit=audit)
+    at_32 = cost_figures(prompt, cal, ledger, raw if fragment is not None else 1.0, 32, audit=audit,
+                         profiled=batch_profiled)
     rate, at, even = at_32["batch_ratio"], at_32["amortized"], at_32["break_even_images"]
     costs = {**ledger.record(raw_ratio=rate, n=32), "rows": [{"n": n, "amortized_ratio": r} for n, r in at.items()],
              "cost_line": at_32["cost_line"]}
@@ -308,7 +322,7 @@ def run_demo(
     amortized_n = at.get(variants) or amortized_ratio(ledger.overhead_u, rate, variants, ledger.delivered)
     # cold / warm: this prompt's line (warm when the cold prompt's prior predicted a rung), the cold prompt's line
     main_line = (cost_figures(prompt, cal, ledger, at_32["raw_ratio"], batch, fresh_passes=fresh_ok,
-                              fresh_seeds=len(unseen), audit=audit)
+                              fresh_seeds=len(unseen), audit=audit, profiled=batch_profiled)
                  if cal is not None else None)
     h5_line = cold_line or main_line
     h5_even = h5_line["break_even_images"] if h5_line else even
@@ -345,7 +359,7 @@ def run_demo(
         "H1 curve (heads masked, same seeds): largest ratio within the adherence bound: "
         + (f"{max(p['ratio'] for p in holds):.2f}" if holds else "none") + "." + _h1_at_30(h1_curve, gate["hypotheses"]["H1"]),
         f"H4/H5 count the user's whole wait, in u (one stock image, {ledger.unit_s:.3f} s): the {ledger.delivered} "
-        f"full-model images the pack made for the batch (profiled and confirmed held-out seeds) are output; the hooks' "
+        f"full-model images the pack made for the batch (its profiled, confirmed held-out and audited seeds) are output; the hooks' "
         f"extra time + build + judging ({ledger.overhead_u:.2f} u) + the fragment's other images against stock N "
         f"(raw batch ratio {metrics['raw_speedup'] or 0:.2f}x). {costs['cost_line']}.",
         _cold_warm_note(cold_line, main_line, variants),
@@ -395,7 +409,7 @@ def run_demo(
         "calibration": ({"status": cal.status, "chosen": cal.chosen.label if cal.chosen else None, "reason": cal.reason,
                          "untried": cal.untried,
                          "tries": len(cal.tries), "images": cal.images, "seconds": cal.seconds} if cal else None),
-        "levers": _lever_bytes(unet, evidence, cal.chosen if cal else None, base=base, name=name),
+        "levers": _lever_bytes(unet, planned or evidence, cal.chosen if cal else None, base=base, name=name),
         "exactness_masked_vs_physical_rel_err": _relative_error(masked, physical),
         "params": {"full": params(unet), "fragment": params(small)},
         "weights_mb": {"full": w_full, "fragment": w_frag},
@@ -407,6 +421,8 @@ def run_demo(
         "adherence": {"full": metrics["adherence_full"], "fragment": metrics["adherence_fragment"]},
         "fidelity": fid, "fresh_seed_gate": fresh_ok, "confirm": confirm, "batch_variants": variants,
         "running_audit": audit.summary() if audit is not None else None,
+        # with the prior's curves standing in for the profile, the seeds were profiled for the head study alone
+        "profile_source": "profile" if planned is None else "prior (head study only: no batch cost)",
         "time_s": {"profile": profile_s, "build": build_s, "calibrate": calibrate_s, "full_variants": full_s,
                    "fragment_variants": frag_s, "total": time.perf_counter() - demo_started},
         "raw_ratio": metrics["raw_speedup"], "amortized": {row["n"]: row["amortized_ratio"] for row in costs["rows"]},
@@ -443,9 +459,10 @@ def _cold_warm_note(cold: dict[str, Any] | None, warm: dict[str, Any] | None, va
 
 
 def cost_figures(prompt: str, cal: Any, ledger: Any, raw: float, n: int = 32, *, fresh_passes: bool | None = None,
-                 fresh_seeds: int | None = None, audit: Any = None) -> dict[str, Any]:
+                 fresh_seeds: int | None = None, audit: Any = None, profiled: int | None = None) -> dict[str, Any]:
     """One cold/warm line: how the calibration started, what it and the rest of the pack's work cost (the
-    ``metrics.costs.CostLedger``), and what a batch of ``n`` repays at the raw ratio ``raw``.
+    ``metrics.costs.CostLedger``), and what a batch of ``n`` repays at the raw ratio ``raw``; ``profiled``: the
+    batch's profiled images (0: the prior's curves stood in for a profile).
 
     >>> from prompt_fragments.metrics.costs import CostLedger
     >>> ledger = CostLedger(0.5); ledger.add("judged", 2.0, images=8)
@@ -466,7 +483,8 @@ def cost_figures(prompt: str, cal: Any, ledger: Any, raw: float, n: int = 32, *,
             "cost_line": cost_line(ledger, rate, n, **_never(raw, rate, cal is not None and cal.chosen is None)),
             "fresh_passes": fresh_passes,
             "fresh_seeds": fresh_seeds,
-            "confirmation": record.get("status"), "audit": audit.summary() if audit is not None else None}
+            "confirmation": record.get("status"), "audit": audit.summary() if audit is not None else None,
+            "profiled_images": profiled}
 
 
 def _demo_judge(unet: torch.nn.Module, run: Any, target: Any, seeds: int, profile_images: list[np.ndarray],
@@ -582,7 +600,8 @@ def _cold_prompt_line(model: Any, prompt: str, *, seeds: int, steps: int, guidan
         unseen = _unaudited(audit, len(timing))
         fresh_ok = _fresh_gate(target.judge, full, images, unseen)[0]
     log.info("demo cold prompt %r: %s", prompt, cal.record()["start"])
-    return cost_figures(prompt, cal, ledger, raw, batch, fresh_passes=fresh_ok, fresh_seeds=len(unseen), audit=audit)
+    return cost_figures(prompt, cal, ledger, raw, batch, fresh_passes=fresh_ok, fresh_seeds=len(unseen), audit=audit,
+                        profiled=seeds)
 
 
 def _held_out(confirm: str, holdout_seeds: list[int]) -> int:
@@ -802,7 +821,8 @@ def _cold_warm_rows(cold_warm: dict[str, Any] | None) -> list[tuple[str, str]]:
         fresh = "" if line["fresh_passes"] is None else \
             f"; gate on {line['fresh_seeds']} fresh seeds {'passed' if line['fresh_passes'] else 'FAILED'}"
         audit = f"; running audit: {line['audit']}" if line.get("audit") else ""
-        rows.append((label, f"{line['start']}, {line['tries']} tries, {line['judged_images']} judged images: "
+        plan = ", no profile (the prior's curves)" if line.get("profiled_images") == 0 else ""
+        rows.append((label, f"{line['start']}{plan}, {line['tries']} tries, {line['judged_images']} judged images: "
                             f"{line['cost_line']}{audit}{fresh} [{judged} judged on this line] ({line['prompt']!r})"))
     return rows
 
@@ -858,7 +878,9 @@ def format_summary(summary: dict[str, Any]) -> str:
          + ")"),
         ("worst images", _tails(f, summary.get("batch_variants"))),
         ("paraphrase reuse (H3)", _pct(summary["reuse_pass_rate"])),
-        ("profile + build + calib.", f"{t['profile']:.1f}s + {t['build']:.1f}s + {t['calibrate']:.1f}s"),
+        ("profile + build + calib.", f"{t['profile']:.1f}s + {t['build']:.1f}s + {t['calibrate']:.1f}s"
+         + ("" if summary.get("profile_source", "profile") == "profile" else
+            " (the profile: the head study's alone; the batch planned from the prior's curves)")),
         ("variants full / fragment", f"{t['full_variants']:.1f}s / {t['fragment_variants']:.1f}s"
          + (f" (raw {summary['raw_ratio']:.2f}x)" if summary["raw_ratio"] else "") + _memory_beside(summary)),
         ("running audit", summary.get("running_audit") or "none"),

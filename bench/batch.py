@@ -55,7 +55,7 @@ from ..fragment.build import describe_base
 from ..fragment.calibration import GOALS, Budget, lever_ladder
 from ..fragment.extract import calibrated_fragment, candidate_fragment
 from ..fragment.levers import goal_evidence
-from ..fragment.library.prior import PriorPlace, record_audit
+from ..fragment.library.prior import PriorPlace, prior_evidence, record_audit
 from ..fragment.schedule.apply import apply_schedule, fragment_schedule
 from ..fragment.schedule.state import ScheduleState
 from ..judge.audited_run import render_audited
@@ -155,7 +155,8 @@ class BatchRun:
     ``rendered`` seeds, in that order; the reference every row is judged against); ``rendered`` are
     the seeds no full-model render delivered, which the fragment renders;
     ``judge_fragment``, ``evidence`` (the profile and what the probes measured) and ``base`` let a caller
-    build and judge other fragments of the same profile, as the calibration did.
+    build and judge other fragments of the same profile, as the calibration did.  A run planned from a prior
+    (``evidence.source`` "prior") has no profiled seeds, and its ``judge_fragment`` refuses: nothing to judge against.
     """
 
     stock: Any
@@ -333,7 +334,12 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
     """
     unet = target.unet
     device = next(unet.parameters()).device
-    profile_seeds = list(range(config.profile_seeds))
+    # No profile: a pick the running audit confirms (confirm "batch") plans from the prior's curves when an earlier
+    # prompt's profile left every measurement the goal's levers read (``Prior.evidence``); the batch then has no
+    # profiled seed (decided before the seeds, so stock renders the same batch)
+    planned = (prior_evidence(prior.directory, prior.key, goal_evidence(config.goal))
+               if prior is not None and config.confirm == "batch" else None)
+    profile_seeds = list(range(config.profile_seeds)) if planned is None else []
     holdout = list(range(config.first_holdout_seed, config.first_holdout_seed + config.holdout_seeds))
     rest = config.variants - len(profile_seeds) - len(holdout)
     variants = profile_seeds + holdout + list(range(config.first_variant_seed, config.first_variant_seed + rest))
@@ -344,27 +350,29 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
 
     if hasattr(target, "watch"):  # record the full model's per-step states of the judged seeds (branched renders)
         target.watch(profile_seeds + holdout)
+    overhead = None
     started = time.perf_counter()
-    # only the probes the goal's levers read (fragment.levers.goal_evidence)
-    with profiled(unet, goal_evidence(config.goal), buckets=4, shallow=config.shallow) as (prof, probes):
-        prof.begin_sample("profile")  # one batched run: the bench needs scores, not rank stability
-        with torch.no_grad():
-            reference = target.run(unet, profile_seeds)
-    profile_s = time.perf_counter() - started
-    ledger.add("profile_hooks", profile_s, images=len(profile_seeds), delivered=len(profile_seeds))
-    # What the hooks cost on the profile seeds (issue #15: <= 50 %), timed apart so profile_s stays one run.
-    overhead = profiling_overhead(unet, lambda head: target.run(unet, profile_seeds), buckets=4,
-                                  shallow=config.shallow, warmup=False)
-
-    started = time.perf_counter()
-    profile = prof.result()
+    if planned is None:
+        # only the probes the goal's levers read (fragment.levers.goal_evidence)
+        with profiled(unet, goal_evidence(config.goal), buckets=4, shallow=config.shallow) as (prof, probes):
+            prof.begin_sample("profile")  # one batched run: the bench needs scores, not rank stability
+            with torch.no_grad():
+                reference = target.run(unet, profile_seeds)
+        profile_s = time.perf_counter() - started
+        ledger.add("profile_hooks", profile_s, images=len(profile_seeds), delivered=len(profile_seeds))
+        # What the hooks cost on the profile seeds (issue #15: <= 50 %), timed apart so profile_s stays one run.
+        overhead = profiling_overhead(unet, lambda head: target.run(unet, profile_seeds), buckets=4,
+                                      shallow=config.shallow, warmup=False)
+        started = time.perf_counter()
+        evidence = ProfileEvidence.from_probes(prof.result(), probes)
+        judge_fragment = (target.fragment_judge(profile_seeds, reference) if hasattr(target, "fragment_judge")
+                          else fragment_judge(unet, target.run, target.judge, profile_seeds, reference))  # branch + stop
+    else:
+        profile_s, evidence = 0.0, planned
+        judge_fragment = _no_references
     base = describe_base(unet, target.name, sha256="0" * 64, hash_kind="none")
-    evidence = ProfileEvidence.from_probes(profile, probes)
     build_s = time.perf_counter() - started
     ledger.add("build", build_s)
-
-    judge_fragment = (target.fragment_judge(profile_seeds, reference) if hasattr(target, "fragment_judge")  # branch + stop
-                      else fragment_judge(unet, target.run, target.judge, profile_seeds, reference))
 
     # The budget is what the batch can repay, less what profiling and building already cost.
     budget = Budget.for_batch(config.budget_batch or len(variants), delivered=len(profile_seeds) + len(holdout), spent_u=ledger.overhead_u,
@@ -436,6 +444,8 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
     report = {
         "target": target.describe(), "device": str(device), "variants": len(variants), "steps": target.steps,
         "profile_seeds": len(profile_seeds), "delivered_seeds": delivered, "rendered_seeds": len(rendered),
+        # "prior": the prior's curves stood in for a profile (no profiled seed, no hooks)
+        "profile_source": "profile" if planned is None else "prior",
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"},
         "timing_s": {"stock": stock_s, "profile": profile_s, "build": build_s, "calibrate": calibrate_s},
         "rows": rows, "throughput_ratio": best["speedup"], "paired": paired, "amortized": costs,
@@ -455,6 +465,13 @@ def run_batch(target: BenchTarget, config: BenchConfig = BenchConfig(), *,
     return report, BatchRun(stock=stock, variants=variants, profile_seeds=profile_seeds, holdout_seeds=holdout,
                             evidence=evidence, base=base, judge_fragment=judge_fragment, chosen=cal.chosen,
                             rendered=rendered, ledger=ledger, audit=audit)
+
+
+def _no_references(fragment: Any, seeds: Sequence[int]) -> Any:
+    """The judge of a calibration planned from a prior: it has no profiled images to judge against, and a pick the
+    batch confirms never calls it (``calibrated_fragment`` refuses a judged try on a prior's evidence)."""
+    raise FragmentError(f"bench batch: fragment {getattr(fragment, 'name', '?')!r}: no profiled full-model images to "
+                        f"judge seeds {list(seeds)} against (the ladder was planned from the prior's curves)")
 
 
 def batch_peak_memory(target: BenchTarget, seeds: Sequence[int], fragment: Any, device: torch.device) -> dict[str, Any]:
@@ -511,7 +528,9 @@ def format_batch_report(report: dict[str, Any]) -> str:
         every = report.get("audit_every") or 0
         lines.append(f"running audit{f' (1 in {every} batch images, from the first)' if every else ''}: "
                      f"{report['audit_summary']}")
-    if "profiling_overhead" in report:
+    if report.get("profile_source") == "prior":
+        lines.append("profile: none; the ladder was planned from the prior's curves (earlier prompts' profiles)")
+    if report.get("profiling_overhead"):
         o = report["profiling_overhead"]
         lines.append(f"profiling overhead on the profile seeds: {o['base_s']:.2f} s -> {o['profiled_s']:.2f} s "
                      f"(+{o['overhead_pct']:.0f} %)")

@@ -39,7 +39,8 @@ def cold_warm_row(prompt: str, report: dict[str, Any]) -> dict[str, Any]:
             "paired_ratio": (report.get("paired") or {}).get("raw_ratio"),
             "break_even_images": report["break_even_images"],
             "fresh_passes": None if not fresh else bool(fresh["passes_gate"]),
-            "fresh_seeds": None if not fresh else fresh["seeds"], "audit": report.get("audit_summary")}
+            "fresh_seeds": None if not fresh else fresh["seeds"], "audit": report.get("audit_summary"),
+            "profiled": report.get("profile_source", "profile") == "profile"}  # False: planned from the prior's curves
 
 
 def bench_cold_warm(targets: Sequence[BenchTarget], key: PriorKey, config: BenchConfig = BenchConfig(), *,
@@ -88,7 +89,7 @@ def format_cold_warm(report: dict[str, Any], *, details: bool = False) -> str:
              f"{'start':<12}{'tries':>7}{'judged':>7}{'u':>8}{'raw':>8}{'paired':>8}{'N=32':>8}{'break-even':>11}  "
              f"{'fresh':<7}  prompt"]
     for row in report["rows"]:
-        start = "warm" if row["start"].startswith("warm") else "cold"
+        start = ("warm" if row["start"].startswith("warm") else "cold") + ("" if row.get("profiled", True) else " *")
         fresh = "-" if row["fresh_passes"] is None else f"{'PASS' if row['fresh_passes'] else 'FAIL'}/{row['fresh_seeds']}"
         even = "never" if row["break_even_images"] is None else str(row["break_even_images"])
         n32 = "n/a" if row["amortized_32"] is None else f"{row['amortized_32']:.2f}x"
@@ -97,7 +98,9 @@ def format_cold_warm(report: dict[str, Any], *, details: bool = False) -> str:
                      f"{row['raw_ratio']:>7.2f}x{paired:>8}{n32:>8}{even:>11}  {fresh:<7}  {row['prompt']}")
     lines.append("u: the pack's overhead in stock images (profile hooks, build, judging, the audit's waste); "
                  "paired: stock and the fragment timed back to back on a few seeds (median of the units); "
-                 "N=32: amortized ratio; fresh: the chosen setting vs stock on seeds nothing else saw")
+                 "N=32: amortized ratio; fresh: the chosen setting vs stock on seeds nothing else saw"
+                 + ("; *: no profile, planned from the prior's curves"
+                    if any(not row.get("profiled", True) for row in report["rows"]) else ""))
     for row in report["rows"]:
         lines.append(f"  {row['prompt']}: {row['chosen'] or 'the full model'}; audit: {row['audit']}")
     if details:

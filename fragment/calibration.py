@@ -548,7 +548,8 @@ def calibrate(
     """
     goal_levers(goal)
     calibration_seeds, holdout_seeds = list(calibration_seeds), list(holdout_seeds)
-    if not calibration_seeds or not holdout_seeds:
+    # a pick the batch confirms untried judges nothing: it may come with no profiled seeds (a prior's evidence)
+    if (not calibration_seeds and (judge_pick or not confirm_in_batch)) or not holdout_seeds:
         raise FragmentError(f"calibration: expected calibration and held-out seeds, found {len(calibration_seeds)} "
                             f"and {len(holdout_seeds)}")
     if set(calibration_seeds) & set(holdout_seeds):

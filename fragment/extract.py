@@ -90,10 +90,12 @@ def extract_fragment(
     ...                               settings=ExtractionSettings(levers={"heads": 0.3}), directory="models/fragments")
     """
     profile = evidence.profile
-    if profile.total_calls == 0:
+    # a prior's means hold no head profile: fine for levers that read none (``Prior.evidence``); heads then stay
+    if profile.total_calls == 0 and (evidence.source != "prior" or settings.amount("heads")):
         raise FragmentError(
-            f"fragment {name!r}: the profile is empty (no model calls were recorded); run a sampler with the "
-            "profiled MODEL before extracting"
+            f"fragment {name!r}: the profile is empty (no model calls were recorded"
+            + ("; a prior's curves hold no head profile, and the heads lever needs one" if evidence.source == "prior"
+               else "") + "); run a sampler with the profiled MODEL before extracting"
         )
     scores = score_profile(evidence, settings)
     levers = plan_levers(evidence, settings, model=model, name=name)
@@ -171,11 +173,16 @@ def calibrated_fragment(
     profile and the judged tries are recorded into that prior.  With ``confirm_in_batch`` the running audit of the
     user's batch confirms the choice (``calibrate``'s status ``"in_batch"``): the caller must audit the batch;
     with ``judge_pick`` as well the pick is first judged on ``calibration_seeds`` (``Calibration.untried`` says
-    whether the audit must lead).
+    whether the audit must lead).  ``evidence`` may be a prior's (``fragment.library.prior.prior_evidence``: no
+    profile of this prompt), for a pick the batch confirms; it is then not recorded into the prior again.
 
     >>> frag, cal = calibrated_fragment(evidence, unet, judge, base=base, name="dog",  # doctest: +SKIP
     ...                                 calibration_seeds=range(8), holdout_seeds=[100, 101], goal="speed")
     """
+    if evidence.source == "prior" and (not confirm_in_batch or judge_pick):
+        raise FragmentError(f"fragment {name!r}: the evidence is a prior's means, with no profiled images to judge a "
+                            f"try against: expected confirm_in_batch=True without judge_pick (the running audit "
+                            f"confirms the pick), found confirm_in_batch={confirm_in_batch}, judge_pick={judge_pick}")
     predictors = profile_predictors(evidence, model, settings, goal)
     ladder = [dataclasses.replace(c, how=settings)  # labelled in the settings' formats (int8, int3...)
               for c in candidate_ladder(predictors, goal)]
@@ -202,8 +209,9 @@ def calibrated_fragment(
     if prior is None:
         cal = calibrate(ladder, judge, **run)
     else:
+        # evidence read from the prior is that prior's own means: recorded again, it would count twice
         cal = calibrate_with_prior(ladder, judge, directory=prior.directory, key=prior.key, prompt=prior.prompt,
-                                   evidence=evidence, **run)
+                                   evidence=evidence if evidence.source != "prior" else None, **run)
     if cal.chosen is None:
         return None, cal
     # an in-batch pick may be untried: built here, once (a judged pass was built by its try)

@@ -55,6 +55,9 @@ class ProfileEvidence:
     cfg_gaps: Mapping[float, float] | None = None
     cross_attn_changes: Mapping[float, float] | None = None
     kv_context: torch.Tensor | None = None
+    # "profile": measured on this prompt; "prior": a model configuration's means (``Prior.evidence``), which a
+    # calibration must not record back into that prior as if they were a new profile
+    source: str = "profile"
     fixed_scores: Scores | None = None  # scores given, not computed (``from_scores``)
     _scored: dict[tuple, Scores] = field(default_factory=dict, repr=False, compare=False)
 

@@ -92,6 +92,15 @@ def test_bench_batch_confirmed_in_the_batch(tmp_path, capsys) -> None:
     key = PriorKey(sha256_file(WEIGHTS_FILE), "ddim", "trailing", STEPS, 32, DEFAULT_GUIDANCE)
     prior = load_prior(prior_dir, key)
     assert data["reports"][0]["calibration"]["chosen"] is not None  # cold: the search's first rung, untried
+    first, second = data["reports"]
+    assert (first["profile_source"], first["profile_seeds"], second["profile_source"], second["profile_seeds"]) == (
+        "profile", 2, "prior", 0)
+    assert "profile_hooks" in first["costs"]["by_kind"] and "profile_hooks" not in second["costs"]["by_kind"]
+    assert second["timing_s"]["profile"] == 0.0 and second["variants"] == 10
+    assert prior.profiles == 1  # the second prompt's plan was the prior's own means: not recorded again
+    assert printed.count("profile: none; the ladder was planned from the prior's curves") == 1
+    table = printed[printed.index("cold / warm on"):].splitlines()
+    assert table[2].split()[1] != "*" and table[3].split()[1] == "*" and "*: no profile, planned from" in table[4]
     for i, report in enumerate(data["reports"]):
         cal = report["calibration"]
         assert report["config"]["confirm"] == "batch"
@@ -100,8 +109,10 @@ def test_bench_batch_confirmed_in_the_batch(tmp_path, capsys) -> None:
             assert report["audit"] is None
             continue
         assert cal["status"] == "in_batch" and "the running audit confirms it in the batch" in cal["reason"]
-        # no held-out confirmation was rendered: the held-out seeds are the batch's, and the audit leads it
-        assert report["rendered_seeds"] == 10 - 2
+        # no held-out confirmation was rendered: the held-out seeds are the batch's, and the audit leads it; the
+        # second prompt planned from the prior's curves (the first's profile): no profiled seed, all 10 rendered
+        assert report["rendered_seeds"] == 10 - report["profile_seeds"] and report["delivered_seeds"] == list(
+            range(report["profile_seeds"]))
         audit = report["audit"]
         assert [r["index"] for r in audit["records"]][:3] == [0, 1, 2][:len(audit["records"])]
         assert len(audit["records"]) >= min(3, report["rendered_seeds"])
@@ -129,3 +140,29 @@ def test_bench_batch_audit_off(tmp_path, capsys) -> None:
     assert "running audit: off (--audit-every 0)" in printed
     assert report["cold_warm"]["rows"][0]["start"] == "cold"  # one prompt: its report, with its cold row beside it
     assert "cold / warm on" in printed
+
+
+
+def test_a_batch_planned_from_the_prior_judges_each_seed_against_its_own_stock_image(tmp_path) -> None:
+    """The planned batch has other seeds than a profiled one: stock must be rendered for those very seeds."""
+    import numpy as np
+
+    from prompt_fragments.bench.batch import run_batch
+    from prompt_fragments.defaults import DEFAULT_THRESHOLDS
+    from prompt_fragments.fragment.library.prior import PriorPlace
+    from prompt_fragments.judge.reference_target import ReferenceTarget
+    from prompt_fragments.judge.thresholds import load_thresholds
+    from prompt_fragments.reference.model import load_reference
+
+    model = load_reference(None)
+    limits = load_thresholds(DEFAULT_THRESHOLDS)["quality_gate"]
+    key = PriorKey(sha256_file(WEIGHTS_FILE), "ddim", "trailing", STEPS, 32, DEFAULT_GUIDANCE)
+    config = BenchConfig(variants=7, profile_seeds=2, holdout_seeds=1, fresh_seeds=0, confirm="batch", audit_every=3,
+                         paired_units=0)
+    runs = [run_batch(ReferenceTarget(p, limits=limits, steps=STEPS, model=model), config,
+                      prior=PriorPlace(tmp_path, key, p))[1] for p in (DEFAULT_PROMPT, SECOND)]
+    assert runs[0].profile_seeds == [0, 1] and runs[1].profile_seeds == [] and runs[1].evidence.source == "prior"
+    target = ReferenceTarget(SECOND, limits=limits, steps=STEPS, model=model)
+    assert len(runs[1].variants) == 7 and np.array_equal(runs[1].stock, target.run(model.unet, runs[1].variants))
+    with pytest.raises(FragmentError, match="no profiled full-model images to judge"):
+        runs[1].judge_fragment(None, [1])

@@ -110,11 +110,14 @@ def test_the_default_demo_confirms_its_untried_pick_in_the_batch_and_counts_the_
     cal = metrics["calibration"]
     assert (cal["status"], cal["tries"], cal["cost"]["images"]) == ("in_batch", [], 0), cal
     audit, amortized = metrics["running_audit"], metrics["amortized"]
-    # 2 profiled images delivered; a batch of 32 leaves 30 for the fragment, of which the 6 variants are rendered
+    # the main prompt is planned from the prior the cold prompt's profile left: its own 2 profiled seeds are the head
+    # study's, not images of its batch and not a cost of it; of the batch of 32, the 6 variants are rendered
+    assert summary["profile_source"].startswith("prior") and "profile_hooks" not in amortized["by_kind"]
+    assert summary["cold_warm"]["cold"]["profiled_images"] == 2 and summary["cold_warm"]["warm"]["profiled_images"] == 0
     assert audit["images"] == 6 and audit["audited"] >= 3 and [r["index"] for r in audit["records"][:3]] == [0, 1, 2]
     spent = amortized["by_kind"]["audit"]
     assert spent["delivered"] == audit["delivered_full"] and spent["images"] >= spent["delivered"] + 1
-    assert amortized["delivered"] == 2 + audit["delivered_full"]
+    assert amortized["delivered"] == audit["delivered_full"]
     assert metrics["fresh_seed_gate"]["seeds"] == 6 - audit["audited"]
     assert summary["running_audit"] == audit["summary"] and summary["confirm"] == "batch"
     fragment = load_fragment(summary["fragment_manifest"])
@@ -126,6 +129,8 @@ def test_the_default_demo_confirms_its_untried_pick_in_the_batch_and_counts_the_
     assert len(tries) == 2, tries  # the cold prompt's and the main prompt's verdicts
     printed = capsys.readouterr().out
     assert "picked untried: the batch's running audit confirms it" in printed
+    warm = next(line for line in printed.splitlines() if line.startswith("warm (after its prior)"))
+    assert "no profile (the prior's curves)" in warm and "no profile" not in printed.split("warm (after")[0].split("cold (first")[1]
     # the worst images beside the means: the variants' own tails, and the count under the gate's SSIM limit
     fid = summary["fidelity"]
     worst = next(line for line in printed.splitlines() if line.startswith("worst images "))

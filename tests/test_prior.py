@@ -109,7 +109,9 @@ def _valid(tmp_path: Path) -> tuple[Path, dict]:
 
 
 @pytest.mark.parametrize("case", ["truncated", "not an object", "tries a dict", "level a string", "slack NaN",
-                                  "extra try field", "another key", "huge", "deep", "symlink", "folder"])
+                                  "extra try field", "another key", "huge", "deep", "symlink", "folder",
+                                  "cache_point a number", "timesteps a string", "per_timestep unknown",
+                                  "per_timestep negative", "per_timestep twice at a timestep", "runs true"])
 def test_a_hostile_or_partial_prior_is_refused_naming_the_file_and_kept(tmp_path: Path, case: str) -> None:
     path, data = _valid(tmp_path)
     if case == "truncated":
@@ -133,6 +135,18 @@ def test_a_hostile_or_partial_prior_is_refused_naming_the_file_and_kept(tmp_path
         body = b'{"schema": "' + b"x" * (MAX_PRIOR_BYTES + 1) + b'"}'
     elif case == "deep":
         body = b"[" * 100 + b"]" * 100
+    elif case == "cache_point a number":
+        body = json.dumps({**data, "depths": {"1": {"changes": [None, 0.2], "cost": 0.3, "runs": 1, "cache_point": 7}}}).encode()
+    elif case == "timesteps a string":
+        body = json.dumps({**data, "step_timesteps": "999"}).encode()
+    elif case == "per_timestep unknown":
+        body = json.dumps({**data, "per_timestep": {"heads": {"runs": 1, "points": []}}}).encode()
+    elif case == "per_timestep twice at a timestep":
+        body = json.dumps({**data, "per_timestep": {"cfg_gaps": {"runs": 1, "points": [[999, 0.5], [999.0, 0.4]]}}}).encode()
+    elif case == "runs true":
+        body = json.dumps({**data, "per_timestep": {"cfg_gaps": {"runs": True, "points": [[999.0, 0.5]]}}}).encode()
+    elif case == "per_timestep negative":
+        body = json.dumps({**data, "per_timestep": {"cfg_gaps": {"runs": 1, "points": [[999.0, -0.5]]}}}).encode()
     if case == "symlink":
         target = tmp_path / "elsewhere.json"
         target.write_bytes(path.read_bytes())
@@ -266,3 +280,132 @@ def test_calibrating_over_an_unreadable_prior_starts_cold_says_so_and_keeps_the_
     assert str(path) in warning and "left in place" in warning and says_what_to_do(warning), warning
     status = calibration_status(third, Judging(None, "toy", [0, 1], [9]))
     assert "cold start (the prior could not be used: see the warning)" in status and f"; WARNING: {warning}" in status
+
+
+def _reference_profile(prompt: str, steps: int = 6):
+    """The reference model profiled for goal speed on two seeds: the evidence a warm prompt would not need."""
+    import torch
+    from prompt_fragments.fragment.levers import goal_evidence
+    from prompt_fragments.profiling.session import profiled
+    from prompt_fragments.reference.model import load_reference
+    from prompt_fragments.reference.sampling import sample
+
+    model = load_reference(None)
+    with profiled(model.unet, goal_evidence("speed"), buckets=4) as (prof, probes):
+        prof.begin_batch([0, 1])
+        with torch.no_grad():
+            sample(model.unet, model.encode([prompt]), model.encode([""]), [0, 1], steps=steps, guidance=7.5)
+    return model, ProfileEvidence.from_probes(prof.result(), probes)
+
+
+def test_the_prior_stands_in_for_a_profile_with_the_same_ladder_and_cut_offs(tmp_path: Path) -> None:
+    from torch.testing import assert_close
+    from prompt_fragments.fragment.calibration import candidate_ladder, profile_predictors
+    from prompt_fragments.fragment.levers import goal_evidence
+
+    model, measured = _reference_profile("a red circle in the top left")
+    needs = goal_evidence("speed")
+    key = PriorKey(BASE, "ddim", "trailing", 6, 32, 7.5)
+    assert priors.prior_evidence(tmp_path, key, needs) is None  # no prior: profile
+    update_prior(tmp_path, key, evidence=measured, prompt="a red circle in the top left")
+    planned = priors.prior_evidence(tmp_path, key, needs)
+    assert planned is not None and planned.source == "prior" and measured.source == "profile"
+    assert priors.prior_evidence(tmp_path, key, goal_evidence("memory")) is None  # no FF scores in a prior
+    assert planned.step_timesteps == tuple(measured.step_timesteps)
+    assert_close(planned.cfg_gaps, measured.cfg_gaps) and assert_close(planned.cross_attn_changes, measured.cross_attn_changes)
+    for skips, depth in measured.reuse_depths.items():
+        got = planned.reuse_depths[skips]
+        assert got.cache_point == depth.cache_point and got.cost == pytest.approx(depth.cost)
+    a, b = (profile_predictors(e, model.unet, goal="speed") for e in (measured, planned))
+    ladder_a, ladder_b = candidate_ladder(a, "speed"), candidate_ladder(b, "speed")
+    assert ladder_a and [c.label for c in ladder_a] == [c.label for c in ladder_b]
+    assert_close([c.level for c in ladder_a], [c.level for c in ladder_b])
+    assert a.cfg_cutoffs() == b.cfg_cutoffs() and a.cross_attn_gate() == b.cross_attn_gate()
+    # the strongest rung built from either: the same schedule, and the same images sampled with it (which are not
+    # the full model's: the schedule reuses steps)
+    import numpy as np
+    import torch
+    from prompt_fragments.fragment.build import describe_base
+    from prompt_fragments.fragment.extract import candidate_fragment
+    from prompt_fragments.fragment.schedule.apply import apply_schedule, fragment_schedule
+    from prompt_fragments.reference.sampling import sample
+
+    base = describe_base(model.unet, "reference")
+    built = [candidate_fragment(e, model.unet, ladder[0], base=base, name="x")
+             for e, ladder in ((measured, ladder_a), (planned, ladder_b))]
+    assert built[0].manifest["schedule"] == built[1].manifest["schedule"]
+    context, uncond = model.encode(["a red circle in the top left"]), model.encode([""])
+    images = []
+    with torch.no_grad():
+        for f in built:
+            small, state = apply_schedule(model.unet, f)
+            images.append(sample(small, context, uncond, [5], steps=6, guidance=7.5, state=state,
+                                 cfg_cutoff=fragment_schedule(f).cfg_cutoff))
+        full = sample(model.unet, context, uncond, [5], steps=6, guidance=7.5)
+    assert_close(images[0], images[1]) and not np.array_equal(images[0], full)
+    # a second profile makes every curve a running mean of the two, per step and per timestep
+    other = _reference_profile("a blue square in the center", steps=6)[1]
+    update_prior(tmp_path, key, evidence=other, prompt="a blue square in the center")
+    mean = priors.prior_evidence(tmp_path, key, needs)
+    t = next(iter(measured.cfg_gaps))
+    assert mean.cfg_gaps[t] == pytest.approx((measured.cfg_gaps[t] + other.cfg_gaps[t]) / 2)
+    i = next(i for i, c in enumerate(measured.step_changes) if c is not None)
+    assert mean.step_changes[i] == pytest.approx((measured.step_changes[i] + other.step_changes[i]) / 2)
+    # a curve whose length disagrees with the timesteps (a file edited by hand) is not planned from: profile instead
+    path = priors_dir(tmp_path) / key.file_name
+    good = path.read_text()
+    data = json.loads(good)
+    data["step_changes"] = data["step_changes"][:-1]
+    path.write_text(json.dumps(data))
+    assert load_prior(tmp_path, key) is not None and priors.prior_evidence(tmp_path, key, needs) is None
+    path.write_text(good)
+    # a non-finite measurement is left out of the means, and never written (the file would be unreadable)
+    nan_gaps = ProfileEvidence(ProfileData({}, 4), cfg_gaps={t: float("nan")})
+    assert update_prior(tmp_path, key, evidence=nan_gaps, prompt="x").per_timestep["cfg_gaps"]["points"][t] == \
+        pytest.approx(mean.cfg_gaps[t])
+    # a prior written before it kept the timesteps and cache points cannot stand in for a profile, yet still loads
+    path = priors_dir(tmp_path) / key.file_name
+    data = json.loads(path.read_text())
+    data.pop("step_timesteps"), data.pop("per_timestep")
+    for d in data["depths"].values():
+        d.pop("cache_point")
+    path.write_text(json.dumps(data))
+    assert load_prior(tmp_path, key).profiles == 2 and priors.prior_evidence(tmp_path, key, needs) is None
+
+
+def test_a_pick_planned_from_the_prior_is_untried_and_records_no_profile(tmp_path: Path) -> None:
+    from prompt_fragments.fragment.build import describe_base
+    from prompt_fragments.fragment.extract import calibrated_fragment
+    from prompt_fragments.fragment.levers import goal_evidence
+    from prompt_fragments.fragment.library.prior import PriorPlace
+
+    model, measured = _reference_profile("a red circle in the top left")
+    key = PriorKey(BASE, "ddim", "trailing", 6, 32, 7.5)
+    update_prior(tmp_path, key, evidence=measured, prompt="a red circle in the top left")
+    planned = priors.prior_evidence(tmp_path, key, goal_evidence("speed"))
+    judged = []
+
+    def judge(fragment, seeds):
+        judged.append(seeds)
+        return Judgement(True)
+
+    run = dict(base=describe_base(model.unet, "reference"), name="warm", calibration_seeds=[0, 1], holdout_seeds=[9],
+               goal="speed", prior=PriorPlace(tmp_path, key, "a blue square in the center"))
+    fragment, cal = calibrated_fragment(planned, model.unet, judge, confirm_in_batch=True, **run)
+    assert not judged and cal.status == "in_batch" and cal.untried and fragment is not None
+    assert fragment.manifest["schedule"]["step_reuse"]["timesteps"] == [round(t, 4) for t in measured.step_timesteps]
+    after = load_prior(tmp_path, key)
+    assert after.profiles == 1  # the prior's own means were not counted again as a profile
+    # a judged try needs the profiled images the prior does not have: refused, naming what to pass
+    for kwargs in ({"confirm_in_batch": False}, {"confirm_in_batch": True, "judge_pick": True}):
+        with pytest.raises(FragmentError, match="'warm'.*prior's means.*confirm_in_batch=True"):
+            calibrated_fragment(planned, model.unet, judge, **kwargs, **run)
+    assert not judged
+
+
+def test_an_untried_pick_needs_no_profiled_seeds_but_a_judged_try_does() -> None:
+    cal = calibrate(LADDER, toy_judge(0.3), calibration_seeds=[], holdout_seeds=[9], goal="speed", confirm_in_batch=True)
+    assert cal.status == "in_batch" and cal.untried and cal.tries == []
+    for kwargs in ({}, {"confirm_in_batch": True, "judge_pick": True}):
+        with pytest.raises(FragmentError, match="expected calibration and held-out seeds, found 0 and 1"):
+            calibrate(LADDER, toy_judge(0.3), calibration_seeds=[], holdout_seeds=[9], goal="speed", **kwargs)

@@ -6,8 +6,11 @@ prompt and seed.  So the prior keeps both halves, per :class:`PriorKey`
 (base-model hash, sampler, scheduler, step count, resolution bucket, CFG):
 
 * the step-change curves and the per-depth reuse costs the profiles measured
-  (``ProfileEvidence.step_changes`` and ``.reuse_depths``), as running means
-  over the prompts that contributed, and
+  (``ProfileEvidence.step_changes`` and ``.reuse_depths``), the steps' timesteps,
+  the CFG gap and cross-attention change per timestep (``.cfg_gaps``,
+  ``.cross_attn_changes``), as running means over the prompts that contributed;
+  :meth:`Prior.evidence` gives them back as a profile's evidence, so a later
+  prompt confirmed in its batch builds its ladder with no profile of its own, and
 * every judged try of every calibration (the candidate's lever amounts, reuse
   depth and damage level, phase, verdict, slack, seed count, the judge's name,
   and a digest of the prompt, never the prompt itself), the running audits'
@@ -36,7 +39,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ...errors import FragmentError, ReadError
 from ..audit import AuditRule
@@ -44,6 +47,9 @@ from ..calibration import CFG_CUTOFFS, calibrate, cold_start
 from ..format.store import ensure_folder
 from ..format.untrusted import parse_json
 from ..levers import LEVERS
+from ...profiling.dataset import ProfileData
+from ...profiling.evidence import ProfileEvidence
+from ...profiling.step_change import ReuseDepth
 from .index import library_dir, locked
 
 log = logging.getLogger(__name__)
@@ -63,6 +69,9 @@ MARGIN = 0.05
 _TEXT = 256  # longest sampler, scheduler, label or phase string kept
 # where a judged try was made: the calibration's two seed sets, or the running audit of a batch (``record_audit``)
 PHASES = ("calibration", "holdout", "audit", "pick")  # "pick": a pick judged once on the profiled seeds
+# the per-timestep measurements the prior keeps (``ProfileEvidence`` fields): running means keyed by timestep
+PER_TIMESTEP = ("cfg_gaps", "cross_attn_changes")
+MAX_POINTS = MAX_CURVE
 
 
 def resolution_bucket(width: int, height: int) -> tuple[int, int]:
@@ -166,9 +175,14 @@ class Prior:
 
     key: PriorKey
     step_changes: list[float | None] = field(default_factory=list)
-    depths: dict[int, dict[str, Any]] = field(default_factory=dict)  # skips -> {"changes": [...], "cost": float|None, "runs": n}
+    # skips -> {"changes": [...], "cost": float|None, "runs": n, "cache_point": str (priors written since the
+    # warm path without a profile; older ones lack it and cannot stand in for a profile)}
+    depths: dict[int, dict[str, Any]] = field(default_factory=dict)
     profiles: int = 0  # profiles averaged into step_changes
     tries: list[dict[str, Any]] = field(default_factory=list)
+    step_timesteps: list[float] = field(default_factory=list)  # the first profile's timestep per step
+    # "cfg_gaps" / "cross_attn_changes" -> {"runs": n, "points": {timestep: running mean}}
+    per_timestep: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def prompts(self) -> list[str]:
@@ -270,10 +284,57 @@ class Prior:
             p["passed"] and p["prompt"] == t["prompt"] and cutoff(p) >= cutoff(t) and p["level"] <= t["level"] for p in mine)]
         return tuple(float(c) for c in planned if not any(f <= float(c) for f in failed))
 
+    def evidence(self, needs: Iterable[str]) -> ProfileEvidence | None:
+        """The prior's curves as a profile's evidence (``profiling.evidence.ProfileEvidence``, ``source`` "prior"),
+        when it holds every measurement in ``needs`` (``fragment.levers.goal_evidence``), else ``None`` (profile).
+
+        What a schedule lever plans from is a property of the model, sampler and step count far more than of
+        the prompt (the module docstring), so a prompt confirmed by its batch's running audit can plan from the
+        mean of earlier prompts' profiles.  There is no head profile in it: only levers that read none of
+        it (goal ``speed``) can use it.
+
+        >>> p = Prior(PriorKey("ab" * 32, "ddim", "trailing", 25, 32, 7.5), step_changes=[None, 0.2], profiles=1,
+        ...           step_timesteps=[999.0, 959.0])
+        >>> p.evidence(["step_changes"]).step_timesteps, p.evidence(["cfg_gaps"])
+        ((999.0, 959.0), None)
+        """
+        found: dict[str, Any] = {}
+        steps = len(self.step_timesteps)
+        if steps and not all(a > b for a, b in zip(self.step_timesteps, self.step_timesteps[1:])):
+            log.warning("prior %s: its step timesteps do not decrease; profiling instead", self.key.name)
+            return None
+        for need in needs:
+            if need == "step_changes":
+                if not self.profiles or not steps or not any(c is not None for c in self.step_changes):
+                    return None
+                if len(self.step_changes) != steps:  # a file edited by hand, or another sampler's curve
+                    log.warning("prior %s: %d step changes for %d timesteps; profiling instead", self.key.name,
+                                len(self.step_changes), steps)
+                    return None
+                found.update(step_changes=tuple(self.step_changes), step_timesteps=tuple(self.step_timesteps))
+            elif need == "reuse_depths":
+                # depths measured before cache points were kept are left out: the ladder offers the others
+                depths = {k: ReuseDepth(k, d["cache_point"], tuple(d["changes"]), d["cost"])
+                          for k, d in sorted(self.depths.items()) if d.get("cache_point") and len(d["changes"]) == steps}
+                if not depths:
+                    return None
+                found["reuse_depths"] = depths
+            elif need in PER_TIMESTEP:
+                points = (self.per_timestep.get(need) or {}).get("points")
+                if not points:
+                    return None
+                found[need] = dict(sorted(points.items(), reverse=True))
+            else:  # feed-forward scores, activation statistics, heads: the prior keeps none of them
+                return None
+        return ProfileEvidence(ProfileData({}, 1, info={"source": f"prior {self.key.name}"}), source="prior", **found)
+
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "key": self.key.to_dict(), "profiles": self.profiles,
-                "step_changes": list(self.step_changes),
+                "step_changes": list(self.step_changes), "step_timesteps": list(self.step_timesteps),
                 "depths": {str(k): dict(v) for k, v in sorted(self.depths.items())},
+                "per_timestep": {name: {"runs": v["runs"], "points": [[t, x] for t, x in sorted(v["points"].items(),
+                                                                                                reverse=True)]}
+                                 for name, v in sorted(self.per_timestep.items())},
                 "tries": [dict(t) for t in self.tries]}
 
 
@@ -401,17 +462,42 @@ def _from_dict(data: Any, source: str) -> Prior:
     if not isinstance(raw_depths, dict) or len(raw_depths) > MAX_DEPTHS:
         raise bad("depths", f"an object of at most {MAX_DEPTHS} depths", raw_depths)
     for k, d in raw_depths.items():
-        if not k.isdigit() or len(k) > 3 or not isinstance(d, dict) or set(d) != {"changes", "cost", "runs"}:
-            raise bad(f"depths.{k[:20]}", "a skip count with changes, cost, runs", d)
+        # cache_point is optional: priors written before the warm path without a profile lack it
+        if (not k.isdigit() or len(k) > 3 or not isinstance(d, dict)
+                or set(d) not in ({"changes", "cost", "runs"}, {"changes", "cost", "runs", "cache_point"})):
+            raise bad(f"depths.{k[:20]}", "a skip count with changes, cost, runs (and optionally cache_point)", d)
         if d["cost"] is not None and not (number(d["cost"]) and 0 <= d["cost"] <= 1):
             raise bad(f"depths.{k}.cost", "a share in 0..1 or null", d["cost"])
         depths[int(k)] = {"changes": curve(d["changes"], f"depths.{k}.changes"),
                           "cost": None if d["cost"] is None else float(d["cost"]), "runs": count(d["runs"], f"depths.{k}.runs")}
+        if "cache_point" in d:
+            point = d["cache_point"]
+            if not isinstance(point, str) or not 0 < len(point) <= _TEXT:
+                raise bad(f"depths.{k}.cache_point", f"a module path of 1 to {_TEXT} characters", point)
+            depths[int(k)]["cache_point"] = point
+    timesteps = data.get("step_timesteps", [])  # optional, as above
+    if not isinstance(timesteps, list) or len(timesteps) > MAX_CURVE or not all(number(t) and 0 <= t <= 1e4 for t in timesteps):
+        raise bad("step_timesteps", f"a list of at most {MAX_CURVE} timesteps in 0..10000", timesteps)
+    per_timestep: dict[str, dict[str, Any]] = {}
+    raw_per = data.get("per_timestep", {})
+    if not isinstance(raw_per, dict) or not set(raw_per) <= set(PER_TIMESTEP):
+        raise bad("per_timestep", f"an object of {', '.join(PER_TIMESTEP)}", raw_per)
+    for name, v in raw_per.items():
+        points = v.get("points") if isinstance(v, dict) else None
+        if (not isinstance(v, dict) or set(v) != {"runs", "points"} or not isinstance(points, list)
+                or len(points) > MAX_POINTS or not all(isinstance(x, list) and len(x) == 2 and number(x[0])
+                                                       and 0 <= x[0] <= 1e4 and number(x[1]) and x[1] >= 0 for x in points)):
+            raise bad(f"per_timestep.{name}", f"runs and at most {MAX_POINTS} [timestep, value >= 0] points", v)
+        if len({float(t) for t, _ in points}) != len(points):
+            raise bad(f"per_timestep.{name}", "one point per timestep", v)
+        per_timestep[name] = {"runs": count(v["runs"], f"per_timestep.{name}.runs"),
+                              "points": {float(t): float(x) for t, x in points}}
     tries = data.get("tries")
     if not isinstance(tries, list) or len(tries) > MAX_TRIES:
         raise bad("tries", f"a list of at most {MAX_TRIES} tries", type(tries).__name__)
     return Prior(key, curve(data.get("step_changes"), "step_changes"), depths, count(data.get("profiles"), "profiles"),
-                 [_checked_try(t, f"tries[{i}]", bad) for i, t in enumerate(tries)])
+                 [_checked_try(t, f"tries[{i}]", bad) for i, t in enumerate(tries)],
+                 [float(t) for t in timesteps], per_timestep)
 
 
 _TRY_FIELDS = {"prompt", "phase", "label", "levers", "reuse_skips", "level", "cfg", "passed", "slack", "seeds"}
@@ -459,7 +545,10 @@ def write_prior(directory: str | os.PathLike, prior: Prior) -> Path:
     path = folder / prior.key.file_name
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise FragmentError(f"{path}: expected a prior file to replace (or none), found a symlink, folder or special file; nothing was written")
-    body = json.dumps(prior.to_dict(), separators=(",", ":")).encode("utf-8")
+    try:  # a NaN written here would make the file unreadable to every later reader (parse_json refuses it)
+        body = json.dumps(prior.to_dict(), separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except ValueError as exc:
+        raise FragmentError(f"{path}: expected finite numbers to write, found: {exc}; nothing was written") from None
     if len(body) > MAX_PRIOR_BYTES:  # cannot happen within MAX_TRIES; refusing beats writing what no reader accepts
         raise FragmentError(f"{path}: expected a prior under {MAX_PRIOR_BYTES} bytes, found {len(body)} to write")
     tmp = folder / f".{path.name}.tmp-{os.getpid()}"
@@ -492,9 +581,24 @@ def _mean(old: list[float | None], n: int, new: Sequence[float | None]) -> list[
     out: list[float | None] = []
     for i in range(max(len(old), len(new))):
         a = old[i] if i < len(old) else None
-        b = new[i] if i < len(new) else None
+        b = new[i] if i < len(new) and new[i] is not None and math.isfinite(new[i]) else None  # NaN: unmeasured
         out.append(b if a is None else a if b is None else (a * n + float(b)) / (n + 1))
     return out[:MAX_CURVE]
+
+
+def _mean_points(old: Mapping[float, float], n: int, new: Mapping[float, float]) -> dict[float, float]:
+    """Running mean per timestep over ``n`` earlier measurements and ``new`` (a timestep one side lacks keeps the
+    other's), the most noise first, at most ``MAX_POINTS``.
+
+    >>> _mean_points({999.0: 0.2, 500.0: 0.1}, 1, {500.0: 0.3, 1.0: 0.05})
+    {999.0: 0.2, 500.0: 0.2, 1.0: 0.05}
+    """
+    out: dict[float, float] = {}
+    new = {float(k): float(v) for k, v in new.items() if math.isfinite(float(k)) and math.isfinite(float(v))}
+    for t in sorted({*old, *new}, reverse=True)[:MAX_POINTS]:
+        a, b = old.get(t), new.get(t)
+        out[t] = float(b) if a is None else a if b is None else (a * n + float(b)) / (n + 1)
+    return out
 
 
 def update_prior(directory: str | os.PathLike, key: PriorKey, *, evidence: Any = None, calibration: Any = None,
@@ -522,6 +626,9 @@ def update_prior(directory: str | os.PathLike, key: PriorKey, *, evidence: Any =
             if changes:
                 prior.step_changes = _mean(prior.step_changes, prior.profiles, list(changes))
                 prior.profiles += 1
+                # one key, one sampler and step count: the first profile's timesteps are every later one's
+                prior.step_timesteps = prior.step_timesteps or [float(t) for t in
+                                                                (getattr(evidence, "step_timesteps", None) or ())][:MAX_CURVE]
             for skips, depth in sorted((getattr(evidence, "reuse_depths", None) or {}).items())[:MAX_DEPTHS]:
                 old = prior.depths.get(int(skips), {"changes": [], "cost": None, "runs": 0})
                 cost = depth.cost if old["cost"] is None else old["cost"] if depth.cost is None else \
@@ -529,6 +636,15 @@ def update_prior(directory: str | os.PathLike, key: PriorKey, *, evidence: Any =
                 prior.depths[int(skips)] = {"changes": _mean(old["changes"], old["runs"], list(depth.changes)),
                                             "cost": None if cost is None else min(1.0, max(0.0, float(cost))),
                                             "runs": old["runs"] + 1}
+                point = str(getattr(depth, "cache_point", "") or old.get("cache_point", ""))[:_TEXT]
+                if point:  # a depth with no module path cannot be planned from: left without one
+                    prior.depths[int(skips)]["cache_point"] = point
+            for name in PER_TIMESTEP:
+                new = getattr(evidence, name, None)
+                if new:
+                    old = prior.per_timestep.get(name, {"runs": 0, "points": {}})
+                    prior.per_timestep[name] = {"runs": old["runs"] + 1,
+                                                "points": _mean_points(old["points"], old["runs"], new)}
         if calibration is not None or tries:
             prior.tries.extend(judged_tries(calibration, digest) if calibration is not None else [])
             prior.tries.extend(_checked_try(dict(t), f"prior {key.name}: new try", _bad_try) for t in tries)
@@ -569,12 +685,30 @@ def warm_start(directory: str | os.PathLike, key: PriorKey, ladder: Sequence[Any
     >>> warm_start(tempfile.mkdtemp(), PriorKey("ab" * 32, "ddim", "trailing", 25, 32, 7.5), []) is None
     True
     """
-    try:
-        prior = load_prior(directory, key)
-    except FragmentError as exc:
-        log.warning("prior %s not used: %s", key.name, exc)
-        return None
+    prior = _optional_prior(directory, key, "for a warm start")
     return prior.suggest(ladder, judge=judge) if prior is not None else None
+
+
+def _optional_prior(directory: str | os.PathLike, key: PriorKey, purpose: str) -> Prior | None:
+    """The prior of ``key``, or ``None`` when there is none or it cannot be read (logged: what it would have been
+    used for is an optimisation, and the file is left as it is)."""
+    try:
+        return load_prior(directory, key)
+    except FragmentError as exc:
+        log.warning("prior %s not used %s: %s", key.name, purpose, exc)
+        return None
+
+
+def prior_evidence(directory: str | os.PathLike, key: PriorKey, needs: Iterable[str]) -> ProfileEvidence | None:
+    """The prior of ``key``'s curves as evidence (:meth:`Prior.evidence`), or ``None``: no prior, one without
+    every measurement in ``needs``, or an unreadable one (logged: the caller profiles, as with no prior).
+
+    >>> import tempfile
+    >>> prior_evidence(tempfile.mkdtemp(), PriorKey("ab" * 32, "ddim", "trailing", 25, 32, 7.5), ["step_changes"]) is None
+    True
+    """
+    prior = _optional_prior(directory, key, "in place of a profile")
+    return prior.evidence(needs) if prior is not None else None
 
 
 def audit_tries(candidate: Any, batch: Any, digest: str, judge: str) -> list[dict[str, Any]]:
