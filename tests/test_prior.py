@@ -409,3 +409,18 @@ def test_an_untried_pick_needs_no_profiled_seeds_but_a_judged_try_does() -> None
     for kwargs in ({}, {"confirm_in_batch": True, "judge_pick": True}):
         with pytest.raises(FragmentError, match="expected calibration and held-out seeds, found 0 and 1"):
             calibrate(LADDER, toy_judge(0.3), calibration_seeds=[], holdout_seeds=[9], goal="speed", **kwargs)
+
+
+def test_the_whole_step_depth_survives_the_prior_with_its_empty_cache_point(tmp_path: Path) -> None:
+    changes = (None, 0.3, 0.1)
+    measured = ProfileEvidence(ProfileData({}, 4), step_changes=list(changes), step_timesteps=[999.0, 666.0, 333.0],
+                               reuse_depths={0: ReuseDepth(0, "", changes, 0.0), 1: ReuseDepth(1, "up.2", changes, 0.3)})
+    update_prior(tmp_path, KEY, evidence=measured, prompt="p")
+    planned = priors.prior_evidence(tmp_path, KEY, ["step_changes", "reuse_depths"])
+    assert planned.reuse_depths == measured.reuse_depths  # depth 0 kept, its point "" (no module is cut)
+    path = priors_dir(tmp_path) / KEY.file_name
+    data = json.loads(path.read_text())
+    data["depths"]["1"]["cache_point"] = ""  # only the whole step has no module path
+    path.write_text(json.dumps(data))
+    with pytest.raises(FragmentError, match=r"depths\.1\.cache_point: expected a module path"):
+        load_prior(tmp_path, KEY)

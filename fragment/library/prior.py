@@ -315,7 +315,7 @@ class Prior:
             elif need == "reuse_depths":
                 # depths measured before cache points were kept are left out: the ladder offers the others
                 depths = {k: ReuseDepth(k, d["cache_point"], tuple(d["changes"]), d["cost"])
-                          for k, d in sorted(self.depths.items()) if d.get("cache_point") and len(d["changes"]) == steps}
+                          for k, d in sorted(self.depths.items()) if "cache_point" in d and len(d["changes"]) == steps}
                 if not depths:
                     return None
                 found["reuse_depths"] = depths
@@ -472,8 +472,10 @@ def _from_dict(data: Any, source: str) -> Prior:
                           "cost": None if d["cost"] is None else float(d["cost"]), "runs": count(d["runs"], f"depths.{k}.runs")}
         if "cache_point" in d:
             point = d["cache_point"]
-            if not isinstance(point, str) or not 0 < len(point) <= _TEXT:
-                raise bad(f"depths.{k}.cache_point", f"a module path of 1 to {_TEXT} characters", point)
+            # depth 0 reuses the whole step: no module is cut, its point is ""
+            if not isinstance(point, str) or len(point) > _TEXT or (not point) != (int(k) == 0):
+                raise bad(f"depths.{k}.cache_point", f"a module path of 1 to {_TEXT} characters (\"\" at depth 0)",
+                          point)
             depths[int(k)]["cache_point"] = point
     timesteps = data.get("step_timesteps", [])  # optional, as above
     if not isinstance(timesteps, list) or len(timesteps) > MAX_CURVE or not all(number(t) and 0 <= t <= 1e4 for t in timesteps):
@@ -635,10 +637,9 @@ def update_prior(directory: str | os.PathLike, key: PriorKey, *, evidence: Any =
                     (old["cost"] * old["runs"] + depth.cost) / (old["runs"] + 1)
                 prior.depths[int(skips)] = {"changes": _mean(old["changes"], old["runs"], list(depth.changes)),
                                             "cost": None if cost is None else min(1.0, max(0.0, float(cost))),
-                                            "runs": old["runs"] + 1}
-                point = str(getattr(depth, "cache_point", "") or old.get("cache_point", ""))[:_TEXT]
-                if point:  # a depth with no module path cannot be planned from: left without one
-                    prior.depths[int(skips)]["cache_point"] = point
+                                            "runs": old["runs"] + 1,
+                                            # "" at depth 0: a whole step is reused, no module is cut
+                                            "cache_point": str(depth.cache_point)[:_TEXT]}
             for name in PER_TIMESTEP:
                 new = getattr(evidence, name, None)
                 if new:
