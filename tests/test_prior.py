@@ -424,3 +424,17 @@ def test_the_whole_step_depth_survives_the_prior_with_its_empty_cache_point(tmp_
     path.write_text(json.dumps(data))
     with pytest.raises(FragmentError, match=r"depths\.1\.cache_point: expected a module path"):
         load_prior(tmp_path, KEY)
+
+
+def test_the_prior_never_writes_what_its_reader_refuses(tmp_path: Path) -> None:
+    """A host whose timesteps fall outside what a prior file may hold (or a depth with no module path) still gets a
+    readable prior: those measurements are left out, and planning from it falls back to profiling."""
+    odd = ProfileEvidence(ProfileData({}, 4), step_changes=[None, 0.2], step_timesteps=[2e4, 1e4 + 1],
+                          cfg_gaps={-5.0: 0.1, 500.0: 0.2}, cross_attn_changes={500.0: float("inf")},
+                          reuse_depths={1: ReuseDepth(1, "", (None, 0.2), 0.3)})
+    written = update_prior(tmp_path, KEY, evidence=odd, prompt="p")
+    loaded = load_prior(tmp_path, KEY)
+    assert loaded == written and loaded.step_timesteps == [] and "cache_point" not in loaded.depths[1]
+    assert loaded.per_timestep["cfg_gaps"]["points"] == {500.0: 0.2} and not loaded.per_timestep.get(
+        "cross_attn_changes", {}).get("points")
+    assert priors.prior_evidence(tmp_path, KEY, ["step_changes"]) is None

@@ -478,7 +478,7 @@ def _from_dict(data: Any, source: str) -> Prior:
                           point)
             depths[int(k)]["cache_point"] = point
     timesteps = data.get("step_timesteps", [])  # optional, as above
-    if not isinstance(timesteps, list) or len(timesteps) > MAX_CURVE or not all(number(t) and 0 <= t <= 1e4 for t in timesteps):
+    if not isinstance(timesteps, list) or len(timesteps) > MAX_CURVE or not all(number(t) and _timestep(t) for t in timesteps):
         raise bad("step_timesteps", f"a list of at most {MAX_CURVE} timesteps in 0..10000", timesteps)
     per_timestep: dict[str, dict[str, Any]] = {}
     raw_per = data.get("per_timestep", {})
@@ -488,7 +488,7 @@ def _from_dict(data: Any, source: str) -> Prior:
         points = v.get("points") if isinstance(v, dict) else None
         if (not isinstance(v, dict) or set(v) != {"runs", "points"} or not isinstance(points, list)
                 or len(points) > MAX_POINTS or not all(isinstance(x, list) and len(x) == 2 and number(x[0])
-                                                       and 0 <= x[0] <= 1e4 and number(x[1]) and x[1] >= 0 for x in points)):
+                                                       and _timestep(x[0]) and number(x[1]) and x[1] >= 0 for x in points)):
             raise bad(f"per_timestep.{name}", f"runs and at most {MAX_POINTS} [timestep, value >= 0] points", v)
         if len({float(t) for t, _ in points}) != len(points):
             raise bad(f"per_timestep.{name}", "one point per timestep", v)
@@ -588,6 +588,15 @@ def _mean(old: list[float | None], n: int, new: Sequence[float | None]) -> list[
     return out[:MAX_CURVE]
 
 
+def _timestep(t: float) -> bool:
+    """A timestep the reader accepts (``_from_dict``): what is written must be readable again.
+
+    >>> _timestep(999.0), _timestep(float("nan")), _timestep(-1.0)
+    (True, False, False)
+    """
+    return math.isfinite(t) and 0 <= t <= 1e4
+
+
 def _mean_points(old: Mapping[float, float], n: int, new: Mapping[float, float]) -> dict[float, float]:
     """Running mean per timestep over ``n`` earlier measurements and ``new`` (a timestep one side lacks keeps the
     other's), the most noise first, at most ``MAX_POINTS``.
@@ -596,7 +605,7 @@ def _mean_points(old: Mapping[float, float], n: int, new: Mapping[float, float])
     {999.0: 0.2, 500.0: 0.2, 1.0: 0.05}
     """
     out: dict[float, float] = {}
-    new = {float(k): float(v) for k, v in new.items() if math.isfinite(float(k)) and math.isfinite(float(v))}
+    new = {float(k): float(v) for k, v in new.items() if _timestep(float(k)) and math.isfinite(float(v)) and v >= 0}
     for t in sorted({*old, *new}, reverse=True)[:MAX_POINTS]:
         a, b = old.get(t), new.get(t)
         out[t] = float(b) if a is None else a if b is None else (a * n + float(b)) / (n + 1)
@@ -629,17 +638,19 @@ def update_prior(directory: str | os.PathLike, key: PriorKey, *, evidence: Any =
                 prior.step_changes = _mean(prior.step_changes, prior.profiles, list(changes))
                 prior.profiles += 1
                 # one key, one sampler and step count: the first profile's timesteps are every later one's
-                prior.step_timesteps = prior.step_timesteps or [float(t) for t in
-                                                                (getattr(evidence, "step_timesteps", None) or ())][:MAX_CURVE]
+                timesteps = [float(t) for t in (getattr(evidence, "step_timesteps", None) or ())][:MAX_CURVE]
+                if not prior.step_timesteps and all(_timestep(t) for t in timesteps):  # never what no reader accepts
+                    prior.step_timesteps = timesteps
             for skips, depth in sorted((getattr(evidence, "reuse_depths", None) or {}).items())[:MAX_DEPTHS]:
                 old = prior.depths.get(int(skips), {"changes": [], "cost": None, "runs": 0})
                 cost = depth.cost if old["cost"] is None else old["cost"] if depth.cost is None else \
                     (old["cost"] * old["runs"] + depth.cost) / (old["runs"] + 1)
                 prior.depths[int(skips)] = {"changes": _mean(old["changes"], old["runs"], list(depth.changes)),
                                             "cost": None if cost is None else min(1.0, max(0.0, float(cost))),
-                                            "runs": old["runs"] + 1,
-                                            # "" at depth 0: a whole step is reused, no module is cut
-                                            "cache_point": str(depth.cache_point)[:_TEXT]}
+                                            "runs": old["runs"] + 1}
+                point = str(depth.cache_point)[:_TEXT]
+                if (not point) == (int(skips) == 0):  # "" at depth 0 only: a whole step is reused, no module is cut
+                    prior.depths[int(skips)]["cache_point"] = point
             for name in PER_TIMESTEP:
                 new = getattr(evidence, name, None)
                 if new:
