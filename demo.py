@@ -701,9 +701,13 @@ def _running_audit(full: np.ndarray, fragment: np.ndarray, seeds: list[int], com
         return bool(passed), dict(metrics)
 
     started = time.perf_counter()
+    def judge_lead(references: list[np.ndarray], images: list[np.ndarray]) -> tuple[bool, dict[str, Any]]:
+        passed, metrics = compare(np.stack(references), np.stack(images))  # the gate on the lead's means
+        return bool(passed), dict(metrics)
+
     batch = run_audited(seeds[:images], lambda _setting, group: render("fragment", fragment, group),
                         lambda group: render("full", full, group), judge_one, AuditRule(), [], setting="fragment",
-                        every=every, lead=lead, block=AUDIT_BLOCK)
+                        every=every, lead=lead, block=AUDIT_BLOCK, lead_check=judge_lead if lead else None)
     judged_s = time.perf_counter() - started
     if prior is not None:
         from .fragment.library.prior import record_audit

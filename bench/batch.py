@@ -211,8 +211,9 @@ def audited_phase(target: BenchTarget, fragments: Sequence[Any], seeds: Sequence
 
     synchronize(device)
     started = time.perf_counter()
+    # a lead (an untried pick) is also judged as one sample: the gate on its images' means
     batch = render_audited(target.unet, run, target.judge, list(fragments), list(seeds), every=every, rule=rule,
-                           on_render=on_render, block=AUDIT_BLOCK, lead=lead)
+                           on_render=on_render, block=AUDIT_BLOCK, lead=lead, lead_means=bool(lead))
     synchronize(device)
     wall = time.perf_counter() - started
     (frag_s, frag_n), (full_s, full_n) = spent["fragment"], spent["full"]

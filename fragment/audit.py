@@ -23,6 +23,14 @@ inequality the chance that it *ever* reaches ``1/alpha``, however long the
 batch, is at most ``alpha``: a good setting is switched away from in at most
 5 % of batches, and a clearly bad one is caught after a few audits.
 
+An untried setting is led by the rule's fewest audits (``lead``), and the
+host may judge the lead's images together as well (``lead_check``: the gate
+on their means).  The per-image rule cannot tell a setting that fails half
+its images (whose means fail the gate: 33 of 64 images under the SSIM limit,
+mean 0.886, on one prompt of ``bench batch``) from a good one within a batch
+of 32; the lead's means can, at the cost of switching away from a setting
+whose first images happen to be its worst.
+
 Pure core: no ComfyUI.  ``nodes/batch_generator.py`` and
 ``judge/audited_run.py`` (hosts with ``run(unet, seeds, ...)``) wire it up.
 """
@@ -43,6 +51,8 @@ FULL = "full model"
 RenderFragment = Callable[[Any, Sequence[int]], Any]  # (setting, seeds) -> images, one per seed (indexable)
 RenderFull = Callable[[Sequence[int]], Any]  # seeds -> the full model's images
 Compare = Callable[[Any, Any], "tuple[bool, dict[str, Any]]"]  # (full, fragment) of one seed -> (passed, metrics)
+# (full images, fragment images) of the lead's seeds -> (passed on their means, metrics)
+LeadCheck = Callable[[list, list], "tuple[bool, dict[str, Any]]"]
 
 
 @dataclass(frozen=True)
@@ -242,6 +252,8 @@ class AuditedBatch:
     switches: list[tuple[int, str, str]] = field(default_factory=list)
     given: int = 0  # full-model images handed in (rendered before), delivered as they are
     every: int = 0
+    # the lead judged as one sample (``run_audited``'s ``lead_check``): {"passed", "images", "metrics"}; None: not run
+    lead: dict[str, Any] | None = None
 
     @property
     def switched_at(self) -> int | None:
@@ -270,6 +282,8 @@ class AuditedBatch:
         line = f"audited {len(self.records)} of {rendered}: {passed} passed"
         if passed < len(self.records):
             line += f", {len(self.records) - passed} failed"
+        if self.lead is not None and not self.lead["passed"]:
+            line += f"; the first {self.lead['images']} together failed the gate on their means"
         for index, old, new in self.switches:
             rest = "the full model" if new == FULL else new
             line += f"; audit failed at image {index + 1} ({old}): rest on {rest}"
@@ -281,7 +295,11 @@ class AuditedBatch:
                 "passed": sum(r.passed for r in self.records), "given": self.given, "delivered_full": self.delivered,
                 "switched_at": self.switched_at,
                 "switches": [{"index": i, "from": a, "to": b} for i, a, b in self.switches],
-                "records": [r.record() for r in self.records], "summary": self.summary()}
+                "records": [r.record() for r in self.records],
+                "lead": None if self.lead is None else {
+                    **self.lead, "metrics": {k: v for k, v in self.lead["metrics"].items()
+                                             if isinstance(v, (int, float, str, bool, list))}},
+                "summary": self.summary()}
 
 
 def audit_positions(count: int, every: int, lead: int = 0) -> list[int]:
@@ -314,7 +332,7 @@ def _segments(todo: list[int], every: int, lead: int = 0) -> list[tuple[list[int
 def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_full: RenderFull, compare: Compare,
                 rule: AuditRule | None = None, fallbacks: Sequence[Any] = (), *, setting: Any, every: int,
                 given: Mapping[int, Any] | None = None, label: Callable[[Any], str] = str, block: int = 1,
-                lead: int = 0) -> AuditedBatch:
+                lead: int = 0, lead_check: LeadCheck | None = None) -> AuditedBatch:
     """Render ``seeds`` with ``setting``, auditing the 1st and every ``every``-th rendered image; see the module docstring.
 
     ``render_fragment(setting, seeds)`` and ``render_full(seeds)`` return one image per seed
@@ -347,6 +365,17 @@ def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_fu
     True
     >>> run_audited(range(8), frag, full, same, AuditRule(), ["ok"], setting="bad", every=8, lead=3).switched_at
     2
+
+    ``lead_check(full_images, fragment_images)`` judges the lead's images together, as one sample (the gate on their
+    means), once the lead's audits are in and the rule has not switched: a fail switches as the rule does.  The
+    per-image rule cannot tell a setting that fails half its images from one that fails a quarter (its two rates)
+    within a batch; a setting whose images fail the gate on their mean, as half-failing ones do, is caught here.
+
+    >>> half = lambda s, seeds: [10 * x + (x % 2) for x in seeds]  # every odd seed off by one
+    >>> means = lambda f, g: (sum(abs(a - b) for a, b in zip(f, g)) / len(f) < 0.3, {})
+    >>> b = run_audited(range(8), half, full, same, setting="half", every=8, lead=3, lead_check=means)
+    >>> b.switched_at, b.summary()
+    (2, 'audited 3 of 8: 2 passed, 1 failed; the first 3 together failed the gate on their means; audit failed at image 3 (half): rest on the full model')
     """
     rule = rule or AuditRule()
     if every < 0:
@@ -372,6 +401,7 @@ def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_fu
         # every audited seed's full-model image is delivered whatever the audit decides (as the audit's image, or
         # as the full model's after a switch to it), so all are rendered first, together, never one at a time
         full_images.update(zip(audited_all, render_full([seeds[a] for a in audited_all])))
+    lead_pairs: list[tuple[Any, Any]] = []  # the first setting's lead: (full, fragment) per audited seed
     k = 0
     while k < len(segments):
         end, size = k, 0
@@ -413,7 +443,14 @@ def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_fu
             batch.records.append(AuditRecord(seeds[audited], audited, label(current), bool(passed), dict(metrics)))
             audits += 1
             failures += not passed
-            if rule.switch(failures, audits):
+            switch = rule.switch(failures, audits)
+            if lead_check is not None and step == 0 and lead and len(lead_pairs) < lead:
+                lead_pairs.append((full_image, rendered[audited]))
+                if len(lead_pairs) == min(lead, len(todo)) and not switch:
+                    ok, lead_metrics = lead_check([a for a, _ in lead_pairs], [b for _, b in lead_pairs])
+                    batch.lead = {"passed": bool(ok), "images": len(lead_pairs), "metrics": dict(lead_metrics)}
+                    switch = not ok
+            if switch:
                 step += 1
                 to = label(chain[step]) if step < len(chain) else FULL
                 batch.switches.append((audited, label(current), to))

@@ -20,14 +20,16 @@ from .fragment_judge import Compare, Run, stack
 
 def render_audited(unet: nn.Module, run: Run, compare: Compare, fragments: Sequence[Fragment], seeds: Sequence[int], *,
                    every: int, rule: AuditRule | None = None, given: Mapping[int, Any] | None = None,
-                   on_render: Callable[[str, int], None] | None = None, block: int = 1, lead: int = 0) -> AuditedBatch:
+                   on_render: Callable[[str, int], None] | None = None, block: int = 1, lead: int = 0,
+                   lead_means: bool = False) -> AuditedBatch:
     """``seeds`` rendered with ``fragments[0]``, audited every ``every``-th image; a failed audit moves to the next.
 
     ``given`` maps seeds the full model already rendered (the calibration's) to their images: delivered,
     not rendered again.  ``on_render(what, images)`` (``what`` is "fragment" or "full") lets the host count
     its costs: full-model renders are delivered images, fragment renders of audited seeds are the audit's waste.
     ``AuditedBatch.images`` is a list, one image per seed; ``stack`` it for the host's batch.  ``block``: the
-    fewest images per fragment render; ``lead``: the first images all audited (``fragment.audit.run_audited``).
+    fewest images per fragment render; ``lead``: the first images all audited (``fragment.audit.run_audited``);
+    ``lead_means``: the lead's images are also judged together by ``compare`` (the gate on their means).
 
     >>> batch = render_audited(unet, target.run, target.judge, [chosen, weaker], range(10_000, 10_032), every=8)  # doctest: +SKIP
     >>> batch.summary()  # doctest: +SKIP
@@ -64,6 +66,10 @@ def render_audited(unet: nn.Module, run: Run, compare: Compare, fragments: Seque
         passed, metrics = compare(stack([full]), stack([image]))
         return bool(passed), dict(metrics)
 
+    def judge_lead(full: list, images: list) -> tuple[bool, dict[str, Any]]:
+        passed, metrics = compare(stack(full), stack(images))
+        return bool(passed), dict(metrics)
+
     return run_audited(seeds, render_fragment, render_full, judge_one, rule, labels[1:], setting=labels[0],
                        every=every, given=given, label=lambda key: key.split(":", 1)[1], block=block,
-                       lead=lead)
+                       lead=lead, lead_check=judge_lead if lead_means else None)

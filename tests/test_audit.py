@@ -229,3 +229,41 @@ def test_host_batch_switches_from_a_broken_fragment_to_its_fallback(tiny_host):
         assert batch.setting[i] == "keeps_all"
     assert latent_rel_error(full[1:2], batch.images[1][None]) > LIMIT  # the broken fragment's own image, delivered
     assert counted == {"fragment": 8, "full": 4}
+
+
+def half_failing_renders():
+    """Fragment renders that fail the per-image limit on every odd seed (50 % noise), pass on the others (1 %)."""
+    def render_fragment(setting: str, seeds):
+        return torch.stack([full_image(s) + (0.5 if s % 2 else 0.01) * full_image(s).norm() / 16
+                            * torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(10**6 + s)) for s in seeds])
+    return render_fragment, lambda seeds: torch.stack([full_image(s) for s in seeds])
+
+
+def means(full, frag):
+    """The lead judged as one sample: the mean relative error of its images against the same limit."""
+    errors = [latent_rel_error(a[None], b[None]) for a, b in zip(full, frag)]
+    return sum(errors) / len(errors) <= LIMIT, {"latent_rel_error_mean": sum(errors) / len(errors)}
+
+
+def test_a_lead_that_fails_on_its_means_switches_where_the_per_image_rule_cannot():
+    render_fragment, render_full = half_failing_renders()
+    seeds = list(range(100, 132))  # the lead: seeds 100, 101, 102: one failure, two passes
+    plain = run_audited(seeds, render_fragment, render_full, compare, setting="half", every=10, lead=3)
+    assert [r.passed for r in plain.records[:3]] == [True, False, True] and plain.switched_at is None
+    checked = run_audited(seeds, render_fragment, render_full, compare, setting="half", every=10, lead=3,
+                          lead_check=means)
+    assert checked.switched_at == 2 and checked.lead["passed"] is False and checked.lead["images"] == 3
+    assert checked.setting[3:] == [FULL] * 29 and "together failed the gate on their means" in checked.summary()
+    assert checked.record()["lead"]["metrics"]["latent_rel_error_mean"] > LIMIT
+    # a clean setting passes its lead's means, and the check is not run again after the lead
+    calls = []
+    render_clean, render_full_clean, _ = make_renders({})
+    clean = run_audited(seeds, render_clean, render_full_clean, compare, setting="ok", every=10, lead=3,
+                        lead_check=lambda f, g: calls.append(len(f)) or means(f, g))
+    assert clean.switched_at is None and clean.lead["passed"] is True and calls == [3]
+    # a lead the per-image rule already switched away from is not judged again on its means
+    render_bad, render_full_bad, _ = make_renders({"bad": 0})
+    calls.clear()
+    bad = run_audited(seeds, render_bad, render_full_bad, compare, setting="bad", every=10, lead=3,
+                      lead_check=lambda f, g: calls.append(len(f)) or means(f, g))
+    assert bad.switched_at == 2 and bad.lead is None and calls == []
