@@ -28,8 +28,8 @@ host may judge the lead's images together as well (``lead_check``: the gate
 on their means).  The per-image rule cannot tell a setting that fails half
 its images (whose means fail the gate: 33 of 64 images under the SSIM limit,
 mean 0.886, on one prompt of ``bench batch``) from a good one within a batch
-of 32; the lead's means can, at the cost of switching away from a setting
-whose first images happen to be its worst.
+of 32; the lead's means sometimes can (3 images are a small sample), at the
+cost of switching away from a setting whose first images happen to be its worst.
 
 Pure core: no ComfyUI.  ``nodes/batch_generator.py`` and
 ``judge/audited_run.py`` (hosts with ``run(unet, seeds, ...)``) wire it up.
@@ -282,11 +282,13 @@ class AuditedBatch:
         line = f"audited {len(self.records)} of {rendered}: {passed} passed"
         if passed < len(self.records):
             line += f", {len(self.records) - passed} failed"
-        if self.lead is not None and not self.lead["passed"]:
-            line += f"; the first {self.lead['images']} together failed the gate on their means"
         for index, old, new in self.switches:
             rest = "the full model" if new == FULL else new
-            line += f"; audit failed at image {index + 1} ({old}): rest on {rest}"
+            if self.lead is not None and not self.lead["passed"] and self.lead.get("index") == index:
+                # a lead image may have passed on its own: the switch is the lead's, judged as one sample
+                line += f"; the first {self.lead['images']} together failed the gate on their means ({old}): rest on {rest}"
+            else:
+                line += f"; audit failed at image {index + 1} ({old}): rest on {rest}"
         return line
 
     def record(self) -> dict[str, Any]:
@@ -296,10 +298,39 @@ class AuditedBatch:
                 "switched_at": self.switched_at,
                 "switches": [{"index": i, "from": a, "to": b} for i, a, b in self.switches],
                 "records": [r.record() for r in self.records],
-                "lead": None if self.lead is None else {
-                    **self.lead, "metrics": {k: v for k, v in self.lead["metrics"].items()
-                                             if isinstance(v, (int, float, str, bool, list))}},
+                "lead": None if self.lead is None else {**self.lead, "metrics": _plain(self.lead["metrics"])},
                 "summary": self.summary()}
+
+
+def _plain(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` as JSON keeps them: numbers (numpy scalars included) as finite floats or ints, bools, strings and
+    lists of strings or numbers; anything else, and a non-finite number, is left out.
+
+    >>> import numpy as np
+    >>> _plain({"a": np.float32(0.5), "b": True, "c": float("nan"), "d": ["x", 1], "e": object()})
+    {'a': 0.5, 'b': True, 'd': ['x', 1]}
+    """
+    def plain(v: Any) -> Any:
+        if isinstance(v, (bool, str)) or v is None:
+            return v
+        if hasattr(v, "item") and not isinstance(v, (list, tuple)):  # numpy and torch scalars
+            try:
+                v = v.item()
+            except (TypeError, ValueError):
+                return _DROP
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, (int, float)):
+            return v if math.isfinite(v) else _DROP
+        if isinstance(v, (list, tuple)):
+            items = [plain(x) for x in v]
+            return _DROP if any(x is _DROP for x in items) else items
+        return _DROP
+    out = {k: plain(v) for k, v in metrics.items()}
+    return {k: v for k, v in out.items() if v is not _DROP}
+
+
+_DROP = object()
 
 
 def audit_positions(count: int, every: int, lead: int = 0) -> list[int]:
@@ -369,13 +400,14 @@ def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_fu
     ``lead_check(full_images, fragment_images)`` judges the lead's images together, as one sample (the gate on their
     means), once the lead's audits are in and the rule has not switched: a fail switches as the rule does.  The
     per-image rule cannot tell a setting that fails half its images from one that fails a quarter (its two rates)
-    within a batch; a setting whose images fail the gate on their mean, as half-failing ones do, is caught here.
+    within a batch; a setting whose lead fails the gate on its mean can be caught here (a small sample: whether it
+    is depends on how its first images fall).
 
     >>> half = lambda s, seeds: [10 * x + (x % 2) for x in seeds]  # every odd seed off by one
     >>> means = lambda f, g: (sum(abs(a - b) for a, b in zip(f, g)) / len(f) < 0.3, {})
     >>> b = run_audited(range(8), half, full, same, setting="half", every=8, lead=3, lead_check=means)
     >>> b.switched_at, b.summary()
-    (2, 'audited 3 of 8: 2 passed, 1 failed; the first 3 together failed the gate on their means; audit failed at image 3 (half): rest on the full model')
+    (2, 'audited 3 of 8: 2 passed, 1 failed; the first 3 together failed the gate on their means (half): rest on the full model')
     """
     rule = rule or AuditRule()
     if every < 0:
@@ -448,14 +480,18 @@ def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_fu
                 lead_pairs.append((full_image, rendered[audited]))
                 if len(lead_pairs) == min(lead, len(todo)) and not switch:
                     ok, lead_metrics = lead_check([a for a, _ in lead_pairs], [b for _, b in lead_pairs])
-                    batch.lead = {"passed": bool(ok), "images": len(lead_pairs), "metrics": dict(lead_metrics)}
+                    batch.lead = {"passed": bool(ok), "images": len(lead_pairs), "index": audited,
+                                  "metrics": dict(lead_metrics)}
                     switch = not ok
             if switch:
                 step += 1
                 to = label(chain[step]) if step < len(chain) else FULL
                 batch.switches.append((audited, label(current), to))
-                log.warning("audit: %s failed %d of %d audits by image %d (seed %d): the rest of the batch runs on %s",
-                            label(current), failures, audits, audited + 1, seeds[audited], to)
+                why = (f"its first {len(lead_pairs)} images failed the gate on their means"
+                       if batch.lead is not None and not batch.lead["passed"] and batch.lead["index"] == audited
+                       else f"failed {failures} of {audits} audits")
+                log.warning("audit: %s %s by image %d (seed %d): the rest of the batch runs on %s",
+                            label(current), why, audited + 1, seeds[audited], to)
                 failures = audits = 0  # a new setting starts its own tally
                 k -= len(chunk) - n - 1  # the block's later stretches are rendered again on the new setting
                 break

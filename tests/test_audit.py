@@ -267,3 +267,29 @@ def test_a_lead_that_fails_on_its_means_switches_where_the_per_image_rule_cannot
     bad = run_audited(seeds, render_bad, render_full_bad, compare, setting="bad", every=10, lead=3,
                       lead_check=lambda f, g: calls.append(len(f)) or means(f, g))
     assert bad.switched_at == 2 and bad.lead is None and calls == []
+
+
+def test_a_lead_longer_than_a_block_switches_on_its_means_and_renders_the_rest_again():
+    """Lead 3 in blocks of 2: the lead's last image opens the second chunk; its means fail and every later image is
+    the full model's (the rest of that chunk rendered again), as with a per-image switch."""
+    render_fragment, render_full = half_failing_renders()
+    seeds = list(range(100, 110))
+    batch = run_audited(seeds, render_fragment, render_full, compare, setting="half", every=10, lead=3, block=2,
+                        lead_check=means)
+    assert batch.switched_at == 2 and batch.lead["index"] == 2
+    assert batch.setting == [FULL] * 10 and all(torch.equal(img, full_image(s)) for img, s in zip(batch.images, seeds))
+    # the summary and the record name the lead's means, not a failed image (image 3 passed on its own)
+    assert batch.records[2].passed and "audit failed at image" not in batch.summary()
+    assert batch.summary().endswith("the first 3 together failed the gate on their means (half): rest on the full model")
+
+
+def test_the_prior_keeps_the_leads_own_slack_when_its_means_switched():
+    from prompt_fragments.fragment.audit import AuditedBatch, AuditRecord
+    from prompt_fragments.fragment.calibration import Candidate
+    from prompt_fragments.fragment.library.prior import audit_tries
+
+    records = [AuditRecord(i, i, "x", i != 1, {"gate_slack": s}) for i, s in enumerate((0.2, -0.1, 0.2))]
+    batch = AuditedBatch([0, 1, 2], [0] * 3, [FULL] * 3, records, switches=[(2, "x", FULL)],
+                         lead={"passed": False, "images": 3, "index": 2, "metrics": {"gate_slack": -0.05}})
+    (tried,) = audit_tries(Candidate({"heads": 0.2}, level=0.2), batch, "ab" * 8, "j")
+    assert tried["passed"] is False and tried["slack"] == -0.05  # not the images' mean, +0.1

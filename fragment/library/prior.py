@@ -727,7 +727,8 @@ def audit_tries(candidate: Any, batch: Any, digest: str, judge: str) -> list[dic
     """A running audit's verdict on ``candidate`` (``fragment.calibration.Candidate``, or a manifest's
     ``quality.refinement.chosen``: ``manifest_candidate``; the batch's first setting) as
     the prior keeps a try: one try, passed unless the audit switched away from it, over its audited seeds (``batch``:
-    ``fragment.audit.AuditedBatch``), its slack the mean of the comparisons' ``gate_slack`` (None when one lacks it).
+    ``fragment.audit.AuditedBatch``), its slack the mean of the comparisons' ``gate_slack`` (None when one lacks it;
+    the lead's own when the lead, judged as one sample, made the switch).
     No audit (``batch`` None or without records), or too few to have switched (``AuditRule.min_audits``) and none
     did: no try.
 
@@ -751,6 +752,9 @@ def audit_tries(candidate: Any, batch: Any, digest: str, judge: str) -> list[dic
     # the judge's per-image slack, averaged (lower than the slack of the mean metrics: the safe side), so a passed
     # audit is held to the prior's margin as a judged try is; unknown when a comparison did not give it
     slacks = [r.metrics.get("gate_slack") for r in audits]
+    if batch.lead is not None and not batch.lead["passed"]:
+        # the lead judged as one sample switched: its slack decided, whatever its images' own slacks say
+        slacks = [batch.lead["metrics"].get("gate_slack")]
     slack = (sum(slacks) / len(slacks) if all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                               and math.isfinite(x) for x in slacks) else None)
     return [_kept_try(cand, digest, "audit", not switched, slack, len(audits), str(judge))]
