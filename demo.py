@@ -690,20 +690,21 @@ def _running_audit(full: np.ndarray, fragment: np.ndarray, seeds: list[int], com
     if not every:
         return None, {}
     index = {s: i for i, s in enumerate(seeds[:images])}
+
+    def judge_lead(references: list[np.ndarray], images: list[np.ndarray]) -> tuple[bool, dict[str, Any]]:
+        passed, metrics = compare(np.stack(references), np.stack(images))  # the gate on the lead's means
+        return bool(passed), dict(metrics)
+
+    def judge_one(reference: np.ndarray, image: np.ndarray) -> tuple[bool, dict[str, Any]]:
+        return judge_lead([reference], [image])  # one seed's pair, stacked as a batch of one
     made = {"fragment": 0, "full": 0}
 
     def render(what: str, source: np.ndarray, group: list[int]) -> list[np.ndarray]:
         made[what] += len(group)
         return [source[index[s]] for s in group]
 
-    def judge_one(reference: np.ndarray, image: np.ndarray) -> tuple[bool, dict[str, Any]]:
-        passed, metrics = compare(reference[None], image[None])
-        return bool(passed), dict(metrics)
 
     started = time.perf_counter()
-    def judge_lead(references: list[np.ndarray], images: list[np.ndarray]) -> tuple[bool, dict[str, Any]]:
-        passed, metrics = compare(np.stack(references), np.stack(images))  # the gate on the lead's means
-        return bool(passed), dict(metrics)
 
     batch = run_audited(seeds[:images], lambda _setting, group: render("fragment", fragment, group),
                         lambda group: render("full", full, group), judge_one, AuditRule(), [], setting="fragment",

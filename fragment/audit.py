@@ -475,20 +475,19 @@ def run_audited(seeds: Sequence[int], render_fragment: RenderFragment, render_fu
             batch.records.append(AuditRecord(seeds[audited], audited, label(current), bool(passed), dict(metrics)))
             audits += 1
             failures += not passed
-            switch = rule.switch(failures, audits)
+            switch, by_lead = rule.switch(failures, audits), False
             if lead_check is not None and step == 0 and lead and len(lead_pairs) < lead:
                 lead_pairs.append((full_image, rendered[audited]))
                 if len(lead_pairs) == min(lead, len(todo)) and not switch:
                     ok, lead_metrics = lead_check([a for a, _ in lead_pairs], [b for _, b in lead_pairs])
                     batch.lead = {"passed": bool(ok), "images": len(lead_pairs), "index": audited,
                                   "metrics": dict(lead_metrics)}
-                    switch = not ok
+                    switch = by_lead = not ok
             if switch:
                 step += 1
                 to = label(chain[step]) if step < len(chain) else FULL
                 batch.switches.append((audited, label(current), to))
-                why = (f"its first {len(lead_pairs)} images failed the gate on their means"
-                       if batch.lead is not None and not batch.lead["passed"] and batch.lead["index"] == audited
+                why = (f"its first {len(lead_pairs)} images failed the gate on their means" if by_lead
                        else f"failed {failures} of {audits} audits")
                 log.warning("audit: %s %s by image %d (seed %d): the rest of the batch runs on %s",
                             label(current), why, audited + 1, seeds[audited], to)

@@ -62,13 +62,12 @@ def render_audited(unet: nn.Module, run: Run, compare: Compare, fragments: Seque
         note("full", len(group))
         return list(images)
 
-    def judge_one(full: Any, image: Any) -> tuple[bool, dict[str, Any]]:
-        passed, metrics = compare(stack([full]), stack([image]))
-        return bool(passed), dict(metrics)
-
     def judge_lead(full: list, images: list) -> tuple[bool, dict[str, Any]]:
         passed, metrics = compare(stack(full), stack(images))
         return bool(passed), dict(metrics)
+
+    def judge_one(full: Any, image: Any) -> tuple[bool, dict[str, Any]]:
+        return judge_lead([full], [image])  # one seed's pair, stacked as a batch of one
 
     return run_audited(seeds, render_fragment, render_full, judge_one, rule, labels[1:], setting=labels[0],
                        every=every, given=given, label=lambda key: key.split(":", 1)[1], block=block,
